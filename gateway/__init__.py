@@ -1,0 +1,71 @@
+"""Fusion gateway: one recommendation request fanned out to many recommenders, merged into one.
+
+`create_app` builds the Flask app; `gateway.wsgi:app` is the instance gunicorn serves.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from flask import Flask, has_request_context, request
+from werkzeug.exceptions import GatewayTimeout
+
+from gateway.config import Settings, load_settings
+from gateway.errors import register_error_handlers
+from gateway.routes import blueprint
+from gateway.runtime import WorkerRuntime
+
+__all__ = ["GatewayFlask", "Settings", "create_app", "load_settings"]
+
+# How long past the deadline a view may run before the waiting thread gives up on it; the
+# view's own deadline normally ends it long before.
+_VIEW_GRACE_S = 2.0
+
+
+class GatewayFlask(Flask):
+    """Flask, running ``async def`` views on the worker's long-lived event loop.
+
+    Flask's default `async_to_sync` (asgiref) gives each call a new event loop, which would
+    orphan the shared aiohttp session; this follows Flask's "Combining with async/await"
+    pattern (`docs/gevent.rst`) instead: hand the coroutine to the one running loop and wait.
+    """
+
+    @property
+    def runtime(self) -> WorkerRuntime:
+        """This app's worker runtime (loop, session, clients)."""
+        runtime: WorkerRuntime = self.extensions["gateway"]
+        return runtime
+
+    def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
+        """Return a sync function that runs `func` on the worker loop and waits for it."""
+        runtime = self.runtime
+        wait_s = runtime.settings.deadline_ms / 1000 + _VIEW_GRACE_S
+
+        @functools.wraps(func)
+        def run_on_worker_loop(*args: Any, **kwargs: Any) -> Any:
+            if has_request_context():
+                # Read the body here, in the request's own thread: a slow upload must never
+                # block the loop that every request of this worker shares. Flask caches it.
+                request.get_data()
+            try:
+                return runtime.run(func(*args, **kwargs), timeout=wait_s)
+            except TimeoutError as exc:
+                raise GatewayTimeout("the gateway did not finish within its deadline") from exc
+
+        return run_on_worker_loop
+
+
+def create_app(settings: Settings | None = None) -> GatewayFlask:
+    """Build the gateway app from `settings` (default: `load_settings()`)."""
+    settings = settings if settings is not None else load_settings()
+    app = GatewayFlask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    runtime = WorkerRuntime(settings)
+    app.extensions["gateway"] = runtime
+    app.register_blueprint(blueprint)
+    register_error_handlers(app)
+    atexit.register(runtime.close)
+    return app

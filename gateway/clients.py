@@ -1,0 +1,97 @@
+"""Recommender clients over the worker's shared aiohttp session.
+
+This module is the one boundary where aiohttp's exceptions become the gateway's
+`RecommenderError`s (see `gateway.errors`), each carrying the recommender's name and a short
+reason a frontend can read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import aiohttp
+
+from gateway.errors import (
+    BadRecommenderResponse,
+    ClientClosedError,
+    RecommenderTimeout,
+    RecommenderUnavailable,
+)
+
+__all__ = ["RecommenderClient", "parse_json"]
+
+
+def _reject_constant(name: str) -> NoReturn:
+    # NaN and Infinity are not JSON; passing them on would garble the gateway's own response.
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(payload: bytes | str) -> Any:
+    """Parse strict JSON (no NaN or Infinity); raise `ValueError` on anything else."""
+    try:
+        return json.loads(payload, parse_constant=_reject_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nested too deeply") from exc
+
+
+class RecommenderClient:
+    """Calls one recommender's endpoint over a shared session."""
+
+    def __init__(self, name: str, url: str, session: aiohttp.ClientSession, timeout_s: float):
+        self.name = name
+        self.url = url
+        self.timeout_s = timeout_s
+        self._session = session
+
+    def __repr__(self) -> str:
+        return f"RecommenderClient({self.name!r}, {self.url!r})"
+
+    async def recommend(
+        self, body: bytes, headers: Mapping[str, str], timeout_s: float | None = None
+    ) -> Any:
+        """POST `body` (JSON) to the recommender and return its parsed JSON answer.
+
+        `timeout_s` bounds the whole call (waiting for a pooled connection, connecting,
+        sending, reading) and defaults to the client's own budget.
+
+        Raises `RecommenderTimeout`, `RecommenderUnavailable` or `BadRecommenderResponse`.
+        """
+        if self._session.closed:
+            raise ClientClosedError(f"the session of recommender {self.name} is closed")
+        budget = self.timeout_s if timeout_s is None else timeout_s
+        try:
+            async with (
+                asyncio.timeout(budget),
+                self._session.post(
+                    self.url,
+                    data=body,
+                    headers={"Content-Type": "application/json", **headers},
+                    allow_redirects=False,
+                ) as response,
+            ):
+                status = response.status
+                payload = await response.read()
+        except TimeoutError as exc:
+            raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
+        except aiohttp.ClientConnectorError as exc:
+            reason = exc.os_error.strerror or str(exc.os_error)
+            raise RecommenderUnavailable(
+                self.name, f"cannot connect to {exc.host}:{exc.port}: {reason}"
+            ) from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise RecommenderUnavailable(
+                self.name, "connection closed by the recommender before it answered"
+            ) from exc
+        except aiohttp.ClientPayloadError as exc:
+            raise RecommenderUnavailable(self.name, "answer cut off before its end") from exc
+        except aiohttp.ClientError as exc:
+            raise RecommenderUnavailable(self.name, f"call failed: {type(exc).__name__}") from exc
+        if status >= 300:
+            raise RecommenderUnavailable(self.name, f"answered HTTP {status}")
+        try:
+            return parse_json(payload)
+        except ValueError as exc:
+            raise BadRecommenderResponse(self.name, "answered a body that is not JSON") from exc

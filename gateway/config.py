@@ -1,0 +1,176 @@
+"""Gateway settings: defaults in `config.yaml`, a replacement file, then environment overrides.
+
+Precedence, lowest first:
+
+1. `gateway/config.yaml` (shipped with the package), or the file named by `GATEWAY_CONFIG`;
+2. `GATEWAY_<FIELD>` environment variables for single top-level fields, e.g.
+   `GATEWAY_DEADLINE_MS=500` or `GATEWAY_RECOMMENDERS='[{"name": "a", "url": "http://..."}]'`
+   (nested fields with `__`: `GATEWAY_POOL__LIMIT_PER_HOST=64`).
+
+Everything is validated once, at start-up, by pydantic; `load_settings` turns a validation
+failure into a `ConfigError` whose message names the field and the source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from gateway.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "PoolSettings",
+    "RecommenderSettings",
+    "Settings",
+    "load_settings",
+]
+
+ENV_PREFIX = "GATEWAY_"
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.yaml")
+# The variable that names the file is not itself a setting.
+_CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
+
+_Strict = ConfigDict(extra="forbid", frozen=True)
+
+
+class RecommenderSettings(BaseModel):
+    """One recommender the gateway fans out to."""
+
+    model_config = _Strict
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    url: AnyHttpUrl
+    timeout_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="Per-call time budget; defaults to the request deadline.",
+    )
+
+
+class PoolSettings(BaseModel):
+    """The worker's shared aiohttp connection pool."""
+
+    model_config = _Strict
+
+    # Sized from the concurrency served: a gthread worker runs up to `threads` requests at once,
+    # each holding one connection per recommender; waiting for a pooled connection eats the
+    # call's time budget, so the pool must not be the bottleneck.
+    limit: int = Field(default=1024, ge=1)
+    limit_per_host: int = Field(default=128, ge=0)
+    # Below the recommenders' own keep-alive (aiohttp servers: 75 s, gunicorn: 2-5 s is common),
+    # because aiohttp never retries a POST that met a connection the server had just closed.
+    keepalive_timeout_s: float = Field(default=4.0, gt=0)
+    dns_cache_ttl_s: int = Field(default=300, ge=0)
+
+
+class Settings(BaseSettings):
+    """All gateway settings, validated."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    recommenders: list[RecommenderSettings] = Field(min_length=1)
+    deadline_ms: float = Field(default=1000, gt=0, le=600_000)
+    strategy: Literal["async"] = "async"
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    pool: PoolSettings = PoolSettings()
+
+    @field_validator("recommenders")
+    @classmethod
+    def _names_are_unique(cls, value: list[RecommenderSettings]) -> list[RecommenderSettings]:
+        names = [recommender.name for recommender in value]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"recommender names must be unique; repeated: {duplicates}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's contents arrive as init arguments; the environment overrides them.
+        return env_settings, init_settings
+
+    def timeout_s(self, recommender: RecommenderSettings) -> float:
+        """The per-call budget of `recommender` in seconds, never beyond the deadline."""
+        timeout_ms = recommender.timeout_ms or self.deadline_ms
+        return min(timeout_ms, self.deadline_ms) / 1000
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read gateway config {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"gateway config {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"gateway config {path} must be a mapping of settings at the top level")
+    return data
+
+
+def _overrides(environ: Mapping[str, str]) -> list[str]:
+    """The environment variables that override settings (all but the one naming the file)."""
+    return sorted(
+        variable
+        for variable in environ
+        if variable.upper().startswith(ENV_PREFIX) and variable.upper() != _CONFIG_FILE_VARIABLE
+    )
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        problems.append(f"{field}: {error['msg']}")
+    return f"invalid gateway config ({source}): " + "; ".join(problems)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Load and validate the settings; raise `ConfigError` naming the field on failure.
+
+    `path` defaults to `$GATEWAY_CONFIG`, then to the packaged `config.yaml`; `GATEWAY_*`
+    environment variables override single fields of it.
+    """
+    file = Path(path or os.environ.get(_CONFIG_FILE_VARIABLE) or DEFAULT_CONFIG_PATH)
+    overrides = _overrides(os.environ)
+    known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
+    unknown = [v for v in overrides if v.upper().split("__", 1)[0] not in known]
+    if unknown:
+        raise ConfigError(
+            f"unknown gateway setting {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    data = _read_file(file)
+    source = str(file) + (f" with {', '.join(overrides)} from the environment" if overrides else "")
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc

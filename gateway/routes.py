@@ -1,0 +1,141 @@
+"""The gateway's HTTP endpoints: `/recommendation`, `/healthz`, `/readyz`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+import uuid
+
+from flask import Blueprint, Response, current_app, g, request
+from pydantic import ValidationError
+
+from gateway.clients import parse_json
+from gateway.errors import RequestError, error_body, error_response
+from gateway.fanout import Outcome, fan_out
+from gateway.runtime import WorkerRuntime
+from gateway.schemas import (
+    RecommendationRequest,
+    RecommendationResponse,
+    RecommenderResult,
+    SourceReport,
+)
+
+__all__ = ["REQUEST_ID_HEADER", "blueprint"]
+
+REQUEST_ID_HEADER = "X-Request-ID"
+COMPLETE_HEADER = "X-Fusion-Complete"
+_REQUEST_ID_MAX = 128
+
+blueprint = Blueprint("gateway", __name__)
+
+
+def _runtime() -> WorkerRuntime:
+    runtime: WorkerRuntime = current_app.extensions["gateway"]
+    return runtime
+
+
+def _valid_request_id(value: str) -> bool:
+    return 0 < len(value) <= _REQUEST_ID_MAX and all("!" <= c <= "~" for c in value)
+
+
+@blueprint.before_app_request
+def _assign_request_id() -> None:
+    g.received_at = time.perf_counter()
+    supplied = request.headers.get(REQUEST_ID_HEADER)
+    if supplied is not None and _valid_request_id(supplied):
+        g.request_id = supplied
+        return
+    g.request_id = uuid.uuid4().hex
+    if supplied is not None:
+        raise RequestError(
+            400,
+            f"header {REQUEST_ID_HEADER} must be 1 to {_REQUEST_ID_MAX} visible ASCII characters",
+        )
+
+
+@blueprint.after_app_request
+def _echo_request_id(response: Response) -> Response:
+    request_id = g.get("request_id")
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+def _parse_request(raw: bytes) -> RecommendationRequest:
+    """Validate the frontend's body; raise `RequestError` (400 or 422) naming the problem."""
+    if not raw.strip():
+        raise RequestError(400, "request body is empty; expected a JSON object")
+    try:
+        body = parse_json(raw)
+    except ValueError as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(body), "a number"
+        )
+        raise RequestError(400, f"request body must be a JSON object, not {kind}")
+    try:
+        return RecommendationRequest.model_validate(body)
+    except ValidationError as exc:
+        details = [
+            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
+            for e in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        raise RequestError(422, f"invalid request: {summary}", details) from exc
+
+
+def _respond(outcomes: list[Outcome], request_id: str) -> Response:
+    answered = [o for o in outcomes if o.ok]
+    merged = RecommendationResponse(
+        result=[RecommenderResult(name=o.name, prediction=o.prediction) for o in answered],
+        sources={
+            o.name: SourceReport(status=o.status, latency_ms=o.latency_ms, error=o.error)
+            for o in outcomes
+        },
+        complete=len(answered) == len(outcomes),
+        request_id=request_id,
+    )
+    if answered:
+        status, payload = 200, merged.model_dump_json(exclude_none=True)
+    else:
+        status = 502
+        body = error_body(502, "no recommender answered; see sources for each one's reason")
+        body.update(merged.model_dump(mode="json", exclude_none=True))
+        payload = json.dumps(body)
+    response = Response(payload, status=status, mimetype="application/json")
+    response.headers[COMPLETE_HEADER] = "true" if merged.complete else "false"
+    return response
+
+
+@blueprint.post("/recommendation")
+async def recommendation() -> Response:
+    """Fan the request out to every recommender and merge what comes back."""
+    runtime = _runtime()
+    recommendation = _parse_request(request.get_data())
+    body = json.dumps(recommendation.forwarded(), separators=(",", ":")).encode()
+    deadline = g.received_at + runtime.settings.deadline_ms / 1000
+    headers = {REQUEST_ID_HEADER: g.request_id}
+    outcomes = await fan_out(runtime.clients, body, headers, deadline)
+    return _respond(outcomes, g.request_id)
+
+
+@blueprint.get("/healthz")
+def healthz() -> Response:
+    """The process is up."""
+    return Response('{"status":"ok"}', mimetype="application/json")
+
+
+@blueprint.get("/readyz")
+def readyz() -> Response:
+    """Config loaded and the recommender session open: ready to serve."""
+    runtime = _runtime()
+    with contextlib.suppress(RuntimeError):
+        runtime.start()
+    if not runtime.started:
+        return error_response(503, "recommender session is not open")
+    names = [r.name for r in runtime.settings.recommenders]
+    return Response(
+        json.dumps({"status": "ready", "recommenders": names}), mimetype="application/json"
+    )

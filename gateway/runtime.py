@@ -1,0 +1,176 @@
+"""The worker runtime: one long-lived event loop per process, owning one shared aiohttp session.
+
+Flask (via asgiref) would run every ``async def`` view in a new event loop, and an
+`aiohttp.ClientSession` belongs to the loop that created it, so a shared connection pool
+needs a loop that outlives requests. `WorkerRuntime` starts that loop in a daemon thread the
+first time the process needs it, checking `os.getpid()`, so a runtime created in gunicorn's
+master before the fork (``preload_app``) is started afresh in each worker and never runs in
+the master. `GatewayFlask.async_to_sync` hands each async view to that loop and waits.
+
+Lifetime: `start` (lazily, per process) → serve → `close` (gunicorn's ``worker_exit`` hook,
+or ``atexit``), after which the clients refuse to be used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import aiohttp
+
+from gateway.clients import RecommenderClient
+from gateway.config import Settings
+
+__all__ = ["WorkerRuntime"]
+
+log = logging.getLogger("gateway")
+
+T = TypeVar("T")
+
+
+class _Started:
+    """What exists only while the runtime runs in this process."""
+
+    def __init__(self, pid: int, loop: asyncio.AbstractEventLoop, thread: threading.Thread):
+        self.pid = pid
+        self.loop = loop
+        self.thread = thread
+        self.session: aiohttp.ClientSession | None = None
+        self.clients: tuple[RecommenderClient, ...] = ()
+
+
+class WorkerRuntime:
+    """A process's event loop thread, its shared aiohttp session, and the recommender clients."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._lock = threading.Lock()
+        self._state: _Started | None = None
+        self._closed = False
+
+    @property
+    def started(self) -> bool:
+        """Whether this process has a running loop with an open session."""
+        state = self._state
+        return (
+            state is not None
+            and state.pid == os.getpid()
+            and state.session is not None
+            and not state.session.closed
+        )
+
+    @property
+    def clients(self) -> tuple[RecommenderClient, ...]:
+        """The recommender clients of this process, in config order."""
+        return self._ensure_started().clients
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """This process's long-lived event loop."""
+        return self._ensure_started().loop
+
+    def start(self) -> None:
+        """Start the loop thread and open the session, if this process has not yet."""
+        self._ensure_started()
+
+    def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run `coroutine` on the worker loop and wait for its result.
+
+        The coroutine runs in a copy of the calling thread's context (the loop's handle copies
+        it and the task inherits it), so Flask's `request` and `g` work inside an async view.
+        """
+        try:
+            loop = self._ensure_started().loop
+        except BaseException:
+            coroutine.close()
+            raise
+        future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Close the session, stop the loop and join its thread; idempotent."""
+        with self._lock:
+            state, self._state = self._state, None
+            self._closed = True
+        if state is None or state.pid != os.getpid() or not state.thread.is_alive():
+            return
+        try:
+            asyncio.run_coroutine_threadsafe(self._close_session(state), state.loop).result(timeout)
+        except Exception:
+            log.exception("closing the recommender session failed")
+        state.loop.call_soon_threadsafe(state.loop.stop)
+        state.thread.join(timeout)
+        if not state.thread.is_alive():
+            state.loop.close()
+
+    def _ensure_started(self) -> _Started:
+        state = self._state
+        pid = os.getpid()
+        if state is not None and state.pid == pid:
+            return state
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the gateway runtime is closed")
+            state = self._state
+            if state is None or state.pid != pid:
+                # A state from another pid was inherited through fork: its thread does not
+                # exist here and its sockets belong to the parent, so it is dropped, not closed.
+                state = self._start(pid)
+                self._state = state
+            return state
+
+    def _start(self, pid: int) -> _Started:
+        loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def run_loop() -> None:
+            asyncio.set_event_loop(loop)
+            loop.call_soon(ready.set)
+            loop.run_forever()
+
+        thread = threading.Thread(target=run_loop, name=f"gateway-loop-{pid}", daemon=True)
+        thread.start()
+        ready.wait()
+        state = _Started(pid, loop, thread)
+        asyncio.run_coroutine_threadsafe(self._open_session(state), loop).result()
+        log.info("worker %d: event loop and recommender session started", pid)
+        return state
+
+    async def _open_session(self, state: _Started) -> None:
+        pool = self.settings.pool
+        connector = aiohttp.TCPConnector(
+            limit=pool.limit,
+            limit_per_host=pool.limit_per_host,
+            keepalive_timeout=pool.keepalive_timeout_s,
+            ttl_dns_cache=pool.dns_cache_ttl_s,
+        )
+        # Each call is bounded by its own budget (see clients.py), not by a session default.
+        state.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=None),
+            raise_for_status=False,
+            auto_decompress=True,
+        )
+        state.clients = tuple(
+            RecommenderClient(
+                recommender.name,
+                str(recommender.url),
+                state.session,
+                self.settings.timeout_s(recommender),
+            )
+            for recommender in self.settings.recommenders
+        )
+
+    @staticmethod
+    async def _close_session(state: _Started) -> None:
+        if state.session is not None:
+            await state.session.close()

@@ -1,0 +1,74 @@
+"""gunicorn settings for the gateway: ``gunicorn -c gunicorn.conf.py gateway.wsgi:app``.
+
+`--bind` and `--workers` (and any other flag) given on the command line override this file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:5000")
+
+# The fan-out's I/O runs on one event loop thread per worker, so workers only need to cover
+# the CPU work (parsing, merging, serialising): one per core.
+workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
+
+# gthread: each request holds a thread while its view waits on the worker loop, so the
+# threads bound the concurrent requests a worker serves; idle keep-alive connections from
+# frontends sit in the worker's selector and cost no thread.
+worker_class = "gthread"
+threads = int(os.environ.get("GATEWAY_THREADS", "48"))
+worker_connections = 1000
+keepalive = 15
+
+# Under gthread this does not bound a request (the gateway's own deadline does); it is the
+# heartbeat after which a stuck worker is restarted.
+timeout = 30
+graceful_timeout = 30
+
+# Never preload: the worker loop must be created after the fork. (The runtime also checks
+# the pid, so a preloaded app still works.)
+preload_app = False
+
+accesslog = "-"
+errorlog = "-"
+loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
+
+logconfig_dict: dict[str, Any] = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "gateway": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}
+    },
+    "handlers": {
+        "gateway": {
+            "class": "logging.StreamHandler",
+            "formatter": "gateway",
+            "stream": "ext://sys.stderr",
+        }
+    },
+    "loggers": {"gateway": {"handlers": ["gateway"], "level": "INFO", "propagate": False}},
+}
+
+
+def on_starting(server: Any) -> None:
+    """Validate the settings in the master, so a bad config stops start-up with one message."""
+    from gateway.config import load_settings
+    from gateway.errors import ConfigError
+
+    try:
+        load_settings()
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """Close the worker's recommender session as the worker exits."""
+    app = getattr(worker, "wsgi", None)
+    extensions = getattr(app, "extensions", {})
+    runtime = extensions.get("gateway")
+    if runtime is not None:
+        runtime.close()
