@@ -111,6 +111,7 @@ class WorkerRuntime:
         state.thread.join(timeout)
         if not state.thread.is_alive():
             state.loop.close()
+        log.info("worker %d: recommender session closed", state.pid)
 
     def _ensure_started(self) -> _Started:
         state = self._state

@@ -1,0 +1,126 @@
+"""Tests of `gateway.config`: the packaged defaults, a replacement file, environment overrides."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load_settings
+from gateway.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures("clean_environment")
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    return path
+
+
+MINIMAL = """
+recommenders:
+  - name: a
+    url: http://127.0.0.1:6001/test
+    timeout_ms: 250
+  - name: b
+    url: http://127.0.0.1:6002/test
+deadline_ms: 400
+"""
+
+
+def test_the_packaged_defaults_name_the_four_mocks_in_order() -> None:
+    settings = load_settings()
+
+    assert [r.name for r in settings.recommenders] == ["sml", "asc", "trd", "psn"]
+    assert [str(r.url) for r in settings.recommenders] == [
+        f"http://127.0.0.1:{port}/test" for port in (5001, 5002, 5003, 5004)
+    ]
+    assert settings.deadline_ms == 1000
+    assert settings.strategy == "async"
+    assert settings.max_body_bytes == 1024 * 1024
+
+
+def test_gateway_config_replaces_the_file(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    clean_environment.setenv("GATEWAY_CONFIG", str(write(tmp_path, MINIMAL)))
+
+    settings = load_settings()
+
+    assert [r.name for r in settings.recommenders] == ["a", "b"]
+    assert settings.deadline_ms == 400
+    assert settings.timeout_s(settings.recommenders[0]) == 0.25
+    # No timeout of its own: the deadline bounds the call.
+    assert settings.timeout_s(settings.recommenders[1]) == 0.4
+
+
+def test_environment_overrides_single_fields(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    clean_environment.setenv("GATEWAY_DEADLINE_MS", "500")
+    clean_environment.setenv("GATEWAY_MAX_BODY_BYTES", "2048")
+    clean_environment.setenv("GATEWAY_POOL__LIMIT_PER_HOST", "16")
+    recommenders = [{"name": "only", "url": "http://127.0.0.1:7000/x"}]
+    clean_environment.setenv("GATEWAY_RECOMMENDERS", json.dumps(recommenders))
+
+    settings = load_settings(write(tmp_path, MINIMAL))
+
+    assert settings.deadline_ms == 500
+    assert settings.max_body_bytes == 2048
+    assert settings.pool.limit_per_host == 16
+    assert settings.pool.limit == 1024
+    assert [r.name for r in settings.recommenders] == ["only"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL.replace("deadline_ms: 400", "deadline_ms: -1"), "deadline_ms: Input should be"),
+        (MINIMAL.replace("timeout_ms: 250", "timeout_ms: soon"), "recommenders.0.timeout_ms"),
+        (MINIMAL.replace("http://127.0.0.1:6002/test", "not a url"), "recommenders.1.url"),
+        (MINIMAL.replace("name: b", "name: a"), "recommender names must be unique"),
+        (MINIMAL + "strategy: magic\n", "strategy: Input should be 'async'"),
+        (MINIMAL + "deadline: 3\n", "deadline: Extra inputs are not permitted"),
+        ("recommenders: []\n", "recommenders: List should have at least 1 item"),
+        ("deadline_ms: 10\n", "recommenders: Field required"),
+        ("- just\n- a list\n", "must be a mapping"),
+        ("recommenders: [unclosed\n", "is not valid YAML"),
+    ],
+)
+def test_an_invalid_file_is_refused_naming_the_field(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = write(tmp_path, text)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert expected in str(caught.value)
+    assert str(path) in str(caught.value)
+
+
+def test_an_invalid_override_names_the_variable(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    clean_environment.setenv("GATEWAY_DEADLINE_MS", "soon")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, MINIMAL))
+
+    assert "deadline_ms: Input should be a valid number" in str(caught.value)
+    assert "GATEWAY_DEADLINE_MS" in str(caught.value)
+
+
+def test_a_misspelt_override_is_refused_not_ignored(clean_environment: pytest.MonkeyPatch) -> None:
+    clean_environment.setenv("GATEWAY_DEADLNE_MS", "500")
+
+    with pytest.raises(ConfigError, match="unknown gateway setting GATEWAY_DEADLNE_MS"):
+        load_settings()
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read gateway config .*nowhere.yaml"):
+        load_settings(tmp_path / "nowhere.yaml")
+

@@ -1,0 +1,141 @@
+"""End-to-end: the gateway under real gunicorn with two workers, as `make run` serves it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import requests
+
+from mock_recommenders import MockFleet
+from mock_recommenders.ranking import rank_items
+from tests.conftest import NAMES, ROOT, free_port
+
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+
+def gateway_environment(fleet: MockFleet, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    recommenders = [{"name": name, "url": fleet.url(name)} for name in NAMES]
+    env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
+    env.update(overrides)
+    return env
+
+
+@contextmanager
+def gunicorn(
+    fleet: MockFleet, *args: str, **overrides: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    port = free_port()
+    process = subprocess.Popen(
+        [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app", "--bind", f"127.0.0.1:{port}"]
+        + list(args),
+        cwd=ROOT,
+        env=gateway_environment(fleet, **overrides),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        give_up = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < give_up, "gunicorn did not become ready"
+            time.sleep(0.1)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def concurrent_requests(url: str, count: int) -> list[tuple[int, dict[str, Any]]]:
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, dict[str, Any]]:
+        body = {"user_id": f"g-{i}", "resultSize": 1 + i % 7}
+        async with session.post(f"{url}/recommendation", json=body) as response:
+            assert response.status == 200
+            return i, await response.json()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        return await asyncio.gather(*(one(session, i) for i in range(count)))
+
+
+def assert_own_data(answers: list[tuple[int, dict[str, Any]]]) -> None:
+    for i, body in answers:
+        assert body["complete"] is True
+        assert [entry["name"] for entry in body["result"]] == list(NAMES)
+        for entry in body["result"]:
+            assert entry["prediction"]["user_id"] == f"g-{i}"
+            assert entry["prediction"]["items"] == rank_items(entry["name"], f"g-{i}", 1 + i % 7)
+
+
+def test_two_workers_serve_150_concurrent_requests_each_its_own_data(
+    fleet: MockFleet,
+) -> None:
+    fleet.set_behaviour(delay_ms=20, jitter_ms=20)
+    with gunicorn(fleet, "--workers", "2") as (url, process):
+        answers = asyncio.run(concurrent_requests(url, 150))
+        assert_own_data(answers)
+
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+
+    assert process.returncode == 0
+    started = output.count("event loop and recommender session started")
+    closed = output.count("recommender session closed")
+    assert 1 <= started <= 2
+    assert closed == started
+    assert "Traceback" not in output
+
+
+def test_a_preloaded_app_still_gets_a_loop_per_worker(fleet: MockFleet) -> None:
+    with gunicorn(fleet, "--workers", "2", "--preload") as (url, _):
+        answers = asyncio.run(concurrent_requests(url, 40))
+
+    assert_own_data(answers)
+
+
+def test_an_invalid_config_stops_gunicorn_with_a_message_naming_the_field(
+    fleet: MockFleet,
+) -> None:
+    result = subprocess.run(
+        [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app", "--bind", f"127.0.0.1:{free_port()}"],
+        cwd=ROOT,
+        env=gateway_environment(fleet, GATEWAY_DEADLINE_MS="-5"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+    assert result.returncode == 1
+    assert "deadline_ms: Input should be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_command_line_workers_override_the_file(fleet: MockFleet) -> None:
+    with gunicorn(fleet, "--workers", "1") as (url, process):
+        assert requests.post(f"{url}/recommendation", json={}, timeout=5).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+
+    assert output.count("Booting worker with pid") == 1

@@ -1,0 +1,334 @@
+"""Integration tests: the real app over real HTTP in front of the real mock recommenders."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+
+from gateway import GatewayFlask, create_app
+from mock_recommenders import MockFleet
+from mock_recommenders.ranking import rank_items
+from tests.conftest import NAMES, free_port, settings_for
+
+Serve = Callable[[GatewayFlask], str]
+
+
+def recommend(base_url: str, body: Any = None, **kwargs: Any) -> requests.Response:
+    if body is not None:
+        kwargs["json"] = body
+    return requests.post(f"{base_url}/recommendation", timeout=10, **kwargs)
+
+
+def assert_json_error(response: requests.Response, status: int, *phrases: str) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    assert body["error"]["status"] == status
+    for phrase in phrases:
+        assert phrase in body["error"]["message"]
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    assert "Traceback" not in response.text
+    assert ".py" not in response.text
+    return body
+
+
+def test_merges_every_answer_in_config_order(gateway_url: str) -> None:
+    response = recommend(gateway_url, {"user_id": "u1", "resultSize": 3})
+
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "application/json"
+    assert response.headers["X-Fusion-Complete"] == "true"
+    body = response.json()
+    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    for entry in body["result"]:
+        assert entry["prediction"]["items"] == rank_items(entry["name"], "u1", 3)
+    assert list(body["sources"]) == list(NAMES)
+    for report in body["sources"].values():
+        assert report["status"] == "ok"
+        assert report["latency_ms"] > 0
+        assert "error" not in report
+    assert body["complete"] is True
+    assert body["request_id"] == response.headers["X-Request-ID"]
+
+
+def test_config_order_holds_when_answers_arrive_in_reverse(
+    fleet: MockFleet, gateway_url: str
+) -> None:
+    for delay, name in zip((120, 80, 40, 0), NAMES, strict=True):
+        fleet.set_behaviour(name, delay_ms=delay)
+
+    body = recommend(gateway_url, {"user_id": "u2"}).json()
+
+    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    latencies = [body["sources"][name]["latency_ms"] for name in NAMES]
+    assert latencies == sorted(latencies, reverse=True)
+
+
+def test_forwards_the_validated_body_and_the_request_id(
+    fleet: MockFleet, gateway_url: str
+) -> None:
+    sent = {"user_id": "u3", "context": {"page": "home"}, "experiment": [1, "b"], "n": None}
+
+    response = recommend(gateway_url, sent, headers={"X-Request-ID": "req-42"})
+
+    assert response.headers["X-Request-ID"] == "req-42"
+    assert response.json()["request_id"] == "req-42"
+    for name in NAMES:
+        seen = fleet.last_request(name)
+        assert seen is not None
+        assert seen["body"] == {"resultSize": 10, **sent}
+        assert seen["headers"]["x-request-id"] == "req-42"
+        assert seen["headers"]["content-type"] == "application/json"
+
+
+def test_absent_optional_fields_are_not_invented(fleet: MockFleet, gateway_url: str) -> None:
+    response = recommend(gateway_url, {})
+
+    assert response.status_code == 200
+    generated = response.headers["X-Request-ID"]
+    assert len(generated) == 32
+    seen = fleet.last_request("sml")
+    assert seen is not None
+    assert seen["body"] == {"resultSize": 10}
+    assert seen["headers"]["x-request-id"] == generated
+
+
+def test_slow_recommenders_are_called_concurrently(fleet: MockFleet, gateway_url: str) -> None:
+    recommend(gateway_url, {"user_id": "warm-up"})
+    fleet.set_behaviour(delay_ms=200)
+
+    started = time.perf_counter()
+    response = recommend(gateway_url, {"user_id": "u4"})
+    elapsed = time.perf_counter() - started
+
+    assert response.json()["complete"] is True
+    # One after another would take 800 ms; at once, one delay and the overhead.
+    assert elapsed < 0.4
+
+
+async def test_concurrent_requests_each_get_their_own_data(gateway_url: str) -> None:
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, dict[str, Any]]:
+        body = {"user_id": f"user-{i}", "resultSize": 1 + i % 20}
+        headers = {"X-Request-ID": f"req-{i}"}
+        async with session.post(f"{gateway_url}/recommendation", json=body, headers=headers) as r:
+            assert r.status == 200
+            return i, await r.json()
+
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        answers = await asyncio.gather(*(one(session, i) for i in range(150)))
+
+    for i, body in answers:
+        assert body["request_id"] == f"req-{i}"
+        assert body["complete"] is True
+        for entry in body["result"]:
+            prediction = entry["prediction"]
+            assert prediction["user_id"] == f"user-{i}"
+            assert prediction["request_id"] == f"req-{i}"
+            assert prediction["items"] == rank_items(entry["name"], f"user-{i}", 1 + i % 20)
+
+
+def test_sequential_requests_reuse_connections(fleet: MockFleet, gateway_url: str) -> None:
+    for i in range(20):
+        assert recommend(gateway_url, {"user_id": f"u{i}"}).status_code == 200
+
+    for name in NAMES:
+        stats = fleet.stats(name)
+        assert stats["requests"] == 20
+        assert stats["connections"] == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "phrase"),
+    [
+        (b"{not json", 400, "request body is not valid JSON"),
+        (b"", 400, "request body is empty"),
+        (b"[1, 2]", 400, "must be a JSON object, not an array"),
+        (b'"text"', 400, "must be a JSON object, not a string"),
+        (b'{"resultSize": NaN}', 400, "NaN is not valid JSON"),
+        (b"\xff\xfe\x00garbage", 400, "request body is not valid JSON"),
+        (b'{"resultSize": 0}', 422, "resultSize: Input should be greater than or equal to 1"),
+        (b'{"resultSize": 101}', 422, "resultSize: Input should be less than or equal to 100"),
+        (b'{"resultSize": "10"}', 422, "resultSize: Input should be a valid integer"),
+        (b'{"resultSize": true}', 422, "resultSize: Input should be a valid integer"),
+        (b'{"user_id": 7}', 422, "user_id: Input should be a valid string"),
+        (b'{"context": [1]}', 422, "context: Input should be a valid dictionary"),
+    ],
+)
+def test_bad_input_gets_its_status_and_a_message_naming_it(
+    fleet: MockFleet, gateway_url: str, data: bytes, status: int, phrase: str
+) -> None:
+    response = recommend(gateway_url, data=data, headers={"Content-Type": "application/json"})
+
+    assert_json_error(response, status, phrase)
+    assert fleet.stats("sml")["requests"] == 0
+
+
+def test_validation_errors_list_every_field(gateway_url: str) -> None:
+    response = recommend(gateway_url, {"resultSize": 0, "user_id": "x" * 257})
+
+    body = assert_json_error(response, 422, "resultSize", "user_id")
+    fields = [detail["field"] for detail in body["error"]["details"]]
+    assert fields == ["resultSize", "user_id"]
+
+
+def test_a_body_over_the_limit_is_413(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(settings_for(fleet, max_body_bytes=1024)))
+
+    response = recommend(url, {"user_id": "u", "padding": "x" * 2000})
+
+    assert_json_error(response, 413, "larger than the limit of 1024 bytes")
+    assert recommend(url, {"user_id": "u", "padding": "x" * 500}).status_code == 200
+
+
+def test_wrong_method_and_unknown_path_are_json(gateway_url: str) -> None:
+    response = requests.get(f"{gateway_url}/recommendation", timeout=5)
+    assert_json_error(response, 405, "method GET is not allowed on /recommendation")
+    assert "POST" in response.headers["Allow"]
+
+    response = requests.post(f"{gateway_url}/recommend", json={}, timeout=5)
+    assert_json_error(response, 404, "no such endpoint: POST /recommend")
+
+
+def test_a_malformed_request_id_is_refused(gateway_url: str) -> None:
+    response = recommend(gateway_url, {}, headers={"X-Request-ID": "has spaces in it"})
+
+    assert_json_error(response, 400, "X-Request-ID must be 1 to 128 visible ASCII characters")
+
+
+def test_an_unexpected_error_is_a_json_500_and_its_traceback_goes_to_the_log(
+    fleet: MockFleet, serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(settings_for(fleet))
+
+    @app.get("/explode")
+    async def explode() -> None:
+        raise RuntimeError("secret detail at /srv/gateway/internal.py")
+
+    url = serve(app)
+    response = requests.get(f"{url}/explode", headers={"X-Request-ID": "boom-1"}, timeout=5)
+
+    body = assert_json_error(response, 500, "internal gateway error")
+    assert "secret" not in response.text
+    assert body["request_id"] == "boom-1"
+    logged = [r for r in caplog.records if "boom-1" in r.getMessage()]
+    assert logged and logged[0].exc_info is not None
+    assert "secret detail" in str(logged[0].exc_info[1])
+
+
+def test_a_hanging_recommender_yields_a_partial_answer_within_the_deadline(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    url = serve(create_app(settings_for(fleet, deadline_ms=300)))
+    recommend(url, {"user_id": "warm-up"})
+    fleet.set_behaviour("trd", hang=True)
+
+    started = time.perf_counter()
+    response = recommend(url, {"user_id": "u5", "resultSize": 2})
+    elapsed = time.perf_counter() - started
+
+    assert response.status_code == 200
+    assert response.headers["X-Fusion-Complete"] == "false"
+    body = response.json()
+    assert body["complete"] is False
+    assert [entry["name"] for entry in body["result"]] == ["sml", "asc", "psn"]
+    assert body["sources"]["trd"]["status"] == "timeout"
+    assert body["sources"]["trd"]["error"] == "no answer within 300 ms"
+    assert 280 <= body["sources"]["trd"]["latency_ms"] < 400
+    assert all(body["sources"][name]["status"] == "ok" for name in ("sml", "asc", "psn"))
+    assert elapsed < 0.6
+
+
+def test_a_per_recommender_timeout_is_tighter_than_the_deadline(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    url = serve(create_app(settings_for(fleet, deadline_ms=2000, timeout_ms=150)))
+    fleet.set_behaviour("asc", delay_ms=1000)
+
+    body = recommend(url, {"user_id": "u6"}).json()
+
+    assert body["sources"]["asc"] == {
+        "status": "timeout",
+        "latency_ms": body["sources"]["asc"]["latency_ms"],
+        "error": "no answer within 150 ms",
+    }
+    assert body["sources"]["asc"]["latency_ms"] < 400
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "reason"),
+    [
+        ({"status": 503}, "answered HTTP 503"),
+        ({"status": 500}, "answered HTTP 500"),
+        ({"not_json": True}, "answered a body that is not JSON"),
+    ],
+)
+def test_a_broken_recommender_becomes_a_source_entry(
+    fleet: MockFleet, gateway_url: str, behaviour: dict[str, Any], reason: str
+) -> None:
+    fleet.set_behaviour("psn", **behaviour)
+
+    response = recommend(gateway_url, {"user_id": "u7"})
+
+    assert response.status_code == 200
+    body = response.json()
+    assert body["sources"]["psn"]["status"] == "error"
+    assert body["sources"]["psn"]["error"] == reason
+    assert [entry["name"] for entry in body["result"]] == ["sml", "asc", "trd"]
+    assert response.headers["X-Fusion-Complete"] == "false"
+
+
+def test_a_recommender_that_is_down_becomes_a_source_entry(fleet: MockFleet, serve: Serve) -> None:
+    settings = settings_for(fleet).model_dump(mode="json")
+    closed_port = free_port()
+    settings["recommenders"][1]["url"] = f"http://127.0.0.1:{closed_port}/test"
+    url = serve(create_app(type(settings_for(fleet)).model_validate(settings)))
+
+    body = recommend(url, {"user_id": "u8"}).json()
+
+    assert body["sources"]["asc"]["status"] == "error"
+    assert body["sources"]["asc"]["error"].startswith(f"cannot connect to 127.0.0.1:{closed_port}")
+    assert [entry["name"] for entry in body["result"]] == ["sml", "trd", "psn"]
+
+
+def test_when_no_recommender_answers_the_status_is_502(fleet: MockFleet, gateway_url: str) -> None:
+    fleet.set_behaviour(status=500)
+
+    response = recommend(gateway_url, {"user_id": "u9"})
+
+    body = assert_json_error(response, 502, "no recommender answered")
+    assert response.headers["X-Fusion-Complete"] == "false"
+    assert body["result"] == []
+    assert body["complete"] is False
+    assert {name: report["status"] for name, report in body["sources"].items()} == {
+        name: "error" for name in NAMES
+    }
+
+
+def test_health_and_readiness(gateway_url: str) -> None:
+    healthz = requests.get(f"{gateway_url}/healthz", timeout=5)
+    assert healthz.status_code == 200
+    assert healthz.json() == {"status": "ok"}
+
+    readyz = requests.get(f"{gateway_url}/readyz", timeout=5)
+    assert readyz.status_code == 200
+    assert readyz.json() == {"status": "ready", "recommenders": list(NAMES)}
+
+
+def test_request_ids_are_echoed_on_every_response(gateway_url: str) -> None:
+    for response in (
+        requests.get(f"{gateway_url}/healthz", headers={"X-Request-ID": "h-1"}, timeout=5),
+        requests.get(f"{gateway_url}/missing", headers={"X-Request-ID": "h-1"}, timeout=5),
+        recommend(gateway_url, {}, headers={"X-Request-ID": "h-1"}),
+    ):
+        assert response.headers["X-Request-ID"] == "h-1"
+    assert json.loads(recommend(gateway_url, {}, headers={"X-Request-ID": "h-1"}).text)[
+        "request_id"
+    ] == "h-1"

@@ -1,0 +1,99 @@
+"""Tests of the worker runtime: one loop per process, views run on it, lifetimes explicit."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+import requests
+from flask import g, jsonify, request
+
+from gateway import GatewayFlask, create_app
+from gateway.errors import ClientClosedError
+from mock_recommenders import MockFleet
+from tests.conftest import settings_for
+
+Serve = Callable[[GatewayFlask], str]
+
+
+def test_async_views_run_on_the_one_worker_loop_with_the_request_context(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    app = create_app(settings_for(fleet))
+
+    @app.before_request
+    def mark() -> None:
+        g.marked_by = "before_request"
+
+    @app.get("/probe")
+    async def probe() -> object:
+        await asyncio.sleep(0)
+        return jsonify(
+            thread=threading.current_thread().name,
+            loop=id(asyncio.get_running_loop()),
+            header=request.headers.get("X-Probe"),
+            marked_by=g.get("marked_by"),
+            request_id=g.request_id,
+        )
+
+    url = serve(app)
+    answers = [
+        requests.get(f"{url}/probe", headers={"X-Probe": str(i)}, timeout=5).json()
+        for i in range(5)
+    ]
+
+    assert {a["loop"] for a in answers} == {id(app.runtime.loop)}
+    assert {a["thread"] for a in answers} == {f"gateway-loop-{os.getpid()}"}
+    assert [a["header"] for a in answers] == [str(i) for i in range(5)]
+    assert {a["marked_by"] for a in answers} == {"before_request"}
+    assert len({a["request_id"] for a in answers}) == 5
+
+
+def test_the_runtime_starts_afresh_in_a_forked_process(
+    fleet: MockFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings_for(fleet))
+    try:
+        parent_loop = app.runtime.loop
+        # What a worker forked from a preloading master sees: the same objects, another pid.
+        monkeypatch.setattr("gateway.runtime.os.getpid", lambda: -1)
+
+        child_loop = app.runtime.loop
+
+        assert child_loop is not parent_loop
+        assert child_loop.is_running()
+        assert app.runtime.started
+    finally:
+        app.runtime.close()
+
+
+def test_after_close_the_clients_refuse_to_be_used(fleet: MockFleet) -> None:
+    app = create_app(settings_for(fleet))
+    runtime = app.runtime
+    (client, *_) = runtime.clients
+    loop = runtime.loop
+
+    runtime.close()
+
+    assert not runtime.started
+    assert not loop.is_running()
+    with pytest.raises(ClientClosedError, match="sml"):
+        asyncio.run(client.recommend(b"{}", {}))
+    with pytest.raises(RuntimeError, match="closed"):
+        runtime.start()
+    runtime.close()  # idempotent
+
+
+def test_readiness_reports_a_closed_runtime(fleet: MockFleet, serve: Serve) -> None:
+    app = create_app(settings_for(fleet))
+    url = serve(app)
+    assert requests.get(f"{url}/readyz", timeout=5).status_code == 200
+
+    app.runtime.close()
+
+    response = requests.get(f"{url}/readyz", timeout=5)
+    assert response.status_code == 503
+    assert response.json()["error"]["message"] == "recommender session is not open"
