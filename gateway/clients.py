@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import socket
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -35,6 +37,16 @@ def parse_json(payload: bytes | str) -> Any:
         return json.loads(payload, parse_constant=_reject_constant)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
+
+
+def _describe(error: OSError) -> str:
+    # asyncio words a refused connection as "Connect call failed ('127.0.0.1', 5001)"; the
+    # errno's own text is what an operator searches for.
+    if isinstance(error, socket.gaierror):
+        return "host name not resolved"
+    if error.errno and error.errno > 0:
+        return os.strerror(error.errno)
+    return error.strerror or type(error).__name__
 
 
 class RecommenderClient:
@@ -77,9 +89,8 @@ class RecommenderClient:
         except TimeoutError as exc:
             raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
         except aiohttp.ClientConnectorError as exc:
-            reason = exc.os_error.strerror or str(exc.os_error)
             raise RecommenderUnavailable(
-                self.name, f"cannot connect to {exc.host}:{exc.port}: {reason}"
+                self.name, f"cannot connect to {exc.host}:{exc.port}: {_describe(exc.os_error)}"
             ) from exc
         except aiohttp.ServerDisconnectedError as exc:
             raise RecommenderUnavailable(

@@ -5,16 +5,17 @@ Also holds the aioresponses shim for aiohttp 3.14 (see `CompatClientResponse`).
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
-from aioresponses import aioresponses
+from aioresponses import CallbackResult, aioresponses
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from gateway import GatewayFlask, Settings, create_app
@@ -46,11 +47,27 @@ class CompatClientResponse(aiohttp.ClientResponse):
         super().__init__(*args, stream_writer=stream_writer or _FinishedUpload(), **kwargs)
 
 
+def _compat_callback(callback: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Wrap an aioresponses callback so the `CallbackResult` it returns uses the shim."""
+
+    async def compat(url: Any, **kwargs: Any) -> Any:
+        result = callback(url, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, CallbackResult) and result.response_class is None:
+            result.response_class = CompatClientResponse
+        return result
+
+    return compat
+
+
 class CompatAioresponses(aioresponses):  # type: ignore[misc]
-    """aioresponses whose every fake response is a `CompatClientResponse`."""
+    """aioresponses whose every fake response, callbacks' included, is a `CompatClientResponse`."""
 
     def add(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("response_class", CompatClientResponse)
+        if kwargs.get("callback") is not None:
+            kwargs["callback"] = _compat_callback(kwargs["callback"])
         super().add(*args, **kwargs)
 
 

@@ -119,7 +119,14 @@ def test_an_invalid_config_stops_gunicorn_with_a_message_naming_the_field(
     fleet: MockFleet,
 ) -> None:
     result = subprocess.run(
-        [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app", "--bind", f"127.0.0.1:{free_port()}"],
+        [
+            GUNICORN,
+            "-c",
+            "gunicorn.conf.py",
+            "gateway.wsgi:app",
+            "--bind",
+            f"127.0.0.1:{free_port()}",
+        ],
         cwd=ROOT,
         env=gateway_environment(fleet, GATEWAY_DEADLINE_MS="-5"),
         capture_output=True,
