@@ -26,7 +26,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy gateway
+	$(BIN)/mypy gateway mock_recommenders
 
 unit: install
 	$(BIN)/pytest

@@ -36,22 +36,6 @@ accesslog = "-"
 errorlog = "-"
 loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
 
-logconfig_dict: dict[str, Any] = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "gateway": {"format": "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"}
-    },
-    "handlers": {
-        "gateway": {
-            "class": "logging.StreamHandler",
-            "formatter": "gateway",
-            "stream": "ext://sys.stderr",
-        }
-    },
-    "loggers": {"gateway": {"handlers": ["gateway"], "level": "INFO", "propagate": False}},
-}
-
 
 def on_starting(server: Any) -> None:
     """Validate the settings in the master, so a bad config stops start-up with one message."""

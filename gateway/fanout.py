@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.clients import RecommenderClient
-from gateway.errors import RecommenderError, SourceStatus
+from gateway.errors import RecommenderError, RecommenderTimeout, SourceStatus
 
-__all__ = ["Outcome", "fan_out"]
+__all__ = ["Deadline", "Outcome", "fan_out"]
 
 log = logging.getLogger("gateway")
 
@@ -37,19 +37,41 @@ class Outcome:
         return self.status == "ok"
 
 
+@dataclass(frozen=True, slots=True)
+class Deadline:
+    """The `time.perf_counter()` instant a request must be answered by, and its length."""
+
+    at: float
+    ms: float
+
+    @classmethod
+    def after(cls, ms: float, start: float | None = None) -> Deadline:
+        """The deadline `ms` milliseconds after `start` (default: now)."""
+        return cls((time.perf_counter() if start is None else start) + ms / 1000, ms)
+
+
 async def _call(
-    client: RecommenderClient, body: bytes, headers: Mapping[str, str], deadline: float
+    client: RecommenderClient, body: bytes, headers: Mapping[str, str], deadline: Deadline
 ) -> Outcome:
     started = time.perf_counter()
-    budget = min(client.timeout_s, deadline - started)
+    remaining = deadline.at - started
+    bound_by_deadline = remaining < client.timeout_s
 
     def elapsed_ms() -> float:
         return round((time.perf_counter() - started) * 1000, 1)
 
-    if budget <= 0:
+    if remaining <= 0:
         return Outcome(client.name, "timeout", 0.0, error="deadline already passed")
     try:
-        prediction = await client.recommend(body, headers, budget)
+        prediction = await client.recommend(body, headers, min(client.timeout_s, remaining))
+    except RecommenderTimeout as exc:
+        # Cut by what is left of the request's deadline, not by its own timeout: say so.
+        reason = (
+            f"no answer within the {deadline.ms:.0f} ms deadline"
+            if bound_by_deadline
+            else exc.reason
+        )
+        return Outcome(client.name, exc.status, elapsed_ms(), error=reason)
     except RecommenderError as exc:
         return Outcome(client.name, exc.status, elapsed_ms(), error=exc.reason)
     except Exception:
@@ -63,10 +85,10 @@ async def fan_out(
     clients: Sequence[RecommenderClient],
     body: bytes,
     headers: Mapping[str, str],
-    deadline: float,
+    deadline: Deadline,
 ) -> list[Outcome]:
     """Call every recommender concurrently; return their outcomes in the order of `clients`.
 
-    `deadline` is a `time.perf_counter()` instant no call may outlive.
+    No call outlives `deadline`.
     """
     return list(await asyncio.gather(*(_call(c, body, headers, deadline) for c in clients)))

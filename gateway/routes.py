@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from gateway.clients import parse_json
 from gateway.errors import RequestError, error_body, error_response
-from gateway.fanout import Outcome, fan_out
+from gateway.fanout import Deadline, Outcome, fan_out
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
     RecommendationRequest,
@@ -115,7 +115,7 @@ async def recommendation() -> Response:
     runtime = _runtime()
     recommendation = _parse_request(request.get_data())
     body = json.dumps(recommendation.forwarded(), separators=(",", ":")).encode()
-    deadline = g.received_at + runtime.settings.deadline_ms / 1000
+    deadline = Deadline.after(runtime.settings.deadline_ms, start=g.received_at)
     headers = {REQUEST_ID_HEADER: g.request_id}
     outcomes = await fan_out(runtime.clients, body, headers, deadline)
     return _respond(outcomes, g.request_id)

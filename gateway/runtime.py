@@ -51,6 +51,10 @@ class WorkerRuntime:
         self.settings = settings
         self._lock = threading.Lock()
         self._state: _Started | None = None
+        # Every state started by this object, in any process. One inherited through fork is
+        # kept here untouched: its sockets belong to the parent, and letting it be collected
+        # would make aiohttp warn about (and close) them.
+        self._states: list[_Started] = []
         self._closed = False
 
     @property
@@ -97,11 +101,19 @@ class WorkerRuntime:
             raise
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the session, stop the loop and join its thread; idempotent."""
+        """Close this process's session, stop its loop and join its thread; idempotent."""
+        pid = os.getpid()
         with self._lock:
-            state, self._state = self._state, None
             self._closed = True
-        if state is None or state.pid != os.getpid() or not state.thread.is_alive():
+            mine = [state for state in self._states if state.pid == pid]
+            self._states = [state for state in self._states if state.pid != pid]
+            if self._state in mine:
+                self._state = None
+        for state in mine:
+            self._stop(state, timeout)
+
+    def _stop(self, state: _Started, timeout: float) -> None:
+        if not state.thread.is_alive():
             return
         try:
             asyncio.run_coroutine_threadsafe(self._close_session(state), state.loop).result(timeout)
@@ -124,9 +136,10 @@ class WorkerRuntime:
             state = self._state
             if state is None or state.pid != pid:
                 # A state from another pid was inherited through fork: its thread does not
-                # exist here and its sockets belong to the parent, so it is dropped, not closed.
+                # exist here, so this process starts its own.
                 state = self._start(pid)
                 self._state = state
+                self._states.append(state)
             return state
 
     def _start(self, pid: int) -> _Started:

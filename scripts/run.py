@@ -7,6 +7,8 @@ dies) stops both.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import signal
 import subprocess
@@ -17,14 +19,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-GATEWAY = "http://127.0.0.1:5000"
-MOCK_PORTS = (5001, 5002, 5003, 5004)
+NAMES = ("sml", "asc", "trd", "psn")
 READY_WITHIN_S = 30.0
-
-CURL = (
-    f"curl -s -X POST {GATEWAY}/recommendation -H 'Content-Type: application/json' "
-    """-d '{"user_id": "u1", "resultSize": 3}'"""
-)
 
 
 def _answers(url: str) -> bool:
@@ -35,8 +31,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait_ready(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    urls = [f"http://127.0.0.1:{port}/stats" for port in MOCK_PORTS] + [f"{GATEWAY}/readyz"]
+def _wait_ready(processes: dict[str, subprocess.Popen[bytes]], urls: list[str]) -> None:
     give_up = time.monotonic() + READY_WITHIN_S
     while urls:
         for name, process in processes.items():
@@ -60,23 +55,55 @@ def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
             process.kill()
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Run until Ctrl-C or until one of the processes dies."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=5000, help="the gateway's port")
+    parser.add_argument(
+        "--mock-base-port", type=int, default=5001, help="the first of the four mocks' ports"
+    )
+    args = parser.parse_args(argv)
+    gateway = f"http://127.0.0.1:{args.port}"
+    mock_ports = [args.mock_base_port + i for i in range(len(NAMES))]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if args.mock_base_port != 5001:
+        # The packaged config points at 5001-5004; other ports need their own list.
+        env["GATEWAY_RECOMMENDERS"] = json.dumps(
+            [
+                {"name": name, "url": f"http://127.0.0.1:{port}/test", "timeout_ms": 500}
+                for name, port in zip(NAMES, mock_ports, strict=True)
+            ]
+        )
     python = sys.executable
-    bin_dir = Path(python).parent
     processes = {
-        "mock recommenders": subprocess.Popen([python, "-m", "mock_recommenders"], cwd=ROOT),
-        "gateway": subprocess.Popen(
-            [str(bin_dir / "gunicorn"), "-c", "gunicorn.conf.py", "gateway.wsgi:app"],
+        "mock recommenders": subprocess.Popen(
+            [python, "-m", "mock_recommenders", "--base-port", str(args.mock_base_port)],
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        ),
+        "gateway": subprocess.Popen(
+            [
+                str(Path(python).parent / "gunicorn"),
+                *("-c", "gunicorn.conf.py", "gateway.wsgi:app"),
+                *("--bind", f"127.0.0.1:{args.port}"),
+            ],
+            cwd=ROOT,
+            env=env,
         ),
     }
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    curl = (
+        f"curl -s -X POST {gateway}/recommendation -H 'Content-Type: application/json' "
+        """-d '{"user_id": "u1", "resultSize": 3}'"""
+    )
+    urls = [f"http://127.0.0.1:{port}/stats" for port in mock_ports] + [f"{gateway}/readyz"]
     try:
-        _wait_ready(processes)
-        print(f"\nReady: the gateway on {GATEWAY}, mock recommenders on ports 5001-5004.")
-        print(f"Try it:\n\n  {CURL}\n\nCtrl-C stops everything.\n", flush=True)
+        _wait_ready(processes, urls)
+        print(
+            f"\nReady: the gateway on {gateway}, mock recommenders on ports "
+            f"{mock_ports[0]}-{mock_ports[-1]}.\nTry it:\n\n  {curl}\n\n"
+            "Ctrl-C stops everything.\n",
+            flush=True,
+        )
         while all(process.poll() is None for process in processes.values()):
             time.sleep(0.5)
         dead = [name for name, process in processes.items() if process.poll() is not None]

@@ -13,7 +13,7 @@ from aioresponses import CallbackResult
 from yarl import URL
 
 from gateway.clients import RecommenderClient
-from gateway.fanout import Outcome, fan_out
+from gateway.fanout import Deadline, Outcome, fan_out
 from tests.conftest import CompatAioresponses
 
 
@@ -42,7 +42,7 @@ async def test_outcomes_keep_the_order_of_the_clients_not_of_the_answers(
     fake_network.post("http://b.test/p", callback=delayed(0.0, {"from": "b"}))
     fake_network.post("http://c.test/p", status=503)
 
-    outcomes = await fan_out(clients(session, "a", "b", "c"), b"{}", {}, time.perf_counter() + 1)
+    outcomes = await fan_out(clients(session, "a", "b", "c"), b"{}", {}, Deadline.after(1000))
 
     assert [o.name for o in outcomes] == ["a", "b", "c"]
     assert [o.prediction for o in outcomes] == [{"from": "a"}, {"from": "b"}, None]
@@ -58,18 +58,18 @@ async def test_each_call_is_cut_at_the_deadline(
     fake_network.post("http://b.test/p", payload={"fast": True})
 
     started = time.perf_counter()
-    outcomes = await fan_out(clients(session, "a", "b"), b"{}", {}, started + 0.1)
+    outcomes = await fan_out(clients(session, "a", "b"), b"{}", {}, Deadline.after(100))
 
     assert time.perf_counter() - started < 0.5
     assert outcomes[0].status == "timeout"
-    assert outcomes[0].error is not None and outcomes[0].error.startswith("no answer within")
+    assert outcomes[0].error == "no answer within the 100 ms deadline"
     assert outcomes[1] == Outcome("b", "ok", outcomes[1].latency_ms, prediction={"fast": True})
 
 
 async def test_a_spent_deadline_calls_nobody(
     session: aiohttp.ClientSession, fake_network: CompatAioresponses
 ) -> None:
-    outcomes = await fan_out(clients(session, "a"), b"{}", {}, time.perf_counter() - 0.01)
+    outcomes = await fan_out(clients(session, "a"), b"{}", {}, Deadline.after(-10))
 
     assert outcomes == [Outcome("a", "timeout", 0.0, error="deadline already passed")]
     assert fake_network.requests == {}
@@ -83,7 +83,7 @@ async def test_a_bug_in_one_call_is_that_source_s_error_not_the_request_s(
     fake_network.post("http://a.test/p", exception=ZeroDivisionError("bug"))
     fake_network.post("http://b.test/p", payload={"fine": 1})
 
-    outcomes = await fan_out(clients(session, "a", "b"), b"{}", {}, time.perf_counter() + 1)
+    outcomes = await fan_out(clients(session, "a", "b"), b"{}", {}, Deadline.after(1000))
 
     assert outcomes[0].status == "error"
     assert outcomes[0].error == "gateway error during the call"

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,25 +33,47 @@ def gateway_environment(fleet: MockFleet, **overrides: str) -> dict[str, str]:
     return env
 
 
+class Gunicorn:
+    """A running gunicorn: its URL, its process, and what it has logged."""
+
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path):
+        self.url = url
+        self.process = process
+        self._log = log
+
+    def output(self) -> str:
+        return self._log.read_text()
+
+    def stop(self) -> int:
+        """SIGTERM, as a process manager stops it; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
 @contextmanager
-def gunicorn(
-    fleet: MockFleet, *args: str, **overrides: str
-) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def gunicorn(fleet: MockFleet, *args: str, **overrides: str) -> Iterator[Gunicorn]:
     port = free_port()
-    process = subprocess.Popen(
-        [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app", "--bind", f"127.0.0.1:{port}"]
-        + list(args),
-        cwd=ROOT,
-        env=gateway_environment(fleet, **overrides),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log = Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
+            + ["--bind", f"127.0.0.1:{port}", *args],
+            cwd=ROOT,
+            env=gateway_environment(fleet, **overrides),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
+    server = Gunicorn(f"http://127.0.0.1:{port}", process, log)
+    url = server.url
     try:
         give_up = time.monotonic() + 30
         while True:
-            assert process.poll() is None, process.communicate()[0]
+            assert process.poll() is None, server.output()
             try:
                 if requests.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
@@ -58,15 +81,10 @@ def gunicorn(
                 pass
             assert time.monotonic() < give_up, "gunicorn did not become ready"
             time.sleep(0.1)
-        yield url, process
+        yield server
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        server.stop()
+        log.unlink()
 
 
 async def concurrent_requests(url: str, count: int) -> list[tuple[int, dict[str, Any]]]:
@@ -93,14 +111,13 @@ def test_two_workers_serve_150_concurrent_requests_each_its_own_data(
     fleet: MockFleet,
 ) -> None:
     fleet.set_behaviour(delay_ms=20, jitter_ms=20)
-    with gunicorn(fleet, "--workers", "2") as (url, process):
-        answers = asyncio.run(concurrent_requests(url, 150))
+    with gunicorn(fleet, "--workers", "2") as server:
+        answers = asyncio.run(concurrent_requests(server.url, 150))
         assert_own_data(answers)
 
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
+        assert server.stop() == 0
+        output = server.output()
 
-    assert process.returncode == 0
     started = output.count("event loop and recommender session started")
     closed = output.count("recommender session closed")
     assert 1 <= started <= 2
@@ -109,8 +126,8 @@ def test_two_workers_serve_150_concurrent_requests_each_its_own_data(
 
 
 def test_a_preloaded_app_still_gets_a_loop_per_worker(fleet: MockFleet) -> None:
-    with gunicorn(fleet, "--workers", "2", "--preload") as (url, _):
-        answers = asyncio.run(concurrent_requests(url, 40))
+    with gunicorn(fleet, "--workers", "2", "--preload") as server:
+        answers = asyncio.run(concurrent_requests(server.url, 40))
 
     assert_own_data(answers)
 
@@ -140,9 +157,10 @@ def test_an_invalid_config_stops_gunicorn_with_a_message_naming_the_field(
 
 
 def test_command_line_workers_override_the_file(fleet: MockFleet) -> None:
-    with gunicorn(fleet, "--workers", "1") as (url, process):
-        assert requests.post(f"{url}/recommendation", json={}, timeout=5).status_code == 200
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
+    with gunicorn(fleet, "--workers", "1") as server:
+        response = requests.post(f"{server.url}/recommendation", json={}, timeout=5)
+        assert response.status_code == 200
+        server.stop()
+        output = server.output()
 
     assert output.count("Booting worker with pid") == 1

@@ -238,7 +238,7 @@ def test_a_hanging_recommender_yields_a_partial_answer_within_the_deadline(
     assert body["complete"] is False
     assert [entry["name"] for entry in body["result"]] == ["sml", "asc", "psn"]
     assert body["sources"]["trd"]["status"] == "timeout"
-    assert body["sources"]["trd"]["error"] == "no answer within 300 ms"
+    assert body["sources"]["trd"]["error"] == "no answer within the 300 ms deadline"
     assert 280 <= body["sources"]["trd"]["latency_ms"] < 400
     assert all(body["sources"][name]["status"] == "ok" for name in ("sml", "asc", "psn"))
     assert elapsed < 0.6

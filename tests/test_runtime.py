@@ -56,18 +56,24 @@ def test_the_runtime_starts_afresh_in_a_forked_process(
     fleet: MockFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = create_app(settings_for(fleet))
-    try:
-        parent_loop = app.runtime.loop
-        # What a worker forked from a preloading master sees: the same objects, another pid.
-        monkeypatch.setattr("gateway.runtime.os.getpid", lambda: -1)
+    parent_loop = app.runtime.loop
+    (parent_client, *_) = app.runtime.clients
+    # What a worker forked from a preloading master sees: the same objects, another pid.
+    monkeypatch.setattr("gateway.runtime.os.getpid", lambda: -1)
 
-        child_loop = app.runtime.loop
+    child_loop = app.runtime.loop
 
-        assert child_loop is not parent_loop
-        assert child_loop.is_running()
-        assert app.runtime.started
-    finally:
-        app.runtime.close()
+    assert child_loop is not parent_loop
+    assert child_loop.is_running()
+    assert app.runtime.started
+    assert app.runtime.clients[0] is not parent_client
+    app.runtime.close()
+    assert not child_loop.is_running()
+    assert parent_loop.is_running()  # the "parent's" loop is not the child's to stop
+
+    monkeypatch.undo()
+    app.runtime.close()
+    assert not parent_loop.is_running()
 
 
 def test_after_close_the_clients_refuse_to_be_used(fleet: MockFleet) -> None:

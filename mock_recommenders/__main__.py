@@ -1,0 +1,101 @@
+"""``python -m mock_recommenders``: serve mock recommenders until Ctrl-C.
+
+With no flags, the four standard ones (`sml`, `asc`, `trd`, `psn`) on ports 5001-5004.
+``--name NAME [--port PORT]`` serves just one; ``--names a,b,c`` serves any number on
+consecutive ports from ``--base-port``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from mock_recommenders.behaviour import Behaviour
+from mock_recommenders.server import (
+    DEFAULT_BASE_PORT,
+    DEFAULT_NAMES,
+    Recommender,
+    default_port,
+    start_site,
+)
+
+__all__ = ["main", "parse_arguments"]
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m mock_recommenders", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--name", help="serve only this recommender")
+    parser.add_argument("--port", type=int, help="its port (with --name)")
+    parser.add_argument(
+        "--names",
+        default=",".join(DEFAULT_NAMES),
+        help="comma-separated names, served on consecutive ports from --base-port",
+    )
+    parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="fixed delay per call")
+    parser.add_argument(
+        "--jitter-ms", type=float, default=0.0, help="random extra delay, uniform in 0..jitter"
+    )
+    parser.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
+    args = parser.parse_args(argv)
+    if args.delay_ms < 0 or args.jitter_ms < 0:
+        parser.error("--delay-ms and --jitter-ms must not be negative")
+    if args.port is not None and args.name is None:
+        parser.error("--port goes with --name; use --base-port for several recommenders")
+    if args.name is not None:
+        port = args.port if args.port is not None else default_port(args.name, args.base_port)
+        if port is None:
+            parser.error(f"--name {args.name} is not a standard recommender: give --port")
+        args.plan = [(args.name, port)]
+    else:
+        names = [name.strip() for name in args.names.split(",") if name.strip()]
+        if not names or len(set(names)) != len(names):
+            parser.error("--names must list distinct names")
+        args.plan = [(name, args.base_port + i) for i, name in enumerate(names)]
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Serve until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    behaviour = Behaviour(delay_ms=args.delay_ms, jitter_ms=args.jitter_ms)
+    recommenders, runners = [], []
+    try:
+        for name, port in args.plan:
+            recommender = Recommender(name, behaviour)
+            runner, bound = await start_site(recommender, args.host, port, args.access_log)
+            recommenders.append(recommender)
+            runners.append(runner)
+            print(
+                f"mock recommender {name} listening on http://{args.host}:{bound}/test", flush=True
+            )
+        await stop.wait()
+    finally:
+        for recommender in recommenders:
+            recommender.stopping.set()
+        for runner in runners:
+            await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the mock recommenders; exit 0 on Ctrl-C, 1 if a port cannot be bound."""
+    args = parse_arguments(argv)
+    try:
+        asyncio.run(serve(args))
+    except OSError as exc:
+        print(f"mock_recommenders: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
