@@ -120,7 +120,7 @@ def serve() -> Iterator[Callable[[GatewayFlask], str]]:
     def start(app: GatewayFlask) -> str:
         server = make_server("127.0.0.1", 0, app, threaded=True)
         server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         servers.append((server, thread, app))
         return f"http://127.0.0.1:{server.server_port}"
