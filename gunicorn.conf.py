@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
@@ -47,6 +48,16 @@ def on_starting(server: Any) -> None:
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)
+
+
+def post_worker_init(worker: Any) -> None:
+    """Leave Ctrl-C to the master, which tells each worker to quit once.
+
+    A terminal's Ctrl-C reaches every process in the group; a gthread worker that handles both
+    the SIGINT and then the master's SIGQUIT re-enters its thread pool's shutdown and hangs
+    until the master kills it after `graceful_timeout`.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def worker_exit(server: Any, worker: Any) -> None:

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -31,9 +32,11 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait_ready(processes: dict[str, subprocess.Popen[bytes]], urls: list[str]) -> None:
+def _wait_ready(
+    processes: dict[str, subprocess.Popen[bytes]], urls: list[str], stop: threading.Event
+) -> None:
     give_up = time.monotonic() + READY_WITHIN_S
-    while urls:
+    while urls and not stop.is_set():
         for name, process in processes.items():
             if process.poll() is not None:
                 raise SystemExit(f"run: {name} exited with code {process.returncode} at start-up")
@@ -41,7 +44,7 @@ def _wait_ready(processes: dict[str, subprocess.Popen[bytes]], urls: list[str]) 
             raise SystemExit(f"run: no answer within {READY_WITHIN_S:.0f} s from {urls[0]}")
         urls = [url for url in urls if not _answers(url)]
         if urls:
-            time.sleep(0.2)
+            stop.wait(0.2)
 
 
 def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
@@ -90,27 +93,33 @@ def main(argv: list[str] | None = None) -> int:
             env=env,
         ),
     }
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Set explicitly: a process started in the background inherits SIGINT ignored, and the
+    # children may see Ctrl-C before this process does, so their exit is not an error then.
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
     curl = (
         f"curl -s -X POST {gateway}/recommendation -H 'Content-Type: application/json' "
         """-d '{"user_id": "u1", "resultSize": 3}'"""
     )
     urls = [f"http://127.0.0.1:{port}/stats" for port in mock_ports] + [f"{gateway}/readyz"]
     try:
-        _wait_ready(processes, urls)
+        _wait_ready(processes, urls, stop)
+        if stop.is_set():
+            return 0
         print(
             f"\nReady: the gateway on {gateway}, mock recommenders on ports "
             f"{mock_ports[0]}-{mock_ports[-1]}.\nTry it:\n\n  {curl}\n\n"
             "Ctrl-C stops everything.\n",
             flush=True,
         )
-        while all(process.poll() is None for process in processes.values()):
-            time.sleep(0.5)
+        while not stop.is_set() and all(p.poll() is None for p in processes.values()):
+            stop.wait(0.5)
+        if stop.wait(1.0):
+            return 0
         dead = [name for name, process in processes.items() if process.poll() is not None]
         print(f"run: {', '.join(dead)} stopped; stopping the rest", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 0
     finally:
         _stop(processes)
 
