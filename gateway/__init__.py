@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None) -> GatewayFlask:
     settings = settings if settings is not None else load_settings()
     app = GatewayFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details
     runtime = WorkerRuntime(settings)
     app.extensions["gateway"] = runtime
     app.register_blueprint(blueprint)
