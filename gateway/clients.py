@@ -11,10 +11,12 @@ import asyncio
 import json
 import os
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import aiohttp
+import requests
 
 from gateway.errors import (
     BadRecommenderResponse,
@@ -23,7 +25,7 @@ from gateway.errors import (
     RecommenderUnavailable,
 )
 
-__all__ = ["RecommenderClient", "parse_json"]
+__all__ = ["BlockingRecommenderClient", "RecommenderClient", "parse_json"]
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -39,14 +41,47 @@ def parse_json(payload: bytes | str) -> Any:
         raise ValueError("JSON nested too deeply") from exc
 
 
-def _describe(error: OSError) -> str:
+def _describe(error: BaseException) -> str:
     # asyncio words a refused connection as "Connect call failed ('127.0.0.1', 5001)"; the
     # errno's own text is what an operator searches for.
     if isinstance(error, socket.gaierror):
         return "host name not resolved"
-    if error.errno and error.errno > 0:
-        return os.strerror(error.errno)
-    return error.strerror or type(error).__name__
+    if isinstance(error, OSError):
+        if error.errno and error.errno > 0:
+            return os.strerror(error.errno)
+        return error.strerror or type(error).__name__
+    return type(error).__name__
+
+
+def _find_cause(
+    error: BaseException, kinds: tuple[type[BaseException], ...]
+) -> BaseException | None:
+    """The first exception of `kinds` in the chain under `error`.
+
+    requests wraps urllib3, which wraps the socket error: ``ConnectionError(MaxRetryError(
+    reason=NewConnectionError(...) from ConnectionRefusedError))``.
+    """
+    pending, seen = [error], set()
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, kinds):
+            return current
+        links = (getattr(current, "reason", None), current.__cause__, current.__context__)
+        pending.extend(e for e in (*links, *current.args) if isinstance(e, BaseException))
+    return None
+
+
+def _check_answer(name: str, status: int, payload: bytes) -> Any:
+    """The parsed JSON of a recommender's answer, or the `RecommenderError` it amounts to."""
+    if status >= 300:
+        raise RecommenderUnavailable(name, f"answered HTTP {status}")
+    try:
+        return parse_json(payload)
+    except ValueError as exc:
+        raise BadRecommenderResponse(name, "answered a body that is not JSON") from exc
 
 
 class RecommenderClient:
@@ -100,9 +135,61 @@ class RecommenderClient:
             raise RecommenderUnavailable(self.name, "answer cut off before its end") from exc
         except aiohttp.ClientError as exc:
             raise RecommenderUnavailable(self.name, f"call failed: {type(exc).__name__}") from exc
-        if status >= 300:
-            raise RecommenderUnavailable(self.name, f"answered HTTP {status}")
+        return _check_answer(self.name, status, payload)
+
+
+class BlockingRecommenderClient:
+    """Calls one recommender from a thread, over a pooled `requests.Session`.
+
+    Used by the thread-pool fan-out; it maps `requests`' errors onto the same
+    `RecommenderError`s as `RecommenderClient`, with the same reasons.
+    """
+
+    def __init__(self, name: str, url: str, session: requests.Session, timeout_s: float):
+        self.name = name
+        self.url = url
+        self.timeout_s = timeout_s
+        self._session = session
+        self._closed = False
+
+    def close(self) -> None:
+        """Refuse further calls (the session is closed by its owner)."""
+        self._closed = True
+
+    def recommend(
+        self, body: bytes, headers: Mapping[str, str], timeout_s: float | None = None
+    ) -> Any:
+        """POST `body` and return the parsed JSON answer; raise a `RecommenderError`.
+
+        `timeout_s` bounds connecting and each wait for data (requests has no total timeout;
+        the thread-pool fan-out stops waiting at the deadline regardless).
+        """
+        if self._closed:
+            raise ClientClosedError(f"the session of recommender {self.name} is closed")
+        budget = self.timeout_s if timeout_s is None else timeout_s
         try:
-            return parse_json(payload)
-        except ValueError as exc:
-            raise BadRecommenderResponse(self.name, "answered a body that is not JSON") from exc
+            response = self._session.post(
+                self.url,
+                data=body,
+                headers={"Content-Type": "application/json", **headers},
+                timeout=budget,
+                allow_redirects=False,
+            )
+        except requests.Timeout as exc:
+            raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
+        except requests.ConnectionError as exc:
+            cause = _find_cause(exc, (ConnectionRefusedError, socket.gaierror))
+            if cause is not None:
+                host, port = _host_port(self.url)
+                reason = f"cannot connect to {host}:{port}: {_describe(cause)}"
+            else:
+                reason = "connection closed by the recommender before it answered"
+            raise RecommenderUnavailable(self.name, reason) from exc
+        except requests.RequestException as exc:
+            raise RecommenderUnavailable(self.name, f"call failed: {type(exc).__name__}") from exc
+        return _check_answer(self.name, response.status_code, response.content)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parsed = urllib.parse.urlsplit(url)
+    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)

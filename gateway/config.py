@@ -90,7 +90,10 @@ class Settings(BaseSettings):
 
     recommenders: list[RecommenderSettings] = Field(min_length=1)
     deadline_ms: float = Field(default=1000, gt=0, le=600_000)
-    strategy: Literal["async"] = "async"
+    strategy: Literal["async", "threads", "sync"] = "async"
+    fan_out_threads: int = Field(
+        default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     pool: PoolSettings = PoolSettings()
 

@@ -1,7 +1,16 @@
-"""Fan-out: one request to every recommender at once, each call bounded by the deadline.
+"""Fan-out strategies: how one request reaches every recommender, each call bounded by the deadline.
 
-A fan-out never raises for a recommender's failure: every configured recommender yields an
-`Outcome`, in config order, whatever happened to its call.
+Three strategies share one interface, `FanOut`, and are chosen by name (`strategy:` in the
+config) from `STRATEGIES`:
+
+- ``async``: `asyncio.gather` of one call per recommender over the worker's shared aiohttp
+  session: all calls in flight at once on the worker loop (the default);
+- ``threads``: one blocking call per recommender in a `ThreadPoolExecutor` that lives as long
+  as the worker, over a pooled `requests.Session`;
+- ``sync``: one recommender after another, over the same shared aiohttp session.
+
+Whatever happens to a call, a fan-out never raises for it: every configured recommender
+yields an `Outcome`, in config order.
 """
 
 from __future__ import annotations
@@ -10,13 +19,27 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar, Protocol
 
-from gateway.clients import RecommenderClient
+import requests
+from requests.adapters import HTTPAdapter
+
+from gateway.clients import BlockingRecommenderClient, RecommenderClient
+from gateway.config import Settings
 from gateway.errors import RecommenderError, RecommenderTimeout, SourceStatus
 
-__all__ = ["Deadline", "Outcome", "fan_out"]
+__all__ = [
+    "STRATEGIES",
+    "AsyncFanOut",
+    "Deadline",
+    "FanOut",
+    "Outcome",
+    "SequentialFanOut",
+    "ThreadPoolFanOut",
+    "build_fan_out",
+]
 
 log = logging.getLogger("gateway")
 
@@ -49,46 +72,196 @@ class Deadline:
         """The deadline `ms` milliseconds after `start` (default: now)."""
         return cls((time.perf_counter() if start is None else start) + ms / 1000, ms)
 
+    def remaining_s(self) -> float:
+        """Seconds left; negative once passed."""
+        return self.at - time.perf_counter()
+
+    def missed(self, name: str, latency_ms: float) -> Outcome:
+        """The outcome of a call that the deadline cut short."""
+        return Outcome(
+            name, "timeout", latency_ms, error=f"no answer within the {self.ms:.0f} ms deadline"
+        )
+
+
+class FanOut(Protocol):
+    """Calls every recommender with one request and reports each one's outcome."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
+        """Build the strategy for `settings`, over the worker's aiohttp `clients`."""
+        ...
+
+    async def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> list[Outcome]:
+        """Call every recommender; return their outcomes in config order, never raising."""
+        ...
+
+    async def close(self) -> None:
+        """Release what the strategy holds (threads, sessions)."""
+        ...
+
+
+def _budget(timeout_s: float, deadline: Deadline) -> tuple[float, bool]:
+    """The call's time budget, and whether the deadline (not its own timeout) sets it."""
+    remaining = deadline.remaining_s()
+    return min(timeout_s, remaining), remaining < timeout_s
+
+
+def _settle(
+    name: str, started: float, deadline: Deadline, by_deadline: bool, error: BaseException
+) -> Outcome:
+    """The outcome of a call that raised `error`."""
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    if isinstance(error, RecommenderTimeout) and by_deadline:
+        return deadline.missed(name, latency_ms)
+    if isinstance(error, RecommenderError):
+        return Outcome(name, error.status, latency_ms, error=error.reason)
+    # A bug in the gateway must not turn one recommender's call into a gateway 500.
+    log.error("unexpected error calling recommender %s", name, exc_info=error)
+    return Outcome(name, "error", latency_ms, error="gateway error during the call")
+
 
 async def _call(
     client: RecommenderClient, body: bytes, headers: Mapping[str, str], deadline: Deadline
 ) -> Outcome:
     started = time.perf_counter()
-    remaining = deadline.at - started
-    bound_by_deadline = remaining < client.timeout_s
-
-    def elapsed_ms() -> float:
-        return round((time.perf_counter() - started) * 1000, 1)
-
-    if remaining <= 0:
+    budget, by_deadline = _budget(client.timeout_s, deadline)
+    if budget <= 0:
         return Outcome(client.name, "timeout", 0.0, error="deadline already passed")
     try:
-        prediction = await client.recommend(body, headers, min(client.timeout_s, remaining))
-    except RecommenderTimeout as exc:
-        # Cut by what is left of the request's deadline, not by its own timeout: say so.
-        reason = (
-            f"no answer within the {deadline.ms:.0f} ms deadline"
-            if bound_by_deadline
-            else exc.reason
-        )
-        return Outcome(client.name, exc.status, elapsed_ms(), error=reason)
-    except RecommenderError as exc:
-        return Outcome(client.name, exc.status, elapsed_ms(), error=exc.reason)
-    except Exception:
-        # A bug in the gateway must not turn one recommender's call into a gateway 500.
-        log.exception("unexpected error calling recommender %s", client.name)
-        return Outcome(client.name, "error", elapsed_ms(), error="gateway error during the call")
-    return Outcome(client.name, "ok", elapsed_ms(), prediction=prediction)
+        prediction = await client.recommend(body, headers, budget)
+    except Exception as exc:
+        return _settle(client.name, started, deadline, by_deadline, exc)
+    return Outcome(client.name, "ok", round((time.perf_counter() - started) * 1000, 1), prediction)
 
 
-async def fan_out(
-    clients: Sequence[RecommenderClient],
+def _call_blocking(
+    client: BlockingRecommenderClient,
     body: bytes,
     headers: Mapping[str, str],
     deadline: Deadline,
-) -> list[Outcome]:
-    """Call every recommender concurrently; return their outcomes in the order of `clients`.
+) -> Outcome:
+    started = time.perf_counter()
+    budget, by_deadline = _budget(client.timeout_s, deadline)
+    if budget <= 0:
+        return Outcome(client.name, "timeout", 0.0, error="deadline already passed")
+    try:
+        prediction = client.recommend(body, headers, budget)
+    except Exception as exc:
+        return _settle(client.name, started, deadline, by_deadline, exc)
+    return Outcome(client.name, "ok", round((time.perf_counter() - started) * 1000, 1), prediction)
 
-    No call outlives `deadline`.
-    """
-    return list(await asyncio.gather(*(_call(c, body, headers, deadline) for c in clients)))
+
+class AsyncFanOut:
+    """All calls at once: `asyncio.gather` over the shared aiohttp session."""
+
+    name: ClassVar[str] = "async"
+
+    def __init__(self, clients: Sequence[RecommenderClient]):
+        self.clients = tuple(clients)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
+        """Fan out over the worker's aiohttp clients."""
+        return cls(clients)
+
+    async def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> list[Outcome]:
+        """Call every recommender concurrently on the worker loop."""
+        calls = (_call(client, body, headers, deadline) for client in self.clients)
+        return list(await asyncio.gather(*calls))
+
+    async def close(self) -> None:
+        """Nothing of its own: the session belongs to the runtime."""
+
+
+class SequentialFanOut:
+    """One recommender after another, over the shared aiohttp session."""
+
+    name: ClassVar[str] = "sync"
+
+    def __init__(self, clients: Sequence[RecommenderClient]):
+        self.clients = tuple(clients)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
+        """Fan out over the worker's aiohttp clients."""
+        return cls(clients)
+
+    async def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> list[Outcome]:
+        """Call each recommender in turn; those the deadline leaves no time for time out."""
+        return [await _call(client, body, headers, deadline) for client in self.clients]
+
+    async def close(self) -> None:
+        """Nothing of its own: the session belongs to the runtime."""
+
+
+class ThreadPoolFanOut:
+    """One blocking call per recommender in a thread pool that lives as long as the worker."""
+
+    name: ClassVar[str] = "threads"
+
+    def __init__(self, settings: Settings, max_threads: int):
+        self._session = requests.Session()
+        pool = settings.pool
+        adapter = HTTPAdapter(
+            pool_connections=len(settings.recommenders),
+            pool_maxsize=min(pool.limit_per_host or pool.limit, pool.limit),
+        )
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self.clients = tuple(
+            BlockingRecommenderClient(r.name, str(r.url), self._session, settings.timeout_s(r))
+            for r in settings.recommenders
+        )
+        self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="gateway-fan-out")
+
+    @classmethod
+    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
+        """A pool of `settings.fan_out_threads` threads and its own requests session."""
+        return cls(settings, settings.fan_out_threads)
+
+    async def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> list[Outcome]:
+        """Submit every call to the pool and wait for them, at most until the deadline."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        futures = [
+            loop.run_in_executor(self._executor, _call_blocking, client, body, headers, deadline)
+            for client in self.clients
+        ]
+        await asyncio.wait(futures, timeout=max(deadline.remaining_s(), 0))
+        outcomes = []
+        for client, future in zip(self.clients, futures, strict=True):
+            if future.done():
+                outcomes.append(future.result())
+            else:
+                # The thread runs on until its own timeout; the request does not wait for it.
+                future.cancel()
+                elapsed = round((time.perf_counter() - started) * 1000, 1)
+                outcomes.append(deadline.missed(client.name, elapsed))
+        return outcomes
+
+    async def close(self) -> None:
+        """Stop the pool (without waiting for stragglers) and close the session."""
+        for client in self.clients:
+            client.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._session.close()
+
+
+STRATEGIES: dict[str, type[FanOut]] = {
+    strategy.name: strategy for strategy in (AsyncFanOut, ThreadPoolFanOut, SequentialFanOut)
+}
+
+
+def build_fan_out(settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
+    """The fan-out strategy `settings.strategy` names."""
+    return STRATEGIES[settings.strategy].from_settings(settings, clients)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from gateway.clients import parse_json
 from gateway.errors import RequestError, error_body, error_response
-from gateway.fanout import Deadline, Outcome, fan_out
+from gateway.fanout import Deadline, Outcome
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
     RecommendationRequest,
@@ -117,7 +117,7 @@ async def recommendation() -> Response:
     body = json.dumps(recommendation.forwarded(), separators=(",", ":")).encode()
     deadline = Deadline.after(runtime.settings.deadline_ms, start=g.received_at)
     headers = {REQUEST_ID_HEADER: g.request_id}
-    outcomes = await fan_out(runtime.clients, body, headers, deadline)
+    outcomes = await runtime.fan_out.fan_out(body, headers, deadline)
     return _respond(outcomes, g.request_id)
 
 

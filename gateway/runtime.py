@@ -25,6 +25,7 @@ import aiohttp
 
 from gateway.clients import RecommenderClient
 from gateway.config import Settings
+from gateway.fanout import FanOut, build_fan_out
 
 __all__ = ["WorkerRuntime"]
 
@@ -42,6 +43,7 @@ class _Started:
         self.thread = thread
         self.session: aiohttp.ClientSession | None = None
         self.clients: tuple[RecommenderClient, ...] = ()
+        self.fan_out: FanOut | None = None
 
 
 class WorkerRuntime:
@@ -72,6 +74,13 @@ class WorkerRuntime:
     def clients(self) -> tuple[RecommenderClient, ...]:
         """The recommender clients of this process, in config order."""
         return self._ensure_started().clients
+
+    @property
+    def fan_out(self) -> FanOut:
+        """This process's fan-out strategy, as the settings name it."""
+        fan_out = self._ensure_started().fan_out
+        assert fan_out is not None, "set when the session opens"
+        return fan_out
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -183,8 +192,11 @@ class WorkerRuntime:
             )
             for recommender in self.settings.recommenders
         )
+        state.fan_out = build_fan_out(self.settings, state.clients)
 
     @staticmethod
     async def _close_session(state: _Started) -> None:
+        if state.fan_out is not None:
+            await state.fan_out.close()
         if state.session is not None:
             await state.session.close()

@@ -13,7 +13,7 @@ from aioresponses import CallbackResult
 from yarl import URL
 
 from gateway.clients import RecommenderClient
-from gateway.fanout import Deadline, Outcome, fan_out
+from gateway.fanout import AsyncFanOut, Deadline, Outcome, SequentialFanOut
 from tests.conftest import CompatAioresponses
 
 
@@ -25,6 +25,12 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 def clients(session: aiohttp.ClientSession, *names: str) -> list[RecommenderClient]:
     return [RecommenderClient(n, f"http://{n}.test/p", session, timeout_s=1.0) for n in names]
+
+
+async def fan_out(
+    clients: list[RecommenderClient], body: bytes, headers: dict[str, str], deadline: Deadline
+) -> list[Outcome]:
+    return await AsyncFanOut(clients).fan_out(body, headers, deadline)
 
 
 def delayed(seconds: float, payload: dict[str, Any]) -> Any:
@@ -89,3 +95,19 @@ async def test_a_bug_in_one_call_is_that_source_s_error_not_the_request_s(
     assert outcomes[0].error == "gateway error during the call"
     assert outcomes[1].ok
     assert "unexpected error calling recommender a" in caplog.text
+
+
+async def test_sequential_calls_one_after_another_and_the_deadline_cuts_the_rest(
+    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+) -> None:
+    fake_network.post("http://a.test/p", callback=delayed(0.06, {"from": "a"}))
+    fake_network.post("http://b.test/p", callback=delayed(0.06, {"from": "b"}))
+    fake_network.post("http://c.test/p", payload={"from": "c"})
+
+    outcomes = await SequentialFanOut(clients(session, "a", "b", "c")).fan_out(
+        b"{}", {}, Deadline.after(100)
+    )
+
+    assert [o.status for o in outcomes] == ["ok", "timeout", "timeout"]
+    assert outcomes[1].error == "no answer within the 100 ms deadline"
+    assert outcomes[2] == Outcome("c", "timeout", 0.0, error="deadline already passed")

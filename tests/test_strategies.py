@@ -1,0 +1,124 @@
+"""The three fan-out strategies behave the same to a frontend; only their timing differs."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import requests
+
+from gateway import GatewayFlask, create_app
+from gateway.fanout import STRATEGIES
+from mock_recommenders import MockFleet
+from mock_recommenders.ranking import rank_items
+from tests.conftest import NAMES, free_port, settings_for
+
+Serve = Callable[[GatewayFlask], str]
+
+pytestmark = pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+
+
+def start(fleet: MockFleet, serve: Serve, strategy: str, **fields: Any) -> str:
+    return serve(create_app(settings_for(fleet, strategy=strategy, **fields)))
+
+
+def recommend(url: str, body: dict[str, Any]) -> requests.Response:
+    return requests.post(f"{url}/recommendation", json=body, timeout=10)
+
+
+def test_same_answer_whatever_the_strategy(fleet: MockFleet, serve: Serve, strategy: str) -> None:
+    url = start(fleet, serve, strategy)
+
+    response = recommend(url, {"user_id": "s1", "resultSize": 3})
+
+    assert response.status_code == 200
+    assert response.headers["X-Fusion-Complete"] == "true"
+    body = response.json()
+    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    for entry in body["result"]:
+        assert entry["prediction"]["items"] == rank_items(entry["name"], "s1", 3)
+    assert fleet.last_request("psn") is not None
+
+
+def test_same_reasons_for_broken_and_missing_recommenders(
+    fleet: MockFleet, serve: Serve, strategy: str
+) -> None:
+    settings = settings_for(fleet, strategy=strategy).model_dump(mode="json")
+    closed_port = free_port()
+    settings["recommenders"][3]["url"] = f"http://127.0.0.1:{closed_port}/test"
+    url = serve(create_app(type(settings_for(fleet)).model_validate(settings)))
+    fleet.set_behaviour("asc", status=503)
+    fleet.set_behaviour("trd", not_json=True)
+
+    body = recommend(url, {"user_id": "s2"}).json()
+
+    assert {name: (r["status"], r.get("error")) for name, r in body["sources"].items()} == {
+        "sml": ("ok", None),
+        "asc": ("error", "answered HTTP 503"),
+        "trd": ("error", "answered a body that is not JSON"),
+        "psn": ("error", f"cannot connect to 127.0.0.1:{closed_port}: Connection refused"),
+    }
+    assert [entry["name"] for entry in body["result"]] == ["sml"]
+
+
+def test_all_failing_is_502(fleet: MockFleet, serve: Serve, strategy: str) -> None:
+    url = start(fleet, serve, strategy)
+    fleet.set_behaviour(status=500)
+
+    response = recommend(url, {})
+
+    assert response.status_code == 502
+    assert response.json()["complete"] is False
+
+
+def test_a_hanging_recommender_costs_at_most_the_deadline(
+    fleet: MockFleet, serve: Serve, strategy: str
+) -> None:
+    url = start(fleet, serve, strategy, deadline_ms=300)
+    recommend(url, {"user_id": "warm-up"})
+    fleet.set_behaviour("asc", hang=True)
+
+    started = time.perf_counter()
+    body = recommend(url, {"user_id": "s3"}).json()
+    elapsed = time.perf_counter() - started
+
+    assert elapsed < 0.6
+    assert body["sources"]["sml"]["status"] == "ok"
+    assert body["sources"]["asc"] == {
+        "status": "timeout",
+        "latency_ms": body["sources"]["asc"]["latency_ms"],
+        "error": "no answer within the 300 ms deadline",
+    }
+    if strategy == "sync":
+        # One after another: nothing is left for those after the hanging one.
+        assert body["sources"]["trd"]["error"] == "deadline already passed"
+    else:
+        assert body["sources"]["trd"]["status"] == "ok"
+
+
+def test_only_sync_waits_for_one_recommender_after_another(
+    fleet: MockFleet, serve: Serve, strategy: str
+) -> None:
+    url = start(fleet, serve, strategy)
+    recommend(url, {"user_id": "warm-up"})
+    fleet.set_behaviour(delay_ms=100)
+
+    started = time.perf_counter()
+    assert recommend(url, {"user_id": "s4"}).json()["complete"] is True
+    elapsed = time.perf_counter() - started
+
+    if strategy == "sync":
+        assert elapsed >= 0.4
+    else:
+        assert elapsed < 0.2
+
+
+def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -> None:
+    url = start(fleet, serve, strategy)
+
+    for i in range(10):
+        assert recommend(url, {"user_id": f"p{i}"}).status_code == 200
+
+    assert {name: fleet.stats(name)["connections"] for name in NAMES} == dict.fromkeys(NAMES, 1)
