@@ -1,0 +1,221 @@
+"""The benchmark run: mocks, one gunicorn per target, a load generator per level, the figures.
+
+Targets, measured in this order at every concurrency level:
+
+- ``floor``: the load generator fans out to the mocks itself (no gateway);
+- ``sync``, ``threads``, ``async``: the gateway under gunicorn with its shipped config,
+  `GATEWAY_STRATEGY` set;
+- ``per-call-session``: `benchmarks.tutorial_app`, gunicorn as tutorials configure it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["GATEWAY_TARGETS", "Plan", "TARGETS", "run_benchmark"]
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+GUNICORN = str(Path(PYTHON).parent / "gunicorn")
+GATEWAY_TARGETS = ("sync", "threads", "async")
+TARGETS = ("floor", *GATEWAY_TARGETS, "per-call-session")
+READY_WITHIN_S = 30.0
+
+
+@dataclass
+class Plan:
+    """What to measure."""
+
+    levels: list[int] = field(default_factory=lambda: [1, 8, 32, 64])
+    duration_s: float = 10.0
+    warmup_s: float = 1.0
+    delay_ms: float = 20.0
+    jitter_ms: float = 0.0
+    recommenders: int = 4
+    widths: list[int] = field(default_factory=lambda: [1, 4, 16])
+    workers: int | None = None
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+
+    def load_seconds(self) -> float:
+        """Seconds of load the plan generates (for the progress bar)."""
+        main = len(self.targets) * len(self.levels)
+        widths = len(self.widths) * 3
+        return (main + widths) * (self.duration_s + self.warmup_s)
+
+
+def _free_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports."""
+    for base in range(20_000, 60_000, 37):
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + count):
+                    sock = stack.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free ports")
+
+
+def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    give_up = time.monotonic() + READY_WITHIN_S
+    while time.monotonic() < give_up:
+        if process.poll() is not None:
+            raise RuntimeError(f"{url} exited at start-up:\n{log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not answer within {READY_WITHIN_S:.0f} s")
+
+
+@contextlib.contextmanager
+def _process(
+    command: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("ab") as sink:
+        process = subprocess.Popen(
+            command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env
+        )
+    try:
+        _wait_ready(ready_url, process, log)
+        yield process
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _mocks(names: list[str], base_port: int, plan: Plan, log: Path) -> Any:
+    command = [PYTHON, "-m", "mock_recommenders", "--names", ",".join(names)]
+    command += ["--base-port", str(base_port), "--delay-ms", str(plan.delay_ms)]
+    command += ["--jitter-ms", str(plan.jitter_ms)]
+    return _process(command, log, f"http://127.0.0.1:{base_port + len(names) - 1}/stats")
+
+
+def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Path) -> Any:
+    port = _free_ports(1)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    recommenders = [{"name": n, "url": u} for n, u in zip(names, urls, strict=True)]
+    env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
+    if target == "per-call-session":
+        command = [GUNICORN, "-c", "benchmarks/tutorial_gunicorn.conf.py"]
+        command += ["benchmarks.tutorial_app:app"]
+    else:
+        env["GATEWAY_STRATEGY"] = target
+        # Sequential calls to 16 recommenders at 20 ms need more than the default deadline.
+        env["GATEWAY_DEADLINE_MS"] = str(
+            max(1000, 4 * len(names) * (plan.delay_ms + plan.jitter_ms))
+        )
+        command = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
+        if plan.workers is not None:
+            command += ["--workers", str(plan.workers)]
+    command += ["--bind", f"127.0.0.1:{port}"]
+    return port, _process(command, log, f"http://127.0.0.1:{port}/readyz", env)
+
+
+def worker_rss_mb(master_pid: int) -> list[float]:
+    """Resident memory of each child (worker) of a gunicorn master, in MB (Linux /proc)."""
+    try:
+        children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+    except OSError:
+        return []
+    sizes = []
+    for child in children:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{child}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    sizes.append(round(int(line.split()[1]) / 1024, 1))
+    return sizes
+
+
+def _load(target: str, url: str, concurrency: int, plan: Plan) -> dict[str, Any]:
+    command = [PYTHON, "-m", "benchmarks.loadgen", "--target"]
+    command += ["floor" if target == "floor" else "gateway", "--url", url]
+    command += ["--concurrency", str(concurrency), "--duration", str(plan.duration_s)]
+    command += ["--warmup", str(plan.warmup_s)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"load generator failed:\n{done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _measure(
+    target: str,
+    names: list[str],
+    urls: list[str],
+    levels: list[int],
+    plan: Plan,
+    logs: Path,
+    advance: Callable[[str], None],
+) -> tuple[list[dict[str, Any]], list[float]]:
+    runs = []
+    if target == "floor":
+        for level in levels:
+            advance(f"floor, {len(names)} recommenders, concurrency {level}")
+            runs.append(_load("floor", ",".join(urls), level, plan))
+        return runs, []
+    port, server = _server(target, urls, names, plan, logs / f"{target}-{len(names)}.log")
+    with server as process:
+        for level in levels:
+            advance(f"{target}, {len(names)} recommenders, concurrency {level}")
+            runs.append(_load(target, f"http://127.0.0.1:{port}", level, plan))
+        memory = worker_rss_mb(process.pid)
+    return runs, memory
+
+
+def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
+    """Run `plan`, writing logs under `out`; return the results (see `benchmarks.report`)."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "plan": plan.__dict__,
+        "machine": {
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "runs": [],
+        "memory_mb": {},
+        "widths": [],
+    }
+
+    def sweep(width: int, targets: list[str], levels: list[int]) -> list[dict[str, Any]]:
+        names = [f"r{i + 1}" for i in range(width)] if width != 4 else ["sml", "asc", "trd", "psn"]
+        base = _free_ports(width)
+        urls = [f"http://127.0.0.1:{base + i}/test" for i in range(width)]
+        rows = []
+        with _mocks(names, base, plan, logs / f"mocks-{width}.log"):
+            for target in targets:
+                runs, memory = _measure(target, names, urls, levels, plan, logs, advance)
+                rows += [{"target": target, "recommenders": width, **run} for run in runs]
+                if memory:
+                    results["memory_mb"][f"{target}@{width}"] = memory
+        return rows
+
+    results["runs"] = sweep(plan.recommenders, plan.targets, plan.levels)
+    for width in plan.widths:
+        results["widths"] += sweep(width, ["floor", "sync", "async"], [1])
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return results
