@@ -1,6 +1,7 @@
 """gunicorn settings for the gateway: ``gunicorn -c gunicorn.conf.py gateway.wsgi:app``.
 
-`--bind` and `--workers` (and any other flag) given on the command line override this file.
+Flags on the command line (`--bind`, `--workers`, `--threads`, `--access-logfile -`, ...), or
+in `GUNICORN_CMD_ARGS`, override this file; `WEB_CONCURRENCY` sets the number of workers.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import signal
 import sys
 from typing import Any
 
-bind = os.environ.get("GATEWAY_BIND", "127.0.0.1:5000")
+bind = "127.0.0.1:5000"
+# The heartbeat file lives in memory, as gunicorn's docs advise (a disk-backed /tmp stalls).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 # The fan-out's I/O runs on one event loop thread per worker, so workers only need to cover
 # the CPU work (parsing, merging, serialising): one per core.
@@ -19,8 +22,8 @@ workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 # gthread: each request holds a thread while its view waits on the worker loop, so the
 # threads bound the concurrent requests a worker serves; idle keep-alive connections from
 # frontends sit in the worker's selector and cost no thread.
-worker_class = "gthread"
-threads = int(os.environ.get("GATEWAY_THREADS", "48"))
+worker_class = "gateway.worker.ThreadWorker"  # gthread, see gateway/worker.py
+threads = 48
 worker_connections = 1000
 keepalive = 15
 
@@ -33,9 +36,10 @@ graceful_timeout = 30
 # the pid, so a preloaded app still works.)
 preload_app = False
 
-accesslog = "-"
+# Off: gunicorn's access log costs ~3% of a worker's CPU; `--access-logfile -` turns it on.
+accesslog = None
 errorlog = "-"
-loglevel = os.environ.get("GATEWAY_LOG_LEVEL", "info")
+loglevel = "info"
 
 
 def on_starting(server: Any) -> None:

@@ -33,10 +33,15 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+# One decoder for all: `json.loads` with a hook builds a new decoder (and scanner) per call.
+_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
 def parse_json(payload: bytes | str) -> Any:
-    """Parse strict JSON (no NaN or Infinity); raise `ValueError` on anything else."""
+    """Parse strict JSON text in UTF-8 (no NaN or Infinity); raise `ValueError` otherwise."""
     try:
-        return json.loads(payload, parse_constant=_reject_constant)
+        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
+        return _STRICT_DECODER.decode(text)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
 
