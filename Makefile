@@ -34,5 +34,8 @@ unit: install
 
 test: lint typecheck unit
 
+bench: install
+	$(BIN)/python -m benchmarks $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
