@@ -119,8 +119,9 @@ class RecommenderClient:
                 asyncio.timeout(budget),
                 self._session.post(
                     self.url,
-                    data=body,
-                    headers={"Content-Type": "application/json", **headers},
+                    # A payload object skips aiohttp's lookup of a payload type for `bytes`.
+                    data=aiohttp.BytesPayload(body, content_type="application/json"),
+                    headers=headers,
                     allow_redirects=False,
                 ) as response,
             ):

@@ -43,6 +43,9 @@ __all__ = [
 
 log = logging.getLogger("gateway")
 
+# Below this, a call could not even connect: it is not started, and reported as such.
+MIN_CALL_BUDGET_S = 0.001
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -129,7 +132,7 @@ async def _call(
 ) -> Outcome:
     started = time.perf_counter()
     budget, by_deadline = _budget(client.timeout_s, deadline)
-    if budget <= 0:
+    if budget < MIN_CALL_BUDGET_S:
         return Outcome(client.name, "timeout", 0.0, error="deadline already passed")
     try:
         prediction = await client.recommend(body, headers, budget)
@@ -146,7 +149,7 @@ def _call_blocking(
 ) -> Outcome:
     started = time.perf_counter()
     budget, by_deadline = _budget(client.timeout_s, deadline)
-    if budget <= 0:
+    if budget < MIN_CALL_BUDGET_S:
         return Outcome(client.name, "timeout", 0.0, error="deadline already passed")
     try:
         prediction = client.recommend(body, headers, budget)

@@ -43,9 +43,11 @@ async def test_returns_the_parsed_json_and_sends_body_and_headers(
 
     assert prediction == {"items": [{"id": "i1", "score": 0.9}]}
     (call,) = fake_network.requests[("POST", URL(URL_))]
-    assert call.kwargs["data"] == BODY
+    sent = call.kwargs["data"]
+    assert isinstance(sent, aiohttp.BytesPayload)
+    assert sent.decode() == BODY.decode()
+    assert sent.content_type == "application/json"
     assert call.kwargs["headers"]["X-Request-ID"] == "r-1"
-    assert call.kwargs["headers"]["Content-Type"] == "application/json"
     assert call.kwargs["allow_redirects"] is False
 
 
