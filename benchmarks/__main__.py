@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plan, out = parse_plan(argv)
     out.mkdir(parents=True, exist_ok=True)
-    console = Console()
+    # A wide table even when the output is not a terminal (a log file, CI).
+    console = Console(width=None if sys.stdout.isatty() else 140)
     steps = len(plan.targets) * len(plan.levels) + 3 * len(plan.widths)
     with Progress(
         TextColumn("{task.description}"),

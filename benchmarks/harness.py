@@ -135,12 +135,8 @@ def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Pat
 
 def worker_rss_mb(master_pid: int) -> list[float]:
     """Resident memory of each child (worker) of a gunicorn master, in MB (Linux /proc)."""
-    try:
-        children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
-    except OSError:
-        return []
     sizes = []
-    for child in children:
+    for child in children(master_pid):
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/{child}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -148,7 +144,30 @@ def worker_rss_mb(master_pid: int) -> list[float]:
     return sizes
 
 
-def _load(target: str, url: str, concurrency: int, plan: Plan) -> dict[str, Any]:
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU time the processes `pids` have used so far (Linux /proc)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (a gunicorn master's workers)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _load(
+    target: str, url: str, concurrency: int, plan: Plan, watched: dict[str, list[int]]
+) -> dict[str, Any]:
+    """One load level; adds the CPU that each `watched` group of processes spent per request."""
+    before = {group: cpu_seconds(pids) for group, pids in watched.items()}
     command = [PYTHON, "-m", "benchmarks.loadgen", "--target"]
     command += ["floor" if target == "floor" else "gateway", "--url", url]
     command += ["--concurrency", str(concurrency), "--duration", str(plan.duration_s)]
@@ -157,6 +176,11 @@ def _load(target: str, url: str, concurrency: int, plan: Plan) -> dict[str, Any]
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed:\n{done.stderr[-2000:]}")
     result: dict[str, Any] = json.loads(done.stdout)
+    sent = result["sent"] or 1
+    result["cpu_ms_per_request"] = {"load generator": result.pop("cpu_ms_per_request")}
+    for group, pids in watched.items():
+        spent = cpu_seconds(pids) - before[group]
+        result["cpu_ms_per_request"][group] = round(spent * 1000 / sent, 3)
     return result
 
 
@@ -167,19 +191,21 @@ def _measure(
     levels: list[int],
     plan: Plan,
     logs: Path,
+    mocks_pid: int,
     advance: Callable[[str], None],
 ) -> tuple[list[dict[str, Any]], list[float]]:
     runs = []
     if target == "floor":
         for level in levels:
             advance(f"floor, {len(names)} recommenders, concurrency {level}")
-            runs.append(_load("floor", ",".join(urls), level, plan))
+            runs.append(_load("floor", ",".join(urls), level, plan, {"mocks": [mocks_pid]}))
         return runs, []
     port, server = _server(target, urls, names, plan, logs / f"{target}-{len(names)}.log")
     with server as process:
+        watched = {"gateway": children(process.pid), "mocks": [mocks_pid]}
         for level in levels:
             advance(f"{target}, {len(names)} recommenders, concurrency {level}")
-            runs.append(_load(target, f"http://127.0.0.1:{port}", level, plan))
+            runs.append(_load(target, f"http://127.0.0.1:{port}", level, plan, watched))
         memory = worker_rss_mb(process.pid)
     return runs, memory
 
@@ -206,9 +232,9 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
         base = _free_ports(width)
         urls = [f"http://127.0.0.1:{base + i}/test" for i in range(width)]
         rows = []
-        with _mocks(names, base, plan, logs / f"mocks-{width}.log"):
+        with _mocks(names, base, plan, logs / f"mocks-{width}.log") as mocks:
             for target in targets:
-                runs, memory = _measure(target, names, urls, levels, plan, logs, advance)
+                runs, memory = _measure(target, names, urls, levels, plan, logs, mocks.pid, advance)
                 rows += [{"target": target, "recommenders": width, **run} for run in runs]
                 if memory:
                     results["memory_mb"][f"{target}@{width}"] = memory

@@ -39,6 +39,8 @@ class LoadResult:
     p95_ms: float
     p99_ms: float
     mean_ms: float
+    sent: int = 0
+    cpu_ms_per_request: float = math.nan
     first_error: str | None = None
 
 
@@ -56,12 +58,14 @@ async def run_load(
     """Drive `send` (True when the answer was good) from `concurrency` closed loops."""
     latencies: list[float] = []
     errors = 0
+    sent = 0
+    cpu_started = time.process_time()
     first_error: str | None = None
     measuring_from = time.perf_counter() + warmup_s
     stop_at = measuring_from + duration_s
 
     async def user(number: int) -> None:
-        nonlocal errors, first_error
+        nonlocal errors, first_error, sent
         iteration = 0
         while True:
             started = time.perf_counter()
@@ -74,6 +78,7 @@ async def run_load(
                 good, error = False, f"{type(exc).__name__}: {exc}"
             ended = time.perf_counter()
             iteration += 1
+            sent += 1
             if started < measuring_from or ended > stop_at:
                 continue
             if good:
@@ -83,6 +88,7 @@ async def run_load(
                 first_error = first_error or error
 
     await asyncio.gather(*(user(n) for n in range(concurrency)))
+    cpu_ms = (time.process_time() - cpu_started) * 1000
     latencies.sort()
     count = len(latencies)
     return LoadResult(
@@ -95,6 +101,8 @@ async def run_load(
         p95_ms=round(percentile(latencies, 0.95), 3),
         p99_ms=round(percentile(latencies, 0.99), 3),
         mean_ms=round(sum(latencies) / count, 3) if count else math.nan,
+        sent=sent,
+        cpu_ms_per_request=round(cpu_ms / sent, 3) if sent else math.nan,
         first_error=first_error,
     )
 

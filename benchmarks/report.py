@@ -107,6 +107,12 @@ def figures(results: dict[str, Any]) -> list[Figure]:
         found.append(
             (f"errors at concurrency {top}", str(high["errors"]), "0", high["errors"] == 0)
         )
+        floor = _find(runs, "floor", top)
+        if floor is not None and cpu_total(high) > 0:
+            # With every core busy, throughput goes as 1 / (CPU per request, all processes).
+            ceiling = cpu_total(floor) / cpu_total(high)
+            label = f"CPU-bound ceiling of the floor ratio at concurrency {top}"
+            found.append((label, f"{ceiling:.2f}", "-", None))
     memory = results["memory_mb"].get(f"async@{width}")
     if memory:
         found.append(
@@ -123,7 +129,14 @@ def figures(results: dict[str, Any]) -> list[Figure]:
 def _cell(value: Any, unit: str = "") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}{unit}"
     return f"{value}{unit}"
+
+
+def cpu_total(row: Row) -> float:
+    """CPU milliseconds that every process together spent per request."""
+    return float(sum(row.get("cpu_ms_per_request", {}).values()))
 
 
 COLUMNS = (
@@ -195,6 +208,23 @@ def markdown(results: dict[str, Any]) -> str:
             p50s = [_cell(c["p50_ms"]) if c else "-" for c in cells]
             speedup = _cell(cells[2].get("speedup_vs_sync"), "x") if cells[2] else "-"
             lines.append(f"| {width} | " + " | ".join(p50s) + f" | {speedup} |")
+    cpu_rows = [r for r in _rows_in_order(results["runs"]) if r.get("cpu_ms_per_request")]
+    if cpu_rows:
+        lines += [
+            "",
+            "## CPU per request (ms), by process group",
+            "",
+            "| target | conc. | gateway | mocks | load generator | total |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in cpu_rows:
+            cpu = row["cpu_ms_per_request"]
+            cells = [cpu.get(group) for group in ("gateway", "mocks", "load generator")]
+            lines.append(
+                f"| {row['target']} | {row['concurrency']} | "
+                + " | ".join(_cell(c) for c in cells)
+                + f" | {_cell(cpu_total(row))} |"
+            )
     if results["memory_mb"]:
         lines += ["", "## Resident memory per worker after the run (MB)", ""]
         lines += [f"- {target}: {sizes}" for target, sizes in results["memory_mb"].items()]
