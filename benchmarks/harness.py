@@ -163,6 +163,16 @@ def children(pid: int) -> list[int]:
         return []
 
 
+def _booted_workers(master_pid: int, count: int) -> list[int]:
+    """The workers of a gunicorn master, once all `count` of them have booted."""
+    give_up = time.monotonic() + READY_WITHIN_S
+    while len(workers := children(master_pid)) < count and time.monotonic() < give_up:
+        time.sleep(0.05)
+    # A worker is forked before it has loaded the app; give the last one time to boot.
+    time.sleep(0.5)
+    return workers
+
+
 def _load(
     target: str, url: str, concurrency: int, plan: Plan, watched: dict[str, list[int]]
 ) -> dict[str, Any]:
@@ -201,8 +211,10 @@ def _measure(
             runs.append(_load("floor", ",".join(urls), level, plan, {"mocks": [mocks_pid]}))
         return runs, []
     port, server = _server(target, urls, names, plan, logs / f"{target}-{len(names)}.log")
+    cores = os.cpu_count() or 1
+    workers = 2 * cores + 1 if target == "per-call-session" else (plan.workers or cores)
     with server as process:
-        watched = {"gateway": children(process.pid), "mocks": [mocks_pid]}
+        watched = {"gateway": _booted_workers(process.pid, workers), "mocks": [mocks_pid]}
         for level in levels:
             advance(f"{target}, {len(names)} recommenders, concurrency {level}")
             runs.append(_load(target, f"http://127.0.0.1:{port}", level, plan, watched))

@@ -107,61 +107,74 @@ class FanOut(Protocol):
         ...
 
 
-def _budget(timeout_s: float, deadline: Deadline) -> tuple[float, bool]:
-    """The call's time budget, and whether the deadline (not its own timeout) sets it."""
-    remaining = deadline.remaining_s()
-    return min(timeout_s, remaining), remaining < timeout_s
+class _Attempt:
+    """One call's bookkeeping: its budget, its clock, and the `Outcome` it comes to."""
 
+    def __init__(self, name: str, timeout_s: float, deadline: Deadline):
+        self.name = name
+        self.deadline = deadline
+        self.started = time.perf_counter()
+        remaining = deadline.at - self.started
+        self.budget = min(timeout_s, remaining)
+        # Whether the request's deadline, not the call's own timeout, bounds it.
+        self.by_deadline = remaining < timeout_s
 
-def _settle(
-    name: str, started: float, deadline: Deadline, by_deadline: bool, error: BaseException
-) -> Outcome:
-    """The outcome of a call that raised `error`."""
-    latency_ms = round((time.perf_counter() - started) * 1000, 1)
-    if isinstance(error, RecommenderTimeout) and by_deadline:
-        return deadline.missed(name, latency_ms)
-    if isinstance(error, RecommenderError):
-        return Outcome(name, error.status, latency_ms, error=error.reason)
-    # A bug in the gateway must not turn one recommender's call into a gateway 500.
-    log.error("unexpected error calling recommender %s", name, exc_info=error)
-    return Outcome(name, "error", latency_ms, error="gateway error during the call")
+    @property
+    def hopeless(self) -> bool:
+        """Whether too little time is left to start the call at all."""
+        return self.budget < MIN_CALL_BUDGET_S
+
+    def _elapsed_ms(self) -> float:
+        return round((time.perf_counter() - self.started) * 1000, 1)
+
+    def skipped(self) -> Outcome:
+        """The outcome of a call never started."""
+        return Outcome(self.name, "timeout", 0.0, error="deadline already passed")
+
+    def succeeded(self, prediction: Any) -> Outcome:
+        """The outcome of a call that answered."""
+        return Outcome(self.name, "ok", self._elapsed_ms(), prediction)
+
+    def failed(self, error: BaseException) -> Outcome:
+        """The outcome of a call that raised `error`."""
+        latency_ms = self._elapsed_ms()
+        if isinstance(error, RecommenderTimeout) and self.by_deadline:
+            return self.deadline.missed(self.name, latency_ms)
+        if isinstance(error, RecommenderError):
+            return Outcome(self.name, error.status, latency_ms, error=error.reason)
+        # A bug in the gateway must not turn one recommender's call into a gateway 500.
+        log.error("unexpected error calling recommender %s", self.name, exc_info=error)
+        return Outcome(self.name, "error", latency_ms, error="gateway error during the call")
 
 
 async def _call(
     client: RecommenderClient, body: bytes, headers: Mapping[str, str], deadline: Deadline
 ) -> Outcome:
-    started = time.perf_counter()
-    budget, by_deadline = _budget(client.timeout_s, deadline)
-    if budget < MIN_CALL_BUDGET_S:
-        return Outcome(client.name, "timeout", 0.0, error="deadline already passed")
+    attempt = _Attempt(client.name, client.timeout_s, deadline)
+    if attempt.hopeless:
+        return attempt.skipped()
     try:
-        prediction = await client.recommend(body, headers, budget)
+        return attempt.succeeded(await client.recommend(body, headers, attempt.budget))
     except Exception as exc:
-        return _settle(client.name, started, deadline, by_deadline, exc)
-    return Outcome(client.name, "ok", round((time.perf_counter() - started) * 1000, 1), prediction)
+        return attempt.failed(exc)
 
 
 def _call_blocking(
-    client: BlockingRecommenderClient,
-    body: bytes,
-    headers: Mapping[str, str],
-    deadline: Deadline,
+    client: BlockingRecommenderClient, body: bytes, headers: Mapping[str, str], deadline: Deadline
 ) -> Outcome:
-    started = time.perf_counter()
-    budget, by_deadline = _budget(client.timeout_s, deadline)
-    if budget < MIN_CALL_BUDGET_S:
-        return Outcome(client.name, "timeout", 0.0, error="deadline already passed")
+    attempt = _Attempt(client.name, client.timeout_s, deadline)
+    if attempt.hopeless:
+        return attempt.skipped()
     try:
-        prediction = client.recommend(body, headers, budget)
+        return attempt.succeeded(client.recommend(body, headers, attempt.budget))
     except Exception as exc:
-        return _settle(client.name, started, deadline, by_deadline, exc)
-    return Outcome(client.name, "ok", round((time.perf_counter() - started) * 1000, 1), prediction)
+        return attempt.failed(exc)
 
 
-class AsyncFanOut:
-    """All calls at once: `asyncio.gather` over the shared aiohttp session."""
+class _OverSharedSession:
+    """Base of the strategies that call through the worker's shared aiohttp session."""
 
-    name: ClassVar[str] = "async"
+    name: ClassVar[str]
 
     def __init__(self, clients: Sequence[RecommenderClient]):
         self.clients = tuple(clients)
@@ -170,6 +183,21 @@ class AsyncFanOut:
     def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
         """Fan out over the worker's aiohttp clients."""
         return cls(clients)
+
+    async def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> list[Outcome]:
+        """Call every recommender; return their outcomes in config order, never raising."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Nothing of its own: the session belongs to the runtime."""
+
+
+class AsyncFanOut(_OverSharedSession):
+    """All calls at once: `asyncio.gather` over the shared aiohttp session."""
+
+    name: ClassVar[str] = "async"
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -178,31 +206,17 @@ class AsyncFanOut:
         calls = (_call(client, body, headers, deadline) for client in self.clients)
         return list(await asyncio.gather(*calls))
 
-    async def close(self) -> None:
-        """Nothing of its own: the session belongs to the runtime."""
 
-
-class SequentialFanOut:
+class SequentialFanOut(_OverSharedSession):
     """One recommender after another, over the shared aiohttp session."""
 
     name: ClassVar[str] = "sync"
-
-    def __init__(self, clients: Sequence[RecommenderClient]):
-        self.clients = tuple(clients)
-
-    @classmethod
-    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
-        """Fan out over the worker's aiohttp clients."""
-        return cls(clients)
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
     ) -> list[Outcome]:
         """Call each recommender in turn; those the deadline leaves no time for time out."""
         return [await _call(client, body, headers, deadline) for client in self.clients]
-
-    async def close(self) -> None:
-        """Nothing of its own: the session belongs to the runtime."""
 
 
 class ThreadPoolFanOut:
