@@ -24,6 +24,7 @@ from gateway.errors import (
     RecommenderTimeout,
     RecommenderUnavailable,
 )
+from gateway.resilience import parse_retry_after
 
 __all__ = ["BlockingRecommenderClient", "RecommenderClient", "parse_json"]
 
@@ -79,10 +80,19 @@ def _find_cause(
     return None
 
 
-def _check_answer(name: str, status: int, payload: bytes) -> Any:
+# Statuses that say "try again": the recommender (or a proxy before it) is briefly unable.
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+
+
+def _check_answer(name: str, status: int, payload: bytes, retry_after: str | None) -> Any:
     """The parsed JSON of a recommender's answer, or the `RecommenderError` it amounts to."""
     if status >= 300:
-        raise RecommenderUnavailable(name, f"answered HTTP {status}")
+        raise RecommenderUnavailable(
+            name,
+            f"answered HTTP {status}",
+            retryable=status in RETRYABLE_STATUSES,
+            retry_after_s=parse_retry_after(retry_after),
+        )
     try:
         return parse_json(payload)
     except ValueError as exc:
@@ -92,10 +102,19 @@ def _check_answer(name: str, status: int, payload: bytes) -> Any:
 class RecommenderClient:
     """Calls one recommender's endpoint over a shared session."""
 
-    def __init__(self, name: str, url: str, session: aiohttp.ClientSession, timeout_s: float):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        session: aiohttp.ClientSession,
+        timeout_s: float,
+        idempotent: bool = True,
+    ):
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
+        # Whether a call that may have reached the recommender can be repeated safely.
+        self.idempotent = idempotent
         self._session = session
 
     def __repr__(self) -> str:
@@ -126,22 +145,32 @@ class RecommenderClient:
                 ) as response,
             ):
                 status = response.status
+                retry_after = response.headers.get("Retry-After")
                 payload = await response.read()
         except TimeoutError as exc:
             raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
         except aiohttp.ClientConnectorError as exc:
+            # The request never left: always safe to try again.
             raise RecommenderUnavailable(
-                self.name, f"cannot connect to {exc.host}:{exc.port}: {_describe(exc.os_error)}"
+                self.name,
+                f"cannot connect to {exc.host}:{exc.port}: {_describe(exc.os_error)}",
+                retryable=True,
             ) from exc
         except aiohttp.ServerDisconnectedError as exc:
             raise RecommenderUnavailable(
-                self.name, "connection closed by the recommender before it answered"
+                self.name,
+                "connection closed by the recommender before it answered",
+                retryable=self.idempotent,
             ) from exc
         except aiohttp.ClientPayloadError as exc:
-            raise RecommenderUnavailable(self.name, "answer cut off before its end") from exc
+            raise RecommenderUnavailable(
+                self.name, "answer cut off before its end", retryable=self.idempotent
+            ) from exc
         except aiohttp.ClientError as exc:
-            raise RecommenderUnavailable(self.name, f"call failed: {type(exc).__name__}") from exc
-        return _check_answer(self.name, status, payload)
+            raise RecommenderUnavailable(
+                self.name, f"call failed: {type(exc).__name__}", retryable=self.idempotent
+            ) from exc
+        return _check_answer(self.name, status, payload, retry_after)
 
 
 class BlockingRecommenderClient:
@@ -151,10 +180,18 @@ class BlockingRecommenderClient:
     `RecommenderError`s as `RecommenderClient`, with the same reasons.
     """
 
-    def __init__(self, name: str, url: str, session: requests.Session, timeout_s: float):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        session: requests.Session,
+        timeout_s: float,
+        idempotent: bool = True,
+    ):
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
+        self.idempotent = idempotent
         self._session = session
         self._closed = False
 
@@ -188,12 +225,19 @@ class BlockingRecommenderClient:
             if cause is not None:
                 host, port = _host_port(self.url)
                 reason = f"cannot connect to {host}:{port}: {_describe(cause)}"
-            else:
-                reason = "connection closed by the recommender before it answered"
-            raise RecommenderUnavailable(self.name, reason) from exc
+                raise RecommenderUnavailable(self.name, reason, retryable=True) from exc
+            raise RecommenderUnavailable(
+                self.name,
+                "connection closed by the recommender before it answered",
+                retryable=self.idempotent,
+            ) from exc
         except requests.RequestException as exc:
-            raise RecommenderUnavailable(self.name, f"call failed: {type(exc).__name__}") from exc
-        return _check_answer(self.name, response.status_code, response.content)
+            raise RecommenderUnavailable(
+                self.name, f"call failed: {type(exc).__name__}", retryable=self.idempotent
+            ) from exc
+        return _check_answer(
+            self.name, response.status_code, response.content, response.headers.get("Retry-After")
+        )
 
 
 def _host_port(url: str) -> tuple[str, int]:

@@ -34,8 +34,10 @@ from gateway.errors import ConfigError
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
+    "BreakerSettings",
     "PoolSettings",
     "RecommenderSettings",
+    "RetrySettings",
     "Settings",
     "load_settings",
 ]
@@ -60,6 +62,13 @@ class RecommenderSettings(BaseModel):
         gt=0,
         description="Per-call time budget; defaults to the request deadline.",
     )
+    attempts: int = Field(
+        default=2, ge=1, le=10, description="Attempts per call, the first included (2: one retry)."
+    )
+    idempotent: bool = Field(
+        default=True,
+        description="Whether a call that may have reached the recommender can be repeated.",
+    )
 
 
 class PoolSettings(BaseModel):
@@ -76,6 +85,25 @@ class PoolSettings(BaseModel):
     # because aiohttp never retries a POST that met a connection the server had just closed.
     keepalive_timeout_s: float = Field(default=4.0, gt=0)
     dns_cache_ttl_s: int = Field(default=300, ge=0)
+
+
+class RetrySettings(BaseModel):
+    """Waits between attempts: exponential with jitter, never past the deadline."""
+
+    model_config = _Strict
+
+    initial_wait_ms: float = Field(default=10, ge=0)
+    max_wait_ms: float = Field(default=200, ge=0)
+    jitter_ms: float = Field(default=10, ge=0)
+
+
+class BreakerSettings(BaseModel):
+    """Per-recommender circuit breakers, one set per worker process."""
+
+    model_config = _Strict
+
+    failure_threshold: int = Field(default=5, ge=1)
+    cooldown_s: float = Field(default=10.0, gt=0)
 
 
 class Settings(BaseSettings):
@@ -96,6 +124,8 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     pool: PoolSettings = PoolSettings()
+    retry: RetrySettings = RetrySettings()
+    breaker: BreakerSettings = BreakerSettings()
 
     @field_validator("recommenders")
     @classmethod

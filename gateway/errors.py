@@ -9,7 +9,8 @@ Exception tree::
     └── RecommenderError             one recommender failed; becomes a `sources` entry
         ├── RecommenderTimeout       no answer within the call's time budget
         ├── RecommenderUnavailable   refused, reset, or answered with an error status
-        └── BadRecommenderResponse   answered 2xx with a body that is not JSON
+        ├── BadRecommenderResponse   answered 2xx with a body that is not JSON
+        └── CircuitOpen              not called: its circuit breaker is open
 
 Library errors (aiohttp, pydantic) are translated into these at one boundary each
 (`gateway.clients`, `gateway.routes`), so nothing else sees them.
@@ -31,6 +32,7 @@ from werkzeug.exceptions import HTTPException
 
 __all__ = [
     "BadRecommenderResponse",
+    "CircuitOpen",
     "ClientClosedError",
     "ConfigError",
     "GatewayError",
@@ -46,7 +48,7 @@ __all__ = [
 
 log = logging.getLogger("gateway")
 
-SourceStatus = Literal["ok", "timeout", "error"]
+SourceStatus = Literal["ok", "timeout", "error", "circuit_open", "shed"]
 
 
 class GatewayError(Exception):
@@ -72,14 +74,27 @@ class RequestError(GatewayError):
 
 
 class RecommenderError(GatewayError):
-    """One recommender did not give a usable answer."""
+    """One recommender did not give a usable answer.
+
+    `retryable` says whether the same call may be tried again (see `gateway.resilience`);
+    `retry_after_s` carries the recommender's `Retry-After`, if it sent one.
+    """
 
     status: SourceStatus = "error"
 
-    def __init__(self, recommender: str, reason: str):
+    def __init__(
+        self,
+        recommender: str,
+        reason: str,
+        *,
+        retryable: bool = False,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(f"{recommender}: {reason}")
         self.recommender = recommender
         self.reason = reason
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
 
 
 class RecommenderTimeout(RecommenderError):
@@ -94,6 +109,12 @@ class RecommenderUnavailable(RecommenderError):
 
 class BadRecommenderResponse(RecommenderError):
     """The recommender answered 2xx with a body that is not JSON."""
+
+
+class CircuitOpen(RecommenderError):
+    """The recommender was not called: its circuit breaker is open."""
+
+    status: SourceStatus = "circuit_open"
 
 
 def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:

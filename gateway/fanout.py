@@ -28,7 +28,8 @@ from requests.adapters import HTTPAdapter
 
 from gateway.clients import BlockingRecommenderClient, RecommenderClient
 from gateway.config import Settings
-from gateway.errors import RecommenderError, RecommenderTimeout, SourceStatus
+from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout, SourceStatus
+from gateway.resilience import MIN_CALL_BUDGET_S, Guard
 
 __all__ = [
     "STRATEGIES",
@@ -43,9 +44,6 @@ __all__ = [
 
 log = logging.getLogger("gateway")
 
-# Below this, a call could not even connect: it is not started, and reported as such.
-MIN_CALL_BUDGET_S = 0.001
-
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -56,6 +54,7 @@ class Outcome:
     latency_ms: float
     prediction: Any = None
     error: str | None = None
+    attempts: int = 0
 
     @property
     def ok(self) -> bool:
@@ -79,11 +78,10 @@ class Deadline:
         """Seconds left; negative once passed."""
         return self.at - time.perf_counter()
 
-    def missed(self, name: str, latency_ms: float) -> Outcome:
+    def missed(self, name: str, latency_ms: float, attempts: int = 1) -> Outcome:
         """The outcome of a call that the deadline cut short."""
-        return Outcome(
-            name, "timeout", latency_ms, error=f"no answer within the {self.ms:.0f} ms deadline"
-        )
+        reason = f"no answer within the {self.ms:.0f} ms deadline"
+        return Outcome(name, "timeout", latency_ms, error=reason, attempts=attempts)
 
 
 class FanOut(Protocol):
@@ -92,8 +90,10 @@ class FanOut(Protocol):
     name: ClassVar[str]
 
     @classmethod
-    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
-        """Build the strategy for `settings`, over the worker's aiohttp `clients`."""
+    def from_settings(
+        cls, settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+    ) -> FanOut:
+        """Build the strategy over the worker's aiohttp `clients`, each call under its guard."""
         ...
 
     async def fan_out(
@@ -107,22 +107,36 @@ class FanOut(Protocol):
         ...
 
 
-class _Attempt:
-    """One call's bookkeeping: its budget, its clock, and the `Outcome` it comes to."""
+class _DeadlinePassed(RecommenderTimeout):
+    """Too little of the deadline is left for another attempt."""
+
+
+class _Call:
+    """One recommender call's bookkeeping: its attempts, its clock, and its `Outcome`."""
 
     def __init__(self, name: str, timeout_s: float, deadline: Deadline):
         self.name = name
+        self.timeout_s = timeout_s
         self.deadline = deadline
         self.started = time.perf_counter()
-        remaining = deadline.at - self.started
-        self.budget = min(timeout_s, remaining)
-        # Whether the request's deadline, not the call's own timeout, bounds it.
-        self.by_deadline = remaining < timeout_s
+        self.attempts = 0
+        self.by_deadline = False
 
     @property
     def hopeless(self) -> bool:
         """Whether too little time is left to start the call at all."""
-        return self.budget < MIN_CALL_BUDGET_S
+        return self.deadline.at - time.perf_counter() < MIN_CALL_BUDGET_S
+
+    def next_attempt(self) -> float:
+        """Count an attempt and return its time budget: its timeout, or what is left."""
+        remaining = self.deadline.at - time.perf_counter()
+        if remaining < MIN_CALL_BUDGET_S:
+            self.by_deadline = True
+            raise _DeadlinePassed(self.name, "deadline passed between attempts")
+        self.attempts += 1
+        # Whether the request's deadline, not the call's own timeout, bounds this attempt.
+        self.by_deadline = remaining < self.timeout_s
+        return min(self.timeout_s, remaining)
 
     def _elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 1)
@@ -133,42 +147,89 @@ class _Attempt:
 
     def succeeded(self, prediction: Any) -> Outcome:
         """The outcome of a call that answered."""
-        return Outcome(self.name, "ok", self._elapsed_ms(), prediction)
+        return Outcome(self.name, "ok", self._elapsed_ms(), prediction, attempts=self.attempts)
 
     def failed(self, error: BaseException) -> Outcome:
-        """The outcome of a call that raised `error`."""
+        """The outcome of a call that raised `error` (after its last attempt)."""
         latency_ms = self._elapsed_ms()
         if isinstance(error, RecommenderTimeout) and self.by_deadline:
-            return self.deadline.missed(self.name, latency_ms)
+            return self.deadline.missed(self.name, latency_ms, self.attempts)
         if isinstance(error, RecommenderError):
-            return Outcome(self.name, error.status, latency_ms, error=error.reason)
+            return Outcome(
+                self.name, error.status, latency_ms, error=error.reason, attempts=self.attempts
+            )
         # A bug in the gateway must not turn one recommender's call into a gateway 500.
         log.error("unexpected error calling recommender %s", self.name, exc_info=error)
-        return Outcome(self.name, "error", latency_ms, error="gateway error during the call")
+        return Outcome(
+            self.name,
+            "error",
+            latency_ms,
+            error="gateway error during the call",
+            attempts=self.attempts,
+        )
+
+
+def _settle(call: _Call, guard: Guard, error: BaseException | None) -> None:
+    """Tell the breaker how the call went (a gateway bug is not the recommender's failure)."""
+    if error is None:
+        guard.breaker.succeeded()
+    elif isinstance(error, RecommenderError):
+        guard.breaker.failed()
+    else:
+        guard.breaker.released()
 
 
 async def _call(
-    client: RecommenderClient, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    client: RecommenderClient,
+    guard: Guard,
+    body: bytes,
+    headers: Mapping[str, str],
+    deadline: Deadline,
 ) -> Outcome:
-    attempt = _Attempt(client.name, client.timeout_s, deadline)
-    if attempt.hopeless:
-        return attempt.skipped()
+    call = _Call(client.name, client.timeout_s, deadline)
+    if call.hopeless:
+        return call.skipped()
     try:
-        return attempt.succeeded(await client.recommend(body, headers, attempt.budget))
+        guard.breaker.before_call()
+    except CircuitOpen as exc:
+        return call.failed(exc)
+    try:
+        async for attempt in guard.retry.async_retrying(deadline.at):
+            with attempt:
+                prediction = await client.recommend(body, headers, call.next_attempt())
+    except asyncio.CancelledError:
+        guard.breaker.released()
+        raise
     except Exception as exc:
-        return attempt.failed(exc)
+        _settle(call, guard, exc)
+        return call.failed(exc)
+    _settle(call, guard, None)
+    return call.succeeded(prediction)
 
 
 def _call_blocking(
-    client: BlockingRecommenderClient, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    client: BlockingRecommenderClient,
+    guard: Guard,
+    body: bytes,
+    headers: Mapping[str, str],
+    deadline: Deadline,
 ) -> Outcome:
-    attempt = _Attempt(client.name, client.timeout_s, deadline)
-    if attempt.hopeless:
-        return attempt.skipped()
+    call = _Call(client.name, client.timeout_s, deadline)
+    if call.hopeless:
+        return call.skipped()
     try:
-        return attempt.succeeded(client.recommend(body, headers, attempt.budget))
+        guard.breaker.before_call()
+    except CircuitOpen as exc:
+        return call.failed(exc)
+    try:
+        for attempt in guard.retry.retrying(deadline.at):
+            with attempt:
+                prediction = client.recommend(body, headers, call.next_attempt())
     except Exception as exc:
-        return attempt.failed(exc)
+        _settle(call, guard, exc)
+        return call.failed(exc)
+    _settle(call, guard, None)
+    return call.succeeded(prediction)
 
 
 class _OverSharedSession:
@@ -176,13 +237,16 @@ class _OverSharedSession:
 
     name: ClassVar[str]
 
-    def __init__(self, clients: Sequence[RecommenderClient]):
+    def __init__(self, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]):
         self.clients = tuple(clients)
+        self.guarded = tuple((client, guards[client.name]) for client in self.clients)
 
     @classmethod
-    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
+    def from_settings(
+        cls, settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+    ) -> FanOut:
         """Fan out over the worker's aiohttp clients."""
-        return cls(clients)
+        return cls(clients, guards)
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -203,7 +267,7 @@ class AsyncFanOut(_OverSharedSession):
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
     ) -> list[Outcome]:
         """Call every recommender concurrently on the worker loop."""
-        calls = (_call(client, body, headers, deadline) for client in self.clients)
+        calls = (_call(client, guard, body, headers, deadline) for client, guard in self.guarded)
         return list(await asyncio.gather(*calls))
 
 
@@ -216,7 +280,9 @@ class SequentialFanOut(_OverSharedSession):
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
     ) -> list[Outcome]:
         """Call each recommender in turn; those the deadline leaves no time for time out."""
-        return [await _call(client, body, headers, deadline) for client in self.clients]
+        return [
+            await _call(client, guard, body, headers, deadline) for client, guard in self.guarded
+        ]
 
 
 class ThreadPoolFanOut:
@@ -224,7 +290,7 @@ class ThreadPoolFanOut:
 
     name: ClassVar[str] = "threads"
 
-    def __init__(self, settings: Settings, max_threads: int):
+    def __init__(self, settings: Settings, guards: Mapping[str, Guard], max_threads: int):
         self._session = requests.Session()
         pool = settings.pool
         adapter = HTTPAdapter(
@@ -234,15 +300,20 @@ class ThreadPoolFanOut:
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
         self.clients = tuple(
-            BlockingRecommenderClient(r.name, str(r.url), self._session, settings.timeout_s(r))
+            BlockingRecommenderClient(
+                r.name, str(r.url), self._session, settings.timeout_s(r), r.idempotent
+            )
             for r in settings.recommenders
         )
+        self.guarded = tuple((client, guards[client.name]) for client in self.clients)
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="gateway-fan-out")
 
     @classmethod
-    def from_settings(cls, settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
+    def from_settings(
+        cls, settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+    ) -> FanOut:
         """A pool of `settings.fan_out_threads` threads and its own requests session."""
-        return cls(settings, settings.fan_out_threads)
+        return cls(settings, guards, settings.fan_out_threads)
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -251,8 +322,10 @@ class ThreadPoolFanOut:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         futures = [
-            loop.run_in_executor(self._executor, _call_blocking, client, body, headers, deadline)
-            for client in self.clients
+            loop.run_in_executor(
+                self._executor, _call_blocking, client, guard, body, headers, deadline
+            )
+            for client, guard in self.guarded
         ]
         await asyncio.wait(futures, timeout=max(deadline.remaining_s(), 0))
         outcomes = []
@@ -279,6 +352,8 @@ STRATEGIES: dict[str, type[FanOut]] = {
 }
 
 
-def build_fan_out(settings: Settings, clients: Sequence[RecommenderClient]) -> FanOut:
-    """The fan-out strategy `settings.strategy` names."""
-    return STRATEGIES[settings.strategy].from_settings(settings, clients)
+def build_fan_out(
+    settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+) -> FanOut:
+    """The fan-out strategy `settings.strategy` names, each call under its recommender's guard."""
+    return STRATEGIES[settings.strategy].from_settings(settings, clients, guards)

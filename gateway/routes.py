@@ -91,7 +91,9 @@ def _respond(outcomes: list[Outcome], request_id: str) -> Response:
     merged = RecommendationResponse(
         result=[RecommenderResult(name=o.name, prediction=o.prediction) for o in answered],
         sources={
-            o.name: SourceReport(status=o.status, latency_ms=o.latency_ms, error=o.error)
+            o.name: SourceReport(
+                status=o.status, latency_ms=o.latency_ms, attempts=o.attempts, error=o.error
+            )
             for o in outcomes
         },
         complete=len(answered) == len(outcomes),

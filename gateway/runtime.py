@@ -26,6 +26,7 @@ import aiohttp
 from gateway.clients import RecommenderClient
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
+from gateway.resilience import Guard, guards_for
 
 __all__ = ["WorkerRuntime"]
 
@@ -53,6 +54,7 @@ class _Started:
         self.session: aiohttp.ClientSession | None = None
         self.clients: tuple[RecommenderClient, ...] = ()
         self.fan_out: FanOut | None = None
+        self.guards: dict[str, Guard] = {}
 
 
 class WorkerRuntime:
@@ -201,10 +203,12 @@ class WorkerRuntime:
                 str(recommender.url),
                 state.session,
                 self.settings.timeout_s(recommender),
+                recommender.idempotent,
             )
             for recommender in self.settings.recommenders
         )
-        state.fan_out = build_fan_out(self.settings, state.clients)
+        state.guards = guards_for(self.settings)
+        state.fan_out = build_fan_out(self.settings, state.clients, state.guards)
 
     @staticmethod
     async def _close_session(state: _Started) -> None:

@@ -43,6 +43,7 @@ class SourceReport(BaseModel):
 
     status: SourceStatus
     latency_ms: float
+    attempts: int = Field(description="Calls made: 0 when none was (circuit open, no time left).")
     error: str | None = None
 
 

@@ -14,6 +14,7 @@ from yarl import URL
 
 from gateway.clients import RecommenderClient
 from gateway.fanout import AsyncFanOut, Deadline, Outcome, SequentialFanOut
+from gateway.resilience import CircuitBreaker, Guard, RetryPolicy
 from tests.conftest import CompatAioresponses
 
 
@@ -27,10 +28,14 @@ def clients(session: aiohttp.ClientSession, *names: str) -> list[RecommenderClie
     return [RecommenderClient(n, f"http://{n}.test/p", session, timeout_s=1.0) for n in names]
 
 
+def single_attempt(clients: list[RecommenderClient]) -> dict[str, Guard]:
+    return {c.name: Guard(RetryPolicy(attempts=1), CircuitBreaker(c.name)) for c in clients}
+
+
 async def fan_out(
     clients: list[RecommenderClient], body: bytes, headers: dict[str, str], deadline: Deadline
 ) -> list[Outcome]:
-    return await AsyncFanOut(clients).fan_out(body, headers, deadline)
+    return await AsyncFanOut(clients, single_attempt(clients)).fan_out(body, headers, deadline)
 
 
 def delayed(seconds: float, payload: dict[str, Any]) -> Any:
@@ -69,7 +74,9 @@ async def test_each_call_is_cut_at_the_deadline(
     assert time.perf_counter() - started < 0.5
     assert outcomes[0].status == "timeout"
     assert outcomes[0].error == "no answer within the 100 ms deadline"
-    assert outcomes[1] == Outcome("b", "ok", outcomes[1].latency_ms, prediction={"fast": True})
+    assert outcomes[1] == Outcome(
+        "b", "ok", outcomes[1].latency_ms, prediction={"fast": True}, attempts=1
+    )
 
 
 async def test_a_spent_deadline_calls_nobody(
@@ -104,7 +111,8 @@ async def test_sequential_calls_one_after_another_and_the_deadline_cuts_the_rest
     fake_network.post("http://b.test/p", callback=delayed(0.06, {"from": "b"}))
     fake_network.post("http://c.test/p", payload={"from": "c"})
 
-    outcomes = await SequentialFanOut(clients(session, "a", "b", "c")).fan_out(
+    three = clients(session, "a", "b", "c")
+    outcomes = await SequentialFanOut(three, single_attempt(three)).fan_out(
         b"{}", {}, Deadline.after(100)
     )
 

@@ -255,6 +255,7 @@ def test_a_per_recommender_timeout_is_tighter_than_the_deadline(
     assert body["sources"]["asc"] == {
         "status": "timeout",
         "latency_ms": body["sources"]["asc"]["latency_ms"],
+        "attempts": 1,
         "error": "no answer within 150 ms",
     }
     assert body["sources"]["asc"]["latency_ms"] < 400

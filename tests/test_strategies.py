@@ -89,6 +89,7 @@ def test_a_hanging_recommender_costs_at_most_the_deadline(
     assert body["sources"]["asc"] == {
         "status": "timeout",
         "latency_ms": body["sources"]["asc"]["latency_ms"],
+        "attempts": 1,
         "error": "no answer within the 300 ms deadline",
     }
     if strategy == "sync":

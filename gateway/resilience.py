@@ -1,0 +1,240 @@
+"""Resilience for recommender calls: deadline-aware retries and per-recommender circuit breakers.
+
+**Retries** are built from tenacity's pieces. A call is retried when its `RecommenderError`
+says it is `retryable`: the connection failed or dropped, or the recommender answered 502, 503
+or 504. A 4xx, a 500 or a body that is not JSON is not retried. Waits grow exponentially with
+jitter, never shorter than the recommender's `Retry-After`. No attempt starts, or sleeps, past
+the request's deadline. tenacity's `stop_after_delay` is checked only after a failed attempt,
+so `stop_at_deadline` looks at the coming sleep too.
+
+**Circuit breakers** keep one state per recommender, per worker process. After `threshold`
+consecutive failed calls the breaker opens, and calls fail at once with `CircuitOpen`. After
+`cooldown_s` one probe goes through (half-open): its success closes the breaker, its failure
+opens it again. A recommender that hangs therefore stops costing every request the deadline.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import functools
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+)
+from tenacity.stop import stop_base
+from tenacity.wait import wait_base, wait_exponential_jitter
+
+from gateway.config import Settings
+from gateway.errors import CircuitOpen, RecommenderError
+
+__all__ = [
+    "MIN_CALL_BUDGET_S",
+    "CircuitBreaker",
+    "Guard",
+    "RetryPolicy",
+    "guards_for",
+    "parse_retry_after",
+]
+
+# Below this, a call could not even connect: it is not started.
+MIN_CALL_BUDGET_S = 0.001
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = datetime.now(UTC).timestamp() if now is None else now
+    return max(when.timestamp() - current, 0.0)
+
+
+def _is_retryable(error: BaseException) -> bool:
+    return isinstance(error, RecommenderError) and error.retryable
+
+
+_RETRY_IF_RETRYABLE = retry_if_exception(_is_retryable)
+
+
+class _wait_for_retry_after(wait_base):
+    """The inner wait, but never shorter than the failed attempt's `Retry-After`."""
+
+    def __init__(self, inner: wait_base):
+        self.inner = inner
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        wait: float = self.inner(retry_state)
+        outcome = retry_state.outcome
+        error = outcome.exception() if outcome is not None else None
+        if isinstance(error, RecommenderError) and error.retry_after_s is not None:
+            return max(wait, error.retry_after_s)
+        return wait
+
+
+class stop_at_deadline(stop_base):
+    """Stop when the coming sleep would leave too little of the deadline for another attempt."""
+
+    def __init__(self, deadline_at: float):
+        self.deadline_at = deadline_at
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        left = self.deadline_at - time.perf_counter() - retry_state.upcoming_sleep
+        return left < MIN_CALL_BUDGET_S
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What protects one recommender's calls: its retry policy and its circuit breaker."""
+
+    retry: RetryPolicy
+    breaker: CircuitBreaker
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one recommender's calls are retried; builds tenacity retryers per call."""
+
+    attempts: int = 2
+    initial_wait_s: float = 0.01
+    max_wait_s: float = 0.2
+    jitter_s: float = 0.01
+    # Injected in tests, so that a retry test records its waits instead of sleeping.
+    sleep: Callable[[float], Any] | None = None
+    async_sleep: Callable[[float], Any] | None = None
+
+    @functools.cached_property
+    def _wait(self) -> wait_base:
+        return _wait_for_retry_after(
+            wait_exponential_jitter(
+                multiplier=self.initial_wait_s, max=self.max_wait_s, jitter=self.jitter_s
+            )
+        )
+
+    def _arguments(self, deadline_at: float) -> dict[str, Any]:
+        return {
+            "stop": stop_after_attempt(self.attempts) | stop_at_deadline(deadline_at),
+            "wait": self._wait,
+            "retry": _RETRY_IF_RETRYABLE,
+            "reraise": True,
+        }
+
+    def retrying(self, deadline_at: float) -> Retrying:
+        """A blocking retryer for one call that must end by `deadline_at` (perf_counter)."""
+        arguments = self._arguments(deadline_at)
+        if self.sleep is not None:
+            arguments["sleep"] = self.sleep
+        return Retrying(**arguments)
+
+    def async_retrying(self, deadline_at: float) -> AsyncRetrying:
+        """An asyncio retryer for one call that must end by `deadline_at` (perf_counter)."""
+        arguments = self._arguments(deadline_at)
+        if self.async_sleep is not None:
+            arguments["sleep"] = self.async_sleep
+        return AsyncRetrying(**arguments)
+
+
+def guards_for(settings: Settings) -> dict[str, Guard]:
+    """A fresh guard (retry policy and closed breaker) per configured recommender."""
+    waits = settings.retry
+    return {
+        r.name: Guard(
+            RetryPolicy(
+                attempts=r.attempts,
+                initial_wait_s=waits.initial_wait_ms / 1000,
+                max_wait_s=waits.max_wait_ms / 1000,
+                jitter_s=waits.jitter_ms / 1000,
+            ),
+            CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s),
+        )
+        for r in settings.recommenders
+    }
+
+
+class CircuitBreaker:
+    """One recommender's circuit breaker: closed, open, half-open after a cool-down.
+
+    It opens after `threshold` consecutive failed calls. Thread-safe: the `threads` strategy
+    reports from pool threads.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        threshold: int = 5,
+        cooldown_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.name = name
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        """`closed`, `open` or `half_open`."""
+        with self._lock:
+            if self._opened_at is None:
+                return "closed"
+            if self._probing or self._clock() - self._opened_at >= self.cooldown_s:
+                return "half_open"
+            return "open"
+
+    def before_call(self) -> None:
+        """Let the call through, or raise `CircuitOpen`; in half-open, only one probe passes."""
+        with self._lock:
+            if self._opened_at is None:
+                return
+            waited = self._clock() - self._opened_at
+            if waited >= self.cooldown_s and not self._probing:
+                self._probing = True
+                return
+            if self._probing:
+                reason = "circuit open; a probe call is under way"
+            else:
+                reason = (
+                    f"circuit open after {self._failures} consecutive failures; "
+                    f"next probe in {self.cooldown_s - waited:.1f} s"
+                )
+        raise CircuitOpen(self.name, reason)
+
+    def succeeded(self) -> None:
+        """A call answered: close the breaker."""
+        with self._lock:
+            self._failures = 0
+            self._opened_at = None
+            self._probing = False
+
+    def failed(self) -> None:
+        """A call failed: count it, and open (or re-open) the breaker when due."""
+        with self._lock:
+            self._failures += 1
+            if self._probing or self._failures >= self.threshold:
+                self._opened_at = self._clock()
+                self._probing = False
+
+    def released(self) -> None:
+        """A let-through call ended without a verdict (cancelled): free the probe slot."""
+        with self._lock:
+            self._probing = False
