@@ -1,0 +1,266 @@
+"""Tests of `gateway.resilience`: retries within the deadline, and circuit breakers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from email.utils import formatdate
+from typing import Any
+
+import aiohttp
+import pytest
+import requests
+
+from gateway import GatewayFlask, create_app
+from gateway.clients import RecommenderClient
+from gateway.errors import CircuitOpen
+from gateway.fanout import AsyncFanOut, Deadline, Outcome
+from gateway.resilience import CircuitBreaker, Guard, RetryPolicy, parse_retry_after
+from mock_recommenders import MockFleet
+from tests.conftest import CompatAioresponses, settings_for
+
+URL = "http://rec.test/p"
+Serve = Callable[[GatewayFlask], str]
+
+
+# --- Retry-After ---------------------------------------------------------------------------
+
+
+def test_retry_after_in_seconds_or_as_a_date() -> None:
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(" 0 ") == 0.0
+    now = time.time()
+    assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
+    assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+# --- Circuit breaker -----------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_breaker_opens_after_consecutive_failures_and_probes_after_the_cooldown() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("trd", threshold=3, cooldown_s=10, clock=clock)
+
+    for _ in range(2):
+        breaker.before_call()
+        breaker.failed()
+    breaker.before_call()
+    breaker.succeeded()  # a success in between resets the count
+    for _ in range(3):
+        breaker.before_call()
+        breaker.failed()
+
+    assert breaker.state == "open"
+    with pytest.raises(CircuitOpen, match="after 3 consecutive failures; next probe in 10.0 s"):
+        breaker.before_call()
+
+    clock.now += 10
+    assert breaker.state == "half_open"
+    breaker.before_call()  # the one probe
+    with pytest.raises(CircuitOpen, match="a probe call is under way"):
+        breaker.before_call()
+    breaker.failed()  # the probe failed: open again, for a whole cool-down
+    assert breaker.state == "open"
+
+    clock.now += 10
+    breaker.before_call()
+    breaker.succeeded()
+    assert breaker.state == "closed"
+    breaker.before_call()
+
+
+def test_a_cancelled_probe_frees_the_slot() -> None:
+    clock = Clock()
+    breaker = CircuitBreaker("trd", threshold=1, cooldown_s=1, clock=clock)
+    breaker.failed()
+    clock.now += 1
+    breaker.before_call()
+
+    breaker.released()
+
+    breaker.before_call()  # another probe may go
+
+
+# --- Retries, with the network faked ---------------------------------------------------------
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+class Waits:
+    """Records the waits tenacity asks for instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.seen: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.seen.append(seconds)
+
+
+async def call_once(
+    session: aiohttp.ClientSession,
+    waits: Waits,
+    deadline_ms: float = 1000,
+    attempts: int = 3,
+    breaker: CircuitBreaker | None = None,
+) -> Outcome:
+    client = RecommenderClient("rec", URL, session, timeout_s=0.5)
+    policy = RetryPolicy(attempts=attempts, initial_wait_s=0.01, jitter_s=0, async_sleep=waits)
+    guard = Guard(policy, breaker or CircuitBreaker("rec"))
+    fan_out = AsyncFanOut([client], {"rec": guard})
+    (outcome,) = await fan_out.fan_out(b"{}", {}, Deadline.after(deadline_ms))
+    return outcome
+
+
+async def test_a_503_is_retried_and_the_attempts_reported(
+    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+) -> None:
+    fake_network.post(URL, status=503)
+    fake_network.post(URL, status=503)
+    fake_network.post(URL, payload={"items": []})
+    waits = Waits()
+
+    outcome = await call_once(session, waits)
+
+    assert outcome.status == "ok"
+    assert outcome.attempts == 3
+    assert outcome.prediction == {"items": []}
+    assert waits.seen == [0.01, 0.02]  # exponential
+
+
+async def test_retry_after_is_honoured(
+    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+) -> None:
+    fake_network.post(URL, status=503, headers={"Retry-After": "0"})
+    fake_network.post(URL, status=502, headers={"Retry-After": "1"})
+    fake_network.post(URL, payload={})
+    waits = Waits()
+
+    outcome = await call_once(session, waits, deadline_ms=5000)
+
+    assert outcome.attempts == 3
+    assert waits.seen == [0.01, 1.0]
+
+
+async def test_no_retry_whose_wait_would_pass_the_deadline(
+    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+) -> None:
+    fake_network.post(URL, status=503, headers={"Retry-After": "5"})
+    waits = Waits()
+
+    outcome = await call_once(session, waits, deadline_ms=1000)
+
+    assert outcome.status == "error"
+    assert outcome.error == "answered HTTP 503"
+    assert outcome.attempts == 1
+    assert waits.seen == []
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        {"status": 500},
+        {"status": 404},
+        {"status": 200, "body": "not json", "content_type": "text/plain"},
+    ],
+)
+async def test_what_is_not_retried(
+    session: aiohttp.ClientSession, fake_network: CompatAioresponses, fault: dict[str, Any]
+) -> None:
+    fake_network.post(URL, **fault)
+    waits = Waits()
+
+    outcome = await call_once(session, waits)
+
+    assert outcome.status == "error"
+    assert outcome.attempts == 1
+    assert waits.seen == []
+
+
+async def test_connection_errors_are_retried(
+    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+) -> None:
+    fake_network.post(URL, exception=aiohttp.ServerDisconnectedError())
+    fake_network.post(URL, exception=aiohttp.ClientOSError(104, "Connection reset by peer"))
+    fake_network.post(URL, payload={"ok": True})
+    waits = Waits()
+
+    outcome = await call_once(session, waits)
+
+    assert (outcome.status, outcome.attempts) == ("ok", 3)
+
+
+async def test_an_open_breaker_calls_nobody(
+    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+) -> None:
+    breaker = CircuitBreaker("rec", threshold=1, cooldown_s=60)
+    breaker.failed()
+
+    outcome = await call_once(session, Waits(), breaker=breaker)
+
+    assert outcome.status == "circuit_open"
+    assert outcome.attempts == 0
+    assert outcome.error is not None and outcome.error.startswith("circuit open after 1")
+    assert fake_network.requests == {}
+
+
+# --- Against the real mocks ------------------------------------------------------------------
+
+
+def recommend(url: str) -> dict[str, Any]:
+    response = requests.post(f"{url}/recommendation", json={"user_id": "r"}, timeout=10)
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def test_retries_are_counted_at_the_mock(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(settings_for(fleet)))
+    fleet.set_behaviour("asc", status=503)
+
+    body = recommend(url)
+
+    assert body["sources"]["asc"] == {
+        "status": "error",
+        "latency_ms": body["sources"]["asc"]["latency_ms"],
+        "attempts": 2,
+        "error": "answered HTTP 503",
+    }
+    assert fleet.stats("asc")["requests"] == 2
+    assert fleet.stats("sml")["requests"] == 1
+    assert body["sources"]["sml"]["attempts"] == 1
+
+
+def test_the_breaker_stops_calls_to_a_hanging_recommender(fleet: MockFleet, serve: Serve) -> None:
+    settings = settings_for(
+        fleet, deadline_ms=150, breaker={"failure_threshold": 3, "cooldown_s": 0.5}
+    )
+    url = serve(create_app(settings))
+    fleet.set_behaviour("trd", hang=True)
+
+    statuses = [recommend(url)["sources"]["trd"]["status"] for _ in range(6)]
+
+    assert statuses == ["timeout"] * 3 + ["circuit_open"] * 3
+    assert fleet.stats("trd")["requests"] == 3
+    started = time.perf_counter()
+    body = recommend(url)
+    assert time.perf_counter() - started < 0.1  # no longer waits for trd
+    assert body["sources"]["trd"]["attempts"] == 0
+
+    time.sleep(0.5)
+    fleet.set_behaviour("trd", hang=False)
+    assert recommend(url)["sources"]["trd"]["status"] == "ok"  # the probe closes it
+    assert recommend(url)["sources"]["trd"]["status"] == "ok"
+    assert fleet.stats("trd")["requests"] == 5
