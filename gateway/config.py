@@ -123,6 +123,11 @@ class Settings(BaseSettings):
         default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
     )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # Below gunicorn's 48 threads per worker, so that threads remain to answer the 503s.
+    max_in_flight: int = Field(
+        default=32, ge=1, description="Requests one worker serves at once; more are shed (503)."
+    )
+    shed_retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a shed request.")
     pool: PoolSettings = PoolSettings()
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()

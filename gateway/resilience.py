@@ -41,6 +41,7 @@ __all__ = [
     "MIN_CALL_BUDGET_S",
     "CircuitBreaker",
     "Guard",
+    "InFlightLimit",
     "RetryPolicy",
     "guards_for",
     "parse_retry_after",
@@ -238,3 +239,30 @@ class CircuitBreaker:
         """A let-through call ended without a verdict (cancelled): free the probe slot."""
         with self._lock:
             self._probing = False
+
+
+class InFlightLimit:
+    """Admits at most `limit` requests at once into a worker; the rest are shed, not queued."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished."""
+        return self._in_flight
+
+    def try_enter(self) -> bool:
+        """Admit one request if there is room."""
+        with self._lock:
+            if self._in_flight >= self.limit:
+                return False
+            self._in_flight += 1
+            return True
+
+    def leave(self) -> None:
+        """An admitted request finished."""
+        with self._lock:
+            self._in_flight -= 1

@@ -54,6 +54,41 @@ def _assign_request_id() -> None:
         )
 
 
+@blueprint.before_request
+def _shed_when_full() -> Response | None:
+    """Answer 503 at once when this worker already serves its limit of requests."""
+    if request.endpoint != "gateway.recommendation":
+        return None
+    runtime = _runtime()
+    if runtime.admission.try_enter():
+        g.admitted = True
+        return None
+    settings = runtime.settings
+    reason = "not called: the gateway is shedding load"
+    report = SourceReport(status="shed", latency_ms=0.0, attempts=0, error=reason)
+    body = error_body(
+        503,
+        f"gateway overloaded: {settings.max_in_flight} requests in flight in this worker; "
+        f"retry after {settings.shed_retry_after_s} s",
+    )
+    body.update(
+        result=[],
+        sources={r.name: report.model_dump(mode="json") for r in settings.recommenders},
+        complete=False,
+        request_id=g.request_id,
+    )
+    response = Response(json.dumps(body), status=503, mimetype="application/json")
+    response.headers["Retry-After"] = str(settings.shed_retry_after_s)
+    response.headers[COMPLETE_HEADER] = "false"
+    return response
+
+
+@blueprint.teardown_request
+def _leave(error: BaseException | None) -> None:
+    if g.pop("admitted", False):
+        _runtime().admission.leave()
+
+
 @blueprint.after_app_request
 def _echo_request_id(response: Response) -> Response:
     request_id = g.get("request_id")

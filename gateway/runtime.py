@@ -26,7 +26,7 @@ import aiohttp
 from gateway.clients import RecommenderClient
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
-from gateway.resilience import Guard, guards_for
+from gateway.resilience import Guard, InFlightLimit, guards_for
 
 __all__ = ["WorkerRuntime"]
 
@@ -69,6 +69,8 @@ class WorkerRuntime:
         # would make aiohttp warn about (and close) them.
         self._states: list[_Started] = []
         self._closed = False
+        # Per process: nothing is admitted in gunicorn's master, so each worker starts at 0.
+        self.admission = InFlightLimit(settings.max_in_flight)
 
     @property
     def started(self) -> bool:

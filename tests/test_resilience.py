@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from email.utils import formatdate
@@ -264,3 +265,37 @@ def test_the_breaker_stops_calls_to_a_hanging_recommender(fleet: MockFleet, serv
     assert recommend(url)["sources"]["trd"]["status"] == "ok"  # the probe closes it
     assert recommend(url)["sources"]["trd"]["status"] == "ok"
     assert fleet.stats("trd")["requests"] == 5
+
+
+# --- Load shedding ---------------------------------------------------------------------------
+
+
+async def test_above_the_in_flight_limit_requests_are_shed_at_once(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    url = serve(create_app(settings_for(fleet, max_in_flight=2)))
+    fleet.set_behaviour(delay_ms=300)
+
+    async def one(session: aiohttp.ClientSession) -> tuple[int, float, dict[str, Any], Any]:
+        started = time.perf_counter()
+        async with session.post(f"{url}/recommendation", json={"user_id": "s"}) as response:
+            body = await response.json()
+            elapsed = time.perf_counter() - started
+            return response.status, elapsed, body, response.headers
+
+    async with aiohttp.ClientSession() as session:
+        answers = await asyncio.gather(*(one(session) for _ in range(6)))
+        # The slots are given back: the next request is served.
+        status, _, _, _ = await one(session)
+        assert status == 200
+
+    served = [a for a in answers if a[0] == 200]
+    shed = [a for a in answers if a[0] == 503]
+    assert len(served) == 2 and len(shed) == 4
+    for _, elapsed, body, headers in shed:
+        assert elapsed < 0.25  # answered at once, not after the 300 ms recommenders
+        assert headers["Retry-After"] == "1"
+        assert headers["X-Fusion-Complete"] == "false"
+        assert body["error"]["message"].startswith("gateway overloaded: 2 requests in flight")
+        assert {r["status"] for r in body["sources"].values()} == {"shed"}
+    assert fleet.stats("sml")["requests"] == 3
