@@ -164,3 +164,31 @@ def test_command_line_workers_override_the_file(fleet: MockFleet) -> None:
         output = server.output()
 
     assert output.count("Booting worker with pid") == 1
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_closes_the_sessions(
+    fleet: MockFleet,
+) -> None:
+    fleet.set_behaviour(delay_ms=400)
+    with gunicorn(fleet, "--workers", "2") as server:
+
+        async def in_flight() -> list[tuple[int, dict[str, Any]]]:
+            async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, dict[str, Any]]:
+                body = {"user_id": f"t-{i}"}
+                async with session.post(f"{server.url}/recommendation", json=body) as response:
+                    return response.status, await response.json()
+
+            async with aiohttp.ClientSession() as session:
+                calls = [asyncio.create_task(one(session, i)) for i in range(10)]
+                await asyncio.sleep(0.15)  # every request is now waiting on the mocks
+                server.process.send_signal(signal.SIGTERM)
+                return await asyncio.gather(*calls)
+
+        answers = asyncio.run(in_flight())
+        exit_code = server.stop()
+        output = server.output()
+
+    assert [status for status, _ in answers] == [200] * 10
+    assert all(body["complete"] for _, body in answers)
+    assert exit_code == 0
+    assert output.count("recommender session closed") == 2
