@@ -20,10 +20,12 @@ worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 
 # gthread: each request holds a thread while its view waits on the worker loop, so the
-# threads bound the concurrent requests a worker serves; idle keep-alive connections from
-# frontends sit in the worker's selector and cost no thread.
+# threads bound the concurrent requests a worker serves. They are started as needed and cost
+# little while they wait; there are more of them than the gateway's `max_in_flight` (200), so
+# that requests above it are answered 503 at once instead of queueing behind busy threads.
+# Idle keep-alive connections from frontends sit in the worker's selector and cost no thread.
 worker_class = "gateway.worker.ThreadWorker"  # gthread, see gateway/worker.py
-threads = 48
+threads = 256
 worker_connections = 1000
 keepalive = 15
 

@@ -8,12 +8,13 @@ reason a frontend can read.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import socket
 import urllib.parse
-from collections.abc import Mapping
-from typing import Any, NoReturn
+from collections.abc import Mapping, Sequence
+from typing import Any, Generic, NoReturn, TypeVar
 
 import aiohttp
 import requests
@@ -26,7 +27,7 @@ from gateway.errors import (
 )
 from gateway.resilience import parse_retry_after
 
-__all__ = ["BlockingRecommenderClient", "RecommenderClient", "parse_json"]
+__all__ = ["BlockingRecommenderClient", "RecommenderClient", "Replicas", "parse_json"]
 
 
 def _reject_constant(name: str) -> NoReturn:
@@ -243,3 +244,28 @@ class BlockingRecommenderClient:
 def _host_port(url: str) -> tuple[str, int]:
     parsed = urllib.parse.urlsplit(url)
     return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+Client = TypeVar("Client", RecommenderClient, BlockingRecommenderClient)
+
+
+class Replicas(Generic[Client]):
+    """One recommender's clients, one per replica URL, taken in turn."""
+
+    def __init__(self, clients: Sequence[Client]):
+        if not clients:
+            raise ValueError("a recommender needs at least one replica")
+        self.clients: tuple[Client, ...] = tuple(clients)
+        self.name: str = self.clients[0].name
+        self.timeout_s: float = self.clients[0].timeout_s
+        self._turn = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    def pick(self) -> tuple[Client, Client | None]:
+        """The replica whose turn it is, and another one for a hedge (None if there is none)."""
+        # next() on a count is atomic under the GIL: safe from the threads strategy too.
+        turn = next(self._turn) % len(self.clients)
+        other = self.clients[(turn + 1) % len(self.clients)] if len(self.clients) > 1 else None
+        return self.clients[turn], other

@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "ENV_PREFIX",
     "BreakerSettings",
+    "HedgingSettings",
     "PoolSettings",
     "RecommenderSettings",
     "RetrySettings",
@@ -56,7 +58,15 @@ class RecommenderSettings(BaseModel):
     model_config = _Strict
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    url: AnyHttpUrl
+    url: AnyHttpUrl | None = None
+    urls: list[AnyHttpUrl] = Field(
+        default_factory=list, description="Replicas, beside or instead of `url`; used in turn."
+    )
+    hedge_after_ms: float | None = Field(
+        default=None,
+        gt=0,
+        description="Send a hedge to another replica after this long; default: recent p95.",
+    )
     timeout_ms: float | None = Field(
         default=None,
         gt=0,
@@ -69,6 +79,18 @@ class RecommenderSettings(BaseModel):
         default=True,
         description="Whether a call that may have reached the recommender can be repeated.",
     )
+
+    @model_validator(mode="after")
+    def _has_a_url(self) -> RecommenderSettings:
+        if self.url is None and not self.urls:
+            raise ValueError("give `url` or `urls`")
+        return self
+
+    @property
+    def replicas(self) -> list[str]:
+        """Every URL of the recommender, `url` first, without repeats."""
+        urls = ([str(self.url)] if self.url is not None else []) + [str(u) for u in self.urls]
+        return list(dict.fromkeys(urls))
 
 
 class PoolSettings(BaseModel):
@@ -97,6 +119,20 @@ class RetrySettings(BaseModel):
     jitter_ms: float = Field(default=10, ge=0)
 
 
+class HedgingSettings(BaseModel):
+    """Hedged calls to recommenders with several replicas."""
+
+    model_config = _Strict
+
+    max_extra_ratio: float = Field(
+        default=0.1, ge=0, le=1, description="Hedges at most this share of a recommender's calls."
+    )
+    min_samples: int = Field(
+        default=20, ge=1, description="Answers seen before the recent p95 sets the hedge delay."
+    )
+    window: int = Field(default=200, ge=10, description="Recent answers the p95 is taken over.")
+
+
 class BreakerSettings(BaseModel):
     """Per-recommender circuit breakers, one set per worker process."""
 
@@ -123,14 +159,16 @@ class Settings(BaseSettings):
         default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
     )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
-    # Below gunicorn's 48 threads per worker, so that threads remain to answer the 503s.
+    # Below gunicorn's 256 threads per worker, so that threads remain to answer the 503s at
+    # once rather than leaving requests queued behind busy threads.
     max_in_flight: int = Field(
-        default=32, ge=1, description="Requests one worker serves at once; more are shed (503)."
+        default=200, ge=1, description="Requests one worker serves at once; more are shed (503)."
     )
     shed_retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a shed request.")
     pool: PoolSettings = PoolSettings()
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
+    hedging: HedgingSettings = HedgingSettings()
 
     @field_validator("recommenders")
     @classmethod

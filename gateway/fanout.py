@@ -26,10 +26,10 @@ from typing import Any, ClassVar, Protocol
 import requests
 from requests.adapters import HTTPAdapter
 
-from gateway.clients import BlockingRecommenderClient, RecommenderClient
+from gateway.clients import BlockingRecommenderClient, RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout, SourceStatus
-from gateway.resilience import MIN_CALL_BUDGET_S, Guard
+from gateway.resilience import MIN_CALL_BUDGET_S, Guard, Hedger
 
 __all__ = [
     "STRATEGIES",
@@ -91,9 +91,12 @@ class FanOut(Protocol):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+        cls,
+        settings: Settings,
+        recommenders: Sequence[Replicas[RecommenderClient]],
+        guards: Mapping[str, Guard],
     ) -> FanOut:
-        """Build the strategy over the worker's aiohttp `clients`, each call under its guard."""
+        """Build the strategy over the worker's aiohttp clients, each call under its guard."""
         ...
 
     async def fan_out(
@@ -179,14 +182,55 @@ def _settle(call: _Call, guard: Guard, error: BaseException | None) -> None:
         guard.breaker.released()
 
 
+async def _hedged(
+    replicas: Replicas[RecommenderClient],
+    hedger: Hedger,
+    body: bytes,
+    headers: Mapping[str, str],
+    budget: float,
+) -> Any:
+    """One attempt: the replica whose turn it is, and a hedge to another if it is slow."""
+    primary, backup = replicas.pick()
+    hedger.count_call()
+    delay = hedger.delay_s()
+    started = time.perf_counter()
+    if backup is None or delay is None or delay >= budget:
+        prediction = await primary.recommend(body, headers, budget)
+        hedger.record(time.perf_counter() - started)
+        return prediction
+    first = asyncio.ensure_future(primary.recommend(body, headers, budget))
+    pending: set[asyncio.Future[Any]] = {first}
+    try:
+        done, pending = await asyncio.wait(pending, timeout=delay)
+        if not done and hedger.try_hedge():
+            pending.add(asyncio.ensure_future(backup.recommend(body, headers, budget - delay)))
+        error: BaseException | None = None
+        while True:
+            for task in done:
+                if task.exception() is None:
+                    hedger.record(time.perf_counter() - started)
+                    return task.result()
+                error = error or task.exception()
+            if not pending:
+                break
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        # Every replica asked failed: report the first failure.
+        assert error is not None
+        raise error
+    finally:
+        # The loser (or both, if the request was cancelled) must not run on.
+        for task in pending:
+            task.cancel()
+
+
 async def _call(
-    client: RecommenderClient,
+    replicas: Replicas[RecommenderClient],
     guard: Guard,
     body: bytes,
     headers: Mapping[str, str],
     deadline: Deadline,
 ) -> Outcome:
-    call = _Call(client.name, client.timeout_s, deadline)
+    call = _Call(replicas.name, replicas.timeout_s, deadline)
     if call.hopeless:
         return call.skipped()
     try:
@@ -196,7 +240,8 @@ async def _call(
     try:
         async for attempt in guard.retry.async_retrying(deadline.at):
             with attempt:
-                prediction = await client.recommend(body, headers, call.next_attempt())
+                budget = call.next_attempt()
+                prediction = await _hedged(replicas, guard.hedger, body, headers, budget)
     except asyncio.CancelledError:
         guard.breaker.released()
         raise
@@ -208,13 +253,13 @@ async def _call(
 
 
 def _call_blocking(
-    client: BlockingRecommenderClient,
+    replicas: Replicas[BlockingRecommenderClient],
     guard: Guard,
     body: bytes,
     headers: Mapping[str, str],
     deadline: Deadline,
 ) -> Outcome:
-    call = _Call(client.name, client.timeout_s, deadline)
+    call = _Call(replicas.name, replicas.timeout_s, deadline)
     if call.hopeless:
         return call.skipped()
     try:
@@ -224,6 +269,7 @@ def _call_blocking(
     try:
         for attempt in guard.retry.retrying(deadline.at):
             with attempt:
+                client, _ = replicas.pick()
                 prediction = client.recommend(body, headers, call.next_attempt())
     except Exception as exc:
         _settle(call, guard, exc)
@@ -237,16 +283,20 @@ class _OverSharedSession:
 
     name: ClassVar[str]
 
-    def __init__(self, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]):
-        self.clients = tuple(clients)
-        self.guarded = tuple((client, guards[client.name]) for client in self.clients)
+    def __init__(
+        self, recommenders: Sequence[Replicas[RecommenderClient]], guards: Mapping[str, Guard]
+    ):
+        self.guarded = tuple((replicas, guards[replicas.name]) for replicas in recommenders)
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+        cls,
+        settings: Settings,
+        recommenders: Sequence[Replicas[RecommenderClient]],
+        guards: Mapping[str, Guard],
     ) -> FanOut:
         """Fan out over the worker's aiohttp clients."""
-        return cls(clients, guards)
+        return cls(recommenders, guards)
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -267,7 +317,9 @@ class AsyncFanOut(_OverSharedSession):
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
     ) -> list[Outcome]:
         """Call every recommender concurrently on the worker loop."""
-        calls = (_call(client, guard, body, headers, deadline) for client, guard in self.guarded)
+        calls = (
+            _call(replicas, guard, body, headers, deadline) for replicas, guard in self.guarded
+        )
         return list(await asyncio.gather(*calls))
 
 
@@ -281,7 +333,8 @@ class SequentialFanOut(_OverSharedSession):
     ) -> list[Outcome]:
         """Call each recommender in turn; those the deadline leaves no time for time out."""
         return [
-            await _call(client, guard, body, headers, deadline) for client, guard in self.guarded
+            await _call(replicas, guard, body, headers, deadline)
+            for replicas, guard in self.guarded
         ]
 
 
@@ -301,16 +354,23 @@ class ThreadPoolFanOut:
         self._session.mount("https://", adapter)
         self.clients = tuple(
             BlockingRecommenderClient(
-                r.name, str(r.url), self._session, settings.timeout_s(r), r.idempotent
+                r.name, url, self._session, settings.timeout_s(r), r.idempotent
             )
             for r in settings.recommenders
+            for url in r.replicas
         )
-        self.guarded = tuple((client, guards[client.name]) for client in self.clients)
+        self.guarded = tuple(
+            (Replicas([c for c in self.clients if c.name == r.name]), guards[r.name])
+            for r in settings.recommenders
+        )
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="gateway-fan-out")
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+        cls,
+        settings: Settings,
+        recommenders: Sequence[Replicas[RecommenderClient]],
+        guards: Mapping[str, Guard],
     ) -> FanOut:
         """A pool of `settings.fan_out_threads` threads and its own requests session."""
         return cls(settings, guards, settings.fan_out_threads)
@@ -323,20 +383,20 @@ class ThreadPoolFanOut:
         started = time.perf_counter()
         futures = [
             loop.run_in_executor(
-                self._executor, _call_blocking, client, guard, body, headers, deadline
+                self._executor, _call_blocking, replicas, guard, body, headers, deadline
             )
-            for client, guard in self.guarded
+            for replicas, guard in self.guarded
         ]
         await asyncio.wait(futures, timeout=max(deadline.remaining_s(), 0))
         outcomes = []
-        for client, future in zip(self.clients, futures, strict=True):
+        for (replicas, _), future in zip(self.guarded, futures, strict=True):
             if future.done():
                 outcomes.append(future.result())
             else:
                 # The thread runs on until its own timeout; the request does not wait for it.
                 future.cancel()
                 elapsed = round((time.perf_counter() - started) * 1000, 1)
-                outcomes.append(deadline.missed(client.name, elapsed))
+                outcomes.append(deadline.missed(replicas.name, elapsed))
         return outcomes
 
     async def close(self) -> None:
@@ -353,7 +413,9 @@ STRATEGIES: dict[str, type[FanOut]] = {
 
 
 def build_fan_out(
-    settings: Settings, clients: Sequence[RecommenderClient], guards: Mapping[str, Guard]
+    settings: Settings,
+    recommenders: Sequence[Replicas[RecommenderClient]],
+    guards: Mapping[str, Guard],
 ) -> FanOut:
     """The fan-out strategy `settings.strategy` names, each call under its recommender's guard."""
-    return STRATEGIES[settings.strategy].from_settings(settings, clients, guards)
+    return STRATEGIES[settings.strategy].from_settings(settings, recommenders, guards)

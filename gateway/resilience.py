@@ -15,6 +15,7 @@ opens it again. A recommender that hangs therefore stops costing every request t
 
 from __future__ import annotations
 
+import collections
 import email.utils
 import functools
 import threading
@@ -41,6 +42,7 @@ __all__ = [
     "MIN_CALL_BUDGET_S",
     "CircuitBreaker",
     "Guard",
+    "Hedger",
     "InFlightLimit",
     "RetryPolicy",
     "guards_for",
@@ -101,12 +103,65 @@ class stop_at_deadline(stop_base):
         return left < MIN_CALL_BUDGET_S
 
 
+class Hedger:
+    """When one recommender's calls get a hedge, within a budget of extra calls.
+
+    The hedge delay is `after_s` when configured, else the p95 of the last `window` answers
+    (none until `min_samples` were seen). At most `max_extra_ratio` of the calls are hedged.
+    """
+
+    def __init__(
+        self,
+        after_s: float | None = None,
+        max_extra_ratio: float = 0.1,
+        min_samples: int = 20,
+        window: int = 200,
+    ):
+        self.after_s = after_s
+        self.max_extra_ratio = max_extra_ratio
+        self.min_samples = min_samples
+        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
+        self._p95: float | None = None
+        self._since_p95 = 0
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.hedges = 0
+
+    def delay_s(self) -> float | None:
+        """How long to wait for the first replica before hedging; None: do not hedge."""
+        return self.after_s if self.after_s is not None else self._p95
+
+    def record(self, latency_s: float) -> None:
+        """An answer came after `latency_s`; every 10 answers, refresh the p95."""
+        with self._lock:
+            self._latencies.append(latency_s)
+            self._since_p95 += 1
+            if len(self._latencies) >= self.min_samples and self._since_p95 >= 10:
+                ordered = sorted(self._latencies)
+                self._p95 = ordered[max(int(len(ordered) * 0.95) - 1, 0)]
+                self._since_p95 = 0
+
+    def count_call(self) -> None:
+        """A call is starting (hedges are budgeted against calls)."""
+        with self._lock:
+            self.calls += 1
+
+    def try_hedge(self) -> bool:
+        """Take a hedge from the budget, if it allows one more."""
+        with self._lock:
+            if self.hedges + 1 > self.max_extra_ratio * self.calls:
+                return False
+            self.hedges += 1
+            return True
+
+
 @dataclass(frozen=True)
 class Guard:
-    """What protects one recommender's calls: its retry policy and its circuit breaker."""
+    """What protects one recommender's calls: retries, its circuit breaker, its hedging."""
 
     retry: RetryPolicy
     breaker: CircuitBreaker
+    hedger: Hedger
 
 
 @dataclass(frozen=True)
@@ -164,6 +219,12 @@ def guards_for(settings: Settings) -> dict[str, Guard]:
                 jitter_s=waits.jitter_ms / 1000,
             ),
             CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s),
+            Hedger(
+                r.hedge_after_ms / 1000 if r.hedge_after_ms is not None else None,
+                settings.hedging.max_extra_ratio,
+                settings.hedging.min_samples,
+                settings.hedging.window,
+            ),
         )
         for r in settings.recommenders
     }

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from gateway.clients import RecommenderClient
+from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
 from gateway.resilience import Guard, InFlightLimit, guards_for
@@ -199,18 +199,24 @@ class WorkerRuntime:
             # user's request must never ride along on another user's.
             cookie_jar=aiohttp.DummyCookieJar(),
         )
-        state.clients = tuple(
-            RecommenderClient(
-                recommender.name,
-                str(recommender.url),
-                state.session,
-                self.settings.timeout_s(recommender),
-                recommender.idempotent,
+        replicas = [
+            Replicas(
+                [
+                    RecommenderClient(
+                        recommender.name,
+                        url,
+                        state.session,
+                        self.settings.timeout_s(recommender),
+                        recommender.idempotent,
+                    )
+                    for url in recommender.replicas
+                ]
             )
             for recommender in self.settings.recommenders
-        )
+        ]
+        state.clients = tuple(client for group in replicas for client in group.clients)
         state.guards = guards_for(self.settings)
-        state.fan_out = build_fan_out(self.settings, state.clients, state.guards)
+        state.fan_out = build_fan_out(self.settings, replicas, state.guards)
 
     @staticmethod
     async def _close_session(state: _Started) -> None:

@@ -12,9 +12,9 @@ import pytest
 from aioresponses import CallbackResult
 from yarl import URL
 
-from gateway.clients import RecommenderClient
+from gateway.clients import RecommenderClient, Replicas
 from gateway.fanout import AsyncFanOut, Deadline, Outcome, SequentialFanOut
-from gateway.resilience import CircuitBreaker, Guard, RetryPolicy
+from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
 from tests.conftest import CompatAioresponses
 
 
@@ -29,13 +29,20 @@ def clients(session: aiohttp.ClientSession, *names: str) -> list[RecommenderClie
 
 
 def single_attempt(clients: list[RecommenderClient]) -> dict[str, Guard]:
-    return {c.name: Guard(RetryPolicy(attempts=1), CircuitBreaker(c.name)) for c in clients}
+    return {
+        c.name: Guard(RetryPolicy(attempts=1), CircuitBreaker(c.name), Hedger()) for c in clients
+    }
+
+
+def each_alone(clients: list[RecommenderClient]) -> list[Replicas[RecommenderClient]]:
+    return [Replicas([client]) for client in clients]
 
 
 async def fan_out(
     clients: list[RecommenderClient], body: bytes, headers: dict[str, str], deadline: Deadline
 ) -> list[Outcome]:
-    return await AsyncFanOut(clients, single_attempt(clients)).fan_out(body, headers, deadline)
+    fan_out = AsyncFanOut(each_alone(clients), single_attempt(clients))
+    return await fan_out.fan_out(body, headers, deadline)
 
 
 def delayed(seconds: float, payload: dict[str, Any]) -> Any:
@@ -112,7 +119,7 @@ async def test_sequential_calls_one_after_another_and_the_deadline_cuts_the_rest
     fake_network.post("http://c.test/p", payload={"from": "c"})
 
     three = clients(session, "a", "b", "c")
-    outcomes = await SequentialFanOut(three, single_attempt(three)).fan_out(
+    outcomes = await SequentialFanOut(each_alone(three), single_attempt(three)).fan_out(
         b"{}", {}, Deadline.after(100)
     )
 

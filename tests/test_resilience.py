@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from gateway import GatewayFlask, create_app
-from gateway.clients import RecommenderClient
+from gateway.clients import RecommenderClient, Replicas
 from gateway.errors import CircuitOpen
 from gateway.fanout import AsyncFanOut, Deadline, Outcome
-from gateway.resilience import CircuitBreaker, Guard, RetryPolicy, parse_retry_after
+from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, parse_retry_after
 from mock_recommenders import MockFleet
 from tests.conftest import CompatAioresponses, settings_for
 
@@ -120,8 +120,8 @@ async def call_once(
 ) -> Outcome:
     client = RecommenderClient("rec", URL, session, timeout_s=0.5)
     policy = RetryPolicy(attempts=attempts, initial_wait_s=0.01, jitter_s=0, async_sleep=waits)
-    guard = Guard(policy, breaker or CircuitBreaker("rec"))
-    fan_out = AsyncFanOut([client], {"rec": guard})
+    guard = Guard(policy, breaker or CircuitBreaker("rec"), Hedger())
+    fan_out = AsyncFanOut([Replicas([client])], {"rec": guard})
     (outcome,) = await fan_out.fan_out(b"{}", {}, Deadline.after(deadline_ms))
     return outcome
 
