@@ -299,3 +299,78 @@ async def test_above_the_in_flight_limit_requests_are_shed_at_once(
         assert body["error"]["message"].startswith("gateway overloaded: 2 requests in flight")
         assert {r["status"] for r in body["sources"].values()} == {"shed"}
     assert fleet.stats("sml")["requests"] == 3
+
+
+# --- Hedged calls ----------------------------------------------------------------------------
+
+
+def test_the_hedge_delay_is_the_recent_p95_once_enough_answers_were_seen() -> None:
+    hedger = Hedger(min_samples=20, window=100)
+    for latency in range(1, 20):
+        hedger.record(latency / 1000)
+    assert hedger.delay_s() is None  # 19 answers: not enough to know
+
+    for latency in range(20, 101):
+        hedger.record(latency / 1000)
+
+    assert hedger.delay_s() == pytest.approx(0.095, abs=0.005)
+    assert Hedger(after_s=0.05).delay_s() == 0.05
+
+
+def test_hedges_are_capped_at_a_share_of_the_calls() -> None:
+    hedger = Hedger(after_s=0.01, max_extra_ratio=0.1)
+    granted = 0
+    for _ in range(100):
+        hedger.count_call()
+        granted += hedger.try_hedge()
+
+    assert granted == 10
+
+
+@pytest.fixture
+def second_psn() -> Any:
+    """A second replica of `psn`: same rankings, another port."""
+    with MockFleet(("psn",)) as replica:
+        yield replica
+
+
+def with_replicas(fleet: MockFleet, replica: MockFleet, **fields: Any) -> Any:
+    settings = settings_for(fleet, **fields).model_dump(mode="json")
+    psn = settings["recommenders"][3]
+    psn["urls"] = [replica.url("psn")]
+    psn["hedge_after_ms"] = 40
+    return type(settings_for(fleet)).model_validate(settings)
+
+
+def test_a_hedge_recovers_a_slow_replica(
+    fleet: MockFleet, second_psn: MockFleet, serve: Serve
+) -> None:
+    url = serve(create_app(with_replicas(fleet, second_psn, hedging={"max_extra_ratio": 1.0})))
+    fleet.set_behaviour("psn", delay_ms=400)  # the first replica is slow
+
+    latencies = []
+    for _ in range(6):
+        started = time.perf_counter()
+        body = recommend(url)
+        latencies.append(time.perf_counter() - started)
+        assert body["sources"]["psn"]["status"] == "ok"
+        assert body["complete"] is True
+
+    assert max(latencies) < 0.3  # never the slow replica's 400 ms
+    # Turns alternate: 3 calls went first to the slow replica, each hedged to the fast one.
+    assert fleet.stats("psn")["requests"] == 3
+    assert second_psn.stats("psn")["requests"] == 6
+
+
+def test_without_budget_left_there_is_no_hedge(
+    fleet: MockFleet, second_psn: MockFleet, serve: Serve
+) -> None:
+    url = serve(create_app(with_replicas(fleet, second_psn)))  # at most 10% extra calls
+    fleet.set_behaviour("psn", delay_ms=100)
+
+    for _ in range(20):
+        assert recommend(url)["sources"]["psn"]["status"] == "ok"
+
+    hedges = second_psn.stats("psn")["requests"] - 10
+    assert fleet.stats("psn")["requests"] == 10
+    assert 0 < hedges <= 2
