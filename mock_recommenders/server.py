@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import socket
+import struct
 import threading
 import weakref
 from collections.abc import Sequence
@@ -49,6 +51,9 @@ class Recommender:
         self.behaviour = behaviour.copy() if behaviour is not None else Behaviour()
         self.requests = 0
         self.connections = 0
+        self.errors = 0
+        self.resets = 0
+        self.hangs = 0
         self.last_request: dict[str, Any] | None = None
         self._seen: weakref.WeakSet[object] = weakref.WeakSet()
         self._rng = random.Random(seed)
@@ -56,13 +61,23 @@ class Recommender:
         self.stopping = asyncio.Event()
 
     def stats(self) -> dict[str, Any]:
-        """Requests served at ``POST /test``, and distinct TCP connections they came on."""
-        return {"name": self.name, "requests": self.requests, "connections": self.connections}
+        """Calls to ``POST /test``, the TCP connections they came on, and the faults injected."""
+        return {
+            "name": self.name,
+            "requests": self.requests,
+            "connections": self.connections,
+            "errors": self.errors,
+            "resets": self.resets,
+            "hangs": self.hangs,
+        }
 
     def reset_stats(self) -> None:
         """Zero the counters."""
         self.requests = 0
         self.connections = 0
+        self.errors = 0
+        self.resets = 0
+        self.hangs = 0
         self._seen = weakref.WeakSet()
         self.last_request = None
 
@@ -108,9 +123,17 @@ class Recommender:
         if delay > 0:
             await asyncio.sleep(delay)
         if behaviour.hang:
+            self.hangs += 1
             await self.stopping.wait()
+        if behaviour.reset:
+            return await self._reset_mid_answer(request)
+        if behaviour.fail_first > 0:
+            behaviour.fail_first -= 1
+            return self._error(behaviour.error_status, "injected failure (fail_first)")
         if behaviour.status != 200:
-            return _json(behaviour.status, {"error": f"injected status {behaviour.status}"})
+            return self._error(behaviour.status, f"injected status {behaviour.status}")
+        if behaviour.error_rate > 0 and self._rng.random() < behaviour.error_rate:
+            return self._error(behaviour.error_status, "injected error")
         if behaviour.not_json:
             return web.Response(text="this is not json", content_type="text/plain")
         return _json(
@@ -122,6 +145,32 @@ class Recommender:
                 "request_id": request.headers.get("X-Request-ID"),
             },
         )
+
+    def _error(self, status: int, message: str) -> web.Response:
+        self.errors += 1
+        response = _json(status, {"error": message})
+        retry_after = self.behaviour.retry_after_s
+        if retry_after is not None:
+            # Whole seconds as HTTP wants them; a fraction is sent as written (lenient clients).
+            text = str(int(retry_after)) if float(retry_after).is_integer() else str(retry_after)
+            response.headers["Retry-After"] = text
+        return response
+
+    async def _reset_mid_answer(self, request: web.Request) -> web.StreamResponse:
+        """Announce a JSON body, send a piece of it, then reset the connection."""
+        self.resets += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = 4096
+        await response.prepare(request)
+        await response.write(b'{"items": [{"id": "i1", ')
+        transport = request.transport
+        if transport is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                # Linger 0: close with a RST, not a FIN, as a crashed server's kernel would.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            transport.abort()
+        return response
 
     async def _stats(self, request: web.Request) -> web.Response:
         return _json(200, self.stats())
@@ -172,8 +221,11 @@ class MockFleet:
         host: str = "127.0.0.1",
         ports: Sequence[int] | None = None,
         behaviour: Behaviour | None = None,
+        seed: int | None = None,
     ):
         self.host = host
+        # Per-recommender seeds derived from one, so injected faults repeat run after run.
+        self._seed = seed
         self._initial = behaviour.copy() if behaviour is not None else Behaviour()
         self._names = list(names)
         self._requested_ports = list(ports) if ports is not None else [0] * len(self._names)
@@ -201,8 +253,9 @@ class MockFleet:
         return self
 
     async def _start(self) -> None:
-        for name, port in zip(self._names, self._requested_ports, strict=True):
-            recommender = Recommender(name, self._initial)
+        for i, (name, port) in enumerate(zip(self._names, self._requested_ports, strict=True)):
+            seed = None if self._seed is None else self._seed + i
+            recommender = Recommender(name, self._initial, seed)
             runner, bound = await start_site(recommender, self.host, port)
             self._recommenders[name] = recommender
             self._ports[name] = bound

@@ -89,9 +89,10 @@ def test_stats_count_requests_and_connections(fleet: MockFleet) -> None:
             session.post(fleet.url("psn"), json={}, timeout=5)
 
     stats = requests.get(fleet.url("psn").replace("/test", "/stats"), timeout=5).json()
-    assert stats == {"name": "psn", "requests": 8, "connections": 4}
+    zero = {"errors": 0, "resets": 0, "hangs": 0}
+    assert stats == {"name": "psn", "requests": 8, "connections": 4, **zero}
     requests.post(fleet.url("psn").replace("/test", "/stats/reset"), timeout=5)
-    assert fleet.stats("psn") == {"name": "psn", "requests": 0, "connections": 0}
+    assert fleet.stats("psn") == {"name": "psn", "requests": 0, "connections": 0, **zero}
 
 
 def test_the_admin_endpoint_changes_a_running_mock(fleet: MockFleet) -> None:
@@ -145,3 +146,68 @@ def test_the_command_line_serves_one_recommender_and_stops_cleanly_on_ctrl_c() -
 
     assert process.returncode == 0
     assert "Traceback" not in stderr
+
+
+def test_injected_errors_carry_retry_after(fleet: MockFleet) -> None:
+    fleet.set_behaviour("asc", error_rate=1.0, error_status=502, retry_after_s=2)
+
+    for _ in range(3):
+        response = ask(fleet, "asc", {})
+        assert response.status_code == 502
+        assert response.headers["Retry-After"] == "2"
+    assert fleet.stats("asc")["errors"] == 3
+
+
+def test_an_error_rate_fails_that_share_of_calls() -> None:
+    with MockFleet(("sml",), seed=7) as fleet:
+        fleet.set_behaviour("sml", error_rate=0.5)
+        with requests.Session() as session:
+            statuses = [
+                session.post(fleet.url("sml"), json={}, timeout=5).status_code for _ in range(200)
+            ]
+
+    assert 60 < statuses.count(503) < 140
+    assert fleet.stats("sml")["errors"] == statuses.count(503)
+
+
+def test_a_slow_tail(fleet: MockFleet) -> None:
+    fleet.set_behaviour("trd", slow_rate=1.0, slow_ms=150)
+
+    started = time.perf_counter()
+    assert ask(fleet, "trd", {}).status_code == 200
+    assert time.perf_counter() - started >= 0.15
+
+
+async def test_a_reset_mid_answer(fleet: MockFleet) -> None:
+    import aiohttp
+
+    fleet.set_behaviour("psn", reset=True)
+
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(fleet.url("psn"), json={}) as response:
+                assert response.status == 200
+                await response.read()
+
+    assert fleet.stats("psn")["resets"] == 1
+
+
+def test_fail_first_fails_that_many_calls_each_time_it_is_set(fleet: MockFleet) -> None:
+    fleet.set_behaviour("sml", fail_first=2)
+    assert [ask(fleet, "sml", {}).status_code for _ in range(3)] == [503, 503, 200]
+
+    fleet.set_behaviour("sml", fail_first=2)
+    assert [ask(fleet, "sml", {}).status_code for _ in range(3)] == [503, 503, 200]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"error_rate": 1.5}, {"error_status": 200}, {"slow_ms": -1}, {"fail_first": 1.5}],
+)
+def test_fault_values_are_validated(fleet: MockFleet, change: dict[str, Any]) -> None:
+    admin = fleet.url("sml").replace("/test", "/admin/behaviour")
+
+    refused = requests.put(admin, json=change, timeout=5)
+
+    assert refused.status_code == 422
+    assert next(iter(change)) in refused.json()["error"]
