@@ -58,7 +58,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    # RFC 9110 says whole seconds; a decimal is taken as meant rather than ignored.
+    if value.replace(".", "", 1).isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)

@@ -2,7 +2,8 @@
 
 With no flags, the four standard ones (`sml`, `asc`, `trd`, `psn`) on ports 5001-5004.
 ``--name NAME [--port PORT]`` serves just one; ``--names a,b,c`` serves any number on
-consecutive ports from ``--base-port``.
+consecutive ports from ``--base-port``. Faults can also be changed on a running mock:
+``curl -X PUT localhost:5003/admin/behaviour -d '{"hang": true}'`` (see `behaviour.py`).
 """
 
 from __future__ import annotations
@@ -42,10 +43,30 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--jitter-ms", type=float, default=0.0, help="random extra delay, uniform in 0..jitter"
     )
+    parser.add_argument(
+        "--error-rate", type=float, default=0.0, help="share of calls answered --error-status"
+    )
+    parser.add_argument("--error-status", type=int, default=503)
+    parser.add_argument(
+        "--slow-rate", type=float, default=0.0, help="share of calls delayed a further --slow-ms"
+    )
+    parser.add_argument("--slow-ms", type=float, default=0.0)
     parser.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
     args = parser.parse_args(argv)
-    if args.delay_ms < 0 or args.jitter_ms < 0:
-        parser.error("--delay-ms and --jitter-ms must not be negative")
+    try:
+        args.behaviour = Behaviour()
+        args.behaviour.update(
+            {
+                "delay_ms": args.delay_ms,
+                "jitter_ms": args.jitter_ms,
+                "error_rate": args.error_rate,
+                "error_status": args.error_status,
+                "slow_rate": args.slow_rate,
+                "slow_ms": args.slow_ms,
+            }
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.port is not None and args.name is None:
         parser.error("--port goes with --name; use --base-port for several recommenders")
     if args.name is not None:
@@ -67,7 +88,7 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
-    behaviour = Behaviour(delay_ms=args.delay_ms, jitter_ms=args.jitter_ms)
+    behaviour: Behaviour = args.behaviour
     recommenders, runners = [], []
     try:
         for name, port in args.plan:

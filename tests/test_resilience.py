@@ -30,6 +30,7 @@ Serve = Callable[[GatewayFlask], str]
 def test_retry_after_in_seconds_or_as_a_date() -> None:
     assert parse_retry_after("3") == 3.0
     assert parse_retry_after(" 0 ") == 0.0
+    assert parse_retry_after("0.25") == 0.25
     now = time.time()
     assert parse_retry_after(formatdate(now + 30, usegmt=True), now=now) == pytest.approx(30, abs=1)
     assert parse_retry_after(formatdate(now - 30, usegmt=True), now=now) == 0.0
