@@ -238,10 +238,19 @@ async def _call(
     except CircuitOpen as exc:
         return call.failed(exc)
     try:
-        async for attempt in guard.retry.async_retrying(deadline.at):
-            with attempt:
-                budget = call.next_attempt()
-                prediction = await _hedged(replicas, guard.hedger, body, headers, budget)
+        try:
+            prediction = await _hedged(replicas, guard.hedger, body, headers, call.next_attempt())
+        except RecommenderError as first:
+            if not guard.retry.worth_retrying(first):
+                raise
+            # Retries only: tenacity costs ~25 µs a call, too much for every first attempt.
+            # The first failure is replayed as attempt 1, so waits and stops count from it.
+            async for attempt in guard.retry.async_retrying(deadline.at):
+                with attempt:
+                    if attempt.retry_state.attempt_number == 1:
+                        raise first
+                    budget = call.next_attempt()
+                    prediction = await _hedged(replicas, guard.hedger, body, headers, budget)
     except asyncio.CancelledError:
         guard.breaker.released()
         raise
@@ -267,10 +276,17 @@ def _call_blocking(
     except CircuitOpen as exc:
         return call.failed(exc)
     try:
-        for attempt in guard.retry.retrying(deadline.at):
-            with attempt:
-                client, _ = replicas.pick()
-                prediction = client.recommend(body, headers, call.next_attempt())
+        try:
+            prediction = replicas.pick()[0].recommend(body, headers, call.next_attempt())
+        except RecommenderError as first:
+            if not guard.retry.worth_retrying(first):
+                raise
+            for attempt in guard.retry.retrying(deadline.at):
+                with attempt:
+                    if attempt.retry_state.attempt_number == 1:
+                        raise first
+                    budget = call.next_attempt()
+                    prediction = replicas.pick()[0].recommend(body, headers, budget)
     except Exception as exc:
         _settle(call, guard, exc)
         return call.failed(exc)

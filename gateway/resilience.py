@@ -177,6 +177,10 @@ class RetryPolicy:
     sleep: Callable[[float], Any] | None = None
     async_sleep: Callable[[float], Any] | None = None
 
+    def worth_retrying(self, error: BaseException) -> bool:
+        """Whether a first failure like `error` may be retried at all under this policy."""
+        return self.attempts > 1 and _is_retryable(error)
+
     @functools.cached_property
     def _wait(self) -> wait_base:
         return _wait_for_retry_after(
