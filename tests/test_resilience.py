@@ -375,3 +375,19 @@ def test_without_budget_left_there_is_no_hedge(
     hedges = second_psn.stats("psn")["requests"] - 10
     assert fleet.stats("psn")["requests"] == 10
     assert 0 < hedges <= 2
+
+
+def test_hedges_cut_a_slow_tail(fleet: MockFleet, second_psn: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(with_replicas(fleet, second_psn, hedging={"max_extra_ratio": 1.0})))
+    # Half the calls to the first replica take 400 ms more: a slow tail, not a slow replica.
+    fleet.set_behaviour("psn", slow_rate=0.5, slow_ms=400)
+
+    latencies = []
+    for _ in range(20):
+        started = time.perf_counter()
+        body = recommend(url)
+        latencies.append(time.perf_counter() - started)
+        assert body["sources"]["psn"]["status"] == "ok"
+
+    assert max(latencies) < 0.3  # the tail never reaches the frontend
+    assert second_psn.stats("psn")["requests"] > 10  # its own turns, and the hedges
