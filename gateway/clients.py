@@ -100,7 +100,21 @@ def _check_answer(name: str, status: int, payload: bytes, retry_after: str | Non
         raise BadRecommenderResponse(name, "answered a body that is not JSON") from exc
 
 
-class RecommenderClient:
+class _Endpoint:
+    """One recommender replica: its name, URL, time budget, and whether calls may repeat."""
+
+    def __init__(self, name: str, url: str, timeout_s: float, idempotent: bool = True):
+        self.name = name
+        self.url = url
+        self.timeout_s = timeout_s
+        # Whether a call that may have reached the recommender can be repeated safely.
+        self.idempotent = idempotent
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, {self.url!r})"
+
+
+class RecommenderClient(_Endpoint):
     """Calls one recommender's endpoint over a shared session."""
 
     def __init__(
@@ -111,15 +125,8 @@ class RecommenderClient:
         timeout_s: float,
         idempotent: bool = True,
     ):
-        self.name = name
-        self.url = url
-        self.timeout_s = timeout_s
-        # Whether a call that may have reached the recommender can be repeated safely.
-        self.idempotent = idempotent
+        super().__init__(name, url, timeout_s, idempotent)
         self._session = session
-
-    def __repr__(self) -> str:
-        return f"RecommenderClient({self.name!r}, {self.url!r})"
 
     async def recommend(
         self, body: bytes, headers: Mapping[str, str], timeout_s: float | None = None
@@ -174,7 +181,7 @@ class RecommenderClient:
         return _check_answer(self.name, status, payload, retry_after)
 
 
-class BlockingRecommenderClient:
+class BlockingRecommenderClient(_Endpoint):
     """Calls one recommender from a thread, over a pooled `requests.Session`.
 
     Used by the thread-pool fan-out; it maps `requests`' errors onto the same
@@ -189,10 +196,7 @@ class BlockingRecommenderClient:
         timeout_s: float,
         idempotent: bool = True,
     ):
-        self.name = name
-        self.url = url
-        self.timeout_s = timeout_s
-        self.idempotent = idempotent
+        super().__init__(name, url, timeout_s, idempotent)
         self._session = session
         self._closed = False
 

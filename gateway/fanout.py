@@ -172,14 +172,28 @@ class _Call:
         )
 
 
-def _settle(call: _Call, guard: Guard, error: BaseException | None) -> None:
+def _open(name: str, timeout_s: float, guard: Guard, deadline: Deadline) -> _Call | Outcome:
+    """Start a call's bookkeeping, or the outcome of a call that must not be made."""
+    call = _Call(name, timeout_s, deadline)
+    if call.hopeless:
+        return call.skipped()
+    try:
+        guard.breaker.before_call()
+    except CircuitOpen as exc:
+        return call.failed(exc)
+    return call
+
+
+def _close(call: _Call, guard: Guard, error: BaseException | None, prediction: Any) -> Outcome:
     """Tell the breaker how the call went (a gateway bug is not the recommender's failure)."""
     if error is None:
         guard.breaker.succeeded()
-    elif isinstance(error, RecommenderError):
+        return call.succeeded(prediction)
+    if isinstance(error, RecommenderError):
         guard.breaker.failed()
     else:
         guard.breaker.released()
+    return call.failed(error)
 
 
 async def _hedged(
@@ -230,13 +244,9 @@ async def _call(
     headers: Mapping[str, str],
     deadline: Deadline,
 ) -> Outcome:
-    call = _Call(replicas.name, replicas.timeout_s, deadline)
-    if call.hopeless:
-        return call.skipped()
-    try:
-        guard.breaker.before_call()
-    except CircuitOpen as exc:
-        return call.failed(exc)
+    call = _open(replicas.name, replicas.timeout_s, guard, deadline)
+    if isinstance(call, Outcome):
+        return call
     try:
         try:
             prediction = await _hedged(replicas, guard.hedger, body, headers, call.next_attempt())
@@ -255,10 +265,8 @@ async def _call(
         guard.breaker.released()
         raise
     except Exception as exc:
-        _settle(call, guard, exc)
-        return call.failed(exc)
-    _settle(call, guard, None)
-    return call.succeeded(prediction)
+        return _close(call, guard, exc, None)
+    return _close(call, guard, None, prediction)
 
 
 def _call_blocking(
@@ -268,13 +276,9 @@ def _call_blocking(
     headers: Mapping[str, str],
     deadline: Deadline,
 ) -> Outcome:
-    call = _Call(replicas.name, replicas.timeout_s, deadline)
-    if call.hopeless:
-        return call.skipped()
-    try:
-        guard.breaker.before_call()
-    except CircuitOpen as exc:
-        return call.failed(exc)
+    call = _open(replicas.name, replicas.timeout_s, guard, deadline)
+    if isinstance(call, Outcome):
+        return call
     try:
         try:
             prediction = replicas.pick()[0].recommend(body, headers, call.next_attempt())
@@ -288,10 +292,8 @@ def _call_blocking(
                     budget = call.next_attempt()
                     prediction = replicas.pick()[0].recommend(body, headers, budget)
     except Exception as exc:
-        _settle(call, guard, exc)
-        return call.failed(exc)
-    _settle(call, guard, None)
-    return call.succeeded(prediction)
+        return _close(call, guard, exc, None)
+    return _close(call, guard, None, prediction)
 
 
 class _OverSharedSession:
