@@ -17,6 +17,7 @@ from gateway.config import Settings, load_settings
 from gateway.errors import register_error_handlers
 from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
+from gateway.security import TokenCheck
 
 __all__ = ["GatewayFlask", "Settings", "create_app", "load_settings"]
 
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> GatewayFlask:
     app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details
     runtime = WorkerRuntime(settings)
     app.extensions["gateway"] = runtime
+    app.extensions["gateway.tokens"] = TokenCheck(settings.api_keys)
     app.register_blueprint(blueprint)
     register_error_handlers(app)
     atexit.register(runtime.close)

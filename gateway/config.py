@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -24,11 +24,17 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from gateway.errors import ConfigError
 
@@ -165,10 +171,22 @@ class Settings(BaseSettings):
         default=200, ge=1, description="Requests one worker serves at once; more are shed (503)."
     )
     shed_retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a shed request.")
+    # GATEWAY_API_KEYS=key1,key2 (comma-separated), or a YAML list in the file.
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="When set, /recommendation needs X-Api-Token."
+    )
+    metrics_require_token: bool = False
     pool: PoolSettings = PoolSettings()
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
     hedging: HedgingSettings = HedgingSettings()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
 
     @field_validator("recommenders")
     @classmethod

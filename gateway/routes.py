@@ -20,6 +20,7 @@ from gateway.schemas import (
     RecommenderResult,
     SourceReport,
 )
+from gateway.security import TOKEN_HEADER, TokenCheck
 
 __all__ = ["REQUEST_ID_HEADER", "blueprint"]
 
@@ -52,6 +53,28 @@ def _assign_request_id() -> None:
             400,
             f"header {REQUEST_ID_HEADER} must be 1 to {_REQUEST_ID_MAX} visible ASCII characters",
         )
+
+
+# Endpoints that need a token when API keys are configured.
+_PROTECTED = frozenset({"gateway.recommendation"})
+
+
+@blueprint.before_request
+def _require_token() -> Response | None:
+    """401 for a protected endpoint without a valid `X-Api-Token`, when keys are configured."""
+    tokens: TokenCheck = current_app.extensions["gateway.tokens"]
+    protected = request.endpoint in _PROTECTED or (
+        request.endpoint == "gateway.metrics" and _runtime().settings.metrics_require_token
+    )
+    if not tokens.enabled or not protected:
+        return None
+    token = request.headers.get(TOKEN_HEADER)
+    challenge = {"WWW-Authenticate": f'ApiKey header="{TOKEN_HEADER}"'}
+    if token is None:
+        return error_response(401, f"missing {TOKEN_HEADER} header", headers=challenge)
+    if not tokens.allows(token):
+        return error_response(401, f"invalid API token in {TOKEN_HEADER}", headers=challenge)
+    return None
 
 
 @blueprint.before_request

@@ -1,0 +1,78 @@
+"""API tokens: when keys are configured, /recommendation needs one; health stays open."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from gateway import GatewayFlask, create_app
+from gateway.config import load_settings
+from gateway.security import TokenCheck
+from mock_recommenders import MockFleet
+from tests.conftest import settings_for
+
+Serve = Callable[[GatewayFlask], str]
+
+
+@pytest.fixture
+def guarded(fleet: MockFleet, serve: Serve) -> str:
+    return serve(create_app(settings_for(fleet, api_keys=["k-one", "k-two"])))
+
+
+def post(url: str, **headers: str) -> requests.Response:
+    return requests.post(f"{url}/recommendation", json={}, headers=headers, timeout=5)
+
+
+def test_a_missing_token_is_401_and_calls_nobody(fleet: MockFleet, guarded: str) -> None:
+    response = post(guarded)
+
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == "missing X-Api-Token header"
+    assert response.headers["WWW-Authenticate"] == 'ApiKey header="X-Api-Token"'
+    assert fleet.stats("sml")["requests"] == 0
+
+
+@pytest.mark.parametrize("token", ["wrong", "k-one ", "k-on", "", "K-ONE"])
+def test_a_wrong_token_is_401(guarded: str, token: str) -> None:
+    response = post(guarded, **{"X-Api-Token": token})
+
+    assert response.status_code == 401
+    assert response.json()["error"]["message"] == "invalid API token in X-Api-Token"
+
+
+@pytest.mark.parametrize("token", ["k-one", "k-two"])
+def test_any_configured_token_is_let_through(guarded: str, token: str) -> None:
+    assert post(guarded, **{"X-Api-Token": token}).status_code == 200
+
+
+def test_health_stays_open(guarded: str) -> None:
+    assert requests.get(f"{guarded}/healthz", timeout=5).status_code == 200
+    assert requests.get(f"{guarded}/readyz", timeout=5).status_code == 200
+
+
+def test_without_keys_nothing_is_asked(gateway_url: str) -> None:
+    assert post(gateway_url).status_code == 200
+
+
+def test_keys_come_comma_separated_from_the_environment(
+    clean_environment: pytest.MonkeyPatch,
+) -> None:
+    clean_environment.setenv("GATEWAY_API_KEYS", " a1 ,b2,, ")
+
+    keys = load_settings().api_keys
+
+    assert [key.get_secret_value() for key in keys] == ["a1", "b2"]
+    assert "a1" not in repr(keys)  # secrets stay out of logs and reprs
+
+
+def test_the_check_compares_every_key() -> None:
+    from pydantic import SecretStr
+
+    check = TokenCheck([SecretStr("alpha"), SecretStr("beta")])
+
+    assert check.enabled
+    assert check.allows("beta")
+    assert not check.allows("gamma")
+    assert not TokenCheck([]).enabled
