@@ -179,7 +179,10 @@ def _request_error(exc: RequestError) -> Response:
 
 
 def _unexpected_error(exc: Exception) -> Response:
-    log.exception("unhandled error serving request %s", g.get("request_id") if g else None)
+    request_id = g.get("request_id") if g else None
+    log.exception(
+        "unhandled error serving request %s", request_id, extra={"request_id": request_id}
+    )
     return error_response(500, "internal gateway error; the request id is in the gateway log")
 
 

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from gateway.clients import parse_json
 from gateway.errors import RequestError, error_body, error_response
 from gateway.fanout import Deadline, Outcome
+from gateway.logs import log_request
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
     RecommendationRequest,
@@ -117,6 +118,7 @@ def _echo_request_id(response: Response) -> Response:
     request_id = g.get("request_id")
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
+    log_request(response)
     return response
 
 
@@ -178,6 +180,7 @@ async def recommendation() -> Response:
     deadline = Deadline.after(runtime.settings.deadline_ms, start=g.received_at)
     headers = {REQUEST_ID_HEADER: g.request_id}
     outcomes = await runtime.fan_out.fan_out(body, headers, deadline)
+    g.outcomes = outcomes
     return _respond(outcomes, g.request_id)
 
 

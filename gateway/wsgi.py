@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-
 from gateway import create_app
 from gateway.errors import ConfigError
+from gateway.logs import configure_logging
 
 __all__ = ["app"]
 
-# Under gunicorn, the gateway's log lines go where gunicorn's error log goes, at its level.
-_gunicorn_log = logging.getLogger("gunicorn.error")
-if _gunicorn_log.handlers:
-    _gateway_log = logging.getLogger("gateway")
-    _gateway_log.handlers = _gunicorn_log.handlers
-    _gateway_log.setLevel(_gunicorn_log.level)
-    _gateway_log.propagate = False
+# The serving process logs JSON lines on stdout; gunicorn's own log stays on stderr.
+configure_logging()
 
 try:
     app = create_app()

@@ -1,0 +1,84 @@
+"""Structured logs: a JSON line per request, errors with their traceback in the log only."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from gateway import GatewayFlask, create_app
+from gateway.logs import configure_logging
+from mock_recommenders import MockFleet
+from tests.conftest import settings_for
+from tests.test_gunicorn import gunicorn
+
+Serve = Callable[[GatewayFlask], str]
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """The `gateway` loggers writing JSON into a buffer, restored afterwards."""
+    logger = logging.getLogger("gateway")
+    saved = (logger.handlers[:], logger.level, logger.propagate)
+    stream = io.StringIO()
+    configure_logging(stream=stream)
+    yield stream
+    logger.handlers, logger.level, logger.propagate = saved[0], saved[1], saved[2]
+
+
+def lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def test_one_json_line_per_request_with_its_sources(
+    fleet: MockFleet, serve: Serve, log_stream: io.StringIO
+) -> None:
+    app = create_app(settings_for(fleet))
+
+    @app.get("/explode")
+    def explode() -> None:
+        raise RuntimeError("a secret detail")
+
+    url = serve(app)
+    fleet.set_behaviour("trd", status=503)
+    requests.post(f"{url}/recommendation", json={}, headers={"X-Request-ID": "L-1"}, timeout=5)
+    requests.post(
+        f"{url}/recommendation", json={"resultSize": 0}, headers={"X-Request-ID": "L-2"}, timeout=5
+    )
+    response = requests.get(f"{url}/explode", headers={"X-Request-ID": "L-3"}, timeout=5)
+
+    records = lines(log_stream.getvalue())
+    by_id = {r["request_id"]: r for r in records if r["message"] == "request"}
+    first = by_id["L-1"]
+    assert (first["logger"], first["level"], first["status"]) == ("gateway.access", "INFO", 200)
+    assert (first["method"], first["path"]) == ("POST", "/recommendation")
+    assert first["complete"] is False
+    assert first["sources"]["trd"] == {"status": "error", "attempts": 2}
+    assert first["sources"]["sml"] == {"status": "ok", "attempts": 1}
+    assert first["latency_ms"] > 0
+    assert by_id["L-2"]["status"] == 422 and "sources" not in by_id["L-2"]
+    assert by_id["L-3"]["status"] == 500
+    (error,) = [r for r in records if r["level"] == "ERROR"]
+    assert error["request_id"] == "L-3"
+    assert "Traceback" in error["exc_info"] and "a secret detail" in error["exc_info"]
+    assert "secret" not in response.text
+
+
+def test_under_gunicorn_the_lines_reach_stdout_at_once(fleet: MockFleet) -> None:
+    with gunicorn(fleet, "--workers", "2") as server:
+        for i in range(3):
+            requests.post(
+                f"{server.url}/recommendation",
+                json={},
+                headers={"X-Request-ID": f"G-{i}"},
+                timeout=5,
+            )
+        # No flush, no shutdown: the lines must already be there.
+        logged = {r.get("request_id") for r in lines(server.output()) if r["message"] == "request"}
+
+    assert {"G-0", "G-1", "G-2"} <= logged
