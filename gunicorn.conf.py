@@ -7,8 +7,11 @@ in `GUNICORN_CMD_ARGS`, override this file; `WEB_CONCURRENCY` sets the number of
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 bind = "127.0.0.1:5000"
@@ -44,6 +47,30 @@ errorlog = "-"
 loglevel = "info"
 
 
+# Prometheus multiprocess mode: every worker writes its metrics into one directory, which
+# `/metrics` merges. It must be set before any worker imports prometheus_client, so here, in
+# the master; a directory given by the environment is emptied of a previous run's files.
+_METRICS_DIR_OWNED = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
+if _METRICS_DIR_OWNED:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+else:
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink()
+
+
+def child_exit(server: Any, worker: Any) -> None:
+    """Drop a dead worker's live gauges (in-flight requests) from the merged metrics."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server: Any) -> None:
+    """Remove the metrics directory this configuration created."""
+    if _METRICS_DIR_OWNED:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
 def on_starting(server: Any) -> None:
     """Validate the settings in the master, so a bad config stops start-up with one message."""
     from gateway.config import load_settings
@@ -53,6 +80,7 @@ def on_starting(server: Any) -> None:
         load_settings()
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr, flush=True)
+        on_exit(server)
         sys.exit(1)
 
 

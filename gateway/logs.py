@@ -42,9 +42,9 @@ def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> Non
     gateway.propagate = False
 
 
-def log_request(response: Response) -> None:
+def log_request(response: Response, enabled: bool = True) -> None:
     """Write the request's line: who asked what, what came back, and from which sources."""
-    if not access_log.isEnabledFor(logging.INFO):
+    if not enabled or not access_log.isEnabledFor(logging.INFO):
         return
     started = g.get("received_at")
     fields: dict[str, Any] = {

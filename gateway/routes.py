@@ -10,6 +10,7 @@ import uuid
 from flask import Blueprint, Response, current_app, g, request
 from pydantic import ValidationError
 
+from gateway import metrics
 from gateway.clients import parse_json
 from gateway.errors import RequestError, error_body, error_response
 from gateway.fanout import Deadline, Outcome
@@ -65,7 +66,7 @@ def _require_token() -> Response | None:
     """401 for a protected endpoint without a valid `X-Api-Token`, when keys are configured."""
     tokens: TokenCheck = current_app.extensions["gateway.tokens"]
     protected = request.endpoint in _PROTECTED or (
-        request.endpoint == "gateway.metrics" and _runtime().settings.metrics_require_token
+        request.endpoint == "gateway.metrics_endpoint" and _runtime().settings.metrics_require_token
     )
     if not tokens.enabled or not protected:
         return None
@@ -86,6 +87,7 @@ def _shed_when_full() -> Response | None:
     runtime = _runtime()
     if runtime.admission.try_enter():
         g.admitted = True
+        metrics.IN_FLIGHT.inc()
         return None
     settings = runtime.settings
     reason = "not called: the gateway is shedding load"
@@ -111,6 +113,7 @@ def _shed_when_full() -> Response | None:
 def _leave(error: BaseException | None) -> None:
     if g.pop("admitted", False):
         _runtime().admission.leave()
+        metrics.IN_FLIGHT.dec()
 
 
 @blueprint.after_app_request
@@ -118,7 +121,9 @@ def _echo_request_id(response: Response) -> Response:
     request_id = g.get("request_id")
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
-    log_request(response)
+    log_request(response, _runtime().settings.log_requests)
+    route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+    metrics.observe_request(route, response.status_code, time.perf_counter() - g.received_at)
     return response
 
 
@@ -181,7 +186,16 @@ async def recommendation() -> Response:
     headers = {REQUEST_ID_HEADER: g.request_id}
     outcomes = await runtime.fan_out.fan_out(body, headers, deadline)
     g.outcomes = outcomes
+    metrics.observe_outcomes(
+        outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
+    )
     return _respond(outcomes, g.request_id)
+
+
+@blueprint.get("/metrics")
+def metrics_endpoint() -> Response:
+    """Prometheus metrics, summed over this gateway's workers."""
+    return Response(metrics.render(), content_type=metrics.CONTENT_TYPE_LATEST)
 
 
 @blueprint.get("/healthz")

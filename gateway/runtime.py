@@ -96,6 +96,11 @@ class WorkerRuntime:
         return fan_out
 
     @property
+    def guards(self) -> dict[str, Guard]:
+        """This process's guards (retry policy, breaker, hedger) by recommender name."""
+        return self._ensure_started().guards
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """This process's long-lived event loop."""
         return self._ensure_started().loop

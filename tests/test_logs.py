@@ -82,3 +82,13 @@ def test_under_gunicorn_the_lines_reach_stdout_at_once(fleet: MockFleet) -> None
         logged = {r.get("request_id") for r in lines(server.output()) if r["message"] == "request"}
 
     assert {"G-0", "G-1", "G-2"} <= logged
+
+
+def test_request_lines_can_be_switched_off(
+    fleet: MockFleet, serve: Serve, log_stream: io.StringIO
+) -> None:
+    url = serve(create_app(settings_for(fleet, log_requests=False)))
+
+    requests.post(f"{url}/recommendation", json={}, timeout=5)
+
+    assert [r for r in lines(log_stream.getvalue()) if r["message"] == "request"] == []

@@ -76,3 +76,15 @@ def test_the_check_compares_every_key() -> None:
     assert check.allows("beta")
     assert not check.allows("gamma")
     assert not TokenCheck([]).enabled
+
+
+@pytest.mark.parametrize(("required", "without_token"), [(True, 401), (False, 200)])
+def test_metrics_need_a_token_only_when_configured(
+    fleet: MockFleet, serve: Serve, required: bool, without_token: int
+) -> None:
+    settings = settings_for(fleet, api_keys=["k"], metrics_require_token=required)
+    url = serve(create_app(settings))
+
+    assert requests.get(f"{url}/metrics", timeout=5).status_code == without_token
+    headers = {"X-Api-Token": "k"}
+    assert requests.get(f"{url}/metrics", headers=headers, timeout=5).status_code == 200
