@@ -1,0 +1,152 @@
+"""A small client for the gateway: `recommend` (sync), `recommend_async`, and a command line.
+
+    >>> from gateway.client import recommend
+    >>> answer = recommend("http://127.0.0.1:5000", user_id="u1", result_size=3)
+    >>> [entry.name for entry in answer.result], answer.complete
+
+Command line: ``python -m gateway.client --url http://127.0.0.1:5000 --user u1`` prints the
+response; it exits 0 on 200, 1 on an error status (printed to stderr), 2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from typing import Any
+
+import aiohttp
+import requests
+
+from gateway.schemas import RecommendationResponse
+from gateway.security import TOKEN_HEADER
+
+__all__ = ["GatewayHTTPError", "main", "recommend", "recommend_async"]
+
+
+class GatewayHTTPError(Exception):
+    """The gateway answered an error status; `body` is its JSON error document."""
+
+    def __init__(self, status: int, body: Any):
+        message = body.get("error", {}).get("message") if isinstance(body, dict) else None
+        super().__init__(f"HTTP {status}: {message or body}")
+        self.status = status
+        self.body = body
+
+
+def _request(
+    user_id: str | None,
+    result_size: int | None,
+    context: dict[str, Any] | None,
+    token: str | None,
+    request_id: str | None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    body: dict[str, Any] = {}
+    if user_id is not None:
+        body["user_id"] = user_id
+    if result_size is not None:
+        body["resultSize"] = result_size
+    if context is not None:
+        body["context"] = context
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers[TOKEN_HEADER] = token
+    if request_id is not None:
+        headers["X-Request-ID"] = request_id
+    return body, headers
+
+
+def _answer(status: int, text: str) -> RecommendationResponse:
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = text
+    if status != 200:
+        raise GatewayHTTPError(status, body)
+    return RecommendationResponse.model_validate(body)
+
+
+def recommend(
+    url: str,
+    *,
+    user_id: str | None = None,
+    result_size: int | None = None,
+    context: dict[str, Any] | None = None,
+    token: str | None = None,
+    request_id: str | None = None,
+    timeout_s: float = 5.0,
+    session: requests.Session | None = None,
+) -> RecommendationResponse:
+    """Ask the gateway at `url` for recommendations; raise `GatewayHTTPError` on an error status."""
+    body, headers = _request(user_id, result_size, context, token, request_id)
+    poster = session or requests
+    response = poster.post(
+        f"{url.rstrip('/')}/recommendation", json=body, headers=headers, timeout=timeout_s
+    )
+    return _answer(response.status_code, response.text)
+
+
+async def recommend_async(
+    url: str,
+    *,
+    user_id: str | None = None,
+    result_size: int | None = None,
+    context: dict[str, Any] | None = None,
+    token: str | None = None,
+    request_id: str | None = None,
+    timeout_s: float = 5.0,
+    session: aiohttp.ClientSession | None = None,
+) -> RecommendationResponse:
+    """The same as `recommend`, with aiohttp; pass a `session` to reuse its connections."""
+    body, headers = _request(user_id, result_size, context, token, request_id)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    own = session is None
+    client = session or aiohttp.ClientSession()
+    try:
+        async with client.post(
+            f"{url.rstrip('/')}/recommendation", json=body, headers=headers, timeout=timeout
+        ) as response:
+            return _answer(response.status, await response.text())
+    finally:
+        if own:
+            await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: one request, its response printed as JSON."""
+    parser = argparse.ArgumentParser(prog="python -m gateway.client", description=__doc__)
+    parser.add_argument("--url", default="http://127.0.0.1:5000", help="the gateway's base URL")
+    parser.add_argument("--user", help="user_id")
+    parser.add_argument("--size", type=int, help="resultSize (1-100)")
+    parser.add_argument("--context", type=json.loads, help="context, as a JSON object")
+    parser.add_argument("--token", help=f"API token ({TOKEN_HEADER})")
+    parser.add_argument("--request-id", help="X-Request-ID to send")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
+    args = parser.parse_args(argv)
+    try:
+        answer = asyncio.run(
+            recommend_async(
+                args.url,
+                user_id=args.user,
+                result_size=args.size,
+                context=args.context,
+                token=args.token,
+                request_id=args.request_id,
+                timeout_s=args.timeout,
+            )
+        )
+    except GatewayHTTPError as exc:
+        print(json.dumps(exc.body, indent=2), file=sys.stderr)
+        return 1
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        print(
+            f"gateway.client: cannot reach {args.url}: {exc or type(exc).__name__}", file=sys.stderr
+        )
+        return 1
+    print(answer.model_dump_json(indent=2, exclude_none=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

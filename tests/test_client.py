@@ -1,0 +1,82 @@
+"""The client: sync, async and command line, against the real app and mocks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+
+import aiohttp
+import pytest
+
+from gateway import GatewayFlask, create_app
+from gateway.client import GatewayHTTPError, recommend, recommend_async
+from mock_recommenders import MockFleet
+from mock_recommenders.ranking import rank_items
+from tests.conftest import NAMES, ROOT, free_port, settings_for
+
+Serve = Callable[[GatewayFlask], str]
+
+
+def test_recommend_returns_the_typed_answer(gateway_url: str, fleet: MockFleet) -> None:
+    answer = recommend(
+        gateway_url, user_id="c1", result_size=2, context={"page": "home"}, request_id="c-1"
+    )
+
+    assert answer.request_id == "c-1"
+    assert answer.complete is True
+    assert [entry.name for entry in answer.result] == list(NAMES)
+    assert answer.result[0].prediction["items"] == rank_items("sml", "c1", 2)
+    seen = fleet.last_request("sml")
+    assert seen is not None and seen["body"]["context"] == {"page": "home"}
+
+
+async def test_recommend_async_with_and_without_a_session(gateway_url: str) -> None:
+    answer = await recommend_async(gateway_url, user_id="c2")
+    assert answer.complete is True
+
+    async with aiohttp.ClientSession() as session:
+        again = await recommend_async(gateway_url, user_id="c2", session=session)
+    assert [e.prediction["items"] for e in again.result] == [
+        e.prediction["items"] for e in answer.result
+    ]
+
+
+def test_error_statuses_raise_with_the_message(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(settings_for(fleet, api_keys=["secret"])))
+
+    with pytest.raises(GatewayHTTPError, match="HTTP 401: missing X-Api-Token header") as caught:
+        recommend(url, user_id="c3")
+    assert caught.value.status == 401
+
+    assert recommend(url, user_id="c3", token="secret").complete is True
+    with pytest.raises(GatewayHTTPError, match="HTTP 422: invalid request: resultSize"):
+        recommend(url, result_size=0, token="secret")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway.client", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_the_command_line_prints_the_response(gateway_url: str) -> None:
+    done = run_cli("--url", gateway_url, "--user", "u1", "--size", "1")
+
+    assert done.returncode == 0, done.stderr
+    assert '"complete": true' in done.stdout
+    assert rank_items("psn", "u1", 1)[0]["id"] in done.stdout
+
+
+def test_the_command_line_reports_errors_and_unreachable_gateways(gateway_url: str) -> None:
+    bad = run_cli("--url", gateway_url, "--size", "0")
+    assert bad.returncode == 1
+    assert "resultSize" in bad.stderr
+
+    down = run_cli("--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2")
+    assert down.returncode == 1
+    assert "cannot reach" in down.stderr
