@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib.metadata
+import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -15,6 +17,7 @@ from werkzeug.exceptions import GatewayTimeout
 
 from gateway.config import Settings, load_settings
 from gateway.errors import register_error_handlers
+from gateway.openapi import build_spec
 from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
 from gateway.security import TokenCheck
@@ -59,6 +62,13 @@ class GatewayFlask(Flask):
         return run_on_worker_loop
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fusion-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
 def create_app(settings: Settings | None = None) -> GatewayFlask:
     """Build the gateway app from `settings` (default: `load_settings()`)."""
     settings = settings if settings is not None else load_settings()
@@ -68,6 +78,7 @@ def create_app(settings: Settings | None = None) -> GatewayFlask:
     runtime = WorkerRuntime(settings)
     app.extensions["gateway"] = runtime
     app.extensions["gateway.tokens"] = TokenCheck(settings.api_keys)
+    app.extensions["gateway.openapi"] = json.dumps(build_spec(settings, _version()))
     app.register_blueprint(blueprint)
     register_error_handlers(app)
     atexit.register(runtime.close)

@@ -7,8 +7,9 @@ import json
 import time
 import uuid
 
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, current_app, g, request, send_from_directory
 from pydantic import ValidationError
+from swagger_ui_bundle import swagger_ui_path
 
 from gateway import metrics
 from gateway.clients import parse_json
@@ -190,6 +191,35 @@ async def recommendation() -> Response:
         outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
     )
     return _respond(outcomes, g.request_id)
+
+
+@blueprint.get("/openapi.json")
+def openapi() -> Response:
+    """The OpenAPI 3.1 document, built from the request and response models."""
+    spec: str = current_app.extensions["gateway.openapi"]
+    return Response(spec, mimetype="application/json")
+
+
+_DOCS_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Fusion gateway API</title>
+<link rel="stylesheet" href="/docs/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/swagger-ui-bundle.js"></script>
+<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
+</body></html>
+"""
+
+
+@blueprint.get("/docs")
+def docs() -> Response:
+    """Swagger UI, its assets served by the gateway itself (works offline)."""
+    return Response(_DOCS_PAGE, mimetype="text/html")
+
+
+@blueprint.get("/docs/<path:asset>")
+def docs_asset(asset: str) -> Response:
+    """Swagger UI's JavaScript and CSS, from the installed swagger-ui-bundle package."""
+    return send_from_directory(swagger_ui_path, asset, max_age=86400)
 
 
 @blueprint.get("/metrics")

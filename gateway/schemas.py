@@ -4,26 +4,45 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from gateway.errors import SourceStatus
 
 __all__ = [
+    "ErrorDetail",
+    "ErrorDocument",
+    "ErrorInfo",
     "RecommendationRequest",
     "RecommendationResponse",
     "RecommenderResult",
     "SourceReport",
+    "UnansweredRecommendation",
 ]
 
 
 class RecommendationRequest(BaseModel):
     """What a frontend sends; fields beyond these are kept and forwarded as they came."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(
+        extra="allow",
+        strict=True,
+        json_schema_extra={
+            "examples": [{"user_id": "u1", "resultSize": 3, "context": {"page": "home"}}]
+        },
+    )
 
     resultSize: int = Field(default=10, ge=1, le=100, description="Items wanted per recommender.")  # noqa: N815 - the wire name
     user_id: str | None = Field(default=None, max_length=256)
     context: dict[str, Any] | None = None
+
+    @field_validator("resultSize", mode="before")
+    @classmethod
+    def _integral_number(cls, value: Any) -> Any:
+        # JSON has one number type: 36.0 is the integer 36 (as JSON Schema says); strings,
+        # booleans and 36.5 are still refused by the strict check that follows.
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
 
     def forwarded(self) -> dict[str, Any]:
         """The body sent to every recommender: defaults filled in, absent optionals left out."""
@@ -47,10 +66,87 @@ class SourceReport(BaseModel):
     error: str | None = None
 
 
+_SOURCES_EXAMPLE: dict[str, JsonValue] = {
+    "sml": {"status": "ok", "latency_ms": 21.4, "attempts": 1},
+    "trd": {
+        "status": "timeout",
+        "latency_ms": 250.3,
+        "attempts": 1,
+        "error": "no answer within 250 ms",
+    },
+}
+
+
 class RecommendationResponse(BaseModel):
     """The merged answer: every answer in config order, and what happened to each call."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "result": [
+                        {"name": "sml", "prediction": {"items": [{"id": "i7", "score": 0.93}]}}
+                    ],
+                    "sources": _SOURCES_EXAMPLE,
+                    "complete": False,
+                    "request_id": "3f2a9c",
+                }
+            ]
+        }
+    )
 
     result: list[RecommenderResult]
     sources: dict[str, SourceReport]
     complete: bool
     request_id: str
+
+
+class ErrorDetail(BaseModel):
+    """One field's problem, in a validation error."""
+
+    field: str
+    message: str
+
+
+class ErrorInfo(BaseModel):
+    """What went wrong."""
+
+    status: int
+    message: str
+    details: list[ErrorDetail] | None = None
+
+
+class ErrorDocument(BaseModel):
+    """The body of every 4xx and 5xx."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "error": {
+                        "status": 422,
+                        "message": "invalid request: resultSize: Input should be less than "
+                        "or equal to 100",
+                        "details": [
+                            {
+                                "field": "resultSize",
+                                "message": "Input should be less than or equal to 100",
+                            }
+                        ],
+                    },
+                    "request_id": "3f2a9c",
+                }
+            ]
+        }
+    )
+
+    error: ErrorInfo
+    request_id: str | None = None
+
+
+class UnansweredRecommendation(ErrorDocument):
+    """A 502 (no recommender answered) or 503 (shed): the error, and every source's status."""
+
+    result: list[RecommenderResult]
+    sources: dict[str, SourceReport]
+    complete: bool

@@ -156,6 +156,7 @@ def test_sequential_requests_reuse_connections(fleet: MockFleet, gateway_url: st
         (b'{"resultSize": 101}', 422, "resultSize: Input should be less than or equal to 100"),
         (b'{"resultSize": "10"}', 422, "resultSize: Input should be a valid integer"),
         (b'{"resultSize": true}', 422, "resultSize: Input should be a valid integer"),
+        (b'{"resultSize": 3.5}', 422, "resultSize: Input should be a valid integer"),
         (b'{"user_id": 7}', 422, "user_id: Input should be a valid string"),
         (b'{"context": [1]}', 422, "context: Input should be a valid dictionary"),
     ],
@@ -334,3 +335,12 @@ def test_request_ids_are_echoed_on_every_response(gateway_url: str) -> None:
         json.loads(recommend(gateway_url, {}, headers={"X-Request-ID": "h-1"}).text)["request_id"]
         == "h-1"
     )
+
+
+def test_an_integral_number_is_an_integer(fleet: MockFleet, gateway_url: str) -> None:
+    response = recommend(gateway_url, data=b'{"resultSize": 3.0}')
+
+    assert response.status_code == 200
+    seen = fleet.last_request("sml")
+    assert seen is not None and seen["body"]["resultSize"] == 3
+    assert len(response.json()["result"][0]["prediction"]["items"]) == 3

@@ -1,0 +1,119 @@
+"""The OpenAPI 3.1 document, generated from the same pydantic models that validate and shape.
+
+pydantic writes JSON Schema 2020-12, which is what OpenAPI 3.1 uses, so the models' schemas go
+into `components.schemas` as they are. The document is built once per app, from its settings
+(whether API tokens are required shows in `security`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic.json_schema import models_json_schema
+
+from gateway.config import Settings
+from gateway.schemas import (
+    ErrorDocument,
+    RecommendationRequest,
+    RecommendationResponse,
+    UnansweredRecommendation,
+)
+from gateway.security import TOKEN_HEADER
+
+__all__ = ["build_spec"]
+
+_REF = "#/components/schemas/{model}"
+
+
+def _json(schema_name: str, description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": _REF.format(model=schema_name)}}},
+    }
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json("ErrorDocument", description)
+
+
+_REQUEST_ID = {
+    "name": "X-Request-ID",
+    "in": "header",
+    "required": False,
+    "description": "Taken, or generated when absent; forwarded and echoed.",
+    "schema": {"type": "string", "pattern": "^[!-~]{1,128}$"},
+}
+
+_ECHOED_ID = {"X-Request-ID": {"schema": {"type": "string"}, "description": "The request's id."}}
+
+
+def build_spec(settings: Settings, version: str) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of a gateway with `settings`."""
+    _, definitions = models_json_schema(
+        [
+            (RecommendationRequest, "validation"),
+            (RecommendationResponse, "serialization"),
+            (ErrorDocument, "serialization"),
+            (UnansweredRecommendation, "serialization"),
+        ],
+        ref_template=_REF,
+    )
+    recommendation: dict[str, Any] = {
+        "summary": "Fan one request out to every recommender and merge the answers",
+        "operationId": "recommend",
+        "parameters": [_REQUEST_ID],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": _REF.format(model="RecommendationRequest")}}
+            },
+        },
+        "responses": {
+            "200": _json("RecommendationResponse", "Every answer, in config order")
+            | {"headers": _ECHOED_ID},
+            "400": _error("The body is empty, not JSON, or not an object; a bad X-Request-ID"),
+            "401": _error(f"API keys are configured and {TOKEN_HEADER} is missing or wrong"),
+            "413": _error(f"The body is larger than {settings.max_body_bytes} bytes"),
+            "422": _error("A field breaks the schema; `details` lists every field"),
+            "500": _error("A gateway bug; the traceback is in its log under the request id"),
+            "502": _json("UnansweredRecommendation", "No recommender answered"),
+            "503": _json("UnansweredRecommendation", "Overloaded: shed, retry after a while"),
+        },
+    }
+    if settings.api_keys:
+        recommendation["security"] = [{"apiToken": []}]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Fusion gateway",
+            "version": version,
+            "description": "One request, fanned out to every recommender, merged into one answer "
+            "that says which recommenders answered.",
+        },
+        "paths": {
+            "/recommendation": {"post": recommendation},
+            "/healthz": {
+                "get": {
+                    "summary": "The process is up",
+                    "operationId": "healthz",
+                    "responses": {"200": {"description": "Up"}},
+                }
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Config loaded and the recommender session open",
+                    "operationId": "readyz",
+                    "responses": {
+                        "200": {"description": "Ready"},
+                        "503": _error("The session is not open"),
+                    },
+                }
+            },
+        },
+        "components": {
+            "schemas": definitions["$defs"],
+            "securitySchemes": {
+                "apiToken": {"type": "apiKey", "in": "header", "name": TOKEN_HEADER}
+            },
+        },
+    }
