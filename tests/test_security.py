@@ -88,3 +88,23 @@ def test_metrics_need_a_token_only_when_configured(
     assert requests.get(f"{url}/metrics", timeout=5).status_code == without_token
     headers = {"X-Api-Token": "k"}
     assert requests.get(f"{url}/metrics", headers=headers, timeout=5).status_code == 200
+
+
+def test_nothing_in_a_request_chooses_where_the_gateway_calls(
+    fleet: MockFleet, gateway_url: str
+) -> None:
+    elsewhere = "http://127.0.0.1:9/steal"
+    body = {
+        "url": elsewhere,
+        "urls": [elsewhere],
+        "recommenders": [{"name": "x", "url": elsewhere}],
+    }
+    headers = {"Host": "127.0.0.1:9", "X-Forwarded-Host": "127.0.0.1:9"}
+
+    response = requests.post(f"{gateway_url}/recommendation", json=body, headers=headers, timeout=5)
+
+    assert response.status_code == 200
+    assert response.json()["complete"] is True  # the configured recommenders, every one
+    assert {fleet.stats(name)["requests"] for name in ("sml", "asc", "trd", "psn")} == {1}
+    seen = fleet.last_request("sml")
+    assert seen is not None and seen["body"]["url"] == elsewhere  # passed through, not followed
