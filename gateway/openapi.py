@@ -99,6 +99,21 @@ def build_spec(settings: Settings, version: str) -> dict[str, Any]:
                     "responses": {"200": {"description": "Up"}},
                 }
             },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics, summed over the gateway's workers",
+                    "operationId": "metrics",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        },
+                        "401": _error(
+                            f"`metrics_require_token` is set and {TOKEN_HEADER} is wrong"
+                        ),
+                    },
+                }
+            },
             "/readyz": {
                 "get": {
                     "summary": "Config loaded and the recommender session open",

@@ -72,6 +72,7 @@ def test_the_live_app_keeps_its_contract(gateway_url: str) -> None:
         "/recommendation",
         "/healthz",
         "/readyz",
+        "/metrics",
     }
     for operation in operations:
 
