@@ -1,0 +1,223 @@
+"""Fusion: the recommenders' lists merged into one ranking, each item saying where it came from.
+
+Strategies share one interface (`Fusion.fuse`) and are chosen by name from `FUSIONS`:
+
+- ``concat``: each list in config order, duplicates removed, first occurrence kept;
+- ``rrf``: reciprocal rank fusion, score(d) = Σ_r w_r / (k + rank_r(d)), ranks from 1
+  (Cormack, Clarke & Buettcher, SIGIR 2009);
+- ``weighted``: scores min-max normalised per list, times the list's weight, summed (CombSUM);
+- ``combmnz``: CombSUM times the number of lists that contain the item;
+- ``interleave``: team-draft interleaving (Radlinski, Kurup & Joachims, CIKM 2008), the
+  teams' picking order drawn per round from a generator seeded by the request id.
+
+Items are matched by the `id` of each recommender's `items`. Ties are broken by the best rank
+the item reached in any list, then by id: never by the order in which answers arrived.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+__all__ = [
+    "FUSIONS",
+    "FusedItem",
+    "Fusion",
+    "Provenance",
+    "Ranked",
+    "coverage",
+    "ranked_from",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    """One recommender's answer as a ranked list of `(id, score)`; score None when absent."""
+
+    name: str
+    weight: float
+    items: tuple[tuple[str, float | None], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    """Where a fused item was: which recommender, at which rank (from 1), with which score."""
+
+    name: str
+    rank: int
+    score: float | None
+
+
+@dataclass(slots=True)
+class FusedItem:
+    """One item of the fused ranking, with its fused score and its provenance."""
+
+    id: str
+    score: float
+    sources: list[Provenance] = field(default_factory=list)
+
+
+def ranked_from(name: str, weight: float, prediction: Any) -> Ranked:
+    """A recommender's `{"items": [{"id", "score"}, ...]}` as a `Ranked`; odd entries skipped."""
+    items = prediction.get("items") if isinstance(prediction, dict) else None
+    seen: set[str] = set()
+    ranked = []
+    for entry in items if isinstance(items, list) else []:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str | int):
+            continue
+        item_id = str(entry["id"])
+        if item_id in seen:  # a repeat within one list keeps its first, better rank
+            continue
+        seen.add(item_id)
+        score = entry.get("score")
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            score = None
+        ranked.append((item_id, None if score is None else float(score)))
+    return Ranked(name, weight, tuple(ranked))
+
+
+def coverage(answered: Sequence[Ranked], weights: Mapping[str, float]) -> float:
+    """The summed weight of the recommenders that answered, over the total weight."""
+    total = sum(weights.values())
+    return round(sum(r.weight for r in answered) / total, 4) if total else 0.0
+
+
+def _provenance(lists: Sequence[Ranked]) -> dict[str, list[Provenance]]:
+    found: dict[str, list[Provenance]] = {}
+    for ranked in lists:
+        for rank, (item_id, score) in enumerate(ranked.items, start=1):
+            found.setdefault(item_id, []).append(Provenance(ranked.name, rank, score))
+    return found
+
+
+def _top(scores: Mapping[str, float], lists: Sequence[Ranked], size: int) -> list[FusedItem]:
+    """The `size` best by score; ties by best rank anywhere, then id."""
+    where = _provenance(lists)
+    order = sorted(scores, key=lambda i: (-scores[i], min(p.rank for p in where[i]), i))
+    return [FusedItem(i, round(scores[i], 6), where[i]) for i in order[:size]]
+
+
+class Fusion(Protocol):
+    """Merges ranked lists into one."""
+
+    name: ClassVar[str]
+
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+        """The top `size` items of the fused ranking (`seed` for strategies that draw)."""
+        ...
+
+
+class Concat:
+    """Each list in turn, duplicates removed, first occurrence kept."""
+
+    name: ClassVar[str] = "concat"
+
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+        """Lists in config order; an item's score is its score where it first appears."""
+        where = _provenance(lists)
+        fused: list[FusedItem] = []
+        for ranked in lists:
+            for item_id, score in ranked.items:
+                if len(fused) == size:
+                    return fused
+                if item_id not in {f.id for f in fused}:
+                    fused.append(FusedItem(item_id, score or 0.0, where[item_id]))
+        return fused
+
+
+class ReciprocalRank:
+    """Reciprocal rank fusion: Σ w / (k + rank)."""
+
+    name: ClassVar[str] = "rrf"
+
+    def __init__(self, k: int = 60):
+        self.k = k
+
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+        """Sum each list's weighted reciprocal rank."""
+        scores: dict[str, float] = {}
+        for ranked in lists:
+            for rank, (item_id, _) in enumerate(ranked.items, start=1):
+                scores[item_id] = scores.get(item_id, 0.0) + ranked.weight / (self.k + rank)
+        return _top(scores, lists, size)
+
+
+def _normalised(ranked: Ranked) -> dict[str, float]:
+    """Min-max normalised scores; a list without scores is scored by rank instead."""
+    raw = {
+        item_id: score if score is not None else -float(rank)
+        for rank, (item_id, score) in enumerate(ranked.items, start=1)
+    }
+    if not raw:
+        return {}
+    low, high = min(raw.values()), max(raw.values())
+    if high == low:
+        return dict.fromkeys(raw, 1.0)
+    return {item_id: (value - low) / (high - low) for item_id, value in raw.items()}
+
+
+class CombSum:
+    """CombSUM: normalised scores times weights, summed."""
+
+    name: ClassVar[str] = "weighted"
+
+    def _sums(self, lists: Sequence[Ranked]) -> tuple[dict[str, float], dict[str, int]]:
+        sums: dict[str, float] = {}
+        hits: dict[str, int] = {}
+        for ranked in lists:
+            for item_id, value in _normalised(ranked).items():
+                sums[item_id] = sums.get(item_id, 0.0) + ranked.weight * value
+                hits[item_id] = hits.get(item_id, 0) + 1
+        return sums, hits
+
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+        """Sum each list's weighted, normalised score."""
+        return _top(self._sums(lists)[0], lists, size)
+
+
+class CombMnz(CombSum):
+    """CombMNZ: CombSUM times the number of lists containing the item."""
+
+    name: ClassVar[str] = "combmnz"
+
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+        """CombSUM, rewarding agreement."""
+        sums, hits = self._sums(lists)
+        return _top({i: sums[i] * hits[i] for i in sums}, lists, size)
+
+
+class TeamDraft:
+    """Team-draft interleaving: each round, the teams (lists) pick in a random order."""
+
+    name: ClassVar[str] = "interleave"
+
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+        """Round by round, each list adds its best item not yet picked; score 1 / position."""
+        where = _provenance(lists)
+        rng = random.Random(hashlib.blake2b(seed.encode(), digest_size=8).digest())
+        queues = [list(ranked.items) for ranked in lists]
+        picked: list[str] = []
+        taken: set[str] = set()
+        while len(picked) < size and any(queues):
+            order = list(range(len(queues)))
+            rng.shuffle(order)
+            for team in order:
+                queue = queues[team]
+                while queue and queue[0][0] in taken:
+                    queue.pop(0)
+                if queue and len(picked) < size:
+                    item_id = queue.pop(0)[0]
+                    picked.append(item_id)
+                    taken.add(item_id)
+        return [
+            FusedItem(item_id, round(1 / position, 6), where[item_id])
+            for position, item_id in enumerate(picked, start=1)
+        ]
+
+
+FUSIONS: dict[str, type[Fusion]] = {
+    strategy.name: strategy for strategy in (Concat, ReciprocalRank, CombSum, CombMnz, TeamDraft)
+}
