@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 from mock_recommenders.behaviour import Behaviour
+from mock_recommenders.fleet import MockFleet
 from mock_recommenders.ranking import rank_items
-from mock_recommenders.server import DEFAULT_NAMES, MockFleet, Recommender
+from mock_recommenders.server import DEFAULT_NAMES, Recommender
 
 __all__ = ["DEFAULT_NAMES", "Behaviour", "MockFleet", "Recommender", "rank_items"]

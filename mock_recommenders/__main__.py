@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 
@@ -22,23 +23,27 @@ from mock_recommenders.server import (
     start_site,
 )
 
-__all__ = ["main", "parse_arguments"]
+__all__ = ["main", "parse_arguments", "serve"]
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(
-        prog="python -m mock_recommenders", description=__doc__.splitlines()[0]
+        prog="python -m mock_recommenders", description="Serve mock recommenders until Ctrl-C."
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--name", help="serve only this recommender")
-    parser.add_argument("--port", type=int, help="its port (with --name)")
+    parser.add_argument(
+        "--port", type=int, help="its port (with --name; default: the standard one, 5001-5004)"
+    )
     parser.add_argument(
         "--names",
         default=",".join(DEFAULT_NAMES),
         help="comma-separated names, served on consecutive ports from --base-port",
     )
-    parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT)
+    parser.add_argument(
+        "--base-port", type=int, default=DEFAULT_BASE_PORT, help="the first port (5001)"
+    )
     parser.add_argument("--delay-ms", type=float, default=0.0, help="fixed delay per call")
     parser.add_argument(
         "--jitter-ms", type=float, default=0.0, help="random extra delay, uniform in 0..jitter"
@@ -46,12 +51,18 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--error-rate", type=float, default=0.0, help="share of calls answered --error-status"
     )
-    parser.add_argument("--error-status", type=int, default=503)
+    parser.add_argument("--error-status", type=int, default=503, help="with --error-rate (503)")
     parser.add_argument(
         "--slow-rate", type=float, default=0.0, help="share of calls delayed a further --slow-ms"
     )
-    parser.add_argument("--slow-ms", type=float, default=0.0)
-    parser.add_argument("--access-log", action="store_true", help="log every request (costs CPU)")
+    parser.add_argument("--slow-ms", type=float, default=0.0, help="with --slow-rate")
+    # Off by default: an access line per call costs the mocks CPU that a benchmark would then
+    # charge to the gateway.
+    logs = parser.add_mutually_exclusive_group()
+    logs.add_argument(
+        "--access-log", action="store_true", help="log every request to stderr (costs CPU)"
+    )
+    logs.add_argument("--quiet", action="store_true", help="no access log (the default)")
     args = parser.parse_args(argv)
     try:
         args.behaviour = Behaviour()
@@ -89,6 +100,8 @@ async def serve(args: argparse.Namespace) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     behaviour: Behaviour = args.behaviour
+    if args.access_log:
+        _log_access()
     recommenders, runners = [], []
     try:
         for name, port in args.plan:
@@ -107,11 +120,24 @@ async def serve(args: argparse.Namespace) -> None:
             await runner.cleanup()
 
 
+def _log_access() -> None:
+    # aiohttp logs access lines at INFO to "aiohttp.access", which goes nowhere until a
+    # handler is attached.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    access = logging.getLogger("aiohttp.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the mock recommenders; exit 0 on Ctrl-C, 1 if a port cannot be bound."""
+    """Run the mock recommenders; exit 0 on Ctrl-C or SIGTERM, 1 if a port cannot be bound."""
     args = parse_arguments(argv)
     try:
         asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        # Ctrl-C before the signal handlers are installed (during start-up) is still a stop.
+        return 0
     except OSError as exc:
         print(f"mock_recommenders: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,7 @@ Error answers carry `Retry-After: retry_after_s` when it is set.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ def _number(low: float, high: float | None = None) -> Callable[[Any], bool]:
     def valid(value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, int | float):
             return False
-        return low <= value and (high is None or value <= high)
+        # Infinity would hang a call forever (that is what `hang` is for) or break Retry-After.
+        return math.isfinite(value) and low <= value and (high is None or value <= high)
 
     return valid
 
@@ -49,7 +51,8 @@ def _flag(value: Any) -> bool:
 _VALID: dict[str, Callable[[Any], bool]] = {
     "delay_ms": _number(0),
     "jitter_ms": _number(0),
-    "status": _integer(100, 599),
+    # No 1xx: those are not final answers, and aiohttp cannot send them as one.
+    "status": _integer(200, 599),
     "not_json": _flag,
     "hang": _flag,
     "error_rate": _number(0, 1),

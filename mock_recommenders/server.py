@@ -1,4 +1,4 @@
-"""The mock recommender HTTP service, and `MockFleet`, which runs several in one thread.
+"""The mock recommender HTTP service: one aiohttp application per recommender.
 
 Endpoints of each recommender:
 
@@ -14,9 +14,7 @@ import json
 import random
 import socket
 import struct
-import threading
 import weakref
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -25,12 +23,21 @@ from aiohttp.log import access_logger
 from mock_recommenders.behaviour import Behaviour
 from mock_recommenders.ranking import rank_items
 
-__all__ = ["DEFAULT_NAMES", "MockFleet", "Recommender", "default_port"]
+__all__ = [
+    "DEFAULT_BASE_PORT",
+    "DEFAULT_NAMES",
+    "KEEPALIVE_TIMEOUT_S",
+    "Recommender",
+    "default_port",
+    "start_site",
+]
 
 DEFAULT_NAMES = ("sml", "asc", "trd", "psn")
 DEFAULT_BASE_PORT = 5001
-# Above the gateway client's keep-alive (4 s by default), so the gateway, not the mock, closes
-# idle connections: aiohttp never retries a POST on a connection the server just closed.
+# Set explicitly, and well above the gateway client's idle keep-alive (`keepalive_timeout_s` in
+# gateway/config.py, a few seconds), which must stay below this: then the gateway, not the mock,
+# closes idle connections. Otherwise a POST can go out on a connection the mock is closing at
+# that moment and fail, and aiohttp does not retry a POST.
 KEEPALIVE_TIMEOUT_S = 75.0
 
 
@@ -46,7 +53,9 @@ def _json(status: int, body: Any) -> web.Response:
 class Recommender:
     """One mock recommender: its behaviour, its counters, and its aiohttp application."""
 
-    def __init__(self, name: str, behaviour: Behaviour | None = None, seed: int | None = None):
+    def __init__(
+        self, name: str, behaviour: Behaviour | None = None, seed: int | None = None
+    ) -> None:
         self.name = name
         self.behaviour = behaviour.copy() if behaviour is not None else Behaviour()
         self.requests = 0
@@ -210,104 +219,3 @@ async def start_site(
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     await site.start()
     return runner, int(runner.addresses[0][1])
-
-
-class MockFleet:
-    """Runs several mock recommenders on one event loop in a background thread."""
-
-    def __init__(
-        self,
-        names: Sequence[str] = DEFAULT_NAMES,
-        host: str = "127.0.0.1",
-        ports: Sequence[int] | None = None,
-        behaviour: Behaviour | None = None,
-        seed: int | None = None,
-    ):
-        self.host = host
-        # Per-recommender seeds derived from one, so injected faults repeat run after run.
-        self._seed = seed
-        self._initial = behaviour.copy() if behaviour is not None else Behaviour()
-        self._names = list(names)
-        self._requested_ports = list(ports) if ports is not None else [0] * len(self._names)
-        if len(self._requested_ports) != len(self._names):
-            raise ValueError("give one port per recommender name")
-        self._recommenders: dict[str, Recommender] = {}
-        self._ports: dict[str, int] = {}
-        self._runners: list[web.AppRunner] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> MockFleet:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    def start(self) -> MockFleet:
-        """Bind every recommender and return once all listen."""
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="mock-fleet", daemon=True)
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._start(), loop).result(10)
-        return self
-
-    async def _start(self) -> None:
-        for i, (name, port) in enumerate(zip(self._names, self._requested_ports, strict=True)):
-            seed = None if self._seed is None else self._seed + i
-            recommender = Recommender(name, self._initial, seed)
-            runner, bound = await start_site(recommender, self.host, port)
-            self._recommenders[name] = recommender
-            self._ports[name] = bound
-            self._runners.append(runner)
-
-    async def _stop(self) -> None:
-        for recommender in self._recommenders.values():
-            recommender.stopping.set()
-        for runner in self._runners:
-            await runner.cleanup()
-
-    def stop(self) -> None:
-        """Release hanging calls, close everything and join the thread; idempotent."""
-        loop, thread = self._loop, self._thread
-        self._loop = self._thread = None
-        if loop is None or thread is None:
-            return
-        asyncio.run_coroutine_threadsafe(self._stop(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
-
-    def url(self, name: str) -> str:
-        """The recommender's endpoint URL."""
-        return f"http://{self.host}:{self._ports[name]}/test"
-
-    def port(self, name: str) -> int:
-        """The port the recommender listens on."""
-        return self._ports[name]
-
-    def behaviour(self, name: str) -> Behaviour:
-        """The live behaviour object of `name`; changing it changes the running mock."""
-        return self._recommenders[name].behaviour
-
-    def set_behaviour(self, name: str | None = None, **changes: Any) -> None:
-        """Change the behaviour of `name`, or of every recommender when `name` is None."""
-        for recommender in self._select(name):
-            recommender.behaviour.update(changes)
-
-    def stats(self, name: str) -> dict[str, Any]:
-        """The counters of `name`, as ``GET /stats`` gives them."""
-        return self._recommenders[name].stats()
-
-    def last_request(self, name: str) -> dict[str, Any] | None:
-        """The body and lower-cased headers of the last ``POST /test`` that `name` received."""
-        return self._recommenders[name].last_request
-
-    def reset(self) -> None:
-        """Zero every counter and restore every behaviour to the fleet's initial one."""
-        for recommender in self._recommenders.values():
-            recommender.reset_stats()
-            recommender.behaviour.update(self._initial.as_dict())
-
-    def _select(self, name: str | None) -> list[Recommender]:
-        return list(self._recommenders.values()) if name is None else [self._recommenders[name]]

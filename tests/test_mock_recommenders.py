@@ -1,213 +1,528 @@
-"""Tests of the mock recommenders, over real HTTP."""
+"""Tests of the mock recommenders, over real HTTP on free loopback ports.
+
+Self-contained on purpose (no shared fixtures): the rest of the suite relies on these mocks, so
+they are checked on their own.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
-import requests
 
-from mock_recommenders import MockFleet, rank_items
-from mock_recommenders.behaviour import Behaviour
-from tests.conftest import NAMES, ROOT, free_port
+from mock_recommenders import Behaviour, MockFleet, rank_items
+from mock_recommenders.__main__ import parse_arguments
 
-
-def ask(fleet: MockFleet, name: str, body: Any, **kwargs: Any) -> requests.Response:
-    return requests.post(fleet.url(name), json=body, timeout=5, **kwargs)
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ("sml", "asc", "trd", "psn")
+ZERO_FAULTS = {"errors": 0, "resets": 0, "hangs": 0}
 
 
-def test_rankings_are_deterministic_prefix_stable_and_distinct_per_recommender() -> None:
-    for name in NAMES:
-        full = rank_items(name, "u1", 100)
-        assert rank_items(name, "u1", 100) == full
-        assert rank_items(name, "u1", 7) == full[:7]
-        assert len({item["id"] for item in full}) == 100
-        scores = [item["score"] for item in full]
-        assert all(0 < s <= 1 for s in scores)
-        assert scores == sorted(scores, reverse=True) and len(set(scores)) == 100
-    lists = {tuple(i["id"] for i in rank_items(name, "u1", 10)) for name in NAMES}
-    assert len(lists) == len(NAMES)
+@dataclasses.dataclass
+class Answer:
+    """What a mock answered, read in full so the connection goes back to the pool."""
+
+    status: int
+    content_type: str
+    text: str
+
+    def json(self) -> Any:
+        """The body, parsed."""
+        return json.loads(self.text)
+
+
+@pytest.fixture(scope="module")
+def running_fleet() -> Iterator[MockFleet]:
+    """The four mocks on free ports, for this module."""
+    with MockFleet(NAMES) as fleet:
+        yield fleet
+
+
+@pytest.fixture
+def fleet(running_fleet: MockFleet) -> MockFleet:
+    """The module's mocks, with behaviours, counters and last requests reset."""
+    running_fleet.reset()
+    return running_fleet
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    """One client session (one connection pool), closed after the test."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        yield session
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: Any = None,
+    *,
+    data: bytes | str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Answer:
+    """POST `body` as JSON, or raw `data`, and read the whole answer."""
+    async with session.post(url, json=body, data=data, headers=headers) as response:
+        return Answer(response.status, response.content_type, await response.text())
+
+
+async def call(session: aiohttp.ClientSession, method: str, url: str, body: Any = None) -> Answer:
+    """Any method, with an optional JSON body; reads the whole answer."""
+    async with session.request(method, url, json=body) as response:
+        return Answer(response.status, response.content_type, await response.text())
+
+
+def endpoint(fleet: MockFleet, name: str, path: str) -> str:
+    """Another endpoint of the same mock (``/stats``, ``/admin/behaviour``)."""
+    return f"http://127.0.0.1:{fleet.port(name)}{path}"
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# The ranking
+
+
+def test_rankings_are_deterministic_prefix_stable_and_well_formed() -> None:
+    for name in (*NAMES, "r16"):
+        for user_id in ("u1", "u2", None):
+            full = rank_items(name, user_id, 100)
+            assert rank_items(name, user_id, 100) == full
+            for size in range(1, 100):
+                assert rank_items(name, user_id, size) == full[:size]
+            ids = [item["id"] for item in full]
+            assert len(set(ids)) == 100
+            assert all(0 <= int(item_id[1:]) < 1000 and item_id[0] == "i" for item_id in ids)
+            scores = [item["score"] for item in full]
+            assert all(0 < score <= 1 and round(score, 4) == score for score in scores)
+            assert all(a > b for a, b in zip(scores, scores[1:], strict=False))
+
+
+def test_rankings_differ_per_recommender_and_user_and_are_pinned() -> None:
+    assert len({tuple(i["id"] for i in rank_items(name, "u1", 10)) for name in NAMES}) == 4
     assert rank_items("sml", "u1", 10) != rank_items("sml", "u2", 10)
-    assert rank_items("sml", None, 5) == rank_items("sml", None, 5)
+    assert rank_items("sml", None, 10) != rank_items("sml", "u1", 10)
+    # The README shows these; a change of algorithm must be deliberate.
+    assert rank_items("sml", "u1", 2) == [
+        {"id": "i403", "score": 0.7074},
+        {"id": "i703", "score": 0.6919},
+    ]
 
 
-def test_answers_the_ranking_for_the_user(fleet: MockFleet) -> None:
-    response = ask(fleet, "asc", {"user_id": "u9", "resultSize": 4}, headers={"X-Request-ID": "r"})
+def test_rankings_agree_across_processes_whatever_the_hash_seed() -> None:
+    script = "import json; from mock_recommenders.ranking import rank_items as r; "
+    script += "print(json.dumps([r('sml', 'u1', 5), r('psn', None, 5)]))"
+    env = {**os.environ, "PYTHONHASHSEED": "12345"}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
-    assert response.status_code == 200
-    assert response.json() == {
-        "items": rank_items("asc", "u9", 4),
-        "recommender": "asc",
-        "user_id": "u9",
-        "request_id": "r",
+    assert json.loads(done.stdout) == [rank_items("sml", "u1", 5), rank_items("psn", None, 5)]
+
+
+# POST /test
+
+
+async def test_each_recommender_answers_its_ranking(
+    fleet: MockFleet, session: aiohttp.ClientSession
+) -> None:
+    for name, size in zip(NAMES, (1, 7, 42, 100), strict=True):
+        body = {"user_id": "u9", "resultSize": size, "context": {"page": "home"}}
+        answer = await post(session, fleet.url(name), body, headers={"X-Request-ID": f"r-{name}"})
+
+        assert answer.status == 200
+        assert answer.content_type == "application/json"
+        assert answer.json() == {
+            "items": rank_items(name, "u9", size),
+            "recommender": name,
+            "user_id": "u9",
+            "request_id": f"r-{name}",
+        }
+        assert len(answer.json()["items"]) == size
+
+
+async def test_defaults_to_ten_items_for_an_anonymous_caller(
+    fleet: MockFleet, session: aiohttp.ClientSession
+) -> None:
+    answer = await post(session, fleet.url("trd"), {})
+
+    assert answer.json() == {
+        "items": rank_items("trd", None, 10),
+        "recommender": "trd",
+        "user_id": None,
+        "request_id": None,
     }
-    assert len(ask(fleet, "asc", {}).json()["items"]) == 10
 
 
 @pytest.mark.parametrize(
-    ("body", "status"),
-    [("[1]", 400), ("nope", 400), ('{"resultSize": 0}', 422), ('{"user_id": 3}', 422)],
+    ("data", "status"),
+    [
+        (b"nope", 400),
+        (b"", 400),
+        (b"\xff\xfe", 400),
+        (b"[1]", 400),
+        (b'"x"', 400),
+        (b'{"resultSize": 0}', 422),
+        (b'{"resultSize": 101}', 422),
+        (b'{"resultSize": "10"}', 422),
+        (b'{"resultSize": 2.5}', 422),
+        (b'{"resultSize": true}', 422),
+        (b'{"resultSize": null}', 422),
+        (b'{"user_id": 3}', 422),
+    ],
 )
-def test_rejects_bad_input(fleet: MockFleet, body: str, status: int) -> None:
-    response = requests.post(fleet.url("sml"), data=body, timeout=5)
+async def test_rejects_bad_input(
+    fleet: MockFleet, session: aiohttp.ClientSession, data: bytes, status: int
+) -> None:
+    answer = await post(session, fleet.url("sml"), data=data)
 
-    assert response.status_code == status
-    assert "error" in response.json()
+    assert (answer.status, answer.content_type) == (status, "application/json")
+    assert isinstance(answer.json()["error"], str)
 
 
-def test_delay_and_faults_are_honoured(fleet: MockFleet) -> None:
+# Behaviour
+
+
+async def test_the_delay_is_honoured(fleet: MockFleet, session: aiohttp.ClientSession) -> None:
     fleet.set_behaviour("trd", delay_ms=150)
+
     started = time.perf_counter()
-    assert ask(fleet, "trd", {}).status_code == 200
-    assert time.perf_counter() - started >= 0.15
+    answer = await post(session, fleet.url("trd"), {"user_id": "u"})
+    elapsed = time.perf_counter() - started
 
-    fleet.set_behaviour("trd", delay_ms=0, status=503)
-    assert ask(fleet, "trd", {}).status_code == 503
-
-    fleet.set_behaviour("trd", status=200, not_json=True)
-    response = ask(fleet, "trd", {})
-    assert response.status_code == 200
-    assert response.text == "this is not json"
-
-    fleet.set_behaviour("trd", not_json=False, hang=True)
-    with pytest.raises(requests.ReadTimeout):
-        requests.post(fleet.url("trd"), json={}, timeout=0.3)
-    fleet.reset()
-    assert fleet.behaviour("trd") == Behaviour()
+    assert answer.status == 200
+    assert 0.15 <= elapsed < 1.0
+    started = time.perf_counter()
+    assert (await post(session, fleet.url("sml"), {})).status == 200
+    assert time.perf_counter() - started < 0.1
 
 
-def test_stats_count_requests_and_connections(fleet: MockFleet) -> None:
-    with requests.Session() as session:
+def test_the_jitter_adds_up_to_its_amount() -> None:
+    behaviour = Behaviour(delay_ms=20, jitter_ms=10)
+    rng = random.Random(1)
+
+    delays = [behaviour.delay_s(rng) for _ in range(200)]
+
+    assert all(0.020 <= delay <= 0.030 for delay in delays)
+    assert max(delays) - min(delays) > 0.008
+    assert Behaviour(delay_ms=20).delay_s(rng) == 0.020
+
+
+async def test_status_not_json_and_hang(fleet: MockFleet, session: aiohttp.ClientSession) -> None:
+    fleet.set_behaviour("asc", status=503)
+    answer = await post(session, fleet.url("asc"), {})
+    assert (answer.status, answer.json()) == (503, {"error": "injected status 503"})
+
+    fleet.set_behaviour("asc", status=200, not_json=True)
+    answer = await post(session, fleet.url("asc"), {})
+    assert (answer.status, answer.content_type, answer.text) == (
+        200,
+        "text/plain",
+        "this is not json",
+    )
+
+    fleet.set_behaviour("asc", not_json=False, hang=True)
+    with pytest.raises(TimeoutError):
+        async with session.post(fleet.url("asc"), json={}, timeout=aiohttp.ClientTimeout(0.3)):
+            pass
+    assert fleet.stats("asc")["hangs"] == 1
+
+    fleet.behaviour("asc").hang = False  # the live object
+    assert (await post(session, fleet.url("asc"), {})).status == 200
+
+
+async def test_stop_releases_a_hanging_call_at_once(session: aiohttp.ClientSession) -> None:
+    fleet = MockFleet(("sml",), behaviour=Behaviour(hang=True)).start()
+    try:
+        call = asyncio.create_task(post(session, fleet.url("sml"), {}))
+        for _ in range(100):
+            if fleet.stats("sml")["hangs"]:
+                break
+            await asyncio.sleep(0.01)
+        assert not call.done()
+
+        started = time.perf_counter()
+        await asyncio.to_thread(fleet.stop)
+    finally:
+        fleet.stop()  # idempotent
+
+    assert time.perf_counter() - started < 1.0
+    assert (await call).status == 200
+
+
+async def test_set_behaviour_without_a_name_changes_all_and_reset_restores_them(
+    session: aiohttp.ClientSession,
+) -> None:
+    with MockFleet(("a", "b"), behaviour=Behaviour(delay_ms=5)) as fleet:
+        fleet.set_behaviour(status=500)
+        assert [(await post(session, fleet.url(n), {})).status for n in "ab"] == [500, 500]
+        with pytest.raises(ValueError, match="'nope'"):
+            fleet.set_behaviour("a", nope=1)
+
+        fleet.reset()
+
+        assert fleet.behaviour("a") == fleet.behaviour("b") == Behaviour(delay_ms=5)
+        assert fleet.stats("a") == {"name": "a", "requests": 0, "connections": 0, **ZERO_FAULTS}
+
+
+# Stats
+
+
+async def test_stats_count_requests_and_connections(fleet: MockFleet) -> None:
+    stats_url, reset_url = endpoint(fleet, "psn", "/stats"), endpoint(fleet, "psn", "/stats/reset")
+    async with aiohttp.ClientSession() as keep_alive:
         for _ in range(5):
-            session.post(fleet.url("psn"), json={}, timeout=5)
+            assert (await post(keep_alive, fleet.url("psn"), {})).status == 200
+    assert fleet.stats("psn") == {"name": "psn", "requests": 5, "connections": 1, **ZERO_FAULTS}
+
+    async with aiohttp.ClientSession() as admin:
+        answer = await call(admin, "POST", reset_url)
+        assert answer.json() == {"name": "psn", "requests": 0, "connections": 0, **ZERO_FAULTS}
+        for _ in range(3):
+            async with aiohttp.ClientSession() as one_off:
+                assert (await post(one_off, fleet.url("psn"), {})).status == 200
+        answer = await call(admin, "GET", stats_url)
+
+    assert answer.json() == {"name": "psn", "requests": 3, "connections": 3, **ZERO_FAULTS}
+
+
+# Admin
+
+
+async def test_the_admin_endpoint_changes_a_running_mock(
+    fleet: MockFleet, session: aiohttp.ClientSession
+) -> None:
+    admin = endpoint(fleet, "sml", "/admin/behaviour")
+    assert (await call(session, "GET", admin)).json() == dataclasses.asdict(Behaviour())
+
+    changed = await call(session, "PUT", admin, {"status": 502, "jitter_ms": 5})
+
+    assert changed.status == 200
+    assert changed.json() == dataclasses.asdict(Behaviour(status=502, jitter_ms=5))
+    assert fleet.behaviour("sml") == Behaviour(status=502, jitter_ms=5)
+    assert (await call(session, "GET", admin)).json() == changed.json()
+    assert (await post(session, fleet.url("sml"), {})).status == 502
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"delay": 5, "status": 200}, "'delay'"),
+        ({"hang": "yes"}, "'hang'"),
+        ({"delay_ms": "5"}, "'delay_ms'"),
+        ({"delay_ms": -1}, "'delay_ms'"),
+        ({"status": 200.0}, "'status'"),
+        ({"status": 99}, "'status'"),
+        ({"error_rate": 1.5}, "'error_rate'"),
+        ({"fail_first": 1.5}, "'fail_first'"),
+    ],
+)
+async def test_the_admin_endpoint_refuses_bad_changes_whole(
+    fleet: MockFleet, session: aiohttp.ClientSession, change: dict[str, Any], field: str
+) -> None:
+    fleet.set_behaviour("sml", status=418)
+
+    refused = await call(session, "PUT", endpoint(fleet, "sml", "/admin/behaviour"), change)
+
+    assert refused.status == 422
+    assert field in refused.json()["error"]
+    assert fleet.behaviour("sml") == Behaviour(status=418)
+
+
+async def test_the_admin_endpoint_wants_a_json_object(
+    fleet: MockFleet, session: aiohttp.ClientSession
+) -> None:
+    admin = endpoint(fleet, "sml", "/admin/behaviour")
+    async with session.put(admin, data=b"{") as response:
+        assert response.status == 400
+    assert (await call(session, "PUT", admin, [1])).status == 400
+
+
+def test_every_behaviour_field_can_be_set() -> None:
+    behaviour = Behaviour()
+    fields = dataclasses.asdict(Behaviour(delay_ms=1, jitter_ms=2, status=500, not_json=True))
+    fields.update(hang=True, error_rate=0.5, retry_after_s=1, slow_rate=0.1, slow_ms=3.0)
+    fields.update(reset=True, fail_first=2, error_status=502)
+    assert set(fields) == {field.name for field in dataclasses.fields(Behaviour)}
+
+    behaviour.update(fields)
+
+    assert behaviour.as_dict() == fields
+
+
+# Faults beyond delay, status, not_json and hang
+
+
+async def test_injected_errors_carry_retry_after(
+    fleet: MockFleet, session: aiohttp.ClientSession
+) -> None:
+    fleet.set_behaviour("asc", error_rate=1.0, error_status=502, retry_after_s=2)
+
     for _ in range(3):
-        with requests.Session() as session:
-            session.post(fleet.url("psn"), json={}, timeout=5)
-
-    stats = requests.get(fleet.url("psn").replace("/test", "/stats"), timeout=5).json()
-    zero = {"errors": 0, "resets": 0, "hangs": 0}
-    assert stats == {"name": "psn", "requests": 8, "connections": 4, **zero}
-    requests.post(fleet.url("psn").replace("/test", "/stats/reset"), timeout=5)
-    assert fleet.stats("psn") == {"name": "psn", "requests": 0, "connections": 0, **zero}
+        async with session.post(fleet.url("asc"), json={}) as response:
+            assert response.status == 502
+            assert response.headers["Retry-After"] == "2"
+            assert await response.json() == {"error": "injected error"}
+    assert fleet.stats("asc")["errors"] == 3
 
 
-def test_the_admin_endpoint_changes_a_running_mock(fleet: MockFleet) -> None:
-    admin = fleet.url("sml").replace("/test", "/admin/behaviour")
-
-    changed = requests.put(admin, json={"status": 502, "jitter_ms": 5}, timeout=5)
-    assert changed.status_code == 200
-    assert changed.json()["status"] == 502
-    assert requests.get(admin, timeout=5).json() == fleet.behaviour("sml").as_dict()
-    assert ask(fleet, "sml", {}).status_code == 502
-
-    refused = requests.put(admin, json={"delay": 5, "status": 200}, timeout=5)
-    assert refused.status_code == 422
-    assert "unknown behaviour field 'delay'" in refused.json()["error"]
-    assert fleet.behaviour("sml").status == 502  # all or nothing
-    refused = requests.put(admin, json={"hang": "yes"}, timeout=5)
-    assert refused.status_code == 422
+async def test_fail_first_fails_that_many_calls_each_time_it_is_set(
+    fleet: MockFleet, session: aiohttp.ClientSession
+) -> None:
+    for _ in range(2):
+        fleet.set_behaviour("sml", fail_first=2)
+        statuses = [(await post(session, fleet.url("sml"), {})).status for _ in range(3)]
+        assert statuses == [503, 503, 200]
 
 
-def test_the_last_request_is_recorded(fleet: MockFleet) -> None:
-    ask(fleet, "sml", {"user_id": "u", "x": [1]}, headers={"X-Request-ID": "abc"})
+async def test_a_reset_mid_answer(fleet: MockFleet, session: aiohttp.ClientSession) -> None:
+    fleet.set_behaviour("psn", reset=True)
+
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with session.post(fleet.url("psn"), json={}) as response:
+            assert response.status == 200
+            await response.read()
+
+    assert fleet.stats("psn")["resets"] == 1
+
+
+# What the caller sent
+
+
+async def test_the_last_request_is_recorded(
+    fleet: MockFleet, session: aiohttp.ClientSession
+) -> None:
+    assert fleet.last_request("sml") is None
+    body = {"user_id": "u", "resultSize": 3, "x": [1]}
+
+    await post(session, fleet.url("sml"), body, headers={"X-Request-ID": "abc"})
 
     seen = fleet.last_request("sml")
     assert seen is not None
-    assert seen["body"] == {"user_id": "u", "x": [1]}
+    assert seen["body"] == body
     assert seen["headers"]["x-request-id"] == "abc"
+    assert seen["headers"]["content-type"] == "application/json"
+    assert fleet.last_request("asc") is None
 
 
-def test_the_command_line_serves_one_recommender_and_stops_cleanly_on_ctrl_c() -> None:
+# MockFleet itself
+
+
+def test_the_fleet_binds_the_ports_it_is_given_and_cleans_up_when_it_cannot() -> None:
+    port = free_port()
+    with MockFleet(("sml",), ports=[port]) as fleet:
+        assert fleet.port("sml") == port
+        assert fleet.url("sml") == f"http://127.0.0.1:{port}/test"
+        with pytest.raises(RuntimeError):
+            fleet.start()
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        other = free_port()
+        fleet = MockFleet(("sml", "asc"), ports=[other, taken.getsockname()[1]])
+        with pytest.raises(OSError):
+            fleet.start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", other))  # released again
+    assert fleet.port("sml") == other
+
+
+# The command line
+
+
+@pytest.mark.parametrize(
+    ("argv", "plan"),
+    [
+        ([], [("sml", 5001), ("asc", 5002), ("trd", 5003), ("psn", 5004)]),
+        (["--name", "trd"], [("trd", 5003)]),
+        (["--name", "r7", "--port", "6000"], [("r7", 6000)]),
+        (
+            ["--names", "sml,asc,trd,psn,r5", "--base-port", "7000"],
+            [("sml", 7000), ("asc", 7001), ("trd", 7002), ("psn", 7003), ("r5", 7004)],
+        ),
+    ],
+)
+def test_the_command_line_plans_names_and_ports(argv: list[str], plan: list[Any]) -> None:
+    args = parse_arguments(argv)
+
+    assert args.plan == plan
+    assert args.host == "127.0.0.1"
+    assert args.access_log is False
+    assert args.behaviour == Behaviour()
+
+
+def test_the_command_line_sets_the_behaviour_and_refuses_nonsense() -> None:
+    args = parse_arguments(["--delay-ms", "20", "--jitter-ms", "5", "--quiet"])
+    assert args.behaviour == Behaviour(delay_ms=20, jitter_ms=5)
+
+    for argv in (["--name", "r5"], ["--port", "6000"], ["--delay-ms", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_arguments(argv)
+    with pytest.raises(SystemExit):
+        parse_arguments(["--quiet", "--access-log"])
+
+
+def _read_line(process: subprocess.Popen[str], timeout_s: float) -> str:
+    # A bounded wait: a child that never prints must fail the test, not hang it.
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        assert selector.select(timeout_s), "no start-up line"
+    return process.stdout.readline()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_command_line_serves_and_stops_cleanly(signum: signal.Signals) -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "mock_recommenders", "--name", "trd", "--port", str(port)]
-        + ["--delay-ms", "1"],
+        [sys.executable, "-m", "mock_recommenders", "--name", "sml", "--port", str(port)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        assert line.strip() == f"mock recommender trd listening on http://127.0.0.1:{port}/test"
-        response = requests.post(f"http://127.0.0.1:{port}/test", json={"user_id": "u"}, timeout=5)
-        assert response.json()["items"] == rank_items("trd", "u", 10)
-        process.send_signal(signal.SIGINT)
+        line = _read_line(process, 10)
+        assert line == f"mock recommender sml listening on http://127.0.0.1:{port}/test\n"
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/test",
+            data=b'{"user_id": "u", "resultSize": 3}',
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            assert json.load(response)["items"] == rank_items("sml", "u", 3)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=10)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate()
+        process.communicate()
 
     assert process.returncode == 0
     assert "Traceback" not in stderr
-
-
-def test_injected_errors_carry_retry_after(fleet: MockFleet) -> None:
-    fleet.set_behaviour("asc", error_rate=1.0, error_status=502, retry_after_s=2)
-
-    for _ in range(3):
-        response = ask(fleet, "asc", {})
-        assert response.status_code == 502
-        assert response.headers["Retry-After"] == "2"
-    assert fleet.stats("asc")["errors"] == 3
-
-
-def test_an_error_rate_fails_that_share_of_calls() -> None:
-    with MockFleet(("sml",), seed=7) as fleet:
-        fleet.set_behaviour("sml", error_rate=0.5)
-        with requests.Session() as session:
-            statuses = [
-                session.post(fleet.url("sml"), json={}, timeout=5).status_code for _ in range(200)
-            ]
-
-    assert 60 < statuses.count(503) < 140
-    assert fleet.stats("sml")["errors"] == statuses.count(503)
-
-
-def test_a_slow_tail(fleet: MockFleet) -> None:
-    fleet.set_behaviour("trd", slow_rate=1.0, slow_ms=150)
-
-    started = time.perf_counter()
-    assert ask(fleet, "trd", {}).status_code == 200
-    assert time.perf_counter() - started >= 0.15
-
-
-async def test_a_reset_mid_answer(fleet: MockFleet) -> None:
-    import aiohttp
-
-    fleet.set_behaviour("psn", reset=True)
-
-    async with aiohttp.ClientSession() as session:
-        with pytest.raises(aiohttp.ClientError):
-            async with session.post(fleet.url("psn"), json={}) as response:
-                assert response.status == 200
-                await response.read()
-
-    assert fleet.stats("psn")["resets"] == 1
-
-
-def test_fail_first_fails_that_many_calls_each_time_it_is_set(fleet: MockFleet) -> None:
-    fleet.set_behaviour("sml", fail_first=2)
-    assert [ask(fleet, "sml", {}).status_code for _ in range(3)] == [503, 503, 200]
-
-    fleet.set_behaviour("sml", fail_first=2)
-    assert [ask(fleet, "sml", {}).status_code for _ in range(3)] == [503, 503, 200]
-
-
-@pytest.mark.parametrize(
-    "change",
-    [{"error_rate": 1.5}, {"error_status": 200}, {"slow_ms": -1}, {"fail_first": 1.5}],
-)
-def test_fault_values_are_validated(fleet: MockFleet, change: dict[str, Any]) -> None:
-    admin = fleet.url("sml").replace("/test", "/admin/behaviour")
-
-    refused = requests.put(admin, json=change, timeout=5)
-
-    assert refused.status_code == 422
-    assert next(iter(change)) in refused.json()["error"]
+    assert stderr == ""
