@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigError
+from gateway.fusion import FusionName
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -85,6 +86,7 @@ class RecommenderSettings(BaseModel):
         default=True,
         description="Whether a call that may have reached the recommender can be repeated.",
     )
+    weight: float = Field(default=1.0, ge=0, description="Its weight in fusion and coverage.")
 
     @model_validator(mode="after")
     def _has_a_url(self) -> RecommenderSettings:
@@ -164,6 +166,8 @@ class Settings(BaseSettings):
     fan_out_threads: int = Field(
         default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
     )
+    fusion: FusionName = "rrf"
+    rrf_k: int = Field(default=60, ge=1, description="The k of reciprocal rank fusion.")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     # Below gunicorn's 256 threads per worker, so that threads remain to answer the 503s at
     # once rather than leaving requests queued behind busy threads.

@@ -20,17 +20,23 @@ import hashlib
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 __all__ = [
     "FUSIONS",
+    "FusionName",
     "FusedItem",
     "Fusion",
     "Provenance",
     "Ranked",
     "coverage",
+    "make_fusion",
     "ranked_from",
 ]
+
+
+# The names in requests, config and the OpenAPI enum; `FUSIONS` must have exactly these.
+FusionName = Literal["concat", "rrf", "weighted", "combmnz", "interleave"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,3 +227,10 @@ class TeamDraft:
 FUSIONS: dict[str, type[Fusion]] = {
     strategy.name: strategy for strategy in (Concat, ReciprocalRank, CombSum, CombMnz, TeamDraft)
 }
+
+
+def make_fusion(name: str, rrf_k: int = 60) -> Fusion:
+    """The strategy called `name` (`KeyError` for an unknown one)."""
+    if name == ReciprocalRank.name:
+        return ReciprocalRank(rrf_k)
+    return FUSIONS[name]()

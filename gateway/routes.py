@@ -13,11 +13,15 @@ from swagger_ui_bundle import swagger_ui_path
 
 from gateway import metrics
 from gateway.clients import parse_json
+from gateway.config import Settings
 from gateway.errors import RequestError, error_body, error_response
 from gateway.fanout import Deadline, Outcome
+from gateway.fusion import coverage, make_fusion, ranked_from
 from gateway.logs import log_request
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
+    FusedItem,
+    FusedSource,
     RecommendationRequest,
     RecommendationResponse,
     RecommenderResult,
@@ -152,8 +156,31 @@ def _parse_request(raw: bytes) -> RecommendationRequest:
         raise RequestError(422, f"invalid request: {summary}", details) from exc
 
 
-def _respond(outcomes: list[Outcome], request_id: str) -> Response:
+def _fuse(
+    outcomes: list[Outcome], recommendation: RecommendationRequest, settings: Settings
+) -> tuple[str, list[FusedItem], float]:
+    """The fusion used, its top `resultSize` items, and the coverage of those that answered."""
+    weights = {r.name: r.weight for r in settings.recommenders}
+    lists = [ranked_from(o.name, weights[o.name], o.prediction) for o in outcomes if o.ok]
+    name = recommendation.fusion or settings.fusion
+    fused = make_fusion(name, settings.rrf_k).fuse(lists, recommendation.resultSize, g.request_id)
+    items = [
+        FusedItem(
+            id=item.id,
+            score=item.score,
+            sources=[FusedSource(name=p.name, rank=p.rank, score=p.score) for p in item.sources],
+        )
+        for item in fused
+    ]
+    return name, items, coverage(lists, weights)
+
+
+def _respond(
+    outcomes: list[Outcome], recommendation: RecommendationRequest, settings: Settings
+) -> Response:
     answered = [o for o in outcomes if o.ok]
+    request_id = g.request_id
+    fusion, fused, covered = _fuse(outcomes, recommendation, settings)
     merged = RecommendationResponse(
         result=[RecommenderResult(name=o.name, prediction=o.prediction) for o in answered],
         sources={
@@ -164,13 +191,22 @@ def _respond(outcomes: list[Outcome], request_id: str) -> Response:
         },
         complete=len(answered) == len(outcomes),
         request_id=request_id,
+        fusion=fusion,
+        fused=fused,
+        coverage=covered,
     )
     if answered:
         status, payload = 200, merged.model_dump_json(exclude_none=True)
     else:
         status = 502
         body = error_body(502, "no recommender answered; see sources for each one's reason")
-        body.update(merged.model_dump(mode="json", exclude_none=True))
+        body.update(
+            merged.model_dump(
+                mode="json",
+                exclude_none=True,
+                include={"result", "sources", "complete", "request_id"},
+            )
+        )
         payload = json.dumps(body)
     response = Response(payload, status=status, mimetype="application/json")
     response.headers[COMPLETE_HEADER] = "true" if merged.complete else "false"
@@ -190,7 +226,7 @@ async def recommendation() -> Response:
     metrics.observe_outcomes(
         outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
     )
-    return _respond(outcomes, g.request_id)
+    return _respond(outcomes, recommendation, runtime.settings)
 
 
 @blueprint.get("/openapi.json")

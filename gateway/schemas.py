@@ -7,11 +7,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from gateway.errors import SourceStatus
+from gateway.fusion import FusionName
 
 __all__ = [
     "ErrorDetail",
     "ErrorDocument",
     "ErrorInfo",
+    "FusedItem",
+    "FusedSource",
     "RecommendationRequest",
     "RecommendationResponse",
     "RecommenderResult",
@@ -34,6 +37,9 @@ class RecommendationRequest(BaseModel):
     resultSize: int = Field(default=10, ge=1, le=100, description="Items wanted per recommender.")  # noqa: N815 - the wire name
     user_id: str | None = Field(default=None, max_length=256)
     context: dict[str, Any] | None = None
+    fusion: FusionName | None = Field(
+        default=None, description="How to fuse the answers; default from the config."
+    )
 
     @field_validator("resultSize", mode="before")
     @classmethod
@@ -46,7 +52,8 @@ class RecommendationRequest(BaseModel):
 
     def forwarded(self) -> dict[str, Any]:
         """The body sent to every recommender: defaults filled in, absent optionals left out."""
-        absent = {"user_id", "context"} - self.model_fields_set
+        # `fusion` is the gateway's own business, not the recommenders'.
+        absent = ({"user_id", "context"} - self.model_fields_set) | {"fusion"}
         return self.model_dump(mode="json", exclude=absent)
 
 
@@ -77,6 +84,22 @@ _SOURCES_EXAMPLE: dict[str, JsonValue] = {
 }
 
 
+class FusedSource(BaseModel):
+    """Where a fused item was: which recommender, at which rank (from 1), with which score."""
+
+    name: str
+    rank: int
+    score: float | None
+
+
+class FusedItem(BaseModel):
+    """One item of the fused ranking."""
+
+    id: str
+    score: float
+    sources: list[FusedSource]
+
+
 class RecommendationResponse(BaseModel):
     """The merged answer: every answer in config order, and what happened to each call."""
 
@@ -90,6 +113,15 @@ class RecommendationResponse(BaseModel):
                     "sources": _SOURCES_EXAMPLE,
                     "complete": False,
                     "request_id": "3f2a9c",
+                    "fusion": "rrf",
+                    "fused": [
+                        {
+                            "id": "i7",
+                            "score": 0.016393,
+                            "sources": [{"name": "sml", "rank": 1, "score": 0.93}],
+                        }
+                    ],
+                    "coverage": 0.5,
                 }
             ]
         }
@@ -99,6 +131,9 @@ class RecommendationResponse(BaseModel):
     sources: dict[str, SourceReport]
     complete: bool
     request_id: str
+    fusion: str = Field(description="The fusion strategy used for `fused`.")
+    fused: list[FusedItem] = Field(description="The top `resultSize` items of the fused ranking.")
+    coverage: float = Field(description="Summed weight of those that answered, over the total.")
 
 
 class ErrorDetail(BaseModel):

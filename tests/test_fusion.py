@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any, get_args
+
+import aiohttp
 import pytest
+import requests
 
 from gateway.fusion import (
     FUSIONS,
     CombMnz,
     CombSum,
     Concat,
+    FusionName,
     Provenance,
     Ranked,
     ReciprocalRank,
@@ -16,6 +22,11 @@ from gateway.fusion import (
     coverage,
     ranked_from,
 )
+from mock_recommenders import MockFleet
+from mock_recommenders.ranking import rank_items
+from tests.conftest import NAMES
+from tests.test_gunicorn import gunicorn
+from tests.test_logs import lines
 
 A = Ranked("A", 1.0, (("a", 0.9), ("b", 0.8), ("c", 0.1)))
 B = Ranked("B", 1.0, (("b", 5.0), ("d", 3.0), ("a", 1.0)))
@@ -126,3 +137,88 @@ def test_predictions_are_read_leniently() -> None:
     assert ranked.items == (("a", 0.5), ("7", None), ("b", None))
     assert ranked_from("R", 1.0, {"no": "items"}).items == ()
     assert ranked_from("R", 1.0, ["not", "an", "object"]).items == ()
+
+
+def test_every_fusion_name_has_a_strategy() -> None:
+    assert set(FUSIONS) == set(get_args(FusionName))
+
+
+# --- Through the gateway ---------------------------------------------------------------------
+
+
+def ask(url: str, body: dict[str, Any], request_id: str | None = None) -> requests.Response:
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    return requests.post(f"{url}/recommendation", json=body, headers=headers, timeout=5)
+
+
+def test_the_response_carries_the_fused_ranking_with_provenance(gateway_url: str) -> None:
+    body = ask(gateway_url, {"user_id": "f1", "resultSize": 5}).json()
+
+    assert body["fusion"] == "rrf"
+    assert body["coverage"] == 1.0
+    assert len(body["fused"]) == 5
+    lists = {name: rank_items(name, "f1", 5) for name in NAMES}
+    for item in body["fused"]:
+        assert item["sources"]
+        for source in item["sources"]:
+            entry = lists[source["name"]][source["rank"] - 1]
+            assert (entry["id"], entry["score"]) == (item["id"], source["score"])
+    scores = [item["score"] for item in body["fused"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_a_failed_recommender_drops_out_of_the_fusion(fleet: MockFleet, gateway_url: str) -> None:
+    fleet.set_behaviour("trd", status=500)
+
+    body = ask(gateway_url, {"user_id": "f2", "fusion": "combmnz"}).json()
+
+    assert body["fusion"] == "combmnz"
+    assert body["coverage"] == 0.75
+    assert all(s["name"] != "trd" for item in body["fused"] for s in item["sources"])
+
+
+def test_an_unknown_fusion_is_422_naming_the_allowed_ones(
+    fleet: MockFleet, gateway_url: str
+) -> None:
+    response = ask(gateway_url, {"fusion": "magic"})
+
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    for name in FUSIONS:
+        assert f"'{name}'" in message
+    assert fleet.stats("sml")["requests"] == 0
+    seen = fleet.last_request("sml")
+    assert seen is None
+
+
+def test_fusion_is_not_forwarded_to_recommenders(fleet: MockFleet, gateway_url: str) -> None:
+    ask(gateway_url, {"user_id": "f3", "fusion": "concat"})
+
+    seen = fleet.last_request("asc")
+    assert seen is not None and "fusion" not in seen["body"]
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_the_same_request_fuses_the_same_across_calls_and_workers(
+    fleet: MockFleet, name: str
+) -> None:
+    with gunicorn(fleet, "--workers", "2") as server:
+
+        async def sixty() -> list[Any]:
+            async with aiohttp.ClientSession() as session:
+
+                async def one() -> Any:
+                    headers = {"X-Request-ID": "same-request"}
+                    body = {"user_id": "f4", "fusion": name}
+                    async with session.post(
+                        f"{server.url}/recommendation", json=body, headers=headers
+                    ) as response:
+                        return (await response.json())["fused"]
+
+                return await asyncio.gather(*(one() for _ in range(60)))
+
+        fused = asyncio.run(sixty())
+        pids = {r["process"] for r in lines(server.output()) if r["message"] == "request"}
+
+    assert len(pids) == 2
+    assert all(answer == fused[0] for answer in fused)
