@@ -27,6 +27,7 @@ from gateway.fanout import Outcome
 __all__ = [
     "CONTENT_TYPE_LATEST",
     "IN_FLIGHT",
+    "IN_FLIGHT_EVERY_S",
     "observe_outcomes",
     "observe_request",
     "render",
@@ -62,9 +63,10 @@ BREAKER_OPEN = Gauge(
 )
 IN_FLIGHT = Gauge(
     "gateway_in_flight_requests",
-    "Requests being served now, summed over live workers.",
+    "Requests being served now, summed over live workers (refreshed every second).",
     multiprocess_mode="livesum",
 )
+IN_FLIGHT_EVERY_S = 1.0
 
 
 def observe_request(route: str, status: int, seconds: float) -> None:
@@ -74,14 +76,21 @@ def observe_request(route: str, status: int, seconds: float) -> None:
     REQUEST_SECONDS.labels(*labels).observe(seconds)
 
 
+# Each metric write takes prometheus-client's process-wide lock, which request threads and
+# the loop thread contend for; a gauge is therefore written only when its value changes.
+_published_breakers: dict[str, int] = {}
+
+
 def observe_outcomes(outcomes: Iterable[Outcome], breaker_states: Mapping[str, str]) -> None:
     """Count each recommender's outcome and latency, and publish its breaker's state."""
     for outcome in outcomes:
         CALLS.labels(outcome.name, outcome.status).inc()
         if outcome.attempts > 0:
             CALL_SECONDS.labels(outcome.name).observe(outcome.latency_ms / 1000)
-        state = breaker_states.get(outcome.name, "closed")
-        BREAKER_OPEN.labels(outcome.name).set(0 if state == "closed" else 1)
+        is_open = 0 if breaker_states.get(outcome.name, "closed") == "closed" else 1
+        if _published_breakers.get(outcome.name) != is_open:
+            _published_breakers[outcome.name] = is_open
+            BREAKER_OPEN.labels(outcome.name).set(is_open)
 
 
 def render() -> bytes:

@@ -91,7 +91,6 @@ def _shed_when_full() -> Response | None:
     runtime = _runtime()
     if runtime.admission.try_enter():
         g.admitted = True
-        metrics.IN_FLIGHT.inc()
         return None
     settings = runtime.settings
     reason = "not called: the gateway is shedding load"
@@ -117,7 +116,6 @@ def _shed_when_full() -> Response | None:
 def _leave(error: BaseException | None) -> None:
     if g.pop("admitted", False):
         _runtime().admission.leave()
-        metrics.IN_FLIGHT.dec()
 
 
 @blueprint.after_app_request

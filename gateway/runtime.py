@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from gateway import metrics
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
@@ -55,6 +56,7 @@ class _Started:
         self.clients: tuple[RecommenderClient, ...] = ()
         self.fan_out: FanOut | None = None
         self.guards: dict[str, Guard] = {}
+        self.publisher: asyncio.Task[None] | None = None
 
 
 class WorkerRuntime:
@@ -222,9 +224,18 @@ class WorkerRuntime:
         state.clients = tuple(client for group in replicas for client in group.clients)
         state.guards = guards_for(self.settings)
         state.fan_out = build_fan_out(self.settings, replicas, state.guards)
+        state.publisher = asyncio.get_running_loop().create_task(self._publish_in_flight())
+
+    async def _publish_in_flight(self) -> None:
+        # From the loop, once a second: cheaper than a metric write per request per thread.
+        while True:
+            metrics.IN_FLIGHT.set(self.admission.in_flight)
+            await asyncio.sleep(metrics.IN_FLIGHT_EVERY_S)
 
     @staticmethod
     async def _close_session(state: _Started) -> None:
+        if state.publisher is not None:
+            state.publisher.cancel()
         if state.fan_out is not None:
             await state.fan_out.close()
         if state.session is not None:
