@@ -14,10 +14,9 @@ from swagger_ui_bundle import swagger_ui_path
 
 from gateway import metrics
 from gateway.clients import parse_json
-from gateway.config import Settings
 from gateway.errors import RequestError, error_body, error_response
 from gateway.fanout import Deadline, Outcome
-from gateway.fusion import coverage, make_fusion, ranked_from
+from gateway.fusion import coverage, ranked_from
 from gateway.logs import log_request
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
@@ -154,13 +153,13 @@ def _parse_request(raw: bytes) -> RecommendationRequest:
 
 
 def _fuse(
-    outcomes: list[Outcome], recommendation: RecommendationRequest, settings: Settings
+    outcomes: list[Outcome], recommendation: RecommendationRequest, runtime: WorkerRuntime
 ) -> tuple[str, list[dict[str, Any]], float]:
     """The fusion used, its top `resultSize` items, and the coverage of those that answered."""
-    weights = {r.name: r.weight for r in settings.recommenders}
+    weights = runtime.weights
     lists = [ranked_from(o.name, weights[o.name], o.prediction) for o in outcomes if o.ok]
-    name = recommendation.fusion or settings.fusion
-    fused = make_fusion(name, settings.rrf_k).fuse(lists, recommendation.resultSize, g.request_id)
+    name = recommendation.fusion or runtime.settings.fusion
+    fused = runtime.fusions[name].fuse(lists, recommendation.resultSize, g.request_id)
     # Plain dicts: the response model validates them in one pass (pydantic's Rust core),
     # cheaper than building a model object per item and per source.
     items = [
@@ -175,11 +174,11 @@ def _fuse(
 
 
 def _respond(
-    outcomes: list[Outcome], recommendation: RecommendationRequest, settings: Settings
+    outcomes: list[Outcome], recommendation: RecommendationRequest, runtime: WorkerRuntime
 ) -> Response:
     answered = [o for o in outcomes if o.ok]
     request_id = g.request_id
-    fusion, fused, covered = _fuse(outcomes, recommendation, settings)
+    fusion, fused, covered = _fuse(outcomes, recommendation, runtime)
     merged = RecommendationResponse(
         result=[RecommenderResult(name=o.name, prediction=o.prediction) for o in answered],
         sources={
@@ -225,7 +224,7 @@ async def recommendation() -> Response:
     metrics.observe_outcomes(
         outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
     )
-    return _respond(outcomes, recommendation, runtime.settings)
+    return _respond(outcomes, recommendation, runtime)
 
 
 @blueprint.get("/openapi.json")

@@ -27,6 +27,7 @@ from gateway import metrics
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
+from gateway.fusion import FUSIONS, make_fusion
 from gateway.resilience import Guard, InFlightLimit, guards_for
 
 __all__ = ["WorkerRuntime"]
@@ -73,6 +74,9 @@ class WorkerRuntime:
         self._closed = False
         # Per process: nothing is admitted in gunicorn's master, so each worker starts at 0.
         self.admission = InFlightLimit(settings.max_in_flight)
+        # Fixed by the settings: built once, not per request.
+        self.weights = {r.name: r.weight for r in settings.recommenders}
+        self.fusions = {name: make_fusion(name, settings.rrf_k) for name in FUSIONS}
 
     @property
     def started(self) -> bool:
