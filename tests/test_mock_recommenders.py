@@ -1,7 +1,6 @@
 """Tests of the mock recommenders, over real HTTP on free loopback ports.
 
-Self-contained on purpose (no shared fixtures): the rest of the suite relies on these mocks, so
-they are checked on their own.
+They use the suite's `fleet` fixture (tests/conftest.py): the four mocks, reset before each test.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +43,6 @@ class Answer:
     def json(self) -> Any:
         """The body, parsed."""
         return json.loads(self.text)
-
-
-@pytest.fixture(scope="module")
-def running_fleet() -> Iterator[MockFleet]:
-    """The four mocks on free ports, for this module."""
-    with MockFleet(NAMES) as fleet:
-        yield fleet
-
-
-@pytest.fixture
-def fleet(running_fleet: MockFleet) -> MockFleet:
-    """The module's mocks, with behaviours, counters and last requests reset."""
-    running_fleet.reset()
-    return running_fleet
 
 
 @pytest.fixture
