@@ -1,7 +1,8 @@
 """Local mock recommenders for development, tests and benchmarks.
 
 ``python -m mock_recommenders`` serves `sml`, `asc`, `trd` and `psn` on ports 5001-5004;
-`MockFleet` runs them inside a test process on free ports.
+`MockFleet` runs them inside a test process on free ports. What they rank is a seeded
+synthetic world (`mock_recommenders.world`) with a held-out truth per user.
 """
 
 from __future__ import annotations
@@ -10,5 +11,14 @@ from mock_recommenders.behaviour import Behaviour
 from mock_recommenders.fleet import MockFleet
 from mock_recommenders.ranking import rank_items
 from mock_recommenders.server import DEFAULT_NAMES, Recommender
+from mock_recommenders.world import World, default_world
 
-__all__ = ["DEFAULT_NAMES", "Behaviour", "MockFleet", "Recommender", "rank_items"]
+__all__ = [
+    "DEFAULT_NAMES",
+    "Behaviour",
+    "MockFleet",
+    "Recommender",
+    "World",
+    "default_world",
+    "rank_items",
+]

@@ -22,6 +22,7 @@ from mock_recommenders.server import (
     default_port,
     start_site,
 )
+from mock_recommenders.world import DEFAULT_SEED, default_world
 
 __all__ = ["main", "parse_arguments", "serve"]
 
@@ -43,6 +44,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--base-port", type=int, default=DEFAULT_BASE_PORT, help="the first port (5001)"
+    )
+    parser.add_argument(
+        "--world-seed",
+        type=int,
+        default=DEFAULT_SEED,
+        help=f"the seed of the synthetic world they rank ({DEFAULT_SEED})",
     )
     parser.add_argument("--delay-ms", type=float, default=0.0, help="fixed delay per call")
     parser.add_argument(
@@ -103,9 +110,10 @@ async def serve(args: argparse.Namespace) -> None:
     if args.access_log:
         _log_access()
     recommenders, runners = [], []
+    world = default_world(args.world_seed)
     try:
         for name, port in args.plan:
-            recommender = Recommender(name, behaviour)
+            recommender = Recommender(name, behaviour, world=world)
             runner, bound = await start_site(recommender, args.host, port, args.access_log)
             recommenders.append(recommender)
             runners.append(runner)

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from mock_recommenders.behaviour import Behaviour
 from mock_recommenders.server import DEFAULT_NAMES, Recommender, start_site
+from mock_recommenders.world import DEFAULT_SEED, default_world
 
 __all__ = ["MockFleet"]
 
@@ -29,8 +30,10 @@ class MockFleet:
         ports: Sequence[int] | None = None,
         behaviour: Behaviour | None = None,
         seed: int | None = None,
+        world_seed: int = DEFAULT_SEED,
     ) -> None:
         self.host = host
+        self.world = default_world(world_seed)
         # Per-recommender seeds derived from one, so injected faults repeat run after run.
         self._seed = seed
         self._initial = behaviour.copy() if behaviour is not None else Behaviour()
@@ -69,7 +72,7 @@ class MockFleet:
     async def _start(self) -> None:
         for i, (name, port) in enumerate(zip(self._names, self._requested_ports, strict=True)):
             seed = None if self._seed is None else self._seed + i
-            recommender = Recommender(name, self._initial, seed)
+            recommender = Recommender(name, self._initial, seed, self.world)
             runner, bound = await start_site(recommender, self.host, port)
             self._recommenders[name] = recommender
             self._ports[name] = bound

@@ -1,48 +1,23 @@
-"""What a mock recommender ranks: a deterministic list per (recommender, user)."""
+"""What a mock recommender ranks: its view of the synthetic world, per (recommender, user)."""
 
 from __future__ import annotations
 
-import hashlib
-import random
 from typing import Any
 
-__all__ = ["CATALOGUE_SIZE", "rank_items"]
+from mock_recommenders.world import CATALOGUE_SIZE, MAX_RESULTS, default_world
 
-CATALOGUE_SIZE = 1000
-# Built once for the whole catalogue, not per user: memory stays flat, and each call skips
-# 100 string formats.
-_IDS = tuple(f"i{n}" for n in range(CATALOGUE_SIZE))
-# Enough random bits to cover the catalogue; draws at or above its size are rejected.
-_BITS = (CATALOGUE_SIZE - 1).bit_length()
+__all__ = ["CATALOGUE_SIZE", "MAX_RESULTS", "rank_items"]
 
 
-def _rng(name: str, user_id: str | None) -> random.Random:
-    # hashlib, not hash(): Python salts hash() per process, and the lists must agree across
-    # processes (gunicorn workers, test runners).
-    key = f"{name}:{user_id if user_id is not None else '<anonymous>'}".encode()
-    return random.Random(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big"))
-
-
-def rank_items(name: str, user_id: str | None, result_size: int) -> list[dict[str, Any]]:
+def rank_items(
+    name: str, user_id: str | None, result_size: int, seed: int | None = None
+) -> list[dict[str, Any]]:
     """The top `result_size` items recommender `name` gives `user_id`, best first.
 
-    Deterministic, different per recommender, and prefix-stable: the top 3 are the first 3
-    of the top 10. Scores are strictly descending, in (0, 1], rounded to 4 decimals.
+    Deterministic per (world `seed`, recommender, user), the same in every process, and
+    prefix-stable: the top 3 are the first 3 of the top 10. Scores are in [0, 1], rounded to
+    4 decimals, and never increase down the list; the user's history is never recommended.
+    See `mock_recommenders.world` for what each recommender is.
     """
-    rng = _rng(name, user_id)
-    top = 0.5 + 0.5 * rng.random()
-    # At least 0.97, so even the 100th score (>= 0.02) stays well above 0; at most 0.99, so
-    # neighbours differ by >= 0.0007 and still differ after rounding to 4 decimals.
-    decay = 0.97 + 0.02 * rng.random()
-    draw = rng.getrandbits
-    seen: set[int] = set()
-    items: list[dict[str, Any]] = []
-    while len(items) < result_size:
-        # One item at a time (not random.sample, whose method changes with the size asked
-        # for) keeps the list prefix-stable; getrandbits is stable across Python versions.
-        item = draw(_BITS)
-        if item >= CATALOGUE_SIZE or item in seen:
-            continue
-        seen.add(item)
-        items.append({"id": _IDS[item], "score": round(top * decay ** len(items), 4)})
-    return items
+    world = default_world() if seed is None else default_world(seed)
+    return world.ranking(name, user_id, result_size)

@@ -21,7 +21,7 @@ from aiohttp import web
 from aiohttp.log import access_logger
 
 from mock_recommenders.behaviour import Behaviour
-from mock_recommenders.ranking import rank_items
+from mock_recommenders.world import MAX_RESULTS, World, default_world
 
 __all__ = [
     "DEFAULT_BASE_PORT",
@@ -54,9 +54,15 @@ class Recommender:
     """One mock recommender: its behaviour, its counters, and its aiohttp application."""
 
     def __init__(
-        self, name: str, behaviour: Behaviour | None = None, seed: int | None = None
+        self,
+        name: str,
+        behaviour: Behaviour | None = None,
+        seed: int | None = None,
+        world: World | None = None,
     ) -> None:
         self.name = name
+        # Built here (once per process), not on the first call, which would then be slow.
+        self.world = world if world is not None else default_world()
         self.behaviour = behaviour.copy() if behaviour is not None else Behaviour()
         self.requests = 0
         self.connections = 0
@@ -121,8 +127,9 @@ class Recommender:
         headers = {key.lower(): value for key, value in request.headers.items()}
         self.last_request = {"body": body, "headers": headers}
         size = body.get("resultSize", 10)
-        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= 100:
-            return _json(422, {"error": "resultSize must be an integer from 1 to 100"})
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_RESULTS:
+            message = f"resultSize must be an integer from 1 to {MAX_RESULTS}"
+            return _json(422, {"error": message})
         user_id = body.get("user_id")
         if user_id is not None and not isinstance(user_id, str):
             return _json(422, {"error": "user_id must be a string"})
@@ -148,7 +155,7 @@ class Recommender:
         return _json(
             200,
             {
-                "items": rank_items(self.name, user_id, size),
+                "items": self.world.ranking(self.name, user_id, size),
                 "recommender": self.name,
                 "user_id": user_id,
                 "request_id": request.headers.get("X-Request-ID"),
