@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint typecheck unit bench clean
+.PHONY: install run test lint typecheck unit bench quality clean
 
 install: $(STAMP)
 
@@ -36,6 +36,9 @@ test: lint typecheck unit
 
 bench: install
 	$(BIN)/python -m benchmarks $(ARGS)
+
+quality: install
+	$(BIN)/python -m benchmarks quality $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

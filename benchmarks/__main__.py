@@ -1,5 +1,8 @@
 """``python -m benchmarks`` (``make bench``): compare the fan-out strategies, side by side.
 
+``python -m benchmarks quality`` (``make quality``) scores the recommenders and the fusion
+strategies against the mocks' synthetic truth instead: see `benchmarks.quality`.
+
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
 at several concurrency levels, measures the floor (the mocks called directly), and writes a
@@ -86,6 +89,11 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with a progress bar, then print and save the figures."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["quality"]:
+        from benchmarks import quality
+
+        return quality.main(argv[1:])
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -25,7 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GATEWAY_TARGETS", "Plan", "TARGETS", "run_benchmark"]
+__all__ = [
+    "GATEWAY_TARGETS",
+    "GUNICORN",
+    "PYTHON",
+    "ROOT",
+    "TARGETS",
+    "Plan",
+    "free_ports",
+    "run_benchmark",
+    "serve_process",
+]
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
@@ -56,7 +66,7 @@ class Plan:
         return (main + widths) * (self.duration_s + self.warmup_s)
 
 
-def _free_ports(count: int) -> int:
+def free_ports(count: int) -> int:
     """The first of `count` consecutive free loopback ports."""
     for base in range(20_000, 60_000, 37):
         try:
@@ -85,7 +95,7 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def _process(
+def serve_process(
     command: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as sink:
@@ -109,11 +119,11 @@ def _mocks(names: list[str], base_port: int, plan: Plan, log: Path) -> Any:
     command = [PYTHON, "-m", "mock_recommenders", "--names", ",".join(names)]
     command += ["--base-port", str(base_port), "--delay-ms", str(plan.delay_ms)]
     command += ["--jitter-ms", str(plan.jitter_ms)]
-    return _process(command, log, f"http://127.0.0.1:{base_port + len(names) - 1}/stats")
+    return serve_process(command, log, f"http://127.0.0.1:{base_port + len(names) - 1}/stats")
 
 
 def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Path) -> Any:
-    port = _free_ports(1)
+    port = free_ports(1)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     recommenders = [{"name": n, "url": u} for n, u in zip(names, urls, strict=True)]
     env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
@@ -130,7 +140,7 @@ def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Pat
         if plan.workers is not None:
             command += ["--workers", str(plan.workers)]
     command += ["--bind", f"127.0.0.1:{port}"]
-    return port, _process(command, log, f"http://127.0.0.1:{port}/readyz", env)
+    return port, serve_process(command, log, f"http://127.0.0.1:{port}/readyz", env)
 
 
 def worker_rss_mb(master_pid: int) -> list[float]:
@@ -241,7 +251,7 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
 
     def sweep(width: int, targets: list[str], levels: list[int]) -> list[dict[str, Any]]:
         names = [f"r{i + 1}" for i in range(width)] if width != 4 else ["sml", "asc", "trd", "psn"]
-        base = _free_ports(width)
+        base = free_ports(width)
         urls = [f"http://127.0.0.1:{base + i}/test" for i in range(width)]
         rows = []
         with _mocks(names, base, plan, logs / f"mocks-{width}.log") as mocks:

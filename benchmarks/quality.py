@@ -1,0 +1,533 @@
+"""``python -m benchmarks quality``: each recommender and each fusion scored against the truth.
+
+The mock recommenders rank a seeded synthetic world (`mock_recommenders.world`) in which every
+user has a held-out truth: the items they went on to use, best first. This harness starts the
+mocks and the gateway under gunicorn, asks the gateway for every test user once per fusion
+strategy, and scores, against each user's truth:
+
+- each single recommender's list (from the response's `result`),
+- each fusion's `fused` list, as the gateway computed it,
+- RRF with weights fitted on separate validation users (then served by a gateway configured
+  with them), to show what the `weight:` setting can buy,
+- an oracle that ranks by the user's true utility: the ceiling, since the truth itself is drawn
+  with noise.
+
+Metrics, at k (10): NDCG@k with graded gains (the truth's first item gains T, its last 1, for
+a truth of T items) and recall@k (the share of the truth found in the top k). Each is a mean
+over users with a 95% confidence interval; the fusion-versus-best-single differences are paired
+(same users) with their own interval.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import GUNICORN, PYTHON, free_ports, serve_process
+from gateway.fusion import FUSIONS, make_fusion, ranked_from
+from mock_recommenders.world import DEFAULT_SEED, default_world
+
+__all__ = [
+    "QualityPlan",
+    "fit_weights",
+    "main",
+    "ndcg_at",
+    "recall_at",
+    "run_quality",
+    "summarise",
+]
+
+NAMES = ("sml", "asc", "trd", "psn")
+ORACLE = "oracle"
+FITTED = "rrf, fitted weights"
+# The values tried for each weight in turn while fitting; 0 drops a recommender.
+_WEIGHT_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+@dataclass
+class QualityPlan:
+    """What to score."""
+
+    users: int = 2000
+    validation_users: int = 500
+    k: int = 10
+    concurrency: int = 16
+    world_seed: int = DEFAULT_SEED
+    fusions: list[str] = field(default_factory=lambda: list(FUSIONS))
+    rrf_k: int = 60
+
+
+# The metrics
+
+
+def ndcg_at(ranked: Sequence[str], truth: Sequence[str], k: int = 10) -> float:
+    """NDCG@k of `ranked` against the graded `truth` (best first: gains T, T-1, ..., 1)."""
+    if not truth:
+        return 0.0
+    size = len(truth)
+    gain = {item: size - rank for rank, item in enumerate(truth)}
+    dcg = sum(gain.get(item, 0) / math.log2(pos + 2) for pos, item in enumerate(ranked[:k]))
+    ideal = sum((size - rank) / math.log2(rank + 2) for rank in range(min(k, size)))
+    return dcg / ideal
+
+
+def recall_at(ranked: Sequence[str], truth: Sequence[str], k: int = 10) -> float:
+    """The share of `truth` found in the first `k` of `ranked`."""
+    return len(set(ranked[:k]) & set(truth)) / len(truth) if truth else 0.0
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
+    """The mean and the half-width of its 95% confidence interval (normal approximation)."""
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return mean, 1.96 * spread / math.sqrt(len(values))
+
+
+def summarise(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+    """Per system: mean NDCG and recall with 95% intervals, from per-user scores."""
+    rows = []
+    for system, metrics in scores.items():
+        ndcg, ndcg_ci = _mean_ci(metrics["ndcg"])
+        recall, recall_ci = _mean_ci(metrics["recall"])
+        rows.append(
+            {
+                "system": system,
+                "kind": _kind(system),
+                "users": len(metrics["ndcg"]),
+                "ndcg": round(ndcg, 4),
+                "ndcg_ci95": round(ndcg_ci, 4),
+                "recall": round(recall, 4),
+                "recall_ci95": round(recall_ci, 4),
+            }
+        )
+    return rows
+
+
+def _kind(system: str) -> str:
+    if system == ORACLE:
+        return "ceiling"
+    return "single" if system in NAMES else "fusion"
+
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    diff, ci = _mean_ci([x - y for x, y in zip(a, b, strict=True)])
+    wins = sum(x > y for x, y in zip(a, b, strict=True)) / len(a)
+    losses = sum(x < y for x, y in zip(a, b, strict=True)) / len(a)
+    return {
+        "difference": round(diff, 4),
+        "ci95": round(ci, 4),
+        "wins": round(wins, 3),
+        "losses": round(losses, 3),
+    }
+
+
+# Fitting weights
+
+
+Lists = dict[str, Any]  # a recommender's name -> its prediction, as the gateway returned it
+
+
+def _mean_ndcg(
+    weights: dict[str, float], users: Sequence[tuple[Lists, list[str]]], k: int, rrf_k: int
+) -> float:
+    fusion = make_fusion("rrf", rrf_k)
+    total = 0.0
+    for lists, truth in users:
+        ranked = [ranked_from(n, w, lists[n]) for n, w in weights.items() if w > 0 and n in lists]
+        fused = fusion.fuse(ranked, k, seed="") if ranked else []
+        total += ndcg_at([item.id for item in fused], truth, k)
+    return total / len(users)
+
+
+def fit_weights(
+    users: Sequence[tuple[Lists, list[str]]], k: int = 10, rrf_k: int = 60, rounds: int = 3
+) -> dict[str, float]:
+    """RRF weights that maximise mean NDCG@k over `users`, by coordinate ascent from all 1.
+
+    Runs the gateway's own RRF; each round tries every step for every weight in turn and
+    keeps the best. Weights are scaled so the largest is 1 (RRF depends only on their ratios).
+    """
+    weights = dict.fromkeys(NAMES, 1.0)
+    best = _mean_ndcg(weights, users, k, rrf_k)
+    for _ in range(rounds):
+        improved = False
+        for name in NAMES:
+            for step in _WEIGHT_STEPS:
+                trial = {**weights, name: step}
+                if trial == weights or not any(trial.values()):
+                    continue
+                score = _mean_ndcg(trial, users, k, rrf_k)
+                if score > best + 1e-9:
+                    weights, best, improved = trial, score, True
+        if not improved:
+            break
+    top = max(weights.values())
+    return {name: round(weight / top, 4) for name, weight in weights.items()}
+
+
+# Talking to the gateway
+
+
+async def _ask_all(
+    url: str, asks: list[tuple[str, str]], k: int, concurrency: int
+) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """POST one request per (user, fusion); the JSON of each complete answer, else None."""
+    import aiohttp
+
+    answers: dict[tuple[str, str], dict[str, Any] | None] = {}
+    queue = list(reversed(asks))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def worker() -> None:
+            while queue:
+                user, fusion = queue.pop()
+                body = {"user_id": user, "resultSize": k, "fusion": fusion}
+                # A fixed request id: interleaving is seeded by it, so reruns agree.
+                headers = {"X-Request-ID": f"quality-{user}-{fusion}"}
+                try:
+                    async with session.post(url, json=body, headers=headers) as response:
+                        answer = await response.json() if response.status == 200 else None
+                except (aiohttp.ClientError, TimeoutError):
+                    answer = None
+                complete = answer is not None and answer.get("complete") is True
+                answers[user, fusion] = answer if complete else None
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return answers
+
+
+@contextlib.contextmanager
+def _gateway(urls: list[str], weights: dict[str, float], log: Path) -> Iterator[str]:
+    port = free_ports(1)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
+    recommenders = [
+        {"name": name, "url": url, "weight": weights[name], "timeout_ms": 5000}
+        for name, url in zip(NAMES, urls, strict=True)
+    ]
+    env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
+    # Quality, not speed, is measured: no answer may be cut short by a deadline.
+    env["GATEWAY_DEADLINE_MS"] = "10000"
+    env["GATEWAY_LOG_REQUESTS"] = "false"
+    command = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
+    command += ["--bind", f"127.0.0.1:{port}"]
+    with serve_process(command, log, f"http://127.0.0.1:{port}/readyz", env):
+        yield f"http://127.0.0.1:{port}/recommendation"
+
+
+# The run
+
+
+def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
+    """Score `plan`, writing logs under `out`; return the results."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    world = default_world(plan.world_seed)
+    test_users = [f"test-{n}" for n in range(plan.users)]
+    validation_users = [f"validation-{n}" for n in range(plan.validation_users)]
+    base = free_ports(len(NAMES))
+    urls = [f"http://127.0.0.1:{base + i}/test" for i in range(len(NAMES))]
+    mocks = [PYTHON, "-m", "mock_recommenders", "--names", ",".join(NAMES)]
+    mocks += ["--base-port", str(base), "--world-seed", str(plan.world_seed)]
+    last_mock = f"http://127.0.0.1:{base + len(NAMES) - 1}/stats"
+
+    def ask(url: str, asks: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
+        return asyncio.run(_ask_all(url, asks, plan.k, plan.concurrency))
+
+    with serve_process(mocks, logs / "mocks.log", last_mock):
+        advance("gateway with equal weights: every fusion")
+        with _gateway(urls, dict.fromkeys(NAMES, 1.0), logs / "gateway.log") as url:
+            answers = ask(url, [(u, f) for u in test_users for f in plan.fusions])
+            advance("gateway with equal weights: validation users")
+            validation = ask(url, [(u, "rrf") for u in validation_users])
+        advance("fitting RRF weights on the validation users")
+        fitting = [
+            (_lists(answer), world.truth(user))
+            for (user, _), answer in validation.items()
+            if answer is not None
+        ]
+        weights = fit_weights(fitting, plan.k, plan.rrf_k) if fitting else {}
+        advance("gateway with fitted weights")
+        fitted: dict[tuple[str, str], Any] = {}
+        if weights:
+            with _gateway(urls, weights, logs / "gateway-fitted.log") as url:
+                fitted = ask(url, [(u, "rrf") for u in test_users])
+
+    scores, scored, inconsistent = _score(plan, test_users, answers, fitted, world)
+    results: dict[str, Any] = {
+        "plan": asdict(plan),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "users_asked": len(test_users),
+        "users_scored": scored,
+        "inconsistent_lists": inconsistent,
+        "validation_users_used": len(fitting),
+        "fitted_weights": weights,
+        "systems": summarise(scores),
+    }
+    results["comparisons"] = _comparisons(scores)
+    return results
+
+
+def _lists(answer: dict[str, Any]) -> Lists:
+    return {entry["name"]: entry["prediction"] for entry in answer["result"]}
+
+
+def _ids(prediction: Any) -> list[str]:
+    return [str(item["id"]) for item in prediction["items"]]
+
+
+def _score(
+    plan: QualityPlan,
+    users: list[str],
+    answers: dict[tuple[str, str], Any],
+    fitted: dict[tuple[str, str], Any],
+    world: Any,
+) -> tuple[dict[str, dict[str, list[float]]], int, int]:
+    """Per-user scores of every system, over the users every system answered (paired)."""
+    systems = [*NAMES, *plan.fusions, *([FITTED] if fitted else []), ORACLE]
+    scores: dict[str, dict[str, list[float]]] = {
+        system: {"ndcg": [], "recall": []} for system in systems
+    }
+    scored = inconsistent = 0
+    for user in users:
+        asked = [answers.get((user, fusion)) for fusion in plan.fusions]
+        if fitted:
+            asked.append(fitted.get((user, "rrf")))
+        got: list[dict[str, Any]] = [answer for answer in asked if answer is not None]
+        if len(got) < len(asked):
+            continue
+        scored += 1
+        lists = _lists(got[0])
+        ranked: dict[str, list[str]] = {name: _ids(lists[name]) for name in NAMES}
+        # The recommenders are deterministic: every answer must carry the same lists.
+        inconsistent += any(
+            any(_ids(_lists(answer)[name]) != ranked[name] for name in NAMES) for answer in got[1:]
+        )
+        for fusion, answer in zip(plan.fusions, got, strict=False):
+            ranked[fusion] = [item["id"] for item in answer["fused"]]
+        if fitted:
+            ranked[FITTED] = [item["id"] for item in got[-1]["fused"]]
+        ranked[ORACLE] = _oracle(world, user, plan.k)
+        truth = world.truth(user)
+        for system in systems:
+            scores[system]["ndcg"].append(ndcg_at(ranked[system], truth, plan.k))
+            scores[system]["recall"].append(recall_at(ranked[system], truth, plan.k))
+    return scores, scored, inconsistent
+
+
+def _oracle(world: Any, user_id: str, k: int) -> list[str]:
+    user = world.user(user_id)
+    utility = world.utility(user).copy()
+    utility[user.history] = -math.inf
+    order = sorted(range(len(utility)), key=lambda i: (-utility[i], i))[:k]
+    return [f"i{i}" for i in order]
+
+
+def _comparisons(scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+    """Each fusion against the best single recommender, paired over the same users."""
+    if not scores[NAMES[0]]["ndcg"]:
+        return {}
+    best = max(NAMES, key=lambda name: statistics.fmean(scores[name]["ndcg"]))
+    found: dict[str, Any] = {"best_single": best, "fusions": {}}
+    for system, metrics in scores.items():
+        if _kind(system) == "fusion":
+            found["fusions"][system] = {
+                metric: _paired(metrics[metric], scores[best][metric])
+                for metric in ("ndcg", "recall")
+            }
+    return found
+
+
+# Reporting
+
+
+def table(results: dict[str, Any]) -> Any:
+    """A rich table of every system's scores."""
+    from rich.table import Table
+
+    k = results["plan"]["k"]
+    found = Table(title=f"Ranking quality over {results['users_scored']} users (95% intervals)")
+    for heading in ("system", "kind", f"NDCG@{k}", f"recall@{k}"):
+        found.add_column(heading, justify="left" if heading in ("system", "kind") else "right")
+    for row in results["systems"]:
+        found.add_row(
+            row["system"],
+            row["kind"],
+            f"{row['ndcg']:.3f} ± {row['ndcg_ci95']:.3f}",
+            f"{row['recall']:.3f} ± {row['recall_ci95']:.3f}",
+        )
+    return found
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """One line per fusion against the best single recommender, and the fitted weights."""
+    comparisons = results["comparisons"]
+    if not comparisons:
+        return ["no user was answered completely: nothing to compare"]
+    k = results["plan"]["k"]
+    best = comparisons["best_single"]
+    lines = [f"best single recommender by NDCG@{k}: {best}"]
+    for fusion, paired in comparisons["fusions"].items():
+        ndcg = paired["ndcg"]
+        verdict = _verdict(ndcg["difference"], ndcg["ci95"])
+        lines.append(
+            f"{fusion} - {best}: NDCG@{k} {ndcg['difference']:+.4f} ± {ndcg['ci95']:.4f} "
+            f"({verdict}; better for {ndcg['wins']:.0%} of users, worse for "
+            f"{ndcg['losses']:.0%})"
+        )
+    if results["fitted_weights"]:
+        weights = ", ".join(f"{n} {w:g}" for n, w in results["fitted_weights"].items())
+        lines.append(f"weights fitted on {results['validation_users_used']} other users: {weights}")
+    if results["inconsistent_lists"]:
+        lines.append(f"WARNING: {results['inconsistent_lists']} users got differing lists")
+    lines.append(f"users scored: {results['users_scored']} of {results['users_asked']}")
+    return lines
+
+
+def _verdict(difference: float, ci: float) -> str:
+    if difference - ci > 0:
+        return "better"
+    if difference + ci < 0:
+        return "worse"
+    return "no significant difference"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The table and findings as markdown."""
+    k = results["plan"]["k"]
+    lines = [
+        f"# Ranking quality: {results['users_scored']} users, world seed "
+        f"{results['plan']['world_seed']}",
+        "",
+        f"| system | kind | NDCG@{k} | recall@{k} |",
+        "|---|---|---:|---:|",
+    ]
+    for row in results["systems"]:
+        lines.append(
+            f"| {row['system']} | {row['kind']} | {row['ndcg']:.3f} ± {row['ndcg_ci95']:.3f} "
+            f"| {row['recall']:.3f} ± {row['recall_ci95']:.3f} |"
+        )
+    lines += ["", *(f"- {line}" for line in findings(results)), ""]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], out: Path) -> Path:
+    """A bar plot of NDCG@k and recall@k per system, with 95% intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    rows = results["systems"]
+    k = results["plan"]["k"]
+    colours = {"single": "#8da0cb", "fusion": "#fc8d62", "ceiling": "#b3b3b3"}
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=False)
+    metrics = (("ndcg", f"NDCG@{k}"), ("recall", f"recall@{k}"))
+    for axis, (metric, label) in zip(axes, metrics, strict=True):
+        positions = range(len(rows))
+        axis.bar(
+            positions,
+            [row[metric] for row in rows],
+            yerr=[row[f"{metric}_ci95"] for row in rows],
+            color=[colours[row["kind"]] for row in rows],
+            capsize=3,
+        )
+        axis.set_xticks(list(positions), [row["system"] for row in rows], rotation=35, ha="right")
+        axis.set_ylabel(label)
+        axis.set_title(f"{label} by system")
+        axis.grid(axis="y", alpha=0.3)
+    handles = [Patch(color=colour) for colour in colours.values()]
+    axes[0].legend(handles, list(colours), loc="upper left")
+    figure.tight_layout()
+    path = out / "quality.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_all(results: dict[str, Any], out: Path) -> list[Path]:
+    """`quality.json`, `quality.md` and `quality.png` into `out`."""
+    data = out / "quality.json"
+    data.write_text(json.dumps(results, indent=2) + "\n")
+    report = out / "quality.md"
+    report.write_text(markdown(results))
+    return [data, report, plot(results, out)]
+
+
+# The command line
+
+
+def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
+    """The plan and output folder the command line asks for."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks quality",
+        description="Score each recommender and each fusion against the synthetic world's truth.",
+    )
+    parser.add_argument("--users", type=int, default=2000, help="test users (2000)")
+    parser.add_argument(
+        "--validation-users", type=int, default=500, help="other users to fit weights on (500)"
+    )
+    parser.add_argument("--k", type=int, default=10, help="list length scored (10)")
+    parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
+    parser.add_argument("--world-seed", type=int, default=DEFAULT_SEED, help="the world's seed")
+    parser.add_argument("--fusions", help=f"comma-separated subset of {','.join(FUSIONS)}")
+    parser.add_argument("--quick", action="store_true", help="200 users, 100 to fit on")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default benchmarks/results/quality-<timestamp>)"
+    )
+    args = parser.parse_args(argv)
+    plan = QualityPlan(
+        users=200 if args.quick else args.users,
+        validation_users=100 if args.quick else args.validation_users,
+        k=args.k,
+        concurrency=args.concurrency,
+        world_seed=args.world_seed,
+    )
+    if plan.users < 2 or plan.validation_users < 0 or not 1 <= plan.k <= 100:
+        parser.error("--users must be at least 2, --validation-users at least 0, --k 1 to 100")
+    if args.fusions:
+        fusions = [f.strip() for f in args.fusions.split(",") if f.strip()]
+        unknown = sorted(set(fusions) - set(FUSIONS))
+        if unknown or not fusions:
+            parser.error(f"unknown fusions {unknown}; known: {', '.join(FUSIONS)}")
+        plan.fusions = [f for f in FUSIONS if f in fusions]
+    if "rrf" not in plan.fusions and plan.validation_users:
+        plan.fusions.insert(0, "rrf")  # the fitted weights are compared with plain RRF
+    out = args.out or Path("benchmarks/results") / time.strftime("quality-%Y%m%d-%H%M%S")
+    return plan, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the quality benchmark with a progress bar, then print and save the figures."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    plan, out = parse_plan(argv)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting the mocks", total=None)
+        results = run_quality(plan, out, lambda text: progress.update(task, description=text))
+    written = write_all(results, out)
+    console.print(table(results))
+    for line in findings(results):
+        console.print(f"  {line}")
+    console.print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    return 0 if results["users_scored"] else 1
