@@ -7,6 +7,7 @@ target and level is measured without errors, and the figures are derived and wri
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.loadgen import percentile
+from benchmarks.quality import fit_weights, ndcg_at, recall_at
 from benchmarks.report import derive, figures
+from gateway.fusion import make_fusion, ranked_from
 from tests.conftest import ROOT
 
 
@@ -84,3 +87,94 @@ def test_quick_run_writes_the_table_json_report_and_plots(tmp_path: Path) -> Non
     assert {r["recommenders"] for r in results["widths"]} == {1, 4}
     assert len(results["memory_mb"]["async@4"]) >= 1
     assert "| async | 1 |" in (out / "report.md").read_text()
+
+
+# The quality benchmark
+
+
+def test_ndcg_and_recall_against_hand_computed_values() -> None:
+    truth = ["a", "b", "c"]  # graded gains 3, 2, 1
+    # DCG = 2/log2(2) + 0 + 3/log2(4) = 3.5; ideal = 3 + 2/log2(3) + 1/2
+    assert ndcg_at(["b", "x", "a"], truth, 3) == pytest.approx(3.5 / (3.5 + 2 / math.log2(3)))
+    assert ndcg_at(truth, truth, 3) == pytest.approx(1.0)
+    assert ndcg_at(["x", "y"], truth, 3) == 0.0
+    assert ndcg_at(["c", "b", "a"], truth, 1) == pytest.approx(1 / 3)
+    assert recall_at(["b", "x", "a"], truth, 2) == pytest.approx(1 / 3)
+    assert recall_at(["b", "x", "a"], truth, 3) == pytest.approx(2 / 3)
+    assert ndcg_at(["a"], [], 10) == recall_at(["a"], [], 10) == 0.0
+
+
+def test_fitted_weights_rank_the_truth_where_equal_weights_do_not() -> None:
+    def prediction(ids: list[str]) -> dict[str, object]:
+        return {"items": [{"id": i, "score": 1.0 - n / 10} for n, i in enumerate(ids)]}
+
+    users = []
+    for n in range(20):
+        truth = [f"t{n}-{r}" for r in range(3)]
+        noise = [f"x{n}-{r}" for r in range(3)]
+        lists = {
+            # asc finds the truth in order; trd puts noise first and the truth reversed after it.
+            "asc": prediction(truth),
+            "trd": prediction(noise + truth[::-1]),
+            "sml": prediction(noise),
+            "psn": prediction(truth[1:] + noise),
+        }
+        users.append((lists, truth))
+
+    def fused(weights: dict[str, float], lists: dict[str, object]) -> list[str]:
+        ranked = [ranked_from(name, w, lists[name]) for name, w in weights.items() if w > 0]
+        return [item.id for item in make_fusion("rrf").fuse(ranked, 3, seed="")]
+
+    weights = fit_weights(users, k=3)
+
+    assert max(weights.values()) == weights["asc"] == 1.0
+    assert weights["sml"] < 1.0 and weights["trd"] < 1.0
+    assert all(fused(weights, lists) == truth for lists, truth in users)
+    assert not any(fused(dict.fromkeys(lists, 1.0), lists) == truth for lists, truth in users)
+
+
+@pytest.mark.timeout(120)
+def test_quality_run_scores_every_system_and_writes_table_json_and_plot(tmp_path: Path) -> None:
+    out = tmp_path / "quality"
+    command = [sys.executable, "-m", "benchmarks", "quality", "--users", "60"]
+    command += ["--validation-users", "30", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=110)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Ranking quality over 60 users" in done.stdout
+    assert "best single recommender by NDCG@10" in done.stdout
+    for name in ("quality.json", "quality.md", "quality.png"):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "quality.json").read_text())
+    assert results["users_scored"] == 60
+    assert results["inconsistent_lists"] == 0
+    assert results["validation_users_used"] == 30
+    systems = {row["system"]: row for row in results["systems"]}
+    assert list(systems) == [
+        "sml", "asc", "trd", "psn",
+        "concat", "rrf", "weighted", "combmnz", "interleave",
+        "rrf, fitted weights", "oracle",
+    ]  # fmt: skip
+    assert all(row["users"] == 60 for row in systems.values())
+    for name, row in systems.items():
+        assert 0 < row["ndcg"] <= systems["oracle"]["ndcg"], name
+        assert 0 < row["recall"] <= 1
+    # concat of equal-length lists in config order is the first recommender's list.
+    assert systems["concat"]["ndcg"] == systems["sml"]["ndcg"]
+    assert set(results["fitted_weights"]) == {"sml", "asc", "trd", "psn"}
+    assert set(results["comparisons"]["fusions"]) == {
+        "concat", "rrf", "weighted", "combmnz", "interleave", "rrf, fitted weights"
+    }  # fmt: skip
+
+
+def test_quality_refuses_an_unknown_fusion() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "quality", "--fusions", "rrf,borda"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert done.returncode == 2
+    assert "unknown fusions ['borda']" in done.stderr
