@@ -86,7 +86,12 @@ class RecommenderSettings(BaseModel):
         default=True,
         description="Whether a call that may have reached the recommender can be repeated.",
     )
-    weight: float = Field(default=1.0, ge=0, description="Its weight in fusion and coverage.")
+    weight: float = Field(
+        default=1.0,
+        ge=0,
+        description="Its weight in fusion and coverage; 0 keeps its answer out of `fused` "
+        "(shadow mode: still called and returned in `result`).",
+    )
 
     @model_validator(mode="after")
     def _has_a_url(self) -> RecommenderSettings:
@@ -201,6 +206,8 @@ class Settings(BaseSettings):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"recommender names must be unique; repeated: {duplicates}")
+        if value and not any(recommender.weight > 0 for recommender in value):
+            raise ValueError("at least one recommender needs a weight above 0")
         return value
 
     @classmethod

@@ -157,7 +157,12 @@ def _fuse(
 ) -> tuple[str, list[dict[str, Any]], float]:
     """The fusion used, its top `resultSize` items, and the coverage of those that answered."""
     weights = runtime.weights
-    lists = [ranked_from(o.name, weights[o.name], o.prediction) for o in outcomes if o.ok]
+    # A weight of 0 is shadow mode: the answer is returned in `result` but not fused.
+    lists = [
+        ranked_from(o.name, weights[o.name], o.prediction)
+        for o in outcomes
+        if o.ok and weights[o.name] > 0
+    ]
     name = recommendation.fusion or runtime.settings.fusion
     fused = runtime.fusions[name].fuse(lists, recommendation.resultSize, g.request_id)
     # Plain dicts: the response model validates them in one pass (pydantic's Rust core),

@@ -103,11 +103,14 @@ def fleet(fleet_session: MockFleet) -> MockFleet:
 
 
 def settings_for(fleet: MockFleet, names: tuple[str, ...] = NAMES, **fields: Any) -> Settings:
-    """Settings that point the gateway at `fleet`'s recommenders."""
+    """Settings that point the gateway at `fleet`'s recommenders (`weights={name: w}` too)."""
     fields.setdefault("deadline_ms", 1000)
     timeout_ms = fields.pop("timeout_ms", None)
+    weights = fields.pop("weights", {})
     recommenders = [
-        {"name": name, "url": fleet.url(name), "timeout_ms": timeout_ms} for name in names
+        {"name": name, "url": fleet.url(name), "timeout_ms": timeout_ms}
+        | ({"weight": weights[name]} if name in weights else {})
+        for name in names
     ]
     return Settings.model_validate({"recommenders": recommenders, **fields})
 

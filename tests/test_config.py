@@ -81,6 +81,13 @@ def test_environment_overrides_single_fields(
         (MINIMAL.replace("timeout_ms: 250", "timeout_ms: soon"), "recommenders.0.timeout_ms"),
         (MINIMAL.replace("http://127.0.0.1:6002/test", "not a url"), "recommenders.1.url"),
         (MINIMAL.replace("name: b", "name: a"), "recommender names must be unique"),
+        (
+            MINIMAL.replace("timeout_ms: 250", "weight: 0").replace(
+                "url: http://127.0.0.1:6002/test", "url: http://127.0.0.1:6002/test\n    weight: 0"
+            ),
+            "at least one recommender needs a weight above 0",
+        ),
+        (MINIMAL.replace("timeout_ms: 250", "weight: -1"), "recommenders.0.weight"),
         (MINIMAL + "strategy: magic\n", "strategy: Input should be 'async'"),
         (MINIMAL + "deadline: 3\n", "deadline: Extra inputs are not permitted"),
         ("recommenders: []\n", "recommenders: List should have at least 1 item"),

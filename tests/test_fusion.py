@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, get_args
 
 import aiohttp
 import pytest
 import requests
 
+from gateway import GatewayFlask, create_app
 from gateway.fusion import (
     FUSIONS,
     CombMnz,
@@ -24,7 +26,7 @@ from gateway.fusion import (
 )
 from mock_recommenders import MockFleet
 from mock_recommenders.ranking import rank_items
-from tests.conftest import NAMES
+from tests.conftest import NAMES, settings_for
 from tests.test_gunicorn import gunicorn
 from tests.test_logs import lines
 
@@ -175,6 +177,45 @@ def test_a_failed_recommender_drops_out_of_the_fusion(fleet: MockFleet, gateway_
     assert body["fusion"] == "combmnz"
     assert body["coverage"] == 0.75
     assert all(s["name"] != "trd" for item in body["fused"] for s in item["sources"])
+
+
+@pytest.mark.parametrize("name", sorted(FUSIONS))
+def test_a_weight_of_0_is_shadow_mode_returned_but_not_fused(
+    fleet: MockFleet, serve: Callable[[GatewayFlask], str], name: str
+) -> None:
+    weights = {"sml": 1.0, "asc": 0.5, "trd": 0.0, "psn": 2.0}
+    url = serve(create_app(settings_for(fleet, weights=weights)))
+
+    body = ask(url, {"user_id": "f5", "resultSize": 100, "fusion": name}).json()
+
+    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    assert body["coverage"] == 1.0
+    assert len(body["fused"]) == 100
+    fused_from = {source["name"] for item in body["fused"] for source in item["sources"]}
+    assert fused_from == {"sml", "asc", "psn"}
+    only_trd = {i["id"] for i in rank_items("trd", "f5", 100)} - {
+        i["id"] for other in ("sml", "asc", "psn") for i in rank_items(other, "f5", 100)
+    }
+    assert only_trd and not only_trd & {item["id"] for item in body["fused"]}
+
+
+def test_weights_shape_rrf_and_coverage_through_the_gateway(
+    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
+) -> None:
+    weights = {"sml": 1.0, "asc": 3.0, "trd": 0.5, "psn": 0.5}
+    url = serve(create_app(settings_for(fleet, weights=weights)))
+    fleet.set_behaviour("asc", status=503)
+
+    body = ask(url, {"user_id": "f6", "resultSize": 3, "fusion": "rrf"}).json()
+
+    assert body["coverage"] == round(2.0 / 5.0, 4)
+    expected: dict[str, float] = {}
+    for name in ("sml", "trd", "psn"):
+        for rank, item in enumerate(rank_items(name, "f6", 3), start=1):
+            expected[item["id"]] = expected.get(item["id"], 0.0) + weights[name] / (60 + rank)
+    top = sorted(expected, key=lambda i: -expected[i])[:3]
+    assert [item["id"] for item in body["fused"]] == top
+    assert [item["score"] for item in body["fused"]] == [round(expected[i], 6) for i in top]
 
 
 def test_an_unknown_fusion_is_422_naming_the_allowed_ones(
