@@ -193,7 +193,8 @@ class World:
         """Recommender `name`'s score for every item for `user`, each in [0, 1]."""
         if name == "psn":
             match = self._psn_vectors @ (user.taste + user.personal_noise)
-            return _sigmoid(2.0 * match)
+            # Read as a click probability; the 0.5 keeps it from saturating near 1.
+            return _sigmoid(0.5 * match)
         if name == "sml":
             similar: Floats = self._similarity[user.history].sum(axis=0)
             return (1.0 + similar / len(user.history)) / 2.0
@@ -204,7 +205,7 @@ class World:
             trending: Floats = self._trending[user.region]
             return trending
         guess = user.taste + _rng("other", self.seed, name, user.user_id).normal(size=_DIM)
-        return _sigmoid(2.0 * (self._other_vectors(name) @ guess))
+        return _sigmoid(0.5 * (self._other_vectors(name) @ guess))
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one world per process
     def _other_vectors(self, name: str) -> Floats:
