@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import TARGETS, Plan, run_benchmark
+from benchmarks.harness import TARGETS, Plan, pick, run_benchmark
 from benchmarks.report import figures, table, write_all
 
 __all__ = ["main"]
@@ -78,11 +78,10 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
     if any(w > 16 for w in plan.widths):
         parser.error("--widths go from 1 to 16")
     if args.targets:
-        targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-        unknown = sorted(set(targets) - set(TARGETS))
-        if unknown:
-            parser.error(f"unknown targets {unknown}; known: {', '.join(TARGETS)}")
-        plan.targets = [t for t in TARGETS if t in targets]
+        try:
+            plan.targets = pick(args.targets, TARGETS, "targets")
+        except ValueError as exc:
+            parser.error(str(exc))
     out = args.out or Path("benchmarks/results") / time.strftime("%Y%m%d-%H%M%S")
     return plan, out
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ __all__ = [
     "TARGETS",
     "Plan",
     "free_ports",
+    "pick",
     "run_benchmark",
     "serve_process",
 ]
@@ -64,6 +65,16 @@ class Plan:
         main = len(self.targets) * len(self.levels)
         widths = len(self.widths) * 3
         return (main + widths) * (self.duration_s + self.warmup_s)
+
+
+def pick(text: str, known: Iterable[str], what: str) -> list[str]:
+    """The names in comma-separated `text`, in `known`'s order; ValueError naming any unknown."""
+    known = list(known)
+    wanted = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = sorted(wanted - set(known))
+    if unknown or not wanted:
+        raise ValueError(f"unknown {what} {unknown}; known: {', '.join(known)}")
+    return [name for name in known if name in wanted]
 
 
 def free_ports(count: int) -> int:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import GUNICORN, PYTHON, free_ports, serve_process
+from benchmarks.harness import GUNICORN, PYTHON, free_ports, pick, serve_process
 from gateway.fusion import FUSIONS, make_fusion, ranked_from
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
@@ -497,11 +497,10 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
     if plan.users < 2 or plan.validation_users < 0 or not 1 <= plan.k <= 100:
         parser.error("--users must be at least 2, --validation-users at least 0, --k 1 to 100")
     if args.fusions:
-        fusions = [f.strip() for f in args.fusions.split(",") if f.strip()]
-        unknown = sorted(set(fusions) - set(FUSIONS))
-        if unknown or not fusions:
-            parser.error(f"unknown fusions {unknown}; known: {', '.join(FUSIONS)}")
-        plan.fusions = [f for f in FUSIONS if f in fusions]
+        try:
+            plan.fusions = pick(args.fusions, FUSIONS, "fusions")
+        except ValueError as exc:
+            parser.error(str(exc))
     if "rrf" not in plan.fusions and plan.validation_users:
         plan.fusions.insert(0, "rrf")  # the fitted weights are compared with plain RRF
     out = args.out or Path("benchmarks/results") / time.strftime("quality-%Y%m%d-%H%M%S")
