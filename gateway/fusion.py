@@ -17,10 +17,11 @@ the item reached in any list, then by id: never by the order in which answers ar
 from __future__ import annotations
 
 import hashlib
+import heapq
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, TypeGuard
 
 __all__ = [
     "FUSIONS",
@@ -69,20 +70,32 @@ class FusedItem:
 def ranked_from(name: str, weight: float, prediction: Any) -> Ranked:
     """A recommender's `{"items": [{"id", "score"}, ...]}` as a `Ranked`; odd entries skipped."""
     items = prediction.get("items") if isinstance(prediction, dict) else None
+    if not isinstance(items, list):
+        return Ranked(name, weight, ())
     seen: set[str] = set()
     ranked = []
-    for entry in items if isinstance(items, list) else []:
-        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str | int):
+    # Runs for every item of every answer: exact type tests (`type(x) is str`) are the fast
+    # path, and the slower checks only decide the odd cases.
+    for entry in items:
+        if type(entry) is not dict:
             continue
-        item_id = str(entry["id"])
+        item_id = entry.get("id")
+        if type(item_id) is not str:
+            if not isinstance(item_id, str | int):
+                continue
+            item_id = str(item_id)
         if item_id in seen:  # a repeat within one list keeps its first, better rank
             continue
         seen.add(item_id)
         score = entry.get("score")
-        if isinstance(score, bool) or not isinstance(score, int | float):
-            score = None
-        ranked.append((item_id, None if score is None else float(score)))
+        if type(score) is not float:
+            score = float(score) if _is_number(score) else None
+        ranked.append((item_id, score))
     return Ranked(name, weight, tuple(ranked))
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def coverage(answered: Sequence[Ranked], weights: Mapping[str, float]) -> float:
@@ -101,9 +114,20 @@ def _provenance(lists: Sequence[Ranked]) -> dict[str, list[Provenance]]:
 
 def _top(scores: Mapping[str, float], lists: Sequence[Ranked], size: int) -> list[FusedItem]:
     """The `size` best by score; ties by best rank anywhere, then id."""
-    where = _provenance(lists)
-    order = sorted(scores, key=lambda i: (-scores[i], min(p.rank for p in where[i]), i))
-    return [FusedItem(i, round(scores[i], 6), where[i]) for i in order[:size]]
+    best_rank: dict[str, int] = {}
+    for ranked in lists:
+        for rank, (item_id, _) in enumerate(ranked.items, start=1):
+            if rank < best_rank.get(item_id, rank + 1):
+                best_rank[item_id] = rank
+    order = heapq.nsmallest(size, ((-s, best_rank[i], i) for i, s in scores.items()))
+    chosen = {item_id for _, _, item_id in order}
+    # Provenance for the chosen items only, in list order as `_provenance` gives it.
+    where: dict[str, list[Provenance]] = {item_id: [] for item_id in chosen}
+    for ranked in lists:
+        for rank, (item_id, score) in enumerate(ranked.items, start=1):
+            if item_id in chosen:
+                where[item_id].append(Provenance(ranked.name, rank, score))
+    return [FusedItem(i, round(-negative, 6), where[i]) for negative, _, i in order]
 
 
 class Fusion(Protocol):
