@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy gateway mock_recommenders
+	$(BIN)/mypy gateway mock_recommenders benchmarks
 
 unit: install
 	$(BIN)/pytest

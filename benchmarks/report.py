@@ -298,7 +298,10 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     if widths:
         figure, axes = plt.subplots(figsize=(7, 4.5))
         ws = sorted({r["recommenders"] for r in widths})
-        speedups = [(_find(widths, "async", 1, w) or {}).get("speedup_vs_sync") for w in ws]
+        # A missing figure is drawn as a gap (NaN), not as zero.
+        speedups = [
+            (_find(widths, "async", 1, w) or {}).get("speedup_vs_sync") or math.nan for w in ws
+        ]
         axes.plot(ws, speedups, "C2^-", label="async vs sync (throughput at concurrency 1)")
         axes.plot(ws, ws, "k:", label="ideal: the number of recommenders")
         axes.set_xlabel("recommenders per request")
