@@ -66,6 +66,8 @@ class QualityPlan:
     world_seed: int = DEFAULT_SEED
     fusions: list[str] = field(default_factory=lambda: list(FUSIONS))
     rrf_k: int = 60
+    window: int | None = None
+    """The gateway's `fusion_window`: fuse from this many items per recommender (None: k)."""
 
 
 # The metrics
@@ -208,7 +210,9 @@ async def _ask_all(
 
 
 @contextlib.contextmanager
-def _gateway(urls: list[str], weights: dict[str, float], log: Path) -> Iterator[str]:
+def _gateway(
+    urls: list[str], weights: dict[str, float], window: int | None, log: Path
+) -> Iterator[str]:
     port = free_ports(1)
     env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
     recommenders = [
@@ -219,6 +223,8 @@ def _gateway(urls: list[str], weights: dict[str, float], log: Path) -> Iterator[
     # Quality, not speed, is measured: no answer may be cut short by a deadline.
     env["GATEWAY_DEADLINE_MS"] = "10000"
     env["GATEWAY_LOG_REQUESTS"] = "false"
+    if window is not None:
+        env["GATEWAY_FUSION_WINDOW"] = str(window)
     command = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
     command += ["--bind", f"127.0.0.1:{port}"]
     with serve_process(command, log, f"http://127.0.0.1:{port}/readyz", env):
@@ -246,7 +252,8 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
 
     with serve_process(mocks, logs / "mocks.log", last_mock):
         advance("gateway with equal weights: every fusion")
-        with _gateway(urls, dict.fromkeys(NAMES, 1.0), logs / "gateway.log") as url:
+        equal = dict.fromkeys(NAMES, 1.0)
+        with _gateway(urls, equal, plan.window, logs / "gateway.log") as url:
             answers = ask(url, [(u, f) for u in test_users for f in plan.fusions])
             advance("gateway with equal weights: validation users")
             validation = ask(url, [(u, "rrf") for u in validation_users])
@@ -260,7 +267,7 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
         advance("gateway with fitted weights")
         fitted: dict[tuple[str, str], Any] = {}
         if weights:
-            with _gateway(urls, weights, logs / "gateway-fitted.log") as url:
+            with _gateway(urls, weights, plan.window, logs / "gateway-fitted.log") as url:
                 fitted = ask(url, [(u, "rrf") for u in test_users])
 
     scores, scored, inconsistent = _score(plan, test_users, answers, fitted, world)
@@ -356,7 +363,10 @@ def table(results: dict[str, Any]) -> Any:
     from rich.table import Table
 
     k = results["plan"]["k"]
-    found = Table(title=f"Ranking quality over {results['users_scored']} users (95% intervals)")
+    found = Table(
+        title=f"Ranking quality over {results['users_scored']} users, {_depth(results)} "
+        "(95% intervals)"
+    )
     for heading in ("system", "kind", f"NDCG@{k}", f"recall@{k}"):
         found.add_column(heading, justify="left" if heading in ("system", "kind") else "right")
     for row in results["systems"]:
@@ -367,6 +377,11 @@ def table(results: dict[str, Any]) -> Any:
             f"{row['recall']:.3f} ± {row['recall_ci95']:.3f}",
         )
     return found
+
+
+def _depth(results: dict[str, Any]) -> str:
+    plan = results["plan"]
+    return f"fusing each recommender's top {plan['window'] or plan['k']}"
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -407,7 +422,7 @@ def markdown(results: dict[str, Any]) -> str:
     k = results["plan"]["k"]
     lines = [
         f"# Ranking quality: {results['users_scored']} users, world seed "
-        f"{results['plan']['world_seed']}",
+        f"{results['plan']['world_seed']}, {_depth(results)}",
         "",
         f"| system | kind | NDCG@{k} | recall@{k} |",
         "|---|---|---:|---:|",
@@ -482,6 +497,11 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
     parser.add_argument("--concurrency", type=int, default=16, help="requests in flight (16)")
     parser.add_argument("--world-seed", type=int, default=DEFAULT_SEED, help="the world's seed")
     parser.add_argument("--fusions", help=f"comma-separated subset of {','.join(FUSIONS)}")
+    parser.add_argument(
+        "--window",
+        type=int,
+        help="the gateway's fusion_window: fuse from this many items per recommender (default k)",
+    )
     parser.add_argument("--quick", action="store_true", help="200 users, 100 to fit on")
     parser.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results/quality-<timestamp>)"
@@ -493,9 +513,12 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
         k=args.k,
         concurrency=args.concurrency,
         world_seed=args.world_seed,
+        window=args.window,
     )
     if plan.users < 2 or plan.validation_users < 0 or not 1 <= plan.k <= 100:
         parser.error("--users must be at least 2, --validation-users at least 0, --k 1 to 100")
+    if plan.window is not None and not plan.k <= plan.window <= 100:
+        parser.error("--window must be from --k to 100")
     if args.fusions:
         try:
             plan.fusions = pick(args.fusions, FUSIONS, "fusions")

@@ -173,6 +173,14 @@ class Settings(BaseSettings):
     )
     fusion: FusionName = "rrf"
     rrf_k: int = Field(default=60, ge=1, description="The k of reciprocal rank fusion.")
+    fusion_window: int | None = Field(
+        default=None,
+        ge=1,
+        le=100,
+        description="Ask each recommender for at least this many items and fuse from them, "
+        "still returning `resultSize` fused items (Elasticsearch's rank_window_size); "
+        "null: `resultSize`.",
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
     # Below gunicorn's 256 threads per worker, so that threads remain to answer the 503s at
     # once rather than leaving requests queued behind busy threads.

@@ -221,7 +221,8 @@ async def recommendation() -> Response:
     """Fan the request out to every recommender and merge what comes back."""
     runtime = _runtime()
     recommendation = _parse_request(request.get_data())
-    body = json.dumps(recommendation.forwarded(), separators=(",", ":")).encode()
+    forwarded = recommendation.forwarded(runtime.settings.fusion_window)
+    body = json.dumps(forwarded, separators=(",", ":")).encode()
     deadline = Deadline.after(runtime.settings.deadline_ms, start=g.received_at)
     headers = {REQUEST_ID_HEADER: g.request_id}
     outcomes = await runtime.fan_out.fan_out(body, headers, deadline)

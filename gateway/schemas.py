@@ -50,11 +50,18 @@ class RecommendationRequest(BaseModel):
             return int(value)
         return value
 
-    def forwarded(self) -> dict[str, Any]:
-        """The body sent to every recommender: defaults filled in, absent optionals left out."""
+    def forwarded(self, window: int | None = None) -> dict[str, Any]:
+        """The body sent to every recommender: defaults filled in, absent optionals left out.
+
+        With a fusion `window` above `resultSize`, recommenders are asked for `window` items,
+        so that fusion can draw on more than each one's top `resultSize`.
+        """
         # `fusion` is the gateway's own business, not the recommenders'.
         absent = ({"user_id", "context"} - self.model_fields_set) | {"fusion"}
-        return self.model_dump(mode="json", exclude=absent)
+        body = self.model_dump(mode="json", exclude=absent)
+        if window is not None and window > self.resultSize:
+            body["resultSize"] = window
+        return body
 
 
 class RecommenderResult(BaseModel):

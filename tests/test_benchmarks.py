@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.loadgen import percentile
-from benchmarks.quality import fit_weights, ndcg_at, recall_at
+from benchmarks.quality import fit_weights, ndcg_at, parse_plan, recall_at
 from benchmarks.report import derive, figures
 from gateway.fusion import make_fusion, ranked_from
 from tests.conftest import ROOT
@@ -141,7 +141,7 @@ def test_quality_run_scores_every_system_and_writes_table_json_and_plot(tmp_path
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=110)
 
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Ranking quality over 60 users" in done.stdout
+    assert "Ranking quality over 60 users, fusing each recommender's top 10" in done.stdout
     assert "best single recommender by NDCG@10" in done.stdout
     for name in ("quality.json", "quality.md", "quality.png"):
         assert (out / name).stat().st_size > 0
@@ -178,3 +178,17 @@ def test_quality_refuses_an_unknown_fusion() -> None:
 
     assert done.returncode == 2
     assert "unknown fusions ['borda']" in done.stderr
+
+
+def test_quality_plan_takes_a_fusion_window_from_k_to_100(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    plan, _ = parse_plan(["--window", "50", "--fusions", "combmnz"])
+    assert plan.window == 50
+    # RRF is added back: the fitted weights are compared with it.
+    assert plan.fusions == ["rrf", "combmnz"]
+
+    for window in ("5", "101"):
+        with pytest.raises(SystemExit):
+            parse_plan(["--window", window])
+        assert "--window must be from --k to 100" in capsys.readouterr().err

@@ -88,6 +88,7 @@ def test_environment_overrides_single_fields(
             "at least one recommender needs a weight above 0",
         ),
         (MINIMAL.replace("timeout_ms: 250", "weight: -1"), "recommenders.0.weight"),
+        (MINIMAL + "fusion_window: 0\n", "fusion_window: Input should be greater than"),
         (MINIMAL + "strategy: magic\n", "strategy: Input should be 'async'"),
         (MINIMAL + "deadline: 3\n", "deadline: Extra inputs are not permitted"),
         ("recommenders: []\n", "recommenders: List should have at least 1 item"),

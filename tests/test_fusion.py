@@ -218,6 +218,39 @@ def test_weights_shape_rrf_and_coverage_through_the_gateway(
     assert [item["score"] for item in body["fused"]] == [round(expected[i], 6) for i in top]
 
 
+def test_a_fusion_window_fuses_from_deeper_lists_and_returns_result_size(
+    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
+) -> None:
+    url = serve(create_app(settings_for(fleet, fusion_window=30)))
+
+    body = ask(url, {"user_id": "f7", "resultSize": 5}).json()
+
+    seen = fleet.last_request("sml")
+    assert seen is not None and seen["body"]["resultSize"] == 30
+    assert all(len(entry["prediction"]["items"]) == 30 for entry in body["result"])
+    assert len(body["fused"]) == 5
+    expected: dict[str, float] = {}
+    for name in NAMES:
+        for rank, item in enumerate(rank_items(name, "f7", 30), start=1):
+            expected[item["id"]] = expected.get(item["id"], 0.0) + 1 / (60 + rank)
+    top = sorted(expected, key=lambda i: (-expected[i], i))[:5]
+    assert [item["id"] for item in body["fused"]] == top
+    # Items found below rank 5 count: the window is what fusion saw.
+    assert any(s["rank"] > 5 for item in body["fused"] for s in item["sources"])
+
+
+def test_a_fusion_window_never_asks_for_fewer_than_result_size(
+    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
+) -> None:
+    url = serve(create_app(settings_for(fleet, fusion_window=3)))
+
+    body = ask(url, {"user_id": "f8", "resultSize": 8}).json()
+
+    seen = fleet.last_request("psn")
+    assert seen is not None and seen["body"]["resultSize"] == 8
+    assert len(body["fused"]) == 8
+
+
 def test_an_unknown_fusion_is_422_naming_the_allowed_ones(
     fleet: MockFleet, gateway_url: str
 ) -> None:
