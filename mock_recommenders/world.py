@@ -19,8 +19,8 @@ Each mock recommender sees the world through its own imperfect lens (`KINDS`):
   item vectors, both noisy; blind to popularity;
 - ``sml``, item similarity: items whose content looks like what the user already has,
   from noisy content features; blind to popularity and to taste outside the history;
-- ``asc``, co-occurrence: "people who had X also had Y", counted in the baskets of a few
-  thousand other users; biased towards popular items, noisy on rare ones;
+- ``asc``, co-occurrence: "people who had X also had Y", counted in the baskets (ten items
+  each) of 1,500 other users; biased towards popular items, noisy on rare ones;
 - ``trd``, trending: last period's popularity, measured with error, the same for everyone
   in a region (one of eight); blind to taste;
 - any other name: a personalised recommender with more noise, seeded by its name (for
