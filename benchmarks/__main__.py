@@ -37,7 +37,9 @@ def _ints(text: str) -> list[int]:
 def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
     """The plan and output folder the command line asks for."""
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=__doc__.splitlines()[0]
+        prog="python -m benchmarks",
+        description=__doc__.splitlines()[0],
+        epilog="Ranking quality instead of speed: python -m benchmarks quality --help",
     )
     parser.add_argument("--levels", type=_ints, help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
