@@ -236,6 +236,7 @@ def _gateway(
 
 def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
     """Score `plan`, writing logs under `out`; return the results."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     world = default_world(plan.world_seed)
@@ -273,7 +274,8 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
     scores, scored, inconsistent = _score(plan, test_users, answers, fitted, world)
     results: dict[str, Any] = {
         "plan": asdict(plan),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "users_asked": len(test_users),
         "users_scored": scored,
         "inconsistent_lists": inconsistent,
