@@ -40,8 +40,15 @@ class RecommendationRequest(BaseModel):
     fusion: FusionName | None = Field(
         default=None, description="How to fuse the answers; default from the config."
     )
+    fusionWindow: int | None = Field(  # noqa: N815 - the wire name, like resultSize
+        default=None,
+        ge=1,
+        le=100,
+        description="Fuse from each recommender's top N (asking for at least N items); "
+        "default from the config's fusion_window, else resultSize.",
+    )
 
-    @field_validator("resultSize", mode="before")
+    @field_validator("resultSize", "fusionWindow", mode="before")
     @classmethod
     def _integral_number(cls, value: Any) -> Any:
         # JSON has one number type: 36.0 is the integer 36 (as JSON Schema says); strings,
@@ -53,11 +60,14 @@ class RecommendationRequest(BaseModel):
     def forwarded(self, window: int | None = None) -> dict[str, Any]:
         """The body sent to every recommender: defaults filled in, absent optionals left out.
 
-        With a fusion `window` above `resultSize`, recommenders are asked for `window` items,
-        so that fusion can draw on more than each one's top `resultSize`.
+        With a fusion window above `resultSize` (the request's `fusionWindow`, else `window`
+        from the config), recommenders are asked for that many items, so that fusion can draw
+        on more than each one's top `resultSize`.
         """
-        # `fusion` is the gateway's own business, not the recommenders'.
-        absent = ({"user_id", "context"} - self.model_fields_set) | {"fusion"}
+        # `fusion` and `fusionWindow` are the gateway's own business, not the recommenders'.
+        absent = ({"user_id", "context"} - self.model_fields_set) | {"fusion", "fusionWindow"}
+        if self.fusionWindow is not None:
+            window = self.fusionWindow
         body = self.model_dump(mode="json", exclude=absent)
         if window is not None and window > self.resultSize:
             body["resultSize"] = window

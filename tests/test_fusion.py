@@ -251,6 +251,34 @@ def test_a_fusion_window_never_asks_for_fewer_than_result_size(
     assert len(body["fused"]) == 8
 
 
+def test_a_requests_fusion_window_overrides_the_configs_and_is_not_forwarded(
+    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
+) -> None:
+    url = serve(create_app(settings_for(fleet, fusion_window=50)))
+
+    narrow = ask(url, {"user_id": "f9", "resultSize": 4, "fusionWindow": 6}).json()
+    seen = fleet.last_request("asc")
+    wide = ask(url, {"user_id": "f9", "resultSize": 4}).json()
+    seen_wide = fleet.last_request("asc")
+
+    assert seen is not None and seen["body"] == {"user_id": "f9", "resultSize": 6}
+    assert seen_wide is not None and seen_wide["body"]["resultSize"] == 50
+    assert all(len(entry["prediction"]["items"]) == 6 for entry in narrow["result"])
+    assert len(narrow["fused"]) == len(wide["fused"]) == 4
+    assert max(s["rank"] for item in narrow["fused"] for s in item["sources"]) <= 6
+
+
+@pytest.mark.parametrize("window", [0, 101, "20", 2.5, True])
+def test_a_bad_fusion_window_is_422_naming_the_field(
+    fleet: MockFleet, gateway_url: str, window: object
+) -> None:
+    response = ask(gateway_url, {"fusionWindow": window})
+
+    assert response.status_code == 422
+    assert "fusionWindow" in response.json()["error"]["message"]
+    assert fleet.stats("sml")["requests"] == 0
+
+
 def test_an_unknown_fusion_is_422_naming_the_allowed_ones(
     fleet: MockFleet, gateway_url: str
 ) -> None:
