@@ -32,7 +32,10 @@ __all__ = [
     "ROOT",
     "TARGETS",
     "Plan",
+    "GATEWAY_COMMAND",
     "free_ports",
+    "gateway_env",
+    "mocks",
     "pick",
     "run_benchmark",
     "serve_process",
@@ -126,28 +129,36 @@ def serve_process(
             process.wait()
 
 
-def _mocks(names: list[str], base_port: int, plan: Plan, log: Path) -> Any:
+def mocks(names: list[str], base_port: int, log: Path, *flags: str) -> Any:
+    """Serve mock recommenders `names` on consecutive ports (a context manager)."""
     command = [PYTHON, "-m", "mock_recommenders", "--names", ",".join(names)]
-    command += ["--base-port", str(base_port), "--delay-ms", str(plan.delay_ms)]
-    command += ["--jitter-ms", str(plan.jitter_ms)]
+    command += ["--base-port", str(base_port), *flags]
     return serve_process(command, log, f"http://127.0.0.1:{base_port + len(names) - 1}/stats")
+
+
+def gateway_env(recommenders: list[dict[str, Any]], **settings: object) -> dict[str, str]:
+    """This process's environment without its `GATEWAY_*` variables, plus the given settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
+    env.update((f"GATEWAY_{key.upper()}", str(value)) for key, value in settings.items())
+    return env
+
+
+GATEWAY_COMMAND = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
 
 
 def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Path) -> Any:
     port = free_ports(1)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
     recommenders = [{"name": n, "url": u} for n, u in zip(names, urls, strict=True)]
-    env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
     if target == "per-call-session":
+        env = gateway_env(recommenders)
         command = [GUNICORN, "-c", "benchmarks/tutorial_gunicorn.conf.py"]
         command += ["benchmarks.tutorial_app:app"]
     else:
-        env["GATEWAY_STRATEGY"] = target
         # Sequential calls to 16 recommenders at 20 ms need more than the default deadline.
-        env["GATEWAY_DEADLINE_MS"] = str(
-            max(1000, 4 * len(names) * (plan.delay_ms + plan.jitter_ms))
-        )
-        command = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
+        deadline_ms = max(1000, 4 * len(names) * (plan.delay_ms + plan.jitter_ms))
+        env = gateway_env(recommenders, strategy=target, deadline_ms=deadline_ms)
+        command = list(GATEWAY_COMMAND)
         if plan.workers is not None:
             command += ["--workers", str(plan.workers)]
     command += ["--bind", f"127.0.0.1:{port}"]
@@ -265,9 +276,10 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
         base = free_ports(width)
         urls = [f"http://127.0.0.1:{base + i}/test" for i in range(width)]
         rows = []
-        with _mocks(names, base, plan, logs / f"mocks-{width}.log") as mocks:
+        delays = ("--delay-ms", str(plan.delay_ms), "--jitter-ms", str(plan.jitter_ms))
+        with mocks(names, base, logs / f"mocks-{width}.log", *delays) as fleet:
             for target in targets:
-                runs, memory = _measure(target, names, urls, levels, plan, logs, mocks.pid, advance)
+                runs, memory = _measure(target, names, urls, levels, plan, logs, fleet.pid, advance)
                 rows += [{"target": target, "recommenders": width, **run} for run in runs]
                 if memory:
                     results["memory_mb"][f"{target}@{width}"] = memory

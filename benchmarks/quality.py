@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -34,9 +33,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import GUNICORN, PYTHON, free_ports, pick, serve_process
+from benchmarks.harness import (
+    GATEWAY_COMMAND,
+    free_ports,
+    gateway_env,
+    mocks,
+    pick,
+    serve_process,
+)
 from gateway.fusion import FUSIONS, make_fusion, ranked_from
-from mock_recommenders.world import DEFAULT_SEED, default_world
+from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
 __all__ = [
     "QualityPlan",
@@ -214,19 +220,16 @@ def _gateway(
     urls: list[str], weights: dict[str, float], window: int | None, log: Path
 ) -> Iterator[str]:
     port = free_ports(1)
-    env = {key: value for key, value in os.environ.items() if not key.startswith("GATEWAY_")}
     recommenders = [
         {"name": name, "url": url, "weight": weights[name], "timeout_ms": 5000}
         for name, url in zip(NAMES, urls, strict=True)
     ]
-    env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
     # Quality, not speed, is measured: no answer may be cut short by a deadline.
-    env["GATEWAY_DEADLINE_MS"] = "10000"
-    env["GATEWAY_LOG_REQUESTS"] = "false"
+    settings: dict[str, object] = {"deadline_ms": 10000, "log_requests": "false"}
     if window is not None:
-        env["GATEWAY_FUSION_WINDOW"] = str(window)
-    command = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
-    command += ["--bind", f"127.0.0.1:{port}"]
+        settings["fusion_window"] = window
+    env = gateway_env(recommenders, **settings)
+    command = [*GATEWAY_COMMAND, "--bind", f"127.0.0.1:{port}"]
     with serve_process(command, log, f"http://127.0.0.1:{port}/readyz", env):
         yield f"http://127.0.0.1:{port}/recommendation"
 
@@ -244,14 +247,11 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
     validation_users = [f"validation-{n}" for n in range(plan.validation_users)]
     base = free_ports(len(NAMES))
     urls = [f"http://127.0.0.1:{base + i}/test" for i in range(len(NAMES))]
-    mocks = [PYTHON, "-m", "mock_recommenders", "--names", ",".join(NAMES)]
-    mocks += ["--base-port", str(base), "--world-seed", str(plan.world_seed)]
-    last_mock = f"http://127.0.0.1:{base + len(NAMES) - 1}/stats"
 
     def ask(url: str, asks: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
         return asyncio.run(_ask_all(url, asks, plan.k, plan.concurrency))
 
-    with serve_process(mocks, logs / "mocks.log", last_mock):
+    with mocks(list(NAMES), base, logs / "mocks.log", "--world-seed", str(plan.world_seed)):
         advance("gateway with equal weights: every fusion")
         equal = dict.fromkeys(NAMES, 1.0)
         with _gateway(urls, equal, plan.window, logs / "gateway.log") as url:
@@ -300,7 +300,7 @@ def _score(
     users: list[str],
     answers: dict[tuple[str, str], Any],
     fitted: dict[tuple[str, str], Any],
-    world: Any,
+    world: World,
 ) -> tuple[dict[str, dict[str, list[float]]], int, int]:
     """Per-user scores of every system, over the users every system answered (paired)."""
     systems = [*NAMES, *plan.fusions, *([FITTED] if fitted else []), ORACLE]
@@ -326,20 +326,12 @@ def _score(
             ranked[fusion] = [item["id"] for item in answer["fused"]]
         if fitted:
             ranked[FITTED] = [item["id"] for item in got[-1]["fused"]]
-        ranked[ORACLE] = _oracle(world, user, plan.k)
+        ranked[ORACLE] = world.oracle(user, plan.k)
         truth = world.truth(user)
         for system in systems:
             scores[system]["ndcg"].append(ndcg_at(ranked[system], truth, plan.k))
             scores[system]["recall"].append(recall_at(ranked[system], truth, plan.k))
     return scores, scored, inconsistent
-
-
-def _oracle(world: Any, user_id: str, k: int) -> list[str]:
-    user = world.user(user_id)
-    utility = world.utility(user).copy()
-    utility[user.history] = -math.inf
-    order = sorted(range(len(utility)), key=lambda i: (-utility[i], i))[:k]
-    return [f"i{i}" for i in order]
 
 
 def _comparisons(scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:

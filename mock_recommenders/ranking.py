@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from mock_recommenders.world import CATALOGUE_SIZE, MAX_RESULTS, default_world
+from mock_recommenders.world import CATALOGUE_SIZE, DEFAULT_SEED, MAX_RESULTS, default_world
 
 __all__ = ["CATALOGUE_SIZE", "MAX_RESULTS", "rank_items"]
 
 
 def rank_items(
-    name: str, user_id: str | None, result_size: int, seed: int | None = None
+    name: str, user_id: str | None, result_size: int, seed: int = DEFAULT_SEED
 ) -> list[dict[str, Any]]:
     """The top `result_size` items recommender `name` gives `user_id`, best first.
 
@@ -19,5 +19,4 @@ def rank_items(
     4 decimals, and never increase down the list; the user's history is never recommended.
     See `mock_recommenders.world` for what each recommender is.
     """
-    world = default_world() if seed is None else default_world(seed)
-    return world.ranking(name, user_id, result_size)
+    return default_world(seed).ranking(name, user_id, result_size)
