@@ -2,7 +2,9 @@
 
 With no flags, the four standard ones (`sml`, `asc`, `trd`, `psn`) on ports 5001-5004.
 ``--name NAME [--port PORT]`` serves just one; ``--names a,b,c`` serves any number on
-consecutive ports from ``--base-port``. Faults can also be changed on a running mock:
+consecutive ports from ``--base-port``. Port 0 (``--port 0``, ``--base-port 0``) serves each on
+a free port that the system picks; the line printed for each once it listens gives its URL.
+Faults can also be changed on a running mock:
 ``curl -X PUT localhost:5003/admin/behaviour -d '{"hang": true}'`` (see `behaviour.py`).
 """
 
@@ -18,6 +20,7 @@ from mock_recommenders.behaviour import Behaviour
 from mock_recommenders.server import (
     DEFAULT_BASE_PORT,
     DEFAULT_NAMES,
+    InFlight,
     Recommender,
     default_port,
     start_site,
@@ -25,6 +28,16 @@ from mock_recommenders.server import (
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
 __all__ = ["main", "parse_arguments", "serve"]
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535, not {port}")
+    return port
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -35,7 +48,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
     parser.add_argument("--name", help="serve only this recommender")
     parser.add_argument(
-        "--port", type=int, help="its port (with --name; default: the standard one, 5001-5004)"
+        "--port",
+        type=_port,
+        help="its port (with --name; default: the standard one, 5001-5004; 0: a free one)",
     )
     parser.add_argument(
         "--names",
@@ -43,7 +58,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated names, served on consecutive ports from --base-port",
     )
     parser.add_argument(
-        "--base-port", type=int, default=DEFAULT_BASE_PORT, help="the first port (5001)"
+        "--base-port",
+        type=_port,
+        default=DEFAULT_BASE_PORT,
+        help="the first port (5001); 0: each on a free port",
     )
     parser.add_argument(
         "--world-seed",
@@ -87,8 +105,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(str(exc))
     if args.port is not None and args.name is None:
         parser.error("--port goes with --name; use --base-port for several recommenders")
+    free = args.base_port == 0
     if args.name is not None:
-        port = args.port if args.port is not None else default_port(args.name, args.base_port)
+        port = args.port
+        if port is None:
+            port = 0 if free else default_port(args.name, args.base_port)
         if port is None:
             parser.error(f"--name {args.name} is not a standard recommender: give --port")
         args.plan = [(args.name, port)]
@@ -96,7 +117,9 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         names = [name.strip() for name in args.names.split(",") if name.strip()]
         if not names or len(set(names)) != len(names):
             parser.error("--names must list distinct names")
-        args.plan = [(name, args.base_port + i) for i, name in enumerate(names)]
+        if not free and args.base_port + len(names) - 1 > 65535:
+            parser.error("--base-port leaves too few ports for --names")
+        args.plan = [(name, 0 if free else args.base_port + i) for i, name in enumerate(names)]
     return args
 
 
@@ -111,9 +134,10 @@ async def serve(args: argparse.Namespace) -> None:
         _log_access()
     recommenders, runners = [], []
     world = default_world(args.world_seed)
+    in_flight = InFlight()
     try:
         for name, port in args.plan:
-            recommender = Recommender(name, behaviour, world=world)
+            recommender = Recommender(name, behaviour, world=world, in_flight=in_flight)
             runner, bound = await start_site(recommender, args.host, port, args.access_log)
             recommenders.append(recommender)
             runners.append(runner)
@@ -123,7 +147,7 @@ async def serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         for recommender in recommenders:
-            recommender.stopping.set()
+            recommender.stop()
         for runner in runners:
             await runner.cleanup()
 

@@ -4,7 +4,8 @@ Effects apply to each ``POST /test`` in this order:
 
 1. the delay: `delay_ms`, plus up to `jitter_ms`, plus `slow_ms` with probability `slow_rate`
    (a slow tail);
-2. `hang`: never answer (until the mock stops);
+2. `hang`: answer nothing until `hang` is switched off (the hanging calls then go on) or the
+   mock stops;
 3. `reset`: send the headers and part of the body, then reset the connection;
 4. `fail_first`: the first N calls after it was set answer `error_status`;
 5. `status`: when not 200, every call answers it;

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from mock_recommenders.behaviour import Behaviour
-from mock_recommenders.server import DEFAULT_NAMES, Recommender, start_site
+from mock_recommenders.server import DEFAULT_NAMES, InFlight, Recommender, start_site
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
 __all__ = ["MockFleet"]
+
+T = TypeVar("T")
 
 
 class MockFleet:
@@ -42,6 +44,7 @@ class MockFleet:
         if len(self._requested_ports) != len(self._names):
             raise ValueError("give one port per recommender name")
         self._recommenders: dict[str, Recommender] = {}
+        self._in_flight = InFlight()
         self._ports: dict[str, int] = {}
         self._runners: list[web.AppRunner] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -72,7 +75,7 @@ class MockFleet:
     async def _start(self) -> None:
         for i, (name, port) in enumerate(zip(self._names, self._requested_ports, strict=True)):
             seed = None if self._seed is None else self._seed + i
-            recommender = Recommender(name, self._initial, seed, self.world)
+            recommender = Recommender(name, self._initial, seed, self.world, self._in_flight)
             runner, bound = await start_site(recommender, self.host, port)
             self._recommenders[name] = recommender
             self._ports[name] = bound
@@ -80,7 +83,7 @@ class MockFleet:
 
     async def _stop(self) -> None:
         for recommender in self._recommenders.values():
-            recommender.stopping.set()
+            recommender.stop()
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
@@ -109,9 +112,16 @@ class MockFleet:
         return self._recommenders[name].behaviour
 
     def set_behaviour(self, name: str | None = None, **changes: Any) -> None:
-        """Change the behaviour of `name`, or of every recommender when `name` is None."""
-        for recommender in self._select(name):
-            recommender.behaviour.update(changes)
+        """Change the behaviour of `name`, or of every recommender when `name` is None.
+
+        Switching `hang` off releases the calls hanging now; a bad change is `ValueError`.
+        """
+
+        def change() -> None:
+            for recommender in self._select(name):
+                recommender.change(changes)
+
+        self._on_loop(change)
 
     def stats(self, name: str) -> dict[str, Any]:
         """The counters of `name`, as ``GET /stats`` gives them."""
@@ -121,11 +131,35 @@ class MockFleet:
         """The body and lower-cased headers of the last ``POST /test`` that `name` received."""
         return self._recommenders[name].last_request
 
+    def peak_in_flight(self) -> int:
+        """The most calls, to all of the fleet's recommenders together, under way at once.
+
+        Counted since the fleet started or was last reset: 1 when a caller called them one
+        after another, their number when it called them all at once.
+        """
+        return self._in_flight.peak
+
     def reset(self) -> None:
         """Zero every counter and restore every behaviour to the fleet's initial one."""
-        for recommender in self._recommenders.values():
-            recommender.reset_stats()
-            recommender.behaviour.update(self._initial.as_dict())
+
+        def reset() -> None:
+            for recommender in self._recommenders.values():
+                recommender.reset_stats()
+                recommender.change(self._initial.as_dict())
+            self._in_flight.reset()
+
+        self._on_loop(reset)
+
+    def _on_loop(self, function: Callable[[], T]) -> T:
+        # The recommenders' state belongs to their loop: a released hang wakes a task there.
+        loop = self._loop
+        if loop is None:
+            raise RuntimeError("this MockFleet is not running")
+
+        async def call() -> T:
+            return function()
+
+        return asyncio.run_coroutine_threadsafe(call(), loop).result(10)
 
     def _select(self, name: str | None) -> list[Recommender]:
         return list(self._recommenders.values()) if name is None else [self._recommenders[name]]

@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_BASE_PORT",
     "DEFAULT_NAMES",
     "KEEPALIVE_TIMEOUT_S",
+    "InFlight",
     "Recommender",
     "default_port",
     "start_site",
@@ -46,8 +47,38 @@ def default_port(name: str, base_port: int = DEFAULT_BASE_PORT) -> int | None:
     return base_port + DEFAULT_NAMES.index(name) if name in DEFAULT_NAMES else None
 
 
+def _wake(delay: asyncio.Future[None]) -> None:
+    if not delay.done():
+        delay.set_result(None)
+
+
 def _json(status: int, body: Any) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+class InFlight:
+    """Calls under way now, and the most that were under way at once since the last reset.
+
+    Shared by the recommenders of one fleet, it tells a test whether a caller called them one
+    after another (a peak of 1) or all at once, without timing anything.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.peak = 0
+
+    def enter(self) -> None:
+        """A call started."""
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        """A call ended."""
+        self.now -= 1
+
+    def reset(self) -> None:
+        """Forget the peak; calls still under way count on."""
+        self.peak = self.now
 
 
 class Recommender:
@@ -59,6 +90,7 @@ class Recommender:
         behaviour: Behaviour | None = None,
         seed: int | None = None,
         world: World | None = None,
+        in_flight: InFlight | None = None,
     ) -> None:
         self.name = name
         # Built here (once per process), not on the first call, which would then be slow.
@@ -72,8 +104,13 @@ class Recommender:
         self.last_request: dict[str, Any] | None = None
         self._seen: weakref.WeakSet[object] = weakref.WeakSet()
         self._rng = random.Random(seed)
-        # Set when the service stops, so a hanging call ends instead of holding shutdown.
-        self.stopping = asyncio.Event()
+        self.in_flight = in_flight if in_flight is not None else InFlight()
+        # Set when `hang` is switched off or the service stops: the calls hanging now go on.
+        # A new event replaces it then, for the calls that hang later.
+        self._unhang = asyncio.Event()
+        self._stopping = False
+        # The delays under way, cut short when the service stops (asyncio.sleep's own recipe).
+        self._sleeping: set[asyncio.Future[None]] = set()
 
     def stats(self) -> dict[str, Any]:
         """Calls to ``POST /test``, the TCP connections they came on, and the faults injected."""
@@ -85,6 +122,37 @@ class Recommender:
             "resets": self.resets,
             "hangs": self.hangs,
         }
+
+    def change(self, changes: dict[str, Any]) -> None:
+        """Change the behaviour, all or none (`ValueError`); switching `hang` off releases hangs.
+
+        Call it on the loop that serves this recommender.
+        """
+        self.behaviour.update(changes)
+        if not self.behaviour.hang:
+            self._release_hangs()
+
+    def stop(self) -> None:
+        """The service is stopping: end delays and hangs now, and start none."""
+        self._stopping = True
+        self._release_hangs()
+        for delay in self._sleeping:
+            if not delay.done():
+                delay.set_result(None)
+
+    async def _sleep(self, seconds: float) -> None:
+        delay = asyncio.get_running_loop().create_future()
+        timer = asyncio.get_running_loop().call_later(seconds, _wake, delay)
+        self._sleeping.add(delay)
+        try:
+            await delay
+        finally:
+            timer.cancel()
+            self._sleeping.discard(delay)
+
+    def _release_hangs(self) -> None:
+        self._unhang.set()
+        self._unhang = asyncio.Event()
 
     def reset_stats(self) -> None:
         """Zero the counters."""
@@ -117,6 +185,13 @@ class Recommender:
 
     async def _recommend(self, request: web.Request) -> web.StreamResponse:
         self._count(request)
+        self.in_flight.enter()
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight.leave()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         raw = await request.read()
         try:
             body = json.loads(raw)
@@ -136,11 +211,11 @@ class Recommender:
 
         behaviour = self.behaviour
         delay = behaviour.delay_s(self._rng)
-        if delay > 0:
-            await asyncio.sleep(delay)
-        if behaviour.hang:
+        if delay > 0 and not self._stopping:
+            await self._sleep(delay)
+        if behaviour.hang and not self._stopping:
             self.hangs += 1
-            await self.stopping.wait()
+            await self._unhang.wait()
         if behaviour.reset:
             return await self._reset_mid_answer(request)
         if behaviour.fail_first > 0:
@@ -206,7 +281,7 @@ class Recommender:
         if not isinstance(changes, dict):
             return _json(400, {"error": "body must be a JSON object"})
         try:
-            self.behaviour.update(changes)
+            self.change(changes)
         except ValueError as exc:
             return _json(422, {"error": str(exc)})
         return _json(200, self.behaviour.as_dict())
