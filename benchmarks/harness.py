@@ -11,6 +11,7 @@ Targets, measured in this order at every concurrency level:
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import platform
@@ -25,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mock_recommenders import MockFleetProcess
+
 __all__ = [
     "GATEWAY_TARGETS",
     "GUNICORN",
@@ -33,12 +36,11 @@ __all__ = [
     "TARGETS",
     "Plan",
     "GATEWAY_COMMAND",
-    "free_ports",
     "gateway_env",
     "mocks",
     "pick",
     "run_benchmark",
-    "serve_process",
+    "serve_gunicorn",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,20 +82,6 @@ def pick(text: str, known: Iterable[str], what: str) -> list[str]:
     return [name for name in known if name in wanted]
 
 
-def free_ports(count: int) -> int:
-    """The first of `count` consecutive free loopback ports."""
-    for base in range(20_000, 60_000, 37):
-        try:
-            with contextlib.ExitStack() as stack:
-                for port in range(base, base + count):
-                    sock = stack.enter_context(socket.socket())
-                    sock.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError("no free ports")
-
-
 def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     give_up = time.monotonic() + READY_WITHIN_S
     while time.monotonic() < give_up:
@@ -103,22 +91,36 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
             with urllib.request.urlopen(url, timeout=1) as response:
                 if response.status == 200:
                     return
-        except OSError:
+        except (OSError, http.client.HTTPException):
+            # HTTPException: a server still starting may close a connection unanswered.
             time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer within {READY_WITHIN_S:.0f} s")
 
 
 @contextlib.contextmanager
-def serve_process(
-    command: list[str], log: Path, ready_url: str, env: dict[str, str] | None = None
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("ab") as sink:
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, env=env
-        )
+def serve_gunicorn(
+    command: list[str], log: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Run gunicorn `command` on a loopback port the system picks; yields its URL and process.
+
+    The port is bound here and handed over (``--bind fd://N``): no other process can take it
+    between its choice and its use.
+    """
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        with log.open("ab") as sink:
+            process = subprocess.Popen(
+                [*command, "--bind", f"fd://{listener.fileno()}"],
+                cwd=ROOT,
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=env,
+                pass_fds=(listener.fileno(),),
+            )
     try:
-        _wait_ready(ready_url, process, log)
-        yield process
+        _wait_ready(f"{url}/readyz", process, log)
+        yield url, process
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -129,11 +131,9 @@ def serve_process(
             process.wait()
 
 
-def mocks(names: list[str], base_port: int, log: Path, *flags: str) -> Any:
-    """Serve mock recommenders `names` on consecutive ports (a context manager)."""
-    command = [PYTHON, "-m", "mock_recommenders", "--names", ",".join(names)]
-    command += ["--base-port", str(base_port), *flags]
-    return serve_process(command, log, f"http://127.0.0.1:{base_port + len(names) - 1}/stats")
+def mocks(names: list[str], log: Path, *flags: str) -> MockFleetProcess:
+    """Mock recommenders `names` in a process of their own, on free ports (a context manager)."""
+    return MockFleetProcess(names, flags, log)
 
 
 def gateway_env(recommenders: list[dict[str, Any]], **settings: object) -> dict[str, str]:
@@ -148,7 +148,6 @@ GATEWAY_COMMAND = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
 
 
 def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Path) -> Any:
-    port = free_ports(1)
     recommenders = [{"name": n, "url": u} for n, u in zip(names, urls, strict=True)]
     if target == "per-call-session":
         env = gateway_env(recommenders)
@@ -161,8 +160,7 @@ def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Pat
         command = list(GATEWAY_COMMAND)
         if plan.workers is not None:
             command += ["--workers", str(plan.workers)]
-    command += ["--bind", f"127.0.0.1:{port}"]
-    return port, serve_process(command, log, f"http://127.0.0.1:{port}/readyz", env)
+    return serve_gunicorn(command, log, env)
 
 
 def worker_rss_mb(master_pid: int) -> list[float]:
@@ -242,14 +240,14 @@ def _measure(
             advance(f"floor, {len(names)} recommenders, concurrency {level}")
             runs.append(_load("floor", ",".join(urls), level, plan, {"mocks": [mocks_pid]}))
         return runs, []
-    port, server = _server(target, urls, names, plan, logs / f"{target}-{len(names)}.log")
+    server = _server(target, urls, names, plan, logs / f"{target}-{len(names)}.log")
     cores = os.cpu_count() or 1
     workers = 2 * cores + 1 if target == "per-call-session" else (plan.workers or cores)
-    with server as process:
+    with server as (url, process):
         watched = {"gateway": _booted_workers(process.pid, workers), "mocks": [mocks_pid]}
         for level in levels:
             advance(f"{target}, {len(names)} recommenders, concurrency {level}")
-            runs.append(_load(target, f"http://127.0.0.1:{port}", level, plan, watched))
+            runs.append(_load(target, url, level, plan, watched))
         memory = worker_rss_mb(process.pid)
     return runs, memory
 
@@ -273,11 +271,10 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
 
     def sweep(width: int, targets: list[str], levels: list[int]) -> list[dict[str, Any]]:
         names = [f"r{i + 1}" for i in range(width)] if width != 4 else ["sml", "asc", "trd", "psn"]
-        base = free_ports(width)
-        urls = [f"http://127.0.0.1:{base + i}/test" for i in range(width)]
         rows = []
         delays = ("--delay-ms", str(plan.delay_ms), "--jitter-ms", str(plan.jitter_ms))
-        with mocks(names, base, logs / f"mocks-{width}.log", *delays) as fleet:
+        with mocks(names, logs / f"mocks-{width}.log", *delays) as fleet:
+            urls = [fleet.url(name) for name in names]
             for target in targets:
                 runs, memory = _measure(target, names, urls, levels, plan, logs, fleet.pid, advance)
                 rows += [{"target": target, "recommenders": width, **run} for run in runs]

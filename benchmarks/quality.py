@@ -33,14 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import (
-    GATEWAY_COMMAND,
-    free_ports,
-    gateway_env,
-    mocks,
-    pick,
-    serve_process,
-)
+from benchmarks.harness import GATEWAY_COMMAND, gateway_env, mocks, pick, serve_gunicorn
 from gateway.fusion import FUSIONS, make_fusion, ranked_from
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
@@ -219,7 +212,6 @@ async def _ask_all(
 def _gateway(
     urls: list[str], weights: dict[str, float], window: int | None, log: Path
 ) -> Iterator[str]:
-    port = free_ports(1)
     recommenders = [
         {"name": name, "url": url, "weight": weights[name], "timeout_ms": 5000}
         for name, url in zip(NAMES, urls, strict=True)
@@ -229,9 +221,8 @@ def _gateway(
     if window is not None:
         settings["fusion_window"] = window
     env = gateway_env(recommenders, **settings)
-    command = [*GATEWAY_COMMAND, "--bind", f"127.0.0.1:{port}"]
-    with serve_process(command, log, f"http://127.0.0.1:{port}/readyz", env):
-        yield f"http://127.0.0.1:{port}/recommendation"
+    with serve_gunicorn(GATEWAY_COMMAND, log, env) as (url, _):
+        yield f"{url}/recommendation"
 
 
 # The run
@@ -245,13 +236,12 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
     world = default_world(plan.world_seed)
     test_users = [f"test-{n}" for n in range(plan.users)]
     validation_users = [f"validation-{n}" for n in range(plan.validation_users)]
-    base = free_ports(len(NAMES))
-    urls = [f"http://127.0.0.1:{base + i}/test" for i in range(len(NAMES))]
 
     def ask(url: str, asks: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
         return asyncio.run(_ask_all(url, asks, plan.k, plan.concurrency))
 
-    with mocks(list(NAMES), base, logs / "mocks.log", "--world-seed", str(plan.world_seed)):
+    with mocks(list(NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)) as fleet:
+        urls = [fleet.url(name) for name in NAMES]
         advance("gateway with equal weights: every fusion")
         equal = dict.fromkeys(NAMES, 1.0)
         with _gateway(urls, equal, plan.window, logs / "gateway.log") as url:

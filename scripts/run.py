@@ -2,15 +2,20 @@
 
 Starts `python -m mock_recommenders` (ports 5001-5004) and gunicorn (port 5000), waits until
 every one of them answers, prints a `curl` line to try, and on Ctrl-C (or when either process
-dies) stops both.
+dies) stops both. ``--port 0`` and ``--mock-base-port 0`` take ports the system picks instead.
+
+The gateway's port is bound here and handed to gunicorn (``--bind fd://N``): a port in use is
+reported at once, and port 0 is known before gunicorn starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,109 +24,123 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from mock_recommenders import MockFleetProcess
+
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("sml", "asc", "trd", "psn")
-READY_WITHIN_S = 30.0
+READY_WITHIN_S = 60.0
 
 
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=1) as response:
             return bool(response.status == 200)
-    except (urllib.error.URLError, OSError):
+    except (urllib.error.URLError, http.client.HTTPException, OSError):
+        # HTTPException: a server still starting can close a connection before answering
+        # (http.client.BadStatusLine, RemoteDisconnected).
         return False
 
 
-def _wait_ready(
-    processes: dict[str, subprocess.Popen[bytes]], urls: list[str], stop: threading.Event
-) -> None:
+def _wait_ready(gateway: subprocess.Popen[bytes], url: str, stop: threading.Event) -> None:
     give_up = time.monotonic() + READY_WITHIN_S
-    while urls and not stop.is_set():
-        for name, process in processes.items():
-            if process.poll() is not None:
-                raise SystemExit(f"run: {name} exited with code {process.returncode} at start-up")
+    while not stop.is_set() and not _answers(url):
+        if gateway.poll() is not None:
+            raise SystemExit(f"run: the gateway exited with code {gateway.returncode} at start-up")
         if time.monotonic() > give_up:
-            raise SystemExit(f"run: no answer within {READY_WITHIN_S:.0f} s from {urls[0]}")
-        urls = [url for url in urls if not _answers(url)]
-        if urls:
-            stop.wait(0.2)
+            raise SystemExit(f"run: no answer within {READY_WITHIN_S:.0f} s from {url}")
+        stop.wait(0.2)
 
 
-def _stop(processes: dict[str, subprocess.Popen[bytes]]) -> None:
-    for process in processes.values():
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes.values():
+def _stop(gateway: subprocess.Popen[bytes] | None, mocks: MockFleetProcess | None) -> None:
+    if gateway is not None:
+        if gateway.poll() is None:
+            gateway.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=35)
+            gateway.wait(timeout=35)
         except subprocess.TimeoutExpired:
-            process.kill()
+            gateway.kill()
+            gateway.wait()
+    if mocks is not None:
+        mocks.stop()
+
+
+def _bind(port: int) -> socket.socket:
+    listener = socket.socket()
+    try:
+        listener.bind(("127.0.0.1", port))
+    except OSError as exc:
+        listener.close()
+        raise SystemExit(f"run: cannot use port {port} for the gateway: {exc.strerror}") from None
+    return listener
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run until Ctrl-C or until one of the processes dies."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, default=5000, help="the gateway's port")
+    parser.add_argument("--port", type=int, default=5000, help="the gateway's port (0: any)")
     parser.add_argument(
-        "--mock-base-port", type=int, default=5001, help="the first of the four mocks' ports"
+        "--mock-base-port",
+        type=int,
+        default=5001,
+        help="the first of the four mocks' consecutive ports (0: any free ones)",
     )
     args = parser.parse_args(argv)
-    gateway = f"http://127.0.0.1:{args.port}"
-    mock_ports = [args.mock_base_port + i for i in range(len(NAMES))]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    if args.mock_base_port != 5001:
-        # The packaged config points at 5001-5004; other ports need their own list.
-        env["GATEWAY_RECOMMENDERS"] = json.dumps(
-            [
-                {"name": name, "url": f"http://127.0.0.1:{port}/test", "timeout_ms": 500}
-                for name, port in zip(NAMES, mock_ports, strict=True)
-            ]
-        )
-    python = sys.executable
-    processes = {
-        "mock recommenders": subprocess.Popen(
-            [python, "-m", "mock_recommenders", "--base-port", str(args.mock_base_port)],
-            cwd=ROOT,
-        ),
-        "gateway": subprocess.Popen(
-            [
-                str(Path(python).parent / "gunicorn"),
-                *("-c", "gunicorn.conf.py", "gateway.wsgi:app"),
-                *("--bind", f"127.0.0.1:{args.port}"),
-            ],
-            cwd=ROOT,
-            env=env,
-        ),
-    }
     # Set explicitly: a process started in the background inherits SIGINT ignored, and the
     # children may see Ctrl-C before this process does, so their exit is not an error then.
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    curl = (
-        f"curl -s -X POST {gateway}/recommendation -H 'Content-Type: application/json' "
-        """-d '{"user_id": "u1", "resultSize": 3}'"""
-    )
-    urls = [f"http://127.0.0.1:{port}/stats" for port in mock_ports] + [f"{gateway}/readyz"]
+
+    listener = _bind(args.port)
+    gateway_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    mocks = MockFleetProcess(NAMES, base_port=args.mock_base_port)
+    gateway: subprocess.Popen[bytes] | None = None
     try:
-        _wait_ready(processes, urls, stop)
+        try:
+            mocks.start()
+        except RuntimeError as exc:
+            raise SystemExit(f"run: {exc}") from None
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if args.mock_base_port != 5001:
+            # The packaged config points at 5001-5004; other ports need their own list.
+            env["GATEWAY_RECOMMENDERS"] = json.dumps(
+                [{"name": name, "url": mocks.url(name), "timeout_ms": 500} for name in NAMES]
+            )
+        gateway = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "gunicorn"),
+                *("-c", "gunicorn.conf.py", "gateway.wsgi:app"),
+                *("--bind", f"fd://{listener.fileno()}"),
+            ],
+            cwd=ROOT,
+            env=env,
+            pass_fds=(listener.fileno(),),
+        )
+        listener.close()  # gunicorn holds it now
+        _wait_ready(gateway, f"{gateway_url}/readyz", stop)
         if stop.is_set():
             return 0
+        curl = (
+            f"curl -s -X POST {gateway_url}/recommendation -H 'Content-Type: application/json' "
+            """-d '{"user_id": "u1", "resultSize": 3}'"""
+        )
+        recommenders = ", ".join(f"{name} {mocks.url(name)}" for name in NAMES)
         print(
-            f"\nReady: the gateway on {gateway}, mock recommenders on ports "
-            f"{mock_ports[0]}-{mock_ports[-1]}.\nTry it:\n\n  {curl}\n\n"
-            "Ctrl-C stops everything.\n",
+            f"\nReady: the gateway on {gateway_url}, mock recommenders {recommenders}.\n"
+            f"Try it:\n\n  {curl}\n\nCtrl-C stops everything.\n",
             flush=True,
         )
-        while not stop.is_set() and all(p.poll() is None for p in processes.values()):
+        while not stop.is_set() and gateway.poll() is None and mocks.poll() is None:
             stop.wait(0.5)
         if stop.wait(1.0):
             return 0
-        dead = [name for name, process in processes.items() if process.poll() is not None]
-        print(f"run: {', '.join(dead)} stopped; stopping the rest", file=sys.stderr)
+        if mocks.poll() is not None:
+            print(f"run: the mock recommenders stopped:\n{mocks.output()[-2000:]}", file=sys.stderr)
+        print("run: the gateway or the mocks stopped; stopping the rest", file=sys.stderr)
         return 1
     finally:
-        _stop(processes)
+        listener.close()
+        _stop(gateway, mocks)
 
 
 if __name__ == "__main__":
