@@ -1,74 +1,24 @@
-"""Shared fixtures: the real mock recommenders and the real app on free loopback ports.
+"""Fixtures: the real mock recommenders and the real app on loopback ports the system picks.
 
-Also holds the aioresponses shim for aiohttp 3.14 (see `CompatClientResponse`).
+Helpers that test modules import live in `tests/helpers.py`.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import Any
 
-import aiohttp
 import pytest
-from aioresponses import CallbackResult, aioresponses
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from gateway import GatewayFlask, Settings, create_app
+from gateway import GatewayFlask, create_app
+from mock_recommenders import MockFleet, MockFleetProcess
+from tests.helpers import NAMES, CompatAioresponses, Serve, settings_for
 
-if TYPE_CHECKING:
-    from mock_recommenders import MockFleet
-
-ROOT = Path(__file__).resolve().parent.parent
-NAMES = ("sml", "asc", "trd", "psn")
-
-
-class _FinishedUpload:
-    """Stands in for the request's stream writer: the (fake) upload is already complete."""
-
-    output_size = 0
-
-
-class CompatClientResponse(aiohttp.ClientResponse):
-    """A `ClientResponse` that aioresponses 0.7.9 can build under aiohttp 3.14.
-
-    aiohttp 3.14 (a security release, which we keep) made `stream_writer` a required keyword
-    of `ClientResponse.__init__`, and aioresponses 0.7.9, the newest release, does not pass it:
-    ``ClientResponse.__init__() missing 1 required keyword-only argument: 'stream_writer'``
-    (upstream issue pnuckowski/aioresponses#289, fix in PR #288, not released). Remove this
-    shim once aioresponses releases that fix.
-    """
-
-    def __init__(self, *args: Any, stream_writer: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, stream_writer=stream_writer or _FinishedUpload(), **kwargs)
-
-
-def _compat_callback(callback: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """Wrap an aioresponses callback so the `CallbackResult` it returns uses the shim."""
-
-    async def compat(url: Any, **kwargs: Any) -> Any:
-        result = callback(url, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        if isinstance(result, CallbackResult) and result.response_class is None:
-            result.response_class = CompatClientResponse
-        return result
-
-    return compat
-
-
-class CompatAioresponses(aioresponses):  # type: ignore[misc]
-    """aioresponses whose every fake response, callbacks' included, is a `CompatClientResponse`."""
-
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("response_class", CompatClientResponse)
-        if kwargs.get("callback") is not None:
-            kwargs["callback"] = _compat_callback(kwargs["callback"])
-        super().add(*args, **kwargs)
+# How long a test's server waits for its requests still in flight before it closes the app.
+DRAIN_S = 30.0
 
 
 @pytest.fixture
@@ -78,66 +28,96 @@ def fake_network() -> Iterator[CompatAioresponses]:
         yield mocked
 
 
-def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+@pytest.fixture
+def fleet() -> Iterator[MockFleet]:
+    """The four mock recommenders, in this process, fresh for this test.
 
-
-@pytest.fixture(scope="session")
-def fleet_session() -> Iterator[MockFleet]:
-    """The four mock recommenders, on free ports, for the whole run."""
-    from mock_recommenders import MockFleet
-
+    A fleet of its own (starting one takes ~2 ms): no call left over from another test can
+    reach it and be counted.
+    """
     with MockFleet(NAMES) as fleet:
         yield fleet
 
 
-@pytest.fixture
-def fleet(fleet_session: MockFleet) -> MockFleet:
-    """The mock recommenders, with their behaviour and counters reset for this test."""
-    fleet_session.reset()
-    return fleet_session
-
-
-def settings_for(fleet: MockFleet, names: tuple[str, ...] = NAMES, **fields: Any) -> Settings:
-    """Settings that point the gateway at `fleet`'s recommenders (`weights={name: w}` too)."""
-    fields.setdefault("deadline_ms", 1000)
-    timeout_ms = fields.pop("timeout_ms", None)
-    weights = fields.pop("weights", {})
-    recommenders = [
-        {"name": name, "url": fleet.url(name), "timeout_ms": timeout_ms}
-        | ({"weight": weights[name]} if name in weights else {})
-        for name in names
-    ]
-    return Settings.model_validate({"recommenders": recommenders, **fields})
+@pytest.fixture(scope="session")
+def fleet_process_session() -> Iterator[MockFleetProcess]:
+    """The four mocks in a child process, for the whole run (it takes ~1 s to start)."""
+    with MockFleetProcess(NAMES) as fleet:
+        yield fleet
 
 
 @pytest.fixture
-def serve() -> Iterator[Callable[[GatewayFlask], str]]:
-    """Serve an app over real HTTP on a free loopback port; returns its base URL."""
-    servers: list[tuple[BaseWSGIServer, threading.Thread, GatewayFlask]] = []
+def fleet_process(fleet_process_session: MockFleetProcess) -> MockFleetProcess:
+    """The mocks in their own process, behaviour and counters reset: for tests under load.
+
+    Only gunicorn-served gateways use it, and a gunicorn is stopped gracefully (its requests
+    finished) before the next test resets the counters.
+    """
+    fleet_process_session.reset()
+    return fleet_process_session
+
+
+class _Draining:
+    """WSGI middleware that counts the requests inside the app, so a test can wait for them."""
+
+    def __init__(self, app: GatewayFlask):
+        self.app = app
+        self._in_flight = 0
+        self._idle = threading.Condition()
+
+    def __call__(self, environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        with self._idle:
+            self._in_flight += 1
+        try:
+            result = self.app(environ, start_response)
+            try:
+                return list(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is inside the app; False if some still are after `timeout_s`."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout_s)
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """Serve an app over real HTTP on a loopback port the system picks; returns its base URL.
+
+    At the end of the test the server stops accepting, waits for the requests still inside the
+    app (a failed test can leave some), then closes the app's runtime.
+    """
+    servers: list[tuple[BaseWSGIServer, threading.Thread, _Draining]] = []
 
     def start(app: GatewayFlask) -> str:
-        server = make_server("127.0.0.1", 0, app, threaded=True)
+        draining = _Draining(app)
+        server = make_server("127.0.0.1", 0, draining, threaded=True)  # type: ignore[arg-type]
         server.daemon_threads = True
-        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+        # Polled every 5 ms for the shutdown at the end of the test, which waits for the poll.
+        thread = threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True)
         thread.start()
-        servers.append((server, thread, app))
+        servers.append((server, thread, draining))
         return f"http://127.0.0.1:{server.server_port}"
 
     yield start
-    for server, thread, app in servers:
+    for server, thread, draining in servers:
         server.shutdown()
         thread.join(5)
+        drained = draining.wait_idle(DRAIN_S)
         server.server_close()
-        app.runtime.close()
+        draining.app.runtime.close()
+        assert drained, f"requests still in the app {DRAIN_S:.0f} s after the test"
 
 
 @pytest.fixture
-def gateway_url(fleet: MockFleet, serve: Callable[[GatewayFlask], str]) -> str:
+def gateway_url(fleet: MockFleet, serve: Serve) -> str:
     """The gateway with default settings, in front of the four mocks, over real HTTP."""
     return serve(create_app(settings_for(fleet)))
 

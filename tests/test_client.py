@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 
 import aiohttp
 import pytest
 
-from gateway import GatewayFlask, create_app
+from gateway import create_app
 from gateway.client import GatewayHTTPError, recommend, recommend_async
 from mock_recommenders import MockFleet
 from mock_recommenders.ranking import rank_items
-from tests.conftest import NAMES, ROOT, free_port, settings_for
-
-Serve = Callable[[GatewayFlask], str]
+from tests.helpers import NAMES, ROOT, Serve, closed_port, settings_for
 
 
 def test_recommend_returns_the_typed_answer(gateway_url: str, fleet: MockFleet) -> None:
@@ -60,10 +57,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=60,
     )
 
 
+@pytest.mark.slow
 def test_the_command_line_prints_the_response(gateway_url: str) -> None:
     done = run_cli("--url", gateway_url, "--user", "u1", "--size", "1")
 
@@ -72,11 +70,13 @@ def test_the_command_line_prints_the_response(gateway_url: str) -> None:
     assert rank_items("psn", "u1", 1)[0]["id"] in done.stdout
 
 
+@pytest.mark.slow
 def test_the_command_line_reports_errors_and_unreachable_gateways(gateway_url: str) -> None:
     bad = run_cli("--url", gateway_url, "--size", "0")
     assert bad.returncode == 1
     assert "resultSize" in bad.stderr
 
-    down = run_cli("--url", f"http://127.0.0.1:{free_port()}", "--timeout", "2")
+    with closed_port() as port:
+        down = run_cli("--url", f"http://127.0.0.1:{port}", "--timeout", "30")
     assert down.returncode == 1
     assert "cannot reach" in down.stderr

@@ -17,7 +17,7 @@ from gateway.errors import (
     RecommenderTimeout,
     RecommenderUnavailable,
 )
-from tests.conftest import CompatAioresponses
+from tests.helpers import CompatAioresponses
 
 URL_ = "http://recommender.test/test"
 BODY = json.dumps({"resultSize": 2, "user_id": "u1"}).encode()

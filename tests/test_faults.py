@@ -1,24 +1,25 @@
 """Fault injection on real sockets: each fault a recommender can have, as a frontend sees it.
 
 For every fault: the status reported for that source, the other sources intact, the answer
-within the deadline, and the calls (and retries) counted at the mock.
+cut at the deadline rather than waiting for the fault, and the calls (and retries) counted at
+the mock.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
 
-from gateway import GatewayFlask, create_app
+from gateway import create_app
 from mock_recommenders import MockFleet
-from tests.conftest import settings_for
+from tests.helpers import Serve, settings_for
 
-Serve = Callable[[GatewayFlask], str]
-DEADLINE_MS = 400
+# Many times what a call to a healthy mock takes on a busy machine; far below the faults.
+DEADLINE_MS = 500
+SLOW_MS = 20_000
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def gateway(fleet: MockFleet, serve: Serve) -> str:
 
 def recommend(url: str) -> tuple[dict[str, Any], float]:
     started = time.perf_counter()
-    response = requests.post(f"{url}/recommendation", json={"user_id": "f"}, timeout=10)
+    response = requests.post(f"{url}/recommendation", json={"user_id": "f"}, timeout=60)
     elapsed = time.perf_counter() - started
     assert response.status_code == 200
     body: dict[str, Any] = response.json()
@@ -59,7 +60,7 @@ def assert_others_intact(body: dict[str, Any], faulty: str) -> None:
         ({"not_json": True}, "error", "answered a body that is not JSON", 1),
         ({"reset": True}, "error", "answer cut off before its end", 2),
         (
-            {"slow_rate": 1.0, "slow_ms": 2000},
+            {"slow_rate": 1.0, "slow_ms": SLOW_MS},
             "timeout",
             f"no answer within the {DEADLINE_MS} ms deadline",
             1,
@@ -82,7 +83,7 @@ def test_each_fault_is_reported_for_its_source_alone(
     trd = body["sources"]["trd"]
     assert (trd["status"], trd["error"], trd["attempts"]) == (status, reason, attempts)
     assert_others_intact(body, "trd")
-    assert elapsed < (DEADLINE_MS + 100) / 1000
+    assert elapsed < SLOW_MS / 1000 / 4  # cut at the deadline, never waiting out a fault
     assert fleet.stats("trd")["requests"] == attempts
 
 
@@ -97,14 +98,15 @@ def test_a_retry_recovers_a_failing_first_call(fleet: MockFleet, gateway: str) -
     assert fleet.stats("asc") | {"requests": 2, "errors": 1} == fleet.stats("asc")
 
 
-def test_a_retry_waits_for_retry_after_within_the_deadline(fleet: MockFleet, gateway: str) -> None:
+def test_a_retry_waits_for_retry_after_within_the_deadline(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(settings_for(fleet, deadline_ms=5000)))
     fleet.set_behaviour("asc", fail_first=1, retry_after_s=0.2)
 
-    body, elapsed = recommend(gateway)
+    body, _ = recommend(url)
 
     assert body["sources"]["asc"]["status"] == "ok"
-    assert body["sources"]["asc"]["latency_ms"] >= 200
-    assert elapsed < DEADLINE_MS / 1000
+    assert body["sources"]["asc"]["attempts"] == 2
+    assert body["sources"]["asc"]["latency_ms"] >= 200  # a sleep is never shorter than asked
 
 
 def test_a_retry_after_beyond_the_deadline_is_not_waited_for(
@@ -112,9 +114,10 @@ def test_a_retry_after_beyond_the_deadline_is_not_waited_for(
 ) -> None:
     fleet.set_behaviour("asc", fail_first=1, retry_after_s=5)
 
-    body, elapsed = recommend(gateway)
+    body, _ = recommend(gateway)
 
+    # Had it waited, the deadline would have cut the call: "timeout", not the 503 it got.
     assert body["sources"]["asc"]["status"] == "error"
+    assert body["sources"]["asc"]["error"] == "answered HTTP 503"
     assert body["sources"]["asc"]["attempts"] == 1
-    assert elapsed < DEADLINE_MS / 1000
     assert fleet.stats("asc")["requests"] == 1

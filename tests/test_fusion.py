@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any, get_args
 
-import aiohttp
 import pytest
 import requests
 
-from gateway import GatewayFlask, create_app
+from gateway import create_app
 from gateway.fusion import (
     FUSIONS,
     CombMnz,
@@ -24,11 +22,9 @@ from gateway.fusion import (
     coverage,
     ranked_from,
 )
-from mock_recommenders import MockFleet
+from mock_recommenders import MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
-from tests.conftest import NAMES, settings_for
-from tests.test_gunicorn import gunicorn
-from tests.test_logs import lines
+from tests.helpers import NAMES, Serve, gunicorn, lines, post_concurrently, settings_for
 
 A = Ranked("A", 1.0, (("a", 0.9), ("b", 0.8), ("c", 0.1)))
 B = Ranked("B", 1.0, (("b", 5.0), ("d", 3.0), ("a", 1.0)))
@@ -150,7 +146,7 @@ def test_every_fusion_name_has_a_strategy() -> None:
 
 def ask(url: str, body: dict[str, Any], request_id: str | None = None) -> requests.Response:
     headers = {"X-Request-ID": request_id} if request_id else {}
-    return requests.post(f"{url}/recommendation", json=body, headers=headers, timeout=5)
+    return requests.post(f"{url}/recommendation", json=body, headers=headers, timeout=30)
 
 
 def test_the_response_carries_the_fused_ranking_with_provenance(gateway_url: str) -> None:
@@ -181,7 +177,7 @@ def test_a_failed_recommender_drops_out_of_the_fusion(fleet: MockFleet, gateway_
 
 @pytest.mark.parametrize("name", sorted(FUSIONS))
 def test_a_weight_of_0_is_shadow_mode_returned_but_not_fused(
-    fleet: MockFleet, serve: Callable[[GatewayFlask], str], name: str
+    fleet: MockFleet, serve: Serve, name: str
 ) -> None:
     weights = {"sml": 1.0, "asc": 0.5, "trd": 0.0, "psn": 2.0}
     url = serve(create_app(settings_for(fleet, weights=weights)))
@@ -199,9 +195,7 @@ def test_a_weight_of_0_is_shadow_mode_returned_but_not_fused(
     assert only_trd and not only_trd & {item["id"] for item in body["fused"]}
 
 
-def test_weights_shape_rrf_and_coverage_through_the_gateway(
-    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
-) -> None:
+def test_weights_shape_rrf_and_coverage_through_the_gateway(fleet: MockFleet, serve: Serve) -> None:
     weights = {"sml": 1.0, "asc": 3.0, "trd": 0.5, "psn": 0.5}
     url = serve(create_app(settings_for(fleet, weights=weights)))
     fleet.set_behaviour("asc", status=503)
@@ -219,7 +213,7 @@ def test_weights_shape_rrf_and_coverage_through_the_gateway(
 
 
 def test_a_fusion_window_fuses_from_deeper_lists_and_returns_result_size(
-    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
+    fleet: MockFleet, serve: Serve
 ) -> None:
     url = serve(create_app(settings_for(fleet, fusion_window=30)))
 
@@ -240,7 +234,7 @@ def test_a_fusion_window_fuses_from_deeper_lists_and_returns_result_size(
 
 
 def test_a_fusion_window_never_asks_for_fewer_than_result_size(
-    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
+    fleet: MockFleet, serve: Serve
 ) -> None:
     url = serve(create_app(settings_for(fleet, fusion_window=3)))
 
@@ -252,7 +246,7 @@ def test_a_fusion_window_never_asks_for_fewer_than_result_size(
 
 
 def test_a_requests_fusion_window_overrides_the_configs_and_is_not_forwarded(
-    fleet: MockFleet, serve: Callable[[GatewayFlask], str]
+    fleet: MockFleet, serve: Serve
 ) -> None:
     url = serve(create_app(settings_for(fleet, fusion_window=50)))
 
@@ -300,27 +294,34 @@ def test_fusion_is_not_forwarded_to_recommenders(fleet: MockFleet, gateway_url: 
     assert seen is not None and "fusion" not in seen["body"]
 
 
-@pytest.mark.parametrize("name", sorted(FUSIONS))
+@pytest.mark.slow
 def test_the_same_request_fuses_the_same_across_calls_and_workers(
-    fleet: MockFleet, name: str
+    fleet_process: MockFleetProcess,
 ) -> None:
-    with gunicorn(fleet, "--workers", "2") as server:
+    names = sorted(FUSIONS)
+    fused: dict[str, list[Any]] = {name: [] for name in names}
+    with gunicorn(fleet_process, "--workers", "2", GATEWAY_DEADLINE_MS="20000") as server:
+        # One request per fusion, asked again and again: the same id seeds the same draw.
+        headers = [{"X-Request-ID": f"same-{name}"} for name in names] * 12
+        bodies = [{"user_id": "f4", "fusion": name} for name in names] * 12
 
-        async def sixty() -> list[Any]:
-            async with aiohttp.ClientSession() as session:
+        def served_by() -> dict[str, set[int]]:
+            records = [r for r in lines(server.output()) if r["message"] == "request"]
+            return {
+                name: {r["process"] for r in records if r["request_id"] == f"same-{name}"}
+                for name in names
+            }
 
-                async def one() -> Any:
-                    headers = {"X-Request-ID": "same-request"}
-                    body = {"user_id": "f4", "fusion": name}
-                    async with session.post(
-                        f"{server.url}/recommendation", json=body, headers=headers
-                    ) as response:
-                        return (await response.json())["fused"]
+        # Until both workers have answered each one: which worker accepts is the kernel's call.
+        for _ in range(20):
+            answers = asyncio.run(post_concurrently(server.url, bodies, headers))
+            assert [status for status, _ in answers] == [200] * len(answers)
+            for body, (_, answer) in zip(bodies, answers, strict=True):
+                fused[body["fusion"]].append(answer["fused"])
+            if all(len(pids) == 2 for pids in served_by().values()):
+                break
+        workers = served_by()
 
-                return await asyncio.gather(*(one() for _ in range(60)))
-
-        fused = asyncio.run(sixty())
-        pids = {r["process"] for r in lines(server.output()) if r["message"] == "request"}
-
-    assert len(pids) == 2
-    assert all(answer == fused[0] for answer in fused)
+    assert all(len(pids) == 2 for pids in workers.values()), workers
+    for name in names:
+        assert all(answer == fused[name][0] for answer in fused[name]), name

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
 import pytest
 import requests
 
-from gateway import GatewayFlask, create_app
+from gateway import create_app
 from gateway.logs import configure_logging
-from mock_recommenders import MockFleet
-from tests.conftest import settings_for
-from tests.test_gunicorn import gunicorn
-
-Serve = Callable[[GatewayFlask], str]
+from mock_recommenders import MockFleet, MockFleetProcess
+from tests.helpers import Serve, gunicorn, lines, settings_for
 
 
 @pytest.fixture
@@ -31,10 +26,6 @@ def log_stream() -> Iterator[io.StringIO]:
     logger.handlers, logger.level, logger.propagate = saved[0], saved[1], saved[2]
 
 
-def lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
 def test_one_json_line_per_request_with_its_sources(
     fleet: MockFleet, serve: Serve, log_stream: io.StringIO
 ) -> None:
@@ -46,11 +37,11 @@ def test_one_json_line_per_request_with_its_sources(
 
     url = serve(app)
     fleet.set_behaviour("trd", status=503)
-    requests.post(f"{url}/recommendation", json={}, headers={"X-Request-ID": "L-1"}, timeout=5)
+    requests.post(f"{url}/recommendation", json={}, headers={"X-Request-ID": "L-1"}, timeout=30)
     requests.post(
-        f"{url}/recommendation", json={"resultSize": 0}, headers={"X-Request-ID": "L-2"}, timeout=5
+        f"{url}/recommendation", json={"resultSize": 0}, headers={"X-Request-ID": "L-2"}, timeout=30
     )
-    response = requests.get(f"{url}/explode", headers={"X-Request-ID": "L-3"}, timeout=5)
+    response = requests.get(f"{url}/explode", headers={"X-Request-ID": "L-3"}, timeout=30)
 
     records = lines(log_stream.getvalue())
     by_id = {r["request_id"]: r for r in records if r["message"] == "request"}
@@ -69,14 +60,15 @@ def test_one_json_line_per_request_with_its_sources(
     assert "secret" not in response.text
 
 
-def test_under_gunicorn_the_lines_reach_stdout_at_once(fleet: MockFleet) -> None:
-    with gunicorn(fleet, "--workers", "2") as server:
+@pytest.mark.slow
+def test_under_gunicorn_the_lines_reach_stdout_at_once(fleet_process: MockFleetProcess) -> None:
+    with gunicorn(fleet_process, "--workers", "2") as server:
         for i in range(3):
             requests.post(
                 f"{server.url}/recommendation",
                 json={},
                 headers={"X-Request-ID": f"G-{i}"},
-                timeout=5,
+                timeout=30,
             )
         # No flush, no shutdown: the lines must already be there.
         logged = {r.get("request_id") for r in lines(server.output()) if r["message"] == "request"}
@@ -89,6 +81,6 @@ def test_request_lines_can_be_switched_off(
 ) -> None:
     url = serve(create_app(settings_for(fleet, log_requests=False)))
 
-    requests.post(f"{url}/recommendation", json={}, timeout=5)
+    requests.post(f"{url}/recommendation", json={}, timeout=30)
 
     assert [r for r in lines(log_stream.getvalue()) if r["message"] == "request"] == []

@@ -3,40 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import re
-from collections.abc import Callable
 
-import aiohttp
+import pytest
 import requests
 
-from gateway import GatewayFlask, create_app
-from mock_recommenders import MockFleet
-from tests.conftest import NAMES, settings_for
-from tests.test_gunicorn import gunicorn
-from tests.test_logs import lines
-
-Serve = Callable[[GatewayFlask], str]
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text, 0 when absent."""
-    for line in text.splitlines():
-        if not line.startswith(name + "{") and line.split(" ")[0] != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
-        if found == labels:
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+from gateway import create_app
+from mock_recommenders import MockFleet, MockFleetProcess
+from tests.helpers import (
+    NAMES,
+    Serve,
+    gunicorn,
+    post_concurrently,
+    sample,
+    settings_for,
+    until_every_worker_served,
+)
 
 
 def test_metrics_cover_requests_and_every_recommender(fleet: MockFleet, serve: Serve) -> None:
     url = serve(create_app(settings_for(fleet)))
-    before = requests.get(f"{url}/metrics", timeout=5).text
+    before = requests.get(f"{url}/metrics", timeout=30).text
     fleet.set_behaviour("trd", status=503)
 
     for _ in range(3):
-        requests.post(f"{url}/recommendation", json={}, timeout=5)
-    response = requests.get(f"{url}/metrics", timeout=5)
+        requests.post(f"{url}/recommendation", json={}, timeout=30)
+    response = requests.get(f"{url}/metrics", timeout=30)
 
     assert response.headers["Content-Type"].startswith("text/plain")
     after = response.text
@@ -60,24 +51,23 @@ def test_metrics_cover_requests_and_every_recommender(fleet: MockFleet, serve: S
     assert "gateway_in_flight_requests" in after
 
 
-def test_metrics_are_summed_across_two_workers(fleet: MockFleet) -> None:
-    fleet.set_behaviour(delay_ms=20)
-    with gunicorn(fleet, "--workers", "2") as server:
+@pytest.mark.slow
+def test_metrics_are_summed_across_two_workers(fleet_process: MockFleetProcess) -> None:
+    fleet_process.set_behaviour(delay_ms=20)
+    with gunicorn(fleet_process, "--workers", "2", GATEWAY_DEADLINE_MS="20000") as server:
+        sent = 0
 
-        async def traffic() -> None:
-            async with aiohttp.ClientSession() as session:
+        async def thirty() -> None:
+            nonlocal sent
+            answers = await post_concurrently(server.url, [{}] * 30)
+            assert [status for status, _ in answers] == [200] * 30
+            sent += 30
 
-                async def one() -> None:
-                    async with session.post(f"{server.url}/recommendation", json={}) as r:
-                        assert r.status == 200
+        asyncio.run(until_every_worker_served(server, thirty))
+        text = requests.get(f"{server.url}/metrics", timeout=30).text
 
-                await asyncio.gather(*(one() for _ in range(60)))
-
-        asyncio.run(traffic())
-        text = requests.get(f"{server.url}/metrics", timeout=5).text
-        pids = {r["process"] for r in lines(server.output()) if r["message"] == "request"}
-
-    assert len(pids) == 2  # both workers served some of it
-    assert sample(text, "gateway_requests_total", route="/recommendation", status="200") == 60
+    assert sample(text, "gateway_requests_total", route="/recommendation", status="200") == sent
     for name in NAMES:
-        assert sample(text, "gateway_recommender_calls_total", recommender=name, outcome="ok") == 60
+        assert (
+            sample(text, "gateway_recommender_calls_total", recommender=name, outcome="ok") == sent
+        )

@@ -5,38 +5,23 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
 import requests
 
-from gateway import GatewayFlask, create_app
-from mock_recommenders import MockFleet
+from gateway import create_app
+from mock_recommenders import MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
-from tests.conftest import NAMES, free_port, settings_for
-
-Serve = Callable[[GatewayFlask], str]
-
-
-def recommend(base_url: str, body: Any = None, **kwargs: Any) -> requests.Response:
-    if body is not None:
-        kwargs["json"] = body
-    return requests.post(f"{base_url}/recommendation", timeout=10, **kwargs)
-
-
-def assert_json_error(response: requests.Response, status: int, *phrases: str) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["Content-Type"] == "application/json"
-    body: dict[str, Any] = response.json()
-    assert body["error"]["status"] == status
-    for phrase in phrases:
-        assert phrase in body["error"]["message"]
-    assert body["request_id"] == response.headers["X-Request-ID"]
-    assert "Traceback" not in response.text
-    assert ".py" not in response.text
-    return body
+from tests.helpers import (
+    NAMES,
+    Serve,
+    assert_json_error,
+    closed_port,
+    post_concurrently,
+    recommend,
+    settings_for,
+)
 
 
 def test_merges_every_answer_in_config_order(gateway_url: str) -> None:
@@ -58,13 +43,13 @@ def test_merges_every_answer_in_config_order(gateway_url: str) -> None:
     assert body["request_id"] == response.headers["X-Request-ID"]
 
 
-def test_config_order_holds_when_answers_arrive_in_reverse(
-    fleet: MockFleet, gateway_url: str
-) -> None:
-    for delay, name in zip((120, 80, 40, 0), NAMES, strict=True):
+def test_config_order_holds_when_answers_arrive_in_reverse(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(settings_for(fleet, deadline_ms=10_000)))
+    # 200 ms apart: far more than a busy machine's scheduling noise.
+    for delay, name in zip((600, 400, 200, 0), NAMES, strict=True):
         fleet.set_behaviour(name, delay_ms=delay)
 
-    body = recommend(gateway_url, {"user_id": "u2"}).json()
+    body = recommend(url, {"user_id": "u2"}).json()
 
     assert [entry["name"] for entry in body["result"]] == list(NAMES)
     latencies = [body["sources"][name]["latency_ms"] for name in NAMES]
@@ -98,32 +83,31 @@ def test_absent_optional_fields_are_not_invented(fleet: MockFleet, gateway_url: 
     assert seen["headers"]["x-request-id"] == generated
 
 
-def test_slow_recommenders_are_called_concurrently(fleet: MockFleet, gateway_url: str) -> None:
-    recommend(gateway_url, {"user_id": "warm-up"})
-    fleet.set_behaviour(delay_ms=200)
+def test_slow_recommenders_are_called_concurrently(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(settings_for(fleet, deadline_ms=10_000)))
+    fleet.set_behaviour(delay_ms=500)
 
-    started = time.perf_counter()
-    response = recommend(gateway_url, {"user_id": "u4"})
-    elapsed = time.perf_counter() - started
+    response = recommend(url, {"user_id": "u4"})
 
     assert response.json()["complete"] is True
-    # One after another would take 800 ms; at once, one delay and the overhead.
-    assert elapsed < 0.4
+    # What the mocks saw, not a stopwatch: all four calls were under way at once.
+    assert fleet.peak_in_flight() == len(NAMES)
 
 
-async def test_concurrent_requests_each_get_their_own_data(gateway_url: str) -> None:
-    async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, dict[str, Any]]:
-        body = {"user_id": f"user-{i}", "resultSize": 1 + i % 20}
-        headers = {"X-Request-ID": f"req-{i}"}
-        async with session.post(f"{gateway_url}/recommendation", json=body, headers=headers) as r:
-            assert r.status == 200
-            return i, await r.json()
+@pytest.mark.slow
+def test_concurrent_requests_each_get_their_own_data(
+    fleet_process: MockFleetProcess, serve: Serve
+) -> None:
+    # Isolation, not speed: the mocks answer from a process of their own, and the deadline is
+    # long enough that no answer is cut however busy the machine is.
+    url = serve(create_app(settings_for(fleet_process, deadline_ms=20_000)))
+    bodies = [{"user_id": f"user-{i}", "resultSize": 1 + i % 20} for i in range(150)]
+    headers = [{"X-Request-ID": f"req-{i}"} for i in range(150)]
 
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        answers = await asyncio.gather(*(one(session, i) for i in range(150)))
+    answers = asyncio.run(post_concurrently(url, bodies, headers))
 
-    for i, body in answers:
+    assert [status for status, _ in answers] == [200] * 150
+    for i, (_, body) in enumerate(answers):
         assert body["request_id"] == f"req-{i}"
         assert body["complete"] is True
         for entry in body["result"]:
@@ -188,11 +172,11 @@ def test_a_body_over_the_limit_is_413(fleet: MockFleet, serve: Serve) -> None:
 
 
 def test_wrong_method_and_unknown_path_are_json(gateway_url: str) -> None:
-    response = requests.get(f"{gateway_url}/recommendation", timeout=5)
+    response = requests.get(f"{gateway_url}/recommendation", timeout=30)
     assert_json_error(response, 405, "method GET is not allowed on /recommendation")
     assert "POST" in response.headers["Allow"]
 
-    response = requests.post(f"{gateway_url}/recommend", json={}, timeout=5)
+    response = requests.post(f"{gateway_url}/recommend", json={}, timeout=30)
     assert_json_error(response, 404, "no such endpoint: POST /recommend")
 
 
@@ -212,7 +196,7 @@ def test_an_unexpected_error_is_a_json_500_and_its_traceback_goes_to_the_log(
         raise RuntimeError("secret detail at /srv/gateway/internal.py")
 
     url = serve(app)
-    response = requests.get(f"{url}/explode", headers={"X-Request-ID": "boom-1"}, timeout=5)
+    response = requests.get(f"{url}/explode", headers={"X-Request-ID": "boom-1"}, timeout=30)
 
     body = assert_json_error(response, 500, "internal gateway error")
     assert "secret" not in response.text
@@ -225,8 +209,7 @@ def test_an_unexpected_error_is_a_json_500_and_its_traceback_goes_to_the_log(
 def test_a_hanging_recommender_yields_a_partial_answer_within_the_deadline(
     fleet: MockFleet, serve: Serve
 ) -> None:
-    url = serve(create_app(settings_for(fleet, deadline_ms=300)))
-    recommend(url, {"user_id": "warm-up"})
+    url = serve(create_app(settings_for(fleet, deadline_ms=500)))
     fleet.set_behaviour("trd", hang=True)
 
     started = time.perf_counter()
@@ -239,27 +222,29 @@ def test_a_hanging_recommender_yields_a_partial_answer_within_the_deadline(
     assert body["complete"] is False
     assert [entry["name"] for entry in body["result"]] == ["sml", "asc", "psn"]
     assert body["sources"]["trd"]["status"] == "timeout"
-    assert body["sources"]["trd"]["error"] == "no answer within the 300 ms deadline"
-    assert 280 <= body["sources"]["trd"]["latency_ms"] < 400
-    assert all(body["sources"][name]["status"] == "ok" for name in ("sml", "asc", "psn"))
-    assert elapsed < 0.6
+    assert body["sources"]["trd"]["error"] == "no answer within the 500 ms deadline"
+    assert body["sources"]["trd"]["attempts"] == 1
+    assert fleet.stats("trd")["hangs"] == 1
+    # The hang lasts until the test ends: an answer at all, seconds early, is the deadline's.
+    assert elapsed < 5
 
 
 def test_a_per_recommender_timeout_is_tighter_than_the_deadline(
     fleet: MockFleet, serve: Serve
 ) -> None:
-    url = serve(create_app(settings_for(fleet, deadline_ms=2000, timeout_ms=150)))
-    fleet.set_behaviour("asc", delay_ms=1000)
+    url = serve(create_app(settings_for(fleet, deadline_ms=10_000, timeout_ms=150)))
+    fleet.set_behaviour("asc", hang=True)
 
     body = recommend(url, {"user_id": "u6"}).json()
 
+    # The call's own budget ended it (the deadline's message would name the deadline).
     assert body["sources"]["asc"] == {
         "status": "timeout",
         "latency_ms": body["sources"]["asc"]["latency_ms"],
         "attempts": 1,
         "error": "no answer within 150 ms",
     }
-    assert body["sources"]["asc"]["latency_ms"] < 400
+    assert body["sources"]["asc"]["latency_ms"] < 5000  # half the deadline, 30x the budget
 
 
 @pytest.mark.parametrize(
@@ -286,16 +271,16 @@ def test_a_broken_recommender_becomes_a_source_entry(
 
 
 def test_a_recommender_that_is_down_becomes_a_source_entry(fleet: MockFleet, serve: Serve) -> None:
-    settings = settings_for(fleet).model_dump(mode="json")
-    closed_port = free_port()
-    settings["recommenders"][1]["url"] = f"http://127.0.0.1:{closed_port}/test"
-    url = serve(create_app(type(settings_for(fleet)).model_validate(settings)))
+    with closed_port() as port:
+        settings = settings_for(fleet).model_dump(mode="json")
+        settings["recommenders"][1]["url"] = f"http://127.0.0.1:{port}/test"
+        url = serve(create_app(type(settings_for(fleet)).model_validate(settings)))
 
-    body = recommend(url, {"user_id": "u8"}).json()
+        body = recommend(url, {"user_id": "u8"}).json()
 
     assert body["sources"]["asc"]["status"] == "error"
-    assert body["sources"]["asc"]["error"] == (
-        f"cannot connect to 127.0.0.1:{closed_port}: Connection refused"
+    assert (
+        body["sources"]["asc"]["error"] == f"cannot connect to 127.0.0.1:{port}: Connection refused"
     )
     assert [entry["name"] for entry in body["result"]] == ["sml", "trd", "psn"]
 
@@ -315,19 +300,19 @@ def test_when_no_recommender_answers_the_status_is_502(fleet: MockFleet, gateway
 
 
 def test_health_and_readiness(gateway_url: str) -> None:
-    healthz = requests.get(f"{gateway_url}/healthz", timeout=5)
+    healthz = requests.get(f"{gateway_url}/healthz", timeout=30)
     assert healthz.status_code == 200
     assert healthz.json() == {"status": "ok"}
 
-    readyz = requests.get(f"{gateway_url}/readyz", timeout=5)
+    readyz = requests.get(f"{gateway_url}/readyz", timeout=30)
     assert readyz.status_code == 200
     assert readyz.json() == {"status": "ready", "recommenders": list(NAMES)}
 
 
 def test_request_ids_are_echoed_on_every_response(gateway_url: str) -> None:
     for response in (
-        requests.get(f"{gateway_url}/healthz", headers={"X-Request-ID": "h-1"}, timeout=5),
-        requests.get(f"{gateway_url}/missing", headers={"X-Request-ID": "h-1"}, timeout=5),
+        requests.get(f"{gateway_url}/healthz", headers={"X-Request-ID": "h-1"}, timeout=30),
+        requests.get(f"{gateway_url}/missing", headers={"X-Request-ID": "h-1"}, timeout=30),
         recommend(gateway_url, {}, headers={"X-Request-ID": "h-1"}),
     ):
         assert response.headers["X-Request-ID"] == "h-1"

@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Callable
 
 import pytest
 import requests
 from flask import g, jsonify, request
 
-from gateway import GatewayFlask, create_app
+from gateway import create_app
 from gateway.errors import ClientClosedError
 from mock_recommenders import MockFleet
-from tests.conftest import settings_for
-
-Serve = Callable[[GatewayFlask], str]
+from tests.helpers import Serve, settings_for
 
 
 def test_async_views_run_on_the_one_worker_loop_with_the_request_context(
@@ -41,7 +38,7 @@ def test_async_views_run_on_the_one_worker_loop_with_the_request_context(
 
     url = serve(app)
     answers = [
-        requests.get(f"{url}/probe", headers={"X-Probe": str(i)}, timeout=5).json()
+        requests.get(f"{url}/probe", headers={"X-Probe": str(i)}, timeout=30).json()
         for i in range(5)
     ]
 
@@ -96,10 +93,10 @@ def test_after_close_the_clients_refuse_to_be_used(fleet: MockFleet) -> None:
 def test_readiness_reports_a_closed_runtime(fleet: MockFleet, serve: Serve) -> None:
     app = create_app(settings_for(fleet))
     url = serve(app)
-    assert requests.get(f"{url}/readyz", timeout=5).status_code == 200
+    assert requests.get(f"{url}/readyz", timeout=30).status_code == 200
 
     app.runtime.close()
 
-    response = requests.get(f"{url}/readyz", timeout=5)
+    response = requests.get(f"{url}/readyz", timeout=30)
     assert response.status_code == 503
     assert response.json()["error"]["message"] == "recommender session is not open"

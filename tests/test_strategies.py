@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import requests
 
-from gateway import GatewayFlask, create_app
+from gateway import create_app
 from gateway.fanout import STRATEGIES
 from mock_recommenders import MockFleet
 from mock_recommenders.ranking import rank_items
-from tests.conftest import NAMES, free_port, settings_for
-
-Serve = Callable[[GatewayFlask], str]
+from tests.helpers import NAMES, Serve, closed_port, settings_for
 
 pytestmark = pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 
@@ -25,7 +22,7 @@ def start(fleet: MockFleet, serve: Serve, strategy: str, **fields: Any) -> str:
 
 
 def recommend(url: str, body: dict[str, Any]) -> requests.Response:
-    return requests.post(f"{url}/recommendation", json=body, timeout=10)
+    return requests.post(f"{url}/recommendation", json=body, timeout=30)
 
 
 def test_same_answer_whatever_the_strategy(fleet: MockFleet, serve: Serve, strategy: str) -> None:
@@ -45,20 +42,20 @@ def test_same_answer_whatever_the_strategy(fleet: MockFleet, serve: Serve, strat
 def test_same_reasons_for_broken_and_missing_recommenders(
     fleet: MockFleet, serve: Serve, strategy: str
 ) -> None:
-    settings = settings_for(fleet, strategy=strategy).model_dump(mode="json")
-    closed_port = free_port()
-    settings["recommenders"][3]["url"] = f"http://127.0.0.1:{closed_port}/test"
-    url = serve(create_app(type(settings_for(fleet)).model_validate(settings)))
-    fleet.set_behaviour("asc", status=503)
-    fleet.set_behaviour("trd", not_json=True)
+    with closed_port() as port:
+        settings = settings_for(fleet, strategy=strategy).model_dump(mode="json")
+        settings["recommenders"][3]["url"] = f"http://127.0.0.1:{port}/test"
+        url = serve(create_app(type(settings_for(fleet)).model_validate(settings)))
+        fleet.set_behaviour("asc", status=503)
+        fleet.set_behaviour("trd", not_json=True)
 
-    body = recommend(url, {"user_id": "s2"}).json()
+        body = recommend(url, {"user_id": "s2"}).json()
 
     assert {name: (r["status"], r.get("error")) for name, r in body["sources"].items()} == {
         "sml": ("ok", None),
         "asc": ("error", "answered HTTP 503"),
         "trd": ("error", "answered a body that is not JSON"),
-        "psn": ("error", f"cannot connect to 127.0.0.1:{closed_port}: Connection refused"),
+        "psn": ("error", f"cannot connect to 127.0.0.1:{port}: Connection refused"),
     }
     assert [entry["name"] for entry in body["result"]] == ["sml"]
 
@@ -76,21 +73,21 @@ def test_all_failing_is_502(fleet: MockFleet, serve: Serve, strategy: str) -> No
 def test_a_hanging_recommender_costs_at_most_the_deadline(
     fleet: MockFleet, serve: Serve, strategy: str
 ) -> None:
-    url = start(fleet, serve, strategy, deadline_ms=300)
-    recommend(url, {"user_id": "warm-up"})
+    url = start(fleet, serve, strategy, deadline_ms=500)
     fleet.set_behaviour("asc", hang=True)
 
     started = time.perf_counter()
     body = recommend(url, {"user_id": "s3"}).json()
     elapsed = time.perf_counter() - started
 
-    assert elapsed < 0.6
+    # The hang lasts until the test ends: an answer seconds early is the deadline's doing.
+    assert elapsed < 5
     assert body["sources"]["sml"]["status"] == "ok"
     assert body["sources"]["asc"] == {
         "status": "timeout",
         "latency_ms": body["sources"]["asc"]["latency_ms"],
         "attempts": 1,
-        "error": "no answer within the 300 ms deadline",
+        "error": "no answer within the 500 ms deadline",
     }
     if strategy == "sync":
         # One after another: nothing is left for those after the hanging one.
@@ -102,18 +99,15 @@ def test_a_hanging_recommender_costs_at_most_the_deadline(
 def test_only_sync_waits_for_one_recommender_after_another(
     fleet: MockFleet, serve: Serve, strategy: str
 ) -> None:
-    url = start(fleet, serve, strategy)
-    recommend(url, {"user_id": "warm-up"})
-    fleet.set_behaviour(delay_ms=100)
+    url = start(fleet, serve, strategy, deadline_ms=10_000)
+    # Long enough for all four calls to be under way at once however busy the machine is;
+    # one after another, any delay shows a peak of 1.
+    fleet.set_behaviour(delay_ms=50 if strategy == "sync" else 300)
 
-    started = time.perf_counter()
     assert recommend(url, {"user_id": "s4"}).json()["complete"] is True
-    elapsed = time.perf_counter() - started
 
-    if strategy == "sync":
-        assert elapsed >= 0.4
-    else:
-        assert elapsed < 0.2
+    # Counted by the mocks: how many of the four calls were under way at once.
+    assert fleet.peak_in_flight() == (1 if strategy == "sync" else len(NAMES))
 
 
 def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -> None:

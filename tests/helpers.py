@@ -1,0 +1,330 @@
+"""What the tests share: settings for a fleet, loopback ports, gunicorn, requests, logs, metrics.
+
+Fixtures live in `conftest.py`; everything a test module imports from another lives here.
+
+Ports are never probed and then bound: a server binds port 0 and the port is read back from it,
+or the test binds a socket itself and hands it over (gunicorn's ``--bind fd://N``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import requests
+from aioresponses import CallbackResult, aioresponses
+
+from gateway import GatewayFlask, Settings
+
+__all__ = [
+    "NAMES",
+    "ROOT",
+    "CompatAioresponses",
+    "Fleet",
+    "GUNICORN",
+    "Gunicorn",
+    "Serve",
+    "assert_json_error",
+    "closed_port",
+    "gateway_environment",
+    "gunicorn",
+    "lines",
+    "port_is_open",
+    "post_concurrently",
+    "recommend",
+    "sample",
+    "settings_for",
+    "until_every_worker_served",
+    "wait_until",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ("sml", "asc", "trd", "psn")
+GUNICORN = str(Path(sys.executable).parent / "gunicorn")
+
+Serve = Callable[[GatewayFlask], str]
+
+
+class Fleet(Protocol):
+    """What the tests use of a fleet of mocks, in this process (`MockFleet`) or another."""
+
+    def url(self, name: str) -> str: ...
+
+    def set_behaviour(self, name: str | None = None, **changes: Any) -> None: ...
+
+    def stats(self, name: str) -> dict[str, Any]: ...
+
+
+# --- Settings -------------------------------------------------------------------------------
+
+
+def settings_for(fleet: Fleet, names: tuple[str, ...] = NAMES, **fields: Any) -> Settings:
+    """Settings that point the gateway at `fleet`'s recommenders (`weights={name: w}` too)."""
+    fields.setdefault("deadline_ms", 1000)
+    timeout_ms = fields.pop("timeout_ms", None)
+    weights = fields.pop("weights", {})
+    recommenders = [
+        {"name": name, "url": fleet.url(name), "timeout_ms": timeout_ms}
+        | ({"weight": weights[name]} if name in weights else {})
+        for name in names
+    ]
+    return Settings.model_validate({"recommenders": recommenders, **fields})
+
+
+def gateway_environment(fleet: Fleet, **overrides: str) -> dict[str, str]:
+    """This process's environment without `GATEWAY_*`, pointing a gateway at `fleet`."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    recommenders = [{"name": name, "url": fleet.url(name)} for name in NAMES]
+    env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
+    env.update(overrides)
+    return env
+
+
+# --- Ports ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port where nothing listens, held so that nothing can start to.
+
+    Bound and not listening: a connection to it is refused at once, and the system never hands
+    it out as the source port of another connection (which could loop back onto itself).
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        yield port
+
+
+def port_is_open(port: int) -> bool:
+    """Whether something accepts connections on the loopback `port`."""
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) != 0:
+            return False
+        # A connection to a free port can meet itself (a TCP simultaneous open) when the system
+        # picks that same port as its source: then nothing listens there.
+        return bool(sock.getsockname() != sock.getpeername())
+
+
+# --- gunicorn -------------------------------------------------------------------------------
+
+
+class Gunicorn:
+    """A running gunicorn: its URL, its process, and what it has logged."""
+
+    def __init__(self, url: str, process: subprocess.Popen[bytes], log: Path):
+        self.url = url
+        self.process = process
+        self._log = log
+
+    def output(self) -> str:
+        """Everything the master and its workers have printed so far."""
+        return self._log.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM, as a process manager stops it; returns the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+@contextlib.contextmanager
+def gunicorn(fleet: Fleet, *args: str, **overrides: str) -> Iterator[Gunicorn]:
+    """The gateway under real gunicorn in front of `fleet`, as `make run` serves it.
+
+    The port is bound here and handed to gunicorn (``--bind fd://N``), so no other process can
+    take it between choosing and binding. `overrides` are ``GATEWAY_*`` variables.
+    """
+    log = Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+        with log.open("wb") as sink:
+            process = subprocess.Popen(
+                [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
+                + ["--bind", f"fd://{listener.fileno()}", *args],
+                cwd=ROOT,
+                env=gateway_environment(fleet, **overrides),
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                pass_fds=(listener.fileno(),),
+            )
+    server = Gunicorn(f"http://127.0.0.1:{port}", process, log)
+    try:
+        wait_until(
+            lambda: _ready(server),
+            60,
+            lambda: f"gunicorn did not become ready:\n{server.output()[-3000:]}",
+        )
+        yield server
+    finally:
+        server.stop()
+        log.unlink()
+
+
+def _ready(server: Gunicorn) -> bool:
+    assert server.process.poll() is None, server.output()
+    try:
+        return requests.get(f"{server.url}/readyz", timeout=5).status_code == 200
+    except requests.RequestException:
+        return False
+
+
+async def until_every_worker_served(
+    server: Gunicorn, batch: Callable[[], Awaitable[None]], workers: int = 2, rounds: int = 20
+) -> int:
+    """Run `batch` (requests at once) until each of the `workers` has served a recommendation.
+
+    Which worker accepts a connection is the kernel's choice; on a busy machine one worker can
+    take a whole batch. Returns how many batches it took.
+    """
+    for done in range(1, rounds + 1):
+        await batch()
+        pids = {
+            r["process"]
+            for r in lines(server.output())
+            if r["message"] == "request" and r["path"] == "/recommendation"
+        }
+        if len(pids) >= workers:
+            return done
+    raise AssertionError(f"after {rounds} batches, only workers {pids} served")
+
+
+# --- Requests -------------------------------------------------------------------------------
+
+
+def recommend(base_url: str, body: Any = None, **kwargs: Any) -> requests.Response:
+    """``POST /recommendation`` with `body` as JSON (or `data=` raw), waiting up to 30 s."""
+    if body is not None:
+        kwargs["json"] = body
+    kwargs.setdefault("timeout", 30)
+    return requests.post(f"{base_url}/recommendation", **kwargs)
+
+
+async def post_concurrently(
+    base_url: str,
+    bodies: Sequence[dict[str, Any]],
+    headers: Sequence[dict[str, str]] | None = None,
+) -> list[tuple[int, Any]]:
+    """Send every body at once, each on its own connection; (status, JSON body) in order."""
+
+    async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, Any]:
+        sent = headers[i] if headers is not None else {}
+        async with session.post(
+            f"{base_url}/recommendation", json=bodies[i], headers=sent
+        ) as response:
+            return response.status, await response.json()
+
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        return list(await asyncio.gather(*(one(session, i) for i in range(len(bodies)))))
+
+
+def assert_json_error(response: requests.Response, status: int, *phrases: str) -> dict[str, Any]:
+    """The response is the gateway's JSON error with `status`, its message holding `phrases`."""
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/json"
+    body: dict[str, Any] = response.json()
+    assert body["error"]["status"] == status
+    for phrase in phrases:
+        assert phrase in body["error"]["message"]
+    assert body["request_id"] == response.headers["X-Request-ID"]
+    assert "Traceback" not in response.text
+    assert ".py" not in response.text
+    return body
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, message: str | Callable[[], str]
+) -> None:
+    """Poll `condition` until it holds; fail with `message` after `timeout_s`."""
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError(message() if callable(message) else message)
+        time.sleep(0.02)
+
+
+# --- Logs and metrics -----------------------------------------------------------------------
+
+
+def lines(text: str) -> list[dict[str, Any]]:
+    """The JSON log records in `text` (gunicorn's own lines are not JSON)."""
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def sample(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text, 0 when absent."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and line.split(" ")[0] != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split(" ")[0]))
+        if found == labels:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+# --- aioresponses under aiohttp 3.14 --------------------------------------------------------
+
+
+class _FinishedUpload:
+    """Stands in for the request's stream writer: the (fake) upload is already complete."""
+
+    output_size = 0
+
+
+class CompatClientResponse(aiohttp.ClientResponse):
+    """A `ClientResponse` that aioresponses 0.7.9 can build under aiohttp 3.14.
+
+    aiohttp 3.14 (a security release, which we keep) made `stream_writer` a required keyword
+    of `ClientResponse.__init__`, and aioresponses 0.7.9, the newest release, does not pass it:
+    ``ClientResponse.__init__() missing 1 required keyword-only argument: 'stream_writer'``
+    (upstream issue pnuckowski/aioresponses#289, fix in PR #288, not released). Remove this
+    shim once aioresponses releases that fix.
+    """
+
+    def __init__(self, *args: Any, stream_writer: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, stream_writer=stream_writer or _FinishedUpload(), **kwargs)
+
+
+def _compat_callback(callback: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    """Wrap an aioresponses callback so the `CallbackResult` it returns uses the shim."""
+
+    async def compat(url: Any, **kwargs: Any) -> Any:
+        result = callback(url, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        if isinstance(result, CallbackResult) and result.response_class is None:
+            result.response_class = CompatClientResponse
+        return result
+
+    return compat
+
+
+class CompatAioresponses(aioresponses):  # type: ignore[misc]
+    """aioresponses whose every fake response, callbacks' included, is a `CompatClientResponse`."""
+
+    def add(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("response_class", CompatClientResponse)
+        if kwargs.get("callback") is not None:
+            kwargs["callback"] = _compat_callback(kwargs["callback"])
+        super().add(*args, **kwargs)
