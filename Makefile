@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test lint typecheck unit bench quality clean
+.PHONY: install run test test-fast lint typecheck unit bench quality clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: install
-	$(BIN)/python scripts/run.py
+	$(BIN)/python scripts/run.py $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
@@ -33,6 +33,11 @@ unit: install
 	$(BIN)/pytest
 
 test: lint typecheck unit
+
+# The fast tier for development: everything but the tests marked slow (gunicorn, child
+# processes, load, the benchmarks), which `make test` and CI run too.
+test-fast: install
+	$(BIN)/pytest -m "not slow"
 
 bench: install
 	$(BIN)/python -m benchmarks $(ARGS)
