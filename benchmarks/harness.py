@@ -15,7 +15,6 @@ import http.client
 import json
 import os
 import platform
-import signal
 import socket
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mock_recommenders import MockFleetProcess
+from mock_recommenders.process import stop_process
 
 __all__ = [
     "GATEWAY_TARGETS",
@@ -122,13 +122,7 @@ def serve_gunicorn(
         _wait_ready(f"{url}/readyz", process, log)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s=35)
 
 
 def mocks(names: list[str], log: Path, *flags: str) -> MockFleetProcess:

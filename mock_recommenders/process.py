@@ -25,10 +25,24 @@ from typing import Any
 
 from mock_recommenders.server import DEFAULT_NAMES
 
-__all__ = ["MockFleetProcess"]
+__all__ = ["MockFleetProcess", "stop_process"]
 
 READY_WITHIN_S = 30.0
 _LISTENING = re.compile(r"^mock recommender (\S+) listening on (http://\S+)/test$", re.MULTILINE)
+
+
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 10.0) -> int:
+    """SIGTERM, as a process manager stops a service, then SIGKILL after `timeout_s`.
+
+    Returns the exit code.
+    """
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 class MockFleetProcess:
@@ -95,13 +109,7 @@ class MockFleetProcess:
         """SIGTERM, as a process manager stops it (a kill after 10 s); idempotent."""
         process, self._process = self._process, None
         if process is not None:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process)
         if self._own_log:
             self.log.unlink(missing_ok=True)
 

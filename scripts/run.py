@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 from mock_recommenders import MockFleetProcess
+from mock_recommenders.process import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("sml", "asc", "trd", "psn")
@@ -51,21 +52,10 @@ def _wait_ready(gateway: subprocess.Popen[bytes], url: str, stop: threading.Even
         stop.wait(0.2)
 
 
-def _stop(gateway: subprocess.Popen[bytes] | None, mocks: MockFleetProcess | None) -> None:
-    if gateway is not None:
-        if gateway.poll() is None:
-            gateway.send_signal(signal.SIGTERM)
-        try:
-            gateway.wait(timeout=35)
-        except subprocess.TimeoutExpired:
-            gateway.kill()
-            gateway.wait()
-    if mocks is not None:
-        mocks.stop()
-
-
 def _bind(port: int) -> socket.socket:
     listener = socket.socket()
+    # As gunicorn binds: a restart must not wait for the last run's connections to time out.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind(("127.0.0.1", port))
     except OSError as exc:
@@ -99,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             mocks.start()
         except RuntimeError as exc:
+            if stop.is_set():  # Ctrl-C during start-up reached the mocks too
+                return 0
             raise SystemExit(f"run: {exc}") from None
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if args.mock_base_port != 5001:
@@ -140,7 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         listener.close()
-        _stop(gateway, mocks)
+        if gateway is not None:
+            stop_process(gateway, timeout_s=35)  # above gunicorn's graceful_timeout
+        mocks.stop()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import inspect
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import requests
 from aioresponses import CallbackResult, aioresponses
 
 from gateway import GatewayFlask, Settings
+from mock_recommenders.process import stop_process
 
 __all__ = [
     "NAMES",
@@ -137,13 +137,7 @@ class Gunicorn:
 
     def stop(self) -> int:
         """SIGTERM, as a process manager stops it; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return stop_process(self.process, timeout_s=60)
 
 
 @contextlib.contextmanager
