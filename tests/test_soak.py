@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks.harness import children, worker_rss_mb
 from mock_recommenders import MockFleetProcess
-from tests.helpers import NAMES, gunicorn, wait_until
+from tests.helpers import NAMES, gunicorn, until_every_worker_served, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,13 @@ def test_soak_with_a_flaky_slow_recommender(fleet_process: MockFleetProcess) -> 
         "GATEWAY_POOL__KEEPALIVE_TIMEOUT_S": "0.2",
     }
     with gunicorn(fleet, "--workers", "2", **overrides) as server:
-        asyncio.run(drive(server.url, 300, 50))  # warm-up: pools, caches, threads
+
+        async def warm_up() -> None:
+            await drive(server.url, 300, 50)
+
+        # Warm: pools, caches, threads, and the metric files a worker opens as it first serves
+        # (a worker the kernel gave no connection yet would open them during the run).
+        asyncio.run(until_every_worker_served(server, warm_up))
         workers = children(server.process.pid)
         fds_at_rest = at_rest(workers)
         memory_before = worker_rss_mb(server.process.pid)
