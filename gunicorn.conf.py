@@ -1,7 +1,8 @@
-"""gunicorn settings for the gateway: ``gunicorn -c gunicorn.conf.py gateway.wsgi:app``.
+"""gunicorn settings for the gateway: ``gunicorn -c gunicorn.conf.py gateway.asgi:app``.
 
-Flags on the command line (`--bind`, `--workers`, `--threads`, `--access-logfile -`, ...), or
-in `GUNICORN_CMD_ARGS`, override this file; `WEB_CONCURRENCY` sets the number of workers.
+Flags on the command line (`--bind`, `--workers`, `--access-logfile -`, ...), or in
+`GUNICORN_CMD_ARGS`, override this file; `WEB_CONCURRENCY` sets the number of workers. The
+gateway's `server` setting (`GATEWAY_SERVER=gthread`) picks the serving design.
 """
 
 from __future__ import annotations
@@ -18,22 +19,16 @@ bind = "127.0.0.1:5000"
 # The heartbeat file lives in memory, as gunicorn's docs advise (a disk-backed /tmp stalls).
 worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
-# The fan-out's I/O runs on one event loop thread per worker, so workers only need to cover
-# the CPU work (parsing, merging, serialising): one per core.
+# All of a request's I/O waits on one event loop per worker, so workers only need to cover the
+# CPU work (parsing, merging, serialising): one per core.
 workers = int(os.environ.get("WEB_CONCURRENCY", os.cpu_count() or 1))
 
-# gthread: each request holds a thread while its view waits on the worker loop, so the
-# threads bound the concurrent requests a worker serves. They are started as needed and cost
-# little while they wait; there are more of them than the gateway's `max_in_flight` (200), so
-# that requests above it are answered 503 at once instead of queueing behind busy threads.
-# Idle keep-alive connections from frontends sit in the worker's selector and cost no thread.
-worker_class = "gateway.worker.ThreadWorker"  # gthread, see gateway/worker.py
-threads = 256
+
 worker_connections = 1000
 keepalive = 15
 
-# Under gthread this does not bound a request (the gateway's own deadline does); it is the
-# heartbeat after which a stuck worker is restarted.
+# It does not bound a request (the gateway's own deadline does); it is the heartbeat after
+# which a stuck worker is restarted.
 timeout = 30
 graceful_timeout = 30
 
@@ -56,6 +51,31 @@ if _METRICS_DIR_OWNED:
 else:
     for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
         stale.unlink()
+
+
+def _server() -> str:
+    # After the metrics directory is set: this imports the gateway, and prometheus-client with
+    # it. A config that does not load is reported by `on_starting`, with the field it names.
+    from gateway.config import load_settings
+    from gateway.errors import ConfigError
+
+    try:
+        return load_settings().server
+    except ConfigError:
+        return "uvicorn"
+
+
+if _server() == "gthread":
+    # A thread per request: each holds its thread while its view waits on the worker's loop
+    # thread, so the threads bound the requests a worker serves. There are more of them than
+    # `max_in_flight` (200), so that requests above it are answered 503 at once rather than
+    # queueing behind busy threads.
+    worker_class = "gateway.worker.ThreadWorker"
+    threads = 256
+else:
+    # One event loop serves HTTP and runs the fan-out; connections cost no thread, and the
+    # gateway's `http:` settings bound them (gateway/edge.py).
+    worker_class = "gateway.worker.UvicornWorker"
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -95,9 +115,11 @@ def post_worker_init(worker: Any) -> None:
 
 
 def worker_exit(server: Any, worker: Any) -> None:
-    """Close the worker's recommender session as the worker exits."""
+    """Close the worker's recommender session as the worker exits (gthread's loop thread).
+
+    Under the uvicorn worker, the ASGI lifespan has closed it already.
+    """
     app = getattr(worker, "wsgi", None)
-    extensions = getattr(app, "extensions", {})
-    runtime = extensions.get("gateway")
+    runtime = getattr(app, "runtime", None)
     if runtime is not None:
         runtime.close()

@@ -138,7 +138,7 @@ def gateway_env(recommenders: list[dict[str, Any]], **settings: object) -> dict[
     return env
 
 
-GATEWAY_COMMAND = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
+GATEWAY_COMMAND = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.asgi:app"]
 
 
 def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Path) -> Any:

@@ -1,10 +1,12 @@
 """Fusion gateway: one recommendation request fanned out to many recommenders, merged into one.
 
-`create_app` builds the Flask app; `gateway.wsgi:app` is the instance gunicorn serves.
+`create_app` builds the Flask app. gunicorn serves `gateway.asgi:app` (the app on the uvicorn
+worker's event loop); `gateway.wsgi:app` is the same app for WSGI servers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import functools
 import importlib.metadata
@@ -18,6 +20,7 @@ from werkzeug.exceptions import GatewayTimeout
 from gateway.config import Settings, load_settings
 from gateway.errors import register_error_handlers
 from gateway.openapi import build_spec
+from gateway.portal import await_, in_portal
 from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
 from gateway.security import TokenCheck
@@ -33,8 +36,10 @@ class GatewayFlask(Flask):
     """Flask, running ``async def`` views on the worker's long-lived event loop.
 
     Flask's default `async_to_sync` (asgiref) gives each call a new event loop, which would
-    orphan the shared aiohttp session; this follows Flask's "Combining with async/await"
-    pattern (`docs/gevent.rst`) instead: hand the coroutine to the one running loop and wait.
+    orphan the shared aiohttp session. Served by `gateway.asgi`, Flask runs in a greenlet portal
+    on the serving loop itself, and the view's coroutine is awaited there (`gateway.portal`).
+    Served as WSGI, the coroutine is handed to the runtime's loop thread, and the request's
+    thread waits for it (Flask's "Combining with async/await" pattern, `docs/gevent.rst`).
     """
 
     @property
@@ -50,6 +55,9 @@ class GatewayFlask(Flask):
 
         @functools.wraps(func)
         def run_on_worker_loop(*args: Any, **kwargs: Any) -> Any:
+            if in_portal():
+                # On the serving loop: the body is in already (the ASGI app read it).
+                return await_(_within(func(*args, **kwargs), wait_s))
             if has_request_context():
                 # Read the body here, in the request's own thread: a slow upload must never
                 # block the loop that every request of this worker shares. Flask caches it.
@@ -60,6 +68,17 @@ class GatewayFlask(Flask):
                 raise GatewayTimeout("the gateway did not finish within its deadline") from exc
 
         return run_on_worker_loop
+
+
+async def _within(coroutine: Coroutine[Any, Any, Any], seconds: float) -> Any:
+    bound = asyncio.timeout(seconds)
+    try:
+        async with bound:
+            return await coroutine
+    except TimeoutError as exc:
+        if bound.expired():
+            raise GatewayTimeout("the gateway did not finish within its deadline") from exc
+        raise
 
 
 def _version() -> str:

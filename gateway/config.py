@@ -44,6 +44,7 @@ __all__ = [
     "ENV_PREFIX",
     "BreakerSettings",
     "HedgingSettings",
+    "HttpSettings",
     "PoolSettings",
     "RecommenderSettings",
     "RetrySettings",
@@ -155,6 +156,30 @@ class BreakerSettings(BaseModel):
     cooldown_s: float = Field(default=10.0, gt=0)
 
 
+class HttpSettings(BaseModel):
+    """The HTTP edge of each uvicorn worker (`gateway/edge.py`, `gateway/asgi.py`)."""
+
+    model_config = _Strict
+
+    max_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="Open client connections per worker; one more is answered 503 and closed.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="From a request's first byte to the end of its headers."
+    )
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, description="From the end of the headers to the end of the body."
+    )
+    max_request_line_bytes: int = Field(
+        default=8192, ge=256, description="Longest request target (method and path); then 414."
+    )
+    max_header_bytes: int = Field(
+        default=32768, ge=1024, description="Largest header block; then 431."
+    )
+
+
 class Settings(BaseSettings):
     """All gateway settings, validated."""
 
@@ -167,6 +192,11 @@ class Settings(BaseSettings):
 
     recommenders: list[RecommenderSettings] = Field(min_length=1)
     deadline_ms: float = Field(default=1000, gt=0, le=600_000)
+    server: Literal["uvicorn", "gthread"] = Field(
+        default="uvicorn",
+        description="How gunicorn serves: `uvicorn` (one event loop per worker serves HTTP "
+        "and the fan-out) or `gthread` (a thread per request, the fan-out on a loop thread).",
+    )
     strategy: Literal["async", "threads", "sync"] = "async"
     fan_out_threads: int = Field(
         default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
@@ -195,6 +225,7 @@ class Settings(BaseSettings):
     metrics_require_token: bool = False
     # A JSON line per request costs ~5% of a worker's CPU at high load; errors are logged anyway.
     log_requests: bool = True
+    http: HttpSettings = HttpSettings()
     pool: PoolSettings = PoolSettings()
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import mimetypes
+import os
 import time
-import uuid
 from typing import Any
 
-from flask import Blueprint, Response, current_app, g, request, send_from_directory
+from flask import Blueprint, Response, abort, current_app, g, request
 from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
+from werkzeug.security import safe_join
 
 from gateway import metrics
 from gateway.clients import parse_json
@@ -18,6 +21,12 @@ from gateway.errors import RequestError, error_body, error_response
 from gateway.fanout import Deadline, Outcome
 from gateway.fusion import coverage, ranked_from
 from gateway.logs import log_request
+from gateway.request_id import (
+    REQUEST_ID_HEADER,
+    REQUEST_ID_MAX,
+    new_request_id,
+    valid_request_id,
+)
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
     RecommendationRequest,
@@ -27,11 +36,9 @@ from gateway.schemas import (
 )
 from gateway.security import TOKEN_HEADER, TokenCheck
 
-__all__ = ["REQUEST_ID_HEADER", "blueprint"]
+__all__ = ["COMPLETE_HEADER", "blueprint"]
 
-REQUEST_ID_HEADER = "X-Request-ID"
 COMPLETE_HEADER = "X-Fusion-Complete"
-_REQUEST_ID_MAX = 128
 
 blueprint = Blueprint("gateway", __name__)
 
@@ -41,22 +48,18 @@ def _runtime() -> WorkerRuntime:
     return runtime
 
 
-def _valid_request_id(value: str) -> bool:
-    return 0 < len(value) <= _REQUEST_ID_MAX and all("!" <= c <= "~" for c in value)
-
-
 @blueprint.before_app_request
 def _assign_request_id() -> None:
     g.received_at = time.perf_counter()
     supplied = request.headers.get(REQUEST_ID_HEADER)
-    if supplied is not None and _valid_request_id(supplied):
+    if supplied is not None and valid_request_id(supplied):
         g.request_id = supplied
         return
-    g.request_id = uuid.uuid4().hex
+    g.request_id = new_request_id()
     if supplied is not None:
         raise RequestError(
             400,
-            f"header {REQUEST_ID_HEADER} must be 1 to {_REQUEST_ID_MAX} visible ASCII characters",
+            f"header {REQUEST_ID_HEADER} must be 1 to {REQUEST_ID_MAX} visible ASCII characters",
         )
 
 
@@ -256,10 +259,32 @@ def docs() -> Response:
     return Response(_DOCS_PAGE, mimetype="text/html")
 
 
+# Swagger UI's files as read once, so that no later request reads the disk on the serving loop.
+_ASSETS: dict[str, tuple[bytes, str]] = {}
+
+
+def _read_asset(asset: str) -> bytes | None:
+    path = safe_join(swagger_ui_path, asset)
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path, "rb") as file:
+        return file.read()
+
+
 @blueprint.get("/docs/<path:asset>")
-def docs_asset(asset: str) -> Response:
+async def docs_asset(asset: str) -> Response:
     """Swagger UI's JavaScript and CSS, from the installed swagger-ui-bundle package."""
-    return send_from_directory(swagger_ui_path, asset, max_age=86400)
+    cached = _ASSETS.get(asset)
+    if cached is None:
+        content = await asyncio.to_thread(_read_asset, asset)
+        if content is None:
+            abort(404)
+        mimetype = mimetypes.guess_type(asset)[0] or "application/octet-stream"
+        cached = _ASSETS[asset] = (content, mimetype)
+    response = Response(cached[0], mimetype=cached[1])
+    response.cache_control.public = True
+    response.cache_control.max_age = 86400
+    return response
 
 
 @blueprint.get("/metrics")

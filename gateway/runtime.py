@@ -1,14 +1,19 @@
 """The worker runtime: one long-lived event loop per process, owning one shared aiohttp session.
 
-Flask (via asgiref) would run every ``async def`` view in a new event loop, and an
-`aiohttp.ClientSession` belongs to the loop that created it, so a shared connection pool
-needs a loop that outlives requests. `WorkerRuntime` starts that loop in a daemon thread the
-first time the process needs it, checking `os.getpid()`, so a runtime created in gunicorn's
-master before the fork (``preload_app``) is started afresh in each worker and never runs in
-the master. `GatewayFlask.async_to_sync` hands each async view to that loop and waits.
+An `aiohttp.ClientSession` belongs to the loop that created it, so a shared connection pool
+needs a loop that outlives requests. There are two ways to have one:
 
-Lifetime: `start` (lazily, per process) → serve → `close` (gunicorn's ``worker_exit`` hook,
-or ``atexit``), after which the clients refuse to be used.
+- **served on it** (`gateway.asgi` under uvicorn): the loop that serves HTTP is the worker's
+  loop. `open` (at the ASGI lifespan's startup) opens the session on it, `aclose` (at its
+  shutdown, after in-flight requests are done) closes it; views are awaited right there.
+- **a loop thread** (`gateway.wsgi` under a WSGI server such as gthread): `start` runs a loop in
+  a daemon thread the first time the process needs it, and `GatewayFlask.async_to_sync` hands
+  each async view to it from the request's thread and waits (`run`). `close` (gunicorn's
+  ``worker_exit`` hook, or ``atexit``) stops it.
+
+Either way the state is kept per `os.getpid()`, so a runtime created in gunicorn's master before
+the fork (``preload_app``) is started afresh in each worker and never runs in the master. After
+closing, the clients refuse to be used.
 """
 
 from __future__ import annotations
@@ -46,10 +51,17 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-class _Started:
-    """What exists only while the runtime runs in this process."""
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
-    def __init__(self, pid: int, loop: asyncio.AbstractEventLoop, thread: threading.Thread):
+
+class _Started:
+    """What exists only while the runtime runs in this process (`thread`: a loop thread's)."""
+
+    def __init__(self, pid: int, loop: asyncio.AbstractEventLoop, thread: threading.Thread | None):
         self.pid = pid
         self.loop = loop
         self.thread = thread
@@ -90,6 +102,11 @@ class WorkerRuntime:
         )
 
     @property
+    def closed(self) -> bool:
+        """Whether the runtime was closed; it does not start again."""
+        return self._closed
+
+    @property
     def clients(self) -> tuple[RecommenderClient, ...]:
         """The recommender clients of this process, in config order."""
         return self._ensure_started().clients
@@ -115,6 +132,44 @@ class WorkerRuntime:
         """Start the loop thread and open the session, if this process has not yet."""
         self._ensure_started()
 
+    async def open(self) -> None:
+        """Open this process's session on the running loop, the one that serves it."""
+        pid = os.getpid()
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the gateway runtime is closed")
+            state = self._state
+            if state is not None and state.pid == pid:
+                if state.loop is not loop:
+                    raise RuntimeError("the gateway runtime already runs on another loop")
+                return
+            state = _Started(pid, loop, None)
+            self._state = state
+            self._states.append(state)
+        # Nothing in it awaits: a request that comes meanwhile finds it whole.
+        await self._open_session(state)
+        log.info("worker %d: event loop and recommender session started", pid)
+
+    async def aclose(self) -> None:
+        """Close the session opened by `open` in this process; idempotent."""
+        pid = os.getpid()
+        with self._lock:
+            self._closed = True
+            mine = [s for s in self._states if s.pid == pid and s.thread is None]
+            self._states = [s for s in self._states if s not in mine]
+            if self._state in mine:
+                self._state = None
+        for state in mine:
+            await self._close_session(state)
+            log.info("worker %d: recommender session closed", pid)
+
+    @property
+    def on_loop_thread(self) -> bool:
+        """Whether this process's runtime runs on a loop thread of its own (WSGI serving)."""
+        state = self._state
+        return state is not None and state.pid == os.getpid() and state.thread is not None
+
     def run(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coroutine` on the worker loop and wait for its result.
 
@@ -122,7 +177,10 @@ class WorkerRuntime:
         it and the task inherits it), so Flask's `request` and `g` work inside an async view.
         """
         try:
-            loop = self._ensure_started().loop
+            state = self._ensure_started()
+            if state.thread is None:
+                raise RuntimeError("the runtime is served on its own loop: await there instead")
+            loop = state.loop
         except BaseException:
             coroutine.close()
             raise
@@ -146,6 +204,15 @@ class WorkerRuntime:
             self._stop(state, timeout)
 
     def _stop(self, state: _Started, timeout: float) -> None:
+        if state.thread is None:
+            # Served on its loop: the session is closed there, as `aclose` does.
+            if not state.loop.is_running() or _running_loop() is state.loop:
+                log.warning("worker %d: cannot close the session from here", state.pid)
+                return
+            future = asyncio.run_coroutine_threadsafe(self._close_session(state), state.loop)
+            future.result(timeout)
+            log.info("worker %d: recommender session closed", state.pid)
+            return
         if not state.thread.is_alive():
             return
         try:

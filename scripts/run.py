@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         gateway = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "gunicorn"),
-                *("-c", "gunicorn.conf.py", "gateway.wsgi:app"),
+                *("-c", "gunicorn.conf.py", "gateway.asgi:app"),
                 *("--bind", f"fd://{listener.fileno()}"),
             ],
             cwd=ROOT,

@@ -1,6 +1,9 @@
 """Fixtures: the real mock recommenders and the real app on loopback ports the system picks.
 
-Helpers that test modules import live in `tests/helpers.py`.
+`serve` serves an app as users run it, on the ASGI stack (uvicorn, the gateway's HTTP edge,
+Flask in a greenlet portal on the serving loop), in a thread of the test process;
+`serve_wsgi` serves it the other way, as WSGI with a loop thread (`gateway.wsgi` under a WSGI
+server). Helpers that test modules import live in `tests/helpers.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from gateway import GatewayFlask, create_app
 from mock_recommenders import MockFleet, MockFleetProcess
-from tests.helpers import NAMES, CompatAioresponses, Serve, settings_for
+from tests.helpers import NAMES, CompatAioresponses, InProcessServer, Serve, settings_for
 
 # How long a test's server waits for its requests still in flight before it closes the app.
 DRAIN_S = 30.0
@@ -89,10 +92,29 @@ class _Draining:
 
 @pytest.fixture
 def serve() -> Iterator[Serve]:
-    """Serve an app over real HTTP on a loopback port the system picks; returns its base URL.
+    """Serve an app on the ASGI stack on a loopback port the system picks; returns its base URL.
+
+    At the end of the test uvicorn stops accepting, lets the requests still in flight finish
+    (a failed test can leave some), and the ASGI lifespan closes the app's runtime.
+    """
+    servers: list[InProcessServer] = []
+
+    def start(app: GatewayFlask) -> str:
+        server = InProcessServer(app).start()
+        servers.append(server)
+        return server.url
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def serve_wsgi() -> Iterator[Serve]:
+    """Serve an app as WSGI (werkzeug, a thread per request, views on the loop thread).
 
     At the end of the test the server stops accepting, waits for the requests still inside the
-    app (a failed test can leave some), then closes the app's runtime.
+    app, then closes the app's runtime.
     """
     servers: list[tuple[BaseWSGIServer, threading.Thread, _Draining]] = []
 

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -25,9 +26,12 @@ from typing import Any, Protocol
 
 import aiohttp
 import requests
+import uvicorn
 from aioresponses import CallbackResult, aioresponses
 
 from gateway import GatewayFlask, Settings
+from gateway.edge import protocol_for
+from gateway.serving import GatewayASGI
 from mock_recommenders.process import stop_process
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "Fleet",
     "GUNICORN",
     "Gunicorn",
+    "InProcessServer",
     "Serve",
     "assert_json_error",
     "closed_port",
@@ -120,6 +125,57 @@ def port_is_open(port: int) -> bool:
         return bool(sock.getsockname() != sock.getpeername())
 
 
+# --- Serving in this process ----------------------------------------------------------------
+
+
+class InProcessServer:
+    """The gateway as gunicorn's uvicorn worker serves it, in a thread of this process.
+
+    uvicorn with uvloop and the gateway's HTTP edge (`gateway.edge`), the app as ASGI
+    (`gateway.serving`), on a socket bound here to port 0.
+    """
+
+    def __init__(self, app: GatewayFlask):
+        self.app = app
+        self.asgi = GatewayASGI(app)
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        config = uvicorn.Config(
+            self.asgi,
+            loop="uvloop",
+            http=protocol_for(app.runtime.settings.http),
+            ws="none",
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+            server_header=False,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self._socket]}, name="gateway-server"
+        )
+
+    def start(self) -> InProcessServer:
+        """Start serving; return once uvicorn has run the lifespan startup and listens."""
+        self.thread.start()
+        wait_until(
+            lambda: self.server.started or not self.thread.is_alive(),
+            60,
+            "uvicorn did not start",
+        )
+        assert self.server.started, "uvicorn stopped at start-up (see the log above)"
+        return self
+
+    def stop(self) -> None:
+        """Stop as on SIGTERM: in-flight requests finish, then the lifespan closes the app."""
+        self.server.should_exit = True
+        self.thread.join(60)
+        self._socket.close()
+        assert not self.thread.is_alive(), "uvicorn did not stop within 60 s"
+
+
 # --- gunicorn -------------------------------------------------------------------------------
 
 
@@ -153,7 +209,7 @@ def gunicorn(fleet: Fleet, *args: str, **overrides: str) -> Iterator[Gunicorn]:
         port = listener.getsockname()[1]
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app"]
+                [GUNICORN, "-c", "gunicorn.conf.py", "gateway.asgi:app"]
                 + ["--bind", f"fd://{listener.fileno()}", *args],
                 cwd=ROOT,
                 env=gateway_environment(fleet, **overrides),

@@ -81,7 +81,7 @@ def test_an_invalid_config_stops_gunicorn_with_a_message_naming_the_field(
 ) -> None:
     # It stops before it binds anything: the address is never used.
     result = subprocess.run(
-        [GUNICORN, "-c", "gunicorn.conf.py", "gateway.wsgi:app", "--bind", "127.0.0.1:0"],
+        [GUNICORN, "-c", "gunicorn.conf.py", "gateway.asgi:app", "--bind", "127.0.0.1:0"],
         cwd=ROOT,
         env=gateway_environment(fleet_process, GATEWAY_DEADLINE_MS="-5"),
         capture_output=True,

@@ -10,9 +10,9 @@ import pytest
 import requests
 
 from gateway import create_app
-from gateway.logs import configure_logging
+from gateway.logs import configure_logging, flush
 from mock_recommenders import MockFleet, MockFleetProcess
-from tests.helpers import Serve, gunicorn, lines, settings_for
+from tests.helpers import Serve, gunicorn, lines, settings_for, wait_until
 
 
 @pytest.fixture
@@ -43,6 +43,7 @@ def test_one_json_line_per_request_with_its_sources(
     )
     response = requests.get(f"{url}/explode", headers={"X-Request-ID": "L-3"}, timeout=30)
 
+    flush()  # written by the log thread, off the serving loop
     records = lines(log_stream.getvalue())
     by_id = {r["request_id"]: r for r in records if r["message"] == "request"}
     first = by_id["L-1"]
@@ -70,10 +71,12 @@ def test_under_gunicorn_the_lines_reach_stdout_at_once(fleet_process: MockFleetP
                 headers={"X-Request-ID": f"G-{i}"},
                 timeout=30,
             )
-        # No flush, no shutdown: the lines must already be there.
-        logged = {r.get("request_id") for r in lines(server.output()) if r["message"] == "request"}
+        # No flush, no shutdown: the log thread writes each line as it comes.
+        def logged() -> set[str]:
+            records = lines(server.output())
+            return {r.get("request_id") for r in records if r["message"] == "request"}
 
-    assert {"G-0", "G-1", "G-2"} <= logged
+        wait_until(lambda: {"G-0", "G-1", "G-2"} <= logged(), 10, lambda: str(logged()))
 
 
 def test_request_lines_can_be_switched_off(
@@ -83,4 +86,5 @@ def test_request_lines_can_be_switched_off(
 
     requests.post(f"{url}/recommendation", json={}, timeout=30)
 
+    flush()
     assert [r for r in lines(log_stream.getvalue()) if r["message"] == "request"] == []

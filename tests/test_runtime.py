@@ -8,17 +8,16 @@ import threading
 
 import pytest
 import requests
-from flask import g, jsonify, request
+from flask import Response, g, jsonify, request
 
-from gateway import create_app
+from gateway import GatewayFlask, create_app
 from gateway.errors import ClientClosedError
 from mock_recommenders import MockFleet
 from tests.helpers import Serve, settings_for
 
 
-def test_async_views_run_on_the_one_worker_loop_with_the_request_context(
-    fleet: MockFleet, serve: Serve
-) -> None:
+def probe_app(fleet: MockFleet) -> GatewayFlask:
+    """The gateway with a `/probe` view that reports where it ran and what it saw."""
     app = create_app(settings_for(fleet))
 
     @app.before_request
@@ -28,6 +27,7 @@ def test_async_views_run_on_the_one_worker_loop_with_the_request_context(
     @app.get("/probe")
     async def probe() -> object:
         await asyncio.sleep(0)
+        g.set_by_view = request.headers.get("X-Probe")
         return jsonify(
             thread=threading.current_thread().name,
             loop=id(asyncio.get_running_loop()),
@@ -36,17 +36,54 @@ def test_async_views_run_on_the_one_worker_loop_with_the_request_context(
             request_id=g.request_id,
         )
 
-    url = serve(app)
-    answers = [
-        requests.get(f"{url}/probe", headers={"X-Probe": str(i)}, timeout=30).json()
-        for i in range(5)
+    @app.after_request
+    def echo(response: Response) -> Response:
+        # What the async view put in `g` is there after it, in Flask's own code.
+        response.headers["X-Set-By-View"] = str(g.get("set_by_view"))
+        return response
+
+    return app
+
+
+def probe(url: str, count: int) -> list[requests.Response]:
+    return [
+        requests.get(f"{url}/probe", headers={"X-Probe": str(i)}, timeout=30) for i in range(count)
     ]
 
+
+def test_async_views_are_awaited_on_the_serving_loop_with_the_request_context(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    app = probe_app(fleet)
+    url = serve(app)
+
+    responses = probe(url, 5)
+
+    answers = [response.json() for response in responses]
+    # The loop that serves HTTP, in its own thread: no other thread, no hop.
     assert {a["loop"] for a in answers} == {id(app.runtime.loop)}
-    assert {a["thread"] for a in answers} == {f"gateway-loop-{os.getpid()}"}
+    assert {a["thread"] for a in answers} == {"gateway-server"}
+    assert not app.runtime.on_loop_thread
     assert [a["header"] for a in answers] == [str(i) for i in range(5)]
+    assert [r.headers["X-Set-By-View"] for r in responses] == [str(i) for i in range(5)]
     assert {a["marked_by"] for a in answers} == {"before_request"}
     assert len({a["request_id"] for a in answers}) == 5
+
+
+def test_served_as_wsgi_async_views_run_on_the_loop_thread(
+    fleet: MockFleet, serve_wsgi: Serve
+) -> None:
+    app = probe_app(fleet)
+    url = serve_wsgi(app)
+
+    responses = probe(url, 3)
+
+    answers = [response.json() for response in responses]
+    assert {a["loop"] for a in answers} == {id(app.runtime.loop)}
+    assert {a["thread"] for a in answers} == {f"gateway-loop-{os.getpid()}"}
+    assert app.runtime.on_loop_thread
+    assert [r.headers["X-Set-By-View"] for r in responses] == ["0", "1", "2"]
+    assert {a["marked_by"] for a in answers} == {"before_request"}
 
 
 def test_the_runtime_starts_afresh_in_a_forked_process(

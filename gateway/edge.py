@@ -1,0 +1,202 @@
+"""The HTTP edge: uvicorn's httptools protocol, with the limits a gateway facing clients needs.
+
+uvicorn parses HTTP on the worker's event loop, so an idle or stalled connection costs a socket
+and a few kilobytes, never a thread. What it leaves to the application, this adds:
+
+- a cap on open connections per worker: above it, a new connection gets a JSON 503 and is
+  closed before anything is read;
+- a header timeout: a request whose line and headers are not all in within
+  `header_timeout_s` of its first byte gets 408 (a connection that sends nothing at all is
+  closed without a word);
+- limits on the request line (414) and on the header block (431);
+- a `Transfer-Encoding` other than chunked is 501;
+- every error the HTTP layer itself answers (400 for a malformed request or chunk, 408, 414,
+  431, 501, 503) in the gateway's one JSON error shape, with `X-Request-ID`, and the
+  connection closed after it.
+
+The body's own timeout and size limit are the ASGI app's (`gateway.asgi`): it reads the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from gateway.config import HttpSettings
+from gateway.request_id import REQUEST_ID_HEADER, new_request_id, valid_request_id
+
+__all__ = ["EdgeProtocol", "edge_error", "protocol_for", "request_id_of"]
+
+_REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def request_id_of(headers: Headers) -> str:
+    """The request's id: the client's `X-Request-ID` when valid, else a new one."""
+    for name, value in headers:
+        if name == _REQUEST_ID_KEY:
+            supplied = value.decode("latin-1")
+            if valid_request_id(supplied):
+                return supplied
+    return new_request_id()
+
+
+def edge_error(status: int, message: str, request_id: str) -> tuple[Headers, bytes]:
+    """Headers and body of a JSON error answered by the edge; the connection closes after it."""
+    body = json.dumps(
+        {"error": {"status": status, "message": message}, "request_id": request_id}
+    ).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode("latin-1")),
+        (b"connection", b"close"),
+    ]
+    return headers, body
+
+
+class _Refusal(Exception):
+    """The request is refused by the edge with `status`; raised from a parser callback."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class EdgeProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the gateway's connection and header limits."""
+
+    limits: HttpSettings = HttpSettings()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+        self._refusal: _Refusal | None = None
+        self._started = False  # bytes of the current request have arrived
+
+    # Connection
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(
+                _Refusal(
+                    503,
+                    f"this gateway worker serves at most {self.limits.max_connections} "
+                    "connections; retry later",
+                )
+            )
+            return
+        # A connection that never sends a byte is closed when this runs out.
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None:
+            return  # answered and closing: whatever else comes is dropped
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            pass  # no protocol upgrades here: the request is served as plain HTTP
+        except httptools.HttpParserError:
+            # A malformed request or chunk, or a limit that a callback below refused.
+            self.send_400_response("")
+
+    # Parser callbacks
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_bytes = 0
+        self._started = True
+        if self._header_timer is None:
+            self._arm_header_timer()
+
+    def on_url(self, url: bytes) -> None:
+        super().on_url(url)
+        if len(self.url) > self.limits.max_request_line_bytes:
+            raise self._pending(
+                _Refusal(
+                    414,
+                    f"request target longer than {self.limits.max_request_line_bytes} bytes",
+                )
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value) + 4
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise self._pending(
+                _Refusal(431, f"request headers larger than {self.limits.max_header_bytes} bytes")
+            )
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._cancel_header_timer()
+        self._started = False
+        for name, value in self.headers:
+            if name == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                raise self._pending(
+                    _Refusal(501, f"Transfer-Encoding {value.decode('latin-1')!r} is not supported")
+                )
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """The parser failed: a malformed request, or a limit a callback refused."""
+        refusal = self._refusal or _Refusal(400, "malformed HTTP request: it could not be parsed")
+        self._refuse(refusal)
+
+    # Timers and refusals
+
+    def _arm_header_timer(self) -> None:
+        self._header_timer = self.loop.call_later(
+            self.limits.header_timeout_s, self._header_timed_out
+        )
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timed_out(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._started:
+            self.transport.close()  # nothing of a request came: nothing to answer
+            return
+        seconds = self.limits.header_timeout_s
+        self._refuse(_Refusal(408, f"request headers not received within {seconds:g} s"))
+
+    def _pending(self, refusal: _Refusal) -> _Refusal:
+        # Raised inside the parser, which reports it as a parse error: send_400_response then
+        # answers with this refusal instead.
+        self._refusal = refusal
+        return refusal
+
+    def _refuse(self, refusal: _Refusal) -> None:
+        self._refusal = refusal
+        self._cancel_header_timer()
+        if self.transport.is_closing():
+            return
+        headers = self.headers if isinstance(self.headers, list) else []
+        extra, body = edge_error(refusal.status, refusal.message, request_id_of(headers))
+        lines = [STATUS_LINE[refusal.status]]
+        for name, value in self.server_state.default_headers + extra:
+            lines += [name, b": ", value, b"\r\n"]
+        self.transport.write(b"".join([*lines, b"\r\n", body]))
+        self.transport.close()
+
+
+def protocol_for(limits: HttpSettings) -> type[EdgeProtocol]:
+    """An `EdgeProtocol` class with `limits`, for uvicorn's `http=` setting."""
+    return type("EdgeProtocol", (EdgeProtocol,), {"limits": limits})
