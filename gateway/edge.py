@@ -12,7 +12,12 @@ and a few kilobytes, never a thread. What it leaves to the application, this add
 - a `Transfer-Encoding` other than chunked is 501;
 - every error the HTTP layer itself answers (400 for a malformed request or chunk, 408, 414,
   431, 501, 503) in the gateway's one JSON error shape, with `X-Request-ID`, and the
-  connection closed after it.
+  connection closed after it;
+- a lingering close: when a connection closes while its client may still be sending (a body
+  refused half-way, headers cut short), the gateway's side is shut first, what still arrives
+  is read and dropped for up to `LINGER_S`, and only then is the socket closed. Closed at
+  once, the kernel would answer the client's next bytes with a reset, which can destroy the
+  error response before the client reads it (nginx's `lingering_close`, for the same reason).
 
 The body's own timeout and size limit are the ASGI app's (`gateway.asgi`): it reads the body.
 """
@@ -29,7 +34,9 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from gateway.config import HttpSettings
 from gateway.request_id import REQUEST_ID_HEADER, new_request_id, valid_request_id
 
-__all__ = ["EdgeProtocol", "edge_error", "protocol_for", "request_id_of"]
+__all__ = ["LINGER_S", "EdgeProtocol", "edge_error", "protocol_for", "request_id_of"]
+
+LINGER_S = 2.0
 
 _REQUEST_ID_KEY = REQUEST_ID_HEADER.lower().encode()
 
@@ -69,6 +76,23 @@ class _Refusal(Exception):
         self.message = message
 
 
+class _ClosingGracefully:
+    """The connection's transport as uvicorn sees it: `close` is the protocol's lingering one."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: EdgeProtocol):
+        self.raw = transport
+        self._protocol = protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering or self.raw.is_closing()
+
+    def close(self) -> None:
+        self._protocol.close_gracefully()
+
+
 class EdgeProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with the gateway's connection and header limits."""
 
@@ -80,11 +104,14 @@ class EdgeProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._refusal: _Refusal | None = None
         self._started = False  # bytes of the current request have arrived
+        self._request_in = True  # no request, or the current one received whole
+        self._shutting_down = False
+        self.lingering = False
 
     # Connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(_ClosingGracefully(transport, self))  # type: ignore[arg-type]
         if len(self.connections) > self.limits.max_connections:
             self._refuse(
                 _Refusal(
@@ -101,8 +128,27 @@ class EdgeProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def shutdown(self) -> None:
+        """The server is stopping: connections close at once, without lingering."""
+        self._shutting_down = True
+        super().shutdown()
+
+    def close_gracefully(self) -> None:
+        """Close; if the client may still be sending, shut our side and drain first."""
+        raw = self.transport.raw  # type: ignore[attr-defined]
+        if raw.is_closing() or self.lingering:
+            return
+        self._cancel_header_timer()
+        if self._request_in or self._shutting_down or not raw.can_write_eof():
+            raw.close()
+            return
+        self.lingering = True
+        raw.write_eof()  # the answer, then end of stream: the client reads it all
+        raw.resume_reading()
+        self.loop.call_later(LINGER_S, raw.close)
+
     def data_received(self, data: bytes) -> None:
-        if self._refusal is not None:
+        if self._refusal is not None or self.lingering:
             return  # answered and closing: whatever else comes is dropped
         self._unset_keepalive_if_required()
         try:
@@ -119,6 +165,7 @@ class EdgeProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_bytes = 0
         self._started = True
+        self._request_in = False
         if self._header_timer is None:
             self._arm_header_timer()
 
@@ -149,6 +196,10 @@ class EdgeProtocol(HttpToolsProtocol):
                     _Refusal(501, f"Transfer-Encoding {value.decode('latin-1')!r} is not supported")
                 )
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._request_in = True
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         """The parser failed: a malformed request, or a limit a callback refused."""
@@ -185,6 +236,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def _refuse(self, refusal: _Refusal) -> None:
         self._refusal = refusal
+        self._request_in = False  # the client may be sending yet: the close lingers
         self._cancel_header_timer()
         if self.transport.is_closing():
             return

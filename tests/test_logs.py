@@ -71,6 +71,7 @@ def test_under_gunicorn_the_lines_reach_stdout_at_once(fleet_process: MockFleetP
                 headers={"X-Request-ID": f"G-{i}"},
                 timeout=30,
             )
+
         # No flush, no shutdown: the log thread writes each line as it comes.
         def logged() -> set[str]:
             records = lines(server.output())
