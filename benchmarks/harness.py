@@ -3,8 +3,10 @@
 Targets, measured in this order at every concurrency level:
 
 - ``floor``: the load generator fans out to the mocks itself (no gateway);
-- ``sync``, ``threads``, ``async``: the gateway under gunicorn with its shipped config,
-  `GATEWAY_STRATEGY` set;
+- ``sync``, ``threads``, ``async``: the gateway under gunicorn with its shipped config (the
+  uvicorn worker: one event loop per worker serves HTTP and the fan-out), `GATEWAY_STRATEGY` set;
+- ``async-gthread``: the async fan-out served the way before it, `GATEWAY_SERVER=gthread` (a
+  thread per request, each view handed to a loop thread);
 - ``per-call-session``: `benchmarks.tutorial_app`, gunicorn as tutorials configure it.
 """
 
@@ -46,7 +48,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GUNICORN = str(Path(PYTHON).parent / "gunicorn")
-GATEWAY_TARGETS = ("sync", "threads", "async")
+GATEWAY_TARGETS = ("sync", "threads", "async-gthread", "async")
 TARGETS = ("floor", *GATEWAY_TARGETS, "per-call-session")
 READY_WITHIN_S = 30.0
 
@@ -150,7 +152,10 @@ def _server(target: str, urls: list[str], names: list[str], plan: Plan, log: Pat
     else:
         # Sequential calls to 16 recommenders at 20 ms need more than the default deadline.
         deadline_ms = max(1000, 4 * len(names) * (plan.delay_ms + plan.jitter_ms))
-        env = gateway_env(recommenders, strategy=target, deadline_ms=deadline_ms)
+        strategy, server = (
+            ("async", "gthread") if target == "async-gthread" else (target, "uvicorn")
+        )
+        env = gateway_env(recommenders, strategy=strategy, server=server, deadline_ms=deadline_ms)
         command = list(GATEWAY_COMMAND)
         if plan.workers is not None:
             command += ["--workers", str(plan.workers)]

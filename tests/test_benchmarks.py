@@ -82,7 +82,7 @@ def test_a_small_run_writes_the_table_json_report_and_plots(tmp_path: Path) -> N
     measured = {(r["target"], r["concurrency"]) for r in results["runs"]}
     assert measured == {
         (target, level)
-        for target in ("floor", "sync", "threads", "async", "per-call-session")
+        for target in ("floor", "sync", "threads", "async-gthread", "async", "per-call-session")
         for level in (1, 2)
     }
     for run in results["runs"] + results["widths"]:
