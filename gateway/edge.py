@@ -76,20 +76,41 @@ class _Refusal(Exception):
         self.message = message
 
 
-class _ClosingGracefully:
-    """The connection's transport as uvicorn sees it: `close` is the protocol's lingering one."""
+class _Connection:
+    """The connection's transport as uvicorn sees it: writes coalesced, a lingering `close`.
+
+    uvicorn writes a response's head and its body separately, each a `send` system call of its
+    own; what is written in one turn of the loop goes out here in one.
+    """
 
     def __init__(self, transport: asyncio.Transport, protocol: EdgeProtocol):
         self.raw = transport
         self._protocol = protocol
+        self._pending: list[bytes] = []
+        # What uvicorn calls on every request goes to the transport without a detour.
+        self.get_extra_info = transport.get_extra_info
+        self.pause_reading = transport.pause_reading
+        self.resume_reading = transport.resume_reading
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.raw, name)
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._protocol.loop.call_soon(self.flush)
+        self._pending.append(data)
+
+    def flush(self) -> None:
+        """Write what is pending, in one go."""
+        pending, self._pending = self._pending, []
+        if pending and not self.raw.is_closing():
+            self.raw.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def is_closing(self) -> bool:
         return self._protocol.lingering or self.raw.is_closing()
 
     def close(self) -> None:
+        self.flush()
         self._protocol.close_gracefully()
 
 
@@ -111,7 +132,7 @@ class EdgeProtocol(HttpToolsProtocol):
     # Connection
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(_ClosingGracefully(transport, self))  # type: ignore[arg-type]
+        super().connection_made(_Connection(transport, self))  # type: ignore[arg-type]
         if len(self.connections) > self.limits.max_connections:
             self._refuse(
                 _Refusal(

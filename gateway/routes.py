@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any
 
+import pydantic_core
 from flask import Blueprint, Response, abort, current_app, g, request
 from pydantic import ValidationError
 from swagger_ui_bundle import swagger_ui_path
@@ -30,8 +31,6 @@ from gateway.request_id import (
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
     RecommendationRequest,
-    RecommendationResponse,
-    RecommenderResult,
     SourceReport,
 )
 from gateway.security import TOKEN_HEADER, TokenCheck
@@ -168,54 +167,66 @@ def _fuse(
     ]
     name = recommendation.fusion or runtime.settings.fusion
     fused = runtime.fusions[name].fuse(lists, recommendation.resultSize, g.request_id)
-    # Plain dicts: the response model validates them in one pass (pydantic's Rust core),
-    # cheaper than building a model object per item and per source.
     items = [
         {
             "id": item.id,
             "score": item.score,
-            "sources": [{"name": p.name, "rank": p.rank, "score": p.score} for p in item.sources],
+            "sources": [
+                {"name": p.name, "rank": p.rank, "score": p.score}
+                if p.score is not None
+                else {"name": p.name, "rank": p.rank}
+                for p in item.sources
+            ],
         }
         for item in fused
     ]
     return name, items, coverage(lists, weights)
 
 
+def _source_reports(outcomes: list[Outcome]) -> dict[str, dict[str, Any]]:
+    """Each call's `SourceReport`, as JSON-ready data."""
+    reports: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        report: dict[str, Any] = {"status": o.status, "latency_ms": o.latency_ms}
+        report["attempts"] = o.attempts
+        if o.error is not None:
+            report["error"] = o.error
+        reports[o.name] = report
+    return reports
+
+
 def _respond(
     outcomes: list[Outcome], recommendation: RecommendationRequest, runtime: WorkerRuntime
 ) -> Response:
+    """The merged answer: a `RecommendationResponse`, or a 502 when nobody answered.
+
+    The body is built as data in the shape of the response model, and serialised by pydantic's
+    own serialiser: what the gateway built itself is not validated again on every request
+    (the tests hold the shape to the model, and the OpenAPI contract test to the document).
+    """
     answered = [o for o in outcomes if o.ok]
-    request_id = g.request_id
-    fusion, fused, covered = _fuse(outcomes, recommendation, runtime)
-    merged = RecommendationResponse(
-        result=[RecommenderResult(name=o.name, prediction=o.prediction) for o in answered],
-        sources={
-            o.name: SourceReport(
-                status=o.status, latency_ms=o.latency_ms, attempts=o.attempts, error=o.error
-            )
-            for o in outcomes
-        },
-        complete=len(answered) == len(outcomes),
-        request_id=request_id,
-        fusion=fusion,
-        fused=fused,  # dicts, validated into FusedItem here
-        coverage=covered,
-    )
+    complete = len(answered) == len(outcomes)
+    result = [{"name": o.name, "prediction": o.prediction} for o in answered]
     if answered:
-        status, payload = 200, merged.model_dump_json(exclude_none=True)
+        fusion, fused, covered = _fuse(outcomes, recommendation, runtime)
+        status = 200
+        body: dict[str, Any] = {
+            "result": result,
+            "sources": _source_reports(outcomes),
+            "complete": complete,
+            "request_id": g.request_id,
+            "fusion": fusion,
+            "fused": fused,
+            "coverage": covered,
+        }
     else:
         status = 502
         body = error_body(502, "no recommender answered; see sources for each one's reason")
-        body.update(
-            merged.model_dump(
-                mode="json",
-                exclude_none=True,
-                include={"result", "sources", "complete", "request_id"},
-            )
-        )
-        payload = json.dumps(body)
+        body.update(result=result, sources=_source_reports(outcomes), complete=complete)
+    # A non-finite number in a recommender's answer becomes null, as the models would make it.
+    payload = pydantic_core.to_json(body, inf_nan_mode="null")
     response = Response(payload, status=status, mimetype="application/json")
-    response.headers[COMPLETE_HEADER] = "true" if merged.complete else "false"
+    response.headers[COMPLETE_HEADER] = "true" if complete else "false"
     return response
 
 

@@ -74,6 +74,7 @@ class MockFleetProcess:
         self._bases: dict[str, str] = {}
         self._initial: dict[str, dict[str, Any]] = {}
         self._process: subprocess.Popen[bytes] | None = None
+        self._log_from = 0
 
     def __enter__(self) -> MockFleetProcess:
         return self.start()
@@ -94,6 +95,8 @@ class MockFleetProcess:
         command += ["--names", ",".join(self.names), "--base-port", str(self.base_port)]
         command += self._flags
         with self.log.open("ab") as sink:
+            # A log given twice holds an earlier run's lines: only what follows is this run's.
+            self._log_from = sink.tell()
             self._process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
         try:
             self._bases = self._wait_listening(self._process)
@@ -142,7 +145,9 @@ class MockFleetProcess:
 
     def output(self) -> str:
         """What the child has printed so far."""
-        return self.log.read_text(errors="replace")
+        with self.log.open("rb") as log:
+            log.seek(self._log_from)
+            return log.read().decode(errors="replace")
 
     def _select(self, name: str | None) -> list[str]:
         if name is not None and name not in self._bases:

@@ -11,6 +11,7 @@ import pytest
 import requests
 
 from gateway import create_app
+from gateway.schemas import RecommendationResponse, UnansweredRecommendation
 from mock_recommenders import MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
 from tests.helpers import (
@@ -41,6 +42,11 @@ def test_merges_every_answer_in_config_order(gateway_url: str) -> None:
         assert "error" not in report
     assert body["complete"] is True
     assert body["request_id"] == response.headers["X-Request-ID"]
+    # Built as data on the hot path: the shape is still the response model's.
+    assert (
+        RecommendationResponse.model_validate(body).model_dump(mode="json", exclude_none=True)
+        == body
+    )
 
 
 def test_config_order_holds_when_answers_arrive_in_reverse(fleet: MockFleet, serve: Serve) -> None:
@@ -297,6 +303,7 @@ def test_when_no_recommender_answers_the_status_is_502(fleet: MockFleet, gateway
     assert {name: report["status"] for name, report in body["sources"].items()} == {
         name: "error" for name in NAMES
     }
+    assert UnansweredRecommendation.model_validate(body).model_dump(exclude_none=True) == body
 
 
 def test_health_and_readiness(gateway_url: str) -> None:
