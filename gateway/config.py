@@ -37,7 +37,7 @@ from pydantic_settings import (
 )
 
 from gateway.errors import ConfigError
-from gateway.fusion import FusionName
+from gateway.fusion import FusionChoice
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -152,6 +152,7 @@ class BreakerSettings(BaseModel):
 
     model_config = _Strict
 
+    enabled: bool = Field(default=True, description="Off: every call goes through, always.")
     failure_threshold: int = Field(default=5, ge=1)
     cooldown_s: float = Field(default=10.0, gt=0)
 
@@ -201,7 +202,9 @@ class Settings(BaseSettings):
     fan_out_threads: int = Field(
         default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
     )
-    fusion: FusionName = "rrf"
+    fusion: FusionChoice = Field(
+        default="rrf", description="The default fusion; `none`: no fused ranking, no cost."
+    )
     rrf_k: int = Field(default=60, ge=1, description="The k of reciprocal rank fusion.")
     fusion_window: int | None = Field(
         default=None,
@@ -225,6 +228,7 @@ class Settings(BaseSettings):
     metrics_require_token: bool = False
     # A JSON line per request costs ~5% of a worker's CPU at high load; errors are logged anyway.
     log_requests: bool = True
+    metrics: bool = Field(default=True, description="Record Prometheus metrics and serve /metrics.")
     http: HttpSettings = HttpSettings()
     pool: PoolSettings = PoolSettings()
     retry: RetrySettings = RetrySettings()

@@ -205,10 +205,13 @@ async def _hedged(
 ) -> Any:
     """One attempt: the replica whose turn it is, and a hedge to another if it is slow."""
     primary, backup = replicas.pick()
+    if backup is None:
+        # One replica: nothing to hedge to, so nothing to count or time for it either.
+        return await primary.recommend(body, headers, budget)
     hedger.count_call()
     delay = hedger.delay_s()
     started = time.perf_counter()
-    if backup is None or delay is None or delay >= budget:
+    if delay is None or delay >= budget:
         prediction = await primary.recommend(body, headers, budget)
         hedger.record(time.perf_counter() - started)
         return prediction

@@ -25,6 +25,7 @@ from typing import Any, ClassVar, Literal, Protocol, TypeGuard
 
 __all__ = [
     "FUSIONS",
+    "FusionChoice",
     "FusionName",
     "FusedItem",
     "Fusion",
@@ -38,6 +39,8 @@ __all__ = [
 
 # The names in requests, config and the OpenAPI enum; `FUSIONS` must have exactly these.
 FusionName = Literal["concat", "rrf", "weighted", "combmnz", "interleave"]
+# What a request or the config may choose: a fusion, or "none" (no fused ranking at all).
+FusionChoice = FusionName | Literal["none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,10 +101,15 @@ def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def coverage(answered: Sequence[Ranked], weights: Mapping[str, float]) -> float:
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+def coverage(answered: Sequence[_Named], weights: Mapping[str, float]) -> float:
     """The summed weight of the recommenders that answered, over the total weight."""
     total = sum(weights.values())
-    return round(sum(r.weight for r in answered) / total, 4) if total else 0.0
+    return round(sum(weights[a.name] for a in answered) / total, 4) if total else 0.0
 
 
 def _provenance(lists: Sequence[Ranked]) -> dict[str, list[Provenance]]:

@@ -8,7 +8,9 @@ default registry is served.
 
 from __future__ import annotations
 
+import bisect
 import os
+import threading
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import (
@@ -27,7 +29,8 @@ from gateway.fanout import Outcome
 __all__ = [
     "CONTENT_TYPE_LATEST",
     "IN_FLIGHT",
-    "IN_FLIGHT_EVERY_S",
+    "FLUSH_EVERY_S",
+    "flush",
     "observe_outcomes",
     "observe_request",
     "render",
@@ -66,35 +69,117 @@ IN_FLIGHT = Gauge(
     "Requests being served now, summed over live workers (refreshed every second).",
     multiprocess_mode="livesum",
 )
-IN_FLIGHT_EVERY_S = 1.0
+FLUSH_EVERY_S = 1.0
+
+
+class _Tally:
+    """One histogram's observations since the last flush: a count per bucket, and their sum."""
+
+    __slots__ = ("buckets", "total")
+
+    def __init__(self, size: int):
+        self.buckets = [0] * size
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+
+class _Pending:
+    """What requests recorded since the last flush, kept in plain dicts.
+
+    A request records a handful of numbers here (microseconds); `flush` hands them to
+    prometheus-client, whose every write takes a process-wide lock and writes a shared file,
+    in one batch per label set, once a second (`FLUSH_EVERY_S`) and before `/metrics` renders.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # the gthread design records from request threads too
+        self.requests: dict[tuple[str, str], int] = {}
+        self.request_seconds: dict[tuple[str, str], _Tally] = {}
+        self.calls: dict[tuple[str, str], int] = {}
+        self.call_seconds: dict[str, _Tally] = {}
+
+    def take(self) -> _Pending:
+        """This batch, leaving an empty one in its place."""
+        with self.lock:
+            batch = _Pending()
+            batch.requests, self.requests = self.requests, batch.requests
+            batch.request_seconds, self.request_seconds = self.request_seconds, {}
+            batch.calls, self.calls = self.calls, batch.calls
+            batch.call_seconds, self.call_seconds = self.call_seconds, {}
+            return batch
+
+
+_BUCKETS = len(_LATENCY_BUCKETS) + 1  # and +Inf
+_pending = _Pending()
 
 
 def observe_request(route: str, status: int, seconds: float) -> None:
     """Count one answered request and its latency."""
     labels = (route, str(status))
-    REQUESTS.labels(*labels).inc()
-    REQUEST_SECONDS.labels(*labels).observe(seconds)
+    with _pending.lock:
+        _pending.requests[labels] = _pending.requests.get(labels, 0) + 1
+        tally = _pending.request_seconds.get(labels)
+        if tally is None:
+            tally = _pending.request_seconds[labels] = _Tally(_BUCKETS)
+        tally.add(seconds)
 
 
-# Each metric write takes prometheus-client's process-wide lock, which request threads and
-# the loop thread contend for; a gauge is therefore written only when its value changes.
+# A gauge is written only when its value changes.
 _published_breakers: dict[str, int] = {}
 
 
 def observe_outcomes(outcomes: Iterable[Outcome], breaker_states: Mapping[str, str]) -> None:
     """Count each recommender's outcome and latency, and publish its breaker's state."""
+    with _pending.lock:
+        calls, call_seconds = _pending.calls, _pending.call_seconds
+        for outcome in outcomes:
+            key = (outcome.name, outcome.status)
+            calls[key] = calls.get(key, 0) + 1
+            if outcome.attempts > 0:
+                tally = call_seconds.get(outcome.name)
+                if tally is None:
+                    tally = call_seconds[outcome.name] = _Tally(_BUCKETS)
+                tally.add(outcome.latency_ms / 1000)
     for outcome in outcomes:
-        CALLS.labels(outcome.name, outcome.status).inc()
-        if outcome.attempts > 0:
-            CALL_SECONDS.labels(outcome.name).observe(outcome.latency_ms / 1000)
         is_open = 0 if breaker_states.get(outcome.name, "closed") == "closed" else 1
         if _published_breakers.get(outcome.name) != is_open:
             _published_breakers[outcome.name] = is_open
             BREAKER_OPEN.labels(outcome.name).set(is_open)
 
 
+def flush() -> None:
+    """Hand what was recorded since the last flush to prometheus-client."""
+    batch = _pending.take()
+    for labels, count in batch.requests.items():
+        REQUESTS.labels(*labels).inc(count)
+    for labels, tally in batch.request_seconds.items():
+        _add(REQUEST_SECONDS.labels(*labels), tally)
+    for labels, count in batch.calls.items():
+        CALLS.labels(*labels).inc(count)
+    for name, tally in batch.call_seconds.items():
+        _add(CALL_SECONDS.labels(name), tally)
+
+
+def _add(histogram: Histogram, tally: _Tally) -> None:
+    # One write per bucket that moved and one for the sum, where `observe` would write twice
+    # per observation. prometheus-client keeps a histogram's buckets uncumulated in `_buckets`
+    # (as `observe` does); the tests read back every count and sum this writes.
+    for index, count in enumerate(tally.buckets):
+        if count:
+            histogram._buckets[index].inc(count)
+    histogram._sum.inc(tally.total)
+
+
 def render() -> bytes:
-    """The metrics in Prometheus text format, merged over workers when there are several."""
+    """The metrics in Prometheus text format, merged over workers when there are several.
+
+    This worker's pending counts are flushed first; other workers' reach the files within
+    `FLUSH_EVERY_S`.
+    """
+    flush()
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]

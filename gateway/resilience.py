@@ -45,6 +45,7 @@ __all__ = [
     "Hedger",
     "InFlightLimit",
     "RetryPolicy",
+    "SwitchedOffBreaker",
     "guards_for",
     "parse_retry_after",
 ]
@@ -161,7 +162,7 @@ class Guard:
     """What protects one recommender's calls: retries, its circuit breaker, its hedging."""
 
     retry: RetryPolicy
-    breaker: CircuitBreaker
+    breaker: CircuitBreaker | SwitchedOffBreaker
     hedger: Hedger
 
 
@@ -212,6 +213,24 @@ class RetryPolicy:
         return AsyncRetrying(**arguments)
 
 
+class SwitchedOffBreaker:
+    """A breaker switched off (`breaker.enabled: false`): it never opens."""
+
+    state = "closed"
+
+    def before_call(self) -> None:
+        """Every call goes through."""
+
+    def succeeded(self) -> None:
+        """Nothing to count."""
+
+    def failed(self) -> None:
+        """Nothing to count."""
+
+    def released(self) -> None:
+        """Nothing to free."""
+
+
 def guards_for(settings: Settings) -> dict[str, Guard]:
     """A fresh guard (retry policy and closed breaker) per configured recommender."""
     waits = settings.retry
@@ -223,7 +242,9 @@ def guards_for(settings: Settings) -> dict[str, Guard]:
                 max_wait_s=waits.max_wait_ms / 1000,
                 jitter_s=waits.jitter_ms / 1000,
             ),
-            CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s),
+            CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s)
+            if settings.breaker.enabled
+            else SwitchedOffBreaker(),
             Hedger(
                 r.hedge_after_ms / 1000 if r.hedge_after_ms is not None else None,
                 settings.hedging.max_extra_ratio,

@@ -124,9 +124,11 @@ def _echo_request_id(response: Response) -> Response:
     request_id = g.get("request_id")
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
-    log_request(response, _runtime().settings.log_requests)
-    route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
-    metrics.observe_request(route, response.status_code, time.perf_counter() - g.received_at)
+    settings = _runtime().settings
+    log_request(response, settings.log_requests)
+    if settings.metrics:
+        route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+        metrics.observe_request(route, response.status_code, time.perf_counter() - g.received_at)
     return response
 
 
@@ -159,13 +161,13 @@ def _fuse(
 ) -> tuple[str, list[dict[str, Any]], float]:
     """The fusion used, its top `resultSize` items, and the coverage of those that answered."""
     weights = runtime.weights
-    # A weight of 0 is shadow mode: the answer is returned in `result` but not fused.
-    lists = [
-        ranked_from(o.name, weights[o.name], o.prediction)
-        for o in outcomes
-        if o.ok and weights[o.name] > 0
-    ]
     name = recommendation.fusion or runtime.settings.fusion
+    # A weight of 0 is shadow mode: the answer is returned in `result` but not fused.
+    fusing = [o for o in outcomes if o.ok and weights[o.name] > 0]
+    covered = coverage(fusing, weights)
+    if name == "none":
+        return name, [], covered
+    lists = [ranked_from(o.name, weights[o.name], o.prediction) for o in fusing]
     fused = runtime.fusions[name].fuse(lists, recommendation.resultSize, g.request_id)
     items = [
         {
@@ -180,7 +182,7 @@ def _fuse(
         }
         for item in fused
     ]
-    return name, items, coverage(lists, weights)
+    return name, items, covered
 
 
 def _source_reports(outcomes: list[Outcome]) -> dict[str, dict[str, Any]]:
@@ -241,9 +243,10 @@ async def recommendation() -> Response:
     headers = {REQUEST_ID_HEADER: g.request_id}
     outcomes = await runtime.fan_out.fan_out(body, headers, deadline)
     g.outcomes = outcomes
-    metrics.observe_outcomes(
-        outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
-    )
+    if runtime.settings.metrics:
+        metrics.observe_outcomes(
+            outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
+        )
     return _respond(outcomes, recommendation, runtime)
 
 
@@ -301,6 +304,8 @@ async def docs_asset(asset: str) -> Response:
 @blueprint.get("/metrics")
 def metrics_endpoint() -> Response:
     """Prometheus metrics, summed over this gateway's workers."""
+    if not _runtime().settings.metrics:
+        return error_response(404, "metrics are switched off (metrics: false)")
     return Response(metrics.render(), content_type=metrics.CONTENT_TYPE_LATEST)
 
 

@@ -295,18 +295,20 @@ class WorkerRuntime:
         state.clients = tuple(client for group in replicas for client in group.clients)
         state.guards = guards_for(self.settings)
         state.fan_out = build_fan_out(self.settings, replicas, state.guards)
-        state.publisher = asyncio.get_running_loop().create_task(self._publish_in_flight())
+        state.publisher = asyncio.get_running_loop().create_task(self._publish_metrics())
 
-    async def _publish_in_flight(self) -> None:
-        # From the loop, once a second: cheaper than a metric write per request per thread.
+    async def _publish_metrics(self) -> None:
+        # From the loop, once a second: cheaper than metric writes on every request.
         while True:
             metrics.IN_FLIGHT.set(self.admission.in_flight)
-            await asyncio.sleep(metrics.IN_FLIGHT_EVERY_S)
+            metrics.flush()
+            await asyncio.sleep(metrics.FLUSH_EVERY_S)
 
     @staticmethod
     async def _close_session(state: _Started) -> None:
         if state.publisher is not None:
             state.publisher.cancel()
+        metrics.flush()  # the last second's counts
         if state.fan_out is not None:
             await state.fan_out.close()
         if state.session is not None:

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
 from gateway.errors import SourceStatus
-from gateway.fusion import FusionName
+from gateway.fusion import FusionChoice
 
 __all__ = [
     "ErrorDetail",
@@ -37,7 +37,7 @@ class RecommendationRequest(BaseModel):
     resultSize: int = Field(default=10, ge=1, le=100, description="Items wanted per recommender.")  # noqa: N815 - the wire name
     user_id: str | None = Field(default=None, max_length=256)
     context: dict[str, Any] | None = None
-    fusion: FusionName | None = Field(
+    fusion: FusionChoice | None = Field(
         default=None, description="How to fuse the answers; default from the config."
     )
     fusionWindow: int | None = Field(  # noqa: N815 - the wire name, like resultSize

@@ -287,6 +287,22 @@ def test_an_unknown_fusion_is_422_naming_the_allowed_ones(
     assert seen is None
 
 
+def test_fusion_none_returns_the_answers_without_a_fused_ranking(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    url = serve(create_app(settings_for(fleet, fusion="none")))
+    fleet.set_behaviour("psn", status=500)
+
+    by_config = ask(url, {"user_id": "f10"}).json()
+    asked_for = ask(url, {"user_id": "f10", "fusion": "rrf"}).json()
+
+    assert (by_config["fusion"], by_config["fused"]) == ("none", [])
+    assert by_config["coverage"] == 0.75
+    assert [entry["name"] for entry in by_config["result"]] == ["sml", "asc", "trd"]
+    assert asked_for["fusion"] == "rrf" and len(asked_for["fused"]) == 10
+    assert ask(url, {"fusion": "none"}).json()["fused"] == []
+
+
 def test_fusion_is_not_forwarded_to_recommenders(fleet: MockFleet, gateway_url: str) -> None:
     ask(gateway_url, {"user_id": "f3", "fusion": "concat"})
 

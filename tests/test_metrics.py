@@ -17,6 +17,7 @@ from tests.helpers import (
     sample,
     settings_for,
     until_every_worker_served,
+    wait_until,
 )
 
 
@@ -51,6 +52,16 @@ def test_metrics_cover_requests_and_every_recommender(fleet: MockFleet, serve: S
     assert "gateway_in_flight_requests" in after
 
 
+def test_metrics_can_be_switched_off(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(settings_for(fleet, metrics=False)))
+
+    assert requests.post(f"{url}/recommendation", json={}, timeout=30).status_code == 200
+    response = requests.get(f"{url}/metrics", timeout=30)
+
+    assert response.status_code == 404
+    assert response.json()["error"]["message"] == "metrics are switched off (metrics: false)"
+
+
 @pytest.mark.slow
 def test_metrics_are_summed_across_two_workers(fleet_process: MockFleetProcess) -> None:
     fleet_process.set_behaviour(delay_ms=20)
@@ -64,9 +75,19 @@ def test_metrics_are_summed_across_two_workers(fleet_process: MockFleetProcess) 
             sent += 30
 
         asyncio.run(until_every_worker_served(server, thirty))
-        text = requests.get(f"{server.url}/metrics", timeout=30).text
 
-    assert sample(text, "gateway_requests_total", route="/recommendation", status="200") == sent
+        # Each worker hands its counts over once a second (the one that renders, at once).
+        def scraped() -> str:
+            return requests.get(f"{server.url}/metrics", timeout=30).text
+
+        def counted(text: str) -> float:
+            return sample(text, "gateway_requests_total", route="/recommendation", status="200")
+
+        wait_until(
+            lambda: counted(scraped()) == sent, 10, lambda: f"{counted(scraped())} != {sent}"
+        )
+        text = scraped()
+
     for name in NAMES:
         assert (
             sample(text, "gateway_recommender_calls_total", recommender=name, outcome="ok") == sent

@@ -265,6 +265,17 @@ def test_the_breaker_stops_calls_to_a_hanging_recommender(fleet: MockFleet, serv
     assert fleet.stats("trd")["requests"] == 5
 
 
+def test_a_switched_off_breaker_calls_every_time(fleet: MockFleet, serve: Serve) -> None:
+    breaker = {"enabled": False, "failure_threshold": 1}
+    url = serve(create_app(settings_for(fleet, deadline_ms=150, breaker=breaker)))
+    fleet.set_behaviour("trd", hang=True)
+
+    sources = [recommend(url)["sources"]["trd"] for _ in range(4)]
+
+    assert [s["status"] for s in sources] == ["timeout"] * 4
+    assert fleet.stats("trd")["hangs"] == 4
+
+
 # --- Load shedding ---------------------------------------------------------------------------
 
 
