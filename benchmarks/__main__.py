@@ -2,6 +2,8 @@
 
 ``python -m benchmarks quality`` (``make quality``) scores the recommenders and the fusion
 strategies against the mocks' synthetic truth instead: see `benchmarks.quality`.
+``python -m benchmarks features`` measures what each feature of the gateway costs, one
+switched off at a time: see `benchmarks.features`.
 
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
@@ -39,7 +41,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=__doc__.splitlines()[0],
-        epilog="Ranking quality instead of speed: python -m benchmarks quality --help",
+        epilog="Ranking quality instead of speed: python -m benchmarks quality --help; "
+        "what each feature costs: python -m benchmarks features --help",
     )
     parser.add_argument("--levels", type=_ints, help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
@@ -95,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import quality
 
         return quality.main(argv[1:])
+    if argv[:1] == ["features"]:
+        from benchmarks import features
+
+        return features.main(argv[1:])
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from mock_recommenders import MockFleetProcess
 from mock_recommenders.process import stop_process
@@ -38,6 +38,8 @@ __all__ = [
     "TARGETS",
     "Plan",
     "GATEWAY_COMMAND",
+    "booted_workers",
+    "measure_level",
     "gateway_env",
     "mocks",
     "pick",
@@ -192,8 +194,9 @@ def children(pid: int) -> list[int]:
         return []
 
 
-def _booted_workers(master_pid: int, count: int) -> list[int]:
-    """The workers of a gunicorn master, once all `count` of them have booted."""
+def booted_workers(master_pid: int, count: int | None = None) -> list[int]:
+    """The workers of a gunicorn master, once all `count` (default: one per core) have booted."""
+    count = count or os.cpu_count() or 1
     give_up = time.monotonic() + READY_WITHIN_S
     while len(workers := children(master_pid)) < count and time.monotonic() < give_up:
         time.sleep(0.05)
@@ -202,8 +205,13 @@ def _booted_workers(master_pid: int, count: int) -> list[int]:
     return workers
 
 
-def _load(
-    target: str, url: str, concurrency: int, plan: Plan, watched: dict[str, list[int]]
+class _Timing(Protocol):
+    duration_s: float
+    warmup_s: float
+
+
+def measure_level(
+    target: str, url: str, concurrency: int, plan: _Timing, watched: dict[str, list[int]]
 ) -> dict[str, Any]:
     """One load level; adds the CPU that each `watched` group of processes spent per request."""
     before = {group: cpu_seconds(pids) for group, pids in watched.items()}
@@ -237,16 +245,16 @@ def _measure(
     if target == "floor":
         for level in levels:
             advance(f"floor, {len(names)} recommenders, concurrency {level}")
-            runs.append(_load("floor", ",".join(urls), level, plan, {"mocks": [mocks_pid]}))
+            runs.append(measure_level("floor", ",".join(urls), level, plan, {"mocks": [mocks_pid]}))
         return runs, []
     server = _server(target, urls, names, plan, logs / f"{target}-{len(names)}.log")
     cores = os.cpu_count() or 1
     workers = 2 * cores + 1 if target == "per-call-session" else (plan.workers or cores)
     with server as (url, process):
-        watched = {"gateway": _booted_workers(process.pid, workers), "mocks": [mocks_pid]}
+        watched = {"gateway": booted_workers(process.pid, workers), "mocks": [mocks_pid]}
         for level in levels:
             advance(f"{target}, {len(names)} recommenders, concurrency {level}")
-            runs.append(_load(target, url, level, plan, watched))
+            runs.append(measure_level(target, url, level, plan, watched))
         memory = worker_rss_mb(process.pid)
     return runs, memory
 

@@ -48,6 +48,17 @@ class GatewayFlask(Flask):
         runtime: WorkerRuntime = self.extensions["gateway"]
         return runtime
 
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        """Flask's, made once per view: Flask asks for it on every request."""
+        made = self._sync_views.get(func)
+        if made is None:
+            made = self._sync_views[func] = super().ensure_sync(func)
+        return made
+
+    @functools.cached_property
+    def _sync_views(self) -> dict[Callable[..., Any], Callable[..., Any]]:
+        return {}
+
     def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
         """Return a sync function that runs `func` on the worker loop and waits for it."""
         runtime = self.runtime

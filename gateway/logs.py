@@ -3,11 +3,10 @@
 `configure_logging` is called where a process starts serving (`gateway.asgi`, `gateway.wsgi`),
 never on import of the package, so tests and embedding applications keep their own logging.
 
-Nothing is formatted or written on the serving loop: a record is put on a queue
-(`QueueHandler`) and a thread of its own (`QueueListener`) formats it as JSON and writes it,
-flushing each line, so lines appear at once under gunicorn. A worker forked from a process
-that had configured logging gets a queue and a thread of its own. `flush` waits until every
-record logged so far is written.
+Nothing is formatted or written on the serving loop: a record is kept as it is, and a thread
+of its own formats the records as JSON and writes them, in batches every `WRITE_EVERY_S`
+(20 ms), flushed, so lines appear within that under gunicorn. A worker forked from a process
+that had configured logging gets a writer of its own. `flush` writes everything logged so far.
 
 The request line (`gateway.access`, message ``request``) carries `request_id`, `method`,
 `path`, `status`, `latency_ms`, and for `/recommendation` `complete` and `sources`, each
@@ -17,11 +16,11 @@ source's status and attempts. Errors carry their traceback in `exc_info`, in the
 from __future__ import annotations
 
 import atexit
+import collections
 import logging
-import logging.handlers
 import os
-import queue
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -35,74 +34,105 @@ access_log = logging.getLogger("gateway.access")
 _FIELDS = "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s"
 
 
-class _Enqueue(logging.handlers.QueueHandler):
-    """Puts records on the writer thread's queue as they are: it formats them, not the caller."""
-
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        # The stock one formats the message here, and drops the traceback, so that a record
-        # can cross to another process; this queue stays in the process.
-        return record
+# How often the writer thread writes what was logged meanwhile.
+WRITE_EVERY_S = 0.02
 
 
-class _Writer:
-    """The queue, the handler that fills it and the thread that drains it, for one process."""
+class _BatchWriter(logging.Handler):
+    """Keeps records as they come; a thread of its own formats and writes them, in batches.
 
-    def __init__(self, target: logging.Handler):
-        self.target = target
-        self.queue: queue.Queue[logging.LogRecord] = queue.Queue()
-        self.handler = _Enqueue(self.queue)
-        self.listener = logging.handlers.QueueListener(self.queue, target)
-        self.listener.start()
+    Logging costs the serving loop an append to a deque: no formatting, no lock, no wake-up of
+    another thread (a queue's would be a system call per record). Every `WRITE_EVERY_S` the
+    writer thread formats what has come and writes it in one call, flushed.
+    """
 
-    def stop(self) -> None:
-        """Write what is queued, then stop the thread."""
-        if self.listener._thread is not None:  # stop() is not idempotent
-            self.listener.stop()
+    def __init__(self, stream: IO[str], formatter: logging.Formatter):
+        super().__init__()
+        self.setFormatter(formatter)
+        self.stream = stream
+        self._records: collections.deque[logging.LogRecord] = collections.deque()
+        self._writing = threading.Lock()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gateway-log-writer", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # Without the handler's lock: a deque's append is atomic.
+        if not self.filter(record):
+            return False
+        self._records.append(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._records.append(record)
+
+    def flush(self) -> None:
+        """Format and write every record logged so far."""
+        with self._writing:
+            lines = []
+            while self._records:
+                record = self._records.popleft()
+                try:
+                    lines.append(self.format(record))
+                except Exception:
+                    self.handleError(record)
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+
+    def close(self) -> None:
+        """Write what is left and stop the thread."""
+        self._stopped.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.flush()
+        super().close()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(WRITE_EVERY_S):
+            self.flush()
 
 
-_writer: _Writer | None = None
+_writer: _BatchWriter | None = None
 
 
 def configure_logging(level: str = "INFO", stream: IO[str] | None = None) -> None:
     """Send the `gateway` loggers to `stream` (default stdout) as JSON lines, off the loop."""
     global _writer
-    target = logging.StreamHandler(stream or sys.stdout)
-    target.setFormatter(
-        JsonFormatter(
-            _FIELDS,
-            rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-        )
+    formatter = JsonFormatter(
+        _FIELDS, rename_fields={"asctime": "time", "levelname": "level", "name": "logger"}
     )
     if _writer is not None:
-        _writer.stop()
-    _writer = _Writer(target)
+        _writer.close()
+    _writer = _BatchWriter(stream or sys.stdout, formatter)
     gateway = logging.getLogger("gateway")
-    gateway.handlers = [_writer.handler]
+    gateway.handlers = [_writer]
     gateway.setLevel(level)
     gateway.propagate = False
 
 
 def flush() -> None:
-    """Wait until every record logged so far is written."""
+    """Write every record logged so far, now."""
     if _writer is not None:
-        _writer.queue.join()
+        _writer.flush()
 
 
-def _stop_writer() -> None:
+def _close_writer() -> None:
     if _writer is not None:
-        _writer.stop()
+        _writer.close()
 
 
 def _writer_for_child() -> None:
-    # The writer thread does not survive a fork, and the queue's lock may have been held at
-    # that moment: the child starts both afresh, with the same output.
+    # The writer thread does not survive a fork, and its lock may have been held at that
+    # moment: the child starts afresh, with the same output. What the parent had not written
+    # yet is the parent's to write.
     global _writer
     if _writer is not None:
-        _writer = _Writer(_writer.target)
-        logging.getLogger("gateway").handlers = [_writer.handler]
+        _writer = _BatchWriter(_writer.stream, _writer.formatter or logging.Formatter())
+        logging.getLogger("gateway").handlers = [_writer]
 
 
-atexit.register(_stop_writer)
+atexit.register(_close_writer)
 os.register_at_fork(after_in_child=_writer_for_child)
 
 
@@ -123,4 +153,9 @@ def log_request(response: Response, enabled: bool = True) -> None:
     if outcomes is not None:
         fields["complete"] = all(outcome.ok for outcome in outcomes)
         fields["sources"] = {o.name: {"status": o.status, "attempts": o.attempts} for o in outcomes}
-    access_log.info("request", extra=fields)
+    # The record built here: `Logger.info` would first walk the stack to find its caller.
+    access_log.handle(
+        access_log.makeRecord(
+            access_log.name, logging.INFO, __file__, 0, "request", (), None, extra=fields
+        )
+    )

@@ -76,7 +76,7 @@ class GatewayASGI:
             elif message["type"] == "lifespan.shutdown":
                 await self.runtime.aclose()
                 # uvicorn ends the worker by re-raising the signal that stopped it, so exit
-                # handlers do not run: what is queued for the log thread is written now.
+                # handlers do not run: what the log thread has not written yet is, now.
                 await asyncio.to_thread(logs.flush)
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -1,0 +1,227 @@
+"""What each feature costs: ``python -m benchmarks features``, an A/B of the gateway's features.
+
+The gateway with its shipped config ("all on") against the same gateway with one feature
+switched off at a time, and with all of them off:
+
+- ``metrics off``: `metrics: false` (no Prometheus recording);
+- ``request log off``: `log_requests: false` (no JSON line per request);
+- ``fusion off``: `fusion: none` (no fused ranking);
+- ``breakers off``: `breaker.enabled: false` (no circuit breaker around each call).
+
+Each variant runs under gunicorn in front of the same mocks, at each concurrency level, and the
+whole rotation is repeated (`--repeats`): a feature's cost is a few percent, and this machine's
+speed drifts by more than that over minutes, so each figure is the median of its repeats,
+measured between the others'. A feature's cost is the gateway's CPU per request with it on
+minus with it off, and the throughput given up for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    GATEWAY_COMMAND,
+    booted_workers,
+    gateway_env,
+    measure_level,
+    mocks,
+    serve_gunicorn,
+)
+
+__all__ = ["VARIANTS", "FeaturesPlan", "main", "run_features"]
+
+NAMES = ("sml", "asc", "trd", "psn")
+VARIANTS: dict[str, dict[str, str]] = {
+    "all on": {},
+    "metrics off": {"metrics": "false"},
+    "request log off": {"log_requests": "false"},
+    "fusion off": {"fusion": "none"},
+    "breakers off": {"breaker__enabled": "false"},
+    "all off": {
+        "metrics": "false",
+        "log_requests": "false",
+        "fusion": "none",
+        "breaker__enabled": "false",
+    },
+}
+
+
+@dataclass
+class FeaturesPlan:
+    """What to measure."""
+
+    levels: list[int] = field(default_factory=lambda: [1, 64])
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    repeats: int = 3
+    delay_ms: float = 20.0
+    workers: int | None = None
+
+
+def run_features(plan: FeaturesPlan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
+    """Run every variant `plan.repeats` times in rotation; return medians per variant and level."""
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    with mocks(list(NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
+        recommenders = [{"name": n, "url": fleet.url(n)} for n in NAMES]
+        for repeat in range(plan.repeats):
+            for variant, settings in VARIANTS.items():
+                command = list(GATEWAY_COMMAND)
+                if plan.workers is not None:
+                    command += ["--workers", str(plan.workers)]
+                env = gateway_env(recommenders, **settings)
+                log = logs / f"gateway-{variant.replace(' ', '-')}.log"
+                with serve_gunicorn(command, log, env) as (url, process):
+                    workers = booted_workers(process.pid, plan.workers)
+                    watched = {"gateway": workers, "mocks": [fleet.pid]}
+                    for level in plan.levels:
+                        advance(f"{variant}, concurrency {level}, round {repeat + 1}")
+                        run = measure_level("gateway", url, level, plan, watched)
+                        samples.setdefault((variant, level), []).append(run)
+    rows = [_median_row(variant, level, runs) for (variant, level), runs in samples.items()]
+    return {
+        "plan": plan.__dict__,
+        "started": started,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows,
+        "costs": costs(rows),
+    }
+
+
+def _median_row(variant: str, level: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "variant": variant,
+        "concurrency": level,
+        "runs": len(runs),
+        "throughput_rps": round(statistics.median(r["throughput_rps"] for r in runs), 1),
+        "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 3),
+        "gateway_cpu_ms": round(
+            statistics.median(r["cpu_ms_per_request"]["gateway"] for r in runs), 3
+        ),
+        "mocks_cpu_ms": round(statistics.median(r["cpu_ms_per_request"]["mocks"] for r in runs), 3),
+        "errors": sum(r["errors"] for r in runs),
+    }
+
+
+def costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each feature's cost at each level: CPU per request and throughput, against "all on"."""
+    found = []
+    by_key = {(r["variant"], r["concurrency"]): r for r in rows}
+    for (variant, level), row in sorted(by_key.items(), key=lambda item: item[0][1]):
+        base = by_key.get(("all on", level))
+        if base is None or variant == "all on":
+            continue
+        saved = base["gateway_cpu_ms"] - row["gateway_cpu_ms"]
+        found.append(
+            {
+                "feature": variant.removesuffix(" off"),
+                "concurrency": level,
+                "cpu_ms_per_request": round(saved, 3),
+                "share_of_cpu": round(saved / base["gateway_cpu_ms"], 3)
+                if base["gateway_cpu_ms"]
+                else None,
+                "throughput_given_up": round(1 - base["throughput_rps"] / row["throughput_rps"], 3)
+                if row["throughput_rps"]
+                else None,
+            }
+        )
+    return found
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as a markdown report."""
+    plan = results["plan"]
+    lines = [
+        "# What each feature costs",
+        "",
+        f"Started {results['started']}; {plan['repeats']} rounds of every variant, "
+        f"{plan['duration_s']:g} s each per level, medians.",
+        "",
+        "| variant | conc. | req/s | p50 ms | gateway CPU ms/req | mocks CPU ms/req | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in sorted(results["rows"], key=lambda r: (r["concurrency"], _order(r["variant"]))):
+        lines.append(
+            f"| {row['variant']} | {row['concurrency']} | {row['throughput_rps']:.1f} | "
+            f"{row['p50_ms']:.2f} | {row['gateway_cpu_ms']:.3f} | {row['mocks_cpu_ms']:.3f} | "
+            f"{row['errors']} |"
+        )
+    lines += [
+        "",
+        "| feature | conc. | CPU ms per request | share of gateway CPU | throughput given up |",
+        "|---|---|---|---|---|",
+    ]
+    for cost in results["costs"]:
+        share = cost["share_of_cpu"]
+        given = cost["throughput_given_up"]
+        lines.append(
+            f"| {cost['feature']} | {cost['concurrency']} | {cost['cpu_ms_per_request']:.3f} | "
+            f"{'-' if share is None else f'{share:.1%}'} | "
+            f"{'-' if given is None else f'{given:.1%}'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _order(variant: str) -> int:
+    return list(VARIANTS).index(variant)
+
+
+def parse_plan(argv: list[str] | None = None) -> tuple[FeaturesPlan, Path]:
+    """The plan and output folder the command line asks for."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks features",
+        description="What each feature of the gateway costs, one switched off at a time.",
+    )
+    parser.add_argument("--levels", default="1,64", help="concurrency levels (1,64)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per level (5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up (1)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant (3)")
+    parser.add_argument("--workers", type=int, help="gunicorn workers (default: its config)")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default benchmarks/results/features-<timestamp>)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        levels = [int(level) for level in args.levels.split(",") if level.strip()]
+    except ValueError:
+        parser.error("--levels must be comma-separated integers")
+    if not levels or min(levels) < 1 or args.repeats < 1 or args.duration <= 0:
+        parser.error("--levels, --repeats and --duration must be positive")
+    plan = FeaturesPlan(levels, args.duration, args.warmup, args.repeats, workers=args.workers)
+    out = args.out or Path("benchmarks/results") / time.strftime("features-%Y%m%d-%H%M%S")
+    return plan, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the A/B with a progress line, then print and save the figures."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    plan, out = parse_plan(argv)
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting the mocks", total=None)
+        results = run_features(plan, out, lambda text: progress.update(task, description=text))
+    (out / "features.json").write_text(json.dumps(results, indent=2))
+    report = markdown(results)
+    (out / "features.md").write_text(report)
+    console.print(report)
+    console.print(f"written: {out / 'features.json'}, {out / 'features.md'}")
+    return 0
