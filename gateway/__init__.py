@@ -36,8 +36,9 @@ class GatewayFlask(Flask):
     """Flask, running ``async def`` views on the worker's long-lived event loop.
 
     Flask's default `async_to_sync` (asgiref) gives each call a new event loop, which would
-    orphan the shared aiohttp session. Served by `gateway.asgi`, Flask runs in a greenlet portal
-    on the serving loop itself, and the view's coroutine is awaited there (`gateway.portal`).
+    orphan the worker's shared connection pool. Served by `gateway.asgi`, Flask runs in a
+    greenlet portal on the serving loop itself, and the view's coroutine is awaited there
+    (`gateway.portal`).
     Served as WSGI, the coroutine is handed to the runtime's loop thread, and the request's
     thread waits for it (Flask's "Combining with async/await" pattern, `docs/gevent.rst`).
     """

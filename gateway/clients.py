@@ -1,6 +1,6 @@
-"""Recommender clients over the worker's shared aiohttp session.
+"""Recommender clients: over the worker's connection pool (`gateway.upstream`), or blocking.
 
-This module is the one boundary where aiohttp's exceptions become the gateway's
+This module is the one boundary where the HTTP clients' exceptions become the gateway's
 `RecommenderError`s (see `gateway.errors`), each carrying the recommender's name and a short
 reason a frontend can read.
 """
@@ -16,7 +16,6 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any, Generic, NoReturn, TypeVar
 
-import aiohttp
 import requests
 
 from gateway.errors import (
@@ -26,6 +25,14 @@ from gateway.errors import (
     RecommenderUnavailable,
 )
 from gateway.resilience import parse_retry_after
+from gateway.upstream import (
+    ConnectFailed,
+    ConnectionPool,
+    Disconnected,
+    PoolClosed,
+    Truncated,
+    UpstreamError,
+)
 
 __all__ = ["BlockingRecommenderClient", "RecommenderClient", "Replicas", "parse_json"]
 
@@ -115,18 +122,18 @@ class _Endpoint:
 
 
 class RecommenderClient(_Endpoint):
-    """Calls one recommender's endpoint over a shared session."""
+    """Calls one recommender's endpoint over the worker's connection pool."""
 
     def __init__(
         self,
         name: str,
         url: str,
-        session: aiohttp.ClientSession,
+        pool: ConnectionPool,
         timeout_s: float,
         idempotent: bool = True,
     ):
         super().__init__(name, url, timeout_s, idempotent)
-        self._session = session
+        self._pool = pool
 
     async def recommend(
         self, body: bytes, headers: Mapping[str, str], timeout_s: float | None = None
@@ -138,47 +145,31 @@ class RecommenderClient(_Endpoint):
 
         Raises `RecommenderTimeout`, `RecommenderUnavailable` or `BadRecommenderResponse`.
         """
-        if self._session.closed:
-            raise ClientClosedError(f"the session of recommender {self.name} is closed")
+        if self._pool.closed:
+            raise ClientClosedError(f"the connection pool of recommender {self.name} is closed")
         budget = self.timeout_s if timeout_s is None else timeout_s
         try:
-            async with (
-                asyncio.timeout(budget),
-                self._session.post(
-                    self.url,
-                    # A payload object skips aiohttp's lookup of a payload type for `bytes`.
-                    data=aiohttp.BytesPayload(body, content_type="application/json"),
-                    headers=headers,
-                    allow_redirects=False,
-                ) as response,
-            ):
-                status = response.status
-                retry_after = response.headers.get("Retry-After")
-                payload = await response.read()
+            async with asyncio.timeout(budget):
+                answer = await self._pool.post(self.url, body, headers)
         except TimeoutError as exc:
             raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
-        except aiohttp.ClientConnectorError as exc:
+        except UpstreamError as exc:
+            raise self._unavailable(exc) from exc
+        return _check_answer(self.name, answer.status, answer.body, answer.header(b"retry-after"))
+
+    def _unavailable(self, error: UpstreamError) -> Exception:
+        if isinstance(error, ConnectFailed):
             # The request never left: always safe to try again.
-            raise RecommenderUnavailable(
-                self.name,
-                f"cannot connect to {exc.host}:{exc.port}: {_describe(exc.os_error)}",
-                retryable=True,
-            ) from exc
-        except aiohttp.ServerDisconnectedError as exc:
-            raise RecommenderUnavailable(
-                self.name,
-                "connection closed by the recommender before it answered",
-                retryable=self.idempotent,
-            ) from exc
-        except aiohttp.ClientPayloadError as exc:
-            raise RecommenderUnavailable(
-                self.name, "answer cut off before its end", retryable=self.idempotent
-            ) from exc
-        except aiohttp.ClientError as exc:
-            raise RecommenderUnavailable(
-                self.name, f"call failed: {type(exc).__name__}", retryable=self.idempotent
-            ) from exc
-        return _check_answer(self.name, status, payload, retry_after)
+            return RecommenderUnavailable(self.name, str(error), retryable=True)
+        if isinstance(error, Disconnected):
+            reason = "connection closed by the recommender before it answered"
+            return RecommenderUnavailable(self.name, reason, retryable=self.idempotent)
+        if isinstance(error, Truncated):
+            reason = "answer cut off before its end"
+            return RecommenderUnavailable(self.name, reason, retryable=self.idempotent)
+        if isinstance(error, PoolClosed):
+            return ClientClosedError(f"the connection pool of recommender {self.name} is closed")
+        return RecommenderUnavailable(self.name, f"answered something unreadable: {error}")
 
 
 class BlockingRecommenderClient(_Endpoint):

@@ -108,7 +108,7 @@ class RecommenderSettings(BaseModel):
 
 
 class PoolSettings(BaseModel):
-    """The worker's shared aiohttp connection pool."""
+    """The worker's shared pool of connections to the recommenders (`gateway.upstream`)."""
 
     model_config = _Strict
 
@@ -117,8 +117,9 @@ class PoolSettings(BaseModel):
     # call's time budget, so the pool must not be the bottleneck.
     limit: int = Field(default=1024, ge=1)
     limit_per_host: int = Field(default=128, ge=0)
-    # Below the recommenders' own keep-alive (aiohttp servers: 75 s, gunicorn: 2-5 s is common),
-    # because aiohttp never retries a POST that met a connection the server had just closed.
+    # Below the recommenders' own keep-alive (aiohttp servers: 75 s, gunicorn: 2-5 s is common):
+    # then the gateway, not the recommender, closes an idle connection, and a call never meets
+    # one the recommender has just closed (a POST that may have arrived is not simply resent).
     keepalive_timeout_s: float = Field(default=4.0, gt=0)
     dns_cache_ttl_s: int = Field(default=300, ge=0)
 

@@ -1,10 +1,11 @@
-"""The worker runtime: one long-lived event loop per process, owning one shared aiohttp session.
+"""The worker runtime: one long-lived event loop per process, owning the recommenders' pool.
 
-An `aiohttp.ClientSession` belongs to the loop that created it, so a shared connection pool
-needs a loop that outlives requests. There are two ways to have one:
+The connections to the recommenders (`gateway.upstream.ConnectionPool`) belong to the loop
+that made them, so a shared pool needs a loop that outlives requests. There are two ways to
+have one:
 
 - **served on it** (`gateway.asgi` under uvicorn): the loop that serves HTTP is the worker's
-  loop. `open` (at the ASGI lifespan's startup) opens the session on it, `aclose` (at its
+  loop. `open` (at the ASGI lifespan's startup) opens the pool on it, `aclose` (at its
   shutdown, after in-flight requests are done) closes it; views are awaited right there.
 - **a loop thread** (`gateway.wsgi` under a WSGI server such as gthread): `start` runs a loop in
   a daemon thread the first time the process needs it, and `GatewayFlask.async_to_sync` hands
@@ -20,13 +21,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import importlib.metadata
 import logging
 import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
-
-import aiohttp
 
 from gateway import metrics
 from gateway.clients import RecommenderClient, Replicas
@@ -34,6 +34,7 @@ from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
 from gateway.fusion import FUSIONS, make_fusion
 from gateway.resilience import Guard, InFlightLimit, guards_for
+from gateway.upstream import ConnectionPool
 
 __all__ = ["WorkerRuntime"]
 
@@ -51,6 +52,13 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fusion-gateway")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
 def _running_loop() -> asyncio.AbstractEventLoop | None:
     try:
         return asyncio.get_running_loop()
@@ -65,7 +73,7 @@ class _Started:
         self.pid = pid
         self.loop = loop
         self.thread = thread
-        self.session: aiohttp.ClientSession | None = None
+        self.session: ConnectionPool | None = None
         self.clients: tuple[RecommenderClient, ...] = ()
         self.fan_out: FanOut | None = None
         self.guards: dict[str, Guard] = {}
@@ -261,21 +269,14 @@ class WorkerRuntime:
 
     async def _open_session(self, state: _Started) -> None:
         pool = self.settings.pool
-        connector = aiohttp.TCPConnector(
+        # Each call is bounded by its own budget (see clients.py), not by a pool default. No
+        # cookies are kept: one pool serves every user.
+        state.session = ConnectionPool(
             limit=pool.limit,
             limit_per_host=pool.limit_per_host,
-            keepalive_timeout=pool.keepalive_timeout_s,
-            ttl_dns_cache=pool.dns_cache_ttl_s,
-        )
-        # Each call is bounded by its own budget (see clients.py), not by a session default.
-        state.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=None),
-            raise_for_status=False,
-            auto_decompress=True,
-            # One session serves every user: a cookie a recommender sets while answering one
-            # user's request must never ride along on another user's.
-            cookie_jar=aiohttp.DummyCookieJar(),
+            keepalive_timeout_s=pool.keepalive_timeout_s,
+            dns_cache_ttl_s=pool.dns_cache_ttl_s,
+            user_agent=f"fusion-gateway/{_version()}",
         )
         replicas = [
             Replicas(

@@ -18,17 +18,16 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from gateway import GatewayFlask, create_app
 from mock_recommenders import MockFleet, MockFleetProcess
-from tests.helpers import NAMES, CompatAioresponses, InProcessServer, Serve, settings_for
+from tests.helpers import NAMES, InProcessServer, ScriptedPool, Serve, settings_for
 
 # How long a test's server waits for its requests still in flight before it closes the app.
 DRAIN_S = 30.0
 
 
 @pytest.fixture
-def fake_network() -> Iterator[CompatAioresponses]:
-    """Fake aiohttp's network for unit tests of single functions."""
-    with CompatAioresponses() as mocked:
-        yield mocked
+def pool() -> ScriptedPool:
+    """A scripted stand-in for the recommenders' connection pool, for unit tests."""
+    return ScriptedPool()
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ or the test binds a socket itself and hands it over (gunicorn's ``--bind fd://N`
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import inspect
 import json
 import os
 import re
@@ -20,28 +20,29 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import requests
 import uvicorn
-from aioresponses import CallbackResult, aioresponses
 
 from gateway import GatewayFlask, Settings
 from gateway.edge import protocol_for
 from gateway.serving import GatewayASGI
+from gateway.upstream import Answer
 from mock_recommenders.process import stop_process
 
 __all__ = [
     "NAMES",
     "ROOT",
-    "CompatAioresponses",
     "Fleet",
     "GUNICORN",
     "Gunicorn",
     "InProcessServer",
+    "ScriptedPool",
     "Serve",
     "assert_json_error",
     "closed_port",
@@ -333,48 +334,59 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-# --- aioresponses under aiohttp 3.14 --------------------------------------------------------
+# --- A scripted stand-in for the recommenders' connection pool ------------------------------
 
 
-class _FinishedUpload:
-    """Stands in for the request's stream writer: the (fake) upload is already complete."""
+@dataclass
+class _Script:
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]]
+    error: BaseException | None
+    delay_s: float
 
-    output_size = 0
 
+class ScriptedPool:
+    """A stand-in for `gateway.upstream.ConnectionPool` in unit tests of single functions.
 
-class CompatClientResponse(aiohttp.ClientResponse):
-    """A `ClientResponse` that aioresponses 0.7.9 can build under aiohttp 3.14.
-
-    aiohttp 3.14 (a security release, which we keep) made `stream_writer` a required keyword
-    of `ClientResponse.__init__`, and aioresponses 0.7.9, the newest release, does not pass it:
-    ``ClientResponse.__init__() missing 1 required keyword-only argument: 'stream_writer'``
-    (upstream issue pnuckowski/aioresponses#289, fix in PR #288, not released). Remove this
-    shim once aioresponses releases that fix.
+    Each URL answers what was scripted for it with `add`, in order; `calls` records what was
+    sent. An unscripted call fails the test.
     """
 
-    def __init__(self, *args: Any, stream_writer: Any = None, **kwargs: Any) -> None:
-        super().__init__(*args, stream_writer=stream_writer or _FinishedUpload(), **kwargs)
+    def __init__(self) -> None:
+        self._scripts: dict[str, collections.deque[_Script]] = collections.defaultdict(
+            collections.deque
+        )
+        self.calls: list[tuple[str, bytes, dict[str, str]]] = []
+        self.closed = False
 
+    def add(
+        self,
+        url: str,
+        status: int = 200,
+        payload: Any = None,
+        body: bytes = b"",
+        headers: Mapping[str, str] | None = None,
+        error: BaseException | None = None,
+        delay_s: float = 0.0,
+    ) -> None:
+        """Script the next answer of `url`: JSON `payload` or raw `body`, or raise `error`."""
+        if payload is not None:
+            body = json.dumps(payload).encode()
+        encoded = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+        self._scripts[url].append(_Script(status, body, encoded, error, delay_s))
 
-def _compat_callback(callback: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    """Wrap an aioresponses callback so the `CallbackResult` it returns uses the shim."""
+    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+        """Answer as scripted, after the scripted delay."""
+        self.calls.append((url, body, dict(headers)))
+        assert self._scripts[url], f"no answer scripted for {url}"
+        script = self._scripts[url].popleft()
+        if script.delay_s:
+            await asyncio.sleep(script.delay_s)
+        if script.error is not None:
+            raise script.error
+        return Answer(script.status, script.headers, script.body)
 
-    async def compat(url: Any, **kwargs: Any) -> Any:
-        result = callback(url, **kwargs)
-        if inspect.isawaitable(result):
-            result = await result
-        if isinstance(result, CallbackResult) and result.response_class is None:
-            result.response_class = CompatClientResponse
-        return result
-
-    return compat
-
-
-class CompatAioresponses(aioresponses):  # type: ignore[misc]
-    """aioresponses whose every fake response, callbacks' included, is a `CompatClientResponse`."""
-
-    def add(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("response_class", CompatClientResponse)
-        if kwargs.get("callback") is not None:
-            kwargs["callback"] = _compat_callback(kwargs["callback"])
-        super().add(*args, **kwargs)
+    async def close(self) -> None:
+        """Refuse further calls."""
+        self.closed = True

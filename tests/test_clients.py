@@ -1,138 +1,130 @@
-"""Unit tests of `gateway.clients` with aiohttp's network faked by aioresponses."""
+"""Unit tests of `gateway.clients`: what a recommender's answer, or its failure, becomes.
+
+The network is a scripted stand-in for the connection pool (`tests.helpers.ScriptedPool`);
+`tests/test_upstream.py` tests the pool itself on real sockets.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from typing import Any
 
-import aiohttp
 import pytest
-from aioresponses import CallbackResult
-from yarl import URL
 
 from gateway.clients import RecommenderClient, parse_json
 from gateway.errors import (
     BadRecommenderResponse,
     ClientClosedError,
+    RecommenderError,
     RecommenderTimeout,
     RecommenderUnavailable,
 )
-from tests.helpers import CompatAioresponses
+from gateway.upstream import ConnectFailed, Disconnected, Malformed, Truncated, UpstreamError
+from tests.helpers import ScriptedPool
 
-URL_ = "http://recommender.test/test"
+URL = "http://recommender.test/test"
 BODY = json.dumps({"resultSize": 2, "user_id": "u1"}).encode()
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
+def client_of(pool: ScriptedPool, idempotent: bool = True) -> RecommenderClient:
+    pooled: Any = pool  # a stand-in for gateway.upstream.ConnectionPool
+    return RecommenderClient("sml", URL, pooled, timeout_s=0.25, idempotent=idempotent)
 
 
-@pytest.fixture
-def client(session: aiohttp.ClientSession) -> RecommenderClient:
-    return RecommenderClient("sml", URL_, session, timeout_s=0.25)
+async def test_returns_the_parsed_json_and_sends_body_and_headers(pool: ScriptedPool) -> None:
+    pool.add(URL, payload={"items": [{"id": "i1", "score": 0.9}]})
 
-
-async def test_returns_the_parsed_json_and_sends_body_and_headers(
-    client: RecommenderClient, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post(URL_, payload={"items": [{"id": "i1", "score": 0.9}]})
-
-    prediction = await client.recommend(BODY, {"X-Request-ID": "r-1"})
+    prediction = await client_of(pool).recommend(BODY, {"X-Request-ID": "r-1"})
 
     assert prediction == {"items": [{"id": "i1", "score": 0.9}]}
-    (call,) = fake_network.requests[("POST", URL(URL_))]
-    sent = call.kwargs["data"]
-    assert isinstance(sent, aiohttp.BytesPayload)
-    assert sent.decode() == BODY.decode()
-    assert sent.content_type == "application/json"
-    assert call.kwargs["headers"]["X-Request-ID"] == "r-1"
-    assert call.kwargs["allow_redirects"] is False
+    assert pool.calls == [(URL, BODY, {"X-Request-ID": "r-1"})]
 
 
-async def test_timeout_names_the_budget(
-    client: RecommenderClient, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post(URL_, timeout=True)
+async def test_a_slow_answer_is_cut_at_the_budget(pool: ScriptedPool) -> None:
+    pool.add(URL, payload={}, delay_s=30)
 
     with pytest.raises(RecommenderTimeout) as caught:
-        await client.recommend(BODY, {}, timeout_s=0.12)
+        await client_of(pool).recommend(BODY, {}, timeout_s=0.05)
 
-    assert caught.value.recommender == "sml"
-    assert caught.value.status == "timeout"
-    assert caught.value.reason == "no answer within 120 ms"
+    assert (caught.value.recommender, caught.value.status) == ("sml", "timeout")
+    assert caught.value.reason == "no answer within 50 ms"
 
 
-async def test_a_slow_answer_is_cut_at_the_budget(
-    client: RecommenderClient, fake_network: CompatAioresponses
+@pytest.mark.parametrize(
+    ("error", "reason", "retryable"),
+    [
+        (
+            ConnectFailed("recommender.test", 80, "Connection refused"),
+            "cannot connect to recommender.test:80: Connection refused",
+            True,
+        ),
+        (
+            Disconnected("closed before answering"),
+            "connection closed by the recommender before it answered",
+            True,
+        ),
+        (Truncated("the answer was cut off"), "answer cut off before its end", True),
+        (
+            Malformed("not an HTTP answer: invalid constant string"),
+            "answered something unreadable: not an HTTP answer: invalid constant string",
+            False,
+        ),
+    ],
+)
+async def test_each_failure_of_the_call_is_unavailable_with_its_reason(
+    pool: ScriptedPool, error: UpstreamError, reason: str, retryable: bool
 ) -> None:
-    import asyncio
-
-    async def slow(url: URL, **kwargs: object) -> CallbackResult:
-        await asyncio.sleep(5)
-        return CallbackResult(payload={})
-
-    fake_network.post(URL_, callback=slow)
-
-    with pytest.raises(RecommenderTimeout, match="no answer within 50 ms"):
-        await client.recommend(BODY, {}, timeout_s=0.05)
-
-
-async def test_connection_error_is_unavailable(
-    client: RecommenderClient, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post(URL_, exception=aiohttp.ClientOSError(104, "Connection reset by peer"))
+    pool.add(URL, error=error)
 
     with pytest.raises(RecommenderUnavailable) as caught:
-        await client.recommend(BODY, {})
+        await client_of(pool).recommend(BODY, {})
 
-    assert caught.value.status == "error"
-    assert caught.value.reason == "call failed: ClientOSError"
+    assert (caught.value.status, caught.value.reason) == ("error", reason)
+    assert caught.value.retryable is retryable
 
 
-async def test_server_disconnect_is_unavailable(
-    client: RecommenderClient, fake_network: CompatAioresponses
+@pytest.mark.parametrize("error", [Disconnected("x"), Truncated("x")])
+async def test_a_call_that_may_have_reached_a_non_idempotent_recommender_is_not_repeated(
+    pool: ScriptedPool, error: UpstreamError
 ) -> None:
-    fake_network.post(URL_, exception=aiohttp.ServerDisconnectedError())
+    pool.add(URL, error=error)
 
-    with pytest.raises(RecommenderUnavailable, match="connection closed by the recommender"):
-        await client.recommend(BODY, {})
+    with pytest.raises(RecommenderError) as caught:
+        await client_of(pool, idempotent=False).recommend(BODY, {})
+
+    assert caught.value.retryable is False
 
 
 @pytest.mark.parametrize("status", [500, 502, 503, 404, 302])
-async def test_error_status_is_unavailable(
-    client: RecommenderClient, fake_network: CompatAioresponses, status: int
-) -> None:
-    fake_network.post(URL_, status=status, payload={"error": "boom"})
+async def test_error_status_is_unavailable(pool: ScriptedPool, status: int) -> None:
+    pool.add(URL, status=status, payload={"error": "boom"}, headers={"Retry-After": "2"})
 
     with pytest.raises(RecommenderUnavailable) as caught:
-        await client.recommend(BODY, {})
+        await client_of(pool).recommend(BODY, {})
 
     assert caught.value.reason == f"answered HTTP {status}"
+    assert caught.value.retryable is (status in (502, 503, 504))
+    assert caught.value.retry_after_s == 2.0
 
 
 @pytest.mark.parametrize("body", [b"this is not json", b"", b'{"items": [', b'{"score": NaN}'])
-async def test_body_that_is_not_json_is_a_bad_response(
-    client: RecommenderClient, fake_network: CompatAioresponses, body: bytes
-) -> None:
-    fake_network.post(URL_, body=body, content_type="text/plain")
+async def test_body_that_is_not_json_is_a_bad_response(pool: ScriptedPool, body: bytes) -> None:
+    pool.add(URL, body=body, headers={"Content-Type": "text/plain"})
 
     with pytest.raises(BadRecommenderResponse) as caught:
-        await client.recommend(BODY, {})
+        await client_of(pool).recommend(BODY, {})
 
     assert caught.value.status == "error"
     assert caught.value.reason == "answered a body that is not JSON"
 
 
-async def test_a_closed_session_refuses_calls(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
-    client = RecommenderClient("asc", URL_, session, timeout_s=0.25)
-    await session.close()
+async def test_a_closed_pool_refuses_calls(pool: ScriptedPool) -> None:
+    client = client_of(pool)
+    await pool.close()
 
-    with pytest.raises(ClientClosedError, match="asc"):
+    with pytest.raises(ClientClosedError, match="sml"):
         await client.recommend(BODY, {})
+    assert pool.calls == []
 
 
 @pytest.mark.parametrize("text", ["NaN", "[Infinity]", '{"a": -Infinity}', "[" * 100_000])

@@ -1,31 +1,21 @@
-"""Unit tests of `gateway.fanout` with aiohttp's network faked by aioresponses."""
+"""Unit tests of `gateway.fanout`, the network a scripted stand-in for the connection pool."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
-from aioresponses import CallbackResult
-from yarl import URL
 
 from gateway.clients import RecommenderClient, Replicas
 from gateway.fanout import AsyncFanOut, Deadline, Outcome, SequentialFanOut
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
-from tests.helpers import CompatAioresponses
+from tests.helpers import ScriptedPool
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
-def clients(session: aiohttp.ClientSession, *names: str) -> list[RecommenderClient]:
-    return [RecommenderClient(n, f"http://{n}.test/p", session, timeout_s=1.0) for n in names]
+def clients(pool: ScriptedPool, *names: str) -> list[RecommenderClient]:
+    pooled: Any = pool  # a stand-in for gateway.upstream.ConnectionPool
+    return [RecommenderClient(n, f"http://{n}.test/p", pooled, timeout_s=1.0) for n in names]
 
 
 def single_attempt(clients: list[RecommenderClient]) -> dict[str, Guard]:
@@ -45,22 +35,14 @@ async def fan_out(
     return await fan_out.fan_out(body, headers, deadline)
 
 
-def delayed(seconds: float, payload: dict[str, Any]) -> Any:
-    async def answer(url: URL, **kwargs: Any) -> CallbackResult:
-        await asyncio.sleep(seconds)
-        return CallbackResult(payload=payload)
-
-    return answer
-
-
 async def test_outcomes_keep_the_order_of_the_clients_not_of_the_answers(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+    pool: ScriptedPool,
 ) -> None:
-    fake_network.post("http://a.test/p", callback=delayed(0.06, {"from": "a"}))
-    fake_network.post("http://b.test/p", callback=delayed(0.0, {"from": "b"}))
-    fake_network.post("http://c.test/p", status=503)
+    pool.add("http://a.test/p", payload={"from": "a"}, delay_s=0.06)
+    pool.add("http://b.test/p", payload={"from": "b"}, delay_s=0.0)
+    pool.add("http://c.test/p", status=503)
 
-    outcomes = await fan_out(clients(session, "a", "b", "c"), b"{}", {}, Deadline.after(1000))
+    outcomes = await fan_out(clients(pool, "a", "b", "c"), b"{}", {}, Deadline.after(1000))
 
     assert [o.name for o in outcomes] == ["a", "b", "c"]
     assert [o.prediction for o in outcomes] == [{"from": "a"}, {"from": "b"}, None]
@@ -69,14 +51,12 @@ async def test_outcomes_keep_the_order_of_the_clients_not_of_the_answers(
     assert outcomes[0].latency_ms >= 50
 
 
-async def test_each_call_is_cut_at_the_deadline(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post("http://a.test/p", callback=delayed(30, {}))
-    fake_network.post("http://b.test/p", payload={"fast": True})
+async def test_each_call_is_cut_at_the_deadline(pool: ScriptedPool) -> None:
+    pool.add("http://a.test/p", payload={}, delay_s=30)
+    pool.add("http://b.test/p", payload={"fast": True})
 
     started = time.perf_counter()
-    outcomes = await fan_out(clients(session, "a", "b"), b"{}", {}, Deadline.after(100))
+    outcomes = await fan_out(clients(pool, "a", "b"), b"{}", {}, Deadline.after(100))
 
     assert time.perf_counter() - started < 10  # a third of the slow answer's 30 s
     assert outcomes[0].status == "timeout"
@@ -86,24 +66,21 @@ async def test_each_call_is_cut_at_the_deadline(
     )
 
 
-async def test_a_spent_deadline_calls_nobody(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
-    outcomes = await fan_out(clients(session, "a"), b"{}", {}, Deadline.after(-10))
+async def test_a_spent_deadline_calls_nobody(pool: ScriptedPool) -> None:
+    outcomes = await fan_out(clients(pool, "a"), b"{}", {}, Deadline.after(-10))
 
     assert outcomes == [Outcome("a", "timeout", 0.0, error="deadline already passed")]
-    assert fake_network.requests == {}
+    assert pool.calls == []
 
 
 async def test_a_bug_in_one_call_is_that_source_s_error_not_the_request_s(
-    session: aiohttp.ClientSession,
-    fake_network: CompatAioresponses,
+    pool: ScriptedPool,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    fake_network.post("http://a.test/p", exception=ZeroDivisionError("bug"))
-    fake_network.post("http://b.test/p", payload={"fine": 1})
+    pool.add("http://a.test/p", error=ZeroDivisionError("bug"))
+    pool.add("http://b.test/p", payload={"fine": 1})
 
-    outcomes = await fan_out(clients(session, "a", "b"), b"{}", {}, Deadline.after(1000))
+    outcomes = await fan_out(clients(pool, "a", "b"), b"{}", {}, Deadline.after(1000))
 
     assert outcomes[0].status == "error"
     assert outcomes[0].error == "gateway error during the call"
@@ -112,13 +89,13 @@ async def test_a_bug_in_one_call_is_that_source_s_error_not_the_request_s(
 
 
 async def test_sequential_calls_one_after_another_and_the_deadline_cuts_the_rest(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
+    pool: ScriptedPool,
 ) -> None:
-    fake_network.post("http://a.test/p", payload={"from": "a"})
-    fake_network.post("http://b.test/p", callback=delayed(30, {"from": "b"}))
-    fake_network.post("http://c.test/p", payload={"from": "c"})
+    pool.add("http://a.test/p", payload={"from": "a"})
+    pool.add("http://b.test/p", payload={"from": "b"}, delay_s=30)
+    pool.add("http://c.test/p", payload={"from": "c"})
 
-    three = clients(session, "a", "b", "c")
+    three = clients(pool, "a", "b", "c")
     outcomes = await SequentialFanOut(each_alone(three), single_attempt(three)).fan_out(
         b"{}", {}, Deadline.after(500)
     )

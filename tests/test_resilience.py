@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from email.utils import formatdate
 from typing import Any
 
@@ -17,8 +17,9 @@ from gateway.clients import RecommenderClient, Replicas
 from gateway.errors import CircuitOpen
 from gateway.fanout import AsyncFanOut, Deadline, Outcome
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, parse_retry_after
+from gateway.upstream import ConnectFailed, Disconnected
 from mock_recommenders import MockFleet
-from tests.helpers import NAMES, CompatAioresponses, Serve, settings_for
+from tests.helpers import NAMES, ScriptedPool, Serve, settings_for
 
 URL = "http://rec.test/p"
 
@@ -95,12 +96,6 @@ def test_a_cancelled_probe_frees_the_slot() -> None:
 # --- Retries, with the network faked ---------------------------------------------------------
 
 
-@pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 class Waits:
     """Records the waits tenacity asks for instead of sleeping."""
 
@@ -112,13 +107,14 @@ class Waits:
 
 
 async def call_once(
-    session: aiohttp.ClientSession,
+    pool: ScriptedPool,
     waits: Waits,
     deadline_ms: float = 1000,
     attempts: int = 3,
     breaker: CircuitBreaker | None = None,
 ) -> Outcome:
-    client = RecommenderClient("rec", URL, session, timeout_s=0.5)
+    pooled: Any = pool  # a stand-in for gateway.upstream.ConnectionPool
+    client = RecommenderClient("rec", URL, pooled, timeout_s=0.5)
     policy = RetryPolicy(attempts=attempts, initial_wait_s=0.01, jitter_s=0, async_sleep=waits)
     guard = Guard(policy, breaker or CircuitBreaker("rec"), Hedger())
     fan_out = AsyncFanOut([Replicas([client])], {"rec": guard})
@@ -126,15 +122,13 @@ async def call_once(
     return outcome
 
 
-async def test_a_503_is_retried_and_the_attempts_reported(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post(URL, status=503)
-    fake_network.post(URL, status=503)
-    fake_network.post(URL, payload={"items": []})
+async def test_a_503_is_retried_and_the_attempts_reported(pool: ScriptedPool) -> None:
+    pool.add(URL, status=503)
+    pool.add(URL, status=503)
+    pool.add(URL, payload={"items": []})
     waits = Waits()
 
-    outcome = await call_once(session, waits)
+    outcome = await call_once(pool, waits)
 
     assert outcome.status == "ok"
     assert outcome.attempts == 3
@@ -142,27 +136,23 @@ async def test_a_503_is_retried_and_the_attempts_reported(
     assert waits.seen == [0.01, 0.02]  # exponential
 
 
-async def test_retry_after_is_honoured(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post(URL, status=503, headers={"Retry-After": "0"})
-    fake_network.post(URL, status=502, headers={"Retry-After": "1"})
-    fake_network.post(URL, payload={})
+async def test_retry_after_is_honoured(pool: ScriptedPool) -> None:
+    pool.add(URL, status=503, headers={"Retry-After": "0"})
+    pool.add(URL, status=502, headers={"Retry-After": "1"})
+    pool.add(URL, payload={})
     waits = Waits()
 
-    outcome = await call_once(session, waits, deadline_ms=5000)
+    outcome = await call_once(pool, waits, deadline_ms=5000)
 
     assert outcome.attempts == 3
     assert waits.seen == [0.01, 1.0]
 
 
-async def test_no_retry_whose_wait_would_pass_the_deadline(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post(URL, status=503, headers={"Retry-After": "5"})
+async def test_no_retry_whose_wait_would_pass_the_deadline(pool: ScriptedPool) -> None:
+    pool.add(URL, status=503, headers={"Retry-After": "5"})
     waits = Waits()
 
-    outcome = await call_once(session, waits, deadline_ms=1000)
+    outcome = await call_once(pool, waits, deadline_ms=1000)
 
     assert outcome.status == "error"
     assert outcome.error == "answered HTTP 503"
@@ -175,47 +165,41 @@ async def test_no_retry_whose_wait_would_pass_the_deadline(
     [
         {"status": 500},
         {"status": 404},
-        {"status": 200, "body": "not json", "content_type": "text/plain"},
+        {"status": 200, "body": b"not json", "headers": {"Content-Type": "text/plain"}},
     ],
 )
-async def test_what_is_not_retried(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses, fault: dict[str, Any]
-) -> None:
-    fake_network.post(URL, **fault)
+async def test_what_is_not_retried(pool: ScriptedPool, fault: dict[str, Any]) -> None:
+    pool.add(URL, **fault)
     waits = Waits()
 
-    outcome = await call_once(session, waits)
+    outcome = await call_once(pool, waits)
 
     assert outcome.status == "error"
     assert outcome.attempts == 1
     assert waits.seen == []
 
 
-async def test_connection_errors_are_retried(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
-    fake_network.post(URL, exception=aiohttp.ServerDisconnectedError())
-    fake_network.post(URL, exception=aiohttp.ClientOSError(104, "Connection reset by peer"))
-    fake_network.post(URL, payload={"ok": True})
+async def test_connection_errors_are_retried(pool: ScriptedPool) -> None:
+    pool.add(URL, error=Disconnected("closed before answering"))
+    pool.add(URL, error=ConnectFailed("rec.test", 80, "Connection refused"))
+    pool.add(URL, payload={"ok": True})
     waits = Waits()
 
-    outcome = await call_once(session, waits)
+    outcome = await call_once(pool, waits)
 
     assert (outcome.status, outcome.attempts) == ("ok", 3)
 
 
-async def test_an_open_breaker_calls_nobody(
-    session: aiohttp.ClientSession, fake_network: CompatAioresponses
-) -> None:
+async def test_an_open_breaker_calls_nobody(pool: ScriptedPool) -> None:
     breaker = CircuitBreaker("rec", threshold=1, cooldown_s=60)
     breaker.failed()
 
-    outcome = await call_once(session, Waits(), breaker=breaker)
+    outcome = await call_once(pool, Waits(), breaker=breaker)
 
     assert outcome.status == "circuit_open"
     assert outcome.attempts == 0
     assert outcome.error is not None and outcome.error.startswith("circuit open after 1")
-    assert fake_network.requests == {}
+    assert pool.calls == []
 
 
 # --- Against the real mocks ------------------------------------------------------------------
