@@ -18,6 +18,7 @@ Flask, so a request is admitted only once its body is in.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import sys
 from collections.abc import Awaitable, Callable, Iterable
@@ -27,7 +28,7 @@ from gateway import GatewayFlask, logs
 from gateway.edge import edge_error, request_id_of
 from gateway.portal import run_sync
 
-__all__ = ["GatewayASGI"]
+__all__ = ["GatewayASGI", "settle_heap"]
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -72,6 +73,7 @@ class GatewayASGI:
                 except Exception as exc:  # the server reports it and does not start
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                settle_heap()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.runtime.aclose()
@@ -151,6 +153,18 @@ class GatewayASGI:
             (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
         ]
         return int(status[:3]), encoded, payload
+
+
+def settle_heap() -> None:
+    """Keep what start-up made out of the garbage collector's full passes.
+
+    A full collection walks every object the process holds: measured on the development
+    machine, 130 ms with the loop stopped for all of it. What exists once the app is loaded
+    lives as long as the worker, so it is frozen (`gc.freeze`, as Instagram does in its
+    workers), and a full pass walks only what serving has made since.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 async def _send_edge_error(send: Send, refused: _Refused, request_headers: Headers) -> None:

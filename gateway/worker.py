@@ -31,7 +31,7 @@ from uvicorn_worker import UvicornWorker as PackagedUvicornWorker
 from gateway import GatewayFlask
 from gateway.config import HttpSettings
 from gateway.edge import protocol_for
-from gateway.serving import GatewayASGI
+from gateway.serving import GatewayASGI, settle_heap
 
 __all__ = ["GIL_SWITCH_INTERVAL_S", "HEARTBEAT_EVERY_S", "ThreadWorker", "UvicornWorker"]
 
@@ -103,6 +103,7 @@ class ThreadWorker(GunicornThreadWorker):  # type: ignore[misc]
             app = self.wsgi = app.flask
         if isinstance(app, GatewayFlask):
             app.runtime.start()
+            settle_heap()
 
     def notify(self) -> None:
         """Tell the arbiter this worker is alive, at most every `HEARTBEAT_EVERY_S`."""

@@ -136,7 +136,7 @@ class InProcessServer:
     (`gateway.serving`), on a socket bound here to port 0.
     """
 
-    def __init__(self, app: GatewayFlask):
+    def __init__(self, app: GatewayFlask, loop: str = "uvloop"):
         self.app = app
         self.asgi = GatewayASGI(app)
         self._socket = socket.socket()
@@ -144,7 +144,7 @@ class InProcessServer:
         self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
         config = uvicorn.Config(
             self.asgi,
-            loop="uvloop",
+            loop=loop,
             http=protocol_for(app.runtime.settings.http),
             ws="none",
             lifespan="on",
