@@ -198,7 +198,9 @@ class Gunicorn:
 
 
 @contextlib.contextmanager
-def gunicorn(fleet: Fleet, *args: str, **overrides: str) -> Iterator[Gunicorn]:
+def gunicorn(
+    fleet: Fleet, *args: str, app: str = "gateway.asgi:app", **overrides: str
+) -> Iterator[Gunicorn]:
     """The gateway under real gunicorn in front of `fleet`, as `make run` serves it.
 
     The port is bound here and handed to gunicorn (``--bind fd://N``), so no other process can
@@ -210,7 +212,7 @@ def gunicorn(fleet: Fleet, *args: str, **overrides: str) -> Iterator[Gunicorn]:
         port = listener.getsockname()[1]
         with log.open("wb") as sink:
             process = subprocess.Popen(
-                [GUNICORN, "-c", "gunicorn.conf.py", "gateway.asgi:app"]
+                [GUNICORN, "-c", "gunicorn.conf.py", app]
                 + ["--bind", f"fd://{listener.fileno()}", *args],
                 cwd=ROOT,
                 env=gateway_environment(fleet, **overrides),

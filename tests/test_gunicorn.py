@@ -138,3 +138,27 @@ def test_sigterm_lets_in_flight_requests_finish_then_closes_the_sessions(
     assert all(body["complete"] for _, body in answers)
     assert exit_code == 0
     assert output.count("recommender session closed") == 2
+
+
+@pytest.mark.parametrize(
+    ("server", "app", "worker"),
+    [
+        ("gthread", "gateway.asgi:app", "gateway.worker.ThreadWorker"),
+        ("gthread", "gateway.wsgi:app", "gateway.worker.ThreadWorker"),
+        ("uvicorn", "gateway.wsgi:app", "gateway.worker.UvicornWorker"),
+    ],
+)
+def test_either_serving_design_serves_either_app_path(
+    fleet_process: MockFleetProcess, server: str, app: str, worker: str
+) -> None:
+    overrides = {"GATEWAY_SERVER": server, **LONG}
+    with gunicorn(fleet_process, "--workers", "2", app=app, **overrides) as served:
+        answers = asyncio.run(post_concurrently(served.url, bodies(40)))
+        assert served.stop() == 0
+        output = served.output()
+
+    assert_own_data(answers)
+    assert f"Using worker: {worker}" in output
+    started = output.count("event loop and recommender session started")
+    assert started == output.count("recommender session closed") == 2
+    assert "Traceback" not in output
