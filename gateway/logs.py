@@ -52,7 +52,9 @@ class _BatchWriter(logging.Handler):
         self.stream = stream
         self._records: collections.deque[logging.LogRecord] = collections.deque()
         self._writing = threading.Lock()
-        self._stopped = threading.Event()
+        self._stopped = False
+        # Set by the first record after a write, so that an idle gateway wakes no thread.
+        self._due = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gateway-log-writer", daemon=True)
         self._thread.start()
 
@@ -60,11 +62,13 @@ class _BatchWriter(logging.Handler):
         # Without the handler's lock: a deque's append is atomic.
         if not self.filter(record):
             return False
-        self._records.append(record)
+        self.emit(record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
         self._records.append(record)
+        if not self._due.is_set():
+            self._due.set()
 
     def flush(self) -> None:
         """Format and write every record logged so far."""
@@ -82,14 +86,20 @@ class _BatchWriter(logging.Handler):
 
     def close(self) -> None:
         """Write what is left and stop the thread."""
-        self._stopped.set()
+        self._stopped = True
+        self._due.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
         self.flush()
         super().close()
 
     def _run(self) -> None:
-        while not self._stopped.wait(WRITE_EVERY_S):
+        while True:
+            self._due.wait()
+            if self._stopped:
+                return
+            time.sleep(WRITE_EVERY_S)  # what else comes meanwhile is written with it
+            self._due.clear()
             self.flush()
 
 
