@@ -17,7 +17,6 @@ the item reached in any list, then by id: never by the order in which answers ar
 from __future__ import annotations
 
 import hashlib
-import heapq
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -123,14 +122,29 @@ def _provenance(lists: Sequence[Ranked]) -> dict[str, list[Provenance]]:
     return found
 
 
-def _top(scores: Mapping[str, float], lists: Sequence[Ranked], size: int) -> list[FusedItem]:
-    """The `size` best by score; ties by best rank anywhere, then id."""
-    best_rank: dict[str, int] = {}
+def _best_ranks(lists: Sequence[Ranked]) -> dict[str, int]:
+    """The best rank each item reached in any list."""
+    best: dict[str, int] = {}
     for ranked in lists:
         for rank, (item_id, _) in enumerate(ranked.items, start=1):
-            if rank < best_rank.get(item_id, rank + 1):
-                best_rank[item_id] = rank
-    order = heapq.nsmallest(size, ((-s, best_rank[i], i) for i, s in scores.items()))
+            if rank < best.get(item_id, rank + 1):
+                best[item_id] = rank
+    return best
+
+
+def _top(
+    scores: Mapping[str, float],
+    lists: Sequence[Ranked],
+    size: int,
+    best_rank: Mapping[str, int] | None = None,
+) -> list[FusedItem]:
+    """The `size` best by score; ties by best rank anywhere, then id."""
+    if best_rank is None:
+        best_rank = _best_ranks(lists)
+    # Sorted whole: for the few dozen items of a request, C's sort is quicker than a heap
+    # kept in Python (heapq.nsmallest), and the order is the same.
+    keyed = sorted([(-s, best_rank[i], i) for i, s in scores.items()])
+    order = keyed[:size] if len(keyed) > size else keyed
     chosen = {item_id for _, _, item_id in order}
     # Provenance for the chosen items only, in list order as `_provenance` gives it.
     where: dict[str, list[Provenance]] = {item_id: [] for item_id in chosen}
@@ -180,10 +194,20 @@ class ReciprocalRank:
     def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
         """Sum each list's weighted reciprocal rank."""
         scores: dict[str, float] = {}
+        best: dict[str, int] = {}  # for the ties, gathered on the same pass
+        k = self.k
         for ranked in lists:
+            weight = ranked.weight
             for rank, (item_id, _) in enumerate(ranked.items, start=1):
-                scores[item_id] = scores.get(item_id, 0.0) + ranked.weight / (self.k + rank)
-        return _top(scores, lists, size)
+                known = scores.get(item_id)
+                if known is None:
+                    scores[item_id] = weight / (k + rank)
+                    best[item_id] = rank
+                else:
+                    scores[item_id] = known + weight / (k + rank)
+                    if rank < best[item_id]:
+                        best[item_id] = rank
+        return _top(scores, lists, size, best)
 
 
 def _normalised(ranked: Ranked) -> dict[str, float]:
