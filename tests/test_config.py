@@ -62,6 +62,8 @@ def test_environment_overrides_single_fields(
     clean_environment.setenv("GATEWAY_DEADLINE_MS", "500")
     clean_environment.setenv("GATEWAY_MAX_BODY_BYTES", "2048")
     clean_environment.setenv("GATEWAY_POOL__LIMIT_PER_HOST", "16")
+    clean_environment.setenv("GATEWAY_SERVER", "gthread")
+    clean_environment.setenv("GATEWAY_HTTP__HEADER_TIMEOUT_S", "2.5")
     recommenders = [{"name": "only", "url": "http://127.0.0.1:7000/x"}]
     clean_environment.setenv("GATEWAY_RECOMMENDERS", json.dumps(recommenders))
 
@@ -71,6 +73,9 @@ def test_environment_overrides_single_fields(
     assert settings.max_body_bytes == 2048
     assert settings.pool.limit_per_host == 16
     assert settings.pool.limit == 1024
+    assert settings.server == "gthread"
+    assert settings.http.header_timeout_s == 2.5
+    assert settings.http.max_connections == 4096
     assert [r.name for r in settings.recommenders] == ["only"]
 
 
@@ -90,6 +95,9 @@ def test_environment_overrides_single_fields(
         (MINIMAL.replace("timeout_ms: 250", "weight: -1"), "recommenders.0.weight"),
         (MINIMAL + "fusion_window: 0\n", "fusion_window: Input should be greater than"),
         (MINIMAL + "strategy: magic\n", "strategy: Input should be 'async'"),
+        (MINIMAL + "server: twisted\n", "server: Input should be 'uvicorn' or 'gthread'"),
+        (MINIMAL + "http:\n  header_timeout_s: 0\n", "http.header_timeout_s: Input should be"),
+        (MINIMAL + "fusion: none\nbreaker:\n  enabled: maybe\n", "breaker.enabled"),
         (MINIMAL + "deadline: 3\n", "deadline: Extra inputs are not permitted"),
         ("recommenders: []\n", "recommenders: List should have at least 1 item"),
         ("deadline_ms: 10\n", "recommenders: Field required"),
