@@ -8,6 +8,7 @@ not how fast.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import subprocess
 from typing import Any
@@ -67,13 +68,23 @@ def test_two_workers_serve_150_concurrent_requests_each_its_own_data(
 
 
 def test_a_preloaded_app_still_gets_a_loop_per_worker(fleet_process: MockFleetProcess) -> None:
+    def started(output: str) -> set[int]:
+        return {r["process"] for r in lines(output) if "session started" in r["message"]}
+
     with gunicorn(fleet_process, "--workers", "2", "--preload", **LONG) as server:
         answers = asyncio.run(post_concurrently(server.url, bodies(40)))
+        # The first worker up can serve everything while the second still boots: wait for it.
+        wait_until(
+            lambda: len(started(server.output())) >= 2,
+            60,
+            lambda: f"only workers {started(server.output())} opened a session",
+        )
         output = server.output()
 
     assert_own_data(answers)
-    started = {r["process"] for r in lines(output) if "session started" in r["message"]}
-    assert len(started) == 2  # one loop and session per worker, none in the master
+    booted = {int(m) for m in re.findall(r"Booting worker with pid: (\d+)", output)}
+    assert started(output) == booted  # one loop and session per worker, none in the master
+    assert server.process.pid not in started(output)
 
 
 def test_an_invalid_config_stops_gunicorn_with_a_message_naming_the_field(
