@@ -9,6 +9,11 @@ Precedence, lowest first:
 
 Everything is validated once, at start-up, by pydantic; `load_settings` turns a validation
 failure into a `ConfigError` whose message names the field and the source.
+
+Under gunicorn the master validates the settings and pins them (`pin_settings`): workers,
+forked from it, build their app from the pinned settings and never read the file themselves,
+so a file edited but not yet accepted by a reload (SIGHUP) never reaches a worker, not even
+one that restarts after a crash (nginx's master and workers work the same way).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     AnyHttpUrl,
     BaseModel,
     ConfigDict,
@@ -41,6 +47,7 @@ from gateway.fusion import FusionChoice
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "AdmissionSettings",
     "ENV_PREFIX",
     "BreakerSettings",
     "HedgingSettings",
@@ -49,7 +56,11 @@ __all__ = [
     "RecommenderSettings",
     "RetrySettings",
     "Settings",
+    "config_file",
+    "describe_source",
     "load_settings",
+    "pin_settings",
+    "pinned_settings",
 ]
 
 ENV_PREFIX = "GATEWAY_"
@@ -154,8 +165,41 @@ class BreakerSettings(BaseModel):
     model_config = _Strict
 
     enabled: bool = Field(default=True, description="Off: every call goes through, always.")
+    excuse_stalled_share: float = Field(
+        default=0.2,
+        gt=0,
+        le=1,
+        description="A timed-out call is not counted against the recommender when the worker's "
+        "loop stalled for this share of the call's budget: the gateway was overloaded.",
+    )
     failure_threshold: int = Field(default=5, ge=1)
     cooldown_s: float = Field(default=10.0, gt=0)
+
+
+class AdmissionSettings(BaseModel):
+    """How many requests a worker admits at once (`gateway.admission`); the rest get 503."""
+
+    model_config = _Strict
+
+    adaptive: bool = Field(
+        default=True,
+        description="Follow the worker's event-loop lag; false: admit `max_in_flight` always.",
+    )
+    initial_limit: int = Field(default=32, ge=1, description="The limit a worker starts with.")
+    min_limit: int = Field(
+        default=4, ge=1, description="The limit never goes below this (nor above max_in_flight)."
+    )
+    target_lag_ms: float = Field(
+        default=10,
+        gt=0,
+        description="Loop lag the limit aims for: above it the limit shrinks, below it grows.",
+    )
+    interval_ms: float = Field(
+        default=25, gt=0, le=1000, description="How often the lag is measured and the limit moved."
+    )
+    smoothing: float = Field(
+        default=0.2, gt=0, le=1, description="Share of each step the limit takes at once."
+    )
 
 
 class HttpSettings(BaseModel):
@@ -180,6 +224,24 @@ class HttpSettings(BaseModel):
     max_header_bytes: int = Field(
         default=32768, ge=1024, description="Largest header block; then 431."
     )
+    drain_s: float = Field(
+        default=2.0,
+        ge=0,
+        le=60,
+        description="When a worker stops (a reload, SIGTERM), how long an idle keep-alive "
+        "connection stays open: a request that comes on it is answered with "
+        "`Connection: close`.",
+    )
+
+
+def _not_blank(key: SecretStr) -> SecretStr:
+    # An empty key would let in a request whose X-Api-Token header is empty.
+    if not key.get_secret_value().strip():
+        raise ValueError("an API key must not be empty or blank")
+    return key
+
+
+ApiKey = Annotated[SecretStr, AfterValidator(_not_blank)]
 
 
 class Settings(BaseSettings):
@@ -219,17 +281,21 @@ class Settings(BaseSettings):
     # Below gunicorn's 256 threads per worker, so that threads remain to answer the 503s at
     # once rather than leaving requests queued behind busy threads.
     max_in_flight: int = Field(
-        default=200, ge=1, description="Requests one worker serves at once; more are shed (503)."
+        default=200,
+        ge=1,
+        description="The hard ceiling on requests one worker serves at once; more are shed "
+        "(503). Below it, `admission` adapts the limit to the worker's capacity.",
     )
     shed_retry_after_s: int = Field(default=1, ge=0, description="Retry-After of a shed request.")
     # GATEWAY_API_KEYS=key1,key2 (comma-separated), or a YAML list in the file.
-    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+    api_keys: Annotated[list[ApiKey], NoDecode] = Field(
         default_factory=list, description="When set, /recommendation needs X-Api-Token."
     )
     metrics_require_token: bool = False
     # A JSON line per request costs ~5% of a worker's CPU at high load; errors are logged anyway.
     log_requests: bool = True
     metrics: bool = Field(default=True, description="Record Prometheus metrics and serve /metrics.")
+    admission: AdmissionSettings = AdmissionSettings()
     http: HttpSettings = HttpSettings()
     pool: PoolSettings = PoolSettings()
     retry: RetrySettings = RetrySettings()
@@ -240,7 +306,8 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: Any) -> Any:
         if isinstance(value, str):
-            return [key.strip() for key in value.split(",") if key.strip()]
+            # An empty variable sets no keys; an empty key among others is refused below.
+            return [key.strip() for key in value.split(",")] if value else []
         return value
 
     @field_validator("recommenders")
@@ -305,13 +372,25 @@ def _describe(exc: ValidationError, source: str) -> str:
     return f"invalid gateway config ({source}): " + "; ".join(problems)
 
 
+def config_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """The file `load_settings(path)` reads: `path`, `$GATEWAY_CONFIG`, or the packaged one."""
+    return Path(path or os.environ.get(_CONFIG_FILE_VARIABLE) or DEFAULT_CONFIG_PATH)
+
+
+def describe_source(path: str | os.PathLike[str] | None = None) -> str:
+    """Where `load_settings(path)` takes the settings from: the file, and any overrides."""
+    overrides = _overrides(os.environ)
+    with_overrides = f" with {', '.join(overrides)} from the environment" if overrides else ""
+    return f"{config_file(path)}{with_overrides}"
+
+
 def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     """Load and validate the settings; raise `ConfigError` naming the field on failure.
 
     `path` defaults to `$GATEWAY_CONFIG`, then to the packaged `config.yaml`; `GATEWAY_*`
     environment variables override single fields of it.
     """
-    file = Path(path or os.environ.get(_CONFIG_FILE_VARIABLE) or DEFAULT_CONFIG_PATH)
+    file = config_file(path)
     overrides = _overrides(os.environ)
     known = {f"{ENV_PREFIX}{name}".upper() for name in Settings.model_fields}
     unknown = [v for v in overrides if v.upper().split("__", 1)[0] not in known]
@@ -320,8 +399,22 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
             f"unknown gateway setting {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     data = _read_file(file)
-    source = str(file) + (f" with {', '.join(overrides)} from the environment" if overrides else "")
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from exc
+        raise ConfigError(_describe(exc, describe_source(path))) from exc
+
+
+# What the gunicorn master validated last; a worker it forks inherits it.
+_pinned: Settings | None = None
+
+
+def pin_settings(settings: Settings) -> None:
+    """Make `settings` what this process, and every worker it forks from now on, serves with."""
+    global _pinned
+    _pinned = settings
+
+
+def pinned_settings() -> Settings | None:
+    """The settings pinned in this process (or the master that forked it); None if none were."""
+    return _pinned

@@ -55,6 +55,8 @@ class Outcome:
     prediction: Any = None
     error: str | None = None
     attempts: int = 0
+    # A timeout while the worker itself was overloaded: not the recommender's fault.
+    overload: bool = False
 
     @property
     def ok(self) -> bool:
@@ -117,13 +119,14 @@ class _DeadlinePassed(RecommenderTimeout):
 class _Call:
     """One recommender call's bookkeeping: its attempts, its clock, and its `Outcome`."""
 
-    def __init__(self, name: str, timeout_s: float, deadline: Deadline):
+    def __init__(self, name: str, timeout_s: float, deadline: Deadline, stall_mark: float = 0.0):
         self.name = name
         self.timeout_s = timeout_s
         self.deadline = deadline
         self.started = time.perf_counter()
         self.attempts = 0
         self.by_deadline = False
+        self.stall_mark = stall_mark  # the worker loop's stalled time when the call began
 
     @property
     def hopeless(self) -> bool:
@@ -152,6 +155,18 @@ class _Call:
         """The outcome of a call that answered."""
         return Outcome(self.name, "ok", self._elapsed_ms(), prediction, attempts=self.attempts)
 
+    def overloaded(self, stalled_s: float) -> Outcome:
+        """The outcome of a call that timed out while the worker itself was overloaded."""
+        latency_ms = self._elapsed_ms()
+        reason = (
+            f"no answer within {latency_ms:.0f} ms, while this gateway worker was overloaded "
+            f"(its event loop stalled {stalled_s * 1000:.0f} ms of them); "
+            "not counted against the recommender"
+        )
+        return Outcome(
+            self.name, "timeout", latency_ms, error=reason, attempts=self.attempts, overload=True
+        )
+
     def failed(self, error: BaseException) -> Outcome:
         """The outcome of a call that raised `error` (after its last attempt)."""
         latency_ms = self._elapsed_ms()
@@ -174,7 +189,7 @@ class _Call:
 
 def _open(name: str, timeout_s: float, guard: Guard, deadline: Deadline) -> _Call | Outcome:
     """Start a call's bookkeeping, or the outcome of a call that must not be made."""
-    call = _Call(name, timeout_s, deadline)
+    call = _Call(name, timeout_s, deadline, guard.stalls.mark() if guard.stalls else 0.0)
     if call.hopeless:
         return call.skipped()
     try:
@@ -189,6 +204,13 @@ def _close(call: _Call, guard: Guard, error: BaseException | None, prediction: A
     if error is None:
         guard.breaker.succeeded()
         return call.succeeded(prediction)
+    if isinstance(error, RecommenderTimeout) and guard.stalls is not None:
+        # Did the recommender get its budget? Not if the loop that would have read its answer
+        # was stalled for a good part of it: then the timeout is the gateway's own queueing.
+        stalled = guard.stalls.stalled_since(call.stall_mark)
+        if stalled >= guard.excuse_stalled_share * (time.perf_counter() - call.started):
+            guard.breaker.released()
+            return call.overloaded(stalled)
     if isinstance(error, RecommenderError):
         guard.breaker.failed()
     else:

@@ -27,7 +27,7 @@ from typing import IO, Any
 from flask import Response, g, request
 from pythonjsonlogger.json import JsonFormatter
 
-__all__ = ["access_log", "configure_logging", "flush", "log_request"]
+__all__ = ["access_log", "configure_logging", "flush", "log_request", "write_request_line"]
 
 access_log = logging.getLogger("gateway.access")
 
@@ -163,6 +163,11 @@ def log_request(response: Response, enabled: bool = True) -> None:
     if outcomes is not None:
         fields["complete"] = all(outcome.ok for outcome in outcomes)
         fields["sources"] = {o.name: {"status": o.status, "attempts": o.attempts} for o in outcomes}
+    write_request_line(fields)
+
+
+def write_request_line(fields: dict[str, Any]) -> None:
+    """Log a request line made of `fields` (`log_request` builds them from Flask's request)."""
     # The record built here: `Logger.info` would first walk the stack to find its caller.
     access_log.handle(
         access_log.makeRecord(

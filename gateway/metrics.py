@@ -27,16 +27,19 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from gateway.fanout import Outcome
 
 __all__ = [
+    "CONCURRENCY_LIMIT",
     "CONTENT_TYPE_LATEST",
     "IN_FLIGHT",
     "FLUSH_EVERY_S",
     "flush",
+    "observe_lag",
     "observe_outcomes",
     "observe_request",
     "render",
 ]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0)
+_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 REQUESTS = Counter(
     "gateway_requests_total", "Requests answered, by route and status.", ["route", "status"]
@@ -69,20 +72,38 @@ IN_FLIGHT = Gauge(
     "Requests being served now, summed over live workers (refreshed every second).",
     multiprocess_mode="livesum",
 )
+LOOP_LAG = Histogram(
+    "gateway_event_loop_lag_seconds",
+    "How late each worker's event loop ran a timer, measured every admission.interval_ms: "
+    "the worker's own queueing, which admission keeps near admission.target_lag_ms.",
+    buckets=_LAG_BUCKETS,
+)
+CONCURRENCY_LIMIT = Gauge(
+    "gateway_concurrency_limit",
+    "Requests the workers admit at once now (adaptive admission), summed over live workers.",
+    multiprocess_mode="livesum",
+)
+OVERLOAD_TIMEOUTS = Counter(
+    "gateway_overload_timeouts_total",
+    "Calls that timed out while the worker itself was overloaded (its loop stalled): "
+    "reported as timeouts, not counted against the recommender's breaker.",
+    ["recommender"],
+)
 FLUSH_EVERY_S = 1.0
 
 
 class _Tally:
     """One histogram's observations since the last flush: a count per bucket, and their sum."""
 
-    __slots__ = ("buckets", "total")
+    __slots__ = ("bounds", "buckets", "total")
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, bounds: tuple[float, ...] = _LATENCY_BUCKETS):
+        self.bounds = bounds
         self.buckets = [0] * size
         self.total = 0.0
 
     def add(self, seconds: float) -> None:
-        self.buckets[bisect.bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        self.buckets[bisect.bisect_left(self.bounds, seconds)] += 1
         self.total += seconds
 
 
@@ -100,6 +121,8 @@ class _Pending:
         self.request_seconds: dict[tuple[str, str], _Tally] = {}
         self.calls: dict[tuple[str, str], int] = {}
         self.call_seconds: dict[str, _Tally] = {}
+        self.overload_timeouts: dict[str, int] = {}
+        self.lag = _Tally(len(_LAG_BUCKETS) + 1, _LAG_BUCKETS)
 
     def take(self) -> _Pending:
         """This batch, leaving an empty one in its place."""
@@ -109,6 +132,8 @@ class _Pending:
             batch.request_seconds, self.request_seconds = self.request_seconds, {}
             batch.calls, self.calls = self.calls, batch.calls
             batch.call_seconds, self.call_seconds = self.call_seconds, {}
+            batch.overload_timeouts, self.overload_timeouts = self.overload_timeouts, {}
+            batch.lag, self.lag = self.lag, batch.lag
             return batch
 
 
@@ -127,6 +152,12 @@ def observe_request(route: str, status: int, seconds: float) -> None:
         tally.add(seconds)
 
 
+def observe_lag(seconds: float) -> None:
+    """Record one measurement of the worker loop's lag."""
+    with _pending.lock:
+        _pending.lag.add(seconds)
+
+
 # A gauge is written only when its value changes.
 _published_breakers: dict[str, int] = {}
 
@@ -138,6 +169,9 @@ def observe_outcomes(outcomes: Iterable[Outcome], breaker_states: Mapping[str, s
         for outcome in outcomes:
             key = (outcome.name, outcome.status)
             calls[key] = calls.get(key, 0) + 1
+            if outcome.overload:
+                excused = _pending.overload_timeouts
+                excused[outcome.name] = excused.get(outcome.name, 0) + 1
             if outcome.attempts > 0:
                 tally = call_seconds.get(outcome.name)
                 if tally is None:
@@ -161,6 +195,10 @@ def flush() -> None:
         CALLS.labels(*labels).inc(count)
     for name, tally in batch.call_seconds.items():
         _add(CALL_SECONDS.labels(name), tally)
+    for name, count in batch.overload_timeouts.items():
+        OVERLOAD_TIMEOUTS.labels(name).inc(count)
+    if batch.lag.total or any(batch.lag.buckets):
+        _add(LOOP_LAG, batch.lag)
 
 
 def _add(histogram: Histogram, tally: _Tally) -> None:

@@ -35,6 +35,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential_jitter
 
+from gateway.admission import LoopLag
 from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError
 
@@ -43,7 +44,6 @@ __all__ = [
     "CircuitBreaker",
     "Guard",
     "Hedger",
-    "InFlightLimit",
     "RetryPolicy",
     "SwitchedOffBreaker",
     "guards_for",
@@ -159,11 +159,18 @@ class Hedger:
 
 @dataclass(frozen=True)
 class Guard:
-    """What protects one recommender's calls: retries, its circuit breaker, its hedging."""
+    """What protects one recommender's calls: retries, its circuit breaker, its hedging.
+
+    `stalls` is the worker's loop-lag meter: a timeout during which the loop stalled for
+    `excuse_stalled_share` of the call's time is the gateway's overload, and is not counted
+    against the breaker (None: every timeout counts).
+    """
 
     retry: RetryPolicy
     breaker: CircuitBreaker | SwitchedOffBreaker
     hedger: Hedger
+    stalls: LoopLag | None = None
+    excuse_stalled_share: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -231,8 +238,11 @@ class SwitchedOffBreaker:
         """Nothing to free."""
 
 
-def guards_for(settings: Settings) -> dict[str, Guard]:
-    """A fresh guard (retry policy and closed breaker) per configured recommender."""
+def guards_for(settings: Settings, stalls: LoopLag | None = None) -> dict[str, Guard]:
+    """A fresh guard (retry policy and closed breaker) per configured recommender.
+
+    `stalls`: the worker's loop-lag meter, which excuses the timeouts of an overloaded worker.
+    """
     waits = settings.retry
     return {
         r.name: Guard(
@@ -251,6 +261,8 @@ def guards_for(settings: Settings) -> dict[str, Guard]:
                 settings.hedging.min_samples,
                 settings.hedging.window,
             ),
+            stalls,
+            settings.breaker.excuse_stalled_share,
         )
         for r in settings.recommenders
     }
@@ -326,30 +338,3 @@ class CircuitBreaker:
         """A let-through call ended without a verdict (cancelled): free the probe slot."""
         with self._lock:
             self._probing = False
-
-
-class InFlightLimit:
-    """Admits at most `limit` requests at once into a worker; the rest are shed, not queued."""
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._in_flight = 0
-
-    @property
-    def in_flight(self) -> int:
-        """Requests admitted and not yet finished."""
-        return self._in_flight
-
-    def try_enter(self) -> bool:
-        """Admit one request if there is room."""
-        with self._lock:
-            if self._in_flight >= self.limit:
-                return False
-            self._in_flight += 1
-            return True
-
-    def leave(self) -> None:
-        """An admitted request finished."""
-        with self._lock:
-            self._in_flight -= 1

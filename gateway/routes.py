@@ -31,13 +31,14 @@ from gateway.request_id import (
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
     RecommendationRequest,
-    SourceReport,
 )
 from gateway.security import TOKEN_HEADER, TokenCheck
 
-__all__ = ["COMPLETE_HEADER", "blueprint"]
+__all__ = ["ADMITTED", "COMPLETE_HEADER", "blueprint", "shed_answer"]
 
 COMPLETE_HEADER = "X-Fusion-Complete"
+# Set in the WSGI environ of a request admitted before Flask (`gateway.serving`).
+ADMITTED = "gateway.admitted"
 
 blueprint = Blueprint("gateway", __name__)
 
@@ -84,33 +85,54 @@ def _require_token() -> Response | None:
     return None
 
 
+def shed_answer(runtime: WorkerRuntime, request_id: str) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of a 503 for a request this worker has no room for.
+
+    No recommender was called: each is reported `shed`.
+    """
+    settings = runtime.settings
+    retry_after = settings.shed_retry_after_s
+    body = {
+        "error": {
+            "status": 503,
+            "message": f"gateway overloaded: this worker already serves its limit of "
+            f"{runtime.admission.limit} requests at once; retry after {retry_after} s",
+        },
+        "result": [],
+        "sources": _shed_sources(runtime),
+        "complete": False,
+        "request_id": request_id,
+    }
+    headers = {"Retry-After": str(retry_after), COMPLETE_HEADER: "false"}
+    return pydantic_core.to_json(body), headers
+
+
+_SHED = {
+    "status": "shed",
+    "latency_ms": 0.0,
+    "attempts": 0,
+    "error": "not called: the gateway is shedding load",
+}
+
+
+def _shed_sources(runtime: WorkerRuntime) -> dict[str, dict[str, Any]]:
+    return {r.name: _SHED for r in runtime.settings.recommenders}
+
+
 @blueprint.before_request
 def _shed_when_full() -> Response | None:
-    """Answer 503 at once when this worker already serves its limit of requests."""
-    if request.endpoint != "gateway.recommendation":
+    """Answer 503 at once when this worker already serves its limit of requests.
+
+    Under the uvicorn worker, `gateway.serving` admits (or sheds) before Flask runs.
+    """
+    if request.endpoint != "gateway.recommendation" or request.environ.get(ADMITTED):
         return None
     runtime = _runtime()
     if runtime.admission.try_enter():
         g.admitted = True
         return None
-    settings = runtime.settings
-    reason = "not called: the gateway is shedding load"
-    report = SourceReport(status="shed", latency_ms=0.0, attempts=0, error=reason)
-    body = error_body(
-        503,
-        f"gateway overloaded: {settings.max_in_flight} requests in flight in this worker; "
-        f"retry after {settings.shed_retry_after_s} s",
-    )
-    body.update(
-        result=[],
-        sources={r.name: report.model_dump(mode="json") for r in settings.recommenders},
-        complete=False,
-        request_id=g.request_id,
-    )
-    response = Response(json.dumps(body), status=503, mimetype="application/json")
-    response.headers["Retry-After"] = str(settings.shed_retry_after_s)
-    response.headers[COMPLETE_HEADER] = "false"
-    return response
+    body, headers = shed_answer(runtime, g.request_id)
+    return Response(body, status=503, headers=headers, mimetype="application/json")
 
 
 @blueprint.teardown_request

@@ -29,11 +29,12 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from gateway import metrics
+from gateway.admission import AdaptiveLimit, LoopLag
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
 from gateway.fusion import FUSIONS, make_fusion
-from gateway.resilience import Guard, InFlightLimit, guards_for
+from gateway.resilience import Guard, guards_for
 from gateway.upstream import ConnectionPool
 
 __all__ = ["WorkerRuntime"]
@@ -78,6 +79,7 @@ class _Started:
         self.fan_out: FanOut | None = None
         self.guards: dict[str, Guard] = {}
         self.publisher: asyncio.Task[None] | None = None
+        self.ticker: asyncio.Task[None] | None = None
 
 
 class WorkerRuntime:
@@ -93,7 +95,16 @@ class WorkerRuntime:
         self._states: list[_Started] = []
         self._closed = False
         # Per process: nothing is admitted in gunicorn's master, so each worker starts at 0.
-        self.admission = InFlightLimit(settings.max_in_flight)
+        admission = settings.admission
+        self.admission = AdaptiveLimit(
+            initial=admission.initial_limit if admission.adaptive else settings.max_in_flight,
+            min_limit=min(admission.min_limit, settings.max_in_flight),
+            max_limit=settings.max_in_flight,
+            target_lag_s=admission.target_lag_ms / 1000,
+            smoothing=admission.smoothing,
+        )
+        # The loop's lag: what moves the limit, and what excuses a recommender's timeout.
+        self.lag = LoopLag(admission.interval_ms / 1000, admission.target_lag_ms / 1000)
         # Fixed by the settings: built once, not per request.
         self.weights = {r.name: r.weight for r in settings.recommenders}
         self.fusions = {name: make_fusion(name, settings.rrf_k) for name in FUSIONS}
@@ -294,14 +305,23 @@ class WorkerRuntime:
             for recommender in self.settings.recommenders
         ]
         state.clients = tuple(client for group in replicas for client in group.clients)
-        state.guards = guards_for(self.settings)
+        state.guards = guards_for(self.settings, self.lag)
         state.fan_out = build_fan_out(self.settings, replicas, state.guards)
-        state.publisher = asyncio.get_running_loop().create_task(self._publish_metrics())
+        loop = asyncio.get_running_loop()
+        state.publisher = loop.create_task(self._publish_metrics())
+        state.ticker = loop.create_task(self.lag.run(self._on_tick))
+
+    def _on_tick(self, lag_s: float) -> None:
+        if self.settings.admission.adaptive:
+            self.admission.update(lag_s)
+        if self.settings.metrics:
+            metrics.observe_lag(lag_s)
 
     async def _publish_metrics(self) -> None:
         # From the loop, once a second: cheaper than metric writes on every request.
         while True:
             metrics.IN_FLIGHT.set(self.admission.in_flight)
+            metrics.CONCURRENCY_LIMIT.set(self.admission.limit)
             metrics.flush()
             await asyncio.sleep(metrics.FLUSH_EVERY_S)
 
@@ -309,6 +329,8 @@ class WorkerRuntime:
     async def _close_session(state: _Started) -> None:
         if state.publisher is not None:
             state.publisher.cancel()
+        if state.ticker is not None:
+            state.ticker.cancel()
         metrics.flush()  # the last second's counts
         if state.fan_out is not None:
             await state.fan_out.close()

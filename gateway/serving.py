@@ -11,8 +11,9 @@ HTTP, runs Flask and fans out to the recommenders. For each request, `GatewayASG
 3. sends Flask's response.
 
 Its ASGI lifespan opens the worker's recommender session at startup and closes it at shutdown,
-after uvicorn has let the requests in flight finish. Load shedding (`max_in_flight`) happens in
-Flask, so a request is admitted only once its body is in.
+after uvicorn has let the requests in flight finish. A `/recommendation` is admitted here, once
+its body is in, under the worker's adaptive limit (`gateway.admission`); one above it is
+answered 503 at once, without entering Flask.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import asyncio
 import gc
 import io
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from gateway import GatewayFlask, logs
+from gateway import GatewayFlask, logs, metrics
 from gateway.edge import edge_error, request_id_of
 from gateway.portal import run_sync
+from gateway.routes import ADMITTED, shed_answer
 
 __all__ = ["GatewayASGI", "settle_heap"]
 
@@ -93,9 +96,49 @@ class GatewayASGI:
             return
         if body is None:
             return  # the client left before its body was in: nobody to answer
-        status, headers, payload = await run_sync(self._call_flask, _environ(scope, body))
+        environ = _environ(scope, body)
+        if scope["path"] == "/recommendation" and scope["method"] == "POST":
+            admission = self.runtime.admission
+            if not admission.try_enter():
+                await self._shed(scope, send)
+                return
+            environ[ADMITTED] = True
+            try:
+                status, headers, payload = await run_sync(self._call_flask, environ)
+            finally:
+                admission.leave()
+        else:
+            status, headers, payload = await run_sync(self._call_flask, environ)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+    async def _shed(self, scope: Scope, send: Send) -> None:
+        """503 at once, before Flask: the cheapest answer this worker can give."""
+        received = time.perf_counter()
+        request_id = request_id_of(scope["headers"])
+        body, extra = shed_answer(self.runtime, request_id)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode("latin-1")),
+        ]
+        headers += [(name.lower().encode(), value.encode()) for name, value in extra.items()]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        settings = self.runtime.settings
+        if settings.metrics:
+            metrics.observe_request("/recommendation", 503, time.perf_counter() - received)
+        if settings.log_requests:
+            logs.write_request_line(
+                {
+                    "request_id": request_id,
+                    "method": "POST",
+                    "path": "/recommendation",
+                    "status": 503,
+                    "latency_ms": round((time.perf_counter() - received) * 1000, 1),
+                    "shed": True,
+                }
+            )
 
     async def _body(self, headers: Headers, receive: Receive) -> bytes | None:
         """The whole request body, or None if the client disconnected first."""

@@ -79,8 +79,14 @@ class Fleet(Protocol):
 
 
 def settings_for(fleet: Fleet, names: tuple[str, ...] = NAMES, **fields: Any) -> Settings:
-    """Settings that point the gateway at `fleet`'s recommenders (`weights={name: w}` too)."""
+    """Settings that point the gateway at `fleet`'s recommenders (`weights={name: w}` too).
+
+    Admission is fixed at `max_in_flight` unless a test gives `admission`: on a busy machine the
+    adaptive limit follows the loop's lag down, and would shed requests a test of something
+    else expects served (tests/test_admission.py tests it).
+    """
     fields.setdefault("deadline_ms", 1000)
+    fields.setdefault("admission", {"adaptive": False})
     timeout_ms = fields.pop("timeout_ms", None)
     weights = fields.pop("weights", {})
     recommenders = [
@@ -92,10 +98,14 @@ def settings_for(fleet: Fleet, names: tuple[str, ...] = NAMES, **fields: Any) ->
 
 
 def gateway_environment(fleet: Fleet, **overrides: str) -> dict[str, str]:
-    """This process's environment without `GATEWAY_*`, pointing a gateway at `fleet`."""
+    """This process's environment without `GATEWAY_*`, pointing a gateway at `fleet`.
+
+    Admission is fixed at `max_in_flight` unless overridden, as in `settings_for`.
+    """
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
     recommenders = [{"name": name, "url": fleet.url(name)} for name in NAMES]
     env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
+    env["GATEWAY_ADMISSION__ADAPTIVE"] = "false"
     env.update(overrides)
     return env
 

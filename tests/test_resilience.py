@@ -294,7 +294,9 @@ async def test_above_the_in_flight_limit_requests_are_shed_at_once(
     for _, body, headers in shed:
         assert headers["Retry-After"] == "1"
         assert headers["X-Fusion-Complete"] == "false"
-        assert body["error"]["message"].startswith("gateway overloaded: 2 requests in flight")
+        assert body["error"]["message"].startswith(
+            "gateway overloaded: this worker already serves its limit of 2 requests at once"
+        )
         assert {r["status"] for r in body["sources"].values()} == {"shed"}
     assert fleet.stats("sml")["requests"] == 3
     assert fleet.stats("sml")["hangs"] == 2
