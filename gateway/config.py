@@ -104,6 +104,15 @@ class RecommenderSettings(BaseModel):
         description="Its weight in fusion and coverage; 0 keeps its answer out of `fused` "
         "(shadow mode: still called and returned in `result`).",
     )
+    max_answer_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest answer read, compressed and decompressed alike; above it the call "
+        "is an `error` and its connection dropped.",
+    )
+    max_items: int = Field(
+        default=1000, ge=1, description="Most `items` in an answer; more is an `error`."
+    )
 
     @model_validator(mode="after")
     def _has_a_url(self) -> RecommenderSettings:
@@ -278,6 +287,14 @@ class Settings(BaseSettings):
         "null: `resultSize`.",
     )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1)
+    # At most 200: a response nests an answer 3 levels down, and pydantic's serialiser stops
+    # at 255.
+    max_json_depth: int = Field(
+        default=64,
+        ge=3,
+        le=200,
+        description="Deepest nesting of a request body or an answer (the outer object is 1).",
+    )
     # Below gunicorn's 256 threads per worker, so that threads remain to answer the 503s at
     # once rather than leaving requests queued behind busy threads.
     max_in_flight: int = Field(
