@@ -42,7 +42,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
         prog="python -m benchmarks",
         description=__doc__.splitlines()[0],
         epilog="Ranking quality instead of speed: python -m benchmarks quality --help; "
-        "what each feature costs: python -m benchmarks features --help",
+        "what each feature costs: python -m benchmarks features --help; "
+        "goodput under overload: python -m benchmarks overload --help",
     )
     parser.add_argument("--levels", type=_ints, help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import features
 
         return features.main(argv[1:])
+    if argv[:1] == ["overload"]:
+        from benchmarks import overload
+
+        return overload.main(argv[1:])
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -20,10 +20,11 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import aiohttp
 
-__all__ = ["LoadResult", "percentile", "run_load"]
+__all__ = ["LoadResult", "OverloadResult", "percentile", "run_by_status", "run_load"]
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,128 @@ async def run_load(
     )
 
 
+@dataclass(frozen=True)
+class OverloadResult:
+    """What one run of `run_by_status` measured: answers by status, and how fast each came."""
+
+    mode: str
+    load: float  # connections (closed) or requests per second offered (open)
+    duration_s: float
+    statuses: dict[str, int]
+    goodput_rps: float  # 200s per second
+    shed_rps: float  # 503s per second
+    ok_p50_ms: float
+    ok_p99_ms: float
+    shed_p50_ms: float
+    shed_p99_ms: float
+    shed_max_ms: float
+    other_max_ms: float  # the slowest answer that was neither 200 nor 503
+    offered_rps: float
+    cpu_ms_per_request: float = math.nan
+    first_error: str | None = None
+
+
+async def run_by_status(
+    send: Callable[[int], Awaitable[tuple[int, float]]],
+    mode: str,
+    load: float,
+    duration_s: float,
+    warmup_s: float,
+    max_outstanding: int = 4000,
+    honour_retry_after: bool = False,
+) -> OverloadResult:
+    """Drive `send` (which returns the HTTP status and its Retry-After, or raises) and count
+    answers by status.
+
+    ``closed``: `load` connections, each sending its next request when the last is answered:
+    at once, or (`honour_retry_after`) after the wait a 503 asks for. ``open``: `load` requests
+    per second arrive on a fixed schedule whatever the answers (as users do); at most
+    `max_outstanding` wait at once, and an arrival beyond that is counted as status
+    ``client-limit``.
+    """
+    latencies: dict[str, list[float]] = {}
+    sent = 0
+    first_error: str | None = None
+    cpu_started = time.process_time()
+    measuring_from = time.perf_counter() + warmup_s
+    stop_at = measuring_from + duration_s
+
+    async def one(sequence: int) -> float:
+        nonlocal sent, first_error
+        started = time.perf_counter()
+        wait_s = 0.0
+        try:
+            code, wait_s = await send(sequence)
+            status = str(code)
+        except Exception as exc:  # counted by its kind, not fatal
+            status = type(exc).__name__
+            first_error = first_error or f"{status}: {exc}"
+        ended = time.perf_counter()
+        sent += 1
+        if started >= measuring_from and ended <= stop_at:
+            latencies.setdefault(status, []).append((ended - started) * 1000)
+        return wait_s
+
+    if mode == "closed":
+
+        async def user(number: int) -> None:
+            iteration = 0
+            while time.perf_counter() < stop_at:
+                wait_s = await one(number * 1_000_003 + iteration)
+                iteration += 1
+                if honour_retry_after and wait_s > 0:
+                    await asyncio.sleep(min(wait_s, stop_at - time.perf_counter()))
+
+        await asyncio.gather(*(user(n) for n in range(int(load))))
+    else:
+        outstanding: set[asyncio.Task[Any]] = set()
+        began = time.perf_counter()
+        sequence = 0
+        while (now := time.perf_counter()) < stop_at:
+            due = int((now - began) * load)  # arrivals due by now
+            while sequence < due:
+                if len(outstanding) >= max_outstanding:
+                    if now >= measuring_from:
+                        latencies.setdefault("client-limit", []).append(0.0)
+                else:
+                    task: asyncio.Task[Any] = asyncio.ensure_future(one(sequence))
+                    outstanding.add(task)
+                    task.add_done_callback(outstanding.discard)
+                sequence += 1
+            await asyncio.sleep(0.002)
+        if outstanding:
+            await asyncio.wait(outstanding)
+    cpu_ms = (time.process_time() - cpu_started) * 1000
+
+    def pct(status: str, fraction: float) -> float:
+        return round(percentile(sorted(latencies.get(status, [])), fraction), 3)
+
+    others = [v for k, vs in latencies.items() if k not in ("200", "503") for v in vs]
+    counts = {status: len(values) for status, values in sorted(latencies.items())}
+    return OverloadResult(
+        mode=mode,
+        load=load,
+        duration_s=duration_s,
+        statuses=counts,
+        goodput_rps=round(counts.get("200", 0) / duration_s, 1),
+        shed_rps=round(counts.get("503", 0) / duration_s, 1),
+        ok_p50_ms=pct("200", 0.5),
+        ok_p99_ms=pct("200", 0.99),
+        shed_p50_ms=pct("503", 0.5),
+        shed_p99_ms=pct("503", 0.99),
+        shed_max_ms=round(max(latencies.get("503", [math.nan])), 3),
+        other_max_ms=round(max(others), 3) if others else math.nan,
+        offered_rps=round(sum(counts.values()) / duration_s, 1),
+        cpu_ms_per_request=round(cpu_ms / sent, 3) if sent else math.nan,
+        first_error=first_error,
+    )
+
+
 def _body(sequence: int, result_size: int) -> bytes:
     return json.dumps({"user_id": f"bench-{sequence % 10_000}", "resultSize": result_size}).encode()
 
 
-async def _main(args: argparse.Namespace) -> LoadResult:
+async def _main(args: argparse.Namespace) -> LoadResult | OverloadResult:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout_s)
     headers = {"Content-Type": "application/json"}
@@ -121,6 +239,26 @@ async def _main(args: argparse.Namespace) -> LoadResult:
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
                 return response.status == 200
+
+        if args.mode != "plain":
+            url = f"{args.url}/recommendation"
+
+            async def status_of(sequence: int) -> tuple[int, float]:
+                body = _body(sequence, args.result_size)
+                async with session.post(url, data=body, headers=headers) as response:
+                    await response.read()
+                    retry_after = response.headers.get("Retry-After", "")
+                    wait_s = float(retry_after) if retry_after.isdigit() else 0.0
+                    return response.status, wait_s
+
+            return await run_by_status(
+                status_of,
+                args.mode,
+                args.load,
+                args.duration,
+                args.warmup,
+                honour_retry_after=args.honour_retry_after,
+            )
 
         if args.target == "gateway":
             url = f"{args.url}/recommendation"
@@ -143,11 +281,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__)
     parser.add_argument("--target", choices=["gateway", "floor"], required=True)
     parser.add_argument("--url", required=True, help="gateway base URL, or comma-separated mocks")
-    parser.add_argument("--concurrency", type=int, required=True)
+    parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--duration", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before measuring")
     parser.add_argument("--result-size", type=int, default=10)
     parser.add_argument("--timeout-s", type=float, default=10.0)
+    parser.add_argument(
+        "--mode",
+        choices=["plain", "closed", "open"],
+        default="plain",
+        help="plain: --concurrency closed loops, good/bad; closed/open: answers by status, "
+        "--load connections (closed) or requests per second (open), gateway only",
+    )
+    parser.add_argument("--load", type=float, default=0.0)
+    parser.add_argument(
+        "--honour-retry-after",
+        action="store_true",
+        help="closed mode: after a 503, wait its Retry-After before the next request",
+    )
     args = parser.parse_args(argv)
     result = asyncio.run(_main(args))
     json.dump(asdict(result), sys.stdout)

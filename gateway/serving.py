@@ -96,19 +96,24 @@ class GatewayASGI:
             return
         if body is None:
             return  # the client left before its body was in: nobody to answer
-        environ = _environ(scope, body)
-        if scope["path"] == "/recommendation" and scope["method"] == "POST":
-            admission = self.runtime.admission
-            if not admission.try_enter():
-                await self._shed(scope, send)
-                return
+        if scope["path"] != "/recommendation" or scope["method"] != "POST":
+            await self._respond(send, _environ(scope, body))
+            return
+        # Admitted once its body is in (a slow upload holds a socket, never a slot), and shed
+        # before anything else is done for it: a shed request costs the least there is.
+        admission = self.runtime.admission
+        if not admission.try_enter():
+            await self._shed(scope, send)
+            return
+        try:
+            environ = _environ(scope, body)
             environ[ADMITTED] = True
-            try:
-                status, headers, payload = await run_sync(self._call_flask, environ)
-            finally:
-                admission.leave()
-        else:
-            status, headers, payload = await run_sync(self._call_flask, environ)
+            await self._respond(send, environ)
+        finally:
+            admission.leave()
+
+    async def _respond(self, send: Send, environ: dict[str, Any]) -> None:
+        status, headers, payload = await run_sync(self._call_flask, environ)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
