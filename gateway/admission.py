@@ -9,7 +9,10 @@ latency. Request latency is the wrong signal here: it is mostly the recommenders
 recommender must not make the gateway refuse work it could do.
 
 `LoopLag` measures the lag continuously: a tick sleeps `interval_s` and reports how late it
-woke. On each tick, `AdaptiveLimit` moves the number of requests a worker admits at once:
+woke. The limit follows the part of that lag the worker's own work accounts for (no more than
+the CPU its loop used over the tick): on a machine shared with other busy processes, a timer is
+also late while the system runs them, and admitting fewer requests would not give that time
+back. On each tick, `AdaptiveLimit` moves the number of requests a worker admits at once:
 
 - lag above `target_lag_s`: the limit shrinks in proportion, ``limit * max(0.5, target / lag)``;
 - lag at or below the target, and the limit in use (at least half of it admitted at some point
@@ -49,10 +52,12 @@ class LoopLag:
         interval_s: float = 0.025,
         stall_tolerance_s: float = 0.01,
         clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ):
         self.interval_s = interval_s
         self.stall_tolerance_s = stall_tolerance_s
         self._clock = clock
+        self._cpu_clock = cpu_clock
         self.last_s = 0.0
         self.max_s = 0.0
         self._stalled_s = 0.0
@@ -86,19 +91,27 @@ class LoopLag:
         seen, self.max_s = self.max_s, 0.0
         return seen
 
-    async def run(self, on_tick: Callable[[float], None]) -> None:
-        """Tick until cancelled; `on_tick(lag_s)` after each."""
+    async def run(self, on_tick: Callable[[float, float], None]) -> None:
+        """Tick until cancelled; `on_tick(lag_s, own_lag_s)` after each.
+
+        `own_lag_s` is the part of the lag this thread's own work can account for: the lag, but
+        no more than the CPU the thread used during the tick. Time the system gave to other
+        processes (a busy machine) delays the timer too, but admitting fewer requests here
+        would not give it back.
+        """
         clock = self._clock
         interval = self.interval_s
+        cpu = self._cpu_clock
         try:
             while True:
                 due = clock() + interval
+                used = cpu()
                 self._due = due
                 await asyncio.sleep(interval)
                 lag = max(0.0, clock() - due)
                 self._due = None
                 self.record(lag)
-                on_tick(lag)
+                on_tick(lag, min(lag, cpu() - used))
         finally:
             self._due = None
 

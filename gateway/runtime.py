@@ -311,9 +311,9 @@ class WorkerRuntime:
         state.publisher = loop.create_task(self._publish_metrics())
         state.ticker = loop.create_task(self.lag.run(self._on_tick))
 
-    def _on_tick(self, lag_s: float) -> None:
+    def _on_tick(self, lag_s: float, own_lag_s: float) -> None:
         if self.settings.admission.adaptive:
-            self.admission.update(lag_s)
+            self.admission.update(own_lag_s)
         if self.settings.metrics:
             metrics.observe_lag(lag_s)
 

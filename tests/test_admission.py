@@ -122,7 +122,7 @@ def test_a_stall_under_way_counts_before_its_tick_reports_it() -> None:
     lag = LoopLag(interval_s=0.025, stall_tolerance_s=0.01, clock=clock)
 
     async def stalled_tick() -> float:
-        task = asyncio.ensure_future(lag.run(lambda _: None))
+        task = asyncio.ensure_future(lag.run(lambda *_: None))
         await asyncio.sleep(0)  # the tick is due at 100.025
         clock.now = 100.5  # the loop is stalled: its timer is 475 ms late, so far
         stalled = lag.stalled_since(0.0)
@@ -133,11 +133,11 @@ def test_a_stall_under_way_counts_before_its_tick_reports_it() -> None:
 
 
 def test_a_blocked_loop_shows_as_lag() -> None:
-    seen: list[float] = []
+    seen: list[tuple[float, float]] = []
 
     async def main() -> None:
         lag = LoopLag(interval_s=0.01)
-        task = asyncio.ensure_future(lag.run(seen.append))
+        task = asyncio.ensure_future(lag.run(lambda *lags: seen.append(lags)))
         await asyncio.sleep(0.05)
         time.sleep(0.3)  # noqa: ASYNC251 - the point: the loop can run nothing meanwhile
         await asyncio.sleep(0.05)
@@ -146,7 +146,26 @@ def test_a_blocked_loop_shows_as_lag() -> None:
     asyncio.run(main())
     # The tick pending during the block woke at least 300 - 10 ms late, however busy the
     # machine (a lower bound: a busy machine only adds).
-    assert max(seen) >= 0.29
+    assert max(lag for lag, _ in seen) >= 0.29
+    # A sleeping thread uses no CPU: none of that lag was the loop's own work.
+    assert max(own for _, own in seen) < 0.29
+
+
+def test_the_loops_own_lag_is_the_lag_its_work_accounts_for() -> None:
+    seen: list[tuple[float, float]] = []
+
+    async def main() -> None:
+        lag = LoopLag(interval_s=0.01)
+        task = asyncio.ensure_future(lag.run(lambda *lags: seen.append(lags)))
+        await asyncio.sleep(0.05)
+        spin_until = time.thread_time() + 0.3
+        while time.thread_time() < spin_until:  # 300 ms of this thread's own CPU
+            pass
+        await asyncio.sleep(0.05)
+        task.cancel()
+
+    asyncio.run(main())
+    assert max(own for _, own in seen) >= 0.29
 
 
 # --- Whom the breaker blames -----------------------------------------------------------------
@@ -210,6 +229,13 @@ async def test_without_a_lag_meter_every_timeout_counts(pool: ScriptedPool) -> N
 
 
 # --- Served ----------------------------------------------------------------------------------
+
+
+def spin(seconds: float) -> None:
+    """Use `seconds` of this thread's CPU."""
+    until = time.thread_time() + seconds
+    while time.thread_time() < until:
+        pass
 
 
 def stall_serving_loop(app: Any, seconds: float) -> None:
@@ -279,9 +305,9 @@ def test_the_adaptive_limit_is_served_and_reported(fleet: MockFleet, serve: Serv
     url = serve(app)
     assert recommend(url, {}).status_code == 200
 
-    # A stalled loop is lag far above the 10 ms target: the limit comes down.
+    # A loop busy with its own work lags far above the 10 ms target: the limit comes down.
     for _ in range(3):
-        stall_serving_loop(app, 0.2)
+        app.runtime.loop.call_soon_threadsafe(spin, 0.2)
         time.sleep(0.25)
     wait_until(lambda: app.runtime.admission.limit < 8, 30, "the limit did not come down")
 
