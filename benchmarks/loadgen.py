@@ -18,11 +18,14 @@ import json
 import math
 import sys
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import aiohttp
+
+from benchmarks.rawhttp import RawPool
 
 __all__ = ["LoadResult", "OverloadResult", "percentile", "run_by_status", "run_load"]
 
@@ -229,7 +232,28 @@ def _body(sequence: int, result_size: int) -> bytes:
     return json.dumps({"user_id": f"bench-{sequence % 10_000}", "resultSize": result_size}).encode()
 
 
+async def _by_status(args: argparse.Namespace) -> OverloadResult:
+    """The ``closed`` and ``open`` modes, over the lean client (`benchmarks.rawhttp`)."""
+    address = urllib.parse.urlsplit(args.url)
+    host, port = address.hostname or "127.0.0.1", address.port or 80
+    async with RawPool(host, port, args.timeout_s) as pool:
+
+        async def status_of(sequence: int) -> tuple[int, float]:
+            return await pool.post("/recommendation", _body(sequence, args.result_size))
+
+        return await run_by_status(
+            status_of,
+            args.mode,
+            args.load,
+            args.duration,
+            args.warmup,
+            honour_retry_after=args.honour_retry_after,
+        )
+
+
 async def _main(args: argparse.Namespace) -> LoadResult | OverloadResult:
+    if args.mode != "plain":
+        return await _by_status(args)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout_s)
     headers = {"Content-Type": "application/json"}
@@ -239,26 +263,6 @@ async def _main(args: argparse.Namespace) -> LoadResult | OverloadResult:
             async with session.post(url, data=body, headers=headers) as response:
                 await response.read()
                 return response.status == 200
-
-        if args.mode != "plain":
-            url = f"{args.url}/recommendation"
-
-            async def status_of(sequence: int) -> tuple[int, float]:
-                body = _body(sequence, args.result_size)
-                async with session.post(url, data=body, headers=headers) as response:
-                    await response.read()
-                    retry_after = response.headers.get("Retry-After", "")
-                    wait_s = float(retry_after) if retry_after.isdigit() else 0.0
-                    return response.status, wait_s
-
-            return await run_by_status(
-                status_of,
-                args.mode,
-                args.load,
-                args.duration,
-                args.warmup,
-                honour_retry_after=args.honour_retry_after,
-            )
 
         if args.target == "gateway":
             url = f"{args.url}/recommendation"
@@ -300,7 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         help="closed mode: after a 503, wait its Retry-After before the next request",
     )
     args = parser.parse_args(argv)
-    result = asyncio.run(_main(args))
+    if args.mode == "plain":
+        result: LoadResult | OverloadResult = asyncio.run(_main(args))
+    else:
+        import uvloop  # the lean client on the fastest loop there is
+
+        result = uvloop.run(_main(args))
     json.dump(asdict(result), sys.stdout)
     print()
     return 0

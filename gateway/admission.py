@@ -148,6 +148,11 @@ class AdaptiveLimit:
         """Requests admitted and not yet finished."""
         return self._in_flight
 
+    @property
+    def full(self) -> bool:
+        """Whether a request arriving now would be shed."""
+        return self._in_flight >= int(self._limit)
+
     def try_enter(self) -> bool:
         """Admit one request if there is room under the limit."""
         with self._lock:

@@ -17,7 +17,6 @@ from swagger_ui_bundle import swagger_ui_path
 from werkzeug.security import safe_join
 
 from gateway import metrics
-from gateway.clients import parse_json
 from gateway.errors import RequestError, error_body, error_response
 from gateway.fanout import Deadline, Outcome
 from gateway.fusion import coverage, ranked_from
@@ -31,6 +30,7 @@ from gateway.request_id import (
 from gateway.runtime import WorkerRuntime
 from gateway.schemas import (
     RecommendationRequest,
+    parse_request_json,
 )
 from gateway.security import TOKEN_HEADER, TokenCheck
 
@@ -85,18 +85,22 @@ def _require_token() -> Response | None:
     return None
 
 
-def shed_answer(runtime: WorkerRuntime, request_id: str) -> tuple[bytes, dict[str, str]]:
+def shed_answer(
+    runtime: WorkerRuntime, request_id: str, limit: int | None = None
+) -> tuple[bytes, dict[str, str]]:
     """The body and headers of a 503 for a request this worker has no room for.
 
-    No recommender was called: each is reported `shed`.
+    No recommender was called: each is reported `shed`. `limit`: the admission limit it met
+    (default: the limit now).
     """
     settings = runtime.settings
+    limit = runtime.admission.limit if limit is None else limit
     retry_after = settings.shed_retry_after_s
     body = {
         "error": {
             "status": 503,
             "message": f"gateway overloaded: this worker already serves its limit of "
-            f"{runtime.admission.limit} requests at once; retry after {retry_after} s",
+            f"{limit} requests at once; retry after {retry_after} s",
         },
         "result": [],
         "sources": _shed_sources(runtime),
@@ -131,6 +135,7 @@ def _shed_when_full() -> Response | None:
     if runtime.admission.try_enter():
         g.admitted = True
         return None
+    runtime.shed += 1
     body, headers = shed_answer(runtime, g.request_id)
     return Response(body, status=503, headers=headers, mimetype="application/json")
 
@@ -159,7 +164,7 @@ def _parse_request(raw: bytes) -> RecommendationRequest:
     if not raw.strip():
         raise RequestError(400, "request body is empty; expected a JSON object")
     try:
-        body = parse_json(raw)
+        body = parse_request_json(raw, _runtime().settings.max_json_depth)
     except ValueError as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
     if not isinstance(body, dict):

@@ -103,6 +103,8 @@ class WorkerRuntime:
             target_lag_s=admission.target_lag_ms / 1000,
             smoothing=admission.smoothing,
         )
+        # Requests shed since the last line that said so (one a second at most).
+        self.shed = 0
         # The loop's lag: what moves the limit, and what excuses a recommender's timeout.
         self.lag = LoopLag(admission.interval_ms / 1000, admission.target_lag_ms / 1000)
         # Fixed by the settings: built once, not per request.
@@ -323,6 +325,17 @@ class WorkerRuntime:
             metrics.IN_FLIGHT.set(self.admission.in_flight)
             metrics.CONCURRENCY_LIMIT.set(self.admission.limit)
             metrics.flush()
+            if self.shed:
+                shed, self.shed = self.shed, 0
+                log.warning(
+                    "worker %d overloaded: shed %d requests in the last second (503); "
+                    "admission limit %d, loop lag up to %.1f ms",
+                    os.getpid(),
+                    shed,
+                    self.admission.limit,
+                    self.lag.take_max() * 1000,
+                    extra={"shed": shed, "limit": self.admission.limit},
+                )
             await asyncio.sleep(metrics.FLUSH_EVERY_S)
 
     @staticmethod

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
+import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -58,6 +59,8 @@ class GatewayASGI:
         settings = self.runtime.settings
         self.max_body_bytes = settings.max_body_bytes
         self.body_timeout_s = settings.http.body_timeout_s
+        self.metrics = settings.metrics
+        self._shed_answer = _ShedAnswer(self.runtime)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -89,6 +92,10 @@ class GatewayASGI:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if not self.runtime.started and not self.runtime.closed:
             await self.runtime.open()  # a server that runs no lifespan
+        recommendation = scope["path"] == "/recommendation" and scope["method"] == "POST"
+        if recommendation and self.runtime.admission.full:
+            await self._shed(scope, send)  # no need to read a body that will not be used
+            return
         try:
             body = await self._body(scope["headers"], receive)
         except _Refused as refused:
@@ -96,7 +103,7 @@ class GatewayASGI:
             return
         if body is None:
             return  # the client left before its body was in: nobody to answer
-        if scope["path"] != "/recommendation" or scope["method"] != "POST":
+        if not recommendation:
             await self._respond(send, _environ(scope, body))
             return
         # Admitted once its body is in (a slow upload holds a socket, never a slot), and shed
@@ -118,32 +125,19 @@ class GatewayASGI:
         await send({"type": "http.response.body", "body": payload})
 
     async def _shed(self, scope: Scope, send: Send) -> None:
-        """503 at once, before Flask: the cheapest answer this worker can give."""
+        """503 at once, before Flask: the cheapest answer this worker can give.
+
+        Shed requests are counted in the metrics one by one, and logged one line a second with
+        their number (`gateway.runtime`): a line each would cost a shed request a third more.
+        """
         received = time.perf_counter()
         request_id = request_id_of(scope["headers"])
-        body, extra = shed_answer(self.runtime, request_id)
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode("latin-1")),
-        ]
-        headers += [(name.lower().encode(), value.encode()) for name, value in extra.items()]
+        body, headers = self._shed_answer.render(self.runtime.admission.limit, request_id)
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        settings = self.runtime.settings
-        if settings.metrics:
+        self.runtime.shed += 1
+        if self.metrics:
             metrics.observe_request("/recommendation", 503, time.perf_counter() - received)
-        if settings.log_requests:
-            logs.write_request_line(
-                {
-                    "request_id": request_id,
-                    "method": "POST",
-                    "path": "/recommendation",
-                    "status": 503,
-                    "latency_ms": round((time.perf_counter() - received) * 1000, 1),
-                    "shed": True,
-                }
-            )
 
     async def _body(self, headers: Headers, receive: Receive) -> bytes | None:
         """The whole request body, or None if the client disconnected first."""
@@ -201,6 +195,35 @@ class GatewayASGI:
             (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
         ]
         return int(status[:3]), encoded, payload
+
+
+class _ShedAnswer:
+    """The 503 of a shed request, rendered once per limit; only the request id is spliced in."""
+
+    def __init__(self, runtime: Any):
+        self.runtime = runtime
+        self._parts: dict[int, tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = {}
+
+    def render(self, limit: int, request_id: str) -> tuple[bytes, Headers]:
+        parts = self._parts.get(limit)
+        if parts is None:
+            parts = self._parts[limit] = self._split(limit)
+        head, tail, extra = parts
+        body = head + json.dumps(request_id).encode() + tail
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode("latin-1")),
+            *extra,
+        ]
+        return body, headers
+
+    def _split(self, limit: int) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
+        marker = "\x00request-id\x00"
+        body, extra = shed_answer(self.runtime, marker, limit)
+        head, tail = body.split(json.dumps(marker).encode())
+        encoded = [(name.lower().encode(), value.encode()) for name, value in extra.items()]
+        return head, tail, encoded
 
 
 def settle_heap() -> None:

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from mock_recommenders import MockFleetProcess
-from tests.helpers import NAMES, gunicorn, sample
+from tests.helpers import NAMES, gunicorn, lines, sample
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,7 @@ def test_overload_is_answered_with_503s_and_no_healthy_recommender_is_blamed(
     with gunicorn(fleet_process, "--workers", "2", **overrides) as server:
         answers = asyncio.run(hammer(server.url, connections=300, seconds=5))
         metrics = requests.get(f"{server.url}/metrics", timeout=30).text
+        output = server.output()
 
     statuses = {status for status, _, _ in answers}
     assert statuses == {200, 503}, statuses
@@ -86,3 +87,8 @@ def test_overload_is_answered_with_503s_and_no_healthy_recommender_is_blamed(
         )
         assert sample(metrics, "gateway_circuit_breaker_open", recommender=name) == 0
     assert sample(metrics, "gateway_circuit_breaker_open", recommender="trd") == 1
+    # Shed requests are logged as a count, a line a second per worker, not a line each.
+    shed_lines = [r for r in lines(output) if "overloaded: shed" in r["message"]]
+    assert shed_lines and sum(r["shed"] for r in shed_lines) <= sum(
+        1 for status, _, _ in answers if status == 503
+    )
