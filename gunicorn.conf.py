@@ -3,6 +3,12 @@
 Flags on the command line (`--bind`, `--workers`, `--access-logfile -`, ...), or in
 `GUNICORN_CMD_ARGS`, override this file; `WEB_CONCURRENCY` sets the number of workers. The
 gateway's `server` setting (`GATEWAY_SERVER=gthread`) picks the serving design.
+
+`kill -HUP <master>` reloads the config, as nginx does: the master validates it first, and an
+invalid one is refused with a logged error naming the field while the workers keep serving;
+a valid one is pinned (`gateway.config.pin_settings`) and gunicorn replaces the workers, which
+build their app from it. gunicorn executes this file again on every reload: what it sets up
+once per master (the metrics directory) is remembered in the environment.
 """
 
 from __future__ import annotations
@@ -45,20 +51,30 @@ loglevel = "info"
 # Prometheus multiprocess mode: every worker writes its metrics into one directory, which
 # `/metrics` merges. It must be set before any worker imports prometheus_client, so here, in
 # the master; a directory given by the environment is emptied of a previous run's files.
-_METRICS_DIR_OWNED = "PROMETHEUS_MULTIPROC_DIR" not in os.environ
-if _METRICS_DIR_OWNED:
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
-else:
-    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
-        stale.unlink()
+# Only once per master: on a reload, the running workers' files are in it, and must stay.
+# (Not a GATEWAY_ variable: those are settings.)
+_METRICS_DIR_OWNER = "FUSION_GATEWAY_METRICS_DIR_OWNED"
+if _METRICS_DIR_OWNER not in os.environ:
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        os.environ[_METRICS_DIR_OWNER] = "no"
+        for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+            stale.unlink()
+    else:
+        os.environ[_METRICS_DIR_OWNER] = "yes"
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+_METRICS_DIR_OWNED = os.environ[_METRICS_DIR_OWNER] == "yes"
 
 
 def _server() -> str:
     # After the metrics directory is set: this imports the gateway, and prometheus-client with
-    # it. A config that does not load is reported by `on_starting`, with the field it names.
-    from gateway.config import load_settings
+    # it. A config that does not load is reported by `on_starting`, with the field it names; on
+    # a reload, the settings just validated are pinned.
+    from gateway.config import load_settings, pinned_settings
     from gateway.errors import ConfigError
 
+    pinned = pinned_settings()
+    if pinned is not None:
+        return pinned.server
     try:
         return load_settings().server
     except ConfigError:
@@ -92,16 +108,51 @@ def on_exit(server: Any) -> None:
 
 
 def on_starting(server: Any) -> None:
-    """Validate the settings in the master, so a bad config stops start-up with one message."""
-    from gateway.config import load_settings
+    """Validate the settings in the master, so a bad config stops start-up with one message.
+
+    The settings validated are pinned for the workers, and a reload validates before it
+    replaces any worker.
+    """
+    from gateway.config import load_settings, pin_settings
     from gateway.errors import ConfigError
 
     try:
-        load_settings()
+        pin_settings(load_settings())
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr, flush=True)
         on_exit(server)
         sys.exit(1)
+    _validate_reloads(server)
+
+
+def _validate_reloads(server: Any) -> None:
+    """Make a reload (SIGHUP) validate the config before gunicorn stops a worker.
+
+    gunicorn's own reload executes this file again, starts new workers and stops the old ones;
+    with a config the workers cannot load, every new worker would fail to boot, again and
+    again, and nothing would serve. Installed once, on the master itself: this file's next
+    executions do not run `on_starting`.
+    """
+    from gateway.config import describe_source, load_settings, pin_settings
+    from gateway.errors import ConfigError
+
+    reload = server.reload
+
+    def reload_if_valid() -> None:
+        try:
+            settings = load_settings()
+        except ConfigError as exc:
+            server.log.error(
+                "gateway: config refused, workers keep serving the previous one: %s", exc
+            )
+            return
+        pin_settings(settings)
+        server.log.info(
+            "gateway: config accepted from %s; replacing the workers", describe_source()
+        )
+        reload()
+
+    server.reload = reload_if_valid
 
 
 def post_worker_init(worker: Any) -> None:

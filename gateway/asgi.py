@@ -1,11 +1,14 @@
 """The app gunicorn serves: ``gunicorn -c gunicorn.conf.py gateway.asgi:app``.
 
-One event loop per worker serves HTTP and runs the fan-out (`gateway.serving`).
+One event loop per worker serves HTTP and runs the fan-out (`gateway.serving`). The app is built
+from the settings the gunicorn master validated (`gateway.config.pin_settings`), else from the
+config file and the environment.
 """
 
 from __future__ import annotations
 
 from gateway import create_app
+from gateway.config import pinned_settings
 from gateway.errors import ConfigError
 from gateway.logs import configure_logging
 from gateway.serving import GatewayASGI
@@ -16,6 +19,6 @@ __all__ = ["app"]
 configure_logging()
 
 try:
-    app = GatewayASGI(create_app())
+    app = GatewayASGI(create_app(pinned_settings()))
 except ConfigError as exc:
     raise SystemExit(f"gateway: {exc}") from None

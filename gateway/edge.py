@@ -17,7 +17,12 @@ and a few kilobytes, never a thread. What it leaves to the application, this add
   refused half-way, headers cut short), the gateway's side is shut first, what still arrives
   is read and dropped for up to `LINGER_S`, and only then is the socket closed. Closed at
   once, the kernel would answer the client's next bytes with a reset, which can destroy the
-  error response before the client reads it (nginx's `lingering_close`, for the same reason).
+  error response before the client reads it (nginx's `lingering_close`, for the same reason);
+- a drain when the worker stops (a reload, SIGTERM): uvicorn closes an idle keep-alive
+  connection at once, which loses a request the client is sending on it at that moment. Here
+  it stays open for `drain_s`; a request that comes on it is served and answered with
+  `Connection: close`, and a connection still idle at the end of the window is closed
+  (Envoy's drain). A request being served is answered with `Connection: close` (uvicorn's own).
 
 The body's own timeout and size limit are the ASGI app's (`gateway.asgi`): it reads the body.
 """
@@ -127,6 +132,7 @@ class EdgeProtocol(HttpToolsProtocol):
         self._started = False  # bytes of the current request have arrived
         self._request_in = True  # no request, or the current one received whole
         self._shutting_down = False
+        self._drain_timer: asyncio.TimerHandle | None = None
         self.lingering = False
 
     # Connection
@@ -147,12 +153,32 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         super().connection_lost(exc)
 
     def shutdown(self) -> None:
-        """The server is stopping: connections close at once, without lingering."""
+        """The server is stopping: each request is answered, then its connection closes.
+
+        An idle connection is kept for `drain_s`, in case its client is sending a request on it
+        right now; connections close without lingering.
+        """
         self._shutting_down = True
-        super().shutdown()
+        if self.transport.is_closing():
+            return
+        if self._serving():
+            super().shutdown()  # the answer says `Connection: close`, and the connection closes
+            return
+        self._drain_timer = self.loop.call_later(self.limits.drain_s, self._drained)
+
+    def _serving(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _drained(self) -> None:
+        self._drain_timer = None
+        # A request whose head is arriving, or being served, closes the connection when answered.
+        if not (self._started or self._serving() or self.transport.is_closing()):
+            self.transport.close()
 
     def close_gracefully(self) -> None:
         """Close; if the client may still be sending, shut our side and drain first."""
@@ -217,6 +243,8 @@ class EdgeProtocol(HttpToolsProtocol):
                     _Refusal(501, f"Transfer-Encoding {value.decode('latin-1')!r} is not supported")
                 )
         super().on_headers_complete()
+        if self._shutting_down and self.cycle is not None:
+            self.cycle.keep_alive = False  # draining: answered, then closed
 
     def on_message_complete(self) -> None:
         self._request_in = True

@@ -1,8 +1,13 @@
-"""The app gunicorn serves: ``gunicorn -c gunicorn.conf.py gateway.wsgi:app``."""
+"""The app gunicorn serves: ``gunicorn -c gunicorn.conf.py gateway.wsgi:app``.
+
+Built from the settings the gunicorn master validated (`gateway.config.pin_settings`), else
+from the config file and the environment.
+"""
 
 from __future__ import annotations
 
 from gateway import create_app
+from gateway.config import pinned_settings
 from gateway.errors import ConfigError
 from gateway.logs import configure_logging
 
@@ -12,6 +17,6 @@ __all__ = ["app"]
 configure_logging()
 
 try:
-    app = create_app()
+    app = create_app(pinned_settings())
 except ConfigError as exc:
     raise SystemExit(f"gateway: {exc}") from None

@@ -97,6 +97,7 @@ def test_environment_overrides_single_fields(
         (MINIMAL + "strategy: magic\n", "strategy: Input should be 'async'"),
         (MINIMAL + "server: twisted\n", "server: Input should be 'uvicorn' or 'gthread'"),
         (MINIMAL + "http:\n  header_timeout_s: 0\n", "http.header_timeout_s: Input should be"),
+        (MINIMAL + "http:\n  drain_s: -1\n", "http.drain_s: Input should be"),
         (MINIMAL + "fusion: none\nbreaker:\n  enabled: maybe\n", "breaker.enabled"),
         (MINIMAL + "deadline: 3\n", "deadline: Extra inputs are not permitted"),
         ("recommenders: []\n", "recommenders: List should have at least 1 item"),
@@ -139,3 +140,42 @@ def test_a_misspelt_override_is_refused_not_ignored(clean_environment: pytest.Mo
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read gateway config .*nowhere.yaml"):
         load_settings(tmp_path / "nowhere.yaml")
+
+
+@pytest.mark.parametrize(
+    ("keys", "field"),
+    [('["", "k"]', "api_keys.0"), ('["k", "  "]', "api_keys.1"), ('[""]', "api_keys.0")],
+)
+def test_an_empty_or_blank_api_key_in_the_file_is_refused(
+    tmp_path: Path, keys: str, field: str
+) -> None:
+    # It would let in a request whose X-Api-Token header is empty.
+    path = write(tmp_path, MINIMAL + f"api_keys: {keys}\n")
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+
+    assert f"{field}: Value error, an API key must not be empty or blank" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "field"), [("k1,,k2", "api_keys.1"), ("k1,", "api_keys.1"), (" ", "api_keys.0")]
+)
+def test_an_empty_or_blank_api_key_in_the_environment_is_refused(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch, value: str, field: str
+) -> None:
+    clean_environment.setenv("GATEWAY_API_KEYS", value)
+
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, MINIMAL))
+
+    assert f"{field}: Value error, an API key must not be empty or blank" in str(caught.value)
+    assert "GATEWAY_API_KEYS" in str(caught.value)
+
+
+def test_an_empty_api_keys_variable_sets_no_keys(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    clean_environment.setenv("GATEWAY_API_KEYS", "")
+
+    assert load_settings(write(tmp_path, MINIMAL + 'api_keys: ["k"]\n')).api_keys == []

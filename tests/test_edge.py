@@ -20,7 +20,15 @@ import pytest
 
 from gateway import create_app
 from mock_recommenders import MockFleet, MockFleetProcess
-from tests.helpers import NAMES, Serve, post_concurrently, settings_for
+from tests.helpers import (
+    NAMES,
+    InProcessServer,
+    Serve,
+    port_is_open,
+    post_concurrently,
+    settings_for,
+    wait_until,
+)
 
 
 class Answer:
@@ -272,3 +280,75 @@ def test_slow_clients_cost_a_socket_not_service_for_everyone_else(
 def _status_or_closed(sock: socket.socket) -> int | None:
     raw = read_all(sock, timeout_s=60)
     return Answer(raw).status if raw else None
+
+
+# --- Draining, when the worker stops ---------------------------------------------------------
+
+
+def read_answer(sock: socket.socket) -> Answer:
+    """One response with a Content-Length, read off a connection that may stay open."""
+    sock.settimeout(30)
+    raw = b""
+    while b"\r\n\r\n" not in raw:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before an answer: {raw!r}"
+        raw += chunk
+    length = int(Answer(raw.partition(b"\r\n\r\n")[0] + b"\r\n\r\n").headers["content-length"])
+    while len(raw.partition(b"\r\n\r\n")[2]) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed in the middle of an answer"
+        raw += chunk
+    return Answer(raw)
+
+
+def keep_alive_request(user_id: str) -> bytes:
+    body = json.dumps({"user_id": user_id}).encode()
+    return HEAD + b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def begin_stopping(server: InProcessServer) -> None:
+    """Tell `server` to stop, as SIGTERM does; return once it has stopped accepting."""
+    port = address(server.url)[1]
+    server.server.should_exit = True
+    # uvicorn stops accepting and asks every connection to shut down in one go.
+    wait_until(lambda: not port_is_open(port), 30, "the server kept accepting connections")
+
+
+def test_a_request_on_an_idle_connection_while_stopping_is_answered_with_close(
+    fleet: MockFleet,
+) -> None:
+    # The client sends its next request on a keep-alive connection just as the worker stops
+    # (a reload): it is served, and told the connection closes, instead of being lost.
+    server = InProcessServer(create_app(settings_for(fleet, http={"drain_s": 30.0}))).start()
+    try:
+        with connection(server.url) as sock:
+            sock.sendall(keep_alive_request("before"))
+            first = read_answer(sock)
+            begin_stopping(server)
+            sock.sendall(keep_alive_request("during"))
+            second = read_answer(sock)
+            after = read_all(sock)
+    finally:
+        server.stop()
+
+    assert first.status == 200
+    assert "connection" not in first.headers
+    assert second.status == 200
+    assert second.json()["complete"] is True
+    assert [e["prediction"]["user_id"] for e in second.json()["result"]] == ["during"] * 4
+    assert second.headers["connection"] == "close"
+    assert after == b""  # closed after the answer: the server stopped within the 30 s window
+
+
+def test_an_idle_connection_is_closed_when_the_drain_ends(fleet: MockFleet) -> None:
+    server = InProcessServer(create_app(settings_for(fleet, http={"drain_s": 0.2}))).start()
+    try:
+        with connection(server.url) as sock:
+            sock.sendall(keep_alive_request("before"))
+            assert read_answer(sock).status == 200
+            begin_stopping(server)
+            closed = read_all(sock)
+    finally:
+        server.stop()
+
+    assert closed == b""  # nothing came on it: closed without a word

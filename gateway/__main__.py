@@ -1,0 +1,55 @@
+"""The gateway's command line: ``python -m gateway check-config [FILE]``.
+
+`check-config` validates a config as the gateway would load it (the file, then the `GATEWAY_*`
+environment overrides), like ``nginx -t``: before a reload (``kill -HUP``), it says whether the
+master will accept the file. It prints a one-line summary and exits 0 on a valid config;
+otherwise it prints what is wrong, naming each field, and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.config import Settings, describe_source, load_settings
+from gateway.errors import ConfigError
+
+__all__ = ["main", "summary"]
+
+
+def summary(settings: Settings) -> str:
+    """A line saying what `settings` set up: the recommenders and the main choices."""
+    names = ", ".join(recommender.name for recommender in settings.recommenders)
+    return (
+        f"{len(settings.recommenders)} recommenders ({names}), "
+        f"deadline_ms {settings.deadline_ms:g}, fusion {settings.fusion}, "
+        f"server {settings.server}, strategy {settings.strategy}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    parser = argparse.ArgumentParser(prog="python -m gateway", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config as the gateway would load it; exit 1 if it is invalid",
+    )
+    check.add_argument(
+        "file",
+        nargs="?",
+        help="the YAML file (default: $GATEWAY_CONFIG, then the packaged config.yaml)",
+    )
+    args = parser.parse_args(argv)
+
+    try:
+        settings = load_settings(args.file)
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    print(f"gateway: config ok: {describe_source(args.file)}: {summary(settings)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
