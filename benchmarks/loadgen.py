@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import math
+import random
 import sys
 import time
 import urllib.parse
@@ -145,10 +146,10 @@ async def run_by_status(
     answers by status.
 
     ``closed``: `load` connections, each sending its next request when the last is answered:
-    at once, or (`honour_retry_after`) after the wait a 503 asks for. ``open``: `load` requests
-    per second arrive on a fixed schedule whatever the answers (as users do); at most
-    `max_outstanding` wait at once, and an arrival beyond that is counted as status
-    ``client-limit``.
+    at once, or (`honour_retry_after`) after the wait a 503 asks for, jittered by +-50%.
+    ``open``: `load` requests per second arrive on a fixed schedule whatever the answers (as
+    users do); at most `max_outstanding` wait at once, and an arrival beyond that is counted as
+    status ``client-limit``.
     """
     latencies: dict[str, list[float]] = {}
     sent = 0
@@ -181,6 +182,9 @@ async def run_by_status(
                 wait_s = await one(number * 1_000_003 + iteration)
                 iteration += 1
                 if honour_retry_after and wait_s > 0:
+                    # Spread around the wait asked for, as clients' backoff does: a thousand
+                    # clients told "1 s" at once would otherwise come back at once.
+                    wait_s *= random.uniform(0.5, 1.5)
                     await asyncio.sleep(min(wait_s, stop_at - time.perf_counter()))
 
         await asyncio.gather(*(user(n) for n in range(int(load))))

@@ -1,31 +1,36 @@
-"""Admission that follows the worker's capacity: an adaptive concurrency limit on loop lag.
+"""Admission that follows the worker's capacity: an adaptive concurrency limit per worker.
 
-A worker serves all its requests on one event loop. When it has more work than CPU, every
-callback waits longer for its turn: the loop *lags*, and that lag is queueing inside the
-gateway itself. It is the gateway's own latency above its no-load latency (near zero), the
-signal that TCP Vegas and LEDBAT read from round-trip times and that Netflix's
-concurrency-limits (Gradient2) and Envoy's adaptive concurrency filter read from request
-latency. Request latency is the wrong signal here: it is mostly the recommenders', and a slow
-recommender must not make the gateway refuse work it could do.
+Two signals move the limit, each a measured latency against its no-load value:
 
-`LoopLag` measures the lag continuously: a tick sleeps `interval_s` and reports how late it
-woke. The limit follows the part of that lag the worker's own work accounts for (no more than
-the CPU its loop used over the tick): on a machine shared with other busy processes, a timer is
-also late while the system runs them, and admitting fewer requests would not give that time
-back. On each tick, `AdaptiveLimit` moves the number of requests a worker admits at once:
+- **the requests' latency** (Netflix concurrency-limits' Gradient2, in the spirit of Envoy's
+  adaptive concurrency filter): the recent average latency of admitted requests against its
+  long-term average. When admitting more makes every request slower (the gateway, or the
+  recommenders behind it, queueing), the recent average rises above the long one;
+  ``gradient = clamp(tolerance * long / recent, 0.5, 1)``, with a tolerance of 1.5. The long
+  average follows slowly (about 100 ticks), so a recommender that stays slow becomes the new
+  normal rather than a reason to keep refusing work;
+- **the worker's own queueing**: its event loop's lag, how late a timer tick runs
+  (`LoopLag`). No-load lag is near zero; the part above `target_lag_s` is requests waiting
+  for the one loop that serves them all, and ``gradient = max(0.5, target / lag)``. Only the
+  lag the worker's own work accounts for counts (no more than the CPU its loop used over the
+  tick: time the system gave to other processes would not come back by admitting fewer), and
+  of that only the admitted requests' share: a shed request costs the loop `SHED_COST` of a
+  served one, and clients that retry at once come back as fast as they are shed, so a
+  smaller limit would only shed more.
 
-- lag above `target_lag_s`: the limit shrinks in proportion, ``limit * max(0.5, target / lag)``;
-- lag at or below the target, and the limit in use (at least half of it admitted at some point
-  since the last tick): it grows by ``sqrt(limit)``, the headroom Gradient2 allows;
+On each tick (`interval_s`), with the smaller of the two gradients:
+
+- below 1: the limit shrinks to ``limit * gradient``;
+- 1, with at least half the limit in use since the last tick: it grows by ``sqrt(limit)``
+  (Gradient2's headroom);
 - otherwise (little demand) it stays, so an idle worker does not drift to the ceiling.
 
 Each step is smoothed (``limit += smoothing * (new - limit)``) and kept within
-``[min_limit, max_limit]``; `max_limit` is the hard ceiling (`admission.max_in_flight`).
-A request above the limit is answered 503 with `Retry-After` at once, before any recommender
-is called.
+``[min_limit, max_limit]``; `max_limit` is the hard ceiling (`max_in_flight`). A request above
+the limit is answered 503 with `Retry-After` at once, before any recommender is called.
 
-The same lag tells the breakers whom to blame (`LoopLag.stalled_since`): a call that timed
-out while the loop was stalled for a good part of its budget did not get that budget, and the
+The lag also tells the breakers whom to blame (`LoopLag.stalled_since`): a call that timed out
+while the loop was stalled for a good part of its budget did not get that budget, and the
 timeout is the gateway's, not the recommender's.
 """
 
@@ -37,7 +42,11 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["AdaptiveLimit", "LoopLag"]
+__all__ = ["SHED_COST", "AdaptiveLimit", "LoopLag"]
+
+# What shedding a request costs the loop, as a share of serving one: 0.08 ms against 2.0-2.4 ms
+# of a worker's CPU, measured with four recommenders (python -m benchmarks overload).
+SHED_COST = 1 / 25
 
 
 class LoopLag:
@@ -117,7 +126,7 @@ class LoopLag:
 
 
 class AdaptiveLimit:
-    """How many requests one worker admits at once, moved by the loop's lag (module docs)."""
+    """How many requests one worker admits at once, moved by latency and loop lag (module docs)."""
 
     def __init__(
         self,
@@ -126,6 +135,7 @@ class AdaptiveLimit:
         max_limit: int = 512,
         target_lag_s: float = 0.01,
         smoothing: float = 0.2,
+        rtt_tolerance: float = 1.5,
     ):
         if not 1 <= min_limit <= max_limit:
             raise ValueError("need 1 <= min_limit <= max_limit")
@@ -137,6 +147,13 @@ class AdaptiveLimit:
         self._lock = threading.Lock()
         self._in_flight = 0
         self._peak = 0  # the most admitted at once since the last update
+        self._served = 0  # requests served since the last update
+        self._shed = 0  # requests shed since the last update
+        self._served_rate = 0.0  # served, then shed, per update, smoothed
+        self._shed_rate = 0.0
+        self.rtt_tolerance = rtt_tolerance
+        self._rtt_sum = 0.0  # the latency of the requests served since the last update
+        self._long_rtt = 0.0  # their long-term average (Gradient2's "long RTT")
 
     @property
     def limit(self) -> int:
@@ -150,32 +167,72 @@ class AdaptiveLimit:
 
     @property
     def full(self) -> bool:
-        """Whether a request arriving now would be shed."""
-        return self._in_flight >= int(self._limit)
+        """Whether a request arriving now would be shed; counts it as shed if so."""
+        if self._in_flight >= int(self._limit):
+            self._shed += 1
+            self._peak = self._in_flight + 1
+            return True
+        return False
 
     def try_enter(self) -> bool:
         """Admit one request if there is room under the limit."""
         with self._lock:
             if self._in_flight >= int(self._limit):
                 self._peak = self._in_flight + 1  # demand beyond the limit: it is in use
+                self._shed += 1
                 return False
             self._in_flight += 1
             if self._in_flight > self._peak:
                 self._peak = self._in_flight
             return True
 
-    def leave(self) -> None:
-        """An admitted request finished."""
+    def leave(self, latency_s: float = 0.0) -> None:
+        """An admitted request finished, `latency_s` after it was admitted."""
         with self._lock:
             self._in_flight -= 1
+            self._served += 1
+            self._rtt_sum += latency_s
+
+    def _rtt_gradient(self, served: int) -> float:
+        """Gradient2's: long-term over recent latency, with a tolerance, within [0.5, 1]."""
+        if not served or not self._rtt_sum:
+            return 1.0
+        short = self._rtt_sum / served
+        self._rtt_sum = 0.0
+        long = self._long_rtt
+        if not long:
+            self._long_rtt = short
+            return 1.0
+        # Slow to follow (about 100 updates), so a rise under load shows; quick to come down
+        # once latency has fallen well below it.
+        long += (short - long) / 100
+        if long > 2 * short:
+            long *= 0.95
+        self._long_rtt = long
+        return max(0.5, min(1.0, self.rtt_tolerance * long / short))
 
     def update(self, lag_s: float) -> None:
-        """Move the limit after a tick of the loop that woke `lag_s` late."""
+        """Move the limit after a tick of the loop that woke `lag_s` late (its own work's part).
+
+        The lag is first cut to the admitted requests' share of the loop's work: a shed request
+        costs the loop too (`SHED_COST` of a served one), and when clients retry at once, as
+        many come back as are shed, so shrinking the limit for their lag would only shed more.
+        """
         with self._lock:
             limit = self._limit
             peak, self._peak = self._peak, self._in_flight
+            gradient = self._rtt_gradient(self._served)
+            # Over the last ten ticks or so: a tick is shorter than most requests.
+            self._served_rate += 0.1 * (self._served - self._served_rate)
+            self._shed_rate += 0.1 * (self._shed - self._shed_rate)
+            self._served = self._shed = 0
+            if self._shed_rate:
+                served = self._served_rate
+                lag_s *= served / (served + self._shed_rate * SHED_COST)
             if lag_s > self.target_lag_s:
-                new = limit * max(0.5, self.target_lag_s / lag_s)
+                gradient = min(gradient, max(0.5, self.target_lag_s / lag_s))
+            if gradient < 1.0:
+                new = limit * gradient
             elif peak * 2 >= limit:
                 new = limit + math.sqrt(limit)
             else:

@@ -199,7 +199,7 @@ class AdmissionSettings(BaseModel):
         default=4, ge=1, description="The limit never goes below this (nor above max_in_flight)."
     )
     target_lag_ms: float = Field(
-        default=10,
+        default=25,
         gt=0,
         description="Loop lag the limit aims for: above it the limit shrinks, below it grows.",
     )

@@ -143,7 +143,7 @@ def _shed_when_full() -> Response | None:
 @blueprint.teardown_request
 def _leave(error: BaseException | None) -> None:
     if g.pop("admitted", False):
-        _runtime().admission.leave()
+        _runtime().admission.leave(time.perf_counter() - g.received_at)
 
 
 @blueprint.after_app_request

@@ -112,12 +112,13 @@ class GatewayASGI:
         if not admission.try_enter():
             await self._shed(scope, send)
             return
+        admitted = time.perf_counter()
         try:
             environ = _environ(scope, body)
             environ[ADMITTED] = True
             await self._respond(send, environ)
         finally:
-            admission.leave()
+            admission.leave(time.perf_counter() - admitted)
 
     async def _respond(self, send: Send, environ: dict[str, Any]) -> None:
         status, headers, payload = await run_sync(self._call_flask, environ)

@@ -316,3 +316,51 @@ def test_the_adaptive_limit_is_served_and_reported(fleet: MockFleet, serve: Serv
 
     # Published once a second.
     wait_until(lambda: 2 <= reported() < 8, 30, lambda: f"reported limit {reported()}")
+
+
+def test_the_lag_of_shedding_does_not_shrink_the_limit_further() -> None:
+    # Clients that retry at once come back as fast as they are shed: when most of the loop's
+    # work is shedding them, its lag is theirs, and a smaller limit would only shed more.
+    storm = AdaptiveLimit(initial=32, min_limit=4, max_limit=100, target_lag_s=0.01)
+    calm = AdaptiveLimit(initial=32, min_limit=4, max_limit=100, target_lag_s=0.01)
+    for _ in range(50):
+        for limit, bounced in ((storm, 500), (calm, 0)):
+            fill(limit, 32 + bounced)  # all 32 slots taken; the rest shed
+            for _ in range(2):
+                limit.leave()  # two served a tick
+            limit.update(0.03)  # three times the target
+    assert calm.limit == 4  # its own work: shrunk to the floor
+    assert storm.limit > 16  # the sheds' lag: a tenth of it is the served requests'
+
+
+def serve_ticks(limit: AdaptiveLimit, latency_s: float, ticks: int) -> list[int]:
+    """`ticks` ticks, each serving the whole limit at `latency_s`, the loop keeping up."""
+    seen = []
+    for _ in range(ticks):
+        admitted = fill(limit, limit.limit + 5)  # demand beyond the limit
+        for _ in range(admitted):
+            limit.leave(latency_s)
+        limit.update(0.0)
+        seen.append(limit.limit)
+    return seen
+
+
+def test_requests_slowing_down_under_load_bring_the_limit_down() -> None:
+    limit = AdaptiveLimit(initial=32, min_limit=4, max_limit=200, target_lag_s=0.01)
+    calm = serve_ticks(limit, 0.025, 20)
+    assert calm[-1] > 32  # latency steady: the limit grows with demand
+
+    # Four times slower at once (the gateway or its recommenders queueing): it comes down.
+    slowed = serve_ticks(limit, 0.1, 10)
+    assert slowed[-1] < calm[-1] / 2
+
+    # A slowness that lasts becomes the norm: the limit grows again.
+    later = serve_ticks(limit, 0.1, 400)
+    assert later[-1] > slowed[-1]
+
+
+def test_a_latency_within_the_tolerance_does_not_shrink_the_limit() -> None:
+    limit = AdaptiveLimit(initial=32, min_limit=4, max_limit=200, target_lag_s=0.01)
+    serve_ticks(limit, 0.02, 20)
+    grown = limit.limit
+    assert serve_ticks(limit, 0.028, 5)[-1] >= grown  # 1.4x: within Gradient2's 1.5
