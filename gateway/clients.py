@@ -2,97 +2,62 @@
 
 This module is the one boundary where the HTTP clients' exceptions become the gateway's
 `RecommenderError`s (see `gateway.errors`), each carrying the recommender's name and a short
-reason a frontend can read.
+reason a frontend can read. Both clients read answers within the same `AnswerLimits`: bytes
+(as sent and decompressed, enforced while reading), items, and JSON nesting and numbers
+(`gateway.jsonlimits`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
-import os
-import socket
-import urllib.parse
 from collections.abc import Mapping, Sequence
-from typing import Any, Generic, NoReturn, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
-import requests
-
+from gateway.blocking import BlockingPool
 from gateway.errors import (
     BadRecommenderResponse,
     ClientClosedError,
+    GatewayError,
     RecommenderTimeout,
     RecommenderUnavailable,
 )
+from gateway.jsonlimits import JsonRefused, loads
 from gateway.resilience import parse_retry_after
 from gateway.upstream import (
+    MAX_ANSWER_BYTES,
     ConnectFailed,
     ConnectionPool,
     Disconnected,
     PoolClosed,
+    TooLarge,
     Truncated,
     UpstreamError,
 )
 
-__all__ = ["BlockingRecommenderClient", "RecommenderClient", "Replicas", "parse_json"]
+__all__ = ["AnswerLimits", "BlockingRecommenderClient", "RecommenderClient", "Replicas"]
 
 
-def _reject_constant(name: str) -> NoReturn:
-    # NaN and Infinity are not JSON; passing them on would garble the gateway's own response.
-    raise ValueError(f"{name} is not valid JSON")
+@dataclass(frozen=True, slots=True)
+class AnswerLimits:
+    """What the gateway reads of one recommender's answer (its settings, by default)."""
+
+    max_bytes: int = MAX_ANSWER_BYTES
+    max_items: int = 1000
+    max_depth: int = 64
 
 
-# One decoder for all: `json.loads` with a hook builds a new decoder (and scanner) per call.
-_STRICT_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
-
-
-def parse_json(payload: bytes | str) -> Any:
-    """Parse strict JSON text in UTF-8 (no NaN or Infinity); raise `ValueError` otherwise."""
-    try:
-        text = payload.decode("utf-8") if isinstance(payload, bytes) else payload
-        return _STRICT_DECODER.decode(text)
-    except RecursionError as exc:
-        raise ValueError("JSON nested too deeply") from exc
-
-
-def _describe(error: BaseException) -> str:
-    # asyncio words a refused connection as "Connect call failed ('127.0.0.1', 5001)"; the
-    # errno's own text is what an operator searches for.
-    if isinstance(error, socket.gaierror):
-        return "host name not resolved"
-    if isinstance(error, OSError):
-        if error.errno and error.errno > 0:
-            return os.strerror(error.errno)
-        return error.strerror or type(error).__name__
-    return type(error).__name__
-
-
-def _find_cause(
-    error: BaseException, kinds: tuple[type[BaseException], ...]
-) -> BaseException | None:
-    """The first exception of `kinds` in the chain under `error`.
-
-    requests wraps urllib3, which wraps the socket error: ``ConnectionError(MaxRetryError(
-    reason=NewConnectionError(...) from ConnectionRefusedError))``.
-    """
-    pending, seen = [error], set()
-    while pending:
-        current = pending.pop()
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, kinds):
-            return current
-        links = (getattr(current, "reason", None), current.__cause__, current.__context__)
-        pending.extend(e for e in (*links, *current.args) if isinstance(e, BaseException))
-    return None
+DEFAULT_LIMITS = AnswerLimits()
 
 
 # Statuses that say "try again": the recommender (or a proxy before it) is briefly unable.
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 
-def _check_answer(name: str, status: int, payload: bytes, retry_after: str | None) -> Any:
+def _check_answer(
+    name: str, status: int, payload: bytes, retry_after: str | None, limits: AnswerLimits
+) -> Any:
     """The parsed JSON of a recommender's answer, or the `RecommenderError` it amounts to."""
     if status >= 300:
         raise RecommenderUnavailable(
@@ -102,9 +67,35 @@ def _check_answer(name: str, status: int, payload: bytes, retry_after: str | Non
             retry_after_s=parse_retry_after(retry_after),
         )
     try:
-        return parse_json(payload)
+        prediction = loads(payload, limits.max_depth)
+    except JsonRefused as exc:
+        raise BadRecommenderResponse(name, f"answered JSON beyond the limits: {exc}") from exc
     except ValueError as exc:
         raise BadRecommenderResponse(name, "answered a body that is not JSON") from exc
+    if type(prediction) is dict:
+        items = prediction.get("items")
+        if type(items) is list and len(items) > limits.max_items:
+            raise BadRecommenderResponse(
+                name, f"answered {len(items)} items, above the limit of {limits.max_items}"
+            )
+    return prediction
+
+
+def _failure(name: str, idempotent: bool, error: UpstreamError) -> GatewayError:
+    """The `RecommenderError` an HTTP client's failure amounts to, with its reason."""
+    if isinstance(error, PoolClosed):
+        return ClientClosedError(f"the connection pool of recommender {name} is closed")
+    if isinstance(error, ConnectFailed):
+        # The request never left: always safe to try again.
+        return RecommenderUnavailable(name, str(error), retryable=True)
+    if isinstance(error, Disconnected):
+        reason = "connection closed by the recommender before it answered"
+        return RecommenderUnavailable(name, reason, retryable=idempotent)
+    if isinstance(error, Truncated):
+        return RecommenderUnavailable(name, "answer cut off before its end", retryable=idempotent)
+    if isinstance(error, TooLarge):
+        return BadRecommenderResponse(name, str(error))
+    return RecommenderUnavailable(name, f"answered something unreadable: {error}")
 
 
 class _Endpoint:
@@ -136,12 +127,17 @@ class RecommenderClient(_Endpoint):
         self._pool = pool
 
     async def recommend(
-        self, body: bytes, headers: Mapping[str, str], timeout_s: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
+        limits: AnswerLimits = DEFAULT_LIMITS,
     ) -> Any:
         """POST `body` (JSON) to the recommender and return its parsed JSON answer.
 
         `timeout_s` bounds the whole call (waiting for a pooled connection, connecting,
-        sending, reading) and defaults to the client's own budget.
+        sending, reading) and defaults to the client's own budget; the answer is read within
+        `limits`.
 
         Raises `RecommenderTimeout`, `RecommenderUnavailable` or `BadRecommenderResponse`.
         """
@@ -150,95 +146,60 @@ class RecommenderClient(_Endpoint):
         budget = self.timeout_s if timeout_s is None else timeout_s
         try:
             async with asyncio.timeout(budget):
-                answer = await self._pool.post(self.url, body, headers)
+                answer = await self._pool.post(self.url, body, headers, limits.max_bytes)
         except TimeoutError as exc:
             raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
         except UpstreamError as exc:
-            raise self._unavailable(exc) from exc
-        return _check_answer(self.name, answer.status, answer.body, answer.header(b"retry-after"))
-
-    def _unavailable(self, error: UpstreamError) -> Exception:
-        if isinstance(error, ConnectFailed):
-            # The request never left: always safe to try again.
-            return RecommenderUnavailable(self.name, str(error), retryable=True)
-        if isinstance(error, Disconnected):
-            reason = "connection closed by the recommender before it answered"
-            return RecommenderUnavailable(self.name, reason, retryable=self.idempotent)
-        if isinstance(error, Truncated):
-            reason = "answer cut off before its end"
-            return RecommenderUnavailable(self.name, reason, retryable=self.idempotent)
-        if isinstance(error, PoolClosed):
-            return ClientClosedError(f"the connection pool of recommender {self.name} is closed")
-        return RecommenderUnavailable(self.name, f"answered something unreadable: {error}")
+            raise _failure(self.name, self.idempotent, exc) from exc
+        retry_after = answer.header(b"retry-after")
+        return _check_answer(self.name, answer.status, answer.body, retry_after, limits)
 
 
 class BlockingRecommenderClient(_Endpoint):
-    """Calls one recommender from a thread, over a pooled `requests.Session`.
+    """Calls one recommender from a thread, over a `gateway.blocking.BlockingPool`.
 
-    Used by the thread-pool fan-out; it maps `requests`' errors onto the same
-    `RecommenderError`s as `RecommenderClient`, with the same reasons.
+    Used by the thread-pool fan-out; the same answers, limits, errors and reasons as
+    `RecommenderClient`, and the call's budget bounds it all: no thread waits past it.
     """
 
     def __init__(
         self,
         name: str,
         url: str,
-        session: requests.Session,
+        pool: BlockingPool,
         timeout_s: float,
         idempotent: bool = True,
     ):
         super().__init__(name, url, timeout_s, idempotent)
-        self._session = session
+        self._pool = pool
         self._closed = False
 
     def close(self) -> None:
-        """Refuse further calls (the session is closed by its owner)."""
+        """Refuse further calls (the pool is closed by its owner)."""
         self._closed = True
 
     def recommend(
-        self, body: bytes, headers: Mapping[str, str], timeout_s: float | None = None
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout_s: float | None = None,
+        limits: AnswerLimits = DEFAULT_LIMITS,
     ) -> Any:
         """POST `body` and return the parsed JSON answer; raise a `RecommenderError`.
 
-        `timeout_s` bounds connecting and each wait for data (requests has no total timeout;
-        the thread-pool fan-out stops waiting at the deadline regardless).
+        `timeout_s` bounds the whole call, as for `RecommenderClient.recommend`.
         """
         if self._closed:
-            raise ClientClosedError(f"the session of recommender {self.name} is closed")
+            raise ClientClosedError(f"the connection pool of recommender {self.name} is closed")
         budget = self.timeout_s if timeout_s is None else timeout_s
         try:
-            response = self._session.post(
-                self.url,
-                data=body,
-                headers={"Content-Type": "application/json", **headers},
-                timeout=budget,
-                allow_redirects=False,
-            )
-        except requests.Timeout as exc:
+            answer = self._pool.post(self.url, body, headers, budget, limits.max_bytes)
+        except TimeoutError as exc:
             raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
-        except requests.ConnectionError as exc:
-            cause = _find_cause(exc, (ConnectionRefusedError, socket.gaierror))
-            if cause is not None:
-                host, port = _host_port(self.url)
-                reason = f"cannot connect to {host}:{port}: {_describe(cause)}"
-                raise RecommenderUnavailable(self.name, reason, retryable=True) from exc
-            raise RecommenderUnavailable(
-                self.name,
-                "connection closed by the recommender before it answered",
-                retryable=self.idempotent,
-            ) from exc
-        except requests.RequestException as exc:
-            raise RecommenderUnavailable(
-                self.name, f"call failed: {type(exc).__name__}", retryable=self.idempotent
-            ) from exc
-        return _check_answer(
-            self.name, response.status_code, response.content, response.headers.get("Retry-After")
-        )
-
-
-def _host_port(url: str) -> tuple[str, int]:
-    parsed = urllib.parse.urlsplit(url)
-    return parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+        except UpstreamError as exc:
+            raise _failure(self.name, self.idempotent, exc) from exc
+        retry_after = answer.header(b"retry-after")
+        return _check_answer(self.name, answer.status, answer.body, retry_after, limits)
 
 
 Client = TypeVar("Client", RecommenderClient, BlockingRecommenderClient)

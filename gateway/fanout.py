@@ -6,11 +6,13 @@ config) from `STRATEGIES`:
 - ``async``: `asyncio.gather` of one call per recommender over the worker's shared aiohttp
   session: all calls in flight at once on the worker loop (the default);
 - ``threads``: one blocking call per recommender in a `ThreadPoolExecutor` that lives as long
-  as the worker, over a pooled `requests.Session`;
+  as the worker, over a `gateway.blocking.BlockingPool` (each call, and so each thread, held
+  no longer than the call's budget);
 - ``sync``: one recommender after another, over the same shared aiohttp session.
 
 Whatever happens to a call, a fan-out never raises for it: every configured recommender
-yields an `Outcome`, in config order.
+yields an `Outcome`, in config order. Every call reads its answer within its recommender's
+`AnswerLimits` (`max_answer_bytes`, `max_items`, `max_json_depth`).
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
-import requests
-from requests.adapters import HTTPAdapter
-
-from gateway.clients import BlockingRecommenderClient, RecommenderClient, Replicas
+from gateway.blocking import BlockingPool
+from gateway.clients import (
+    DEFAULT_LIMITS,
+    AnswerLimits,
+    BlockingRecommenderClient,
+    RecommenderClient,
+    Replicas,
+)
 from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout, SourceStatus
 from gateway.resilience import MIN_CALL_BUDGET_S, Guard, Hedger
@@ -39,6 +45,7 @@ __all__ = [
     "Outcome",
     "SequentialFanOut",
     "ThreadPoolFanOut",
+    "answer_limits",
     "build_fan_out",
 ]
 
@@ -224,25 +231,27 @@ async def _hedged(
     body: bytes,
     headers: Mapping[str, str],
     budget: float,
+    limits: AnswerLimits,
 ) -> Any:
     """One attempt: the replica whose turn it is, and a hedge to another if it is slow."""
     primary, backup = replicas.pick()
     if backup is None:
         # One replica: nothing to hedge to, so nothing to count or time for it either.
-        return await primary.recommend(body, headers, budget)
+        return await primary.recommend(body, headers, budget, limits)
     hedger.count_call()
     delay = hedger.delay_s()
     started = time.perf_counter()
     if delay is None or delay >= budget:
-        prediction = await primary.recommend(body, headers, budget)
+        prediction = await primary.recommend(body, headers, budget, limits)
         hedger.record(time.perf_counter() - started)
         return prediction
-    first = asyncio.ensure_future(primary.recommend(body, headers, budget))
+    first = asyncio.ensure_future(primary.recommend(body, headers, budget, limits))
     pending: set[asyncio.Future[Any]] = {first}
     try:
         done, pending = await asyncio.wait(pending, timeout=delay)
         if not done and hedger.try_hedge():
-            pending.add(asyncio.ensure_future(backup.recommend(body, headers, budget - delay)))
+            hedge = backup.recommend(body, headers, budget - delay, limits)
+            pending.add(asyncio.ensure_future(hedge))
         error: BaseException | None = None
         while True:
             for task in done:
@@ -265,6 +274,7 @@ async def _hedged(
 async def _call(
     replicas: Replicas[RecommenderClient],
     guard: Guard,
+    limits: AnswerLimits,
     body: bytes,
     headers: Mapping[str, str],
     deadline: Deadline,
@@ -274,7 +284,8 @@ async def _call(
         return call
     try:
         try:
-            prediction = await _hedged(replicas, guard.hedger, body, headers, call.next_attempt())
+            budget = call.next_attempt()
+            prediction = await _hedged(replicas, guard.hedger, body, headers, budget, limits)
         except RecommenderError as first:
             if not guard.retry.worth_retrying(first):
                 raise
@@ -285,7 +296,9 @@ async def _call(
                     if attempt.retry_state.attempt_number == 1:
                         raise first
                     budget = call.next_attempt()
-                    prediction = await _hedged(replicas, guard.hedger, body, headers, budget)
+                    prediction = await _hedged(
+                        replicas, guard.hedger, body, headers, budget, limits
+                    )
     except asyncio.CancelledError:
         guard.breaker.released()
         raise
@@ -297,6 +310,7 @@ async def _call(
 def _call_blocking(
     replicas: Replicas[BlockingRecommenderClient],
     guard: Guard,
+    limits: AnswerLimits,
     body: bytes,
     headers: Mapping[str, str],
     deadline: Deadline,
@@ -306,7 +320,8 @@ def _call_blocking(
         return call
     try:
         try:
-            prediction = replicas.pick()[0].recommend(body, headers, call.next_attempt())
+            budget = call.next_attempt()
+            prediction = replicas.pick()[0].recommend(body, headers, budget, limits)
         except RecommenderError as first:
             if not guard.retry.worth_retrying(first):
                 raise
@@ -315,7 +330,7 @@ def _call_blocking(
                     if attempt.retry_state.attempt_number == 1:
                         raise first
                     budget = call.next_attempt()
-                    prediction = replicas.pick()[0].recommend(body, headers, budget)
+                    prediction = replicas.pick()[0].recommend(body, headers, budget, limits)
     except Exception as exc:
         return _close(call, guard, exc, None)
     return _close(call, guard, None, prediction)
@@ -327,9 +342,15 @@ class _OverSharedSession:
     name: ClassVar[str]
 
     def __init__(
-        self, recommenders: Sequence[Replicas[RecommenderClient]], guards: Mapping[str, Guard]
+        self,
+        recommenders: Sequence[Replicas[RecommenderClient]],
+        guards: Mapping[str, Guard],
+        limits: Mapping[str, AnswerLimits] | None = None,
     ):
-        self.guarded = tuple((replicas, guards[replicas.name]) for replicas in recommenders)
+        self.guarded = tuple(
+            (replicas, guards[replicas.name], (limits or {}).get(replicas.name, DEFAULT_LIMITS))
+            for replicas in recommenders
+        )
 
     @classmethod
     def from_settings(
@@ -339,7 +360,7 @@ class _OverSharedSession:
         guards: Mapping[str, Guard],
     ) -> FanOut:
         """Fan out over the worker's aiohttp clients."""
-        return cls(recommenders, guards)
+        return cls(recommenders, guards, answer_limits(settings))
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -361,7 +382,8 @@ class AsyncFanOut(_OverSharedSession):
     ) -> list[Outcome]:
         """Call every recommender concurrently on the worker loop."""
         calls = (
-            _call(replicas, guard, body, headers, deadline) for replicas, guard in self.guarded
+            _call(replicas, guard, limits, body, headers, deadline)
+            for replicas, guard, limits in self.guarded
         )
         return list(await asyncio.gather(*calls))
 
@@ -376,8 +398,8 @@ class SequentialFanOut(_OverSharedSession):
     ) -> list[Outcome]:
         """Call each recommender in turn; those the deadline leaves no time for time out."""
         return [
-            await _call(replicas, guard, body, headers, deadline)
-            for replicas, guard in self.guarded
+            await _call(replicas, guard, limits, body, headers, deadline)
+            for replicas, guard, limits in self.guarded
         ]
 
 
@@ -387,23 +409,22 @@ class ThreadPoolFanOut:
     name: ClassVar[str] = "threads"
 
     def __init__(self, settings: Settings, guards: Mapping[str, Guard], max_threads: int):
-        self._session = requests.Session()
-        pool = settings.pool
-        adapter = HTTPAdapter(
-            pool_connections=len(settings.recommenders),
-            pool_maxsize=min(pool.limit_per_host or pool.limit, pool.limit),
+        self._pool = BlockingPool(
+            limit_per_host=settings.pool.limit_per_host,
+            keepalive_timeout_s=settings.pool.keepalive_timeout_s,
         )
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
         self.clients = tuple(
-            BlockingRecommenderClient(
-                r.name, url, self._session, settings.timeout_s(r), r.idempotent
-            )
+            BlockingRecommenderClient(r.name, url, self._pool, settings.timeout_s(r), r.idempotent)
             for r in settings.recommenders
             for url in r.replicas
         )
+        limits = answer_limits(settings)
         self.guarded = tuple(
-            (Replicas([c for c in self.clients if c.name == r.name]), guards[r.name])
+            (
+                Replicas([c for c in self.clients if c.name == r.name]),
+                guards[r.name],
+                limits[r.name],
+            )
             for r in settings.recommenders
         )
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="gateway-fan-out")
@@ -415,7 +436,7 @@ class ThreadPoolFanOut:
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
     ) -> FanOut:
-        """A pool of `settings.fan_out_threads` threads and its own requests session."""
+        """A pool of `settings.fan_out_threads` threads and its own connections."""
         return cls(settings, guards, settings.fan_out_threads)
 
     async def fan_out(
@@ -426,28 +447,36 @@ class ThreadPoolFanOut:
         started = time.perf_counter()
         futures = [
             loop.run_in_executor(
-                self._executor, _call_blocking, replicas, guard, body, headers, deadline
+                self._executor, _call_blocking, replicas, guard, limits, body, headers, deadline
             )
-            for replicas, guard in self.guarded
+            for replicas, guard, limits in self.guarded
         ]
         await asyncio.wait(futures, timeout=max(deadline.remaining_s(), 0))
         outcomes = []
-        for (replicas, _), future in zip(self.guarded, futures, strict=True):
+        for (replicas, _, _), future in zip(self.guarded, futures, strict=True):
             if future.done():
                 outcomes.append(future.result())
             else:
-                # The thread runs on until its own timeout; the request does not wait for it.
+                # The thread runs on until its call's budget, which the deadline bounds, ends.
                 future.cancel()
                 elapsed = round((time.perf_counter() - started) * 1000, 1)
                 outcomes.append(deadline.missed(replicas.name, elapsed))
         return outcomes
 
     async def close(self) -> None:
-        """Stop the pool (without waiting for stragglers) and close the session."""
+        """Stop the pool (without waiting for stragglers) and close its connections."""
         for client in self.clients:
             client.close()
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._session.close()
+        self._pool.close()
+
+
+def answer_limits(settings: Settings) -> dict[str, AnswerLimits]:
+    """Each recommender's `AnswerLimits`, from its settings and the JSON depth limit."""
+    return {
+        r.name: AnswerLimits(r.max_answer_bytes, r.max_items, settings.max_json_depth)
+        for r in settings.recommenders
+    }
 
 
 STRATEGIES: dict[str, type[FanOut]] = {

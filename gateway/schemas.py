@@ -1,15 +1,19 @@
-"""Pydantic models of the `/recommendation` request and response."""
+"""Pydantic models of the `/recommendation` request and response, and the request's parse."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from gateway.errors import SourceStatus
+from gateway.errors import RequestError, SourceStatus
 from gateway.fusion import FusionChoice
+from gateway.jsonlimits import JsonRefused, loads, offending_field
 
 __all__ = [
+    "MAX_UNKNOWN_FIELDS",
+    "MAX_UNKNOWN_FIELDS_BYTES",
     "ErrorDetail",
     "ErrorDocument",
     "ErrorInfo",
@@ -20,7 +24,13 @@ __all__ = [
     "RecommenderResult",
     "SourceReport",
     "UnansweredRecommendation",
+    "parse_request_json",
 ]
+
+# Fields beyond the known ones are forwarded to every recommender: a body may carry this many,
+# of at most this many bytes together (as forwarded, in compact JSON).
+MAX_UNKNOWN_FIELDS = 32
+MAX_UNKNOWN_FIELDS_BYTES = 16 * 1024
 
 
 class RecommendationRequest(BaseModel):
@@ -72,6 +82,49 @@ class RecommendationRequest(BaseModel):
         if window is not None and window > self.resultSize:
             body["resultSize"] = window
         return body
+
+
+def parse_request_json(raw: bytes, max_depth: int) -> Any:
+    """The frontend's body as JSON, within the gateway's limits.
+
+    Raises `ValueError` when it is not JSON, and `RequestError` (422) naming the field when it
+    nests deeper than `max_depth`, holds a number beyond the limits (`gateway.jsonlimits`), or
+    brings more unknown fields, or more of them, than the recommenders are sent.
+    """
+    try:
+        body = loads(raw, max_depth)
+    except JsonRefused as exc:
+        field = offending_field(raw.decode("utf-8"), max_depth) or "(body)"
+        raise _invalid(field, str(exc)) from None
+    if type(body) is dict and not body.keys() <= _KNOWN_FIELDS:
+        _check_unknown_fields(body)
+    return body
+
+
+_KNOWN_FIELDS = frozenset(RecommendationRequest.model_fields)
+
+
+def _check_unknown_fields(body: dict[str, Any]) -> None:
+    unknown = [name for name in body if name not in _KNOWN_FIELDS]
+    if len(unknown) > MAX_UNKNOWN_FIELDS:
+        raise _invalid(
+            unknown[MAX_UNKNOWN_FIELDS],
+            f"one of {len(unknown)} unknown fields; at most {MAX_UNKNOWN_FIELDS} are forwarded",
+        )
+    size = 0
+    for name in unknown:
+        size += len(json.dumps({name: body[name]}, separators=(",", ":")))
+        if size > MAX_UNKNOWN_FIELDS_BYTES:
+            raise _invalid(
+                name,
+                f"unknown fields of more than {MAX_UNKNOWN_FIELDS_BYTES} bytes together; "
+                "that much at most is forwarded",
+            )
+
+
+def _invalid(field: str, message: str) -> RequestError:
+    details = [{"field": field, "message": message}]
+    return RequestError(422, f"invalid request: {field}: {message}", details)
 
 
 class RecommenderResult(BaseModel):

@@ -370,6 +370,7 @@ class ScriptedPool:
             collections.deque
         )
         self.calls: list[tuple[str, bytes, dict[str, str]]] = []
+        self.caps: list[int | None] = []  # each call's `max_bytes`
         self.closed = False
 
     def add(
@@ -388,9 +389,12 @@ class ScriptedPool:
         encoded = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
         self._scripts[url].append(_Script(status, body, encoded, error, delay_s))
 
-    async def post(self, url: str, body: bytes, headers: Mapping[str, str]) -> Answer:
-        """Answer as scripted, after the scripted delay."""
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], max_bytes: int | None = None
+    ) -> Answer:
+        """Answer as scripted, after the scripted delay (`max_bytes` is recorded, not enforced)."""
         self.calls.append((url, body, dict(headers)))
+        self.caps.append(max_bytes)
         assert self._scripts[url], f"no answer scripted for {url}"
         script = self._scripts[url].popleft()
         if script.delay_s:

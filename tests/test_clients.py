@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.clients import RecommenderClient, parse_json
+from gateway.clients import AnswerLimits, RecommenderClient
 from gateway.errors import (
     BadRecommenderResponse,
     ClientClosedError,
@@ -19,7 +19,14 @@ from gateway.errors import (
     RecommenderTimeout,
     RecommenderUnavailable,
 )
-from gateway.upstream import ConnectFailed, Disconnected, Malformed, Truncated, UpstreamError
+from gateway.upstream import (
+    ConnectFailed,
+    Disconnected,
+    Malformed,
+    TooLarge,
+    Truncated,
+    UpstreamError,
+)
 from tests.helpers import ScriptedPool
 
 URL = "http://recommender.test/test"
@@ -127,7 +134,70 @@ async def test_a_closed_pool_refuses_calls(pool: ScriptedPool) -> None:
     assert pool.calls == []
 
 
-@pytest.mark.parametrize("text", ["NaN", "[Infinity]", '{"a": -Infinity}', "[" * 100_000])
-def test_parse_json_rejects_what_json_does_not_allow(text: str) -> None:
-    with pytest.raises(ValueError):
-        parse_json(text)
+# --- Bounded answers ------------------------------------------------------------------------
+
+
+async def test_the_answers_byte_cap_goes_to_the_pool_and_an_answer_over_it_is_an_error(
+    pool: ScriptedPool,
+) -> None:
+    pool.add(URL, payload={"items": []})
+    pool.add(URL, error=TooLarge("answer larger than the limit of 2048 bytes"))
+    limits = AnswerLimits(max_bytes=2048)
+
+    assert await client_of(pool).recommend(BODY, {}, limits=limits) == {"items": []}
+    with pytest.raises(BadRecommenderResponse) as caught:
+        await client_of(pool).recommend(BODY, {}, limits=limits)
+
+    assert pool.caps == [2048, 2048]
+    assert (caught.value.status, caught.value.reason) == (
+        "error",
+        "answer larger than the limit of 2048 bytes",
+    )
+    assert caught.value.retryable is False
+
+
+async def test_more_items_than_the_limit_is_an_error_naming_it(pool: ScriptedPool) -> None:
+    items = [{"id": f"i{i}", "score": 1.0} for i in range(11)]
+    pool.add(URL, payload={"items": items[:10]})
+    pool.add(URL, payload={"items": items})
+    limits = AnswerLimits(max_items=10)
+
+    assert len((await client_of(pool).recommend(BODY, {}, limits=limits))["items"]) == 10
+    with pytest.raises(BadRecommenderResponse) as caught:
+        await client_of(pool).recommend(BODY, {}, limits=limits)
+
+    assert caught.value.reason == "answered 11 items, above the limit of 10"
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b'{"items": ' + b"[" * 70 + b"]" * 70 + b"}", "nested deeper than 64 levels"),
+        (b'{"items": [], "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper than 64"),
+        (b'{"items": [{"id": "a", "score": 1e999}]}', "a number too large for a float (1e999)"),
+        (b'{"items": [], "n": ' + b"7" * 4299 + b"}", "an integer of 4299 digits (at most 100)"),
+        (b'{"items": [{"id": "\\udc00"}]}', "a string with an unpaired surrogate escape"),
+    ],
+    ids=["deep", "very deep", "overflow", "long integer", "lone surrogate"],
+)
+async def test_json_beyond_the_limits_is_an_error_saying_which(
+    pool: ScriptedPool, body: bytes, problem: str
+) -> None:
+    pool.add(URL, body=body)
+
+    with pytest.raises(BadRecommenderResponse) as caught:
+        await client_of(pool).recommend(BODY, {})
+
+    assert caught.value.status == "error"
+    assert caught.value.reason.startswith("answered JSON beyond the limits: ")
+    assert problem in caught.value.reason
+
+
+async def test_an_answer_at_the_limits_is_taken(pool: ScriptedPool) -> None:
+    nested: Any = 1
+    for _ in range(63):  # inside the answer object: 64 levels
+        nested = [nested]
+    answer = {"items": [{"id": "a", "score": 1e308}], "n": -int("9" * 100), "deep": nested}
+    pool.add(URL, payload=answer)
+
+    assert await client_of(pool).recommend(BODY, {}) == answer

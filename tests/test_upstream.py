@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import socket
 import struct
 import zlib
@@ -16,15 +17,19 @@ from typing import Any
 
 import pytest
 
+from gateway.blocking import BlockingPool
 from gateway.upstream import (
+    Answer,
     ConnectFailed,
     ConnectionPool,
     Disconnected,
     Malformed,
     PoolClosed,
+    TooLarge,
     Truncated,
 )
 from tests.helpers import closed_port
+from tests.hostile import gzip_bomb
 
 Action = Callable[[asyncio.StreamWriter], Awaitable[None]]
 
@@ -194,7 +199,7 @@ async def test_status_and_headers_come_back(server: Scripted, connections: Conne
 # --- Failures --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
+FAILURES = pytest.mark.parametrize(
     ("step", "error", "message"),
     [
         (close, Disconnected, "closed before answering"),
@@ -211,6 +216,9 @@ async def test_status_and_headers_come_back(server: Scripted, connections: Conne
     ],
     ids=["closed", "cut off", "reset", "not http", "huge headers", "brotli", "bad gzip"],
 )
+
+
+@FAILURES
 async def test_each_failure_is_its_own_error_and_the_connection_is_not_reused(
     server: Scripted, connections: ConnectionPool, step: bytes | Action, error: type, message: str
 ) -> None:
@@ -297,3 +305,249 @@ async def test_a_closed_pool_closes_its_connections_and_refuses_calls(server: Sc
 async def test_a_line_break_in_a_header_is_refused(connections: ConnectionPool) -> None:
     with pytest.raises(ValueError, match="line break"):
         await connections.post("http://127.0.0.1:9/test", b"{}", {"X-Evil": "a\r\nHost: b"})
+
+
+# --- Bounded answers -------------------------------------------------------------------------
+
+CAP = 4096
+
+
+def chunked_forever(chunk: bytes = b"x" * 1000) -> Action:
+    """An answer whose chunks never end (until the client leaves)."""
+
+    async def act(writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while not writer.is_closing():
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await writer.drain()
+
+    return act
+
+
+def compressed(coding: str, data: bytes) -> bytes:
+    """`data` compressed with `coding`: gzip, deflate (zlib's wrapping) or raw deflate."""
+    wbits = {"gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}.get(coding, -zlib.MAX_WBITS)
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    return packer.compress(data) + packer.flush()
+
+
+def bomb(coding: str, size: int) -> bytes:
+    """`size` zero bytes, compressed with `coding`."""
+    return compressed(coding, bytes(size))
+
+
+OVERSIZED = pytest.mark.parametrize(
+    ("step", "message"),
+    [
+        (
+            # Announced, and never sent: the call must fail on the headers alone.
+            f"HTTP/1.1 200 OK\r\nContent-Length: {CAP + 1}\r\n\r\n".encode(),
+            f"answer larger than the limit of {CAP} bytes (Content-Length: {CAP + 1})",
+        ),
+        (chunked_forever(), f"answer larger than the limit of {CAP} bytes"),
+        (then(b"HTTP/1.1 200 OK\r\n\r\n" + b"x" * (CAP + 1), close), "larger than the limit"),
+        (
+            answer(bomb("gzip", 10 * CAP), 200, "Content-Encoding: gzip"),
+            f"answer decompresses to more than the limit of {CAP} bytes",
+        ),
+        (
+            answer(bomb("deflate", 10 * CAP), 200, "Content-Encoding: deflate"),
+            "decompresses to more than",
+        ),
+        (
+            answer(bomb("raw deflate", 10 * CAP), 200, "Content-Encoding: deflate"),
+            "decompresses to more than",
+        ),
+    ],
+    ids=["announced", "endless chunks", "until the close", "gzip", "deflate", "raw deflate"],
+)
+
+
+@OVERSIZED
+async def test_an_answer_over_its_cap_fails_and_its_connection_is_dropped(
+    server: Scripted, connections: ConnectionPool, step: bytes | Action, message: str
+) -> None:
+    server.script = [step, answer()]
+
+    with pytest.raises(TooLarge, match=re.escape(message)):
+        await connections.post(server.url, b"{}", {}, max_bytes=CAP)
+    assert (await post(connections, server.url)).status == 200
+
+    assert server.connections == 2
+    for _ in range(100):  # the server sees the first connection closed
+        if server.open == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert server.open == 1
+
+
+async def test_a_gzip_bomb_is_not_decompressed_past_the_cap(
+    server: Scripted, connections: ConnectionPool
+) -> None:
+    # 1,000 MiB of zeros in 1 MB: decompressed whole, this process would grow by as much.
+    server.script = [answer(b"".join(gzip_bomb(1000 << 20)), 200, "Content-Encoding: gzip")]
+
+    with pytest.raises(TooLarge, match="decompresses to more than the limit of 1048576"):
+        await connections.post(server.url, b"{}", {}, max_bytes=1 << 20)
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw deflate"])
+async def test_an_answer_at_its_cap_is_read_whole(
+    server: Scripted, connections: ConnectionPool, coding: str
+) -> None:
+    body = b"[" + b"0," * ((CAP - 3) // 2) + b"0]"
+    body += b" " * (CAP - len(body))
+    header = "Content-Encoding: " + coding.split()[-1]
+    server.script = [answer(body), answer(compressed(coding, body), 200, header)]
+
+    plain = await connections.post(server.url, b"{}", {}, max_bytes=CAP)
+    decoded = await connections.post(server.url, b"{}", {}, max_bytes=CAP)
+
+    assert plain.body == decoded.body == body
+    assert server.connections == 1
+
+
+async def test_a_compressed_answer_cut_short_is_malformed(
+    server: Scripted, connections: ConnectionPool
+) -> None:
+    server.script = [answer(gzip.compress(b'{"a": 1}')[:-8], 200, "Content-Encoding: gzip")]
+
+    with pytest.raises(Malformed, match="gzip body that does not decompress"):
+        await post(connections, server.url)
+
+
+# --- The blocking pool (gateway.blocking): the same answers, from threads --------------------
+
+
+@pytest.fixture
+async def blocking() -> AsyncIterator[BlockingPool]:
+    pool = BlockingPool(keepalive_timeout_s=5.0, user_agent="fusion-gateway/test")
+    yield pool
+    pool.close()
+
+
+async def post_blocking(
+    pool: BlockingPool, url: str, timeout_s: float = 10.0, max_bytes: int | None = None
+) -> Answer:
+    # In a thread, as the `threads` fan-out calls it: the scripted server runs on this loop.
+    return await asyncio.to_thread(pool.post, url, b"{}", {}, timeout_s, max_bytes)
+
+
+async def test_the_blocking_pool_reads_every_kind_of_answer_and_keeps_its_connection(
+    server: Scripted, blocking: BlockingPool
+) -> None:
+    chunked = (
+        b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n{"a\r\n5\r\n": 1}\r\n0\r\n\r\n'
+    )
+    server.script = [
+        chunked,
+        answer(gzip.compress(b'{"z": "gzip"}'), 200, "Content-Encoding: gzip"),
+        answer(compressed("raw deflate", b'{"z": "raw"}'), 200, "Content-Encoding: deflate"),
+        b"HTTP/1.1 100 Continue\r\n\r\n" + answer(b'{"after": "interim"}', 503, "Retry-After: 3"),
+        then(b'HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n{"until": "the end"}', close),
+    ]
+
+    answers = [await post_blocking(blocking, server.url) for _ in range(5)]
+
+    assert [a.body for a in answers] == [
+        b'{"a": 1}',
+        b'{"z": "gzip"}',
+        b'{"z": "raw"}',
+        b'{"after": "interim"}',
+        b'{"until": "the end"}',
+    ]
+    assert (answers[3].status, answers[3].header(b"retry-after")) == (503, "3")
+    assert server.connections == 1
+    assert blocking.idle_connections == 0  # the last answer closed it
+    assert server.requests[0].split(b"\r\n")[0] == b"POST /test HTTP/1.1"
+
+
+@FAILURES
+async def test_the_blocking_pool_fails_as_the_async_one_does(
+    server: Scripted, blocking: BlockingPool, step: bytes | Action, error: type, message: str
+) -> None:
+    server.script = [step, answer()]
+
+    with pytest.raises(error, match=message):
+        await post_blocking(blocking, server.url)
+    assert (await post_blocking(blocking, server.url)).status == 200
+
+    assert server.connections == 2
+
+
+@OVERSIZED
+async def test_the_blocking_pool_reads_no_answer_past_its_cap(
+    server: Scripted, blocking: BlockingPool, step: bytes | Action, message: str
+) -> None:
+    server.script = [step, answer()]
+
+    with pytest.raises(TooLarge, match=re.escape(message)):
+        await post_blocking(blocking, server.url, max_bytes=CAP)
+    assert (await post_blocking(blocking, server.url)).status == 200
+
+    assert server.connections == 2
+    for _ in range(100):
+        if server.open == 1:
+            break
+        await asyncio.sleep(0.05)
+    assert server.open == 1
+
+
+def trickle(data: bytes, every_s: float, sent: list[int]) -> Action:
+    """Send `data` a byte at a time, counting in `sent`: each read waits less than a timeout."""
+
+    async def act(writer: asyncio.StreamWriter) -> None:
+        for byte in data:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            sent[0] += 1
+            await asyncio.sleep(every_s)
+
+    return act
+
+
+async def test_a_trickling_answer_holds_a_blocking_call_no_longer_than_its_budget(
+    server: Scripted, blocking: BlockingPool
+) -> None:
+    # 300 bytes at one every 100 ms: 30 s, each byte well within any per-read timeout.
+    sent = [0]
+    server.script = [trickle(answer(b'{"items": []}', 200, "X-Pad: " + "." * 200), 0.1, sent)]
+
+    with pytest.raises(TimeoutError):
+        await post_blocking(blocking, server.url, timeout_s=0.5)
+    # The call returned with its connection closed: the server's next byte finds it gone.
+    for _ in range(100):
+        if server.open == 0:
+            break
+        await asyncio.sleep(0.05)
+
+    assert server.open == 0
+    assert sent[0] < 100  # at most a few seconds of the 30 on a busy machine, not all of them
+    assert blocking.idle_connections == 0
+
+
+async def test_an_idle_connection_the_server_closed_is_not_used(
+    server: Scripted, blocking: BlockingPool
+) -> None:
+    server.script = [then(answer(), close), answer()]  # closes after answering, unannounced
+
+    assert (await post_blocking(blocking, server.url)).status == 200
+    for _ in range(100):
+        if server.open == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert (await post_blocking(blocking, server.url)).status == 200
+
+    assert server.connections == 2
+
+
+async def test_the_blocking_pool_says_where_and_why_it_cannot_connect_and_refuses_once_closed(
+    blocking: BlockingPool,
+) -> None:
+    with closed_port() as port, pytest.raises(ConnectFailed) as caught:
+        await post_blocking(blocking, f"http://127.0.0.1:{port}/test")
+    blocking.close()
+
+    assert str(caught.value) == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+    with pytest.raises(PoolClosed):
+        await post_blocking(blocking, f"http://127.0.0.1:{port}/test")
