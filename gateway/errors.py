@@ -9,7 +9,7 @@ Exception tree::
     └── RecommenderError             one recommender failed; becomes a `sources` entry
         ├── RecommenderTimeout       no answer within the call's time budget
         ├── RecommenderUnavailable   refused, reset, or answered with an error status
-        ├── BadRecommenderResponse   answered 2xx with a body that is not JSON
+        ├── BadRecommenderResponse   answered 2xx with a body that is not JSON, or too large
         └── CircuitOpen              not called: its circuit breaker is open
 
 Library errors (aiohttp, pydantic) are translated into these at one boundary each
@@ -108,7 +108,7 @@ class RecommenderUnavailable(RecommenderError):
 
 
 class BadRecommenderResponse(RecommenderError):
-    """The recommender answered 2xx with a body that is not JSON."""
+    """The recommender answered a body that is not JSON, or beyond the gateway's limits."""
 
 
 class CircuitOpen(RecommenderError):
