@@ -209,6 +209,12 @@ class AdmissionSettings(BaseModel):
     smoothing: float = Field(
         default=0.2, gt=0, le=1, description="Share of each step the limit takes at once."
     )
+    latency_tolerance: float = Field(
+        default=2.0,
+        ge=1,
+        description="How much slower than their long-term average requests may get before "
+        "the limit shrinks.",
+    )
 
 
 class HttpSettings(BaseModel):

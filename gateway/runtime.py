@@ -102,6 +102,7 @@ class WorkerRuntime:
             max_limit=settings.max_in_flight,
             target_lag_s=admission.target_lag_ms / 1000,
             smoothing=admission.smoothing,
+            rtt_tolerance=admission.latency_tolerance,
         )
         # Requests shed since the last line that said so (one a second at most).
         self.shed = 0
