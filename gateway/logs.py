@@ -94,7 +94,10 @@ class _BatchWriter(logging.Handler):
         super().close()
 
     def _run(self) -> None:
-        while True:
+        # `_stopped` is read again after every clear: a `close` that comes while this thread
+        # sleeps sets `_due` before the clear, and waiting on it then would wait for ever (the
+        # worker hung at exit until gunicorn killed it, 30 s later).
+        while not self._stopped:
             self._due.wait()
             if self._stopped:
                 return

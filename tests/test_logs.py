@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 import requests
 
 from gateway import create_app
-from gateway.logs import configure_logging, flush
+from gateway.logs import _BatchWriter, configure_logging, flush
 from mock_recommenders import MockFleet, MockFleetProcess
 from tests.helpers import Serve, gunicorn, lines, settings_for, wait_until
 
@@ -89,3 +91,19 @@ def test_request_lines_can_be_switched_off(
 
     flush()
     assert [r for r in lines(log_stream.getvalue()) if r["message"] == "request"] == []
+
+
+@pytest.mark.parametrize("pause_s", [0.0, 0.005, 0.01, 0.015])
+def test_closing_the_writer_while_it_waits_to_write_ends_it(pause_s: float) -> None:
+    # A close that comes while the writer thread sleeps before a write (as at a worker's exit,
+    # just after its last lines) must end the thread, not leave it waiting for ever.
+    stream = io.StringIO()
+    writer = _BatchWriter(stream, logging.Formatter("%(message)s"))
+    writer.handle(logging.makeLogRecord({"msg": "last words"}))
+    time.sleep(pause_s)  # somewhere in the writer's 20 ms sleep
+    closing = threading.Thread(target=writer.close)
+    closing.start()
+    closing.join(10)
+
+    assert not closing.is_alive()
+    assert stream.getvalue() == "last words\n"
