@@ -23,6 +23,7 @@ from tests.helpers import (
     GUNICORN,
     NAMES,
     ROOT,
+    Gunicorn,
     gateway_environment,
     gunicorn,
     lines,
@@ -37,6 +38,15 @@ LONG = {"GATEWAY_DEADLINE_MS": "20000"}
 
 def bodies(count: int) -> list[dict[str, Any]]:
     return [{"user_id": f"g-{i}", "resultSize": 1 + i % 7} for i in range(count)]
+
+
+def both_started(server: Gunicorn) -> None:
+    """Wait until both workers have opened their session (a worker still booting has not)."""
+    wait_until(
+        lambda: server.output().count("recommender session started") == 2,
+        60,
+        lambda: f"the second worker did not start:\n{server.output()[-3000:]}",
+    )
 
 
 def assert_own_data(answers: list[tuple[int, Any]]) -> None:
@@ -121,6 +131,9 @@ def test_sigterm_lets_in_flight_requests_finish_then_closes_the_sessions(
     # Far longer than the SIGTERM takes to reach the workers, however busy the machine.
     fleet_process.set_behaviour(delay_ms=2000)
     with gunicorn(fleet_process, "--workers", "2", **LONG) as server:
+        # Both workers up, each with its session, before the signal: one still booting when
+        # it comes never opens one (and CI once saw just that).
+        both_started(server)
 
         async def in_flight() -> list[tuple[int, Any]]:
             async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, Any]:
@@ -164,6 +177,7 @@ def test_either_serving_design_serves_either_app_path(
 ) -> None:
     overrides = {"GATEWAY_SERVER": server, **LONG}
     with gunicorn(fleet_process, "--workers", "2", app=app, **overrides) as served:
+        both_started(served)
         answers = asyncio.run(post_concurrently(served.url, bodies(40)))
         assert served.stop() == 0
         output = served.output()
