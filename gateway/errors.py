@@ -12,7 +12,7 @@ Exception tree::
         ├── BadRecommenderResponse   answered 2xx with a body that is not JSON, or too large
         └── CircuitOpen              not called: its circuit breaker is open
 
-Library errors (aiohttp, pydantic) are translated into these at one boundary each
+Library errors (the HTTP client's, pydantic's) are translated into these at one boundary each
 (`gateway.clients`, `gateway.routes`), so nothing else sees them.
 
 Every 4xx and 5xx the gateway sends has the body

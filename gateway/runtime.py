@@ -83,7 +83,7 @@ class _Started:
 
 
 class WorkerRuntime:
-    """A process's event loop thread, its shared aiohttp session, and the recommender clients."""
+    """A process's event loop, its shared connection pool, and the recommender clients."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
