@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from benchmarks.harness import (
     gateway_env,
     measure_level,
     mocks,
+    run_with_spinner,
     serve_gunicorn,
 )
 
@@ -204,21 +204,9 @@ def parse_plan(argv: list[str] | None = None) -> tuple[FeaturesPlan, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the A/B with a progress line, then print and save the figures."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     plan, out = parse_plan(argv)
     out.mkdir(parents=True, exist_ok=True)
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("starting the mocks", total=None)
-        results = run_features(plan, out, lambda text: progress.update(task, description=text))
+    results, console = run_with_spinner(lambda advance: run_features(plan, out, advance))
     (out / "features.json").write_text(json.dumps(results, indent=2))
     report = markdown(results)
     (out / "features.md").write_text(report)

@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from mock_recommenders import MockFleetProcess
 from mock_recommenders.process import stop_process
@@ -294,3 +294,31 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
         results["widths"] += sweep(width, ["floor", "sync", "async"], [1])
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return results
+
+
+T = TypeVar("T")
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+def run_with_spinner(run: Callable[[Callable[[str], None]], T]) -> tuple[T, Console]:
+    """Run `run(advance)` under a spinner that shows the step `advance` names last.
+
+    Returns what `run` returned, and the console to print the figures on (wide when the output
+    is not a terminal: a log file, CI).
+    """
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(width=None if sys.stdout.isatty() else 140)
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("starting the mocks", total=None)
+        result = run(lambda text: progress.update(task, description=text))
+    return result, console

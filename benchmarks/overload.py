@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from benchmarks.harness import (
     cpu_seconds,
     gateway_env,
     mocks,
+    run_with_spinner,
     serve_gunicorn,
 )
 
@@ -329,11 +329,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the overload benchmark, print its report and write it."""
     plan, out = parse_plan(argv)
     out.mkdir(parents=True, exist_ok=True)
-    results = run_overload(plan, out, lambda step: print(f"... {step}", file=sys.stderr))
+    results, console = run_with_spinner(lambda advance: run_overload(plan, out, advance))
     (out / "overload.json").write_text(json.dumps(results, indent=2))
     report = markdown(results)
     (out / "overload.md").write_text(report)
     plot(results, out / "overload.png")
-    print(report)
-    print(f"written to {out}")
+    console.print(report)
+    console.print(f"written to {out}")
     return 0 if all(g["met"] for g in results["goals"]) else 1

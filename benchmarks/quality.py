@@ -26,14 +26,20 @@ import contextlib
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import GATEWAY_COMMAND, gateway_env, mocks, pick, serve_gunicorn
+from benchmarks.harness import (
+    GATEWAY_COMMAND,
+    gateway_env,
+    mocks,
+    pick,
+    run_with_spinner,
+    serve_gunicorn,
+)
 from gateway.fusion import FUSIONS, make_fusion, ranked_from
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
@@ -516,21 +522,9 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the quality benchmark with a progress bar, then print and save the figures."""
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
     plan, out = parse_plan(argv)
     out.mkdir(parents=True, exist_ok=True)
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as progress:
-        task = progress.add_task("starting the mocks", total=None)
-        results = run_quality(plan, out, lambda text: progress.update(task, description=text))
+    results, console = run_with_spinner(lambda advance: run_quality(plan, out, advance))
     written = write_all(results, out)
     console.print(table(results))
     for line in findings(results):

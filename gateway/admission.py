@@ -167,9 +167,8 @@ class AdaptiveLimit:
         """Requests admitted and not yet finished."""
         return self._in_flight
 
-    @property
-    def full(self) -> bool:
-        """Whether a request arriving now would be shed; counts it as shed if so."""
+    def shed_if_full(self) -> bool:
+        """Whether a request arriving now is shed (counted as such) without a try for a slot."""
         if self._in_flight >= int(self._limit):
             self._shed += 1
             self._peak = self._in_flight + 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import select
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from gateway.http1 import (
     describe,
     request_bytes,
     target_of,
+    tls_context,
 )
 
 __all__ = ["BlockingPool"]
@@ -113,7 +113,6 @@ class BlockingPool:
         self._targets: dict[str, Target] = {}
         self._idle: dict[Origin, list[_BlockingConnection]] = {}
         self._lock = threading.Lock()
-        self._ssl: ssl.SSLContext | None = None
         self.closed = False
 
     def post(
@@ -189,7 +188,7 @@ class BlockingPool:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if origin.scheme == "https":
             try:
-                sock = self._ssl_context().wrap_socket(sock, server_hostname=origin.host)
+                sock = tls_context().wrap_socket(sock, server_hostname=origin.host)
             except TimeoutError:
                 sock.close()
                 raise
@@ -210,11 +209,6 @@ class BlockingPool:
                 kept.append(connection)
                 return
         connection.close()
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        return self._ssl
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(idle={self.idle_connections})"

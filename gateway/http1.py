@@ -18,8 +18,10 @@ same way, with the same limits and the same errors:
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import ssl
 import urllib.parse
 import zlib
 from collections.abc import Mapping
@@ -358,3 +360,9 @@ class AnswerReader:
             self._finish(self.parser.should_keep_alive())
         except UpstreamError as exc:
             raise self._stop(exc) from None
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The system's default TLS context, made once per process and shared by both pools."""
+    return ssl.create_default_context()

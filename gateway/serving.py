@@ -93,7 +93,7 @@ class GatewayASGI:
         if not self.runtime.started and not self.runtime.closed:
             await self.runtime.open()  # a server that runs no lifespan
         recommendation = scope["path"] == "/recommendation" and scope["method"] == "POST"
-        if recommendation and self.runtime.admission.full:
+        if recommendation and self.runtime.admission.shed_if_full():
             await self._shed(scope, send)  # no need to read a body that will not be used
             return
         try:

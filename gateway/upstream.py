@@ -38,7 +38,6 @@ import asyncio
 import collections
 import ipaddress
 import socket
-import ssl
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,6 +58,7 @@ from gateway.http1 import (
     describe,
     request_bytes,
     target_of,
+    tls_context,
 )
 
 __all__ = [
@@ -182,7 +182,6 @@ class ConnectionPool:
         self._open: collections.Counter[Origin] = collections.Counter()
         self._total = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._ssl: ssl.SSLContext | None = None
         self.closed = False
 
     async def post(
@@ -262,7 +261,7 @@ class ConnectionPool:
                 lambda: _Connection(self, origin),
                 address,
                 origin.port,
-                ssl=self._ssl_context() if tls else None,
+                ssl=tls_context() if tls else None,
                 server_hostname=origin.host if tls else None,
             )
         except BaseException as exc:
@@ -343,11 +342,6 @@ class ConnectionPool:
             if not waiter.done():
                 waiter.set_result(None)
                 return
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            self._ssl = ssl.create_default_context()
-        return self._ssl
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(open={self._total}, limit={self.limit})"
