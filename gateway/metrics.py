@@ -35,6 +35,7 @@ __all__ = [
     "observe_lag",
     "observe_outcomes",
     "observe_request",
+    "observe_shed",
     "render",
 ]
 
@@ -89,6 +90,11 @@ OVERLOAD_TIMEOUTS = Counter(
     "reported as timeouts, not counted against the recommender's breaker.",
     ["recommender"],
 )
+SHED = Counter(
+    "gateway_shed_requests_total",
+    "Requests answered 503 at once by admission control (the worker's own overload; no "
+    "recommender was called). They are counted in gateway_requests_total too.",
+)
 FLUSH_EVERY_S = 1.0
 
 
@@ -122,6 +128,7 @@ class _Pending:
         self.calls: dict[tuple[str, str], int] = {}
         self.call_seconds: dict[str, _Tally] = {}
         self.overload_timeouts: dict[str, int] = {}
+        self.shed = 0
         self.lag = _Tally(len(_LAG_BUCKETS) + 1, _LAG_BUCKETS)
 
     def take(self) -> _Pending:
@@ -133,6 +140,7 @@ class _Pending:
             batch.calls, self.calls = self.calls, batch.calls
             batch.call_seconds, self.call_seconds = self.call_seconds, {}
             batch.overload_timeouts, self.overload_timeouts = self.overload_timeouts, {}
+            batch.shed, self.shed = self.shed, 0
             batch.lag, self.lag = self.lag, batch.lag
             return batch
 
@@ -150,6 +158,13 @@ def observe_request(route: str, status: int, seconds: float) -> None:
         if tally is None:
             tally = _pending.request_seconds[labels] = _Tally(_BUCKETS)
         tally.add(seconds)
+
+
+def observe_shed(route: str, seconds: float) -> None:
+    """Count one request shed by admission control (answered 503 at once)."""
+    observe_request(route, 503, seconds)
+    with _pending.lock:
+        _pending.shed += 1
 
 
 def observe_lag(seconds: float) -> None:
@@ -197,6 +212,8 @@ def flush() -> None:
         _add(CALL_SECONDS.labels(name), tally)
     for name, count in batch.overload_timeouts.items():
         OVERLOAD_TIMEOUTS.labels(name).inc(count)
+    if batch.shed:
+        SHED.inc(batch.shed)
     if batch.lag.total or any(batch.lag.buckets):
         _add(LOOP_LAG, batch.lag)
 

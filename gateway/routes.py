@@ -136,6 +136,7 @@ def _shed_when_full() -> Response | None:
         g.admitted = True
         return None
     runtime.shed += 1
+    g.shed = True
     body, headers = shed_answer(runtime, g.request_id)
     return Response(body, status=503, headers=headers, mimetype="application/json")
 
@@ -155,7 +156,11 @@ def _echo_request_id(response: Response) -> Response:
     log_request(response, settings.log_requests)
     if settings.metrics:
         route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
-        metrics.observe_request(route, response.status_code, time.perf_counter() - g.received_at)
+        elapsed = time.perf_counter() - g.received_at
+        if g.get("shed"):
+            metrics.observe_shed(route, elapsed)
+        else:
+            metrics.observe_request(route, response.status_code, elapsed)
     return response
 
 

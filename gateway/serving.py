@@ -138,7 +138,7 @@ class GatewayASGI:
         await send({"type": "http.response.body", "body": body})
         self.runtime.shed += 1
         if self.metrics:
-            metrics.observe_request("/recommendation", 503, time.perf_counter() - received)
+            metrics.observe_shed("/recommendation", time.perf_counter() - received)
 
     async def _body(self, headers: Headers, receive: Receive) -> bytes | None:
         """The whole request body, or None if the client disconnected first."""
