@@ -29,6 +29,7 @@ from gateway.fanout import Outcome
 __all__ = [
     "CONCURRENCY_LIMIT",
     "CONTENT_TYPE_LATEST",
+    "DEADLINE",
     "IN_FLIGHT",
     "FLUSH_EVERY_S",
     "flush",
@@ -83,6 +84,12 @@ CONCURRENCY_LIMIT = Gauge(
     "gateway_concurrency_limit",
     "Requests the workers admit at once now (adaptive admission), summed over live workers.",
     multiprocess_mode="livesum",
+)
+DEADLINE = Gauge(
+    "gateway_deadline_seconds",
+    "The configured deadline_ms of /recommendation, in seconds: the p99 alert's threshold "
+    "(deploy/observability), so that it follows the config.",
+    multiprocess_mode="livemax",
 )
 OVERLOAD_TIMEOUTS = Counter(
     "gateway_overload_timeouts_total",

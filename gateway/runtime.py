@@ -322,6 +322,7 @@ class WorkerRuntime:
 
     async def _publish_metrics(self) -> None:
         # From the loop, once a second: cheaper than metric writes on every request.
+        metrics.DEADLINE.set(self.settings.deadline_ms / 1000)
         while True:
             metrics.IN_FLIGHT.set(self.admission.in_flight)
             metrics.CONCURRENCY_LIMIT.set(self.admission.limit)
