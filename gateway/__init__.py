@@ -25,11 +25,11 @@ from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
 from gateway.security import TokenCheck
 
-__all__ = ["GatewayFlask", "Settings", "create_app", "load_settings"]
+__all__ = ["VIEW_GRACE_S", "GatewayFlask", "Settings", "create_app", "load_settings"]
 
 # How long past the deadline a view may run before the waiting thread gives up on it; the
 # view's own deadline normally ends it long before.
-_VIEW_GRACE_S = 2.0
+VIEW_GRACE_S = 2.0
 
 
 class GatewayFlask(Flask):
@@ -63,7 +63,7 @@ class GatewayFlask(Flask):
     def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
         """Return a sync function that runs `func` on the worker loop and waits for it."""
         runtime = self.runtime
-        wait_s = runtime.settings.deadline_ms / 1000 + _VIEW_GRACE_S
+        wait_s = runtime.settings.deadline_ms / 1000 + VIEW_GRACE_S
 
         @functools.wraps(func)
         def run_on_worker_loop(*args: Any, **kwargs: Any) -> Any:

@@ -1,7 +1,7 @@
 """External programs that some tests run (kubectl, ...): found, or the test skipped or failed.
 
 A developer without the program sees those tests skipped, with the reason; `make test` and CI
-set `GATEWAY_TEST_REQUIRE_TOOLS=1` after installing the programs (`make tools`), and there a
+set `FUSION_TEST_REQUIRE_TOOLS=1` after installing the programs (`make tools`), and there a
 missing one fails the test instead of letting it pass unseen.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 __all__ = ["REQUIRE_TOOLS_VARIABLE", "require_tool"]
 
-REQUIRE_TOOLS_VARIABLE = "GATEWAY_TEST_REQUIRE_TOOLS"
+REQUIRE_TOOLS_VARIABLE = "FUSION_TEST_REQUIRE_TOOLS"
 
 # Debian installs some servers (nginx) in the sbin directories, which a user's PATH may lack.
 _EXTRA_DIRECTORIES = ("/usr/sbin", "/sbin")
