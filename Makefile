@@ -8,7 +8,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
 
-.PHONY: install run test test-fast lint typecheck unit bench quality clean
+.PHONY: install tools run test test-fast lint typecheck unit bench quality image image-test scaleout clean
 
 install: $(STAMP)
 
@@ -29,8 +29,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy gateway mock_recommenders benchmarks
 
-unit: install
-	$(BIN)/pytest
+# The real servers some tests start themselves: prometheus and promtool (the alert rules and
+# the dashboard), nginx (scale-out behind a load balancer), kubectl (kustomize). Installed from
+# Debian's packages when missing (as root, or with sudo); `make test` fails rather than skip
+# those tests when a tool is still missing.
+tools:
+	@scripts/install-tools.sh
+
+unit: install tools
+	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest
 
 test: lint typecheck unit
 
@@ -44,6 +51,19 @@ bench: install
 
 quality: install
 	$(BIN)/python -m benchmarks quality $(ARGS)
+
+# The container image (Dockerfile). BASE_IMAGE=python:3.12-slim to build from a registry's
+# base; by default, where no registry is reachable, from a Debian base made here (debootstrap).
+image: install
+	scripts/image.sh build
+
+# Builds the image with podman, runs the mocks and the gateway in containers, and checks them.
+image-test: install
+	$(BIN)/python scripts/image_test.py
+
+# Two gateways behind nginx, one killed mid-load: what is lost, and what is still answered.
+scaleout: install tools
+	$(BIN)/python -m benchmarks scaleout $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
