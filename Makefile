@@ -55,10 +55,12 @@ quality: install
 # The container image (Dockerfile). BASE_IMAGE=python:3.12-slim to build from a registry's
 # base; by default, where no registry is reachable, from a Debian base made here (debootstrap).
 image: install
+	@scripts/install-tools.sh image
 	scripts/image.sh build
 
 # Builds the image with podman, runs the mocks and the gateway in containers, and checks them.
 image-test: install
+	@scripts/install-tools.sh image
 	$(BIN)/python scripts/image_test.py
 
 # Two gateways behind nginx, one killed mid-load: what is lost, and what is still answered.

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Install, from Debian's packages, the servers that the tests start themselves, if missing:
-# prometheus + promtool (the rules and the dashboard), nginx (scale-out), kubectl (kustomize).
+# Install, from Debian's packages, the programs some checks run, if any is missing.
+#   scripts/install-tools.sh          the servers the tests start themselves: prometheus and
+#                                     promtool (rules, dashboard), nginx (scale-out), kubectl
+#   scripts/install-tools.sh image    what `make image` and `make image-test` need: podman
+#                                     (with runc and its networking), podman-compose, debootstrap
 set -euo pipefail
 
 declare -A package=(
@@ -8,9 +11,22 @@ declare -A package=(
     [promtool]=prometheus
     [nginx]=nginx-light
     [kubectl]=kubernetes-client
+    [podman]=podman
+    [runc]=runc
+    [podman-compose]=podman-compose
+    [debootstrap]=debootstrap
+    [iptables]=iptables
 )
+case "${1:-test}" in
+    test) tools=(prometheus promtool nginx kubectl) ;;
+    # runc: crun refuses to set rlimits in some sandboxes (deploy/podman/containers.conf);
+    # iptables: netavark publishes a pod's ports with it.
+    image) tools=(podman runc podman-compose debootstrap iptables) ;;
+    *) echo "usage: $0 [test|image]" >&2; exit 2 ;;
+esac
+
 missing=()
-for tool in prometheus promtool nginx kubectl; do
+for tool in "${tools[@]}"; do
     if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1; then
         missing+=("${package[$tool]}")
     fi
@@ -34,5 +50,7 @@ fi
 echo "install-tools: installing ${missing[*]} from Debian's packages" >&2
 export DEBIAN_FRONTEND=noninteractive
 "${sudo[@]}" apt-get update -qq
-# The tests start their own servers, on ports of their own; none of these services is needed.
-"${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+# With their recommended packages: podman's include its overlay storage and networking
+# helpers. The tests start their own servers, on ports of their own; none of the packages'
+# services is needed.
+"${sudo[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
