@@ -130,11 +130,21 @@ def check_answer(report: Report, what: str, response: requests.Response) -> None
 
 
 def check_metrics(report: Report, what: str, gateway_url: str) -> None:
-    """/metrics has the requests counted."""
-    text = requests.get(f"{gateway_url}/metrics", timeout=5).text
-    report.check(
-        f"{what}: /metrics counts gateway_requests_total", "\ngateway_requests_total{" in text
-    )
+    """/metrics has the requests counted.
+
+    Another worker than the one that served the request may answer: each worker hands its
+    counts to the shared files once a second (gateway.metrics.FLUSH_EVERY_S), so this asks for
+    a few seconds.
+    """
+    give_up_at = time.monotonic() + 10
+    while True:
+        counted = (
+            "\ngateway_requests_total{" in requests.get(f"{gateway_url}/metrics", timeout=5).text
+        )
+        if counted or time.monotonic() > give_up_at:
+            break
+        time.sleep(0.5)
+    report.check(f"{what}: /metrics counts gateway_requests_total", counted)
 
 
 # --- 2 and 3: a pod ---------------------------------------------------------------------------
