@@ -3,7 +3,8 @@
 ``python -m benchmarks quality`` (``make quality``) scores the recommenders and the fusion
 strategies against the mocks' synthetic truth instead: see `benchmarks.quality`.
 ``python -m benchmarks features`` measures what each feature of the gateway costs, one
-switched off at a time: see `benchmarks.features`.
+switched off at a time: see `benchmarks.features`. ``python -m benchmarks scaleout`` (``make
+scaleout``) runs two gateways behind nginx and stops one mid-load: see `benchmarks.scaleout`.
 
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
@@ -43,7 +44,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
         description=__doc__.splitlines()[0],
         epilog="Ranking quality instead of speed: python -m benchmarks quality --help; "
         "what each feature costs: python -m benchmarks features --help; "
-        "goodput under overload: python -m benchmarks overload --help",
+        "goodput under overload: python -m benchmarks overload --help; "
+        "two gateways behind nginx, one stopped: python -m benchmarks scaleout --help",
     )
     parser.add_argument("--levels", type=_ints, help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import overload
 
         return overload.main(argv[1:])
+    if argv[:1] == ["scaleout"]:
+        from benchmarks import scaleout
+
+        return scaleout.main(argv[1:])
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
