@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +39,7 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
+from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from gateway.fusion import FUSIONS, make_fusion, ranked_from
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
@@ -47,8 +47,6 @@ __all__ = [
     "QualityPlan",
     "fit_weights",
     "main",
-    "ndcg_at",
-    "recall_at",
     "run_quality",
     "summarise",
 ]
@@ -75,38 +73,12 @@ class QualityPlan:
     """The gateway's `fusion_window`: fuse from this many items per recommender (None: k)."""
 
 
-# The metrics
-
-
-def ndcg_at(ranked: Sequence[str], truth: Sequence[str], k: int = 10) -> float:
-    """NDCG@k of `ranked` against the graded `truth` (best first: gains T, T-1, ..., 1)."""
-    if not truth:
-        return 0.0
-    size = len(truth)
-    gain = {item: size - rank for rank, item in enumerate(truth)}
-    dcg = sum(gain.get(item, 0) / math.log2(pos + 2) for pos, item in enumerate(ranked[:k]))
-    ideal = sum((size - rank) / math.log2(rank + 2) for rank in range(min(k, size)))
-    return dcg / ideal
-
-
-def recall_at(ranked: Sequence[str], truth: Sequence[str], k: int = 10) -> float:
-    """The share of `truth` found in the first `k` of `ranked`."""
-    return len(set(ranked[:k]) & set(truth)) / len(truth) if truth else 0.0
-
-
-def _mean_ci(values: Sequence[float]) -> tuple[float, float]:
-    """The mean and the half-width of its 95% confidence interval (normal approximation)."""
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return mean, 1.96 * spread / math.sqrt(len(values))
-
-
 def summarise(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
     """Per system: mean NDCG and recall with 95% intervals, from per-user scores."""
     rows = []
     for system, metrics in scores.items():
-        ndcg, ndcg_ci = _mean_ci(metrics["ndcg"])
-        recall, recall_ci = _mean_ci(metrics["recall"])
+        ndcg, ndcg_ci = mean_ci(metrics["ndcg"])
+        recall, recall_ci = mean_ci(metrics["recall"])
         rows.append(
             {
                 "system": system,
@@ -125,18 +97,6 @@ def _kind(system: str) -> str:
     if system == ORACLE:
         return "ceiling"
     return "single" if system in NAMES else "fusion"
-
-
-def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
-    diff, ci = _mean_ci([x - y for x, y in zip(a, b, strict=True)])
-    wins = sum(x > y for x, y in zip(a, b, strict=True)) / len(a)
-    losses = sum(x < y for x, y in zip(a, b, strict=True)) / len(a)
-    return {
-        "difference": round(diff, 4),
-        "ci95": round(ci, 4),
-        "wins": round(wins, 3),
-        "losses": round(losses, 3),
-    }
 
 
 # Fitting weights
@@ -339,7 +299,7 @@ def _comparisons(scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     for system, metrics in scores.items():
         if _kind(system) == "fusion":
             found["fusions"][system] = {
-                metric: _paired(metrics[metric], scores[best][metric])
+                metric: paired_difference(metrics[metric], scores[best][metric])
                 for metric in ("ndcg", "recall")
             }
     return found

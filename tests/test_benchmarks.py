@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks.loadgen import percentile
-from benchmarks.quality import fit_weights, ndcg_at, parse_plan, recall_at
+from benchmarks.quality import fit_weights, parse_plan
+from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from benchmarks.report import derive, figures
 from gateway.fusion import make_fusion, ranked_from
 from tests.helpers import ROOT
@@ -108,6 +109,27 @@ def test_ndcg_and_recall_against_hand_computed_values() -> None:
     assert recall_at(["b", "x", "a"], truth, 2) == pytest.approx(1 / 3)
     assert recall_at(["b", "x", "a"], truth, 3) == pytest.approx(2 / 3)
     assert ndcg_at(["a"], [], 10) == recall_at(["a"], [], 10) == 0.0
+
+
+def test_mean_ci_is_the_mean_with_a_normal_95_percent_half_width() -> None:
+    mean, half_width = mean_ci([1.0, 2.0, 3.0, 4.0])
+    assert mean == 2.5
+    # stdev of 1..4 is sqrt(5/3); the half-width is 1.96 standard errors.
+    assert half_width == pytest.approx(1.96 * math.sqrt(5 / 3) / 2)
+    assert mean_ci([0.7]) == (0.7, 0.0)
+
+
+def test_paired_difference_is_per_user_with_win_and_loss_shares() -> None:
+    fusion = [0.5, 0.4, 0.3, 0.2]
+    single = [0.1, 0.4, 0.5, 0.1]  # differences +0.4, 0, -0.2, +0.1
+
+    paired = paired_difference(fusion, single)
+
+    assert paired["difference"] == pytest.approx(0.075)
+    assert paired["ci95"] == round(mean_ci([0.4, 0.0, -0.2, 0.1])[1], 4)
+    assert (paired["wins"], paired["losses"]) == (0.5, 0.25)
+    with pytest.raises(ValueError):
+        paired_difference([0.1, 0.2], [0.1])
 
 
 def test_fitted_weights_rank_the_truth_where_equal_weights_do_not() -> None:
