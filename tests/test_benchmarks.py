@@ -16,6 +16,7 @@ import pytest
 
 from benchmarks.loadgen import percentile
 from benchmarks.quality import fit_weights, parse_plan
+from benchmarks.quality_report import findings, markdown
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from benchmarks.report import derive, figures
 from gateway.fusion import make_fusion, ranked_from
@@ -159,6 +160,57 @@ def test_fitted_weights_rank_the_truth_where_equal_weights_do_not() -> None:
     assert weights["sml"] < 1.0 and weights["trd"] < 1.0
     assert all(fused(weights, lists) == truth for lists, truth in users)
     assert not any(fused(dict.fromkeys(lists, 1.0), lists) == truth for lists, truth in users)
+
+
+def test_quality_findings_give_each_fusion_a_verdict_from_its_interval() -> None:
+    def paired(difference: float, ci: float) -> dict[str, dict[str, float]]:
+        ndcg = {"difference": difference, "ci95": ci, "wins": 0.5, "losses": 0.25}
+        return {"ndcg": ndcg, "recall": ndcg}
+
+    def row(system: str, kind: str) -> dict[str, object]:
+        return {
+            "system": system, "kind": kind, "users": 40,
+            "ndcg": 0.25, "ndcg_ci95": 0.01, "recall": 0.125, "recall_ci95": 0.02,
+        }  # fmt: skip
+
+    results = {
+        "plan": {"k": 10, "window": None, "world_seed": 3},
+        "users_asked": 50,
+        "users_scored": 40,
+        "inconsistent_lists": 2,
+        "validation_users_used": 20,
+        "fitted_weights": {"sml": 0.5, "asc": 1.0},
+        "systems": [row("asc", "single"), row("rrf", "fusion")],
+        "comparisons": {
+            "best_single": "asc",
+            "fusions": {
+                "rrf": paired(0.02, 0.01),
+                "combmnz": paired(-0.02, 0.01),
+                "weighted": paired(0.005, 0.01),
+            },
+        },
+    }
+
+    lines = findings(results)
+
+    assert lines == [
+        "best single recommender by NDCG@10: asc",
+        "rrf - asc: NDCG@10 +0.0200 ± 0.0100 (better; better for 50% of users, worse for 25%)",
+        "combmnz - asc: NDCG@10 -0.0200 ± 0.0100 (worse; better for 50% of users, worse for 25%)",
+        "weighted - asc: NDCG@10 +0.0050 ± 0.0100 (no significant difference; better for 50% "
+        "of users, worse for 25%)",
+        "weights fitted on 20 other users: sml 0.5, asc 1",
+        "WARNING: 2 users got differing lists",
+        "users scored: 40 of 50",
+    ]
+    report = markdown(results)
+    assert report.startswith(
+        "# Ranking quality: 40 users, world seed 3, fusing each recommender's top 10\n"
+    )
+    assert "| rrf | fusion | 0.250 ± 0.010 | 0.125 ± 0.020 |" in report
+    assert all(f"- {line}" in report for line in lines)
+    results["comparisons"] = {}
+    assert findings(results) == ["no user was answered completely: nothing to compare"]
 
 
 @pytest.mark.slow
