@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,21 +38,25 @@ from benchmarks.harness import (
     serve_gunicorn,
 )
 from benchmarks.quality_report import findings, table, write_all
-from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
+from benchmarks.quality_scoring import (
+    NAMES,
+    Lists,
+    comparisons,
+    recommender_lists,
+    score,
+    summarise,
+)
+from benchmarks.ranking_metrics import ndcg_at
 from gateway.fusion import FUSIONS, make_fusion, ranked_from
-from mock_recommenders.world import DEFAULT_SEED, World, default_world
+from mock_recommenders.world import DEFAULT_SEED, default_world
 
 __all__ = [
     "QualityPlan",
     "fit_weights",
     "main",
     "run_quality",
-    "summarise",
 ]
 
-NAMES = ("sml", "asc", "trd", "psn")
-ORACLE = "oracle"
-FITTED = "rrf, fitted weights"
 # The values tried for each weight in turn while fitting; 0 drops a recommender.
 _WEIGHT_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
@@ -73,36 +76,7 @@ class QualityPlan:
     """The gateway's `fusion_window`: fuse from this many items per recommender (None: k)."""
 
 
-def summarise(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
-    """Per system: mean NDCG and recall with 95% intervals, from per-user scores."""
-    rows = []
-    for system, metrics in scores.items():
-        ndcg, ndcg_ci = mean_ci(metrics["ndcg"])
-        recall, recall_ci = mean_ci(metrics["recall"])
-        rows.append(
-            {
-                "system": system,
-                "kind": _kind(system),
-                "users": len(metrics["ndcg"]),
-                "ndcg": round(ndcg, 4),
-                "ndcg_ci95": round(ndcg_ci, 4),
-                "recall": round(recall, 4),
-                "recall_ci95": round(recall_ci, 4),
-            }
-        )
-    return rows
-
-
-def _kind(system: str) -> str:
-    if system == ORACLE:
-        return "ceiling"
-    return "single" if system in NAMES else "fusion"
-
-
 # Fitting weights
-
-
-Lists = dict[str, Any]  # a recommender's name -> its prediction, as the gateway returned it
 
 
 def _mean_ndcg(
@@ -216,7 +190,7 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
             validation = ask(url, [(u, "rrf") for u in validation_users])
         advance("fitting RRF weights on the validation users")
         fitting = [
-            (_lists(answer), world.truth(user))
+            (recommender_lists(answer), world.truth(user))
             for (user, _), answer in validation.items()
             if answer is not None
         ]
@@ -227,7 +201,7 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
             with _gateway(urls, weights, plan.window, logs / "gateway-fitted.log") as url:
                 fitted = ask(url, [(u, "rrf") for u in test_users])
 
-    scores, scored, inconsistent = _score(plan, test_users, answers, fitted, world)
+    scores, scored, inconsistent = score(test_users, answers, fitted, world, plan.fusions, plan.k)
     results: dict[str, Any] = {
         "plan": asdict(plan),
         "started": started,
@@ -239,70 +213,8 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
         "fitted_weights": weights,
         "systems": summarise(scores),
     }
-    results["comparisons"] = _comparisons(scores)
+    results["comparisons"] = comparisons(scores)
     return results
-
-
-def _lists(answer: dict[str, Any]) -> Lists:
-    return {entry["name"]: entry["prediction"] for entry in answer["result"]}
-
-
-def _ids(prediction: Any) -> list[str]:
-    return [str(item["id"]) for item in prediction["items"]]
-
-
-def _score(
-    plan: QualityPlan,
-    users: list[str],
-    answers: dict[tuple[str, str], Any],
-    fitted: dict[tuple[str, str], Any],
-    world: World,
-) -> tuple[dict[str, dict[str, list[float]]], int, int]:
-    """Per-user scores of every system, over the users every system answered (paired)."""
-    systems = [*NAMES, *plan.fusions, *([FITTED] if fitted else []), ORACLE]
-    scores: dict[str, dict[str, list[float]]] = {
-        system: {"ndcg": [], "recall": []} for system in systems
-    }
-    scored = inconsistent = 0
-    for user in users:
-        asked = [answers.get((user, fusion)) for fusion in plan.fusions]
-        if fitted:
-            asked.append(fitted.get((user, "rrf")))
-        got: list[dict[str, Any]] = [answer for answer in asked if answer is not None]
-        if len(got) < len(asked):
-            continue
-        scored += 1
-        lists = _lists(got[0])
-        ranked: dict[str, list[str]] = {name: _ids(lists[name]) for name in NAMES}
-        # The recommenders are deterministic: every answer must carry the same lists.
-        inconsistent += any(
-            any(_ids(_lists(answer)[name]) != ranked[name] for name in NAMES) for answer in got[1:]
-        )
-        for fusion, answer in zip(plan.fusions, got, strict=False):
-            ranked[fusion] = [item["id"] for item in answer["fused"]]
-        if fitted:
-            ranked[FITTED] = [item["id"] for item in got[-1]["fused"]]
-        ranked[ORACLE] = world.oracle(user, plan.k)
-        truth = world.truth(user)
-        for system in systems:
-            scores[system]["ndcg"].append(ndcg_at(ranked[system], truth, plan.k))
-            scores[system]["recall"].append(recall_at(ranked[system], truth, plan.k))
-    return scores, scored, inconsistent
-
-
-def _comparisons(scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
-    """Each fusion against the best single recommender, paired over the same users."""
-    if not scores[NAMES[0]]["ndcg"]:
-        return {}
-    best = max(NAMES, key=lambda name: statistics.fmean(scores[name]["ndcg"]))
-    found: dict[str, Any] = {"best_single": best, "fusions": {}}
-    for system, metrics in scores.items():
-        if _kind(system) == "fusion":
-            found["fusions"][system] = {
-                metric: paired_difference(metrics[metric], scores[best][metric])
-                for metric in ("ndcg", "recall")
-            }
-    return found
 
 
 # The command line

@@ -11,15 +11,18 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.loadgen import percentile
 from benchmarks.quality import fit_weights, parse_plan
 from benchmarks.quality_report import findings, markdown
+from benchmarks.quality_scoring import NAMES, comparisons, score, summarise
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from benchmarks.report import derive, figures
 from gateway.fusion import make_fusion, ranked_from
+from mock_recommenders.world import default_world
 from tests.helpers import ROOT
 
 
@@ -160,6 +163,44 @@ def test_fitted_weights_rank_the_truth_where_equal_weights_do_not() -> None:
     assert weights["sml"] < 1.0 and weights["trd"] < 1.0
     assert all(fused(weights, lists) == truth for lists, truth in users)
     assert not any(fused(dict.fromkeys(lists, 1.0), lists) == truth for lists, truth in users)
+
+
+def test_quality_scores_only_users_every_system_answered_and_compares_them_paired() -> None:
+    world = default_world()
+    users = ["test-0", "test-1", "test-2"]
+
+    def answer(user: str, fused: list[str], asc: list[str] | None = None) -> dict[str, Any]:
+        lists = {name: ["x1", "x2"] for name in NAMES}
+        lists["sml"] = world.truth(user)[:10]
+        lists["asc"] = asc or lists["asc"]
+        result = [
+            {"name": name, "prediction": {"items": [{"id": i} for i in ids]}}
+            for name, ids in lists.items()
+        ]
+        return {"result": result, "fused": [{"id": i} for i in fused]}
+
+    answers: dict[tuple[str, str], Any] = {}
+    for user in users[:2]:
+        answers[user, "rrf"] = answer(user, world.truth(user)[:10])
+        answers[user, "concat"] = answer(user, ["x1"], asc=["x3"] if user == "test-1" else None)
+    answers["test-2", "rrf"] = answer("test-2", ["x1"])  # no concat: test-2 is not scored
+
+    scores, scored, inconsistent = score(users, answers, {}, world, ["rrf", "concat"], 10)
+
+    assert (scored, inconsistent) == (2, 1)  # test-1's two answers carry different asc lists
+    assert list(scores) == [*NAMES, "rrf", "concat", "oracle"]
+    assert scores["sml"]["ndcg"] == scores["rrf"]["ndcg"] == [1.0, 1.0]
+    assert scores["asc"]["ndcg"] == scores["concat"]["recall"] == [0.0, 0.0]
+    rows = {row["system"]: row for row in summarise(scores)}
+    assert [rows[s]["kind"] for s in ("sml", "rrf", "oracle")] == ["single", "fusion", "ceiling"]
+    assert rows["sml"]["users"] == 2 and rows["sml"]["ndcg"] == 1.0
+    found = comparisons(scores)
+    assert found["best_single"] == "sml"
+    assert list(found["fusions"]) == ["rrf", "concat"]
+    assert found["fusions"]["rrf"]["ndcg"] == {
+        "difference": 0.0, "ci95": 0.0, "wins": 0.0, "losses": 0.0
+    }  # fmt: skip
+    assert found["fusions"]["concat"]["ndcg"]["losses"] == 1.0
 
 
 def test_quality_findings_give_each_fusion_a_verdict_from_its_interval() -> None:
