@@ -24,7 +24,7 @@ import argparse
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,25 +40,20 @@ from benchmarks.harness import (
 from benchmarks.quality_report import findings, table, write_all
 from benchmarks.quality_scoring import (
     NAMES,
-    Lists,
     comparisons,
     recommender_lists,
     score,
     summarise,
 )
-from benchmarks.ranking_metrics import ndcg_at
-from gateway.fusion import FUSIONS, make_fusion, ranked_from
+from benchmarks.quality_weights import fit_weights
+from gateway.fusion import FUSIONS
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
 __all__ = [
     "QualityPlan",
-    "fit_weights",
     "main",
     "run_quality",
 ]
-
-# The values tried for each weight in turn while fitting; 0 drops a recommender.
-_WEIGHT_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass
@@ -74,47 +69,6 @@ class QualityPlan:
     rrf_k: int = 60
     window: int | None = None
     """The gateway's `fusion_window`: fuse from this many items per recommender (None: k)."""
-
-
-# Fitting weights
-
-
-def _mean_ndcg(
-    weights: dict[str, float], users: Sequence[tuple[Lists, list[str]]], k: int, rrf_k: int
-) -> float:
-    fusion = make_fusion("rrf", rrf_k)
-    total = 0.0
-    for lists, truth in users:
-        ranked = [ranked_from(n, w, lists[n]) for n, w in weights.items() if w > 0 and n in lists]
-        fused = fusion.fuse(ranked, k, seed="") if ranked else []
-        total += ndcg_at([item.id for item in fused], truth, k)
-    return total / len(users)
-
-
-def fit_weights(
-    users: Sequence[tuple[Lists, list[str]]], k: int = 10, rrf_k: int = 60, rounds: int = 3
-) -> dict[str, float]:
-    """RRF weights that maximise mean NDCG@k over `users`, by coordinate ascent from all 1.
-
-    Runs the gateway's own RRF; each round tries every step for every weight in turn and
-    keeps the best. Weights are scaled so the largest is 1 (RRF depends only on their ratios).
-    """
-    weights = dict.fromkeys(NAMES, 1.0)
-    best = _mean_ndcg(weights, users, k, rrf_k)
-    for _ in range(rounds):
-        improved = False
-        for name in NAMES:
-            for step in _WEIGHT_STEPS:
-                trial = {**weights, name: step}
-                if trial == weights or not any(trial.values()):
-                    continue
-                score = _mean_ndcg(trial, users, k, rrf_k)
-                if score > best + 1e-9:
-                    weights, best, improved = trial, score, True
-        if not improved:
-            break
-    top = max(weights.values())
-    return {name: round(weight / top, 4) for name, weight in weights.items()}
 
 
 # Talking to the gateway

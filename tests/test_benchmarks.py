@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from benchmarks.loadgen import percentile
-from benchmarks.quality import fit_weights, parse_plan
+from benchmarks.quality import parse_plan
 from benchmarks.quality_report import findings, markdown
 from benchmarks.quality_scoring import NAMES, comparisons, score, summarise
+from benchmarks.quality_weights import fit_weights
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from benchmarks.report import derive, figures
 from gateway.fusion import make_fusion, ranked_from
