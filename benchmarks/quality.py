@@ -16,6 +16,11 @@ Metrics, at k (10): NDCG@k with graded gains (the truth's first item gains T, it
 a truth of T items) and recall@k (the share of the truth found in the top k). Each is a mean
 over users with a 95% confidence interval; the fusion-versus-best-single differences are paired
 (same users) with their own interval.
+
+This module runs it (the mocks, the gateways, the requests) and holds the command line; the
+rest starts nothing: `benchmarks.ranking_metrics` (the metrics and their statistics),
+`benchmarks.quality_scoring` (the systems and their scores), `benchmarks.quality_weights` (the
+fitting) and `benchmarks.quality_report` (the table, markdown and plot).
 """
 
 from __future__ import annotations
@@ -38,22 +43,12 @@ from benchmarks.harness import (
     serve_gunicorn,
 )
 from benchmarks.quality_report import findings, table, write_all
-from benchmarks.quality_scoring import (
-    NAMES,
-    comparisons,
-    recommender_lists,
-    score,
-    summarise,
-)
+from benchmarks.quality_scoring import NAMES, comparisons, recommender_lists, score, summarise
 from benchmarks.quality_weights import fit_weights
 from gateway.fusion import FUSIONS
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
-__all__ = [
-    "QualityPlan",
-    "main",
-    "run_quality",
-]
+__all__ = ["QualityPlan", "main", "parse_plan", "run_quality"]
 
 
 @dataclass
