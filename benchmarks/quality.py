@@ -105,8 +105,13 @@ def _gateway(
         {"name": name, "url": url, "weight": weights[name], "timeout_ms": 5000}
         for name, url in zip(NAMES, urls, strict=True)
     ]
-    # Quality, not speed, is measured: no answer may be cut short by a deadline.
-    settings: dict[str, object] = {"deadline_ms": 10000, "log_requests": "false"}
+    # Quality, not speed, is measured: no answer may be cut short by a deadline, nor shed by
+    # an adaptive limit that a busy machine's loop lag has lowered (a shed user is unscored).
+    settings: dict[str, object] = {
+        "deadline_ms": 10000,
+        "log_requests": "false",
+        "admission__adaptive": "false",
+    }
     if window is not None:
         settings["fusion_window"] = window
     env = gateway_env(recommenders, **settings)
