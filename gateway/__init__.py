@@ -24,6 +24,7 @@ from gateway.portal import await_, in_portal
 from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
 from gateway.security import TokenCheck
+from gateway.tracing import check_installed, switched_on
 
 __all__ = ["VIEW_GRACE_S", "GatewayFlask", "Settings", "create_app", "load_settings"]
 
@@ -100,13 +101,19 @@ def _version() -> str:
         return "0.0.0"
 
 
-def create_app(settings: Settings | None = None) -> GatewayFlask:
-    """Build the gateway app from `settings` (default: `load_settings()`)."""
+def create_app(settings: Settings | None = None, span_exporter: Any = None) -> GatewayFlask:
+    """Build the gateway app from `settings` (default: `load_settings()`).
+
+    `span_exporter`: an OpenTelemetry `SpanExporter` to send spans to, each as it ends,
+    instead of OTLP when tracing is on (tests).
+    """
     settings = settings if settings is not None else load_settings()
+    if switched_on(settings.tracing):
+        check_installed()  # at start-up, not in the first request
     app = GatewayFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details
-    runtime = WorkerRuntime(settings)
+    runtime = WorkerRuntime(settings, span_exporter)
     app.extensions["gateway"] = runtime
     app.extensions["gateway.tokens"] = TokenCheck(settings.api_keys)
     app.extensions["gateway.openapi"] = json.dumps(build_spec(settings, _version()))
