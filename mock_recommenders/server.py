@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import socket
 import struct
@@ -31,7 +32,13 @@ __all__ = [
     "Recommender",
     "default_port",
     "start_site",
+    "trace_log",
 ]
+
+# One INFO line per call that carries a W3C traceparent: a trace can be followed into the mock
+# (`python -m mock_recommenders` writes them to stderr). Calls without one log nothing, so a
+# gateway with tracing off costs the mocks nothing more.
+trace_log = logging.getLogger("mock_recommenders.trace")
 
 DEFAULT_NAMES = ("sml", "asc", "trd", "psn")
 DEFAULT_BASE_PORT = 5001
@@ -201,6 +208,14 @@ class Recommender:
             return _json(400, {"error": "body must be a JSON object"})
         headers = {key.lower(): value for key, value in request.headers.items()}
         self.last_request = {"body": body, "headers": headers}
+        traceparent = headers.get("traceparent")
+        if traceparent is not None:
+            trace_log.info(
+                "%s received traceparent %s (request %s)",
+                self.name,
+                traceparent,
+                headers.get("x-request-id"),
+            )
         size = body.get("resultSize", 10)
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_RESULTS:
             message = f"resultSize must be an integer from 1 to {MAX_RESULTS}"
