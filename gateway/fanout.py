@@ -12,7 +12,8 @@ config) from `STRATEGIES`:
 
 Whatever happens to a call, a fan-out never raises for it: every configured recommender
 yields an `Outcome`, in config order. Every call reads its answer within its recommender's
-`AnswerLimits` (`max_answer_bytes`, `max_items`, `max_json_depth`).
+`AnswerLimits` (`max_answer_bytes`, `max_items`, `max_json_depth`). Each call, and each of its
+attempts, is a span of the request's trace when tracing is on (`gateway.tracing`).
 """
 
 from __future__ import annotations
