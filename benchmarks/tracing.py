@@ -163,14 +163,15 @@ def markdown(results: dict[str, Any]) -> str:
         f"{plan['duration_s']:g} s each per level, medians; mocks answer after "
         f"{plan['delay_ms']:g} ms.",
         "",
-        "| variant | conc. | req/s | req/s spread | p50 ms | gateway CPU ms/req | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | conc. | req/s | req/s spread | p50 ms | gateway CPU ms/req "
+        "| mocks CPU ms/req | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in sorted(results["rows"], key=lambda r: (r["concurrency"], r["variant"])):
         lines.append(
             f"| {row['variant']} | {row['concurrency']} | {row['throughput_rps']:.1f} | "
             f"{row['throughput_spread']:.1%} | {row['p50_ms']:.2f} | "
-            f"{row['gateway_cpu_ms']:.3f} | {row['errors']} |"
+            f"{row['gateway_cpu_ms']:.3f} | {row['mocks_cpu_ms']:.3f} | {row['errors']} |"
         )
     lines += [
         "",
