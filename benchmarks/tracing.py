@@ -64,9 +64,12 @@ def _variants(plan: TracingPlan, sink_url: str) -> dict[str, tuple[list[str], di
     command = list(GATEWAY_COMMAND)
     if plan.workers is not None:
         command += ["--workers", str(plan.workers)]
-    on = {"tracing__enabled": "true", "tracing__endpoint": sink_url}
+    # Admission fixed at max_in_flight: on a shared machine the adaptive limit follows the
+    # loop's lag, and shed requests (cheap 503s) would skew one variant's CPU per request.
+    fixed = {"admission__adaptive": "false"}
+    on = fixed | {"tracing__enabled": "true", "tracing__endpoint": sink_url}
     variants = {
-        BASE: (command, {}),
+        BASE: (command, fixed),
         "tracing 100%": (command, on),
         "tracing 1%": (command, on | {"tracing__sample_ratio": "0.01"}),
     }
@@ -74,7 +77,7 @@ def _variants(plan: TracingPlan, sink_url: str) -> dict[str, tuple[list[str], di
         base = str(plan.baseline.resolve())
         before = [GUNICORN, "-c", f"{base}/gunicorn.conf.py", "gateway.asgi:app"]
         before += ["--chdir", base, *command[4:]]
-        variants["before tracing"] = (before, {"PYTHONPATH": base})
+        variants["before tracing"] = (before, fixed | {"PYTHONPATH": base})
     return variants
 
 

@@ -94,26 +94,27 @@ class _RequestSpan(_Current):
         self, status: int, complete: bool, coverage: float | None, fusion: str | None
     ) -> None:
         span = self._span
-        span.set_attribute("http.response.status_code", status)
-        span.set_attribute("gateway.complete", complete)
+        # One call per span: each sets the attributes under the span's lock, after cleaning.
+        found: dict[str, Any] = {"http.response.status_code": status, "gateway.complete": complete}
         if coverage is not None:
-            span.set_attribute("gateway.coverage", coverage)
+            found["gateway.coverage"] = coverage
         if fusion is not None:
-            span.set_attribute("gateway.fusion", fusion)
+            found["gateway.fusion"] = fusion
         if status >= 500:
             # The server span's rule: 5xx is an error, 4xx is the client's.
             span.set_status(Status(StatusCode.ERROR))
-            span.set_attribute("error.type", str(status))
+            found["error.type"] = str(status)
+        span.set_attributes(found)
 
 
 class _CallSpan(_Current):
     def finished(self, status: str, attempts: int, error: str | None) -> None:
         span = self._span
-        span.set_attribute("gateway.call.status", status)
-        span.set_attribute("gateway.call.attempts", attempts)
+        found: dict[str, Any] = {"gateway.call.status": status, "gateway.call.attempts": attempts}
         if status != "ok":
-            span.set_attribute("error.type", status)
+            found["error.type"] = status
             span.set_status(Status(StatusCode.ERROR, error))
+        span.set_attributes(found)
 
 
 class _AttemptSpan(_Current):
@@ -141,6 +142,38 @@ class _AttemptSpan(_Current):
         # An error status names the error (semantic conventions); else the exception does.
         kind = str(self._status) if self._status >= 400 else type(error).__qualname__
         self._span.set_attribute("error.type", kind)
+
+
+class _Unsampled:
+    """A call or an attempt of a request that is not sampled: no span, the context still sent.
+
+    The SDK would make a non-recording span for each, at about 14 µs apiece on the
+    development machine (measured: 124 µs of tracing per request at a 1% sampler before,
+    against 606 µs at 100%), for nothing: a parent-based sampler drops them all.
+    """
+
+    __slots__ = ()
+
+    def __enter__(self) -> _Unsampled:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+    def finished(self, status: str, attempts: int, error: str | None) -> None:
+        """Nothing to record."""
+
+    def answered(self, status: int) -> None:
+        """Nothing to record."""
+
+    def headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        """`headers` with the request's (unsampled) trace context: the recommender follows it."""
+        carrier = dict(headers)
+        propagate.inject(carrier)
+        return carrier
+
+
+_UNSAMPLED = _Unsampled()
 
 
 def _sampler(settings: TracingSettings) -> Any:
@@ -198,6 +231,8 @@ class OtelTracing(Tracing):
         return _RequestSpan(span)
 
     def call(self, recommender: str) -> CallSpan:
+        if not trace.get_current_span().is_recording():
+            return _UNSAMPLED
         span = self._tracer.start_span(
             f"recommender {recommender}",
             kind=SpanKind.INTERNAL,
@@ -206,6 +241,8 @@ class OtelTracing(Tracing):
         return _CallSpan(span)
 
     def attempt(self, recommender: str, url: str, resend_count: int, hedge: bool) -> AttemptSpan:
+        if not trace.get_current_span().is_recording():
+            return _UNSAMPLED
         target = _target(url)
         attributes: dict[str, Any] = {
             "http.request.method": "POST",

@@ -188,6 +188,24 @@ def test_a_502_names_its_trace_and_a_new_trace_starts_without_traceparent(
     assert attributes(server)["http.response.status_code"] == 502
 
 
+def test_an_unsampled_request_records_nothing_and_passes_its_decision_on(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    exporter = InMemorySpanExporter()
+    url = serve(create_app(traced(settings_for(fleet)), span_exporter=exporter))
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # the frontend chose not to sample
+
+    response = requests.post(
+        f"{url}/recommendation", json={}, headers={"traceparent": unsampled}, timeout=10
+    )
+
+    assert response.status_code == 200
+    assert exporter.get_finished_spans() == ()
+    # The same trace, not sampled: the recommenders are told so, and keep to it.
+    version, trace_id, _, flags = traceparent_received(fleet, "trd").split("-")
+    assert (version, trace_id, flags) == ("00", TRACE_ID, "00")
+
+
 def test_a_4xx_is_traced_but_not_an_error(fleet: MockFleet, serve: Serve) -> None:
     exporter = InMemorySpanExporter()
     url = serve(create_app(traced(settings_for(fleet)), span_exporter=exporter))
