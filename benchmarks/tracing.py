@@ -13,15 +13,19 @@ Variants, each under gunicorn in front of the same mocks, in rotation (`--repeat
   from "not there".
 
 A variant's cost is its gateway CPU per request minus that of ``tracing off``, and the
-throughput it gives up.
+throughput it gives up. On a shared machine that difference is noisy; ``--spans`` measures the
+tracing calls of one request on their own instead (`span_costs`: the spans a request with four
+recommenders makes, through the real batch processor, its exporter discarding them).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
+import timeit
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +61,7 @@ class TracingPlan:
     delay_ms: float = 20.0
     workers: int | None = None
     baseline: Path | None = None
+    spans_only: bool = False
 
 
 def _variants(plan: TracingPlan, sink_url: str) -> dict[str, tuple[list[str], dict[str, str]]]:
@@ -194,6 +199,56 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spans_markdown(found: dict[str, float]) -> str:
+    """`span_costs` as a markdown table."""
+    lines = [
+        "Tracing calls of one request on their own (9 spans with four recommenders, batch "
+        "processor, export discarded; best of 7 rounds of 2,000):",
+        "",
+        "| tracing | µs per request |",
+        "|---|---|",
+    ]
+    lines += [f"| {label} | {micros:.1f} |" for label, micros in found.items()]
+    return "\n".join(lines) + "\n"
+
+
+def span_costs(rounds: int = 7, number: int = 2000) -> dict[str, float]:
+    """Microseconds of tracing per request (best of `rounds`): off, on at 100% and at 1%."""
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+    from gateway.config import TracingSettings
+    from gateway.otel import OtelTracing
+    from gateway.tracing import NO_TRACING, Tracing
+
+    class Discard(SpanExporter):
+        def export(self, spans: Any) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    def request(tracing: Tracing) -> None:
+        # What routes.py and fanout.py do for one request that every recommender answers.
+        with tracing.request({}, "r") as span:
+            for name in NAMES:
+                with tracing.call(name) as call:
+                    with tracing.attempt(name, "http://127.0.0.1:5001/test", 0, False) as one:
+                        one.headers({"X-Request-ID": "r"})
+                        one.answered(200)
+                    call.finished("ok", 1, None)
+            span.answered(200, True, 1.0, "rrf")
+
+    found = {}
+    variants: dict[str, Tracing] = {"off": NO_TRACING}
+    for label, ratio in (("100%", 1.0), ("1%", 0.01)):
+        # The batch processor, as served; only the export itself is left out.
+        settings = TracingSettings(enabled=True, sample_ratio=ratio)
+        variants[label] = OtelTracing(settings, BatchSpanProcessor(Discard()))
+    for label, tracing in variants.items():
+        timer = timeit.Timer(functools.partial(request, tracing))
+        best = min(timer.repeat(repeat=rounds, number=number))
+        found[label] = round(best / number * 1e6, 1)
+        tracing.shutdown()
+    return found
+
+
 def parse_plan(argv: list[str] | None = None) -> tuple[TracingPlan, Path]:
     """The plan and output folder the command line asks for."""
     parser = argparse.ArgumentParser(
@@ -209,6 +264,9 @@ def parse_plan(argv: list[str] | None = None) -> tuple[TracingPlan, Path]:
         "--baseline", type=Path, help="a checkout without tracing, run as 'before tracing'"
     )
     parser.add_argument(
+        "--spans", action="store_true", help="only the tracing calls' own cost (a few seconds)"
+    )
+    parser.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results/tracing-<timestamp>)"
     )
     args = parser.parse_args(argv)
@@ -222,6 +280,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[TracingPlan, Path]:
         parser.error(f"--baseline {args.baseline} has no gateway/ package")
     plan = TracingPlan(levels, args.duration, args.warmup, args.repeats, workers=args.workers)
     plan.baseline = args.baseline
+    plan.spans_only = args.spans
     out = args.out or Path("benchmarks/results") / time.strftime("tracing-%Y%m%d-%H%M%S")
     return plan, out
 
@@ -230,9 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the A/B with a progress line, then print and save the figures."""
     plan, out = parse_plan(argv)
     out.mkdir(parents=True, exist_ok=True)
+    spans = span_costs()
+    if plan.spans_only:
+        print(spans_markdown(spans))
+        return 0
     results, console = run_with_spinner(lambda advance: run_tracing(plan, out, advance))
+    results["span_costs_us"] = spans
     (out / "tracing.json").write_text(json.dumps(results, indent=2))
-    report = markdown(results)
+    report = markdown(results) + "\n" + spans_markdown(spans)
     (out / "tracing.md").write_text(report)
     console.print(report)
     console.print(f"written: {out / 'tracing.json'}, {out / 'tracing.md'}")

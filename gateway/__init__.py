@@ -101,11 +101,11 @@ def _version() -> str:
         return "0.0.0"
 
 
-def create_app(settings: Settings | None = None, span_exporter: Any = None) -> GatewayFlask:
+def create_app(settings: Settings | None = None, span_processor: Any = None) -> GatewayFlask:
     """Build the gateway app from `settings` (default: `load_settings()`).
 
-    `span_exporter`: an OpenTelemetry `SpanExporter` to send spans to, each as it ends,
-    instead of OTLP when tracing is on (tests).
+    `span_processor`: an OpenTelemetry `SpanProcessor` that takes the spans instead of the
+    OTLP exporter's batches, when tracing is on (tests give an in-memory exporter's).
     """
     settings = settings if settings is not None else load_settings()
     if switched_on(settings.tracing):
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, span_exporter: Any = None) -> G
     app = GatewayFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details
-    runtime = WorkerRuntime(settings, span_exporter)
+    runtime = WorkerRuntime(settings, span_processor)
     app.extensions["gateway"] = runtime
     app.extensions["gateway.tokens"] = TokenCheck(settings.api_keys)
     app.extensions["gateway.openapi"] = json.dumps(build_spec(settings, _version()))

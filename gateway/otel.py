@@ -31,11 +31,7 @@ from opentelemetry import context, propagate, trace
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
-    SimpleSpanProcessor,
-    SpanExporter,
-)
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -194,9 +190,7 @@ def _resource(settings: TracingSettings) -> Resource:
     return Resource.create(attributes)
 
 
-def _processor(settings: TracingSettings, exporter: SpanExporter | None) -> SpanProcessor:
-    if exporter is not None:
-        return SimpleSpanProcessor(exporter)
+def _processor(settings: TracingSettings) -> SpanProcessor:
     endpoint = None
     if settings.endpoint is not None and not (
         os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -211,9 +205,9 @@ class OtelTracing(Tracing):
 
     enabled = True
 
-    def __init__(self, settings: TracingSettings, span_exporter: SpanExporter | None = None):
+    def __init__(self, settings: TracingSettings, span_processor: SpanProcessor | None = None):
         self.provider = TracerProvider(sampler=_sampler(settings), resource=_resource(settings))
-        self.provider.add_span_processor(_processor(settings, span_exporter))
+        self.provider.add_span_processor(span_processor or _processor(settings))
         self._tracer = self.provider.get_tracer("gateway")
 
     def request(self, headers: Any, request_id: str) -> RequestSpan:

@@ -87,10 +87,10 @@ class _Started:
 class WorkerRuntime:
     """A process's event loop, its shared connection pool, and the recommender clients."""
 
-    def __init__(self, settings: Settings, span_exporter: Any = None):
+    def __init__(self, settings: Settings, span_processor: Any = None):
         self.settings = settings
-        # Replaces the OTLP exporter of each provider this runtime starts (tests).
-        self.span_exporter = span_exporter
+        # Replaces the OTLP export of each provider this runtime starts (tests).
+        self.span_processor = span_processor
         self._lock = threading.Lock()
         self._state: _Started | None = None
         # Every state started by this object, in any process. One inherited through fork is
@@ -319,7 +319,7 @@ class WorkerRuntime:
         state.clients = tuple(client for group in replicas for client in group.clients)
         state.guards = guards_for(self.settings, self.lag)
         # Here, in the worker after the fork: the batch processor's thread is this process's.
-        state.tracing = start_tracing(self.settings.tracing, self.span_exporter)
+        state.tracing = start_tracing(self.settings.tracing, self.span_processor)
         state.fan_out = build_fan_out(self.settings, replicas, state.guards, state.tracing)
         loop = asyncio.get_running_loop()
         state.publisher = loop.create_task(self._publish_metrics())

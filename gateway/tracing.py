@@ -170,15 +170,15 @@ def check_installed() -> None:
         ) from exc
 
 
-def start_tracing(settings: TracingSettings, span_exporter: Any = None) -> Tracing:
+def start_tracing(settings: TracingSettings, span_processor: Any = None) -> Tracing:
     """This worker's tracing: `NO_TRACING` when off, else a tracer provider of its own.
 
-    `span_exporter` replaces the OTLP exporter and its batching (tests pass an in-memory one,
-    exported as each span ends).
+    `span_processor` takes the spans instead of the OTLP exporter's batches (tests give a
+    `SimpleSpanProcessor` of an in-memory exporter).
     """
     if not switched_on(settings):
         return NO_TRACING
     check_installed()
     from gateway.otel import OtelTracing
 
-    return OtelTracing(settings, span_exporter)
+    return OtelTracing(settings, span_processor)

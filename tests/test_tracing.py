@@ -12,10 +12,11 @@ from typing import Any
 import pytest
 import requests
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 
-from gateway import Settings, create_app
+from gateway import GatewayFlask, Settings, create_app
 from gateway.errors import ConfigError
 from gateway.tracing import INSTALL_HINT, NO_TRACING, start_tracing, switched_on
 from mock_recommenders import MockFleet
@@ -36,6 +37,12 @@ def second_psn() -> Iterator[MockFleet]:
 def traced(settings: Settings) -> Settings:
     tracing = settings.tracing.model_copy(update={"enabled": True})
     return settings.model_copy(update={"tracing": tracing})
+
+
+def traced_app(settings: Settings) -> tuple[GatewayFlask, InMemorySpanExporter]:
+    """The app with tracing on, each span exported in memory as it ends."""
+    exporter = InMemorySpanExporter()
+    return create_app(traced(settings), span_processor=SimpleSpanProcessor(exporter)), exporter
 
 
 def by_name(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
@@ -71,8 +78,7 @@ def test_the_span_tree_of_a_request_with_a_timeout_a_retry_a_hedge_and_an_open_c
     psn = data["recommenders"][3]
     psn["urls"] = [second_psn.url("psn")]
     psn["hedge_after_ms"] = 40
-    exporter = InMemorySpanExporter()
-    app = create_app(traced(Settings.model_validate(data)), span_exporter=exporter)
+    app, exporter = traced_app(Settings.model_validate(data))
     url = serve(app)
     for _ in range(5):  # the default threshold: sml's breaker opens
         app.runtime.guards["sml"].breaker.failed()
@@ -173,8 +179,8 @@ def test_the_span_tree_of_a_request_with_a_timeout_a_retry_a_hedge_and_an_open_c
 def test_a_502_names_its_trace_and_a_new_trace_starts_without_traceparent(
     fleet: MockFleet, serve: Serve
 ) -> None:
-    exporter = InMemorySpanExporter()
-    url = serve(create_app(traced(settings_for(fleet)), span_exporter=exporter))
+    app, exporter = traced_app(settings_for(fleet))
+    url = serve(app)
     fleet.set_behaviour(status=500)
 
     response = requests.post(f"{url}/recommendation", json={"user_id": "u1"}, timeout=10)
@@ -191,8 +197,8 @@ def test_a_502_names_its_trace_and_a_new_trace_starts_without_traceparent(
 def test_an_unsampled_request_records_nothing_and_passes_its_decision_on(
     fleet: MockFleet, serve: Serve
 ) -> None:
-    exporter = InMemorySpanExporter()
-    url = serve(create_app(traced(settings_for(fleet)), span_exporter=exporter))
+    app, exporter = traced_app(settings_for(fleet))
+    url = serve(app)
     unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"  # the frontend chose not to sample
 
     response = requests.post(
@@ -207,8 +213,8 @@ def test_an_unsampled_request_records_nothing_and_passes_its_decision_on(
 
 
 def test_a_4xx_is_traced_but_not_an_error(fleet: MockFleet, serve: Serve) -> None:
-    exporter = InMemorySpanExporter()
-    url = serve(create_app(traced(settings_for(fleet)), span_exporter=exporter))
+    app, exporter = traced_app(settings_for(fleet))
+    url = serve(app)
 
     response = requests.post(f"{url}/recommendation", json={"resultSize": 0}, timeout=10)
 
@@ -221,8 +227,7 @@ def test_a_4xx_is_traced_but_not_an_error(fleet: MockFleet, serve: Serve) -> Non
 def test_the_wsgi_design_and_the_threads_strategy_keep_the_tree(
     fleet: MockFleet, serve_wsgi: Serve
 ) -> None:
-    exporter = InMemorySpanExporter()
-    app = create_app(traced(settings_for(fleet, strategy="threads")), span_exporter=exporter)
+    app, exporter = traced_app(settings_for(fleet, strategy="threads"))
     url = serve_wsgi(app)
 
     response = requests.post(
@@ -262,7 +267,8 @@ def test_the_standard_variables_win_over_the_config(
 ) -> None:
     monkeypatch.setenv("OTEL_SERVICE_NAME", "gateway-eu")
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
-    tracing = start_tracing(traced(settings_for(fleet)).tracing, InMemorySpanExporter())
+    processor = SimpleSpanProcessor(InMemorySpanExporter())
+    tracing = start_tracing(traced(settings_for(fleet)).tracing, processor)
     try:
         provider = tracing.provider  # type: ignore[attr-defined]
         assert provider.resource.attributes["service.name"] == "gateway-eu"
