@@ -184,8 +184,13 @@ def _resource(settings: TracingSettings) -> Resource:
         "service.instance.id": uuid.uuid4().hex,
         "process.pid": os.getpid(),
     }
-    # Resource.create lets what it is given win over OTEL_SERVICE_NAME: give it only if unset.
-    if not os.environ.get("OTEL_SERVICE_NAME"):
+    # Resource.create lets what it is given win over the variables: give a name only if
+    # neither OTEL_SERVICE_NAME nor OTEL_RESOURCE_ATTRIBUTES names the service.
+    named = os.environ.get("OTEL_SERVICE_NAME") or any(
+        pair.split("=", 1)[0].strip() == "service.name"
+        for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",")
+    )
+    if not named:
         attributes["service.name"] = settings.service_name
     return Resource.create(attributes)
 

@@ -277,6 +277,26 @@ def test_the_standard_variables_win_over_the_config(
         tracing.shutdown()
 
 
+def test_a_service_name_in_the_resource_attributes_wins_over_the_config(
+    fleet: MockFleet, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=eu,service.name=gw")
+    processor = SimpleSpanProcessor(InMemorySpanExporter())
+    tracing = start_tracing(traced(settings_for(fleet)).tracing, processor)
+    try:
+        attributes = tracing.provider.resource.attributes  # type: ignore[attr-defined]
+        assert attributes["service.name"] == "gw"
+        assert attributes["deployment.environment"] == "eu"
+    finally:
+        tracing.shutdown()
+    monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES")
+    processor = SimpleSpanProcessor(InMemorySpanExporter())
+    tracing = start_tracing(traced(settings_for(fleet)).tracing, processor)
+    assert tracing.provider.resource.attributes["service.name"] == "fusion-gateway"  # type: ignore[attr-defined]
+    tracing.shutdown()
+
+
 def test_tracing_on_without_the_packages_stops_start_up_naming_the_extra(
     fleet: MockFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
