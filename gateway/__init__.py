@@ -24,7 +24,7 @@ from gateway.portal import await_, in_portal
 from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
 from gateway.security import TokenCheck
-from gateway.tracing import check_installed, switched_on
+from gateway.tracing import check_installed
 
 __all__ = ["VIEW_GRACE_S", "GatewayFlask", "Settings", "create_app", "load_settings"]
 
@@ -108,8 +108,7 @@ def create_app(settings: Settings | None = None, span_processor: Any = None) -> 
     OTLP exporter's batches, when tracing is on (tests give an in-memory exporter's).
     """
     settings = settings if settings is not None else load_settings()
-    if switched_on(settings.tracing):
-        check_installed()  # at start-up, not in the first request
+    check_installed(settings.tracing)  # at start-up, not at the first request
     app = GatewayFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details

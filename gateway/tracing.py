@@ -159,8 +159,10 @@ def switched_on(settings: TracingSettings, environ: Mapping[str, str] = os.envir
     )
 
 
-def check_installed() -> None:
-    """Raise `ConfigError` naming the extra if the OpenTelemetry packages are missing."""
+def check_installed(settings: TracingSettings) -> None:
+    """Raise `ConfigError` naming the extra if tracing is on and its packages are missing."""
+    if not switched_on(settings):
+        return
     try:
         import gateway.otel  # noqa: F401 - imported to see that it can be
     except ImportError as exc:
@@ -178,7 +180,7 @@ def start_tracing(settings: TracingSettings, span_processor: Any = None) -> Trac
     """
     if not switched_on(settings):
         return NO_TRACING
-    check_installed()
+    check_installed(settings)
     from gateway.otel import OtelTracing
 
     return OtelTracing(settings, span_processor)

@@ -9,14 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.otlpsink import OtlpSink
 from mock_recommenders import MockFleet
-from tests.helpers import gunicorn, lines, post_concurrently, until_every_worker_served
+from tests.helpers import (
+    GUNICORN,
+    ROOT,
+    gateway_environment,
+    gunicorn,
+    lines,
+    post_concurrently,
+    until_every_worker_served,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -80,3 +90,26 @@ def test_each_worker_exports_its_spans_and_flushes_them_on_sigterm(fleet: MockFl
         assert len(calls) == len(attempts) == 4 * len(servers)
         assert {s.parent_span_id for s in calls} == {s.span_id for s in servers}
     assert "Traceback" not in output, json.dumps(output[-2000:])
+
+
+def test_tracing_on_without_the_packages_stops_gunicorn_once_naming_the_extra(
+    fleet: MockFleet, tmp_path: Path
+) -> None:
+    # As if not installed: a module of that name that cannot be imported, first on the path.
+    (tmp_path / "opentelemetry.py").write_text("raise ImportError('no opentelemetry here')\n")
+    env = gateway_environment(fleet, OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:4318")
+    env["PYTHONPATH"] = str(tmp_path)
+    # It stops in the master, before it binds anything: the address is never used.
+    result = subprocess.run(
+        [GUNICORN, "-c", "gunicorn.conf.py", "gateway.asgi:app", "--bind", "127.0.0.1:0"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert "OpenTelemetry packages are not installed" in result.stderr
+    assert "pip install 'fusion-gateway[tracing]'" in result.stderr
+    assert "Booting worker" not in result.stderr
