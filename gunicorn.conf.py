@@ -115,9 +115,13 @@ def on_starting(server: Any) -> None:
     """
     from gateway.config import load_settings, pin_settings
     from gateway.errors import ConfigError
+    from gateway.tracing import check_installed
 
     try:
-        pin_settings(load_settings())
+        settings = load_settings()
+        # Here too: a worker that cannot start is replaced by another that cannot, for ever.
+        check_installed(settings.tracing)
+        pin_settings(settings)
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr, flush=True)
         on_exit(server)
@@ -135,12 +139,14 @@ def _validate_reloads(server: Any) -> None:
     """
     from gateway.config import describe_source, load_settings, pin_settings
     from gateway.errors import ConfigError
+    from gateway.tracing import check_installed
 
     reload = server.reload
 
     def reload_if_valid() -> None:
         try:
             settings = load_settings()
+            check_installed(settings.tracing)
         except ConfigError as exc:
             server.log.error(
                 "gateway: config refused, workers keep serving the previous one: %s", exc

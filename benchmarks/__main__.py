@@ -3,8 +3,10 @@
 ``python -m benchmarks quality`` (``make quality``) scores the recommenders and the fusion
 strategies against the mocks' synthetic truth instead: see `benchmarks.quality`.
 ``python -m benchmarks features`` measures what each feature of the gateway costs, one
-switched off at a time: see `benchmarks.features`. ``python -m benchmarks scaleout`` (``make
-scaleout``) runs two gateways behind nginx and stops one mid-load: see `benchmarks.scaleout`.
+switched off at a time: see `benchmarks.features`; ``python -m benchmarks tracing`` what
+tracing costs, off, at 100% and at 1%: see `benchmarks.tracing`. ``python -m benchmarks
+scaleout`` (``make scaleout``) runs two gateways behind nginx and stops one mid-load: see
+`benchmarks.scaleout`.
 
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
@@ -44,6 +46,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
         description=__doc__.splitlines()[0],
         epilog="Ranking quality instead of speed: python -m benchmarks quality --help; "
         "what each feature costs: python -m benchmarks features --help; "
+        "what tracing costs: python -m benchmarks tracing --help; "
         "goodput under overload: python -m benchmarks overload --help; "
         "two gateways behind nginx, one stopped: python -m benchmarks scaleout --help",
     )
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import overload
 
         return overload.main(argv[1:])
+    if argv[:1] == ["tracing"]:
+        from benchmarks import tracing
+
+        return tracing.main(argv[1:])
     if argv[:1] == ["scaleout"]:
         from benchmarks import scaleout
 

@@ -36,7 +36,7 @@ from benchmarks.harness import (
     serve_gunicorn,
 )
 
-__all__ = ["VARIANTS", "FeaturesPlan", "main", "run_features"]
+__all__ = ["VARIANTS", "FeaturesPlan", "main", "median_row", "run_features"]
 
 NAMES = ("sml", "asc", "trd", "psn")
 VARIANTS: dict[str, dict[str, str]] = {
@@ -88,7 +88,7 @@ def run_features(plan: FeaturesPlan, out: Path, advance: Callable[[str], None]) 
                         advance(f"{variant}, concurrency {level}, round {repeat + 1}")
                         run = measure_level("gateway", url, level, plan, watched)
                         samples.setdefault((variant, level), []).append(run)
-    rows = [_median_row(variant, level, runs) for (variant, level), runs in samples.items()]
+    rows = [median_row(variant, level, runs) for (variant, level), runs in samples.items()]
     return {
         "plan": plan.__dict__,
         "started": started,
@@ -98,7 +98,8 @@ def run_features(plan: FeaturesPlan, out: Path, advance: Callable[[str], None]) 
     }
 
 
-def _median_row(variant: str, level: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_row(variant: str, level: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One variant's medians at one level, over its repeats."""
     return {
         "variant": variant,
         "concurrency": level,

@@ -24,6 +24,7 @@ from gateway.portal import await_, in_portal
 from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
 from gateway.security import TokenCheck
+from gateway.tracing import check_installed
 
 __all__ = ["VIEW_GRACE_S", "GatewayFlask", "Settings", "create_app", "load_settings"]
 
@@ -100,13 +101,18 @@ def _version() -> str:
         return "0.0.0"
 
 
-def create_app(settings: Settings | None = None) -> GatewayFlask:
-    """Build the gateway app from `settings` (default: `load_settings()`)."""
+def create_app(settings: Settings | None = None, span_processor: Any = None) -> GatewayFlask:
+    """Build the gateway app from `settings` (default: `load_settings()`).
+
+    `span_processor`: an OpenTelemetry `SpanProcessor` that takes the spans instead of the
+    OTLP exporter's batches, when tracing is on (tests give an in-memory exporter's).
+    """
     settings = settings if settings is not None else load_settings()
+    check_installed(settings.tracing)  # at start-up, not at the first request
     app = GatewayFlask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details
-    runtime = WorkerRuntime(settings)
+    runtime = WorkerRuntime(settings, span_processor)
     app.extensions["gateway"] = runtime
     app.extensions["gateway.tokens"] = TokenCheck(settings.api_keys)
     app.extensions["gateway.openapi"] = json.dumps(build_spec(settings, _version()))

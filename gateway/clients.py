@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -132,12 +132,13 @@ class RecommenderClient(_Endpoint):
         headers: Mapping[str, str],
         timeout_s: float | None = None,
         limits: AnswerLimits = DEFAULT_LIMITS,
+        answered: Callable[[int], None] | None = None,
     ) -> Any:
         """POST `body` (JSON) to the recommender and return its parsed JSON answer.
 
         `timeout_s` bounds the whole call (waiting for a pooled connection, connecting,
         sending, reading) and defaults to the client's own budget; the answer is read within
-        `limits`.
+        `limits`; `answered`, if given, is told the answer's HTTP status (for its trace span).
 
         Raises `RecommenderTimeout`, `RecommenderUnavailable` or `BadRecommenderResponse`.
         """
@@ -151,6 +152,8 @@ class RecommenderClient(_Endpoint):
             raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
         except UpstreamError as exc:
             raise _failure(self.name, self.idempotent, exc) from exc
+        if answered is not None:
+            answered(answer.status)
         retry_after = answer.header(b"retry-after")
         return _check_answer(self.name, answer.status, answer.body, retry_after, limits)
 
@@ -184,6 +187,7 @@ class BlockingRecommenderClient(_Endpoint):
         headers: Mapping[str, str],
         timeout_s: float | None = None,
         limits: AnswerLimits = DEFAULT_LIMITS,
+        answered: Callable[[int], None] | None = None,
     ) -> Any:
         """POST `body` and return the parsed JSON answer; raise a `RecommenderError`.
 
@@ -198,6 +202,8 @@ class BlockingRecommenderClient(_Endpoint):
             raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
         except UpstreamError as exc:
             raise _failure(self.name, self.idempotent, exc) from exc
+        if answered is not None:
+            answered(answer.status)
         retry_after = answer.header(b"retry-after")
         return _check_answer(self.name, answer.status, answer.body, retry_after, limits)
 

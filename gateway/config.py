@@ -56,6 +56,7 @@ __all__ = [
     "RecommenderSettings",
     "RetrySettings",
     "Settings",
+    "TracingSettings",
     "config_file",
     "describe_source",
     "load_settings",
@@ -217,6 +218,32 @@ class AdmissionSettings(BaseModel):
     )
 
 
+class TracingSettings(BaseModel):
+    """OpenTelemetry tracing (`gateway.tracing`); the standard `OTEL_*` variables win over it."""
+
+    model_config = _Strict
+
+    enabled: bool = Field(
+        default=False,
+        description="Export spans; also switched on by OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT.",
+    )
+    endpoint: AnyHttpUrl | None = Field(
+        default=None,
+        description="The OTLP/HTTP receiver's base URL (`/v1/traces` is added), e.g. "
+        "http://otel-collector:4318; default: OTEL_EXPORTER_OTLP_ENDPOINT, else localhost:4318.",
+    )
+    service_name: str = Field(
+        default="fusion-gateway", min_length=1, description="Unless OTEL_SERVICE_NAME is set."
+    )
+    sample_ratio: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded (a frontend's sampled flag is followed); "
+        "unless OTEL_TRACES_SAMPLER is set.",
+    )
+
+
 class HttpSettings(BaseModel):
     """The HTTP edge of each uvicorn worker (`gateway/edge.py`, `gateway/asgi.py`)."""
 
@@ -324,6 +351,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
     hedging: HedgingSettings = HedgingSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @field_validator("api_keys", mode="before")
     @classmethod

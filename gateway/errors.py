@@ -16,7 +16,8 @@ Library errors (the HTTP client's, pydantic's) are translated into these at one 
 (`gateway.clients`, `gateway.routes`), so nothing else sees them.
 
 Every 4xx and 5xx the gateway sends has the body
-``{"error": {"status": 422, "message": "..."}, "request_id": "..."}``; `error_body`
+``{"error": {"status": 422, "message": "..."}, "request_id": "..."}``, and ``"trace_id"``
+when the request is traced; `error_body`
 builds it and `register_error_handlers` routes every exception through it. Tracebacks
 go to the log with the request id, never to the client.
 """
@@ -124,6 +125,10 @@ def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
     request_id = g.get("request_id") if g else None
     if request_id is not None:
         body["request_id"] = request_id
+    # Set while the request is traced (`gateway.tracing`): the error leads to its trace.
+    trace_id = g.get("trace_id") if g else None
+    if trace_id is not None:
+        body["trace_id"] = trace_id
     return body
 
 

@@ -12,12 +12,15 @@ config) from `STRATEGIES`:
 
 Whatever happens to a call, a fan-out never raises for it: every configured recommender
 yields an `Outcome`, in config order. Every call reads its answer within its recommender's
-`AnswerLimits` (`max_answer_bytes`, `max_items`, `max_json_depth`).
+`AnswerLimits` (`max_answer_bytes`, `max_items`, `max_json_depth`). Each call, and each of its
+attempts, is a span of the request's trace when tracing is on (`gateway.tracing`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -36,6 +39,7 @@ from gateway.clients import (
 from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout, SourceStatus
 from gateway.resilience import MIN_CALL_BUDGET_S, Guard, Hedger
+from gateway.tracing import NO_TRACING, Tracing
 
 __all__ = [
     "STRATEGIES",
@@ -104,8 +108,9 @@ class FanOut(Protocol):
         settings: Settings,
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
+        tracing: Tracing = NO_TRACING,
     ) -> FanOut:
-        """Build the strategy over the worker's aiohttp clients, each call under its guard."""
+        """Build the strategy over the worker's clients, each call under its guard, traced."""
         ...
 
     async def fan_out(
@@ -225,9 +230,40 @@ def _close(call: _Call, guard: Guard, error: BaseException | None, prediction: A
     return call.failed(error)
 
 
+async def _ask(
+    client: RecommenderClient,
+    tracing: Tracing,
+    resend_count: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    budget: float,
+    limits: AnswerLimits,
+    hedge: bool = False,
+) -> Any:
+    """One HTTP attempt at one replica, in a span of its own whose context it sends."""
+    with tracing.attempt(client.name, client.url, resend_count, hedge) as span:
+        return await client.recommend(body, span.headers(headers), budget, limits, span.answered)
+
+
+def _ask_blocking(
+    client: BlockingRecommenderClient,
+    tracing: Tracing,
+    resend_count: int,
+    body: bytes,
+    headers: Mapping[str, str],
+    budget: float,
+    limits: AnswerLimits,
+) -> Any:
+    """`_ask`, from a thread."""
+    with tracing.attempt(client.name, client.url, resend_count, False) as span:
+        return client.recommend(body, span.headers(headers), budget, limits, span.answered)
+
+
 async def _hedged(
     replicas: Replicas[RecommenderClient],
     hedger: Hedger,
+    tracing: Tracing,
+    resend_count: int,
     body: bytes,
     headers: Mapping[str, str],
     budget: float,
@@ -235,22 +271,23 @@ async def _hedged(
 ) -> Any:
     """One attempt: the replica whose turn it is, and a hedge to another if it is slow."""
     primary, backup = replicas.pick()
+    ask = functools.partial(_ask, tracing=tracing, resend_count=resend_count, body=body)
     if backup is None:
         # One replica: nothing to hedge to, so nothing to count or time for it either.
-        return await primary.recommend(body, headers, budget, limits)
+        return await ask(primary, headers=headers, budget=budget, limits=limits)
     hedger.count_call()
     delay = hedger.delay_s()
     started = time.perf_counter()
     if delay is None or delay >= budget:
-        prediction = await primary.recommend(body, headers, budget, limits)
+        prediction = await ask(primary, headers=headers, budget=budget, limits=limits)
         hedger.record(time.perf_counter() - started)
         return prediction
-    first = asyncio.ensure_future(primary.recommend(body, headers, budget, limits))
+    first = asyncio.ensure_future(ask(primary, headers=headers, budget=budget, limits=limits))
     pending: set[asyncio.Future[Any]] = {first}
     try:
         done, pending = await asyncio.wait(pending, timeout=delay)
         if not done and hedger.try_hedge():
-            hedge = backup.recommend(body, headers, budget - delay, limits)
+            hedge = ask(backup, headers=headers, budget=budget - delay, limits=limits, hedge=True)
             pending.add(asyncio.ensure_future(hedge))
         error: BaseException | None = None
         while True:
@@ -278,6 +315,23 @@ async def _call(
     body: bytes,
     headers: Mapping[str, str],
     deadline: Deadline,
+    tracing: Tracing,
+) -> Outcome:
+    """One recommender's call under its guard, in a span that parents its attempts."""
+    with tracing.call(replicas.name) as span:
+        outcome = await _guarded(replicas, guard, limits, body, headers, deadline, tracing)
+        span.finished(outcome.status, outcome.attempts, outcome.error)
+        return outcome
+
+
+async def _guarded(
+    replicas: Replicas[RecommenderClient],
+    guard: Guard,
+    limits: AnswerLimits,
+    body: bytes,
+    headers: Mapping[str, str],
+    deadline: Deadline,
+    tracing: Tracing,
 ) -> Outcome:
     call = _open(replicas.name, replicas.timeout_s, guard, deadline)
     if isinstance(call, Outcome):
@@ -285,7 +339,9 @@ async def _call(
     try:
         try:
             budget = call.next_attempt()
-            prediction = await _hedged(replicas, guard.hedger, body, headers, budget, limits)
+            prediction = await _hedged(
+                replicas, guard.hedger, tracing, 0, body, headers, budget, limits
+            )
         except RecommenderError as first:
             if not guard.retry.worth_retrying(first):
                 raise
@@ -296,8 +352,9 @@ async def _call(
                     if attempt.retry_state.attempt_number == 1:
                         raise first
                     budget = call.next_attempt()
+                    resend_count = call.attempts - 1
                     prediction = await _hedged(
-                        replicas, guard.hedger, body, headers, budget, limits
+                        replicas, guard.hedger, tracing, resend_count, body, headers, budget, limits
                     )
     except asyncio.CancelledError:
         guard.breaker.released()
@@ -314,14 +371,32 @@ def _call_blocking(
     body: bytes,
     headers: Mapping[str, str],
     deadline: Deadline,
+    tracing: Tracing,
+) -> Outcome:
+    """`_call`, from a thread."""
+    with tracing.call(replicas.name) as span:
+        outcome = _guarded_blocking(replicas, guard, limits, body, headers, deadline, tracing)
+        span.finished(outcome.status, outcome.attempts, outcome.error)
+        return outcome
+
+
+def _guarded_blocking(
+    replicas: Replicas[BlockingRecommenderClient],
+    guard: Guard,
+    limits: AnswerLimits,
+    body: bytes,
+    headers: Mapping[str, str],
+    deadline: Deadline,
+    tracing: Tracing,
 ) -> Outcome:
     call = _open(replicas.name, replicas.timeout_s, guard, deadline)
     if isinstance(call, Outcome):
         return call
+    ask = functools.partial(_ask_blocking, tracing=tracing, body=body, headers=headers)
     try:
         try:
             budget = call.next_attempt()
-            prediction = replicas.pick()[0].recommend(body, headers, budget, limits)
+            prediction = ask(replicas.pick()[0], resend_count=0, budget=budget, limits=limits)
         except RecommenderError as first:
             if not guard.retry.worth_retrying(first):
                 raise
@@ -330,7 +405,12 @@ def _call_blocking(
                     if attempt.retry_state.attempt_number == 1:
                         raise first
                     budget = call.next_attempt()
-                    prediction = replicas.pick()[0].recommend(body, headers, budget, limits)
+                    prediction = ask(
+                        replicas.pick()[0],
+                        resend_count=call.attempts - 1,
+                        budget=budget,
+                        limits=limits,
+                    )
     except Exception as exc:
         return _close(call, guard, exc, None)
     return _close(call, guard, None, prediction)
@@ -346,7 +426,9 @@ class _OverSharedSession:
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
         limits: Mapping[str, AnswerLimits] | None = None,
+        tracing: Tracing = NO_TRACING,
     ):
+        self.tracing = tracing
         self.guarded = tuple(
             (replicas, guards[replicas.name], (limits or {}).get(replicas.name, DEFAULT_LIMITS))
             for replicas in recommenders
@@ -358,9 +440,10 @@ class _OverSharedSession:
         settings: Settings,
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
+        tracing: Tracing = NO_TRACING,
     ) -> FanOut:
         """Fan out over the worker's aiohttp clients."""
-        return cls(recommenders, guards, answer_limits(settings))
+        return cls(recommenders, guards, answer_limits(settings), tracing)
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -382,7 +465,7 @@ class AsyncFanOut(_OverSharedSession):
     ) -> list[Outcome]:
         """Call every recommender concurrently on the worker loop."""
         calls = (
-            _call(replicas, guard, limits, body, headers, deadline)
+            _call(replicas, guard, limits, body, headers, deadline, self.tracing)
             for replicas, guard, limits in self.guarded
         )
         return list(await asyncio.gather(*calls))
@@ -398,7 +481,7 @@ class SequentialFanOut(_OverSharedSession):
     ) -> list[Outcome]:
         """Call each recommender in turn; those the deadline leaves no time for time out."""
         return [
-            await _call(replicas, guard, limits, body, headers, deadline)
+            await _call(replicas, guard, limits, body, headers, deadline, self.tracing)
             for replicas, guard, limits in self.guarded
         ]
 
@@ -408,7 +491,14 @@ class ThreadPoolFanOut:
 
     name: ClassVar[str] = "threads"
 
-    def __init__(self, settings: Settings, guards: Mapping[str, Guard], max_threads: int):
+    def __init__(
+        self,
+        settings: Settings,
+        guards: Mapping[str, Guard],
+        max_threads: int,
+        tracing: Tracing = NO_TRACING,
+    ):
+        self.tracing = tracing
         self._pool = BlockingPool(
             limit_per_host=settings.pool.limit_per_host,
             keepalive_timeout_s=settings.pool.keepalive_timeout_s,
@@ -435,9 +525,10 @@ class ThreadPoolFanOut:
         settings: Settings,
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
+        tracing: Tracing = NO_TRACING,
     ) -> FanOut:
         """A pool of `settings.fan_out_threads` threads and its own connections."""
-        return cls(settings, guards, settings.fan_out_threads)
+        return cls(settings, guards, settings.fan_out_threads, tracing)
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -445,9 +536,15 @@ class ThreadPoolFanOut:
         """Submit every call to the pool and wait for them, at most until the deadline."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        # Each call in a copy of this task's context (as `asyncio.to_thread` does): its span
+        # is then a child of the request's.
         futures = [
             loop.run_in_executor(
-                self._executor, _call_blocking, replicas, guard, limits, body, headers, deadline
+                self._executor,
+                contextvars.copy_context().run,
+                functools.partial(
+                    _call_blocking, replicas, guard, limits, body, headers, deadline, self.tracing
+                ),
             )
             for replicas, guard, limits in self.guarded
         ]
@@ -488,6 +585,7 @@ def build_fan_out(
     settings: Settings,
     recommenders: Sequence[Replicas[RecommenderClient]],
     guards: Mapping[str, Guard],
+    tracing: Tracing = NO_TRACING,
 ) -> FanOut:
     """The fan-out strategy `settings.strategy` names, each call under its recommender's guard."""
-    return STRATEGIES[settings.strategy].from_settings(settings, recommenders, guards)
+    return STRATEGIES[settings.strategy].from_settings(settings, recommenders, guards, tracing)

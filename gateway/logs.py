@@ -10,7 +10,8 @@ that had configured logging gets a writer of its own. `flush` writes everything 
 
 The request line (`gateway.access`, message ``request``) carries `request_id`, `method`,
 `path`, `status`, `latency_ms`, and for `/recommendation` `complete` and `sources`, each
-source's status and attempts. Errors carry their traceback in `exc_info`, in the log only.
+source's status and attempts, and `trace_id` when the request is traced (`gateway.tracing`).
+Errors carry their traceback in `exc_info`, in the log only.
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ def log_request(response: Response, enabled: bool = True) -> None:
         "path": request.path,
         "status": response.status_code,
     }
+    trace_id = g.get("trace_id")
+    if trace_id is not None:
+        fields["trace_id"] = trace_id
     if started is not None:
         fields["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
     outcomes = g.get("outcomes")

@@ -33,6 +33,7 @@ from gateway.schemas import (
     parse_request_json,
 )
 from gateway.security import TOKEN_HEADER, TokenCheck
+from gateway.tracing import RequestSpan
 
 __all__ = ["ADMITTED", "COMPLETE_HEADER", "blueprint", "shed_answer"]
 
@@ -230,7 +231,10 @@ def _source_reports(outcomes: list[Outcome]) -> dict[str, dict[str, Any]]:
 
 
 def _respond(
-    outcomes: list[Outcome], recommendation: RecommendationRequest, runtime: WorkerRuntime
+    outcomes: list[Outcome],
+    recommendation: RecommendationRequest,
+    runtime: WorkerRuntime,
+    span: RequestSpan,
 ) -> Response:
     """The merged answer: a `RecommendationResponse`, or a 502 when nobody answered.
 
@@ -241,6 +245,8 @@ def _respond(
     answered = [o for o in outcomes if o.ok]
     complete = len(answered) == len(outcomes)
     result = [{"name": o.name, "prediction": o.prediction} for o in answered]
+    fusion: str | None = None
+    covered: float | None = None
     if answered:
         fusion, fused, covered = _fuse(outcomes, recommendation, runtime)
         status = 200
@@ -261,6 +267,7 @@ def _respond(
     payload = pydantic_core.to_json(body, inf_nan_mode="null")
     response = Response(payload, status=status, mimetype="application/json")
     response.headers[COMPLETE_HEADER] = "true" if complete else "false"
+    span.answered(status, complete, covered, fusion)
     return response
 
 
@@ -268,18 +275,21 @@ def _respond(
 async def recommendation() -> Response:
     """Fan the request out to every recommender and merge what comes back."""
     runtime = _runtime()
-    recommendation = _parse_request(request.get_data())
-    forwarded = recommendation.forwarded(runtime.settings.fusion_window)
-    body = json.dumps(forwarded, separators=(",", ":")).encode()
-    deadline = Deadline.after(runtime.settings.deadline_ms, start=g.received_at)
-    headers = {REQUEST_ID_HEADER: g.request_id}
-    outcomes = await runtime.fan_out.fan_out(body, headers, deadline)
-    g.outcomes = outcomes
-    if runtime.settings.metrics:
-        metrics.observe_outcomes(
-            outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
-        )
-    return _respond(outcomes, recommendation, runtime)
+    # The frontend's trace continued (W3C traceparent); the calls' spans are its children.
+    with runtime.tracing.request(request.headers, g.request_id) as span:
+        g.trace_id = span.trace_id
+        recommendation = _parse_request(request.get_data())
+        forwarded = recommendation.forwarded(runtime.settings.fusion_window)
+        body = json.dumps(forwarded, separators=(",", ":")).encode()
+        deadline = Deadline.after(runtime.settings.deadline_ms, start=g.received_at)
+        headers = {REQUEST_ID_HEADER: g.request_id}
+        outcomes = await runtime.fan_out.fan_out(body, headers, deadline)
+        g.outcomes = outcomes
+        if runtime.settings.metrics:
+            metrics.observe_outcomes(
+                outcomes, {name: guard.breaker.state for name, guard in runtime.guards.items()}
+            )
+        return _respond(outcomes, recommendation, runtime, span)
 
 
 @blueprint.get("/openapi.json")

@@ -35,6 +35,7 @@ from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
 from gateway.fusion import FUSIONS, make_fusion
 from gateway.resilience import Guard, guards_for
+from gateway.tracing import NO_TRACING, Tracing, start_tracing
 from gateway.upstream import ConnectionPool
 
 __all__ = ["WorkerRuntime"]
@@ -78,6 +79,7 @@ class _Started:
         self.clients: tuple[RecommenderClient, ...] = ()
         self.fan_out: FanOut | None = None
         self.guards: dict[str, Guard] = {}
+        self.tracing: Tracing = NO_TRACING
         self.publisher: asyncio.Task[None] | None = None
         self.ticker: asyncio.Task[None] | None = None
 
@@ -85,8 +87,10 @@ class _Started:
 class WorkerRuntime:
     """A process's event loop, its shared connection pool, and the recommender clients."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, span_processor: Any = None):
         self.settings = settings
+        # Replaces the OTLP export of each provider this runtime starts (tests).
+        self.span_processor = span_processor
         self._lock = threading.Lock()
         self._state: _Started | None = None
         # Every state started by this object, in any process. One inherited through fork is
@@ -144,6 +148,11 @@ class WorkerRuntime:
     def guards(self) -> dict[str, Guard]:
         """This process's guards (retry policy, breaker, hedger) by recommender name."""
         return self._ensure_started().guards
+
+    @property
+    def tracing(self) -> Tracing:
+        """This process's tracer (`NO_TRACING` when tracing is off)."""
+        return self._ensure_started().tracing
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -309,7 +318,9 @@ class WorkerRuntime:
         ]
         state.clients = tuple(client for group in replicas for client in group.clients)
         state.guards = guards_for(self.settings, self.lag)
-        state.fan_out = build_fan_out(self.settings, replicas, state.guards)
+        # Here, in the worker after the fork: the batch processor's thread is this process's.
+        state.tracing = start_tracing(self.settings.tracing, self.span_processor)
+        state.fan_out = build_fan_out(self.settings, replicas, state.guards, state.tracing)
         loop = asyncio.get_running_loop()
         state.publisher = loop.create_task(self._publish_metrics())
         state.ticker = loop.create_task(self.lag.run(self._on_tick))
@@ -351,3 +362,7 @@ class WorkerRuntime:
             await state.fan_out.close()
         if state.session is not None:
             await state.session.close()
+        # After the last requests: their spans go out with the rest. Off the loop, as the
+        # export blocks (up to the exporter's timeout when the receiver is gone).
+        if state.tracing.enabled:
+            await asyncio.to_thread(state.tracing.shutdown)

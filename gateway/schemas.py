@@ -247,6 +247,9 @@ class ErrorDocument(BaseModel):
 
     error: ErrorInfo
     request_id: str | None = None
+    trace_id: str | None = Field(
+        default=None, description="The request's trace (32 hex digits), when it is traced."
+    )
 
 
 class UnansweredRecommendation(ErrorDocument):

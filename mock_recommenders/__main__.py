@@ -24,6 +24,7 @@ from mock_recommenders.server import (
     Recommender,
     default_port,
     start_site,
+    trace_log,
 )
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
@@ -132,6 +133,7 @@ async def serve(args: argparse.Namespace) -> None:
     behaviour: Behaviour = args.behaviour
     if args.access_log:
         _log_access()
+    _log_traces()
     recommenders, runners = [], []
     world = default_world(args.world_seed)
     in_flight = InFlight()
@@ -160,6 +162,14 @@ def _log_access() -> None:
     access = logging.getLogger("aiohttp.access")
     access.addHandler(handler)
     access.setLevel(logging.INFO)
+
+
+def _log_traces() -> None:
+    # The traceparent each call brings (`mock_recommenders.server.trace_log`), to stderr.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    trace_log.addHandler(handler)
+    trace_log.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 import socket
 import struct
@@ -31,7 +32,15 @@ __all__ = [
     "Recommender",
     "default_port",
     "start_site",
+    "trace_log",
 ]
+
+# One INFO line per call that carries a sampled W3C traceparent: a trace can be followed into
+# the mock (`python -m mock_recommenders` writes them to stderr). Calls without one, or with an
+# unsampled one (a gateway sampling 1% sends it on the other 99%), log nothing. A line costs
+# about 10 µs (measured, written to /dev/null), some 4% of a mock's CPU per call: on a shared
+# machine it would weigh on the gateway's side of a tracing A/B.
+trace_log = logging.getLogger("mock_recommenders.trace")
 
 DEFAULT_NAMES = ("sml", "asc", "trd", "psn")
 DEFAULT_BASE_PORT = 5001
@@ -45,6 +54,14 @@ KEEPALIVE_TIMEOUT_S = 75.0
 def default_port(name: str, base_port: int = DEFAULT_BASE_PORT) -> int | None:
     """The standard port of a standard recommender name, else None."""
     return base_port + DEFAULT_NAMES.index(name) if name in DEFAULT_NAMES else None
+
+
+def _sampled(traceparent: str) -> bool:
+    """Whether a traceparent (version-trace-parent-flags) has its sampled flag set."""
+    try:
+        return bool(int(traceparent[-2:], 16) & 1)
+    except ValueError:
+        return False
 
 
 def _wake(delay: asyncio.Future[None]) -> None:
@@ -201,6 +218,14 @@ class Recommender:
             return _json(400, {"error": "body must be a JSON object"})
         headers = {key.lower(): value for key, value in request.headers.items()}
         self.last_request = {"body": body, "headers": headers}
+        traceparent = headers.get("traceparent")
+        if traceparent is not None and _sampled(traceparent):
+            trace_log.info(
+                "%s received traceparent %s (request %s)",
+                self.name,
+                traceparent,
+                headers.get("x-request-id"),
+            )
         size = body.get("resultSize", 10)
         if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_RESULTS:
             message = f"resultSize must be an integer from 1 to {MAX_RESULTS}"

@@ -22,6 +22,8 @@ from benchmarks.quality_scoring import NAMES, comparisons, score, summarise
 from benchmarks.quality_weights import fit_weights
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from benchmarks.report import derive, figures
+from benchmarks.tracing import costs as tracing_costs
+from benchmarks.tracing import markdown as tracing_markdown
 from gateway.fusion import make_fusion, ranked_from
 from mock_recommenders.world import default_world
 from tests.helpers import ROOT
@@ -316,3 +318,34 @@ def test_quality_plan_takes_a_fusion_window_from_k_to_100(
         with pytest.raises(SystemExit):
             parse_plan(["--window", window])
         assert "--window must be from --k to 100" in capsys.readouterr().err
+
+
+def test_tracing_costs_are_measured_against_tracing_off() -> None:
+    def row(variant: str, rps: float, cpu: float) -> dict[str, Any]:
+        return {
+            "variant": variant,
+            "concurrency": 64,
+            "runs": 3,
+            "throughput_rps": rps,
+            "throughput_spread": 0.02,
+            "p50_ms": 100.0,
+            "gateway_cpu_ms": cpu,
+            "mocks_cpu_ms": 1.0,
+            "errors": 0,
+        }
+
+    rows = [
+        row("tracing off", 500, 2.0),
+        row("tracing 100%", 400, 2.5),
+        row("tracing 1%", 500, 2.0),
+    ]
+    found = {c["variant"]: c for c in tracing_costs(rows)}
+
+    assert found["tracing 100%"]["cpu_ms_per_request"] == 0.5
+    assert found["tracing 100%"]["share_of_cpu"] == 0.25
+    assert found["tracing 100%"]["throughput_given_up"] == 0.2
+    assert found["tracing 1%"]["throughput_given_up"] == 0.0
+    plan = {"repeats": 3, "duration_s": 10, "delay_ms": 20}
+    results = {"plan": plan, "started": "now", "rows": rows, "spans_received": {}}
+    report = tracing_markdown(results | {"costs": tracing_costs(rows)})
+    assert "| tracing 100% | 64 | +0.500 | +25.0% | +20.0% |" in report

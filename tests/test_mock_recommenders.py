@@ -146,6 +146,22 @@ async def test_each_recommender_answers_its_ranking(
         assert len(answer.json()["items"]) == size
 
 
+async def test_a_sampled_traceparent_is_logged_an_unsampled_one_is_not(
+    fleet: MockFleet, session: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    unsampled = "00-5bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    with caplog.at_level("INFO", logger="mock_recommenders.trace"):
+        for traceparent in (sampled, unsampled):
+            headers = {"traceparent": traceparent, "X-Request-ID": "r-1"}
+            assert (await post(session, fleet.url("asc"), {}, headers=headers)).status == 200
+        await post(session, fleet.url("asc"), {})
+
+    assert [r.getMessage() for r in caplog.records if r.name == "mock_recommenders.trace"] == [
+        f"asc received traceparent {sampled} (request r-1)"
+    ]
+
+
 async def test_defaults_to_ten_items_for_an_anonymous_caller(
     fleet: MockFleet, session: aiohttp.ClientSession
 ) -> None:
