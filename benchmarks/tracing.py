@@ -253,7 +253,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[TracingPlan, Path]:
     """The plan and output folder the command line asks for."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks tracing",
-        description="What tracing costs the gateway: off, on at 100%% and at 1%%.",
+        description="What tracing costs the gateway: off, on at 100% and at 1%.",
     )
     parser.add_argument("--levels", default="64", help="concurrency levels (64)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per level (10)")
