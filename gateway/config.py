@@ -42,7 +42,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, validation_problems, validation_summary
 from gateway.fusion import FusionChoice
 
 __all__ = [
@@ -415,14 +415,6 @@ def _overrides(environ: Mapping[str, str]) -> list[str]:
     )
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    problems = []
-    for error in exc.errors(include_url=False, include_input=False):
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        problems.append(f"{field}: {error['msg']}")
-    return f"invalid gateway config ({source}): " + "; ".join(problems)
-
-
 def config_file(path: str | os.PathLike[str] | None = None) -> Path:
     """The file `load_settings(path)` reads: `path`, `$GATEWAY_CONFIG`, or the packaged one."""
     return Path(path or os.environ.get(_CONFIG_FILE_VARIABLE) or DEFAULT_CONFIG_PATH)
@@ -453,7 +445,8 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, describe_source(path))) from exc
+        problems = validation_summary(validation_problems(exc, top_level="(top level)"))
+        raise ConfigError(f"invalid gateway config ({describe_source(path)}): {problems}") from exc
 
 
 # What the gunicorn master validated last; a worker it forks inherits it.
