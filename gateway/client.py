@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import requests
 
+from gateway.request_id import REQUEST_ID_HEADER
 from gateway.schemas import RecommendationResponse
 from gateway.security import TOKEN_HEADER
 
@@ -53,7 +54,7 @@ def _request(
     if token is not None:
         headers[TOKEN_HEADER] = token
     if request_id is not None:
-        headers["X-Request-ID"] = request_id
+        headers[REQUEST_ID_HEADER] = request_id
     return body, headers
 
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="resultSize (1-100)")
     parser.add_argument("--context", type=json.loads, help="context, as a JSON object")
     parser.add_argument("--token", help=f"API token ({TOKEN_HEADER})")
-    parser.add_argument("--request-id", help="X-Request-ID to send")
+    parser.add_argument("--request-id", help=f"{REQUEST_ID_HEADER} to send")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
     args = parser.parse_args(argv)
     try:
