@@ -18,13 +18,14 @@ import pytest
 from benchmarks.loadgen import percentile
 from benchmarks.quality import parse_plan
 from benchmarks.quality_report import findings, markdown
-from benchmarks.quality_scoring import NAMES, comparisons, score, summarise
+from benchmarks.quality_scoring import comparisons, score, summarise
 from benchmarks.quality_weights import fit_weights
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from benchmarks.report import derive, figures
 from benchmarks.tracing import costs as tracing_costs
 from benchmarks.tracing import markdown as tracing_markdown
 from gateway.fusion import make_fusion, ranked_from
+from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import default_world
 from tests.helpers import ROOT
 
@@ -173,7 +174,7 @@ def test_quality_scores_only_users_every_system_answered_and_compares_them_paire
     users = ["test-0", "test-1", "test-2"]
 
     def answer(user: str, fused: list[str], asc: list[str] | None = None) -> dict[str, Any]:
-        lists = {name: ["x1", "x2"] for name in NAMES}
+        lists = {name: ["x1", "x2"] for name in DEFAULT_NAMES}
         lists["sml"] = world.truth(user)[:10]
         lists["asc"] = asc or lists["asc"]
         result = [
@@ -191,7 +192,7 @@ def test_quality_scores_only_users_every_system_answered_and_compares_them_paire
     scores, scored, inconsistent = score(users, answers, {}, world, ["rrf", "concat"], 10)
 
     assert (scored, inconsistent) == (2, 1)  # test-1's two answers carry different asc lists
-    assert list(scores) == [*NAMES, "rrf", "concat", "oracle"]
+    assert list(scores) == [*DEFAULT_NAMES, "rrf", "concat", "oracle"]
     assert scores["sml"]["ndcg"] == scores["rrf"]["ndcg"] == [1.0, 1.0]
     assert scores["asc"]["ndcg"] == scores["concat"]["recall"] == [0.0, 0.0]
     rows = {row["system"]: row for row in summarise(scores)}
@@ -286,7 +287,7 @@ def test_quality_run_scores_every_system_and_writes_table_json_and_plot(tmp_path
         assert 0 < row["recall"] <= 1
     # concat of equal-length lists in config order is the first recommender's list.
     assert systems["concat"]["ndcg"] == systems["sml"]["ndcg"]
-    assert set(results["fitted_weights"]) == {"sml", "asc", "trd", "psn"}
+    assert set(results["fitted_weights"]) == set(DEFAULT_NAMES)
     assert set(results["comparisons"]["fusions"]) == {
         "concat", "rrf", "weighted", "combmnz", "interleave", "rrf, fitted weights"
     }  # fmt: skip

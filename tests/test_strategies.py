@@ -10,9 +10,9 @@ import requests
 
 from gateway import create_app
 from gateway.fanout import STRATEGIES
-from mock_recommenders import MockFleet
+from mock_recommenders import DEFAULT_NAMES, MockFleet
 from mock_recommenders.ranking import rank_items
-from tests.helpers import NAMES, Serve, closed_port, settings_for
+from tests.helpers import Serve, closed_port, settings_for
 
 pytestmark = pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 
@@ -33,7 +33,7 @@ def test_same_answer_whatever_the_strategy(fleet: MockFleet, serve: Serve, strat
     assert response.status_code == 200
     assert response.headers["X-Fusion-Complete"] == "true"
     body = response.json()
-    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    assert [entry["name"] for entry in body["result"]] == list(DEFAULT_NAMES)
     for entry in body["result"]:
         assert entry["prediction"]["items"] == rank_items(entry["name"], "s1", 3)
     assert fleet.last_request("psn") is not None
@@ -107,7 +107,7 @@ def test_only_sync_waits_for_one_recommender_after_another(
     assert recommend(url, {"user_id": "s4"}).json()["complete"] is True
 
     # Counted by the mocks: how many of the four calls were under way at once.
-    assert fleet.peak_in_flight() == (1 if strategy == "sync" else len(NAMES))
+    assert fleet.peak_in_flight() == (1 if strategy == "sync" else len(DEFAULT_NAMES))
 
 
 def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -> None:
@@ -116,4 +116,6 @@ def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -
     for i in range(10):
         assert recommend(url, {"user_id": f"p{i}"}).status_code == 200
 
-    assert {name: fleet.stats(name)["connections"] for name in NAMES} == dict.fromkeys(NAMES, 1)
+    assert {name: fleet.stats(name)["connections"] for name in DEFAULT_NAMES} == dict.fromkeys(
+        DEFAULT_NAMES, 1
+    )
