@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from gateway import create_app
-from gateway.client import GatewayHTTPError, recommend, recommend_async
+from gateway.sdk import GatewayHTTPError, recommend, recommend_async
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from mock_recommenders.ranking import rank_items
 from tests.helpers import ROOT, Serve, closed_port, settings_for
@@ -53,7 +53,7 @@ def test_error_statuses_raise_with_the_message(fleet: MockFleet, serve: Serve) -
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.client", *args],
+        [sys.executable, "-m", "gateway.sdk", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
