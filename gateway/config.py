@@ -18,7 +18,9 @@ one that restarts after a crash (nginx's master and workers work the same way).
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -63,6 +65,8 @@ __all__ = [
     "pin_settings",
     "pinned_settings",
 ]
+
+log = logging.getLogger("gateway")
 
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.yaml")
@@ -303,7 +307,11 @@ class Settings(BaseSettings):
         description="How gunicorn serves: `uvicorn` (one event loop per worker serves HTTP "
         "and the fan-out) or `gthread` (a thread per request, the fan-out on a loop thread).",
     )
-    strategy: Literal["async", "threads", "sync"] = "async"
+    strategy: Literal["async", "threads", "sequential"] = Field(
+        default="async",
+        description="How the fan-out runs: `async`, `threads` or `sequential` (`sync`, its old "
+        "name, is accepted until the next release, with a warning).",
+    )
     fan_out_threads: int = Field(
         default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
     )
@@ -352,6 +360,17 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     hedging: HedgingSettings = HedgingSettings()
     tracing: TracingSettings = TracingSettings()
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _sequential_was_sync(cls, value: object) -> object:
+        """`sync`, the old name of `sequential`: accepted for one more release, with a warning."""
+        if value != "sync":
+            return value
+        message = "strategy `sync` is deprecated and will be removed; use `sequential`"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        log.warning(message)
+        return "sequential"
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -8,7 +8,7 @@ config) from `STRATEGIES`:
 - ``threads``: one blocking call per recommender in a `ThreadPoolExecutor` that lives as long
   as the worker, over a `gateway.blocking.BlockingPool` (each call, and so each thread, held
   no longer than the call's budget);
-- ``sync``: one recommender after another, over the same shared aiohttp session.
+- ``sequential``: one recommender after another, over the same shared aiohttp session.
 
 Whatever happens to a call, a fan-out never raises for it: every configured recommender
 yields an `Outcome`, in config order. Every call reads its answer within its recommender's
@@ -474,7 +474,7 @@ class AsyncFanOut(_OverSharedSession):
 class SequentialFanOut(_OverSharedSession):
     """One recommender after another, over the shared aiohttp session."""
 
-    name: ClassVar[str] = "sync"
+    name: ClassVar[str] = "sequential"
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline

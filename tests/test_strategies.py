@@ -89,25 +89,25 @@ def test_a_hanging_recommender_costs_at_most_the_deadline(
         "attempts": 1,
         "error": "no answer within the 500 ms deadline",
     }
-    if strategy == "sync":
+    if strategy == "sequential":
         # One after another: nothing is left for those after the hanging one.
         assert body["sources"]["trd"]["error"] == "deadline already passed"
     else:
         assert body["sources"]["trd"]["status"] == "ok"
 
 
-def test_only_sync_waits_for_one_recommender_after_another(
+def test_only_sequential_waits_for_one_recommender_after_another(
     fleet: MockFleet, serve: Serve, strategy: str
 ) -> None:
     url = start(fleet, serve, strategy, deadline_ms=10_000)
     # Long enough for all four calls to be under way at once however busy the machine is;
     # one after another, any delay shows a peak of 1.
-    fleet.set_behaviour(delay_ms=50 if strategy == "sync" else 300)
+    fleet.set_behaviour(delay_ms=50 if strategy == "sequential" else 300)
 
     assert recommend(url, {"user_id": "s4"}).json()["complete"] is True
 
     # Counted by the mocks: how many of the four calls were under way at once.
-    assert fleet.peak_in_flight() == (1 if strategy == "sync" else len(DEFAULT_NAMES))
+    assert fleet.peak_in_flight() == (1 if strategy == "sequential" else len(DEFAULT_NAMES))
 
 
 def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -> None:
