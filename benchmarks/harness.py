@@ -3,7 +3,7 @@
 Targets, measured in this order at every concurrency level:
 
 - ``floor``: the load generator fans out to the mocks itself (no gateway);
-- ``sync``, ``threads``, ``async``: the gateway under gunicorn with its shipped config (the
+- ``sequential``, ``threads``, ``async``: the gateway under gunicorn with its shipped config (the
   uvicorn worker: one event loop per worker serves HTTP and the fan-out), `GATEWAY_STRATEGY` set;
 - ``async-gthread``: the async fan-out served the way before it, `GATEWAY_SERVER=gthread` (a
   thread per request, each view handed to a loop thread);
@@ -50,7 +50,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GUNICORN = str(Path(PYTHON).parent / "gunicorn")
-GATEWAY_TARGETS = ("sync", "threads", "async-gthread", "async")
+GATEWAY_TARGETS = ("sequential", "threads", "async-gthread", "async")
 TARGETS = ("floor", *GATEWAY_TARGETS, "per-call-session")
 READY_WITHIN_S = 30.0
 
@@ -290,7 +290,7 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
 
     results["runs"] = sweep(plan.recommenders, plan.targets, plan.levels)
     for width in plan.widths:
-        results["widths"] += sweep(width, ["floor", "sync", "async"], [1])
+        results["widths"] += sweep(width, ["floor", "sequential", "async"], [1])
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return results
 

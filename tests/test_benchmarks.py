@@ -51,19 +51,19 @@ def test_derived_ratios() -> None:
 
     results = {
         "plan": {"recommenders": 4, "levels": [1]},
-        "runs": [row("floor", 46.0, 21.5), row("sync", 11.0, 86.0), row("async", 44.0, 22.4)],
+        "runs": [row("floor", 46.0, 21.5), row("sequential", 11.0, 86.0), row("async", 44.0, 22.4)],
         "widths": [],
         "memory_mb": {"async@4": [51.0, 50.2]},
     }
     derive(results)
 
     async_row = results["runs"][2]
-    assert async_row["speedup_vs_sync"] == 4.0
+    assert async_row["speedup_vs_sequential"] == 4.0
     assert async_row["throughput_vs_floor"] == 0.96
     assert async_row["p50_over_floor_ms"] == 0.9
     found = {label: (measured, met) for label, measured, _, met in figures(results)}
     assert found["p50 over the floor at concurrency 1"] == ("0.90 ms", True)
-    assert found["speed-up over sync at concurrency 1, 4 recommenders"] == ("4.00x", True)
+    assert found["speed-up over sequential at concurrency 1, 4 recommenders"] == ("4.00x", True)
     assert found["resident memory per worker after the run"] == ("51.0 MB", True)
 
 
@@ -84,14 +84,21 @@ def test_a_small_run_writes_the_table_json_report_and_plots(tmp_path: Path) -> N
     )
 
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "speed-up over sync at concurrency 1" in done.stdout
+    assert "speed-up over sequential at concurrency 1" in done.stdout
     for name in ("results.json", "report.md", "latency.png", "throughput.png", "fanout.png"):
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     measured = {(r["target"], r["concurrency"]) for r in results["runs"]}
     assert measured == {
         (target, level)
-        for target in ("floor", "sync", "threads", "async-gthread", "async", "per-call-session")
+        for target in (
+            "floor",
+            "sequential",
+            "threads",
+            "async-gthread",
+            "async",
+            "per-call-session",
+        )
         for level in (1, 2)
     }
     for run in results["runs"] + results["widths"]:
@@ -99,7 +106,7 @@ def test_a_small_run_writes_the_table_json_report_and_plots(tmp_path: Path) -> N
         assert run["requests"] > 0
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
     assert {r["recommenders"] for r in results["widths"]} == {1}
-    assert {r["target"] for r in results["widths"]} == {"floor", "sync", "async"}
+    assert {r["target"] for r in results["widths"]} == {"floor", "sequential", "async"}
     assert len(results["memory_mb"]["async@4"]) >= 1
     assert "| async | 1 |" in (out / "report.md").read_text()
 
