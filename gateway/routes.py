@@ -155,7 +155,8 @@ def _leave(error: BaseException | None) -> None:
 
 
 @blueprint.after_app_request
-def _echo_request_id(response: Response) -> Response:
+def _finish_response(response: Response) -> Response:
+    """Echo the request id, log the request, and count it in the metrics."""
     request_id = g.get("request_id")
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
