@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,8 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mock_recommenders.loopback import loopback_socket, port_of
 
 __all__ = [
     "DEFAULT_RETRY",
@@ -176,10 +177,9 @@ def serve_nginx(
         prefix = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nginx-")))
         # As root, nginx's workers run as `nobody`, and must reach the temporary folders.
         prefix.chmod(0o755)
-        listener = stack.enter_context(socket.socket())
-        listener.bind(("127.0.0.1", 0))
+        listener = stack.enter_context(loopback_socket())
         listener.listen(511)
-        port = listener.getsockname()[1]
+        port = port_of(listener)
         config = logs / "nginx.conf"
         config.write_text(nginx_config(prefix, logs, port, upstreams, retry))
         # What nginx says before it has opened its error log (a bad config) goes to its output.

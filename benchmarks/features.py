@@ -35,10 +35,10 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
+from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["VARIANTS", "FeaturesPlan", "main", "median_row", "run_features"]
 
-NAMES = ("sml", "asc", "trd", "psn")
 VARIANTS: dict[str, dict[str, str]] = {
     "all on": {},
     "metrics off": {"metrics": "false"},
@@ -72,8 +72,8 @@ def run_features(plan: FeaturesPlan, out: Path, advance: Callable[[str], None]) 
     logs.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     samples: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    with mocks(list(NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
-        recommenders = [{"name": n, "url": fleet.url(n)} for n in NAMES]
+    with mocks(list(DEFAULT_NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
+        recommenders = [{"name": n, "url": fleet.url(n)} for n in DEFAULT_NAMES]
         for repeat in range(plan.repeats):
             for variant, settings in VARIANTS.items():
                 command = list(GATEWAY_COMMAND)

@@ -3,7 +3,7 @@
 Targets, measured in this order at every concurrency level:
 
 - ``floor``: the load generator fans out to the mocks itself (no gateway);
-- ``sync``, ``threads``, ``async``: the gateway under gunicorn with its shipped config (the
+- ``sequential``, ``threads``, ``async``: the gateway under gunicorn with its shipped config (the
   uvicorn worker: one event loop per worker serves HTTP and the fan-out), `GATEWAY_STRATEGY` set;
 - ``async-gthread``: the async fan-out served the way before it, `GATEWAY_SERVER=gthread` (a
   thread per request, each view handed to a loop thread);
@@ -17,7 +17,6 @@ import http.client
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from mock_recommenders import MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
+from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
 
 __all__ = [
@@ -50,7 +50,7 @@ __all__ = [
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GUNICORN = str(Path(PYTHON).parent / "gunicorn")
-GATEWAY_TARGETS = ("sync", "threads", "async-gthread", "async")
+GATEWAY_TARGETS = ("sequential", "threads", "async-gthread", "async")
 TARGETS = ("floor", *GATEWAY_TARGETS, "per-call-session")
 READY_WITHIN_S = 30.0
 
@@ -110,9 +110,8 @@ def serve_gunicorn(
     The port is bound here and handed over (``--bind fd://N``): no other process can take it
     between its choice and its use.
     """
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with loopback_socket() as listener:
+        url = f"http://127.0.0.1:{port_of(listener)}"
         with log.open("ab") as sink:
             process = subprocess.Popen(
                 [*command, "--bind", f"fd://{listener.fileno()}"],
@@ -277,7 +276,7 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
     }
 
     def sweep(width: int, targets: list[str], levels: list[int]) -> list[dict[str, Any]]:
-        names = [f"r{i + 1}" for i in range(width)] if width != 4 else ["sml", "asc", "trd", "psn"]
+        names = [f"r{i + 1}" for i in range(width)] if width != 4 else list(DEFAULT_NAMES)
         rows = []
         delays = ("--delay-ms", str(plan.delay_ms), "--jitter-ms", str(plan.jitter_ms))
         with mocks(names, logs / f"mocks-{width}.log", *delays) as fleet:
@@ -291,7 +290,7 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
 
     results["runs"] = sweep(plan.recommenders, plan.targets, plan.levels)
     for width in plan.widths:
-        results["widths"] += sweep(width, ["floor", "sync", "async"], [1])
+        results["widths"] += sweep(width, ["floor", "sequential", "async"], [1])
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return results
 

@@ -44,12 +44,12 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
+from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["OverloadPlan", "main", "run_overload"]
 
-NAMES = ("sml", "asc", "trd", "psn")
 HANGING = "trd"
-HEALTHY = tuple(name for name in NAMES if name != HANGING)
+HEALTHY = tuple(name for name in DEFAULT_NAMES if name != HANGING)
 
 
 @dataclass
@@ -102,12 +102,12 @@ def _verdict(before: dict[str, float], after: dict[str, float]) -> dict[str, Any
     outcomes = ("ok", "timeout", "error", "circuit_open", "shed")
     calls = {
         name: {o: _calls(after, name, o) - _calls(before, name, o) for o in outcomes}
-        for name in NAMES
+        for name in DEFAULT_NAMES
     }
     excused = {
         name: after.get(f"gateway_overload_timeouts_total{{recommender={name}}}", 0.0)
         - before.get(f"gateway_overload_timeouts_total{{recommender={name}}}", 0.0)
-        for name in NAMES
+        for name in DEFAULT_NAMES
     }
     lag_count = after.get("gateway_event_loop_lag_seconds_count{}", 0.0) - before.get(
         "gateway_event_loop_lag_seconds_count{}", 0.0
@@ -120,7 +120,7 @@ def _verdict(before: dict[str, float], after: dict[str, float]) -> dict[str, Any
         "excused_timeouts": excused,
         "breaker_open_now": {
             name: after.get(f"gateway_circuit_breaker_open{{recommender={name}}}", 0.0)
-            for name in NAMES
+            for name in DEFAULT_NAMES
         },
         "mean_loop_lag_ms": round(lag_sum / lag_count * 1000, 2) if lag_count else math.nan,
         "concurrency_limit_now": after.get("gateway_concurrency_limit{}", math.nan),
@@ -133,9 +133,9 @@ def run_overload(plan: OverloadPlan, out: Path, advance: Callable[[str], None]) 
     logs.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     phases: list[dict[str, Any]] = []
-    with mocks(list(NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
+    with mocks(list(DEFAULT_NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
         fleet.set_behaviour(HANGING, hang=True)
-        recommenders = [{"name": n, "url": fleet.url(n)} for n in NAMES]
+        recommenders = [{"name": n, "url": fleet.url(n)} for n in DEFAULT_NAMES]
         command = list(GATEWAY_COMMAND)
         if plan.workers is not None:
             command += ["--workers", str(plan.workers)]
@@ -247,7 +247,7 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for p in results["phases"]:
-        for name in NAMES:
+        for name in DEFAULT_NAMES:
             c = p["reported"]["calls"][name]
             excused = p["reported"]["excused_timeouts"][name]
             phase = f"{p['mode']} {p['load']:g}" + " (Retry-After)" * p["honour_retry_after"]

@@ -43,9 +43,10 @@ from benchmarks.harness import (
     serve_gunicorn,
 )
 from benchmarks.quality_report import findings, table, write_all
-from benchmarks.quality_scoring import NAMES, comparisons, recommender_lists, score, summarise
+from benchmarks.quality_scoring import comparisons, recommender_lists, score, summarise
 from benchmarks.quality_weights import fit_weights
 from gateway.fusion import FUSIONS
+from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
 __all__ = ["QualityPlan", "main", "parse_plan", "run_quality"]
@@ -103,7 +104,7 @@ def _gateway(
 ) -> Iterator[str]:
     recommenders = [
         {"name": name, "url": url, "weight": weights[name], "timeout_ms": 5000}
-        for name, url in zip(NAMES, urls, strict=True)
+        for name, url in zip(DEFAULT_NAMES, urls, strict=True)
     ]
     # Quality, not speed, is measured: no answer may be cut short by a deadline, nor shed by
     # an adaptive limit that a busy machine's loop lag has lowered (a shed user is unscored).
@@ -134,10 +135,12 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
     def ask(url: str, asks: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
         return asyncio.run(_ask_all(url, asks, plan.k, plan.concurrency))
 
-    with mocks(list(NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)) as fleet:
-        urls = [fleet.url(name) for name in NAMES]
+    with mocks(
+        list(DEFAULT_NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)
+    ) as fleet:
+        urls = [fleet.url(name) for name in DEFAULT_NAMES]
         advance("gateway with equal weights: every fusion")
-        equal = dict.fromkeys(NAMES, 1.0)
+        equal = dict.fromkeys(DEFAULT_NAMES, 1.0)
         with _gateway(urls, equal, plan.window, logs / "gateway.log") as url:
             answers = ask(url, [(u, f) for u in test_users for f in plan.fusions])
             advance("gateway with equal weights: validation users")

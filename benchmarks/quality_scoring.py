@@ -1,7 +1,7 @@
 """Scoring the gateway's answers against the truth: per user, then per system over users.
 
-The systems scored are the recommenders (`NAMES`, each list as the gateway's `result` carries
-it), every fusion's `fused` list, RRF with fitted weights (`FITTED`) and the `ORACLE`. Only
+The systems scored are the recommenders (`DEFAULT_NAMES`, each list as the gateway's `result`
+carries it), every fusion's `fused` list, RRF with fitted weights (`FITTED`) and the `ORACLE`. Only
 users every system answered are scored, so every comparison is paired over the same users.
 """
 
@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
+from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import World
 
 __all__ = [
     "FITTED",
-    "NAMES",
     "ORACLE",
     "Lists",
     "comparisons",
@@ -26,7 +26,6 @@ __all__ = [
     "summarise",
 ]
 
-NAMES = ("sml", "asc", "trd", "psn")
 ORACLE = "oracle"
 FITTED = "rrf, fitted weights"
 
@@ -51,7 +50,7 @@ def score(
     k: int,
 ) -> tuple[dict[str, dict[str, list[float]]], int, int]:
     """Per-user scores of every system, over the users every system answered (paired)."""
-    systems = [*NAMES, *fusions, *([FITTED] if fitted else []), ORACLE]
+    systems = [*DEFAULT_NAMES, *fusions, *([FITTED] if fitted else []), ORACLE]
     scores: dict[str, dict[str, list[float]]] = {
         system: {"ndcg": [], "recall": []} for system in systems
     }
@@ -65,10 +64,10 @@ def score(
             continue
         scored += 1
         lists = recommender_lists(got[0])
-        ranked: dict[str, list[str]] = {name: _ids(lists[name]) for name in NAMES}
+        ranked: dict[str, list[str]] = {name: _ids(lists[name]) for name in DEFAULT_NAMES}
         # The recommenders are deterministic: every answer must carry the same lists.
         inconsistent += any(
-            any(_ids(recommender_lists(answer)[name]) != ranked[name] for name in NAMES)
+            any(_ids(recommender_lists(answer)[name]) != ranked[name] for name in DEFAULT_NAMES)
             for answer in got[1:]
         )
         for fusion, answer in zip(fusions, got, strict=False):
@@ -85,9 +84,9 @@ def score(
 
 def comparisons(scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     """Each fusion against the best single recommender, paired over the same users."""
-    if not scores[NAMES[0]]["ndcg"]:
+    if not scores[DEFAULT_NAMES[0]]["ndcg"]:
         return {}
-    best = max(NAMES, key=lambda name: statistics.fmean(scores[name]["ndcg"]))
+    best = max(DEFAULT_NAMES, key=lambda name: statistics.fmean(scores[name]["ndcg"]))
     found: dict[str, Any] = {"best_single": best, "fusions": {}}
     for system, metrics in scores.items():
         if kind_of(system) == "fusion":
@@ -122,4 +121,4 @@ def kind_of(system: str) -> str:
     """`single` for a recommender, `ceiling` for the oracle, else `fusion`."""
     if system == ORACLE:
         return "ceiling"
-    return "single" if system in NAMES else "fusion"
+    return "single" if system in DEFAULT_NAMES else "fusion"

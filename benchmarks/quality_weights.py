@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from benchmarks.quality_scoring import NAMES, Lists
+from benchmarks.quality_scoring import Lists
 from benchmarks.ranking_metrics import ndcg_at
 from gateway.fusion import make_fusion, ranked_from
+from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["fit_weights"]
 
@@ -38,11 +39,11 @@ def fit_weights(
     Runs the gateway's own RRF; each round tries every step for every weight in turn and
     keeps the best. Weights are scaled so the largest is 1 (RRF depends only on their ratios).
     """
-    weights = dict.fromkeys(NAMES, 1.0)
+    weights = dict.fromkeys(DEFAULT_NAMES, 1.0)
     best = _mean_ndcg(weights, users, k, rrf_k)
     for _ in range(rounds):
         improved = False
-        for name in NAMES:
+        for name in DEFAULT_NAMES:
             for step in _WEIGHT_STEPS:
                 trial = {**weights, name: step}
                 if trial == weights or not any(trial.values()):

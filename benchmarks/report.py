@@ -16,8 +16,12 @@ Row = dict[str, Any]
 # The figures issues #3 and #11 ask of the async strategy, as (label, measured, goal, met).
 Figure = tuple[str, str, str, bool | None]
 
-# Speed-up of async over sync at concurrency 1 that issue #3 asks for, by fan-out width.
+# Speed-up of async over sequential at concurrency 1 that issue #3 asks for, by fan-out width.
 SPEEDUP_GOALS = {4: 3.6, 16: 10.0}
+
+
+# Targets renamed since: the name in older result files, and the name now.
+_RENAMED_TARGETS = {"sync": "sequential"}
 
 
 def _find(rows: list[Row], target: str, concurrency: int, width: int | None = None) -> Row | None:
@@ -33,13 +37,18 @@ def _ratio(a: float, b: float) -> float:
 
 
 def derive(results: dict[str, Any]) -> None:
-    """Add to every row its speed-up over `sync` and its ratios to the floor, in place."""
+    """Add to every row its speed-up over `sequential` and its ratios to the floor, in place.
+
+    Results written before the rename name the `sequential` target `sync`: read as `sequential`.
+    """
     for rows in (results["runs"], results["widths"]):
         for row in rows:
-            sync = _find(rows, "sync", row["concurrency"], row["recommenders"])
+            row["target"] = _RENAMED_TARGETS.get(row["target"], row["target"])
+        for row in rows:
+            sequential = _find(rows, "sequential", row["concurrency"], row["recommenders"])
             floor = _find(rows, "floor", row["concurrency"], row["recommenders"])
-            row["speedup_vs_sync"] = (
-                _ratio(row["throughput_rps"], sync["throughput_rps"]) if sync else None
+            row["speedup_vs_sequential"] = (
+                _ratio(row["throughput_rps"], sequential["throughput_rps"]) if sequential else None
             )
             row["throughput_vs_floor"] = (
                 _ratio(row["throughput_rps"], floor["throughput_rps"]) if floor else None
@@ -70,27 +79,28 @@ def figures(results: dict[str, Any]) -> list[Figure]:
                     share <= 0.3,
                 )
             )
-    if one is not None and one["speedup_vs_sync"] is not None:
-        speedup = one["speedup_vs_sync"]
+    if one is not None and one["speedup_vs_sequential"] is not None:
+        speedup = one["speedup_vs_sequential"]
         goal = SPEEDUP_GOALS.get(width)
         found.append(
             (
-                f"speed-up over sync at concurrency 1, {width} recommenders",
+                f"speed-up over sequential at concurrency 1, {width} recommenders",
                 f"{speedup:.2f}x",
                 f">= {goal}x" if goal else "-",
                 speedup >= goal if goal else None,
             )
         )
     for row in sorted(widths, key=lambda r: r["recommenders"]):
-        if row["target"] != "async" or row["speedup_vs_sync"] is None:
+        if row["target"] != "async" or row["speedup_vs_sequential"] is None:
             continue
         goal = SPEEDUP_GOALS.get(row["recommenders"])
         found.append(
             (
-                f"speed-up over sync at concurrency 1, {row['recommenders']} recommenders (sweep)",
-                f"{row['speedup_vs_sync']:.2f}x",
+                f"speed-up over sequential at concurrency 1, {row['recommenders']} recommenders"
+                " (sweep)",
+                f"{row['speedup_vs_sequential']:.2f}x",
                 f">= {goal}x" if goal else "-",
-                row["speedup_vs_sync"] >= goal if goal else None,
+                row["speedup_vs_sequential"] >= goal if goal else None,
             )
         )
     top = max(levels)
@@ -170,7 +180,7 @@ COLUMNS = (
     ("p99_ms", "p99 ms", ""),
     ("throughput_rps", "req/s", ""),
     ("errors", "errors", ""),
-    ("speedup_vs_sync", "vs sync", "x"),
+    ("speedup_vs_sequential", "vs sequential", "x"),
     ("throughput_vs_floor", "vs floor", ""),
     ("p50_over_floor_ms", "p50 - floor ms", ""),
 )
@@ -221,13 +231,16 @@ def markdown(results: dict[str, Any]) -> str:
             "",
             "## Fan-out width, concurrency 1",
             "",
-            "| recommenders | floor p50 ms | sync p50 ms | async p50 ms | async vs sync |",
+            "| recommenders | floor p50 ms | sequential p50 ms | async p50 ms"
+            " | async vs sequential |",
             "|---|---|---|---|---|",
         ]
         for width in sorted({r["recommenders"] for r in results["widths"]}):
-            cells = [_find(results["widths"], t, 1, width) for t in ("floor", "sync", "async")]
+            cells = [
+                _find(results["widths"], t, 1, width) for t in ("floor", "sequential", "async")
+            ]
             p50s = [_cell(c["p50_ms"]) if c else "-" for c in cells]
-            speedup = _cell(cells[2].get("speedup_vs_sync"), "x") if cells[2] else "-"
+            speedup = _cell(cells[2].get("speedup_vs_sequential"), "x") if cells[2] else "-"
             lines.append(f"| {width} | " + " | ".join(p50s) + f" | {speedup} |")
     cpu_rows = [r for r in _rows_in_order(results["runs"]) if r.get("cpu_ms_per_request")]
     if cpu_rows:
@@ -277,7 +290,7 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
     targets = [t for t in TARGETS if any(r["target"] == t for r in runs)]
     styles = {
         "floor": ("black", "", "--"),
-        "sync": ("C3", "o", "-"),
+        "sequential": ("C3", "o", "-"),
         "threads": ("C1", "s", "-"),
         "async-gthread": ("C0", "v", "--"),
         "async": ("C2", "^", "-"),
@@ -318,12 +331,13 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
         ws = sorted({r["recommenders"] for r in widths})
         # A missing figure is drawn as a gap (NaN), not as zero.
         speedups = [
-            (_find(widths, "async", 1, w) or {}).get("speedup_vs_sync") or math.nan for w in ws
+            (_find(widths, "async", 1, w) or {}).get("speedup_vs_sequential") or math.nan
+            for w in ws
         ]
-        axes.plot(ws, speedups, "C2^-", label="async vs sync (throughput at concurrency 1)")
+        axes.plot(ws, speedups, "C2^-", label="async vs sequential (throughput at concurrency 1)")
         axes.plot(ws, ws, "k:", label="ideal: the number of recommenders")
         axes.set_xlabel("recommenders per request")
-        axes.set_ylabel("speed-up over sync")
+        axes.set_ylabel("speed-up over sequential")
         axes.set_title("Speed-up against fan-out width")
         axes.grid(True, alpha=0.3)
         axes.legend()

@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -59,7 +58,8 @@ from benchmarks.harness import (
     run_with_spinner,
 )
 from benchmarks.scaleout_report import markdown, write
-from mock_recommenders import MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
+from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
 
 __all__ = [
@@ -72,7 +72,6 @@ __all__ = [
     "run_scenario",
 ]
 
-NAMES = ("sml", "asc", "trd", "psn")
 RETRY_SENT = f"{DEFAULT_RETRY} non_idempotent"
 
 
@@ -116,9 +115,8 @@ class Instance:
     """One gateway instance: gunicorn, master and workers, in a process group of its own."""
 
     def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            self.port: int = listener.getsockname()[1]
+        with loopback_socket() as listener:
+            self.port = port_of(listener)
             with log.open("ab") as sink:
                 self.process = subprocess.Popen(
                     [*command, "--bind", f"fd://{listener.fileno()}"],
@@ -186,7 +184,7 @@ def run_scenario(
     folder = logs / name
     folder.mkdir(parents=True, exist_ok=True)
     command = [*GATEWAY_COMMAND, "--workers", str(plan.workers)]
-    recommenders = [{"name": n, "url": fleet.url(n)} for n in NAMES]
+    recommenders = [{"name": n, "url": fleet.url(n)} for n in DEFAULT_NAMES]
     with contextlib.ExitStack() as stack:
         metrics = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="scaleout-")))
         instances = []
@@ -245,7 +243,7 @@ def run_scaleout(plan: ScaleoutPlan, out: Path, advance: Callable[[str], None]) 
     logs.mkdir(parents=True, exist_ok=True)
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     runs = []
-    with mocks(list(NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
+    with mocks(list(DEFAULT_NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
         for name in plan.scenarios:
             advance(f"{name}: {plan.connections} connections, {plan.duration_s:g} s")
             runs.append(run_scenario(name, plan, nginx, fleet, logs))

@@ -43,10 +43,10 @@ from benchmarks.harness import (
     serve_gunicorn,
 )
 from benchmarks.otlpsink import OtlpSink
+from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["TracingPlan", "main", "run_tracing"]
 
-NAMES = ("sml", "asc", "trd", "psn")
 BASE = "tracing off"
 
 
@@ -95,9 +95,9 @@ def run_tracing(plan: TracingPlan, out: Path, advance: Callable[[str], None]) ->
     spans: dict[str, int] = {}
     with (
         OtlpSink(keep=False) as sink,
-        mocks(list(NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet,
+        mocks(list(DEFAULT_NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet,
     ):
-        recommenders = [{"name": n, "url": fleet.url(n)} for n in NAMES]
+        recommenders = [{"name": n, "url": fleet.url(n)} for n in DEFAULT_NAMES]
         for repeat in range(plan.repeats):
             for variant, (command, settings) in _variants(plan, sink.url).items():
                 extra = {k: v for k, v in settings.items() if k == "PYTHONPATH"}
@@ -227,7 +227,7 @@ def span_costs(rounds: int = 7, number: int = 2000) -> dict[str, float]:
     def request(tracing: Tracing) -> None:
         # What routes.py and fanout.py do for one request that every recommender answers.
         with tracing.request({}, "r") as span:
-            for name in NAMES:
+            for name in DEFAULT_NAMES:
                 with tracing.call(name) as call:
                     with tracing.attempt(name, "http://127.0.0.1:5001/test", 0, False) as one:
                         one.headers({"X-Request-ID": "r"})

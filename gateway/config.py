@@ -18,7 +18,9 @@ one that restarts after a crash (nginx's master and workers work the same way).
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -42,7 +44,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, validation_problems, validation_summary
 from gateway.fusion import FusionChoice
 
 __all__ = [
@@ -63,6 +65,8 @@ __all__ = [
     "pin_settings",
     "pinned_settings",
 ]
+
+log = logging.getLogger("gateway")
 
 ENV_PREFIX = "GATEWAY_"
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.yaml")
@@ -303,7 +307,11 @@ class Settings(BaseSettings):
         description="How gunicorn serves: `uvicorn` (one event loop per worker serves HTTP "
         "and the fan-out) or `gthread` (a thread per request, the fan-out on a loop thread).",
     )
-    strategy: Literal["async", "threads", "sync"] = "async"
+    strategy: Literal["async", "threads", "sequential"] = Field(
+        default="async",
+        description="How the fan-out runs: `async`, `threads` or `sequential` (`sync`, its old "
+        "name, is accepted until the next release, with a warning).",
+    )
     fan_out_threads: int = Field(
         default=128, ge=1, le=4096, description="Pool size of the `threads` strategy."
     )
@@ -352,6 +360,17 @@ class Settings(BaseSettings):
     breaker: BreakerSettings = BreakerSettings()
     hedging: HedgingSettings = HedgingSettings()
     tracing: TracingSettings = TracingSettings()
+
+    @field_validator("strategy", mode="before")
+    @classmethod
+    def _sequential_was_sync(cls, value: object) -> object:
+        """`sync`, the old name of `sequential`: accepted for one more release, with a warning."""
+        if value != "sync":
+            return value
+        message = "strategy `sync` is deprecated and will be removed; use `sequential`"
+        warnings.warn(message, DeprecationWarning, stacklevel=2)
+        log.warning(message)
+        return "sequential"
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -415,14 +434,6 @@ def _overrides(environ: Mapping[str, str]) -> list[str]:
     )
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    problems = []
-    for error in exc.errors(include_url=False, include_input=False):
-        field = ".".join(str(part) for part in error["loc"]) or "(top level)"
-        problems.append(f"{field}: {error['msg']}")
-    return f"invalid gateway config ({source}): " + "; ".join(problems)
-
-
 def config_file(path: str | os.PathLike[str] | None = None) -> Path:
     """The file `load_settings(path)` reads: `path`, `$GATEWAY_CONFIG`, or the packaged one."""
     return Path(path or os.environ.get(_CONFIG_FILE_VARIABLE) or DEFAULT_CONFIG_PATH)
@@ -453,7 +464,8 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, describe_source(path))) from exc
+        problems = validation_summary(validation_problems(exc, top_level="(top level)"))
+        raise ConfigError(f"invalid gateway config ({describe_source(path)}): {problems}") from exc
 
 
 # What the gunicorn master validated last; a worker it forks inherits it.

@@ -13,7 +13,8 @@ Exception tree::
         └── CircuitOpen              not called: its circuit breaker is open
 
 Library errors (the HTTP client's, pydantic's) are translated into these at one boundary each
-(`gateway.clients`, `gateway.routes`), so nothing else sees them.
+(`gateway.clients`; pydantic's through `validation_problems` in `gateway.routes` and
+`gateway.config`), so nothing else sees them.
 
 Every 4xx and 5xx the gateway sends has the body
 ``{"error": {"status": 422, "message": "..."}, "request_id": "..."}``, and ``"trace_id"``
@@ -26,10 +27,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from flask import Flask, Response, g, json
 from werkzeug.exceptions import HTTPException
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 __all__ = [
     "BadRecommenderResponse",
@@ -45,11 +49,29 @@ __all__ = [
     "error_body",
     "error_response",
     "register_error_handlers",
+    "validation_problems",
+    "validation_summary",
 ]
 
 log = logging.getLogger("gateway")
 
 SourceStatus = Literal["ok", "timeout", "error", "circuit_open", "shed"]
+
+
+def validation_problems(exc: ValidationError, top_level: str = "") -> list[dict[str, str]]:
+    """Each problem pydantic found: the field's dotted path (`top_level` if none) and message."""
+    return [
+        {
+            "field": ".".join(str(part) for part in error["loc"]) or top_level,
+            "message": error["msg"],
+        }
+        for error in exc.errors(include_url=False, include_input=False)
+    ]
+
+
+def validation_summary(problems: list[dict[str, str]]) -> str:
+    """The problems on one line: ``field: message; ...``."""
+    return "; ".join(f"{problem['field']}: {problem['message']}" for problem in problems)
 
 
 class GatewayError(Exception):

@@ -8,7 +8,7 @@ config) from `STRATEGIES`:
 - ``threads``: one blocking call per recommender in a `ThreadPoolExecutor` that lives as long
   as the worker, over a `gateway.blocking.BlockingPool` (each call, and so each thread, held
   no longer than the call's budget);
-- ``sync``: one recommender after another, over the same shared aiohttp session.
+- ``sequential``: one recommender after another, over the same shared aiohttp session.
 
 Whatever happens to a call, a fan-out never raises for it: every configured recommender
 yields an `Outcome`, in config order. Every call reads its answer within its recommender's
@@ -128,7 +128,7 @@ class _DeadlinePassed(RecommenderTimeout):
     """Too little of the deadline is left for another attempt."""
 
 
-class _Call:
+class _CallRecord:
     """One recommender call's bookkeeping: its attempts, its clock, and its `Outcome`."""
 
     def __init__(self, name: str, timeout_s: float, deadline: Deadline, stall_mark: float = 0.0):
@@ -199,9 +199,11 @@ class _Call:
         )
 
 
-def _open(name: str, timeout_s: float, guard: Guard, deadline: Deadline) -> _Call | Outcome:
+def _begin_call(
+    name: str, timeout_s: float, guard: Guard, deadline: Deadline
+) -> _CallRecord | Outcome:
     """Start a call's bookkeeping, or the outcome of a call that must not be made."""
-    call = _Call(name, timeout_s, deadline, guard.stalls.mark() if guard.stalls else 0.0)
+    call = _CallRecord(name, timeout_s, deadline, guard.stalls.mark() if guard.stalls else 0.0)
     if call.hopeless:
         return call.skipped()
     try:
@@ -211,7 +213,9 @@ def _open(name: str, timeout_s: float, guard: Guard, deadline: Deadline) -> _Cal
     return call
 
 
-def _close(call: _Call, guard: Guard, error: BaseException | None, prediction: Any) -> Outcome:
+def _settle_call(
+    call: _CallRecord, guard: Guard, error: BaseException | None, prediction: Any
+) -> Outcome:
     """Tell the breaker how the call went (a gateway bug is not the recommender's failure)."""
     if error is None:
         guard.breaker.succeeded()
@@ -308,7 +312,7 @@ async def _hedged(
             task.cancel()
 
 
-async def _call(
+async def _call_recommender(
     replicas: Replicas[RecommenderClient],
     guard: Guard,
     limits: AnswerLimits,
@@ -333,7 +337,7 @@ async def _guarded(
     deadline: Deadline,
     tracing: Tracing,
 ) -> Outcome:
-    call = _open(replicas.name, replicas.timeout_s, guard, deadline)
+    call = _begin_call(replicas.name, replicas.timeout_s, guard, deadline)
     if isinstance(call, Outcome):
         return call
     try:
@@ -360,11 +364,11 @@ async def _guarded(
         guard.breaker.released()
         raise
     except Exception as exc:
-        return _close(call, guard, exc, None)
-    return _close(call, guard, None, prediction)
+        return _settle_call(call, guard, exc, None)
+    return _settle_call(call, guard, None, prediction)
 
 
-def _call_blocking(
+def _call_recommender_blocking(
     replicas: Replicas[BlockingRecommenderClient],
     guard: Guard,
     limits: AnswerLimits,
@@ -373,7 +377,7 @@ def _call_blocking(
     deadline: Deadline,
     tracing: Tracing,
 ) -> Outcome:
-    """`_call`, from a thread."""
+    """`_call_recommender`, from a thread."""
     with tracing.call(replicas.name) as span:
         outcome = _guarded_blocking(replicas, guard, limits, body, headers, deadline, tracing)
         span.finished(outcome.status, outcome.attempts, outcome.error)
@@ -389,7 +393,7 @@ def _guarded_blocking(
     deadline: Deadline,
     tracing: Tracing,
 ) -> Outcome:
-    call = _open(replicas.name, replicas.timeout_s, guard, deadline)
+    call = _begin_call(replicas.name, replicas.timeout_s, guard, deadline)
     if isinstance(call, Outcome):
         return call
     ask = functools.partial(_ask_blocking, tracing=tracing, body=body, headers=headers)
@@ -412,8 +416,8 @@ def _guarded_blocking(
                         limits=limits,
                     )
     except Exception as exc:
-        return _close(call, guard, exc, None)
-    return _close(call, guard, None, prediction)
+        return _settle_call(call, guard, exc, None)
+    return _settle_call(call, guard, None, prediction)
 
 
 class _OverSharedSession:
@@ -465,7 +469,7 @@ class AsyncFanOut(_OverSharedSession):
     ) -> list[Outcome]:
         """Call every recommender concurrently on the worker loop."""
         calls = (
-            _call(replicas, guard, limits, body, headers, deadline, self.tracing)
+            _call_recommender(replicas, guard, limits, body, headers, deadline, self.tracing)
             for replicas, guard, limits in self.guarded
         )
         return list(await asyncio.gather(*calls))
@@ -474,14 +478,14 @@ class AsyncFanOut(_OverSharedSession):
 class SequentialFanOut(_OverSharedSession):
     """One recommender after another, over the shared aiohttp session."""
 
-    name: ClassVar[str] = "sync"
+    name: ClassVar[str] = "sequential"
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
     ) -> list[Outcome]:
         """Call each recommender in turn; those the deadline leaves no time for time out."""
         return [
-            await _call(replicas, guard, limits, body, headers, deadline, self.tracing)
+            await _call_recommender(replicas, guard, limits, body, headers, deadline, self.tracing)
             for replicas, guard, limits in self.guarded
         ]
 
@@ -543,7 +547,14 @@ class ThreadPoolFanOut:
                 self._executor,
                 contextvars.copy_context().run,
                 functools.partial(
-                    _call_blocking, replicas, guard, limits, body, headers, deadline, self.tracing
+                    _call_recommender_blocking,
+                    replicas,
+                    guard,
+                    limits,
+                    body,
+                    headers,
+                    deadline,
+                    self.tracing,
                 ),
             )
             for replicas, guard, limits in self.guarded

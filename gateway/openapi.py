@@ -12,6 +12,7 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from gateway.config import Settings
+from gateway.request_id import REQUEST_ID_HEADER, REQUEST_ID_MAX
 from gateway.schemas import (
     ErrorDocument,
     RecommendationRequest,
@@ -37,14 +38,14 @@ def _error(description: str) -> dict[str, Any]:
 
 
 _REQUEST_ID = {
-    "name": "X-Request-ID",
+    "name": REQUEST_ID_HEADER,
     "in": "header",
     "required": False,
     "description": "Taken, or generated when absent; forwarded and echoed.",
-    "schema": {"type": "string", "pattern": "^[!-~]{1,128}$"},
+    "schema": {"type": "string", "pattern": f"^[!-~]{{1,{REQUEST_ID_MAX}}}$"},
 }
 
-_ECHOED_ID = {"X-Request-ID": {"schema": {"type": "string"}, "description": "The request's id."}}
+_ECHOED_ID = {REQUEST_ID_HEADER: {"schema": {"type": "string"}, "description": "The request's id."}}
 
 
 def build_spec(settings: Settings, version: str) -> dict[str, Any]:

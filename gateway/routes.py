@@ -17,7 +17,13 @@ from swagger_ui_bundle import swagger_ui_path
 from werkzeug.security import safe_join
 
 from gateway import metrics
-from gateway.errors import RequestError, error_body, error_response
+from gateway.errors import (
+    RequestError,
+    error_body,
+    error_response,
+    validation_problems,
+    validation_summary,
+)
 from gateway.fanout import Deadline, Outcome
 from gateway.fusion import coverage, ranked_from
 from gateway.logs import log_request
@@ -149,7 +155,8 @@ def _leave(error: BaseException | None) -> None:
 
 
 @blueprint.after_app_request
-def _echo_request_id(response: Response) -> Response:
+def _finish_response(response: Response) -> Response:
+    """Echo the request id, log the request, and count it in the metrics."""
     request_id = g.get("request_id")
     if request_id is not None:
         response.headers[REQUEST_ID_HEADER] = request_id
@@ -181,12 +188,8 @@ def _parse_request(raw: bytes) -> RecommendationRequest:
     try:
         return RecommendationRequest.model_validate(body)
     except ValidationError as exc:
-        details = [
-            {"field": ".".join(str(p) for p in e["loc"]), "message": e["msg"]}
-            for e in exc.errors(include_url=False, include_input=False)
-        ]
-        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
-        raise RequestError(422, f"invalid request: {summary}", details) from exc
+        details = validation_problems(exc)
+        raise RequestError(422, f"invalid request: {validation_summary(details)}", details) from exc
 
 
 def _fuse(

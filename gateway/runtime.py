@@ -68,7 +68,7 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return None
 
 
-class _Started:
+class _WorkerState:
     """What exists only while the runtime runs in this process (`thread`: a loop thread's)."""
 
     def __init__(self, pid: int, loop: asyncio.AbstractEventLoop, thread: threading.Thread | None):
@@ -92,11 +92,11 @@ class WorkerRuntime:
         # Replaces the OTLP export of each provider this runtime starts (tests).
         self.span_processor = span_processor
         self._lock = threading.Lock()
-        self._state: _Started | None = None
+        self._state: _WorkerState | None = None
         # Every state started by this object, in any process. One inherited through fork is
         # kept here untouched: its sockets belong to the parent, and letting it be collected
         # would make aiohttp warn about (and close) them.
-        self._states: list[_Started] = []
+        self._states: list[_WorkerState] = []
         self._closed = False
         # Per process: nothing is admitted in gunicorn's master, so each worker starts at 0.
         admission = settings.admission
@@ -175,7 +175,7 @@ class WorkerRuntime:
                 if state.loop is not loop:
                     raise RuntimeError("the gateway runtime already runs on another loop")
                 return
-            state = _Started(pid, loop, None)
+            state = _WorkerState(pid, loop, None)
             self._state = state
             self._states.append(state)
         # Nothing in it awaits: a request that comes meanwhile finds it whole.
@@ -234,7 +234,7 @@ class WorkerRuntime:
         for state in mine:
             self._stop(state, timeout)
 
-    def _stop(self, state: _Started, timeout: float) -> None:
+    def _stop(self, state: _WorkerState, timeout: float) -> None:
         if state.thread is None:
             # Served on its loop: the session is closed there, as `aclose` does.
             if not state.loop.is_running() or _running_loop() is state.loop:
@@ -256,7 +256,7 @@ class WorkerRuntime:
             state.loop.close()
         log.info("worker %d: recommender session closed", state.pid)
 
-    def _ensure_started(self) -> _Started:
+    def _ensure_started(self) -> _WorkerState:
         state = self._state
         pid = os.getpid()
         if state is not None and state.pid == pid:
@@ -273,7 +273,7 @@ class WorkerRuntime:
                 self._states.append(state)
             return state
 
-    def _start(self, pid: int) -> _Started:
+    def _start(self, pid: int) -> _WorkerState:
         loop = _new_event_loop()
         ready = threading.Event()
 
@@ -285,12 +285,12 @@ class WorkerRuntime:
         thread = threading.Thread(target=run_loop, name=f"gateway-loop-{pid}", daemon=True)
         thread.start()
         ready.wait()
-        state = _Started(pid, loop, thread)
+        state = _WorkerState(pid, loop, thread)
         asyncio.run_coroutine_threadsafe(self._open_session(state), loop).result()
         log.info("worker %d: event loop and recommender session started", pid)
         return state
 
-    async def _open_session(self, state: _Started) -> None:
+    async def _open_session(self, state: _WorkerState) -> None:
         pool = self.settings.pool
         # Each call is bounded by its own budget (see clients.py), not by a pool default. No
         # cookies are kept: one pool serves every user.
@@ -352,7 +352,7 @@ class WorkerRuntime:
             await asyncio.sleep(metrics.FLUSH_EVERY_S)
 
     @staticmethod
-    async def _close_session(state: _Started) -> None:
+    async def _close_session(state: _WorkerState) -> None:
         if state.publisher is not None:
             state.publisher.cancel()
         if state.ticker is not None:

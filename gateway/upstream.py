@@ -179,7 +179,7 @@ class ConnectionPool:
         self._user_agent = user_agent.encode()
         self._targets: dict[str, Target] = {}
         self._idle: dict[Origin, collections.deque[_Connection]] = {}
-        self._open: collections.Counter[Origin] = collections.Counter()
+        self._connections_per_origin: collections.Counter[Origin] = collections.Counter()
         self._total = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self.closed = False
@@ -245,14 +245,15 @@ class ConnectionPool:
                 if not (connection.lost or connection.closing):
                     return connection
             if self._total < self.limit and (
-                not self.limit_per_host or self._open[origin] < self.limit_per_host
+                not self.limit_per_host
+                or self._connections_per_origin[origin] < self.limit_per_host
             ):
                 return await self._connect(origin)
             await self._wait_for_a_slot()
 
     async def _connect(self, origin: Origin) -> _Connection:
         self._total += 1
-        self._open[origin] += 1
+        self._connections_per_origin[origin] += 1
         loop = asyncio.get_running_loop()
         tls = origin.scheme == "https"
         try:
@@ -266,7 +267,7 @@ class ConnectionPool:
             )
         except BaseException as exc:
             self._total -= 1
-            self._open[origin] -= 1
+            self._connections_per_origin[origin] -= 1
             self._wake()
             if isinstance(exc, OSError):
                 raise ConnectFailed(origin.host, origin.port, describe(exc)) from exc
@@ -299,7 +300,7 @@ class ConnectionPool:
         if idle is not None and connection in idle:
             idle.remove(connection)
         self._total -= 1
-        self._open[connection.origin] -= 1
+        self._connections_per_origin[connection.origin] -= 1
         self._wake()
 
     async def _address(self, origin: Origin) -> str:

@@ -34,12 +34,13 @@ from typing import Any
 import requests
 import yaml
 
+from mock_recommenders import DEFAULT_NAMES
+
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = "localhost/fusion-gateway:latest"
-NAMES = ("sml", "asc", "trd", "psn")
 # Inside the pod, which has a network namespace of its own: the image's and the mocks' defaults.
 GATEWAY_PORT = 5000
-MOCK_PORTS = {name: 5001 + i for i, name in enumerate(NAMES)}
+MOCK_PORTS = {name: 5001 + i for i, name in enumerate(DEFAULT_NAMES)}
 METRICS_DIR = "/run/gateway/metrics"
 # The call the gateway must still be waiting on when it is told to stop.
 SLOW_MS = 1500
@@ -125,7 +126,7 @@ def check_answer(report: Report, what: str, response: requests.Response) -> None
     if not report.check(f"{what}: status 200", ok, "" if ok else response.text[:500]):
         return
     statuses = {name: source["status"] for name, source in response.json()["sources"].items()}
-    ok = statuses == dict.fromkeys(NAMES, "ok")
+    ok = statuses == dict.fromkeys(DEFAULT_NAMES, "ok")
     report.check(f"{what}: every source ok", ok, "" if ok else json.dumps(statuses))
 
 
@@ -179,7 +180,9 @@ def run_pod(report: Report, pod: str) -> None:
     gateway_url = published(gateway, GATEWAY_PORT)
     sml_url = published(mocks, MOCK_PORTS["sml"])
     wait_until(
-        lambda: logs(mocks).count("listening on") == len(NAMES), READY_WITHIN_S, "mocks listening"
+        lambda: logs(mocks).count("listening on") == len(DEFAULT_NAMES),
+        READY_WITHIN_S,
+        "mocks listening",
     )
     wait_ready(gateway_url, gateway)
     report.check("pod: the gateway is ready", True, gateway_url)
@@ -250,7 +253,7 @@ def stop_mid_request(report: Report, gateway: str, gateway_url: str, sml_url: st
 def compose_file(directory: Path) -> Path:
     """compose.yaml's gateway and mocks, their ports published on free loopback ports."""
     spec = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
-    services = {name: spec["services"][name] for name in ("gateway", *NAMES)}
+    services = {name: spec["services"][name] for name in ("gateway", *DEFAULT_NAMES)}
     for service in services.values():
         # Built above; podman-compose would otherwise build it once per service.
         del service["build"]
@@ -289,7 +292,9 @@ def run_compose(report: Report, project: str, file: Path) -> None:
     wait_ready(gateway_url, gateway)
     # podman-compose 1.0.3 does not wait for depends_on's service_healthy.
     wait_until(
-        lambda: all(logs(compose_container(project, name)).count("listening") for name in NAMES),
+        lambda: all(
+            logs(compose_container(project, name)).count("listening") for name in DEFAULT_NAMES
+        ),
         READY_WITHIN_S,
         "mocks listening",
     )
@@ -302,7 +307,7 @@ def run_compose(report: Report, project: str, file: Path) -> None:
         any(line.split()[1:3] == [METRICS_DIR, "tmpfs"] for line in mounts.splitlines()),
     )
     # Run as compose.yaml gives them: podman-compose 1.0.3 mangles a CMD list into a shell line.
-    for name in NAMES:
+    for name in DEFAULT_NAMES:
         test = spec[name]["healthcheck"]["test"]
         health = podman("exec", compose_container(project, name), *test[1:], check=False)
         report.check(

@@ -24,11 +24,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from mock_recommenders import MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
 from mock_recommenders.process import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ("sml", "asc", "trd", "psn")
 READY_WITHIN_S = 60.0
 
 
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     listener = _bind(args.port)
     gateway_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
-    mocks = MockFleetProcess(NAMES, base_port=args.mock_base_port)
+    mocks = MockFleetProcess(DEFAULT_NAMES, base_port=args.mock_base_port)
     gateway: subprocess.Popen[bytes] | None = None
     try:
         try:
@@ -96,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.mock_base_port != 5001:
             # The packaged config points at 5001-5004; other ports need their own list.
             env["GATEWAY_RECOMMENDERS"] = json.dumps(
-                [{"name": name, "url": mocks.url(name), "timeout_ms": 500} for name in NAMES]
+                [
+                    {"name": name, "url": mocks.url(name), "timeout_ms": 500}
+                    for name in DEFAULT_NAMES
+                ]
             )
         gateway = subprocess.Popen(
             [
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             f"curl -s -X POST {gateway_url}/recommendation -H 'Content-Type: application/json' "
             """-d '{"user_id": "u1", "resultSize": 3}'"""
         )
-        recommenders = ", ".join(f"{name} {mocks.url(name)}" for name in NAMES)
+        recommenders = ", ".join(f"{name} {mocks.url(name)}" for name in DEFAULT_NAMES)
         print(
             f"\nReady: the gateway on {gateway_url}, mock recommenders {recommenders}.\n"
             f"Try it:\n\n  {curl}\n\nCtrl-C stops everything.\n",

@@ -17,8 +17,8 @@ import pytest
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from gateway import GatewayFlask, create_app
-from mock_recommenders import MockFleet, MockFleetProcess
-from tests.helpers import NAMES, InProcessServer, ScriptedPool, Serve, settings_for
+from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
+from tests.helpers import InProcessServer, ScriptedPool, Serve, settings_for
 
 # How long a test's server waits for its requests still in flight before it closes the app.
 DRAIN_S = 30.0
@@ -37,14 +37,14 @@ def fleet() -> Iterator[MockFleet]:
     A fleet of its own (starting one takes ~2 ms): no call left over from another test can
     reach it and be counted.
     """
-    with MockFleet(NAMES) as fleet:
+    with MockFleet(DEFAULT_NAMES) as fleet:
         yield fleet
 
 
 @pytest.fixture(scope="session")
 def fleet_process_session() -> Iterator[MockFleetProcess]:
     """The four mocks in a child process, for the whole run (it takes ~1 s to start)."""
-    with MockFleetProcess(NAMES) as fleet:
+    with MockFleetProcess(DEFAULT_NAMES) as fleet:
         yield fleet
 
 

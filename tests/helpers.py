@@ -33,10 +33,11 @@ from gateway import GatewayFlask, Settings
 from gateway.edge import protocol_for
 from gateway.serving import GatewayASGI
 from gateway.upstream import Answer
+from mock_recommenders import DEFAULT_NAMES
+from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
 
 __all__ = [
-    "NAMES",
     "ROOT",
     "Fleet",
     "GUNICORN",
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ("sml", "asc", "trd", "psn")
 GUNICORN = str(Path(sys.executable).parent / "gunicorn")
 
 Serve = Callable[[GatewayFlask], str]
@@ -78,7 +78,7 @@ class Fleet(Protocol):
 # --- Settings -------------------------------------------------------------------------------
 
 
-def settings_for(fleet: Fleet, names: tuple[str, ...] = NAMES, **fields: Any) -> Settings:
+def settings_for(fleet: Fleet, names: tuple[str, ...] = DEFAULT_NAMES, **fields: Any) -> Settings:
     """Settings that point the gateway at `fleet`'s recommenders (`weights={name: w}` too).
 
     Admission is fixed at `max_in_flight` unless a test gives `admission`: on a busy machine the
@@ -103,7 +103,7 @@ def gateway_environment(fleet: Fleet, **overrides: str) -> dict[str, str]:
     Admission is fixed at `max_in_flight` unless overridden, as in `settings_for`.
     """
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
-    recommenders = [{"name": name, "url": fleet.url(name)} for name in NAMES]
+    recommenders = [{"name": name, "url": fleet.url(name)} for name in DEFAULT_NAMES]
     env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
     env["GATEWAY_ADMISSION__ADAPTIVE"] = "false"
     env.update(overrides)
@@ -120,10 +120,8 @@ def closed_port() -> Iterator[int]:
     Bound and not listening: a connection to it is refused at once, and the system never hands
     it out as the source port of another connection (which could loop back onto itself).
     """
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        yield port
+    with loopback_socket() as sock:
+        yield port_of(sock)
 
 
 def port_is_open(port: int) -> bool:
@@ -149,9 +147,8 @@ class InProcessServer:
     def __init__(self, app: GatewayFlask, loop: str = "uvloop"):
         self.app = app
         self.asgi = GatewayASGI(app)
-        self._socket = socket.socket()
-        self._socket.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self._socket.getsockname()[1]}"
+        self._socket = loopback_socket()
+        self.url = f"http://127.0.0.1:{port_of(self._socket)}"
         config = uvicorn.Config(
             self.asgi,
             loop=loop,
@@ -217,9 +214,8 @@ def gunicorn(
     take it between choosing and binding. `overrides` are ``GATEWAY_*`` variables.
     """
     log = Path(tempfile.mkstemp(prefix="gunicorn-", suffix=".log")[1])
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
+    with loopback_socket() as listener:
+        port = port_of(listener)
         with log.open("wb") as sink:
             process = subprocess.Popen(
                 [GUNICORN, "-c", "gunicorn.conf.py", app]

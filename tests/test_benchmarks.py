@@ -18,13 +18,14 @@ import pytest
 from benchmarks.loadgen import percentile
 from benchmarks.quality import parse_plan
 from benchmarks.quality_report import findings, markdown
-from benchmarks.quality_scoring import NAMES, comparisons, score, summarise
+from benchmarks.quality_scoring import comparisons, score, summarise
 from benchmarks.quality_weights import fit_weights
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from benchmarks.report import derive, figures
 from benchmarks.tracing import costs as tracing_costs
 from benchmarks.tracing import markdown as tracing_markdown
 from gateway.fusion import make_fusion, ranked_from
+from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import default_world
 from tests.helpers import ROOT
 
@@ -50,19 +51,19 @@ def test_derived_ratios() -> None:
 
     results = {
         "plan": {"recommenders": 4, "levels": [1]},
-        "runs": [row("floor", 46.0, 21.5), row("sync", 11.0, 86.0), row("async", 44.0, 22.4)],
+        "runs": [row("floor", 46.0, 21.5), row("sequential", 11.0, 86.0), row("async", 44.0, 22.4)],
         "widths": [],
         "memory_mb": {"async@4": [51.0, 50.2]},
     }
     derive(results)
 
     async_row = results["runs"][2]
-    assert async_row["speedup_vs_sync"] == 4.0
+    assert async_row["speedup_vs_sequential"] == 4.0
     assert async_row["throughput_vs_floor"] == 0.96
     assert async_row["p50_over_floor_ms"] == 0.9
     found = {label: (measured, met) for label, measured, _, met in figures(results)}
     assert found["p50 over the floor at concurrency 1"] == ("0.90 ms", True)
-    assert found["speed-up over sync at concurrency 1, 4 recommenders"] == ("4.00x", True)
+    assert found["speed-up over sequential at concurrency 1, 4 recommenders"] == ("4.00x", True)
     assert found["resident memory per worker after the run"] == ("51.0 MB", True)
 
 
@@ -83,14 +84,21 @@ def test_a_small_run_writes_the_table_json_report_and_plots(tmp_path: Path) -> N
     )
 
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "speed-up over sync at concurrency 1" in done.stdout
+    assert "speed-up over sequential at concurrency 1" in done.stdout
     for name in ("results.json", "report.md", "latency.png", "throughput.png", "fanout.png"):
         assert (out / name).stat().st_size > 0
     results = json.loads((out / "results.json").read_text())
     measured = {(r["target"], r["concurrency"]) for r in results["runs"]}
     assert measured == {
         (target, level)
-        for target in ("floor", "sync", "threads", "async-gthread", "async", "per-call-session")
+        for target in (
+            "floor",
+            "sequential",
+            "threads",
+            "async-gthread",
+            "async",
+            "per-call-session",
+        )
         for level in (1, 2)
     }
     for run in results["runs"] + results["widths"]:
@@ -98,7 +106,7 @@ def test_a_small_run_writes_the_table_json_report_and_plots(tmp_path: Path) -> N
         assert run["requests"] > 0
         assert run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
     assert {r["recommenders"] for r in results["widths"]} == {1}
-    assert {r["target"] for r in results["widths"]} == {"floor", "sync", "async"}
+    assert {r["target"] for r in results["widths"]} == {"floor", "sequential", "async"}
     assert len(results["memory_mb"]["async@4"]) >= 1
     assert "| async | 1 |" in (out / "report.md").read_text()
 
@@ -173,7 +181,7 @@ def test_quality_scores_only_users_every_system_answered_and_compares_them_paire
     users = ["test-0", "test-1", "test-2"]
 
     def answer(user: str, fused: list[str], asc: list[str] | None = None) -> dict[str, Any]:
-        lists = {name: ["x1", "x2"] for name in NAMES}
+        lists = {name: ["x1", "x2"] for name in DEFAULT_NAMES}
         lists["sml"] = world.truth(user)[:10]
         lists["asc"] = asc or lists["asc"]
         result = [
@@ -191,7 +199,7 @@ def test_quality_scores_only_users_every_system_answered_and_compares_them_paire
     scores, scored, inconsistent = score(users, answers, {}, world, ["rrf", "concat"], 10)
 
     assert (scored, inconsistent) == (2, 1)  # test-1's two answers carry different asc lists
-    assert list(scores) == [*NAMES, "rrf", "concat", "oracle"]
+    assert list(scores) == [*DEFAULT_NAMES, "rrf", "concat", "oracle"]
     assert scores["sml"]["ndcg"] == scores["rrf"]["ndcg"] == [1.0, 1.0]
     assert scores["asc"]["ndcg"] == scores["concat"]["recall"] == [0.0, 0.0]
     rows = {row["system"]: row for row in summarise(scores)}
@@ -286,7 +294,7 @@ def test_quality_run_scores_every_system_and_writes_table_json_and_plot(tmp_path
         assert 0 < row["recall"] <= 1
     # concat of equal-length lists in config order is the first recommender's list.
     assert systems["concat"]["ndcg"] == systems["sml"]["ndcg"]
-    assert set(results["fitted_weights"]) == {"sml", "asc", "trd", "psn"}
+    assert set(results["fitted_weights"]) == set(DEFAULT_NAMES)
     assert set(results["comparisons"]["fusions"]) == {
         "concat", "rrf", "weighted", "combmnz", "interleave", "rrf, fitted weights"
     }  # fmt: skip

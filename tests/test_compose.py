@@ -16,8 +16,9 @@ import pytest
 import yaml
 
 from gateway.config import load_settings
+from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.__main__ import parse_arguments
-from tests.helpers import NAMES, ROOT
+from tests.helpers import ROOT
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
@@ -55,13 +56,13 @@ def _in_container(mounts: dict[str, Path], path: str) -> Path | None:
 
 
 def test_the_stack_is_the_gateway_its_mocks_prometheus_and_grafana() -> None:
-    assert set(SERVICES) == {"gateway", *NAMES, "prometheus", "grafana"}
+    assert set(SERVICES) == {"gateway", *DEFAULT_NAMES, "prometheus", "grafana"}
     for name, service in SERVICES.items():
         for dependency in service.get("depends_on", []):
             assert dependency in SERVICES, f"{name} depends on {dependency}, which is no service"
 
 
-@pytest.mark.parametrize("name", ["gateway", *NAMES])
+@pytest.mark.parametrize("name", ["gateway", *DEFAULT_NAMES])
 def test_the_gateway_and_the_mocks_are_one_image_built_from_the_dockerfiles_base(
     name: str,
 ) -> None:
@@ -80,7 +81,7 @@ def test_the_gateways_environment_is_settings_it_accepts(
     assert int(GATEWAY["environment"]["WEB_CONCURRENCY"]) >= 1
     # Every mock, under its service name and at the port its command line gives it.
     called = {r.name: urlsplit(str(r.url)) for r in settings.recommenders}
-    assert list(called) == list(NAMES)
+    assert list(called) == list(DEFAULT_NAMES)
     for name, url in called.items():
         mock = parse_arguments(SERVICES[name]["command"][3:])
         assert (url.hostname, url.port) == (name, mock.plan[0][1])
@@ -90,7 +91,7 @@ def test_the_gateways_metrics_directory_is_a_tmpfs() -> None:
     assert _dockerfile_value(r"PROMETHEUS_MULTIPROC_DIR=(\S+)") in GATEWAY["tmpfs"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", DEFAULT_NAMES)
 def test_each_mock_serves_its_name_on_all_addresses_and_checks_that_port(name: str) -> None:
     command = SERVICES[name]["command"]
     assert command[:3] == ["python", "-m", "mock_recommenders"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,31 @@ def test_an_empty_api_keys_variable_sets_no_keys(
     clean_environment.setenv("GATEWAY_API_KEYS", "")
 
     assert load_settings(write(tmp_path, MINIMAL + 'api_keys: ["k"]\n')).api_keys == []
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+def test_the_old_strategy_name_sync_is_accepted_as_sequential_with_a_warning(
+    tmp_path: Path,
+    clean_environment: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    source: str,
+) -> None:
+    if source == "file":
+        path = write(tmp_path, MINIMAL + "strategy: sync\n")
+    else:
+        path = write(tmp_path, MINIMAL)
+        clean_environment.setenv("GATEWAY_STRATEGY", "sync")
+
+    # The gateway's logger stops propagating once its JSON log is set up (`gateway.logs`).
+    clean_environment.setattr(logging.getLogger("gateway"), "propagate", True)
+    with pytest.warns(DeprecationWarning, match="strategy `sync` is deprecated.*`sequential`"):
+        settings = load_settings(path)
+
+    assert settings.strategy == "sequential"
+    assert "strategy `sync` is deprecated" in caplog.text
+
+
+def test_sequential_needs_no_warning(tmp_path: Path) -> None:
+    assert load_settings(write(tmp_path, MINIMAL + "strategy: sequential\n")).strategy == (
+        "sequential"
+    )

@@ -19,9 +19,8 @@ from typing import Any
 import pytest
 
 from gateway import create_app
-from mock_recommenders import MockFleet, MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from tests.helpers import (
-    NAMES,
     InProcessServer,
     Serve,
     port_is_open,
@@ -274,7 +273,7 @@ def test_slow_clients_cost_a_socket_not_service_for_everyone_else(
 
     assert set(statuses[:1000]) <= {408, None}
     assert set(statuses[1000:]) == {408}
-    assert {fleet.stats(name)["requests"] for name in NAMES} == {40}
+    assert {fleet.stats(name)["requests"] for name in DEFAULT_NAMES} == {40}
 
 
 def _status_or_closed(sock: socket.socket) -> int | None:

@@ -22,9 +22,9 @@ from gateway.fusion import (
     coverage,
     ranked_from,
 )
-from mock_recommenders import MockFleet, MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
-from tests.helpers import NAMES, Serve, gunicorn, lines, post_concurrently, settings_for
+from tests.helpers import Serve, gunicorn, lines, post_concurrently, settings_for
 
 A = Ranked("A", 1.0, (("a", 0.9), ("b", 0.8), ("c", 0.1)))
 B = Ranked("B", 1.0, (("b", 5.0), ("d", 3.0), ("a", 1.0)))
@@ -155,7 +155,7 @@ def test_the_response_carries_the_fused_ranking_with_provenance(gateway_url: str
     assert body["fusion"] == "rrf"
     assert body["coverage"] == 1.0
     assert len(body["fused"]) == 5
-    lists = {name: rank_items(name, "f1", 5) for name in NAMES}
+    lists = {name: rank_items(name, "f1", 5) for name in DEFAULT_NAMES}
     for item in body["fused"]:
         assert item["sources"]
         for source in item["sources"]:
@@ -184,7 +184,7 @@ def test_a_weight_of_0_is_shadow_mode_returned_but_not_fused(
 
     body = ask(url, {"user_id": "f5", "resultSize": 100, "fusion": name}).json()
 
-    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    assert [entry["name"] for entry in body["result"]] == list(DEFAULT_NAMES)
     assert body["coverage"] == 1.0
     assert len(body["fused"]) == 100
     fused_from = {source["name"] for item in body["fused"] for source in item["sources"]}
@@ -224,7 +224,7 @@ def test_a_fusion_window_fuses_from_deeper_lists_and_returns_result_size(
     assert all(len(entry["prediction"]["items"]) == 30 for entry in body["result"])
     assert len(body["fused"]) == 5
     expected: dict[str, float] = {}
-    for name in NAMES:
+    for name in DEFAULT_NAMES:
         for rank, item in enumerate(rank_items(name, "f7", 30), start=1):
             expected[item["id"]] = expected.get(item["id"], 0.0) + 1 / (60 + rank)
     top = sorted(expected, key=lambda i: (-expected[i], i))[:5]

@@ -17,11 +17,10 @@ import aiohttp
 import pytest
 import requests
 
-from mock_recommenders import MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
 from mock_recommenders.ranking import rank_items
 from tests.helpers import (
     GUNICORN,
-    NAMES,
     ROOT,
     Gunicorn,
     gateway_environment,
@@ -53,7 +52,7 @@ def assert_own_data(answers: list[tuple[int, Any]]) -> None:
     assert [status for status, _ in answers] == [200] * len(answers)
     for i, (_, body) in enumerate(answers):
         assert body["complete"] is True
-        assert [entry["name"] for entry in body["result"]] == list(NAMES)
+        assert [entry["name"] for entry in body["result"]] == list(DEFAULT_NAMES)
         for entry in body["result"]:
             assert entry["prediction"]["user_id"] == f"g-{i}"
             assert entry["prediction"]["items"] == rank_items(entry["name"], f"g-{i}", 1 + i % 7)
@@ -147,7 +146,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_closes_the_sessions(
                 # Every request is in, waiting on the mocks, when the signal comes.
                 await asyncio.to_thread(
                     wait_until,
-                    lambda: all(fleet_process.stats(n)["requests"] == 10 for n in NAMES),
+                    lambda: all(fleet_process.stats(n)["requests"] == 10 for n in DEFAULT_NAMES),
                     30,
                     "the requests did not all reach the mocks",
                 )

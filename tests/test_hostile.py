@@ -24,9 +24,8 @@ from benchmarks.harness import children, worker_rss_mb
 from gateway import Settings, create_app
 from gateway.fanout import STRATEGIES
 from gateway.schemas import MAX_UNKNOWN_FIELDS, MAX_UNKNOWN_FIELDS_BYTES
-from mock_recommenders import MockFleet, MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from tests.helpers import (
-    NAMES,
     Fleet,
     Serve,
     assert_json_error,
@@ -84,7 +83,7 @@ def test_a_hostile_answer_is_its_sources_failure_alone(
 
     assert response.status_code == 200, response.text
     body = response.json()
-    *good, bad = NAMES
+    *good, bad = DEFAULT_NAMES
     assert [entry["name"] for entry in body["result"]] == good
     assert all(body["sources"][name]["status"] == "ok" for name in good)
     status, reason = HOSTILE[path]
@@ -108,7 +107,7 @@ def test_requests_beside_hostile_answers_keep_their_answers(
     answers = asyncio.run(post_concurrently(url, [{"user_id": f"c{i}"} for i in range(16)]))
 
     assert {status for status, _ in answers} == {200}
-    *good, bad = NAMES
+    *good, bad = DEFAULT_NAMES
     for _, body in answers:
         assert body["sources"][bad]["status"] == "error"
         for name in good:
@@ -122,7 +121,7 @@ def test_requests_beside_hostile_answers_keep_their_answers(
 def test_the_workers_memory_returns_after_hostile_answers(
     fleet_process: MockFleetProcess, hostile: HostileRecommender
 ) -> None:
-    recommenders = [{"name": name, "url": fleet_process.url(name)} for name in NAMES[:3]]
+    recommenders = [{"name": name, "url": fleet_process.url(name)} for name in DEFAULT_NAMES[:3]]
     recommenders += [{"name": f"h-{path}", "url": hostile.url(path)} for path in HOSTILE]
     environment = {
         "GATEWAY_RECOMMENDERS": json.dumps(recommenders),
@@ -144,7 +143,7 @@ def test_the_workers_memory_returns_after_hostile_answers(
     assert {status for status, _ in answers} == {200}
     for _, body in answers:
         reported = {name: source["status"] for name, source in body["sources"].items()}
-        assert reported == dict.fromkeys(NAMES[:3], "ok") | {
+        assert reported == dict.fromkeys(DEFAULT_NAMES[:3], "ok") | {
             f"h-{path}": status for path, (status, _) in HOSTILE.items()
         }
     growth = after[0] - before[0]

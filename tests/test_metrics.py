@@ -8,9 +8,8 @@ import pytest
 import requests
 
 from gateway import create_app
-from mock_recommenders import MockFleet, MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from tests.helpers import (
-    NAMES,
     Serve,
     gunicorn,
     post_concurrently,
@@ -38,7 +37,7 @@ def test_metrics_cover_requests_and_every_recommender(fleet: MockFleet, serve: S
         - sample(before, "gateway_requests_total", **ok)
         == 3
     )
-    for name in NAMES:
+    for name in DEFAULT_NAMES:
         outcome = "error" if name == "trd" else "ok"
         labels = {"recommender": name, "outcome": outcome}
         grown = sample(after, "gateway_recommender_calls_total", **labels) - sample(
@@ -88,7 +87,7 @@ def test_metrics_are_summed_across_two_workers(fleet_process: MockFleetProcess) 
         )
         text = scraped()
 
-    for name in NAMES:
+    for name in DEFAULT_NAMES:
         assert (
             sample(text, "gateway_recommender_calls_total", recommender=name, outcome="ok") == sent
         )

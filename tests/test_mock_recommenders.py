@@ -28,9 +28,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from mock_recommenders import Behaviour, MockFleet, MockFleetProcess, rank_items
+from mock_recommenders import DEFAULT_NAMES, Behaviour, MockFleet, MockFleetProcess, rank_items
 from mock_recommenders.__main__ import parse_arguments
-from tests.helpers import NAMES, ROOT, port_is_open
+from mock_recommenders.loopback import loopback_socket, port_of
+from tests.helpers import ROOT, port_is_open
 
 ZERO_FAULTS = {"errors": 0, "resets": 0, "hangs": 0}
 
@@ -83,7 +84,7 @@ def endpoint(fleet: MockFleet, name: str, path: str) -> str:
 
 
 def test_rankings_are_deterministic_prefix_stable_and_well_formed() -> None:
-    for name in (*NAMES, "r16"):
+    for name in (*DEFAULT_NAMES, "r16"):
         for user_id in ("u1", "u2", None):
             full = rank_items(name, user_id, 100)
             assert rank_items(name, user_id, 100) == full
@@ -98,7 +99,7 @@ def test_rankings_are_deterministic_prefix_stable_and_well_formed() -> None:
 
 
 def test_rankings_differ_per_recommender_and_user_and_are_pinned() -> None:
-    assert len({tuple(i["id"] for i in rank_items(name, "u1", 10)) for name in NAMES}) == 4
+    assert len({tuple(i["id"] for i in rank_items(name, "u1", 10)) for name in DEFAULT_NAMES}) == 4
     assert rank_items("sml", "u1", 10) != rank_items("sml", "u2", 10)
     assert rank_items("sml", None, 10) != rank_items("sml", "u1", 10)
     # The README shows these; a change of algorithm must be deliberate.
@@ -131,7 +132,7 @@ def test_rankings_agree_across_processes_whatever_the_hash_seed() -> None:
 async def test_each_recommender_answers_its_ranking(
     fleet: MockFleet, session: aiohttp.ClientSession
 ) -> None:
-    for name, size in zip(NAMES, (1, 7, 42, 100), strict=True):
+    for name, size in zip(DEFAULT_NAMES, (1, 7, 42, 100), strict=True):
         body = {"user_id": "u9", "resultSize": size, "context": {"page": "home"}}
         answer = await post(session, fleet.url(name), body, headers={"X-Request-ID": f"r-{name}"})
 
@@ -500,11 +501,10 @@ def test_the_fleet_binds_the_ports_it_is_given() -> None:
 
 
 def test_a_fleet_that_cannot_bind_every_port_releases_the_others() -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+    with loopback_socket() as taken:
         taken.listen()
         for port in _chosen_ports():
-            fleet = MockFleet(("sml", "asc"), ports=[port, taken.getsockname()[1]])
+            fleet = MockFleet(("sml", "asc"), ports=[port, port_of(taken)])
             with pytest.raises(OSError) as refused:
                 fleet.start()
             assert refused.value.errno == errno.EADDRINUSE

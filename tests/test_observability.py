@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import re
-import socket
 import subprocess
 import threading
 import time
@@ -26,6 +25,7 @@ import requests
 import yaml
 
 from mock_recommenders import MockFleetProcess
+from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
 from tests.helpers import ROOT, gunicorn, post_concurrently, wait_until
 from tests.tools import require_tool
@@ -338,9 +338,8 @@ def running_prometheus(executable: str, config: Path, tmp_path: Path) -> Iterato
     over; if another process takes it first, Prometheus exits and another is tried.
     """
     for attempt in range(5):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
+        with loopback_socket() as probe:
+            port = port_of(probe)
         log = tmp_path / f"prometheus-{attempt}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(

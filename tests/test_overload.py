@@ -16,12 +16,12 @@ import aiohttp
 import pytest
 import requests
 
-from mock_recommenders import MockFleetProcess
-from tests.helpers import NAMES, gunicorn, lines, sample
+from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
+from tests.helpers import gunicorn, lines, sample
 
 pytestmark = pytest.mark.slow
 
-HEALTHY = [name for name in NAMES if name != "trd"]
+HEALTHY = [name for name in DEFAULT_NAMES if name != "trd"]
 
 
 async def hammer(url: str, connections: int, seconds: float) -> list[tuple[int, Any, Any]]:
@@ -52,7 +52,7 @@ def test_overload_is_answered_with_503s_and_no_healthy_recommender_is_blamed(
             "url": fleet_process.url(name),
             "timeout_ms": 1000 if name == "trd" else 15_000,
         }
-        for name in NAMES
+        for name in DEFAULT_NAMES
     ]
     overrides = {
         "GATEWAY_RECOMMENDERS": json.dumps(recommenders),

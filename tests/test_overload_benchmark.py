@@ -15,7 +15,7 @@ from benchmarks.loadgen import run_by_status
 from benchmarks.overload import OverloadPlan, goals, markdown, plot
 from benchmarks.rawhttp import RawPool
 from gateway import create_app
-from mock_recommenders import MockFleet
+from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import Serve, settings_for
 
 
@@ -71,7 +71,7 @@ def test_the_lean_client_reads_statuses_and_retry_after_from_the_gateway(
     async def run() -> list[tuple[int, float]]:
         async with RawPool("127.0.0.1", port, timeout_s=30) as pool:
             held = asyncio.ensure_future(pool.post("/recommendation", b"{}"))
-            while sum(fleet.stats(n)["hangs"] for n in ("sml", "asc", "trd", "psn")) < 4:  # noqa: ASYNC110 - the mocks count in another thread
+            while sum(fleet.stats(n)["hangs"] for n in DEFAULT_NAMES) < 4:  # noqa: ASYNC110 - the mocks count in another thread
                 await asyncio.sleep(0.01)
             shed = [await pool.post("/recommendation", b"{}") for _ in range(3)]
             await asyncio.to_thread(fleet.set_behaviour, hang=False)
@@ -99,9 +99,9 @@ def phase(mode: str, load: float, honour: bool, statuses: dict[str, int]) -> dic
         "shed_max_ms": 45.0 if honour else 150.0,
         "gateway_cpu_s": 20.0,
         "reported": {
-            "calls": {n: dict(calls) for n in ("sml", "asc", "trd", "psn")},
-            "excused_timeouts": {n: 0.0 for n in ("sml", "asc", "trd", "psn")},
-            "breaker_open_now": {n: 0.0 for n in ("sml", "asc", "trd", "psn")},
+            "calls": {n: dict(calls) for n in DEFAULT_NAMES},
+            "excused_timeouts": {n: 0.0 for n in DEFAULT_NAMES},
+            "breaker_open_now": {n: 0.0 for n in DEFAULT_NAMES},
             "mean_loop_lag_ms": math.nan,
             "concurrency_limit_now": 64.0,
         },

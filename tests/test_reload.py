@@ -25,8 +25,8 @@ import pytest
 import requests
 import yaml
 
-from mock_recommenders import MockFleetProcess
-from tests.helpers import NAMES, Fleet, Gunicorn, gunicorn, lines, sample, wait_until
+from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
+from tests.helpers import Fleet, Gunicorn, gunicorn, lines, sample, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ CONNECTIONS = 20
 
 def write_config(path: Path, fleet: Fleet, **fields: Any) -> None:
     """A config file for `fleet`, with a long deadline, and `fields` over it."""
-    recommenders = [{"name": name, "url": fleet.url(name)} for name in NAMES]
+    recommenders = [{"name": name, "url": fleet.url(name)} for name in DEFAULT_NAMES]
     path.write_text(yaml.safe_dump({"recommenders": recommenders, "deadline_ms": 20000} | fields))
 
 

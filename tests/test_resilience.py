@@ -18,8 +18,8 @@ from gateway.errors import CircuitOpen
 from gateway.fanout import AsyncFanOut, Deadline, Outcome
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, parse_retry_after
 from gateway.upstream import ConnectFailed, Disconnected
-from mock_recommenders import MockFleet
-from tests.helpers import NAMES, ScriptedPool, Serve, settings_for
+from mock_recommenders import DEFAULT_NAMES, MockFleet
+from tests.helpers import ScriptedPool, Serve, settings_for
 
 URL = "http://rec.test/p"
 
@@ -277,7 +277,7 @@ async def test_above_the_in_flight_limit_requests_are_shed_at_once(
         admitted = [asyncio.create_task(one(session)) for _ in range(2)]
         # Both are in, each holding a slot while its four calls hang at the mocks.
         for _ in range(3000):
-            if sum(fleet.stats(name)["hangs"] for name in NAMES) == 8:
+            if sum(fleet.stats(name)["hangs"] for name in DEFAULT_NAMES) == 8:
                 break
             await asyncio.sleep(0.01)
         shed = await asyncio.gather(*(one(session) for _ in range(4)))

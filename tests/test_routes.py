@@ -12,10 +12,9 @@ import requests
 
 from gateway import create_app
 from gateway.schemas import RecommendationResponse, UnansweredRecommendation
-from mock_recommenders import MockFleet, MockFleetProcess
+from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
 from tests.helpers import (
-    NAMES,
     Serve,
     assert_json_error,
     closed_port,
@@ -32,10 +31,10 @@ def test_merges_every_answer_in_config_order(gateway_url: str) -> None:
     assert response.headers["Content-Type"] == "application/json"
     assert response.headers["X-Fusion-Complete"] == "true"
     body = response.json()
-    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    assert [entry["name"] for entry in body["result"]] == list(DEFAULT_NAMES)
     for entry in body["result"]:
         assert entry["prediction"]["items"] == rank_items(entry["name"], "u1", 3)
-    assert list(body["sources"]) == list(NAMES)
+    assert list(body["sources"]) == list(DEFAULT_NAMES)
     for report in body["sources"].values():
         assert report["status"] == "ok"
         assert report["latency_ms"] > 0
@@ -52,13 +51,13 @@ def test_merges_every_answer_in_config_order(gateway_url: str) -> None:
 def test_config_order_holds_when_answers_arrive_in_reverse(fleet: MockFleet, serve: Serve) -> None:
     url = serve(create_app(settings_for(fleet, deadline_ms=10_000)))
     # 200 ms apart: far more than a busy machine's scheduling noise.
-    for delay, name in zip((600, 400, 200, 0), NAMES, strict=True):
+    for delay, name in zip((600, 400, 200, 0), DEFAULT_NAMES, strict=True):
         fleet.set_behaviour(name, delay_ms=delay)
 
     body = recommend(url, {"user_id": "u2"}).json()
 
-    assert [entry["name"] for entry in body["result"]] == list(NAMES)
-    latencies = [body["sources"][name]["latency_ms"] for name in NAMES]
+    assert [entry["name"] for entry in body["result"]] == list(DEFAULT_NAMES)
+    latencies = [body["sources"][name]["latency_ms"] for name in DEFAULT_NAMES]
     assert latencies == sorted(latencies, reverse=True)
 
 
@@ -69,7 +68,7 @@ def test_forwards_the_validated_body_and_the_request_id(fleet: MockFleet, gatewa
 
     assert response.headers["X-Request-ID"] == "req-42"
     assert response.json()["request_id"] == "req-42"
-    for name in NAMES:
+    for name in DEFAULT_NAMES:
         seen = fleet.last_request(name)
         assert seen is not None
         assert seen["body"] == {"resultSize": 10, **sent}
@@ -97,7 +96,7 @@ def test_slow_recommenders_are_called_concurrently(fleet: MockFleet, serve: Serv
 
     assert response.json()["complete"] is True
     # What the mocks saw, not a stopwatch: all four calls were under way at once.
-    assert fleet.peak_in_flight() == len(NAMES)
+    assert fleet.peak_in_flight() == len(DEFAULT_NAMES)
 
 
 @pytest.mark.slow
@@ -127,7 +126,7 @@ def test_sequential_requests_reuse_connections(fleet: MockFleet, gateway_url: st
     for i in range(20):
         assert recommend(gateway_url, {"user_id": f"u{i}"}).status_code == 200
 
-    for name in NAMES:
+    for name in DEFAULT_NAMES:
         stats = fleet.stats(name)
         assert stats["requests"] == 20
         assert stats["connections"] == 1
@@ -301,7 +300,7 @@ def test_when_no_recommender_answers_the_status_is_502(fleet: MockFleet, gateway
     assert body["result"] == []
     assert body["complete"] is False
     assert {name: report["status"] for name, report in body["sources"].items()} == {
-        name: "error" for name in NAMES
+        name: "error" for name in DEFAULT_NAMES
     }
     assert UnansweredRecommendation.model_validate(body).model_dump(exclude_none=True) == body
 
@@ -313,7 +312,7 @@ def test_health_and_readiness(gateway_url: str) -> None:
 
     readyz = requests.get(f"{gateway_url}/readyz", timeout=30)
     assert readyz.status_code == 200
-    assert readyz.json() == {"status": "ready", "recommenders": list(NAMES)}
+    assert readyz.json() == {"status": "ready", "recommenders": list(DEFAULT_NAMES)}
 
 
 def test_request_ids_are_echoed_on_every_response(gateway_url: str) -> None:

@@ -8,7 +8,7 @@ import requests
 from gateway import create_app
 from gateway.config import load_settings
 from gateway.security import TokenCheck
-from mock_recommenders import MockFleet
+from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import Serve, settings_for
 
 
@@ -103,6 +103,6 @@ def test_nothing_in_a_request_chooses_where_the_gateway_calls(
 
     assert response.status_code == 200
     assert response.json()["complete"] is True  # the configured recommenders, every one
-    assert {fleet.stats(name)["requests"] for name in ("sml", "asc", "trd", "psn")} == {1}
+    assert {fleet.stats(name)["requests"] for name in DEFAULT_NAMES} == {1}
     seen = fleet.last_request("sml")
     assert seen is not None and seen["body"]["url"] == elsewhere  # passed through, not followed

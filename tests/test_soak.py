@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from benchmarks.harness import children, worker_rss_mb
-from mock_recommenders import MockFleetProcess
-from tests.helpers import NAMES, gunicorn, until_every_worker_served, wait_until
+from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
+from tests.helpers import gunicorn, until_every_worker_served, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +76,7 @@ def test_soak_with_a_flaky_slow_recommender(fleet_process: MockFleetProcess) -> 
             30,
             lambda: f"descriptors at rest {fds_at_rest}, now {[open_fds(p) for p in workers]}",
         )
-        counted = {name: fleet.stats(name) for name in NAMES}
+        counted = {name: fleet.stats(name) for name in DEFAULT_NAMES}
 
     assert len(answers) == 2000
     assert {status for status, _, _ in answers} == {200}

@@ -10,9 +10,9 @@ import requests
 
 from gateway import create_app
 from gateway.fanout import STRATEGIES
-from mock_recommenders import MockFleet
+from mock_recommenders import DEFAULT_NAMES, MockFleet
 from mock_recommenders.ranking import rank_items
-from tests.helpers import NAMES, Serve, closed_port, settings_for
+from tests.helpers import Serve, closed_port, settings_for
 
 pytestmark = pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 
@@ -33,7 +33,7 @@ def test_same_answer_whatever_the_strategy(fleet: MockFleet, serve: Serve, strat
     assert response.status_code == 200
     assert response.headers["X-Fusion-Complete"] == "true"
     body = response.json()
-    assert [entry["name"] for entry in body["result"]] == list(NAMES)
+    assert [entry["name"] for entry in body["result"]] == list(DEFAULT_NAMES)
     for entry in body["result"]:
         assert entry["prediction"]["items"] == rank_items(entry["name"], "s1", 3)
     assert fleet.last_request("psn") is not None
@@ -89,25 +89,25 @@ def test_a_hanging_recommender_costs_at_most_the_deadline(
         "attempts": 1,
         "error": "no answer within the 500 ms deadline",
     }
-    if strategy == "sync":
+    if strategy == "sequential":
         # One after another: nothing is left for those after the hanging one.
         assert body["sources"]["trd"]["error"] == "deadline already passed"
     else:
         assert body["sources"]["trd"]["status"] == "ok"
 
 
-def test_only_sync_waits_for_one_recommender_after_another(
+def test_only_sequential_waits_for_one_recommender_after_another(
     fleet: MockFleet, serve: Serve, strategy: str
 ) -> None:
     url = start(fleet, serve, strategy, deadline_ms=10_000)
     # Long enough for all four calls to be under way at once however busy the machine is;
     # one after another, any delay shows a peak of 1.
-    fleet.set_behaviour(delay_ms=50 if strategy == "sync" else 300)
+    fleet.set_behaviour(delay_ms=50 if strategy == "sequential" else 300)
 
     assert recommend(url, {"user_id": "s4"}).json()["complete"] is True
 
     # Counted by the mocks: how many of the four calls were under way at once.
-    assert fleet.peak_in_flight() == (1 if strategy == "sync" else len(NAMES))
+    assert fleet.peak_in_flight() == (1 if strategy == "sequential" else len(DEFAULT_NAMES))
 
 
 def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -> None:
@@ -116,4 +116,6 @@ def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -
     for i in range(10):
         assert recommend(url, {"user_id": f"p{i}"}).status_code == 200
 
-    assert {name: fleet.stats(name)["connections"] for name in NAMES} == dict.fromkeys(NAMES, 1)
+    assert {name: fleet.stats(name)["connections"] for name in DEFAULT_NAMES} == dict.fromkeys(
+        DEFAULT_NAMES, 1
+    )

@@ -19,7 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_tra
 from gateway import GatewayFlask, Settings, create_app
 from gateway.errors import ConfigError
 from gateway.tracing import INSTALL_HINT, NO_TRACING, start_tracing, switched_on
-from mock_recommenders import MockFleet
+from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import ROOT, Serve, settings_for
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -121,11 +121,11 @@ def test_the_span_tree_of_a_request_with_a_timeout_a_retry_a_hedge_and_an_open_c
     assert attributes(server)["gateway.coverage"] == pytest.approx(0.5)
 
     calls = {s.attributes["gateway.recommender"]: s for s in spans if s.name.startswith("rec")}
-    assert set(calls) == {"sml", "asc", "trd", "psn"}
+    assert set(calls) == set(DEFAULT_NAMES)
     for call in calls.values():
         assert call.kind == SpanKind.INTERNAL
         assert parent_id(call) == span_id(server)
-    attempts = {name: by_name(spans, f"POST {name}") for name in ("sml", "asc", "trd", "psn")}
+    attempts = {name: by_name(spans, f"POST {name}") for name in DEFAULT_NAMES}
     for name, tries in attempts.items():
         for attempt in tries:
             assert attempt.kind == SpanKind.CLIENT

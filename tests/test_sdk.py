@@ -9,10 +9,10 @@ import aiohttp
 import pytest
 
 from gateway import create_app
-from gateway.client import GatewayHTTPError, recommend, recommend_async
-from mock_recommenders import MockFleet
+from gateway.sdk import GatewayHTTPError, recommend, recommend_async
+from mock_recommenders import DEFAULT_NAMES, MockFleet
 from mock_recommenders.ranking import rank_items
-from tests.helpers import NAMES, ROOT, Serve, closed_port, settings_for
+from tests.helpers import ROOT, Serve, closed_port, settings_for
 
 
 def test_recommend_returns_the_typed_answer(gateway_url: str, fleet: MockFleet) -> None:
@@ -22,7 +22,7 @@ def test_recommend_returns_the_typed_answer(gateway_url: str, fleet: MockFleet) 
 
     assert answer.request_id == "c-1"
     assert answer.complete is True
-    assert [entry.name for entry in answer.result] == list(NAMES)
+    assert [entry.name for entry in answer.result] == list(DEFAULT_NAMES)
     assert answer.result[0].prediction["items"] == rank_items("sml", "c1", 2)
     seen = fleet.last_request("sml")
     assert seen is not None and seen["body"]["context"] == {"page": "home"}
@@ -53,7 +53,7 @@ def test_error_statuses_raise_with_the_message(fleet: MockFleet, serve: Serve) -
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gateway.client", *args],
+        [sys.executable, "-m", "gateway.sdk", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,10 +1,10 @@
 """A small client for the gateway: `recommend` (sync), `recommend_async`, and a command line.
 
-    >>> from gateway.client import recommend
+    >>> from gateway.sdk import recommend
     >>> answer = recommend("http://127.0.0.1:5000", user_id="u1", result_size=3)
     >>> [entry.name for entry in answer.result], answer.complete
 
-Command line: ``python -m gateway.client --url http://127.0.0.1:5000 --user u1`` prints the
+Command line: ``python -m gateway.sdk --url http://127.0.0.1:5000 --user u1`` prints the
 response; it exits 0 on 200, 1 on an error status (printed to stderr), 2 on bad arguments.
 """
 
@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import requests
 
+from gateway.request_id import REQUEST_ID_HEADER
 from gateway.schemas import RecommendationResponse
 from gateway.security import TOKEN_HEADER
 
@@ -53,7 +54,7 @@ def _request(
     if token is not None:
         headers[TOKEN_HEADER] = token
     if request_id is not None:
-        headers["X-Request-ID"] = request_id
+        headers[REQUEST_ID_HEADER] = request_id
     return body, headers
 
 
@@ -115,13 +116,13 @@ async def recommend_async(
 
 def main(argv: list[str] | None = None) -> int:
     """The command line: one request, its response printed as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m gateway.client", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m gateway.sdk", description=__doc__)
     parser.add_argument("--url", default="http://127.0.0.1:5000", help="the gateway's base URL")
     parser.add_argument("--user", help="user_id")
     parser.add_argument("--size", type=int, help="resultSize (1-100)")
     parser.add_argument("--context", type=json.loads, help="context, as a JSON object")
     parser.add_argument("--token", help=f"API token ({TOKEN_HEADER})")
-    parser.add_argument("--request-id", help="X-Request-ID to send")
+    parser.add_argument("--request-id", help=f"{REQUEST_ID_HEADER} to send")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds")
     args = parser.parse_args(argv)
     try:
@@ -140,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(exc.body, indent=2), file=sys.stderr)
         return 1
     except (aiohttp.ClientError, TimeoutError) as exc:
-        print(
-            f"gateway.client: cannot reach {args.url}: {exc or type(exc).__name__}", file=sys.stderr
-        )
+        print(f"gateway.sdk: cannot reach {args.url}: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
     print(answer.model_dump_json(indent=2, exclude_none=True))
     return 0
