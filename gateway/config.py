@@ -47,8 +47,8 @@ from gateway.fusion import FusionChoice
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "AdmissionSettings",
     "ENV_PREFIX",
+    "AdmissionSettings",
     "BreakerSettings",
     "HedgingSettings",
     "HttpSettings",

@@ -36,10 +36,10 @@ from gateway.upstream import Answer
 from mock_recommenders.process import stop_process
 
 __all__ = [
+    "GUNICORN",
     "NAMES",
     "ROOT",
     "Fleet",
-    "GUNICORN",
     "Gunicorn",
     "InProcessServer",
     "ScriptedPool",
