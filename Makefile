@@ -27,7 +27,7 @@ lint: install
 	$(BIN)/ruff format --check .
 
 typecheck: install
-	$(BIN)/mypy gateway mock_recommenders benchmarks scripts tests gunicorn.conf.py
+	$(BIN)/mypy
 
 # The real servers some tests start themselves: prometheus and promtool (the alert rules and
 # the dashboard), nginx (scale-out behind a load balancer), kubectl (kustomize). Installed from
