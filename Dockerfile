@@ -38,7 +38,7 @@ COPY mock_recommenders mock_recommenders
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
-    && /opt/build/bin/pip wheel --wheel-dir /wheels '.[tracing]'
+    && /opt/build/bin/pip wheel --wheel-dir /wheels '.[mocks,tracing]'
 # buildah 1.28 (Debian 12's podman) hands the next stage this one as it was before its last
 # step, when that step is a RUN --mount taken from the cache; a step after it avoids that.
 WORKDIR /wheels
@@ -49,13 +49,14 @@ LABEL org.opencontainers.image.title="fusion-gateway" \
 
 # With OpenTelemetry (the `tracing` extra), so that OTEL_EXPORTER_OTLP_ENDPOINT switches tracing
 # on in a running image; unset, it is never imported.
+# With numpy (the `mocks` extra), which the mock recommenders need and the gateway never imports.
 # The wheels, and the pip that installs them, are mounted from the build stage, not copied:
 # no layer of this image holds them, and the venv has no pip (nor setuptools) of its own.
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     --mount=type=bind,from=build,source=/opt/build,target=/opt/build \
     python3 -m venv --without-pip /opt/venv \
     && /opt/build/bin/pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
-        --find-links /wheels 'fusion-gateway[tracing]'
+        --find-links /wheels 'fusion-gateway[mocks,tracing]'
 
 # A fixed uid, so that volumes and Kubernetes' runAsUser/runAsNonRoot can rely on it. The
 # metrics directory is the user's, and writable by all as /tmp is, because runc gives a tmpfs

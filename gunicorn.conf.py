@@ -98,7 +98,7 @@ def child_exit(server: Any, worker: Any) -> None:
     """Drop a dead worker's live gauges (in-flight requests) from the merged metrics."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid)
+    multiprocess.mark_process_dead(worker.pid)  # type: ignore[no-untyped-call]
 
 
 def on_exit(server: Any) -> None:

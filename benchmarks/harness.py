@@ -31,16 +31,16 @@ from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
 
 __all__ = [
+    "GATEWAY_COMMAND",
     "GATEWAY_TARGETS",
     "GUNICORN",
     "PYTHON",
     "ROOT",
     "TARGETS",
     "Plan",
-    "GATEWAY_COMMAND",
     "booted_workers",
-    "measure_level",
     "gateway_env",
+    "measure_level",
     "mocks",
     "pick",
     "run_benchmark",

@@ -49,8 +49,8 @@ from gateway.fusion import FusionChoice
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
-    "AdmissionSettings",
     "ENV_PREFIX",
+    "AdmissionSettings",
     "BreakerSettings",
     "HedgingSettings",
     "HttpSettings",

@@ -24,10 +24,10 @@ from typing import Any, ClassVar, Literal, NamedTuple, Protocol, TypeGuard
 
 __all__ = [
     "FUSIONS",
-    "FusionChoice",
-    "FusionName",
     "FusedItem",
     "Fusion",
+    "FusionChoice",
+    "FusionName",
     "Provenance",
     "Ranked",
     "coverage",

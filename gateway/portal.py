@@ -37,7 +37,7 @@ async def run_sync(function: Callable[..., T], *args: Any) -> T:
     while not portal.dead:
         try:
             result = await switched
-        except BaseException as exc:  # noqa: BLE001 - every outcome goes back to the awaiter
+        except BaseException as exc:  # every outcome goes back to the awaiter
             switched = portal.throw(exc)
         else:
             switched = portal.switch(result)

@@ -44,13 +44,14 @@ class RecommendationRequest(BaseModel):
         },
     )
 
-    resultSize: int = Field(default=10, ge=1, le=100, description="Items wanted per recommender.")  # noqa: N815 - the wire name
+    # camelCase, resultSize and fusionWindow: the wire names
+    resultSize: int = Field(default=10, ge=1, le=100, description="Items wanted per recommender.")
     user_id: str | None = Field(default=None, max_length=256)
     context: dict[str, Any] | None = None
     fusion: FusionChoice | None = Field(
         default=None, description="How to fuse the answers; default from the config."
     )
-    fusionWindow: int | None = Field(  # noqa: N815 - the wire name, like resultSize
+    fusionWindow: int | None = Field(
         default=None,
         ge=1,
         le=100,

@@ -119,8 +119,7 @@ def serve_wsgi() -> Iterator[Serve]:
 
     def start(app: GatewayFlask) -> str:
         draining = _Draining(app)
-        server = make_server("127.0.0.1", 0, draining, threaded=True)  # type: ignore[arg-type]
-        server.daemon_threads = True
+        server = make_server("127.0.0.1", 0, draining, threaded=True)  # daemon threads
         # Polled every 5 ms for the shutdown at the end of the test, which waits for the poll.
         thread = threading.Thread(target=server.serve_forever, args=(0.005,), daemon=True)
         thread.start()

@@ -38,9 +38,9 @@ from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
 
 __all__ = [
+    "GUNICORN",
     "ROOT",
     "Fleet",
-    "GUNICORN",
     "Gunicorn",
     "InProcessServer",
     "ScriptedPool",

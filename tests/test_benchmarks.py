@@ -49,7 +49,7 @@ def test_derived_ratios() -> None:
             "errors": 0,
         }
 
-    results = {
+    results: dict[str, Any] = {
         "plan": {"recommenders": 4, "levels": [1]},
         "runs": [row("floor", 46.0, 21.5), row("sequential", 11.0, 86.0), row("async", 44.0, 22.4)],
         "widths": [],
@@ -164,7 +164,7 @@ def test_fitted_weights_rank_the_truth_where_equal_weights_do_not() -> None:
         }
         users.append((lists, truth))
 
-    def fused(weights: dict[str, float], lists: dict[str, object]) -> list[str]:
+    def fused(weights: dict[str, float], lists: dict[str, dict[str, object]]) -> list[str]:
         ranked = [ranked_from(name, w, lists[name]) for name, w in weights.items() if w > 0]
         return [item.id for item in make_fusion("rrf").fuse(ranked, 3, seed="")]
 

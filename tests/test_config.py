@@ -139,7 +139,7 @@ def test_a_misspelt_override_is_refused_not_ignored(clean_environment: pytest.Mo
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read gateway config .*nowhere.yaml"):
+    with pytest.raises(ConfigError, match=r"cannot read gateway config .*nowhere\.yaml"):
         load_settings(tmp_path / "nowhere.yaml")
 
 

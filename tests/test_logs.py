@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 import requests
@@ -34,7 +35,7 @@ def test_one_json_line_per_request_with_its_sources(
     app = create_app(settings_for(fleet))
 
     @app.get("/explode")
-    def explode() -> None:
+    def explode() -> NoReturn:
         raise RuntimeError("a secret detail")
 
     url = serve(app)
@@ -75,7 +76,7 @@ def test_under_gunicorn_the_lines_reach_stdout_at_once(fleet_process: MockFleetP
             )
 
         # No flush, no shutdown: the log thread writes each line as it comes.
-        def logged() -> set[str]:
+        def logged() -> set[str | None]:
             records = lines(server.output())
             return {r.get("request_id") for r in records if r["message"] == "request"}
 

@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import errno
+import itertools
 import json
 import os
 import random
@@ -95,7 +96,7 @@ def test_rankings_are_deterministic_prefix_stable_and_well_formed() -> None:
             assert all(0 <= int(item_id[1:]) < 1000 and item_id[0] == "i" for item_id in ids)
             scores = [item["score"] for item in full]
             assert all(0 <= score <= 1 and round(score, 4) == score for score in scores)
-            assert all(a >= b for a, b in zip(scores, scores[1:], strict=False))
+            assert all(a >= b for a, b in itertools.pairwise(scores))
 
 
 def test_rankings_differ_per_recommender_and_user_and_are_pinned() -> None:

@@ -8,6 +8,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from schemathesis.core.result import Ok
 
 from gateway import create_app
 from mock_recommenders import MockFleet
@@ -67,7 +68,8 @@ def test_the_live_app_keeps_its_contract(gateway_url: str) -> None:
     # Each operation as a hypothesis strategy, in a plain test: schemathesis' pytest plugin
     # does not run under pytest 9 (it reads a private attribute pytest no longer has).
     api = schemathesis.openapi.from_url(f"{gateway_url}/openapi.json")
-    operations = [result.ok() for result in api.get_all_operations()]
+    # An operation schemathesis cannot load (an Err) is missing from the paths asserted below.
+    operations = [r.ok() for r in api.get_all_operations() if isinstance(r, Ok)]
     assert {operation.path for operation in operations} == {
         "/recommendation",
         "/healthz",

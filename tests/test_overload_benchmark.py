@@ -117,7 +117,7 @@ def test_the_report_holds_the_figures_against_their_goals(tmp_path: Path) -> Non
         phase("open", 1600, False, {"200": 5000, "503": 11000}),
     ]
     phases[2]["reported"]["calls"]["asc"]["circuit_open"] = 2.0
-    results = {"started": "now", "plan": OverloadPlan().__dict__, "phases": phases}
+    results: dict[str, Any] = {"started": "now", "plan": OverloadPlan().__dict__, "phases": phases}
     results["goals"] = goals(phases, OverloadPlan())
 
     met = {g["figure"]: g["met"] for g in results["goals"]}

@@ -63,7 +63,7 @@ def test_the_breaker_opens_after_consecutive_failures_and_probes_after_the_coold
         breaker.failed()
 
     assert breaker.state == "open"
-    with pytest.raises(CircuitOpen, match="after 3 consecutive failures; next probe in 10.0 s"):
+    with pytest.raises(CircuitOpen, match=r"after 3 consecutive failures; next probe in 10\.0 s"):
         breaker.before_call()
 
     clock.now += 10

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import requests
@@ -197,7 +197,7 @@ def test_an_unexpected_error_is_a_json_500_and_its_traceback_goes_to_the_log(
     app = create_app(settings_for(fleet))
 
     @app.get("/explode")
-    async def explode() -> None:
+    async def explode() -> NoReturn:
         raise RuntimeError("secret detail at /srv/gateway/internal.py")
 
     url = serve(app)

@@ -25,7 +25,7 @@ def probe_app(fleet: MockFleet) -> GatewayFlask:
         g.marked_by = "before_request"
 
     @app.get("/probe")
-    async def probe() -> object:
+    async def probe() -> Response:
         await asyncio.sleep(0)
         g.set_by_view = request.headers.get("X-Probe")
         return jsonify(

@@ -120,7 +120,7 @@ def test_the_span_tree_of_a_request_with_a_timeout_a_retry_a_hedge_and_an_open_c
     }
     assert attributes(server)["gateway.coverage"] == pytest.approx(0.5)
 
-    calls = {s.attributes["gateway.recommender"]: s for s in spans if s.name.startswith("rec")}
+    calls = {attributes(s)["gateway.recommender"]: s for s in spans if s.name.startswith("rec")}
     assert set(calls) == set(DEFAULT_NAMES)
     for call in calls.values():
         assert call.kind == SpanKind.INTERNAL
