@@ -40,7 +40,7 @@ tools:
 # took that tier from about 2 min 40 s to 4 min 37 s, past CI's 5-minute budget for `make test`.
 unit: install tools
 	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m "not slow" --cov --cov-report=term:skip-covered
-	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m slow
+	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m slow --durations=15
 
 test: lint typecheck unit
 
