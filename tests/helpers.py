@@ -129,9 +129,15 @@ def port_is_open(port: int) -> bool:
     with socket.socket() as sock:
         if sock.connect_ex(("127.0.0.1", port)) != 0:
             return False
+        try:
+            peer = sock.getpeername()
+        except OSError:
+            # Reset as soon as it was made (ENOTCONN): it sat in the backlog of a listener that
+            # has just closed, so nothing accepts connections there any more.
+            return False
         # A connection to a free port can meet itself (a TCP simultaneous open) when the system
         # picks that same port as its source: then nothing listens there.
-        return bool(sock.getsockname() != sock.getpeername())
+        return bool(sock.getsockname() != peer)
 
 
 # --- Serving in this process ----------------------------------------------------------------
