@@ -37,7 +37,7 @@ from benchmarks.harness import (
 )
 from mock_recommenders import DEFAULT_NAMES
 
-__all__ = ["VARIANTS", "FeaturesPlan", "main", "median_row", "run_features"]
+__all__ = ["VARIANTS", "FeaturesPlan", "cost", "main", "median_row", "run_features"]
 
 VARIANTS: dict[str, dict[str, str]] = {
     "all on": {},
@@ -114,6 +114,24 @@ def median_row(variant: str, level: int, runs: list[dict[str, Any]]) -> dict[str
     }
 
 
+def cost(
+    costlier: dict[str, Any], cheaper: dict[str, Any], share_of: dict[str, Any]
+) -> dict[str, float | None]:
+    """What `costlier` costs over `cheaper` (two median rows at one level): the gateway CPU
+    per request it adds, that as a share of `share_of`'s, and the share of throughput it gives
+    up."""
+    added = costlier["gateway_cpu_ms"] - cheaper["gateway_cpu_ms"]
+    return {
+        "cpu_ms_per_request": round(added, 3),
+        "share_of_cpu": round(added / share_of["gateway_cpu_ms"], 3)
+        if share_of["gateway_cpu_ms"]
+        else None,
+        "throughput_given_up": round(1 - costlier["throughput_rps"] / cheaper["throughput_rps"], 3)
+        if cheaper["throughput_rps"]
+        else None,
+    }
+
+
 def costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each feature's cost at each level: CPU per request and throughput, against "all on"."""
     found = []
@@ -122,18 +140,11 @@ def costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = by_key.get(("all on", level))
         if base is None or variant == "all on":
             continue
-        saved = base["gateway_cpu_ms"] - row["gateway_cpu_ms"]
         found.append(
             {
                 "feature": variant.removesuffix(" off"),
                 "concurrency": level,
-                "cpu_ms_per_request": round(saved, 3),
-                "share_of_cpu": round(saved / base["gateway_cpu_ms"], 3)
-                if base["gateway_cpu_ms"]
-                else None,
-                "throughput_given_up": round(1 - base["throughput_rps"] / row["throughput_rps"], 3)
-                if row["throughput_rps"]
-                else None,
+                **cost(base, row, share_of=base),
             }
         )
     return found

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.features import median_row
+from benchmarks.features import cost, median_row
 from benchmarks.harness import (
     GATEWAY_COMMAND,
     GUNICORN,
@@ -144,20 +144,7 @@ def costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         base = by_key.get((BASE, level))
         if base is None or variant == BASE:
             continue
-        added = row["gateway_cpu_ms"] - base["gateway_cpu_ms"]
-        found.append(
-            {
-                "variant": variant,
-                "concurrency": level,
-                "cpu_ms_per_request": round(added, 3),
-                "share_of_cpu": round(added / base["gateway_cpu_ms"], 3)
-                if base["gateway_cpu_ms"]
-                else None,
-                "throughput_given_up": round(1 - row["throughput_rps"] / base["throughput_rps"], 3)
-                if base["throughput_rps"]
-                else None,
-            }
-        )
+        found.append({"variant": variant, "concurrency": level, **cost(row, base, share_of=base)})
     return found
 
 
@@ -187,10 +174,10 @@ def markdown(results: dict[str, Any]) -> str:
         "throughput given up |",
         "|---|---|---|---|---|",
     ]
-    for cost in results["costs"]:
-        share, given = cost["share_of_cpu"], cost["throughput_given_up"]
+    for found in results["costs"]:
+        share, given = found["share_of_cpu"], found["throughput_given_up"]
         lines.append(
-            f"| {cost['variant']} | {cost['concurrency']} | {cost['cpu_ms_per_request']:+.3f} | "
+            f"| {found['variant']} | {found['concurrency']} | {found['cpu_ms_per_request']:+.3f} | "
             f"{'-' if share is None else f'{share:+.1%}'} | "
             f"{'-' if given is None else f'{given:+.1%}'} |"
         )
