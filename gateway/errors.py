@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask, Response, g, json
 from werkzeug.exceptions import HTTPException
+
+from gateway.outcome import SourceStatus
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -45,7 +47,6 @@ __all__ = [
     "RecommenderTimeout",
     "RecommenderUnavailable",
     "RequestError",
-    "SourceStatus",
     "error_body",
     "error_response",
     "register_error_handlers",
@@ -54,8 +55,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("gateway")
-
-SourceStatus = Literal["ok", "timeout", "error", "circuit_open", "shed"]
 
 
 def validation_problems(exc: ValidationError, top_level: str = "") -> list[dict[str, str]]:

@@ -25,7 +25,6 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from gateway.blocking import BlockingPool
@@ -37,16 +36,15 @@ from gateway.clients import (
     Replicas,
 )
 from gateway.config import Settings
-from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout, SourceStatus
-from gateway.resilience import MIN_CALL_BUDGET_S, Guard, Hedger
+from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout
+from gateway.outcome import MIN_CALL_BUDGET_S, Deadline, Outcome
+from gateway.resilience import Guard, Hedger
 from gateway.tracing import NO_TRACING, Tracing
 
 __all__ = [
     "STRATEGIES",
     "AsyncFanOut",
-    "Deadline",
     "FanOut",
-    "Outcome",
     "SequentialFanOut",
     "ThreadPoolFanOut",
     "answer_limits",
@@ -54,47 +52,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("gateway")
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one recommender's call came to."""
-
-    name: str
-    status: SourceStatus
-    latency_ms: float
-    prediction: Any = None
-    error: str | None = None
-    attempts: int = 0
-    # A timeout while the worker itself was overloaded: not the recommender's fault.
-    overload: bool = False
-
-    @property
-    def ok(self) -> bool:
-        """Whether the recommender answered usable JSON."""
-        return self.status == "ok"
-
-
-@dataclass(frozen=True, slots=True)
-class Deadline:
-    """The `time.perf_counter()` instant a request must be answered by, and its length."""
-
-    at: float
-    ms: float
-
-    @classmethod
-    def after(cls, ms: float, start: float | None = None) -> Deadline:
-        """The deadline `ms` milliseconds after `start` (default: now)."""
-        return cls((time.perf_counter() if start is None else start) + ms / 1000, ms)
-
-    def remaining_s(self) -> float:
-        """Seconds left; negative once passed."""
-        return self.at - time.perf_counter()
-
-    def missed(self, name: str, latency_ms: float, attempts: int = 1) -> Outcome:
-        """The outcome of a call that the deadline cut short."""
-        reason = f"no answer within the {self.ms:.0f} ms deadline"
-        return Outcome(name, "timeout", latency_ms, error=reason, attempts=attempts)
 
 
 class FanOut(Protocol):

@@ -24,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from gateway.fanout import Outcome
+from gateway.outcome import Outcome
 
 __all__ = [
     "CONCURRENCY_LIMIT",

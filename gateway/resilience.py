@@ -38,9 +38,9 @@ from tenacity.wait import wait_base, wait_exponential_jitter
 from gateway.admission import LoopLag
 from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError
+from gateway.outcome import MIN_CALL_BUDGET_S
 
 __all__ = [
-    "MIN_CALL_BUDGET_S",
     "CircuitBreaker",
     "Guard",
     "Hedger",
@@ -49,9 +49,6 @@ __all__ = [
     "guards_for",
     "parse_retry_after",
 ]
-
-# Below this, a call could not even connect: it is not started.
-MIN_CALL_BUDGET_S = 0.001
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

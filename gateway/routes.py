@@ -24,9 +24,9 @@ from gateway.errors import (
     validation_problems,
     validation_summary,
 )
-from gateway.fanout import Deadline, Outcome
 from gateway.fusion import coverage, ranked_from
 from gateway.logs import log_request
+from gateway.outcome import Deadline, Outcome
 from gateway.request_id import (
     REQUEST_ID_HEADER,
     REQUEST_ID_MAX,

@@ -7,9 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
-from gateway.errors import RequestError, SourceStatus
+from gateway.errors import RequestError
 from gateway.fusion import FusionChoice
 from gateway.jsonlimits import JsonRefused, loads, offending_field
+from gateway.outcome import SourceStatus
 
 __all__ = [
     "MAX_UNKNOWN_FIELDS",

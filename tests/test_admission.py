@@ -19,7 +19,8 @@ from gateway import create_app
 from gateway.admission import AdaptiveLimit, LoopLag
 from gateway.clients import RecommenderClient, Replicas
 from gateway.errors import CircuitOpen
-from gateway.fanout import AsyncFanOut, Deadline
+from gateway.fanout import AsyncFanOut
+from gateway.outcome import Deadline
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
 from mock_recommenders import MockFleet
 from tests.helpers import ScriptedPool, Serve, recommend, sample, settings_for, wait_until

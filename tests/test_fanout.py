@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from gateway.clients import RecommenderClient, Replicas
-from gateway.fanout import AsyncFanOut, Deadline, Outcome, SequentialFanOut
+from gateway.fanout import AsyncFanOut, SequentialFanOut
+from gateway.outcome import Deadline, Outcome
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
 from tests.helpers import ScriptedPool
 

@@ -15,7 +15,8 @@ import requests
 from gateway import Settings, create_app
 from gateway.clients import RecommenderClient, Replicas
 from gateway.errors import CircuitOpen
-from gateway.fanout import AsyncFanOut, Deadline, Outcome
+from gateway.fanout import AsyncFanOut
+from gateway.outcome import Deadline, Outcome
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, parse_retry_after
 from gateway.upstream import ConnectFailed, Disconnected
 from mock_recommenders import DEFAULT_NAMES, MockFleet
