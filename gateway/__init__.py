@@ -17,11 +17,14 @@ from typing import Any
 from flask import Flask, has_request_context, request
 from werkzeug.exceptions import GatewayTimeout
 
+from gateway import ops, routes
+from gateway.answers import ShedAnswer
 from gateway.config import Settings, load_settings
-from gateway.errors import register_error_handlers
+from gateway.fusion import Fuser
+from gateway.hooks import register_hooks
+from gateway.http_errors import register_error_handlers
 from gateway.openapi import build_spec
 from gateway.portal import await_, in_portal
-from gateway.routes import blueprint
 from gateway.runtime import WorkerRuntime
 from gateway.security import TokenCheck
 from gateway.tracing import check_installed
@@ -42,13 +45,16 @@ class GatewayFlask(Flask):
     (`gateway.portal`).
     Served as WSGI, the coroutine is handed to the runtime's loop thread, and the request's
     thread waits for it (Flask's "Combining with async/await" pattern, `docs/gevent.rst`).
+
+    What `create_app` builds once from the settings hangs on it: `runtime` (the worker's loop,
+    pool and clients), `tokens`, `fuser`, `shed_answer` and `openapi_document`.
     """
 
-    @property
-    def runtime(self) -> WorkerRuntime:
-        """This app's worker runtime (loop, session, clients)."""
-        runtime: WorkerRuntime = self.extensions["gateway"]
-        return runtime
+    runtime: WorkerRuntime
+    tokens: TokenCheck
+    fuser: Fuser
+    shed_answer: ShedAnswer
+    openapi_document: str
 
     def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
         """Flask's, made once per view: Flask asks for it on every request."""
@@ -75,6 +81,7 @@ class GatewayFlask(Flask):
                 # Read the body here, in the request's own thread: a slow upload must never
                 # block the loop that every request of this worker shares. Flask caches it.
                 request.get_data()
+            runtime.start()  # the loop thread, the first time this process needs it
             try:
                 return runtime.run(func(*args, **kwargs), timeout=wait_s)
             except TimeoutError as exc:
@@ -113,10 +120,17 @@ def create_app(settings: Settings | None = None, span_processor: Any = None) -> 
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details
     runtime = WorkerRuntime(settings, span_processor)
-    app.extensions["gateway"] = runtime
-    app.extensions["gateway.tokens"] = TokenCheck(settings.api_keys)
-    app.extensions["gateway.openapi"] = json.dumps(build_spec(settings, _version()))
-    app.register_blueprint(blueprint)
+    app.runtime = runtime
+    app.tokens = TokenCheck(settings.api_keys)
+    app.fuser = Fuser(
+        {r.name: r.weight for r in settings.recommenders}, settings.fusion, settings.rrf_k
+    )
+    names = [r.name for r in settings.recommenders]
+    app.shed_answer = ShedAnswer(names, settings.shed_retry_after_s)
+    app.openapi_document = json.dumps(build_spec(settings, _version()))
+    register_hooks(app)
+    app.register_blueprint(routes.blueprint)
+    app.register_blueprint(ops.blueprint)
     register_error_handlers(app)
     atexit.register(runtime.close)
     return app

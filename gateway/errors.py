@@ -1,4 +1,4 @@
-"""The gateway's exceptions and its one JSON error shape.
+"""The gateway's exceptions: what can go wrong, in the domain's words, with no web framework.
 
 Exception tree::
 
@@ -13,24 +13,16 @@ Exception tree::
         └── CircuitOpen              not called: its circuit breaker is open
 
 Library errors (the HTTP client's, pydantic's) are translated into these at one boundary each
-(`gateway.clients`; pydantic's through `validation_problems` in `gateway.routes` and
+(`gateway.clients`; pydantic's through `validation_problems` in `gateway.schemas` and
 `gateway.config`), so nothing else sees them.
 
-Every 4xx and 5xx the gateway sends has the body
-``{"error": {"status": 422, "message": "..."}, "request_id": "..."}``, and ``"trace_id"``
-when the request is traced; `error_body`
-builds it and `register_error_handlers` routes every exception through it. Tracebacks
-go to the log with the request id, never to the client.
+How an exception becomes an HTTP response (the one JSON error shape) is the web layer's
+business: `gateway.http_errors`.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-
-from flask import Flask, Response, g, json
-from werkzeug.exceptions import HTTPException
 
 from gateway.outcome import SourceStatus
 
@@ -47,14 +39,9 @@ __all__ = [
     "RecommenderTimeout",
     "RecommenderUnavailable",
     "RequestError",
-    "error_body",
-    "error_response",
-    "register_error_handlers",
     "validation_problems",
     "validation_summary",
 ]
-
-log = logging.getLogger("gateway")
 
 
 def validation_problems(exc: ValidationError, top_level: str = "") -> list[dict[str, str]]:
@@ -137,83 +124,3 @@ class CircuitOpen(RecommenderError):
     """The recommender was not called: its circuit breaker is open."""
 
     status: SourceStatus = "circuit_open"
-
-
-def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
-    """Build the one JSON error shape, with the current request id when there is one."""
-    body: dict[str, Any] = {"error": {"status": status, "message": message}}
-    body["error"].update({k: v for k, v in extra.items() if v is not None})
-    request_id = g.get("request_id") if g else None
-    if request_id is not None:
-        body["request_id"] = request_id
-    # Set while the request is traced (`gateway.tracing`): the error leads to its trace.
-    trace_id = g.get("trace_id") if g else None
-    if trace_id is not None:
-        body["trace_id"] = trace_id
-    return body
-
-
-def error_response(
-    status: int,
-    message: str,
-    headers: Mapping[str, str] | None = None,
-    **extra: Any,
-) -> Response:
-    """A JSON error response in the one shape every 4xx and 5xx uses."""
-    response = Response(
-        json.dumps(error_body(status, message, **extra)),
-        status=status,
-        mimetype="application/json",
-    )
-    if headers:
-        response.headers.update(headers)
-    return response
-
-
-_HTTP_MESSAGES = {
-    404: "no such endpoint: {method} {path}",
-    405: "method {method} is not allowed on {path}; allowed: {allowed}",
-    413: "request body is larger than the limit of {limit} bytes",
-}
-
-
-def _http_error(exc: HTTPException) -> Response:
-    from flask import current_app, request
-
-    status = exc.code or 500
-    template = _HTTP_MESSAGES.get(status)
-    headers: dict[str, str] = {}
-    allowed = ""
-    if status == 405:
-        valid = getattr(exc, "valid_methods", None) or []
-        allowed = ", ".join(sorted(valid))
-        headers["Allow"] = allowed
-    if template is not None:
-        message = template.format(
-            method=request.method,
-            path=request.path,
-            allowed=allowed,
-            limit=current_app.config.get("MAX_CONTENT_LENGTH"),
-        )
-    else:
-        message = (exc.description or exc.name).rstrip(".")
-    return error_response(status, message, headers=headers)
-
-
-def _request_error(exc: RequestError) -> Response:
-    return error_response(exc.status, exc.message, details=exc.details)
-
-
-def _unexpected_error(exc: Exception) -> Response:
-    request_id = g.get("request_id") if g else None
-    log.exception(
-        "unhandled error serving request %s", request_id, extra={"request_id": request_id}
-    )
-    return error_response(500, "internal gateway error; the request id is in the gateway log")
-
-
-def register_error_handlers(app: Flask) -> None:
-    """Route every exception a view can raise to a JSON error response."""
-    app.register_error_handler(HTTPException, _http_error)
-    app.register_error_handler(RequestError, _request_error)
-    app.register_error_handler(Exception, _unexpected_error)

@@ -12,6 +12,10 @@ Strategies share one interface (`Fusion.fuse`) and are chosen by name from `FUSI
 
 Items are matched by the `id` of each recommender's `items`. Ties are broken by the best rank
 the item reached in any list, then by id: never by the order in which answers arrived.
+
+`Fuser`, built once from the settings (weights, default fusion, k), fuses one request's
+outcomes: shadow-mode recommenders (weight 0) left out, coverage computed, the chosen strategy
+applied, and the items written as the response sends them (`gateway.schemas.FusedItem`).
 """
 
 from __future__ import annotations
@@ -22,14 +26,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, Protocol, TypeGuard
 
+from gateway.outcome import Outcome
+
 __all__ = [
     "FUSIONS",
-    "FusedItem",
+    "FusedRanking",
+    "Fuser",
     "Fusion",
     "FusionChoice",
     "FusionName",
     "Provenance",
     "Ranked",
+    "Scored",
     "coverage",
     "make_fusion",
     "ranked_from",
@@ -54,8 +62,8 @@ class Ranked:
 class Provenance(NamedTuple):
     """Where a fused item was: which recommender, at which rank (from 1), with which score.
 
-    A named tuple: a fused ranking makes one per item and list, and a tuple is made at half
-    the cost of a frozen dataclass.
+    Sent as `gateway.schemas.FusedSource`. A named tuple: a fused ranking makes one per item
+    and list, and a tuple is made at half the cost of a frozen dataclass.
     """
 
     name: str
@@ -64,8 +72,11 @@ class Provenance(NamedTuple):
 
 
 @dataclass(slots=True)
-class FusedItem:
-    """One item of the fused ranking, with its fused score and its provenance."""
+class Scored:
+    """One item of the fused ranking, with its fused score and its provenance.
+
+    Sent as `gateway.schemas.FusedItem` (`Fuser.fuse` writes it so).
+    """
 
     id: str
     score: float
@@ -137,7 +148,7 @@ def _top(
     lists: Sequence[Ranked],
     size: int,
     best_rank: Mapping[str, int] | None = None,
-) -> list[FusedItem]:
+) -> list[Scored]:
     """The `size` best by score; ties by best rank anywhere, then id."""
     if best_rank is None:
         best_rank = _best_ranks(lists)
@@ -152,7 +163,7 @@ def _top(
         for rank, (item_id, score) in enumerate(ranked.items, start=1):
             if item_id in chosen:
                 where[item_id].append(Provenance(ranked.name, rank, score))
-    return [FusedItem(i, round(-negative, 6), where[i]) for negative, _, i in order]
+    return [Scored(i, round(-negative, 6), where[i]) for negative, _, i in order]
 
 
 class Fusion(Protocol):
@@ -160,7 +171,7 @@ class Fusion(Protocol):
 
     name: ClassVar[str]
 
-    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[Scored]:
         """The top `size` items of the fused ranking (`seed` for strategies that draw)."""
         ...
 
@@ -170,16 +181,16 @@ class Concat:
 
     name: ClassVar[str] = "concat"
 
-    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[Scored]:
         """Lists in config order; an item's score is its score where it first appears."""
         where = _provenance(lists)
-        fused: list[FusedItem] = []
+        fused: list[Scored] = []
         for ranked in lists:
             for item_id, score in ranked.items:
                 if len(fused) == size:
                     return fused
                 if item_id not in {f.id for f in fused}:
-                    fused.append(FusedItem(item_id, score or 0.0, where[item_id]))
+                    fused.append(Scored(item_id, score or 0.0, where[item_id]))
         return fused
 
 
@@ -191,7 +202,7 @@ class ReciprocalRank:
     def __init__(self, k: int = 60):
         self.k = k
 
-    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[Scored]:
         """Sum each list's weighted reciprocal rank."""
         scores: dict[str, float] = {}
         best: dict[str, int] = {}  # for the ties, gathered on the same pass
@@ -238,7 +249,7 @@ class CombSum:
                 hits[item_id] = hits.get(item_id, 0) + 1
         return sums, hits
 
-    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[Scored]:
         """Sum each list's weighted, normalised score."""
         return _top(self._sums(lists)[0], lists, size)
 
@@ -248,7 +259,7 @@ class CombMnz(CombSum):
 
     name: ClassVar[str] = "combmnz"
 
-    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[Scored]:
         """CombSUM, rewarding agreement."""
         sums, hits = self._sums(lists)
         return _top({i: sums[i] * hits[i] for i in sums}, lists, size)
@@ -259,7 +270,7 @@ class TeamDraft:
 
     name: ClassVar[str] = "interleave"
 
-    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[FusedItem]:
+    def fuse(self, lists: Sequence[Ranked], size: int, seed: str) -> list[Scored]:
         """Round by round, each list adds its best item not yet picked; score 1 / position."""
         where = _provenance(lists)
         rng = random.Random(hashlib.blake2b(seed.encode(), digest_size=8).digest())
@@ -278,7 +289,7 @@ class TeamDraft:
                     picked.append(item_id)
                     taken.add(item_id)
         return [
-            FusedItem(item_id, round(1 / position, 6), where[item_id])
+            Scored(item_id, round(1 / position, 6), where[item_id])
             for position, item_id in enumerate(picked, start=1)
         ]
 
@@ -293,3 +304,53 @@ def make_fusion(name: str, rrf_k: int = 60) -> Fusion:
     if name == ReciprocalRank.name:
         return ReciprocalRank(rrf_k)
     return FUSIONS[name]()
+
+
+@dataclass(frozen=True, slots=True)
+class FusedRanking:
+    """One request's fusion: the strategy used, its items as sent, and the coverage."""
+
+    fusion: FusionChoice
+    items: list[dict[str, Any]]
+    coverage: float
+
+
+class Fuser:
+    """Fuses one request's outcomes as the settings say: weights, default fusion, rrf's k."""
+
+    def __init__(self, weights: Mapping[str, float], default: FusionChoice, rrf_k: int = 60):
+        self.weights = dict(weights)
+        self.default: FusionChoice = default
+        # Fixed by the settings: made once, not per request.
+        self.fusions = {name: make_fusion(name, rrf_k) for name in FUSIONS}
+
+    def fuse(
+        self, outcomes: Sequence[Outcome], fusion: FusionChoice | None, size: int, seed: str
+    ) -> FusedRanking:
+        """The top `size` items of `fusion` (default: the settings') over those that answered.
+
+        `seed`: the request id, for the strategies that draw (`interleave`).
+        """
+        weights = self.weights
+        name = fusion or self.default
+        # A weight of 0 is shadow mode: the answer is returned in `result` but not fused.
+        fusing = [o for o in outcomes if o.ok and weights[o.name] > 0]
+        covered = coverage(fusing, weights)
+        if name == "none":
+            return FusedRanking(name, [], covered)
+        lists = [ranked_from(o.name, weights[o.name], o.prediction) for o in fusing]
+        fused = self.fusions[name].fuse(lists, size, seed)
+        items = [
+            {
+                "id": item.id,
+                "score": item.score,
+                "sources": [
+                    {"name": p.name, "rank": p.rank, "score": p.score}
+                    if p.score is not None
+                    else {"name": p.name, "rank": p.rank}
+                    for p in item.sources
+                ],
+            }
+            for item in fused
+        ]
+        return FusedRanking(name, items, covered)

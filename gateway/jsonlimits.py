@@ -22,7 +22,9 @@ in C, not with Python code per value:
   `max_depth` (fewer cannot nest deeper);
 - unpaired surrogates: looked for only when the text has a surrogate escape at all.
 
-`offending_field` names the top-level field of a refused object that broke the limit.
+Both sides go through here: `loads` parses a recommender's answer (`gateway.clients`), and
+`loads_request` a frontend's body (`gateway.schemas.parse_request`), where a refusal also names
+the top-level field that broke the limit (`offending_field`), for the 422 to say.
 """
 
 from __future__ import annotations
@@ -33,13 +35,18 @@ from typing import Any, NoReturn
 
 import pydantic_core
 
-__all__ = ["MAX_INT_DIGITS", "JsonRefused", "loads", "offending_field"]
+__all__ = ["MAX_INT_DIGITS", "JsonRefused", "loads", "loads_request", "offending_field"]
 
 MAX_INT_DIGITS = 100
 
 
 class JsonRefused(ValueError):
-    """JSON text beyond one of the gateway's limits; the message says which."""
+    """JSON text beyond one of the gateway's limits; the message says which.
+
+    `field`: the top-level field to blame, when `loads_request` could name one.
+    """
+
+    field: str | None = None
 
 
 def _refuse_constant(name: str) -> NoReturn:
@@ -91,6 +98,15 @@ def loads(payload: bytes | str, max_depth: int) -> Any:
             value = _checking_loads(data, max_depth)
     _check(value, shapes, max_depth)
     return value
+
+
+def loads_request(payload: bytes, max_depth: int) -> Any:
+    """A frontend's body, as `loads` parses it; a refusal names the field to blame, if one is."""
+    try:
+        return loads(payload, max_depth)
+    except JsonRefused as exc:
+        exc.field = offending_field(payload.decode("utf-8"), max_depth)
+        raise
 
 
 def _checking_loads(data: bytes, max_depth: int) -> Any:

@@ -11,7 +11,8 @@ that had configured logging gets a writer of its own. `flush` writes everything 
 The request line (`gateway.access`, message ``request``) carries `request_id`, `method`,
 `path`, `status`, `latency_ms`, and for `/recommendation` `complete` and `sources`, each
 source's status and attempts, and `trace_id` when the request is traced (`gateway.tracing`).
-Errors carry their traceback in `exc_info`, in the log only.
+The web layer (`gateway.hooks`) passes each of them to `log_request`: this module knows no
+web framework. Errors carry their traceback in `exc_info`, in the log only.
 """
 
 from __future__ import annotations
@@ -23,12 +24,14 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import IO, Any
 
-from flask import Response, g, request
 from pythonjsonlogger.json import JsonFormatter
 
-__all__ = ["access_log", "configure_logging", "flush", "log_request", "write_request_line"]
+from gateway.outcome import Outcome
+
+__all__ = ["access_log", "configure_logging", "flush", "log_request"]
 
 access_log = logging.getLogger("gateway.access")
 
@@ -150,31 +153,32 @@ atexit.register(_close_writer)
 os.register_at_fork(after_in_child=_writer_for_child)
 
 
-def log_request(response: Response, enabled: bool = True) -> None:
+def log_request(
+    *,
+    method: str,
+    path: str,
+    status: int,
+    request_id: str | None,
+    elapsed_s: float | None,
+    trace_id: str | None = None,
+    outcomes: Sequence[Outcome] | None = None,
+) -> None:
     """Write the request's line: who asked what, what came back, and from which sources."""
-    if not enabled or not access_log.isEnabledFor(logging.INFO):
+    if not access_log.isEnabledFor(logging.INFO):
         return
-    started = g.get("received_at")
     fields: dict[str, Any] = {
-        "request_id": g.get("request_id"),
-        "method": request.method,
-        "path": request.path,
-        "status": response.status_code,
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "status": status,
     }
-    trace_id = g.get("trace_id")
     if trace_id is not None:
         fields["trace_id"] = trace_id
-    if started is not None:
-        fields["latency_ms"] = round((time.perf_counter() - started) * 1000, 1)
-    outcomes = g.get("outcomes")
+    if elapsed_s is not None:
+        fields["latency_ms"] = round(elapsed_s * 1000, 1)
     if outcomes is not None:
         fields["complete"] = all(outcome.ok for outcome in outcomes)
         fields["sources"] = {o.name: {"status": o.status, "attempts": o.attempts} for o in outcomes}
-    write_request_line(fields)
-
-
-def write_request_line(fields: dict[str, Any]) -> None:
-    """Log a request line made of `fields` (`log_request` builds them from Flask's request)."""
     # The record built here: `Logger.info` would first walk the stack to find its caller.
     access_log.handle(
         access_log.makeRecord(

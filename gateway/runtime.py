@@ -8,9 +8,14 @@ have one:
   loop. `open` (at the ASGI lifespan's startup) opens the pool on it, `aclose` (at its
   shutdown, after in-flight requests are done) closes it; views are awaited right there.
 - **a loop thread** (`gateway.wsgi` under a WSGI server such as gthread): `start` runs a loop in
-  a daemon thread the first time the process needs it, and `GatewayFlask.async_to_sync` hands
-  each async view to it from the request's thread and waits (`run`). `close` (gunicorn's
-  ``worker_exit`` hook, or ``atexit``) stops it.
+  a daemon thread the first time the process needs it (the gthread worker calls it once it has
+  loaded the app, `GatewayFlask.async_to_sync` and `/readyz` before they need it), and
+  `GatewayFlask.async_to_sync` hands each async view to it from the request's thread and waits
+  (`run`). `close` (gunicorn's ``worker_exit`` hook, or ``atexit``) stops it.
+
+Starting is explicit: `start` and `open` start; the accessors (`clients`, `strategy`, `guards`,
+`tracing`, `loop`) only return this process's state, and raise `RuntimeError` when the runtime
+is not started here (or is closed), never starting anything themselves.
 
 Either way the state is kept per `os.getpid()`, so a runtime created in gunicorn's master before
 the fork (``preload_app``) is started afresh in each worker and never runs in the master. After
@@ -25,7 +30,7 @@ import importlib.metadata
 import logging
 import os
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from gateway import metrics
@@ -33,7 +38,7 @@ from gateway.admission import AdaptiveLimit, LoopLag
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out
-from gateway.fusion import FUSIONS, make_fusion
+from gateway.outcome import Deadline, Outcome
 from gateway.resilience import Guard, guards_for
 from gateway.tracing import NO_TRACING, Tracing, start_tracing
 from gateway.upstream import ConnectionPool
@@ -77,7 +82,7 @@ class _WorkerState:
         self.thread = thread
         self.session: ConnectionPool | None = None
         self.clients: tuple[RecommenderClient, ...] = ()
-        self.fan_out: FanOut | None = None
+        self.strategy: FanOut | None = None
         self.guards: dict[str, Guard] = {}
         self.tracing: Tracing = NO_TRACING
         self.publisher: asyncio.Task[None] | None = None
@@ -112,9 +117,6 @@ class WorkerRuntime:
         self.shed = 0
         # The loop's lag: what moves the limit, and what excuses a recommender's timeout.
         self.lag = LoopLag(admission.interval_ms / 1000, admission.target_lag_ms / 1000)
-        # Fixed by the settings: built once, not per request.
-        self.weights = {r.name: r.weight for r in settings.recommenders}
-        self.fusions = {name: make_fusion(name, settings.rrf_k) for name in FUSIONS}
 
     @property
     def started(self) -> bool:
@@ -135,29 +137,39 @@ class WorkerRuntime:
     @property
     def clients(self) -> tuple[RecommenderClient, ...]:
         """The recommender clients of this process, in config order."""
-        return self._ensure_started().clients
+        return self._here().clients
 
     @property
-    def fan_out(self) -> FanOut:
+    def strategy(self) -> FanOut:
         """This process's fan-out strategy, as the settings name it."""
-        fan_out = self._ensure_started().fan_out
-        assert fan_out is not None, "set when the session opens"
-        return fan_out
+        strategy = self._here().strategy
+        assert strategy is not None, "set when the session opens"
+        return strategy
 
     @property
     def guards(self) -> dict[str, Guard]:
         """This process's guards (retry policy, breaker, hedger) by recommender name."""
-        return self._ensure_started().guards
+        return self._here().guards
 
     @property
     def tracing(self) -> Tracing:
         """This process's tracer (`NO_TRACING` when tracing is off)."""
-        return self._ensure_started().tracing
+        return self._here().tracing
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
         """This process's long-lived event loop."""
-        return self._ensure_started().loop
+        return self._here().loop
+
+    def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> Coroutine[Any, Any, list[Outcome]]:
+        """Call every recommender with `body` by this process's strategy, within `deadline`."""
+        return self.strategy.fan_out(body, headers, deadline)
+
+    def breaker_states(self) -> dict[str, str]:
+        """Each recommender's circuit breaker state, by name."""
+        return {name: guard.breaker.state for name, guard in self._here().guards.items()}
 
     def start(self) -> None:
         """Start the loop thread and open the session, if this process has not yet."""
@@ -208,7 +220,7 @@ class WorkerRuntime:
         it and the task inherits it), so Flask's `request` and `g` work inside an async view.
         """
         try:
-            state = self._ensure_started()
+            state = self._here()
             if state.thread is None:
                 raise RuntimeError("the runtime is served on its own loop: await there instead")
             loop = state.loop
@@ -255,6 +267,15 @@ class WorkerRuntime:
         if not state.thread.is_alive():
             state.loop.close()
         log.info("worker %d: recommender session closed", state.pid)
+
+    def _here(self) -> _WorkerState:
+        """This process's state; `RuntimeError` if it has none (not started here, or closed)."""
+        state = self._state
+        if state is not None and state.pid == os.getpid():
+            return state
+        if self._closed:
+            raise RuntimeError("the gateway runtime is closed")
+        raise RuntimeError("the gateway runtime is not started in this process: start() or open()")
 
     def _ensure_started(self) -> _WorkerState:
         state = self._state
@@ -320,7 +341,7 @@ class WorkerRuntime:
         state.guards = guards_for(self.settings, self.lag)
         # Here, in the worker after the fork: the batch processor's thread is this process's.
         state.tracing = start_tracing(self.settings.tracing, self.span_processor)
-        state.fan_out = build_fan_out(self.settings, replicas, state.guards, state.tracing)
+        state.strategy = build_fan_out(self.settings, replicas, state.guards, state.tracing)
         loop = asyncio.get_running_loop()
         state.publisher = loop.create_task(self._publish_metrics())
         state.ticker = loop.create_task(self.lag.run(self._on_tick))
@@ -358,8 +379,8 @@ class WorkerRuntime:
         if state.ticker is not None:
             state.ticker.cancel()
         metrics.flush()  # the last second's counts
-        if state.fan_out is not None:
-            await state.fan_out.close()
+        if state.strategy is not None:
+            await state.strategy.close()
         if state.session is not None:
             await state.session.close()
         # After the last requests: their spans go out with the rest. Off the loop, as the

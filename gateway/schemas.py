@@ -1,15 +1,21 @@
-"""Pydantic models of the `/recommendation` request and response, and the request's parse."""
+"""Pydantic models of the `/recommendation` request and response, and the request's validation.
+
+`parse_request` turns a frontend's body into a `RecommendationRequest`, or a `RequestError`
+(400 or 422) naming the problem; the strict JSON parsing underneath is `gateway.jsonlimits`'.
+The response models describe the bodies for the OpenAPI document and the tests; the bodies
+themselves are written by `gateway.answers`.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError, field_validator
 
-from gateway.errors import RequestError
+from gateway.errors import RequestError, validation_problems, validation_summary
 from gateway.fusion import FusionChoice
-from gateway.jsonlimits import JsonRefused, loads, offending_field
+from gateway.jsonlimits import JsonRefused, loads_request
 from gateway.outcome import SourceStatus
 
 __all__ = [
@@ -25,7 +31,7 @@ __all__ = [
     "RecommenderResult",
     "SourceReport",
     "UnansweredRecommendation",
-    "parse_request_json",
+    "parse_request",
 ]
 
 # Fields beyond the known ones are forwarded to every recommender: a body may carry this many,
@@ -86,21 +92,33 @@ class RecommendationRequest(BaseModel):
         return body
 
 
-def parse_request_json(raw: bytes, max_depth: int) -> Any:
-    """The frontend's body as JSON, within the gateway's limits.
+def parse_request(raw: bytes, max_depth: int) -> RecommendationRequest:
+    """Validate the frontend's body; raise `RequestError` (400 or 422) naming the problem.
 
-    Raises `ValueError` when it is not JSON, and `RequestError` (422) naming the field when it
-    nests deeper than `max_depth`, holds a number beyond the limits (`gateway.jsonlimits`), or
-    brings more unknown fields, or more of them, than the recommenders are sent.
+    400 when it is empty, not JSON, or not an object; 422 naming the field when it nests
+    deeper than `max_depth`, holds a number beyond the limits (`gateway.jsonlimits`), brings
+    more unknown fields, or more of them, than the recommenders are sent, or breaks the model.
     """
+    if not raw.strip():
+        raise RequestError(400, "request body is empty; expected a JSON object")
     try:
-        body = loads(raw, max_depth)
+        body = loads_request(raw, max_depth)
     except JsonRefused as exc:
-        field = offending_field(raw.decode("utf-8"), max_depth) or "(body)"
-        raise _invalid(field, str(exc)) from None
-    if type(body) is dict and not body.keys() <= _KNOWN_FIELDS:
+        raise _invalid(exc.field or "(body)", str(exc)) from None
+    except ValueError as exc:
+        raise RequestError(400, f"request body is not valid JSON: {exc}") from exc
+    if not isinstance(body, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(body), "a number"
+        )
+        raise RequestError(400, f"request body must be a JSON object, not {kind}")
+    if not body.keys() <= _KNOWN_FIELDS:
         _check_unknown_fields(body)
-    return body
+    try:
+        return RecommendationRequest.model_validate(body)
+    except ValidationError as exc:
+        details = validation_problems(exc)
+        raise RequestError(422, f"invalid request: {validation_summary(details)}", details) from exc
 
 
 _KNOWN_FIELDS = frozenset(RecommendationRequest.model_fields)
@@ -156,6 +174,7 @@ _SOURCES_EXAMPLE: dict[str, JsonValue] = {
 }
 
 
+# `gateway.fusion.Provenance` as sent (the docstring is the OpenAPI document's description).
 class FusedSource(BaseModel):
     """Where a fused item was: which recommender, at which rank (from 1), with which score."""
 
@@ -164,6 +183,7 @@ class FusedSource(BaseModel):
     score: float | None
 
 
+# `gateway.fusion.Scored` as sent.
 class FusedItem(BaseModel):
     """One item of the fused ranking."""
 

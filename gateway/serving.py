@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import io
-import json
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -29,8 +28,8 @@ from typing import Any
 
 from gateway import GatewayFlask, logs, metrics
 from gateway.edge import edge_error, request_id_of
+from gateway.hooks import ADMITTED
 from gateway.portal import run_sync
-from gateway.routes import ADMITTED, shed_answer
 
 __all__ = ["GatewayASGI", "settle_heap"]
 
@@ -60,7 +59,7 @@ class GatewayASGI:
         self.max_body_bytes = settings.max_body_bytes
         self.body_timeout_s = settings.http.body_timeout_s
         self.metrics = settings.metrics
-        self._shed_answer = _ShedAnswer(self.runtime)
+        self._shed_answer = flask_app.shed_answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -196,35 +195,6 @@ class GatewayASGI:
             (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
         ]
         return int(status[:3]), encoded, payload
-
-
-class _ShedAnswer:
-    """The 503 of a shed request, rendered once per limit; only the request id is spliced in."""
-
-    def __init__(self, runtime: Any):
-        self.runtime = runtime
-        self._parts: dict[int, tuple[bytes, bytes, list[tuple[bytes, bytes]]]] = {}
-
-    def render(self, limit: int, request_id: str) -> tuple[bytes, Headers]:
-        parts = self._parts.get(limit)
-        if parts is None:
-            parts = self._parts[limit] = self._split(limit)
-        head, tail, extra = parts
-        body = head + json.dumps(request_id).encode() + tail
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-request-id", request_id.encode("latin-1")),
-            *extra,
-        ]
-        return body, headers
-
-    def _split(self, limit: int) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
-        marker = "\x00request-id\x00"
-        body, extra = shed_answer(self.runtime, marker, limit)
-        head, tail = body.split(json.dumps(marker).encode())
-        encoded = [(name.lower().encode(), value.encode()) for name, value in extra.items()]
-        return head, tail, encoded
 
 
 def settle_heap() -> None:

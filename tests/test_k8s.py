@@ -29,7 +29,7 @@ from gunicorn.config import Config as GunicornConfig
 from kubernetes_validate.utils import all_versions, latest_version
 from werkzeug.routing import MapAdapter
 
-from gateway import VIEW_GRACE_S, create_app, routes
+from gateway import VIEW_GRACE_S, create_app, ops
 from gateway.config import ENV_PREFIX, Settings, config_file, load_settings
 from mock_recommenders.__main__ import parse_arguments
 from mock_recommenders.server import KEEPALIVE_TIMEOUT_S, Recommender
@@ -232,7 +232,7 @@ def _endpoint(urls: MapAdapter, path: str, method: str = "GET") -> str:
 
 
 def _view(function: Any) -> str:
-    return f"{routes.blueprint.name}.{function.__name__}"
+    return f"{ops.blueprint.name}.{function.__name__}"
 
 
 def _mock_routes(name: str) -> set[tuple[str, str]]:
@@ -303,11 +303,11 @@ def test_probes_ask_the_gateway_endpoints_made_for_them(
         for kind in ("startupProbe", "readinessProbe", "livenessProbe")
         if kind in container
     }
-    assert _endpoint(gateway_routes, probes["readinessProbe"]) == _view(routes.readyz)
+    assert _endpoint(gateway_routes, probes["readinessProbe"]) == _view(ops.readyz)
     # Liveness asks only whether the process answers: a restart would cure nothing else.
-    assert _endpoint(gateway_routes, probes["livenessProbe"]) == _view(routes.healthz)
+    assert _endpoint(gateway_routes, probes["livenessProbe"]) == _view(ops.healthz)
     if "startupProbe" in probes:
-        assert _endpoint(gateway_routes, probes["startupProbe"]) == _view(routes.healthz)
+        assert _endpoint(gateway_routes, probes["startupProbe"]) == _view(ops.healthz)
 
 
 def test_probes_service_and_scrape_all_reach_the_container_port(rendered: Rendered) -> None:
@@ -331,7 +331,7 @@ def test_prometheus_can_scrape_the_metrics_endpoint(
     annotations = _pod(base.one("Deployment", GATEWAY))["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert _endpoint(gateway_routes, annotations["prometheus.io/path"]) == _view(
-        routes.metrics_endpoint
+        ops.metrics_endpoint
     )
     # A scrape by annotation sends no X-Api-Token.
     assert base.settings.metrics

@@ -12,8 +12,15 @@ from flask import Response, g, jsonify, request
 
 from gateway import GatewayFlask, create_app
 from gateway.errors import ClientClosedError
+from gateway.exchange import current_exchange
 from mock_recommenders import MockFleet
 from tests.helpers import Serve, settings_for
+
+
+def _request_id() -> str:
+    exchange = current_exchange()
+    assert exchange is not None
+    return exchange.request_id
 
 
 def probe_app(fleet: MockFleet) -> GatewayFlask:
@@ -33,7 +40,7 @@ def probe_app(fleet: MockFleet) -> GatewayFlask:
             loop=id(asyncio.get_running_loop()),
             header=request.headers.get("X-Probe"),
             marked_by=g.get("marked_by"),
-            request_id=g.request_id,
+            request_id=_request_id(),
         )
 
     @app.after_request
@@ -90,11 +97,15 @@ def test_the_runtime_starts_afresh_in_a_forked_process(
     fleet: MockFleet, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     app = create_app(settings_for(fleet))
+    app.runtime.start()
     parent_loop = app.runtime.loop
     (parent_client, *_) = app.runtime.clients
     # What a worker forked from a preloading master sees: the same objects, another pid.
     monkeypatch.setattr("gateway.runtime.os.getpid", lambda: -1)
+    with pytest.raises(RuntimeError, match="not started in this process"):
+        _ = app.runtime.loop  # the parent's state is not the child's, and nothing starts
 
+    app.runtime.start()
     child_loop = app.runtime.loop
 
     assert child_loop is not parent_loop
@@ -113,10 +124,12 @@ def test_the_runtime_starts_afresh_in_a_forked_process(
 def test_after_close_the_clients_refuse_to_be_used(fleet: MockFleet) -> None:
     app = create_app(settings_for(fleet))
     runtime = app.runtime
+    runtime.start()
     (client, *_) = runtime.clients
     loop = runtime.loop
 
     runtime.close()
+    threads = threading.active_count()
 
     assert not runtime.started
     assert not loop.is_running()
@@ -124,7 +137,25 @@ def test_after_close_the_clients_refuse_to_be_used(fleet: MockFleet) -> None:
         asyncio.run(client.recommend(b"{}", {}))
     with pytest.raises(RuntimeError, match="closed"):
         runtime.start()
+    with pytest.raises(RuntimeError, match="closed"):
+        _ = runtime.clients
+    assert threading.active_count() == threads  # no accessor started a loop thread again
     runtime.close()  # idempotent
+
+
+def test_the_accessors_start_nothing(fleet: MockFleet) -> None:
+    runtime = create_app(settings_for(fleet)).runtime
+    threads = threading.active_count()
+
+    for accessor in ("clients", "strategy", "guards", "tracing", "loop"):
+        with pytest.raises(RuntimeError, match="not started in this process"):
+            getattr(runtime, accessor)
+
+    assert threading.active_count() == threads
+    assert not runtime.started
+    runtime.start()
+    assert runtime.started and runtime.on_loop_thread
+    runtime.close()
 
 
 def test_readiness_reports_a_closed_runtime(fleet: MockFleet, serve: Serve) -> None:

@@ -1,0 +1,138 @@
+"""The bodies `/recommendation` answers with, in the shapes of the response models.
+
+- 200, `answer_body`: a `RecommendationResponse`, built as data and serialised by pydantic's
+  own serialiser. What the gateway built itself is not validated again on every request (the
+  tests hold the shape to the model, and the OpenAPI contract test to the document).
+- 502, `unanswered_body`: no recommender answered; an `UnansweredRecommendation` built from
+  the model.
+- 503, `ShedAnswer`: the worker has no room for the request; the same model, written once per
+  admission limit, the request id spliced in, so that a shed request stays the cheapest answer
+  there is.
+
+Every body that reports the fan-out says in `COMPLETE_HEADER` whether every recommender
+answered.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import pydantic_core
+
+from gateway.fusion import FusedRanking
+from gateway.outcome import Outcome
+from gateway.schemas import ErrorInfo, SourceReport, UnansweredRecommendation
+
+__all__ = ["COMPLETE_HEADER", "ShedAnswer", "answer_body", "unanswered_body"]
+
+COMPLETE_HEADER = "X-Fusion-Complete"
+
+_UNANSWERED = "no recommender answered; see sources for each one's reason"
+
+
+def _source_reports(outcomes: Sequence[Outcome]) -> dict[str, dict[str, Any]]:
+    """Each call's `SourceReport`, as JSON-ready data."""
+    reports: dict[str, dict[str, Any]] = {}
+    for o in outcomes:
+        report: dict[str, Any] = {"status": o.status, "latency_ms": o.latency_ms}
+        report["attempts"] = o.attempts
+        if o.error is not None:
+            report["error"] = o.error
+        reports[o.name] = report
+    return reports
+
+
+def answer_body(
+    outcomes: Sequence[Outcome],
+    answered: Sequence[Outcome],
+    request_id: str,
+    fused: FusedRanking,
+) -> bytes:
+    """A `RecommendationResponse`: every answer in config order, and what became of each call."""
+    body = {
+        "result": [{"name": o.name, "prediction": o.prediction} for o in answered],
+        "sources": _source_reports(outcomes),
+        "complete": len(answered) == len(outcomes),
+        "request_id": request_id,
+        "fusion": fused.fusion,
+        "fused": fused.items,
+        "coverage": fused.coverage,
+    }
+    # A non-finite number in a recommender's answer becomes null, as the models would make it.
+    return pydantic_core.to_json(body, inf_nan_mode="null")
+
+
+def unanswered_body(outcomes: Sequence[Outcome], request_id: str, trace_id: str | None) -> bytes:
+    """The 502 `UnansweredRecommendation`: no recommender answered, and each one's reason."""
+    document = UnansweredRecommendation(
+        error=ErrorInfo(status=502, message=_UNANSWERED),
+        request_id=request_id,
+        trace_id=trace_id,
+        result=[],
+        sources={
+            o.name: SourceReport(
+                status=o.status, latency_ms=o.latency_ms, attempts=o.attempts, error=o.error
+            )
+            for o in outcomes
+        },
+        complete=False,
+    )
+    return document.model_dump_json(exclude_none=True).encode()
+
+
+_SHED_REPORT = SourceReport(
+    status="shed", latency_ms=0.0, attempts=0, error="not called: the gateway is shedding load"
+)
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class ShedAnswer:
+    """The 503 of a request this worker has no room for: no recommender was called.
+
+    Each is reported `shed`. The body is written from `UnansweredRecommendation` once per
+    admission limit (the message names it), without the request id, which is spliced in.
+    """
+
+    def __init__(self, recommenders: Sequence[str], retry_after_s: int):
+        self.recommenders = tuple(recommenders)
+        self.retry_after_s = retry_after_s
+        self.headers = {"Retry-After": str(retry_after_s), COMPLETE_HEADER: "false"}
+        self._raw_headers = [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
+        self._heads: dict[int, bytes] = {}
+
+    def body(self, limit: int, request_id: str) -> bytes:
+        """The 503's body for a worker at admission limit `limit`."""
+        head = self._heads.get(limit)
+        if head is None:
+            head = self._heads[limit] = self._head(limit)
+        return head + json.dumps(request_id).encode() + b"}"
+
+    def render(self, limit: int, request_id: str) -> tuple[bytes, Headers]:
+        """The body and every header of the 503, as the ASGI server sends them."""
+        body = self.body(limit, request_id)
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", request_id.encode("latin-1")),
+            *self._raw_headers,
+        ]
+        return body, headers
+
+    def _head(self, limit: int) -> bytes:
+        """The body up to where the request id goes: its last field."""
+        document = UnansweredRecommendation(
+            error=ErrorInfo(
+                status=503,
+                message=f"gateway overloaded: this worker already serves its limit of "
+                f"{limit} requests at once; retry after {self.retry_after_s} s",
+            ),
+            result=[],
+            sources=dict.fromkeys(self.recommenders, _SHED_REPORT),
+            complete=False,
+        )
+        # Without a request id, exclude_none leaves it out; it goes last, as it always has.
+        written = document.model_dump_json(exclude_none=True).encode()
+        return written[:-1] + b',"request_id":'

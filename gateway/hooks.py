@@ -1,0 +1,141 @@
+"""The hooks every request passes through, before and after its view.
+
+Before: its id is taken or made and its record begun (`gateway.exchange`); a protected
+endpoint without a valid API token is answered 401; a `/recommendation` this worker has no
+room for is answered 503 (served as WSGI: under the uvicorn worker `gateway.serving` admits
+or sheds before Flask runs). After: the id is echoed, the request logged and counted.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, cast
+
+from flask import Flask, Response, current_app, request
+
+from gateway import metrics
+from gateway.errors import RequestError
+from gateway.exchange import begin_exchange, current_exchange
+from gateway.http_errors import error_response
+from gateway.logs import log_request
+from gateway.request_id import (
+    REQUEST_ID_HEADER,
+    REQUEST_ID_MAX,
+    new_request_id,
+    valid_request_id,
+)
+from gateway.security import TOKEN_HEADER
+
+if TYPE_CHECKING:
+    from gateway import GatewayFlask
+
+__all__ = ["ADMITTED", "METRICS_ENDPOINT", "RECOMMENDATION_ENDPOINT", "register_hooks"]
+
+# Set in the WSGI environ of a request admitted before Flask (`gateway.serving`).
+ADMITTED = "gateway.admitted"
+
+# The endpoints the hooks treat apart, as their blueprints name them (`gateway.routes`,
+# `gateway.ops`): the recommendation needs a token when keys are configured and can be shed;
+# the metrics need one when `metrics_require_token` says so.
+RECOMMENDATION_ENDPOINT = "gateway.recommendation"
+METRICS_ENDPOINT = "ops.metrics_endpoint"
+
+
+def register_hooks(app: Flask) -> None:
+    """Run the gateway's hooks on every request of `app`, in this order."""
+    app.before_request(_assign_request_id)
+    app.before_request(_require_token)
+    app.before_request(_shed_when_full)
+    app.teardown_request(_leave)
+    app.after_request(_finish_response)
+
+
+def _app() -> GatewayFlask:
+    return cast("GatewayFlask", current_app)
+
+
+def _assign_request_id() -> None:
+    received_at = time.perf_counter()
+    supplied = request.headers.get(REQUEST_ID_HEADER)
+    if supplied is not None and valid_request_id(supplied):
+        begin_exchange(supplied, received_at)
+        return
+    begin_exchange(new_request_id(), received_at)
+    if supplied is not None:
+        raise RequestError(
+            400,
+            f"header {REQUEST_ID_HEADER} must be 1 to {REQUEST_ID_MAX} visible ASCII characters",
+        )
+
+
+def _require_token() -> Response | None:
+    """401 for a protected endpoint without a valid `X-Api-Token`, when keys are configured."""
+    app = _app()
+    tokens = app.tokens
+    if not tokens.enabled:
+        return None
+    endpoint = request.endpoint
+    protected = endpoint == RECOMMENDATION_ENDPOINT or (
+        endpoint == METRICS_ENDPOINT and app.runtime.settings.metrics_require_token
+    )
+    if not protected:
+        return None
+    token = request.headers.get(TOKEN_HEADER)
+    challenge = {"WWW-Authenticate": f'ApiKey header="{TOKEN_HEADER}"'}
+    if token is None:
+        return error_response(401, f"missing {TOKEN_HEADER} header", headers=challenge)
+    if not tokens.allows(token):
+        return error_response(401, f"invalid API token in {TOKEN_HEADER}", headers=challenge)
+    return None
+
+
+def _shed_when_full() -> Response | None:
+    """Answer 503 at once when this worker already serves its limit of requests."""
+    if request.endpoint != RECOMMENDATION_ENDPOINT or request.environ.get(ADMITTED):
+        return None
+    app = _app()
+    runtime = app.runtime
+    exchange = current_exchange()
+    assert exchange is not None, "begun by the first hook"
+    if runtime.admission.try_enter():
+        exchange.admitted = True
+        return None
+    runtime.shed += 1
+    exchange.shed = True
+    shed = app.shed_answer
+    body = shed.body(runtime.admission.limit, exchange.request_id)
+    return Response(body, status=503, headers=shed.headers, mimetype="application/json")
+
+
+def _leave(error: BaseException | None) -> None:
+    exchange = current_exchange()
+    if exchange is not None and exchange.admitted:
+        exchange.admitted = False
+        _app().runtime.admission.leave(time.perf_counter() - exchange.received_at)
+
+
+def _finish_response(response: Response) -> Response:
+    """Echo the request id, log the request, and count it in the metrics."""
+    exchange = current_exchange()
+    if exchange is None:
+        return response
+    response.headers[REQUEST_ID_HEADER] = exchange.request_id
+    settings = _app().runtime.settings
+    elapsed_s = time.perf_counter() - exchange.received_at
+    if settings.log_requests:
+        log_request(
+            method=request.method,
+            path=request.path,
+            status=response.status_code,
+            request_id=exchange.request_id,
+            elapsed_s=elapsed_s,
+            trace_id=exchange.trace_id,
+            outcomes=exchange.outcomes,
+        )
+    if settings.metrics:
+        route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+        if exchange.shed:
+            metrics.observe_shed(route, elapsed_s)
+        else:
+            metrics.observe_request(route, response.status_code, elapsed_s)
+    return response
