@@ -16,13 +16,11 @@ opens it again. A recommender that hangs therefore stops costing every request t
 from __future__ import annotations
 
 import collections
-import email.utils
 import functools
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 from tenacity import (
@@ -47,26 +45,7 @@ __all__ = [
     "RetryPolicy",
     "SwitchedOffBreaker",
     "guards_for",
-    "parse_retry_after",
 ]
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    # RFC 9110 says whole seconds; a decimal is taken as meant rather than ignored.
-    if value.replace(".", "", 1).isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = datetime.now(UTC).timestamp() if now is None else now
-    return max(when.timestamp() - current, 0.0)
 
 
 def _is_retryable(error: BaseException) -> bool:
