@@ -27,6 +27,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, Protocol
 
+from gateway.admission import LoopLag
 from gateway.blocking import BlockingPool
 from gateway.clients import (
     DEFAULT_LIMITS,
@@ -38,7 +39,7 @@ from gateway.clients import (
 from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout
 from gateway.outcome import MIN_CALL_BUDGET_S, Deadline, Outcome
-from gateway.resilience import Guard, Hedger
+from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, SwitchedOffBreaker
 from gateway.tracing import NO_TRACING, Tracing
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "ThreadPoolFanOut",
     "answer_limits",
     "build_fan_out",
+    "build_guards",
 ]
 
 log = logging.getLogger("gateway")
@@ -557,3 +559,33 @@ def build_fan_out(
 ) -> FanOut:
     """The fan-out strategy `settings.strategy` names, each call under its recommender's guard."""
     return STRATEGIES[settings.strategy].from_settings(settings, recommenders, guards, tracing)
+
+
+def build_guards(settings: Settings, stalls: LoopLag | None = None) -> dict[str, Guard]:
+    """A fresh guard (retry policy, closed breaker, hedger) per configured recommender.
+
+    `stalls`: the worker's loop-lag meter, which excuses the timeouts of an overloaded worker.
+    """
+    waits = settings.retry
+    return {
+        r.name: Guard(
+            RetryPolicy(
+                attempts=r.attempts,
+                initial_wait_s=waits.initial_wait_ms / 1000,
+                max_wait_s=waits.max_wait_ms / 1000,
+                jitter_s=waits.jitter_ms / 1000,
+            ),
+            CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s)
+            if settings.breaker.enabled
+            else SwitchedOffBreaker(),
+            Hedger(
+                r.hedge_after_ms / 1000 if r.hedge_after_ms is not None else None,
+                settings.hedging.max_extra_ratio,
+                settings.hedging.min_samples,
+                settings.hedging.window,
+            ),
+            stalls,
+            settings.breaker.excuse_stalled_share,
+        )
+        for r in settings.recommenders
+    }

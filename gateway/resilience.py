@@ -34,7 +34,6 @@ from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential_jitter
 
 from gateway.admission import LoopLag
-from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError
 from gateway.outcome import MIN_CALL_BUDGET_S
 
@@ -44,7 +43,6 @@ __all__ = [
     "Hedger",
     "RetryPolicy",
     "SwitchedOffBreaker",
-    "guards_for",
 ]
 
 
@@ -212,36 +210,6 @@ class SwitchedOffBreaker:
 
     def released(self) -> None:
         """Nothing to free."""
-
-
-def guards_for(settings: Settings, stalls: LoopLag | None = None) -> dict[str, Guard]:
-    """A fresh guard (retry policy and closed breaker) per configured recommender.
-
-    `stalls`: the worker's loop-lag meter, which excuses the timeouts of an overloaded worker.
-    """
-    waits = settings.retry
-    return {
-        r.name: Guard(
-            RetryPolicy(
-                attempts=r.attempts,
-                initial_wait_s=waits.initial_wait_ms / 1000,
-                max_wait_s=waits.max_wait_ms / 1000,
-                jitter_s=waits.jitter_ms / 1000,
-            ),
-            CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s)
-            if settings.breaker.enabled
-            else SwitchedOffBreaker(),
-            Hedger(
-                r.hedge_after_ms / 1000 if r.hedge_after_ms is not None else None,
-                settings.hedging.max_extra_ratio,
-                settings.hedging.min_samples,
-                settings.hedging.window,
-            ),
-            stalls,
-            settings.breaker.excuse_stalled_share,
-        )
-        for r in settings.recommenders
-    }
 
 
 class CircuitBreaker:
