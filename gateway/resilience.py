@@ -1,4 +1,9 @@
-"""Resilience for recommender calls: deadline-aware retries and per-recommender circuit breakers.
+"""Resilience for recommender calls: deadline-aware retries, circuit breakers and hedges.
+
+Read top to bottom: the retry pieces, `RetryPolicy`, `CircuitBreaker` (and the
+`SwitchedOffBreaker` that stands in when breakers are off), `Hedger`, and `Guard`, which
+bundles one recommender's. Each takes plain values; `gateway.fanout.build_guards` makes them
+from the settings, and `gateway.fanout` runs each call under its guard.
 
 **Retries** are built from tenacity's pieces. A call is retried when its `RecommenderError`
 says it is `retryable`: the connection failed or dropped, or the recommender answered 502, 503
@@ -11,6 +16,9 @@ so `stop_at_deadline` looks at the coming sleep too.
 consecutive failed calls the breaker opens, and calls fail at once with `CircuitOpen`. After
 `cooldown_s` one probe goes through (half-open): its success closes the breaker, its failure
 opens it again. A recommender that hangs therefore stops costing every request the deadline.
+
+**Hedges** send a slow call's attempt to a second replica as well, after a delay (configured,
+or the recent p95), within a budget of extra calls; the first answer wins.
 """
 
 from __future__ import annotations
@@ -79,74 +87,6 @@ class stop_at_deadline(stop_base):
         return left < MIN_CALL_BUDGET_S
 
 
-class Hedger:
-    """When one recommender's calls get a hedge, within a budget of extra calls.
-
-    The hedge delay is `after_s` when configured, else the p95 of the last `window` answers
-    (none until `min_samples` were seen). At most `max_extra_ratio` of the calls are hedged.
-    """
-
-    def __init__(
-        self,
-        after_s: float | None = None,
-        max_extra_ratio: float = 0.1,
-        min_samples: int = 20,
-        window: int = 200,
-    ):
-        self.after_s = after_s
-        self.max_extra_ratio = max_extra_ratio
-        self.min_samples = min_samples
-        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
-        self._p95: float | None = None
-        self._since_p95 = 0
-        self._lock = threading.Lock()
-        self.calls = 0
-        self.hedges = 0
-
-    def delay_s(self) -> float | None:
-        """How long to wait for the first replica before hedging; None: do not hedge."""
-        return self.after_s if self.after_s is not None else self._p95
-
-    def record(self, latency_s: float) -> None:
-        """An answer came after `latency_s`; every 10 answers, refresh the p95."""
-        with self._lock:
-            self._latencies.append(latency_s)
-            self._since_p95 += 1
-            if len(self._latencies) >= self.min_samples and self._since_p95 >= 10:
-                ordered = sorted(self._latencies)
-                self._p95 = ordered[max(int(len(ordered) * 0.95) - 1, 0)]
-                self._since_p95 = 0
-
-    def count_call(self) -> None:
-        """A call is starting (hedges are budgeted against calls)."""
-        with self._lock:
-            self.calls += 1
-
-    def try_hedge(self) -> bool:
-        """Take a hedge from the budget, if it allows one more."""
-        with self._lock:
-            if self.hedges + 1 > self.max_extra_ratio * self.calls:
-                return False
-            self.hedges += 1
-            return True
-
-
-@dataclass(frozen=True)
-class Guard:
-    """What protects one recommender's calls: retries, its circuit breaker, its hedging.
-
-    `stalls` is the worker's loop-lag meter: a timeout during which the loop stalled for
-    `excuse_stalled_share` of the call's time is the gateway's overload, and is not counted
-    against the breaker (None: every timeout counts).
-    """
-
-    retry: RetryPolicy
-    breaker: CircuitBreaker | SwitchedOffBreaker
-    hedger: Hedger
-    stalls: LoopLag | None = None
-    excuse_stalled_share: float = 0.2
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
     """How one recommender's calls are retried; builds tenacity retryers per call."""
@@ -192,24 +132,6 @@ class RetryPolicy:
         if self.async_sleep is not None:
             arguments["sleep"] = self.async_sleep
         return AsyncRetrying(**arguments)
-
-
-class SwitchedOffBreaker:
-    """A breaker switched off (`breaker.enabled: false`): it never opens."""
-
-    state = "closed"
-
-    def before_call(self) -> None:
-        """Every call goes through."""
-
-    def succeeded(self) -> None:
-        """Nothing to count."""
-
-    def failed(self) -> None:
-        """Nothing to count."""
-
-    def released(self) -> None:
-        """Nothing to free."""
 
 
 class CircuitBreaker:
@@ -282,3 +204,89 @@ class CircuitBreaker:
         """A let-through call ended without a verdict (cancelled): free the probe slot."""
         with self._lock:
             self._probing = False
+
+
+class SwitchedOffBreaker:
+    """A breaker switched off (`breaker.enabled: false`): it never opens."""
+
+    state = "closed"
+
+    def before_call(self) -> None:
+        """Every call goes through."""
+
+    def succeeded(self) -> None:
+        """Nothing to count."""
+
+    def failed(self) -> None:
+        """Nothing to count."""
+
+    def released(self) -> None:
+        """Nothing to free."""
+
+
+class Hedger:
+    """When one recommender's calls get a hedge, within a budget of extra calls.
+
+    The hedge delay is `after_s` when configured, else the p95 of the last `window` answers
+    (none until `min_samples` were seen). At most `max_extra_ratio` of the calls are hedged.
+    """
+
+    def __init__(
+        self,
+        after_s: float | None = None,
+        max_extra_ratio: float = 0.1,
+        min_samples: int = 20,
+        window: int = 200,
+    ):
+        self.after_s = after_s
+        self.max_extra_ratio = max_extra_ratio
+        self.min_samples = min_samples
+        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
+        self._p95: float | None = None
+        self._since_p95 = 0
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.hedges = 0
+
+    def delay_s(self) -> float | None:
+        """How long to wait for the first replica before hedging; None: do not hedge."""
+        return self.after_s if self.after_s is not None else self._p95
+
+    def record(self, latency_s: float) -> None:
+        """An answer came after `latency_s`; every 10 answers, refresh the p95."""
+        with self._lock:
+            self._latencies.append(latency_s)
+            self._since_p95 += 1
+            if len(self._latencies) >= self.min_samples and self._since_p95 >= 10:
+                ordered = sorted(self._latencies)
+                self._p95 = ordered[max(int(len(ordered) * 0.95) - 1, 0)]
+                self._since_p95 = 0
+
+    def count_call(self) -> None:
+        """A call is starting (hedges are budgeted against calls)."""
+        with self._lock:
+            self.calls += 1
+
+    def try_hedge(self) -> bool:
+        """Take a hedge from the budget, if it allows one more."""
+        with self._lock:
+            if self.hedges + 1 > self.max_extra_ratio * self.calls:
+                return False
+            self.hedges += 1
+            return True
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What protects one recommender's calls: retries, its circuit breaker, its hedging.
+
+    `stalls` is the worker's loop-lag meter: a timeout during which the loop stalled for
+    `excuse_stalled_share` of the call's time is the gateway's overload, and is not counted
+    against the breaker (None: every timeout counts).
+    """
+
+    retry: RetryPolicy
+    breaker: CircuitBreaker | SwitchedOffBreaker
+    hedger: Hedger
+    stalls: LoopLag | None = None
+    excuse_stalled_share: float = 0.2
