@@ -10,7 +10,9 @@ says it is `retryable`: the connection failed or dropped, or the recommender ans
 or 504. A 4xx, a 500 or a body that is not JSON is not retried. Waits grow exponentially with
 jitter, never shorter than the recommender's `Retry-After`. No attempt starts, or sleeps, past
 the request's deadline. tenacity's `stop_after_delay` is checked only after a failed attempt,
-so `stop_at_deadline` looks at the coming sleep too.
+so `stop_at_deadline` looks at the coming sleep too. tenacity's retryer decides (its `iter`);
+the fan-out makes the attempts and takes the sleeps, with the policy's `sleep` or
+`async_sleep`.
 
 **Circuit breakers** keep one state per recommender, per worker process. After `threshold`
 consecutive failed calls the breaker opens, and calls fail at once with `CircuitOpen`. After
@@ -23,21 +25,16 @@ or the recent p95), within a budget of extra calls; the first answer wins.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-)
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential_jitter
 
@@ -89,15 +86,15 @@ class stop_at_deadline(stop_base):
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How one recommender's calls are retried; builds tenacity retryers per call."""
+    """How one recommender's calls are retried: tenacity decides, the caller waits."""
 
     attempts: int = 2
     initial_wait_s: float = 0.01
     max_wait_s: float = 0.2
     jitter_s: float = 0.01
     # Injected in tests, so that a retry test records its waits instead of sleeping.
-    sleep: Callable[[float], Any] | None = None
-    async_sleep: Callable[[float], Any] | None = None
+    sleep: Callable[[float], Any] = time.sleep
+    async_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
 
     def worth_retrying(self, error: BaseException) -> bool:
         """Whether a first failure like `error` may be retried at all under this policy."""
@@ -111,27 +108,17 @@ class RetryPolicy:
             )
         )
 
-    def _arguments(self, deadline_at: float) -> dict[str, Any]:
-        return {
-            "stop": stop_after_attempt(self.attempts) | stop_at_deadline(deadline_at),
-            "wait": self._wait,
-            "retry": _RETRY_IF_RETRYABLE,
-            "reraise": True,
-        }
-
     def retrying(self, deadline_at: float) -> Retrying:
-        """A blocking retryer for one call that must end by `deadline_at` (perf_counter)."""
-        arguments = self._arguments(deadline_at)
-        if self.sleep is not None:
-            arguments["sleep"] = self.sleep
-        return Retrying(**arguments)
+        """tenacity's retryer for one call that must end by `deadline_at` (perf_counter).
 
-    def async_retrying(self, deadline_at: float) -> AsyncRetrying:
-        """An asyncio retryer for one call that must end by `deadline_at` (perf_counter)."""
-        arguments = self._arguments(deadline_at)
-        if self.async_sleep is not None:
-            arguments["sleep"] = self.async_sleep
-        return AsyncRetrying(**arguments)
+        Only its decisions are used (`iter`): the caller makes the attempts and the sleeps.
+        """
+        return Retrying(
+            stop=stop_after_attempt(self.attempts) | stop_at_deadline(deadline_at),
+            wait=self._wait,
+            retry=_RETRY_IF_RETRYABLE,
+            reraise=True,
+        )
 
 
 class CircuitBreaker:
