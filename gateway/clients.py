@@ -85,6 +85,8 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
 
 
 class _GatewayErrorClass(Protocol):
+    """Makes a gateway error: a `RecommenderError` class, or `_client_closed`."""
+
     def __call__(self, recommender: str, reason: str, *, retryable: bool) -> GatewayError: ...
 
 
