@@ -2,18 +2,23 @@
 
 This module is the one boundary where the HTTP clients' exceptions become the gateway's
 `RecommenderError`s (see `gateway.errors`), each carrying the recommender's name and a short
-reason a frontend can read. Both clients read answers within the same `AnswerLimits`: bytes
-(as sent and decompressed, enforced while reading), items, and JSON nesting and numbers
-(`gateway.jsonlimits`).
+reason a frontend can read. One table, `_TRANSLATIONS`, maps each of the HTTP layer's failures
+(and a call's timeout) to its error, reason and whether it may be retried, for both clients.
+Both read answers the same way (`_Endpoint._prediction`): an error status, with its
+`Retry-After` (`parse_retry_after`), is a `RecommenderUnavailable`; a body is read within the
+same `AnswerLimits`: bytes (as sent and decompressed, enforced while reading), items, and JSON
+nesting and numbers (`gateway.jsonlimits`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import itertools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from gateway.blocking import BlockingPool
 from gateway.errors import (
@@ -24,9 +29,9 @@ from gateway.errors import (
     RecommenderUnavailable,
 )
 from gateway.jsonlimits import JsonRefused, loads
-from gateway.resilience import parse_retry_after
 from gateway.upstream import (
     MAX_ANSWER_BYTES,
+    Answer,
     ConnectFailed,
     ConnectionPool,
     Disconnected,
@@ -36,7 +41,13 @@ from gateway.upstream import (
     UpstreamError,
 )
 
-__all__ = ["AnswerLimits", "BlockingRecommenderClient", "RecommenderClient", "Replicas"]
+__all__ = [
+    "AnswerLimits",
+    "BlockingRecommenderClient",
+    "RecommenderClient",
+    "Replicas",
+    "parse_retry_after",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,47 +66,68 @@ DEFAULT_LIMITS = AnswerLimits()
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 
-def _check_answer(
-    name: str, status: int, payload: bytes, retry_after: str | None, limits: AnswerLimits
-) -> Any:
-    """The parsed JSON of a recommender's answer, or the `RecommenderError` it amounts to."""
-    if status >= 300:
-        raise RecommenderUnavailable(
-            name,
-            f"answered HTTP {status}",
-            retryable=status in RETRYABLE_STATUSES,
-            retry_after_s=parse_retry_after(retry_after),
-        )
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    value = value.strip()
+    # RFC 9110 says whole seconds; a decimal is taken as meant rather than ignored.
+    if value.replace(".", "", 1).isdigit():
+        return float(value)
     try:
-        prediction = loads(payload, limits.max_depth)
-    except JsonRefused as exc:
-        raise BadRecommenderResponse(name, f"answered JSON beyond the limits: {exc}") from exc
-    except ValueError as exc:
-        raise BadRecommenderResponse(name, "answered a body that is not JSON") from exc
-    if type(prediction) is dict:
-        items = prediction.get("items")
-        if type(items) is list and len(items) > limits.max_items:
-            raise BadRecommenderResponse(
-                name, f"answered {len(items)} items, above the limit of {limits.max_items}"
-            )
-    return prediction
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = datetime.now(UTC).timestamp() if now is None else now
+    return max(when.timestamp() - current, 0.0)
 
 
-def _failure(name: str, idempotent: bool, error: UpstreamError) -> GatewayError:
-    """The `RecommenderError` an HTTP client's failure amounts to, with its reason."""
-    if isinstance(error, PoolClosed):
-        return ClientClosedError(f"the connection pool of recommender {name} is closed")
-    if isinstance(error, ConnectFailed):
-        # The request never left: always safe to try again.
-        return RecommenderUnavailable(name, str(error), retryable=True)
-    if isinstance(error, Disconnected):
-        reason = "connection closed by the recommender before it answered"
-        return RecommenderUnavailable(name, reason, retryable=idempotent)
-    if isinstance(error, Truncated):
-        return RecommenderUnavailable(name, "answer cut off before its end", retryable=idempotent)
-    if isinstance(error, TooLarge):
-        return BadRecommenderResponse(name, str(error))
-    return RecommenderUnavailable(name, f"answered something unreadable: {error}")
+class _GatewayErrorClass(Protocol):
+    """Makes a gateway error: a `RecommenderError` class, or `_client_closed`."""
+
+    def __call__(self, recommender: str, reason: str, *, retryable: bool) -> GatewayError: ...
+
+
+def _client_closed(recommender: str, reason: str, *, retryable: bool) -> GatewayError:
+    # Not the recommender's failure: the gateway used a client it had closed.
+    return ClientClosedError(reason)
+
+
+@dataclass(frozen=True, slots=True)
+class _Translation:
+    """How one kind of failure of the HTTP layer reads as a gateway error."""
+
+    error: _GatewayErrorClass
+    # `{name}`: the recommender; `{error}`: the HTTP layer's message; `{budget_ms}`: the call's.
+    reason: str
+    # "if idempotent": the request may have reached the recommender; repeat it only if safe.
+    retryable: Literal["always", "never", "if idempotent"]
+
+
+# The HTTP layer's failures (and a call's timeout) as the gateway's errors: the first entry
+# the failure is an instance of applies, so the catch-all `UpstreamError` comes last.
+_TRANSLATIONS: dict[type[Exception], _Translation] = {
+    TimeoutError: _Translation(RecommenderTimeout, "no answer within {budget_ms:.0f} ms", "never"),
+    PoolClosed: _Translation(
+        _client_closed, "the connection pool of recommender {name} is closed", "never"
+    ),
+    # The request never left: always safe to try again.
+    ConnectFailed: _Translation(RecommenderUnavailable, "{error}", "always"),
+    Disconnected: _Translation(
+        RecommenderUnavailable,
+        "connection closed by the recommender before it answered",
+        "if idempotent",
+    ),
+    Truncated: _Translation(
+        RecommenderUnavailable, "answer cut off before its end", "if idempotent"
+    ),
+    TooLarge: _Translation(BadRecommenderResponse, "{error}", "never"),
+    UpstreamError: _Translation(
+        RecommenderUnavailable, "answered something unreadable: {error}", "never"
+    ),
+}
 
 
 class _Endpoint:
@@ -110,6 +142,45 @@ class _Endpoint:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.url!r})"
+
+    def _translated(self, failure: Exception, budget_s: float) -> GatewayError:
+        """The gateway's error for the HTTP layer's `failure` (or a timeout), by `_TRANSLATIONS`."""
+        translation = next(t for kind, t in _TRANSLATIONS.items() if isinstance(failure, kind))
+        reason = translation.reason.format(name=self.name, error=failure, budget_ms=budget_s * 1000)
+        retryable = translation.retryable == "always" or (
+            translation.retryable == "if idempotent" and self.idempotent
+        )
+        return translation.error(self.name, reason, retryable=retryable)
+
+    def _prediction(
+        self, answer: Answer, limits: AnswerLimits, answered: Callable[[int], None] | None
+    ) -> Any:
+        """The parsed JSON of the recommender's answer, or the `RecommenderError` it amounts to."""
+        if answered is not None:
+            answered(answer.status)
+        if answer.status >= 300:
+            raise RecommenderUnavailable(
+                self.name,
+                f"answered HTTP {answer.status}",
+                retryable=answer.status in RETRYABLE_STATUSES,
+                retry_after_s=parse_retry_after(answer.header(b"retry-after")),
+            )
+        try:
+            prediction = loads(answer.body, limits.max_depth)
+        except JsonRefused as exc:
+            raise BadRecommenderResponse(
+                self.name, f"answered JSON beyond the limits: {exc}"
+            ) from exc
+        except ValueError as exc:
+            raise BadRecommenderResponse(self.name, "answered a body that is not JSON") from exc
+        if type(prediction) is dict:
+            items = prediction.get("items")
+            if type(items) is list and len(items) > limits.max_items:
+                raise BadRecommenderResponse(
+                    self.name,
+                    f"answered {len(items)} items, above the limit of {limits.max_items}",
+                )
+        return prediction
 
 
 class RecommenderClient(_Endpoint):
@@ -142,20 +213,15 @@ class RecommenderClient(_Endpoint):
 
         Raises `RecommenderTimeout`, `RecommenderUnavailable` or `BadRecommenderResponse`.
         """
-        if self._pool.closed:
-            raise ClientClosedError(f"the connection pool of recommender {self.name} is closed")
         budget = self.timeout_s if timeout_s is None else timeout_s
+        if self._pool.closed:
+            raise self._translated(PoolClosed(), budget)
         try:
             async with asyncio.timeout(budget):
                 answer = await self._pool.post(self.url, body, headers, limits.max_bytes)
-        except TimeoutError as exc:
-            raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
-        except UpstreamError as exc:
-            raise _failure(self.name, self.idempotent, exc) from exc
-        if answered is not None:
-            answered(answer.status)
-        retry_after = answer.header(b"retry-after")
-        return _check_answer(self.name, answer.status, answer.body, retry_after, limits)
+        except (TimeoutError, UpstreamError) as exc:
+            raise self._translated(exc, budget) from exc
+        return self._prediction(answer, limits, answered)
 
 
 class BlockingRecommenderClient(_Endpoint):
@@ -193,19 +259,14 @@ class BlockingRecommenderClient(_Endpoint):
 
         `timeout_s` bounds the whole call, as for `RecommenderClient.recommend`.
         """
-        if self._closed:
-            raise ClientClosedError(f"the connection pool of recommender {self.name} is closed")
         budget = self.timeout_s if timeout_s is None else timeout_s
+        if self._closed:
+            raise self._translated(PoolClosed(), budget)
         try:
             answer = self._pool.post(self.url, body, headers, budget, limits.max_bytes)
-        except TimeoutError as exc:
-            raise RecommenderTimeout(self.name, f"no answer within {budget * 1000:.0f} ms") from exc
-        except UpstreamError as exc:
-            raise _failure(self.name, self.idempotent, exc) from exc
-        if answered is not None:
-            answered(answer.status)
-        retry_after = answer.header(b"retry-after")
-        return _check_answer(self.name, answer.status, answer.body, retry_after, limits)
+        except (TimeoutError, UpstreamError) as exc:
+            raise self._translated(exc, budget) from exc
+        return self._prediction(answer, limits, answered)
 
 
 Client = TypeVar("Client", RecommenderClient, BlockingRecommenderClient)

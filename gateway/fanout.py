@@ -10,6 +10,26 @@ config) from `STRATEGIES`:
   no longer than the call's budget);
 - ``sequential``: one recommender after another, over the same shared aiohttp session.
 
+`build_guards` makes each recommender's `gateway.resilience.Guard` from the settings, and
+`build_fan_out` the strategy, each call under its recommender's guard.
+
+Each call is one `_Call`, a state machine that decides what comes next and never waits
+itself, as tenacity's `BaseRetrying.iter` does for its `Retrying` and `AsyncRetrying`:
+
+1. begin: skipped if the deadline leaves no time, refused if the circuit breaker is open;
+2. attempt, within the smaller of the recommender's timeout and what is left of the deadline;
+3. on a failure its `RecommenderError` says is retryable, and if the policy allows more
+   attempts, retry: from that failure on, tenacity decides each wait (never shorter than the
+   recommender's `Retry-After`) and when to stop. No attempt starts, or sleeps, past the
+   deadline; a call that answers at once never pays for tenacity;
+4. settle: the breaker is told how the call went, unless the end was not the recommender's
+   doing (a timeout while the worker's loop stalled: the gateway's overload; a bug in the
+   gateway; a cancelled request), and the call becomes its `Outcome`.
+
+Two drivers make the attempts and take the sleeps (the policy's `async_sleep` or `sleep`):
+`_call_recommender` on the worker loop, each attempt hedged to a second replica when it is
+slow (`_hedged`), and `_call_recommender_blocking` from a pool thread.
+
 Whatever happens to a call, a fan-out never raises for it: every configured recommender
 yields an `Outcome`, in config order. Every call reads its answer within its recommender's
 `AnswerLimits` (`max_answer_bytes`, `max_items`, `max_json_depth`). Each call, and each of its
@@ -25,8 +45,11 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
+from tenacity import DoSleep, RetryCallState
+
+from gateway.admission import LoopLag
 from gateway.blocking import BlockingPool
 from gateway.clients import (
     DEFAULT_LIMITS,
@@ -38,7 +61,7 @@ from gateway.clients import (
 from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError, RecommenderTimeout
 from gateway.outcome import MIN_CALL_BUDGET_S, Deadline, Outcome
-from gateway.resilience import Guard, Hedger
+from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, SwitchedOffBreaker
 from gateway.tracing import NO_TRACING, Tracing
 
 __all__ = [
@@ -49,6 +72,7 @@ __all__ = [
     "ThreadPoolFanOut",
     "answer_limits",
     "build_fan_out",
+    "build_guards",
 ]
 
 log = logging.getLogger("gateway")
@@ -85,46 +109,116 @@ class _DeadlinePassed(RecommenderTimeout):
     """Too little of the deadline is left for another attempt."""
 
 
-class _CallRecord:
-    """One recommender call's bookkeeping: its attempts, its clock, and its `Outcome`."""
+class _Attempt(NamedTuple):
+    """Make an attempt within `budget_s`, after `resend_count` earlier ones."""
 
-    def __init__(self, name: str, timeout_s: float, deadline: Deadline, stall_mark: float = 0.0):
+    budget_s: float
+    resend_count: int
+
+
+class _Sleep(NamedTuple):
+    """Wait `seconds` before the next attempt."""
+
+    seconds: float
+
+
+# What a call's driver does next: an attempt, a sleep, or nothing more (the call's outcome).
+_Action = _Attempt | _Sleep | Outcome
+
+
+class _Call:
+    """One recommender call's state machine: it decides what comes next, its driver does it.
+
+    `start()` begins the call; after an attempt the driver reports `answered(prediction)` or
+    `failed(error)`, after a sleep `slept()`, and `cancelled()` if the request is. Each returns
+    what to do next: an `_Attempt`, a `_Sleep`, or the call's `Outcome` once it is over (its
+    breaker told, if it let the call through). tenacity's `BaseRetrying.iter` decides retries.
+    """
+
+    def __init__(self, name: str, timeout_s: float, guard: Guard, deadline: Deadline):
         self.name = name
         self.timeout_s = timeout_s
+        self.guard = guard
         self.deadline = deadline
         self.started = time.perf_counter()
+        self.stall_mark = guard.stalls.mark() if guard.stalls else 0.0  # the loop's, at start
         self.attempts = 0
+        # Whether the request's deadline, not the call's own timeout, bounds the last attempt.
         self.by_deadline = False
-        self.stall_mark = stall_mark  # the worker loop's stalled time when the call began
+        # tenacity's state of the retries, from the first failure worth retrying on.
+        self._retries: RetryCallState | None = None
 
-    @property
-    def hopeless(self) -> bool:
-        """Whether too little time is left to start the call at all."""
-        return self.deadline.at - time.perf_counter() < MIN_CALL_BUDGET_S
+    def start(self) -> _Attempt | Outcome:
+        """The first attempt, or the outcome of a call that must not be made."""
+        if self.deadline.at - time.perf_counter() < MIN_CALL_BUDGET_S:
+            return Outcome(self.name, "timeout", 0.0, error="deadline already passed")
+        try:
+            self.guard.breaker.before_call()
+        except CircuitOpen as exc:
+            return self._outcome_of(exc)
+        return self._next_attempt()
 
-    def next_attempt(self) -> float:
-        """Count an attempt and return its time budget: its timeout, or what is left."""
+    def answered(self, prediction: Any) -> Outcome:
+        """The outcome of a call whose attempt answered."""
+        self.guard.breaker.succeeded()
+        return Outcome(self.name, "ok", self._elapsed_ms(), prediction, attempts=self.attempts)
+
+    def failed(self, error: Exception) -> _Sleep | Outcome:
+        """After a failed attempt: the wait before the next one, or the call's outcome."""
+        retries = self._retries
+        if retries is None:
+            # Retries only: tenacity costs ~25 µs a call, too much for every first attempt.
+            if not self.guard.retry.worth_retrying(error):
+                return self._settled(error)
+            retrying = self.guard.retry.retrying(self.deadline.at)
+            retrying.begin()
+            retries = self._retries = RetryCallState(retrying, None, (), {})
+        retries.set_exception((type(error), error, error.__traceback__))
+        try:
+            do = retries.retry_object.iter(retries)
+        except Exception as last:  # tenacity gives up by raising the last failure again
+            return self._settled(last)
+        assert isinstance(do, DoSleep)  # after a failure, tenacity sleeps or gives up
+        retries.prepare_for_next_attempt()
+        return _Sleep(float(do))
+
+    def slept(self) -> _Attempt | Outcome:
+        """After the wait: the next attempt, if the deadline leaves time for it."""
+        return self._next_attempt()
+
+    def cancelled(self) -> None:
+        """The request was cancelled mid-call: no verdict for the breaker."""
+        self.guard.breaker.released()
+
+    def _next_attempt(self) -> _Attempt | Outcome:
         remaining = self.deadline.at - time.perf_counter()
         if remaining < MIN_CALL_BUDGET_S:
             self.by_deadline = True
-            raise _DeadlinePassed(self.name, "deadline passed between attempts")
+            return self._settled(_DeadlinePassed(self.name, "deadline passed between attempts"))
         self.attempts += 1
-        # Whether the request's deadline, not the call's own timeout, bounds this attempt.
         self.by_deadline = remaining < self.timeout_s
-        return min(self.timeout_s, remaining)
+        return _Attempt(min(self.timeout_s, remaining), self.attempts - 1)
+
+    def _settled(self, error: Exception) -> Outcome:
+        """Tell the breaker how the call failed (a gateway bug is not the recommender's)."""
+        guard = self.guard
+        if isinstance(error, RecommenderTimeout) and guard.stalls is not None:
+            # Did the recommender get its budget? Not if the loop that would have read its answer
+            # was stalled for a good part of it: then the timeout is the gateway's own queueing.
+            stalled = guard.stalls.stalled_since(self.stall_mark)
+            if stalled >= guard.excuse_stalled_share * (time.perf_counter() - self.started):
+                guard.breaker.released()
+                return self._overloaded(stalled)
+        if isinstance(error, RecommenderError):
+            guard.breaker.failed()
+        else:
+            guard.breaker.released()
+        return self._outcome_of(error)
 
     def _elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 1)
 
-    def skipped(self) -> Outcome:
-        """The outcome of a call never started."""
-        return Outcome(self.name, "timeout", 0.0, error="deadline already passed")
-
-    def succeeded(self, prediction: Any) -> Outcome:
-        """The outcome of a call that answered."""
-        return Outcome(self.name, "ok", self._elapsed_ms(), prediction, attempts=self.attempts)
-
-    def overloaded(self, stalled_s: float) -> Outcome:
+    def _overloaded(self, stalled_s: float) -> Outcome:
         """The outcome of a call that timed out while the worker itself was overloaded."""
         latency_ms = self._elapsed_ms()
         reason = (
@@ -136,8 +230,8 @@ class _CallRecord:
             self.name, "timeout", latency_ms, error=reason, attempts=self.attempts, overload=True
         )
 
-    def failed(self, error: BaseException) -> Outcome:
-        """The outcome of a call that raised `error` (after its last attempt)."""
+    def _outcome_of(self, error: BaseException) -> Outcome:
+        """The outcome of a call that ended with `error`."""
         latency_ms = self._elapsed_ms()
         if isinstance(error, RecommenderTimeout) and self.by_deadline:
             return self.deadline.missed(self.name, latency_ms, self.attempts)
@@ -154,41 +248,6 @@ class _CallRecord:
             error="gateway error during the call",
             attempts=self.attempts,
         )
-
-
-def _begin_call(
-    name: str, timeout_s: float, guard: Guard, deadline: Deadline
-) -> _CallRecord | Outcome:
-    """Start a call's bookkeeping, or the outcome of a call that must not be made."""
-    call = _CallRecord(name, timeout_s, deadline, guard.stalls.mark() if guard.stalls else 0.0)
-    if call.hopeless:
-        return call.skipped()
-    try:
-        guard.breaker.before_call()
-    except CircuitOpen as exc:
-        return call.failed(exc)
-    return call
-
-
-def _settle_call(
-    call: _CallRecord, guard: Guard, error: BaseException | None, prediction: Any
-) -> Outcome:
-    """Tell the breaker how the call went (a gateway bug is not the recommender's failure)."""
-    if error is None:
-        guard.breaker.succeeded()
-        return call.succeeded(prediction)
-    if isinstance(error, RecommenderTimeout) and guard.stalls is not None:
-        # Did the recommender get its budget? Not if the loop that would have read its answer
-        # was stalled for a good part of it: then the timeout is the gateway's own queueing.
-        stalled = guard.stalls.stalled_since(call.stall_mark)
-        if stalled >= guard.excuse_stalled_share * (time.perf_counter() - call.started):
-            guard.breaker.released()
-            return call.overloaded(stalled)
-    if isinstance(error, RecommenderError):
-        guard.breaker.failed()
-    else:
-        guard.breaker.released()
-    return call.failed(error)
 
 
 async def _ask(
@@ -224,14 +283,14 @@ async def _hedged(
     replicas: Replicas[RecommenderClient],
     hedger: Hedger,
     tracing: Tracing,
-    resend_count: int,
+    attempt: _Attempt,
     body: bytes,
     headers: Mapping[str, str],
-    budget: float,
     limits: AnswerLimits,
 ) -> Any:
     """One attempt: the replica whose turn it is, and a hedge to another if it is slow."""
     primary, backup = replicas.pick()
+    budget, resend_count = attempt
     ask = functools.partial(_ask, tracing=tracing, resend_count=resend_count, body=body)
     if backup is None:
         # One replica: nothing to hedge to, so nothing to count or time for it either.
@@ -280,49 +339,27 @@ async def _call_recommender(
 ) -> Outcome:
     """One recommender's call under its guard, in a span that parents its attempts."""
     with tracing.call(replicas.name) as span:
-        outcome = await _guarded(replicas, guard, limits, body, headers, deadline, tracing)
-        span.finished(outcome.status, outcome.attempts, outcome.error)
-        return outcome
-
-
-async def _guarded(
-    replicas: Replicas[RecommenderClient],
-    guard: Guard,
-    limits: AnswerLimits,
-    body: bytes,
-    headers: Mapping[str, str],
-    deadline: Deadline,
-    tracing: Tracing,
-) -> Outcome:
-    call = _begin_call(replicas.name, replicas.timeout_s, guard, deadline)
-    if isinstance(call, Outcome):
-        return call
-    try:
+        call = _Call(replicas.name, replicas.timeout_s, guard, deadline)
         try:
-            budget = call.next_attempt()
-            prediction = await _hedged(
-                replicas, guard.hedger, tracing, 0, body, headers, budget, limits
-            )
-        except RecommenderError as first:
-            if not guard.retry.worth_retrying(first):
-                raise
-            # Retries only: tenacity costs ~25 µs a call, too much for every first attempt.
-            # The first failure is replayed as attempt 1, so waits and stops count from it.
-            async for attempt in guard.retry.async_retrying(deadline.at):
-                with attempt:
-                    if attempt.retry_state.attempt_number == 1:
-                        raise first
-                    budget = call.next_attempt()
-                    resend_count = call.attempts - 1
+            do: _Action = call.start()
+            while not isinstance(do, Outcome):
+                if isinstance(do, _Sleep):
+                    await guard.retry.async_sleep(do.seconds)
+                    do = call.slept()
+                    continue
+                try:
                     prediction = await _hedged(
-                        replicas, guard.hedger, tracing, resend_count, body, headers, budget, limits
+                        replicas, guard.hedger, tracing, do, body, headers, limits
                     )
-    except asyncio.CancelledError:
-        guard.breaker.released()
-        raise
-    except Exception as exc:
-        return _settle_call(call, guard, exc, None)
-    return _settle_call(call, guard, None, prediction)
+                except Exception as error:
+                    do = call.failed(error)
+                else:
+                    do = call.answered(prediction)
+        except asyncio.CancelledError:
+            call.cancelled()
+            raise
+        span.finished(do.status, do.attempts, do.error)
+        return do
 
 
 def _call_recommender_blocking(
@@ -334,47 +371,25 @@ def _call_recommender_blocking(
     deadline: Deadline,
     tracing: Tracing,
 ) -> Outcome:
-    """`_call_recommender`, from a thread."""
+    """`_call_recommender`, from a thread: the replica whose turn it is, no hedge."""
     with tracing.call(replicas.name) as span:
-        outcome = _guarded_blocking(replicas, guard, limits, body, headers, deadline, tracing)
-        span.finished(outcome.status, outcome.attempts, outcome.error)
-        return outcome
-
-
-def _guarded_blocking(
-    replicas: Replicas[BlockingRecommenderClient],
-    guard: Guard,
-    limits: AnswerLimits,
-    body: bytes,
-    headers: Mapping[str, str],
-    deadline: Deadline,
-    tracing: Tracing,
-) -> Outcome:
-    call = _begin_call(replicas.name, replicas.timeout_s, guard, deadline)
-    if isinstance(call, Outcome):
-        return call
-    ask = functools.partial(_ask_blocking, tracing=tracing, body=body, headers=headers)
-    try:
-        try:
-            budget = call.next_attempt()
-            prediction = ask(replicas.pick()[0], resend_count=0, budget=budget, limits=limits)
-        except RecommenderError as first:
-            if not guard.retry.worth_retrying(first):
-                raise
-            for attempt in guard.retry.retrying(deadline.at):
-                with attempt:
-                    if attempt.retry_state.attempt_number == 1:
-                        raise first
-                    budget = call.next_attempt()
-                    prediction = ask(
-                        replicas.pick()[0],
-                        resend_count=call.attempts - 1,
-                        budget=budget,
-                        limits=limits,
-                    )
-    except Exception as exc:
-        return _settle_call(call, guard, exc, None)
-    return _settle_call(call, guard, None, prediction)
+        call = _Call(replicas.name, replicas.timeout_s, guard, deadline)
+        do: _Action = call.start()
+        while not isinstance(do, Outcome):
+            if isinstance(do, _Sleep):
+                guard.retry.sleep(do.seconds)
+                do = call.slept()
+                continue
+            try:
+                prediction = _ask_blocking(
+                    replicas.pick()[0], tracing, do.resend_count, body, headers, do.budget_s, limits
+                )
+            except Exception as error:
+                do = call.failed(error)
+            else:
+                do = call.answered(prediction)
+        span.finished(do.status, do.attempts, do.error)
+        return do
 
 
 class _OverSharedSession:
@@ -557,3 +572,33 @@ def build_fan_out(
 ) -> FanOut:
     """The fan-out strategy `settings.strategy` names, each call under its recommender's guard."""
     return STRATEGIES[settings.strategy].from_settings(settings, recommenders, guards, tracing)
+
+
+def build_guards(settings: Settings, stalls: LoopLag | None = None) -> dict[str, Guard]:
+    """A fresh guard (retry policy, closed breaker, hedger) per configured recommender.
+
+    `stalls`: the worker's loop-lag meter, which excuses the timeouts of an overloaded worker.
+    """
+    waits = settings.retry
+    return {
+        r.name: Guard(
+            RetryPolicy(
+                attempts=r.attempts,
+                initial_wait_s=waits.initial_wait_ms / 1000,
+                max_wait_s=waits.max_wait_ms / 1000,
+                jitter_s=waits.jitter_ms / 1000,
+            ),
+            CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s)
+            if settings.breaker.enabled
+            else SwitchedOffBreaker(),
+            Hedger(
+                r.hedge_after_ms / 1000 if r.hedge_after_ms is not None else None,
+                settings.hedging.max_extra_ratio,
+                settings.hedging.min_samples,
+                settings.hedging.window,
+            ),
+            stalls,
+            settings.breaker.excuse_stalled_share,
+        )
+        for r in settings.recommenders
+    }

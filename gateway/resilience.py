@@ -1,42 +1,44 @@
-"""Resilience for recommender calls: deadline-aware retries and per-recommender circuit breakers.
+"""Resilience for recommender calls: deadline-aware retries, circuit breakers and hedges.
+
+Read top to bottom: the retry pieces, `RetryPolicy`, `CircuitBreaker` (and the
+`SwitchedOffBreaker` that stands in when breakers are off), `Hedger`, and `Guard`, which
+bundles one recommender's. Each takes plain values; `gateway.fanout.build_guards` makes them
+from the settings, and `gateway.fanout` runs each call under its guard.
 
 **Retries** are built from tenacity's pieces. A call is retried when its `RecommenderError`
 says it is `retryable`: the connection failed or dropped, or the recommender answered 502, 503
 or 504. A 4xx, a 500 or a body that is not JSON is not retried. Waits grow exponentially with
 jitter, never shorter than the recommender's `Retry-After`. No attempt starts, or sleeps, past
 the request's deadline. tenacity's `stop_after_delay` is checked only after a failed attempt,
-so `stop_at_deadline` looks at the coming sleep too.
+so `stop_at_deadline` looks at the coming sleep too. tenacity's retryer decides (its `iter`);
+the fan-out makes the attempts and takes the sleeps, with the policy's `sleep` or
+`async_sleep`.
 
 **Circuit breakers** keep one state per recommender, per worker process. After `threshold`
 consecutive failed calls the breaker opens, and calls fail at once with `CircuitOpen`. After
 `cooldown_s` one probe goes through (half-open): its success closes the breaker, its failure
 opens it again. A recommender that hangs therefore stops costing every request the deadline.
+
+**Hedges** send a slow call's attempt to a second replica as well, after a delay (configured,
+or the recent p95), within a budget of extra calls; the first answer wins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
-import email.utils
 import functools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from tenacity import (
-    AsyncRetrying,
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-)
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base, wait_exponential_jitter
 
 from gateway.admission import LoopLag
-from gateway.config import Settings
 from gateway.errors import CircuitOpen, RecommenderError
 from gateway.outcome import MIN_CALL_BUDGET_S
 
@@ -46,27 +48,7 @@ __all__ = [
     "Hedger",
     "RetryPolicy",
     "SwitchedOffBreaker",
-    "guards_for",
-    "parse_retry_after",
 ]
-
-
-def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` header (seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    value = value.strip()
-    # RFC 9110 says whole seconds; a decimal is taken as meant rather than ignored.
-    if value.replace(".", "", 1).isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    current = datetime.now(UTC).timestamp() if now is None else now
-    return max(when.timestamp() - current, 0.0)
 
 
 def _is_retryable(error: BaseException) -> bool:
@@ -102,85 +84,17 @@ class stop_at_deadline(stop_base):
         return left < MIN_CALL_BUDGET_S
 
 
-class Hedger:
-    """When one recommender's calls get a hedge, within a budget of extra calls.
-
-    The hedge delay is `after_s` when configured, else the p95 of the last `window` answers
-    (none until `min_samples` were seen). At most `max_extra_ratio` of the calls are hedged.
-    """
-
-    def __init__(
-        self,
-        after_s: float | None = None,
-        max_extra_ratio: float = 0.1,
-        min_samples: int = 20,
-        window: int = 200,
-    ):
-        self.after_s = after_s
-        self.max_extra_ratio = max_extra_ratio
-        self.min_samples = min_samples
-        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
-        self._p95: float | None = None
-        self._since_p95 = 0
-        self._lock = threading.Lock()
-        self.calls = 0
-        self.hedges = 0
-
-    def delay_s(self) -> float | None:
-        """How long to wait for the first replica before hedging; None: do not hedge."""
-        return self.after_s if self.after_s is not None else self._p95
-
-    def record(self, latency_s: float) -> None:
-        """An answer came after `latency_s`; every 10 answers, refresh the p95."""
-        with self._lock:
-            self._latencies.append(latency_s)
-            self._since_p95 += 1
-            if len(self._latencies) >= self.min_samples and self._since_p95 >= 10:
-                ordered = sorted(self._latencies)
-                self._p95 = ordered[max(int(len(ordered) * 0.95) - 1, 0)]
-                self._since_p95 = 0
-
-    def count_call(self) -> None:
-        """A call is starting (hedges are budgeted against calls)."""
-        with self._lock:
-            self.calls += 1
-
-    def try_hedge(self) -> bool:
-        """Take a hedge from the budget, if it allows one more."""
-        with self._lock:
-            if self.hedges + 1 > self.max_extra_ratio * self.calls:
-                return False
-            self.hedges += 1
-            return True
-
-
-@dataclass(frozen=True)
-class Guard:
-    """What protects one recommender's calls: retries, its circuit breaker, its hedging.
-
-    `stalls` is the worker's loop-lag meter: a timeout during which the loop stalled for
-    `excuse_stalled_share` of the call's time is the gateway's overload, and is not counted
-    against the breaker (None: every timeout counts).
-    """
-
-    retry: RetryPolicy
-    breaker: CircuitBreaker | SwitchedOffBreaker
-    hedger: Hedger
-    stalls: LoopLag | None = None
-    excuse_stalled_share: float = 0.2
-
-
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How one recommender's calls are retried; builds tenacity retryers per call."""
+    """How one recommender's calls are retried: tenacity decides, the caller waits."""
 
     attempts: int = 2
     initial_wait_s: float = 0.01
     max_wait_s: float = 0.2
     jitter_s: float = 0.01
     # Injected in tests, so that a retry test records its waits instead of sleeping.
-    sleep: Callable[[float], Any] | None = None
-    async_sleep: Callable[[float], Any] | None = None
+    sleep: Callable[[float], Any] = time.sleep
+    async_sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep
 
     def worth_retrying(self, error: BaseException) -> bool:
         """Whether a first failure like `error` may be retried at all under this policy."""
@@ -194,75 +108,17 @@ class RetryPolicy:
             )
         )
 
-    def _arguments(self, deadline_at: float) -> dict[str, Any]:
-        return {
-            "stop": stop_after_attempt(self.attempts) | stop_at_deadline(deadline_at),
-            "wait": self._wait,
-            "retry": _RETRY_IF_RETRYABLE,
-            "reraise": True,
-        }
-
     def retrying(self, deadline_at: float) -> Retrying:
-        """A blocking retryer for one call that must end by `deadline_at` (perf_counter)."""
-        arguments = self._arguments(deadline_at)
-        if self.sleep is not None:
-            arguments["sleep"] = self.sleep
-        return Retrying(**arguments)
+        """tenacity's retryer for one call that must end by `deadline_at` (perf_counter).
 
-    def async_retrying(self, deadline_at: float) -> AsyncRetrying:
-        """An asyncio retryer for one call that must end by `deadline_at` (perf_counter)."""
-        arguments = self._arguments(deadline_at)
-        if self.async_sleep is not None:
-            arguments["sleep"] = self.async_sleep
-        return AsyncRetrying(**arguments)
-
-
-class SwitchedOffBreaker:
-    """A breaker switched off (`breaker.enabled: false`): it never opens."""
-
-    state = "closed"
-
-    def before_call(self) -> None:
-        """Every call goes through."""
-
-    def succeeded(self) -> None:
-        """Nothing to count."""
-
-    def failed(self) -> None:
-        """Nothing to count."""
-
-    def released(self) -> None:
-        """Nothing to free."""
-
-
-def guards_for(settings: Settings, stalls: LoopLag | None = None) -> dict[str, Guard]:
-    """A fresh guard (retry policy and closed breaker) per configured recommender.
-
-    `stalls`: the worker's loop-lag meter, which excuses the timeouts of an overloaded worker.
-    """
-    waits = settings.retry
-    return {
-        r.name: Guard(
-            RetryPolicy(
-                attempts=r.attempts,
-                initial_wait_s=waits.initial_wait_ms / 1000,
-                max_wait_s=waits.max_wait_ms / 1000,
-                jitter_s=waits.jitter_ms / 1000,
-            ),
-            CircuitBreaker(r.name, settings.breaker.failure_threshold, settings.breaker.cooldown_s)
-            if settings.breaker.enabled
-            else SwitchedOffBreaker(),
-            Hedger(
-                r.hedge_after_ms / 1000 if r.hedge_after_ms is not None else None,
-                settings.hedging.max_extra_ratio,
-                settings.hedging.min_samples,
-                settings.hedging.window,
-            ),
-            stalls,
-            settings.breaker.excuse_stalled_share,
+        Only its decisions are used (`iter`): the caller makes the attempts and the sleeps.
+        """
+        return Retrying(
+            stop=stop_after_attempt(self.attempts) | stop_at_deadline(deadline_at),
+            wait=self._wait,
+            retry=_RETRY_IF_RETRYABLE,
+            reraise=True,
         )
-        for r in settings.recommenders
-    }
 
 
 class CircuitBreaker:
@@ -335,3 +191,89 @@ class CircuitBreaker:
         """A let-through call ended without a verdict (cancelled): free the probe slot."""
         with self._lock:
             self._probing = False
+
+
+class SwitchedOffBreaker:
+    """A breaker switched off (`breaker.enabled: false`): it never opens."""
+
+    state = "closed"
+
+    def before_call(self) -> None:
+        """Every call goes through."""
+
+    def succeeded(self) -> None:
+        """Nothing to count."""
+
+    def failed(self) -> None:
+        """Nothing to count."""
+
+    def released(self) -> None:
+        """Nothing to free."""
+
+
+class Hedger:
+    """When one recommender's calls get a hedge, within a budget of extra calls.
+
+    The hedge delay is `after_s` when configured, else the p95 of the last `window` answers
+    (none until `min_samples` were seen). At most `max_extra_ratio` of the calls are hedged.
+    """
+
+    def __init__(
+        self,
+        after_s: float | None = None,
+        max_extra_ratio: float = 0.1,
+        min_samples: int = 20,
+        window: int = 200,
+    ):
+        self.after_s = after_s
+        self.max_extra_ratio = max_extra_ratio
+        self.min_samples = min_samples
+        self._latencies: collections.deque[float] = collections.deque(maxlen=window)
+        self._p95: float | None = None
+        self._since_p95 = 0
+        self._lock = threading.Lock()
+        self.calls = 0
+        self.hedges = 0
+
+    def delay_s(self) -> float | None:
+        """How long to wait for the first replica before hedging; None: do not hedge."""
+        return self.after_s if self.after_s is not None else self._p95
+
+    def record(self, latency_s: float) -> None:
+        """An answer came after `latency_s`; every 10 answers, refresh the p95."""
+        with self._lock:
+            self._latencies.append(latency_s)
+            self._since_p95 += 1
+            if len(self._latencies) >= self.min_samples and self._since_p95 >= 10:
+                ordered = sorted(self._latencies)
+                self._p95 = ordered[max(int(len(ordered) * 0.95) - 1, 0)]
+                self._since_p95 = 0
+
+    def count_call(self) -> None:
+        """A call is starting (hedges are budgeted against calls)."""
+        with self._lock:
+            self.calls += 1
+
+    def try_hedge(self) -> bool:
+        """Take a hedge from the budget, if it allows one more."""
+        with self._lock:
+            if self.hedges + 1 > self.max_extra_ratio * self.calls:
+                return False
+            self.hedges += 1
+            return True
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What protects one recommender's calls: retries, its circuit breaker, its hedging.
+
+    `stalls` is the worker's loop-lag meter: a timeout during which the loop stalled for
+    `excuse_stalled_share` of the call's time is the gateway's overload, and is not counted
+    against the breaker (None: every timeout counts).
+    """
+
+    retry: RetryPolicy
+    breaker: CircuitBreaker | SwitchedOffBreaker
+    hedger: Hedger
+    stalls: LoopLag | None = None
+    excuse_stalled_share: float = 0.2

@@ -37,9 +37,9 @@ from gateway import metrics
 from gateway.admission import AdaptiveLimit, LoopLag
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
-from gateway.fanout import FanOut, build_fan_out
+from gateway.fanout import FanOut, build_fan_out, build_guards
 from gateway.outcome import Deadline, Outcome
-from gateway.resilience import Guard, guards_for
+from gateway.resilience import Guard
 from gateway.tracing import NO_TRACING, Tracing, start_tracing
 from gateway.upstream import ConnectionPool
 
@@ -338,7 +338,7 @@ class WorkerRuntime:
             for recommender in self.settings.recommenders
         ]
         state.clients = tuple(client for group in replicas for client in group.clients)
-        state.guards = guards_for(self.settings, self.lag)
+        state.guards = build_guards(self.settings, self.lag)
         # Here, in the worker after the fork: the batch processor's thread is this process's.
         state.tracing = start_tracing(self.settings.tracing, self.span_processor)
         state.strategy = build_fan_out(self.settings, replicas, state.guards, state.tracing)

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-from gateway.clients import AnswerLimits, RecommenderClient
+from gateway.clients import AnswerLimits, BlockingRecommenderClient, RecommenderClient
 from gateway.errors import (
     BadRecommenderResponse,
     ClientClosedError,
+    GatewayError,
     RecommenderError,
     RecommenderTimeout,
     RecommenderUnavailable,
@@ -23,6 +24,7 @@ from gateway.upstream import (
     ConnectFailed,
     Disconnected,
     Malformed,
+    PoolClosed,
     TooLarge,
     Truncated,
     UpstreamError,
@@ -132,6 +134,48 @@ async def test_a_closed_pool_refuses_calls(pool: ScriptedPool) -> None:
     with pytest.raises(ClientClosedError, match="sml"):
         await client.recommend(BODY, {})
     assert pool.calls == []
+
+
+class FailingBlockingPool:
+    """A stand-in for `gateway.blocking.BlockingPool` whose every call raises `error`."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def post(self, url: str, body: bytes, headers: Any, timeout_s: float, max_bytes: int) -> Any:
+        raise self.error
+
+
+def as_seen(error: GatewayError) -> tuple[type[GatewayError], str, bool | None]:
+    return type(error), str(error), getattr(error, "retryable", None)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        TimeoutError(),
+        PoolClosed("the connection pool is closed"),
+        ConnectFailed("recommender.test", 80, "Connection refused"),
+        Disconnected("closed before answering"),
+        Truncated("the answer was cut off"),
+        Malformed("not an HTTP answer"),
+        TooLarge("answer above 10 bytes"),
+    ],
+)
+@pytest.mark.parametrize("idempotent", [True, False])
+async def test_both_clients_make_one_failure_the_same_error(
+    pool: ScriptedPool, error: Exception, idempotent: bool
+) -> None:
+    pool.add(URL, error=error)
+    blocking_pool: Any = FailingBlockingPool(error)
+    blocking = BlockingRecommenderClient("sml", URL, blocking_pool, 0.25, idempotent)
+
+    with pytest.raises(GatewayError) as from_async:
+        await client_of(pool, idempotent).recommend(BODY, {})
+    with pytest.raises(GatewayError) as from_blocking:
+        blocking.recommend(BODY, {})
+
+    assert as_seen(from_blocking.value) == as_seen(from_async.value)
 
 
 # --- Bounded answers ------------------------------------------------------------------------

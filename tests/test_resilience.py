@@ -13,11 +13,11 @@ import pytest
 import requests
 
 from gateway import Settings, create_app
-from gateway.clients import RecommenderClient, Replicas
+from gateway.clients import RecommenderClient, Replicas, parse_retry_after
 from gateway.errors import CircuitOpen
 from gateway.fanout import AsyncFanOut
 from gateway.outcome import Deadline, Outcome
-from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, parse_retry_after
+from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
 from gateway.upstream import ConnectFailed, Disconnected
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import ScriptedPool, Serve, settings_for
