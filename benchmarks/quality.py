@@ -46,6 +46,7 @@ from benchmarks.quality_report import findings, table, write_all
 from benchmarks.quality_scoring import comparisons, recommender_lists, score, summarise
 from benchmarks.quality_weights import fit_weights
 from gateway.fusion import FUSIONS
+from gateway.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import DEFAULT_SEED, default_world
 
@@ -85,7 +86,7 @@ async def _ask_all(
                 user, fusion = queue.pop()
                 body = {"user_id": user, "resultSize": k, "fusion": fusion}
                 # A fixed request id: interleaving is seeded by it, so reruns agree.
-                headers = {"X-Request-ID": f"quality-{user}-{fusion}"}
+                headers = {REQUEST_ID_HEADER: f"quality-{user}-{fusion}"}
                 try:
                     async with session.post(url, json=body, headers=headers) as response:
                         answer = await response.json() if response.status == 200 else None

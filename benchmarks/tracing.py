@@ -43,6 +43,7 @@ from benchmarks.harness import (
     serve_gunicorn,
 )
 from benchmarks.otlpsink import OtlpSink
+from gateway.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["TracingPlan", "main", "run_tracing"]
@@ -217,7 +218,7 @@ def span_costs(rounds: int = 7, number: int = 2000) -> dict[str, float]:
             for name in DEFAULT_NAMES:
                 with tracing.call(name) as call:
                     with tracing.attempt(name, "http://127.0.0.1:5001/test", 0, False) as one:
-                        one.headers({"X-Request-ID": "r"})
+                        one.headers({REQUEST_ID_HEADER: "r"})
                         one.answered(200)
                     call.finished("ok", 1, None)
             span.answered(200, True, 1.0, "rrf")
