@@ -102,14 +102,18 @@ def test_a_hostile_answer_is_its_sources_failure_alone(
 def test_requests_beside_hostile_answers_keep_their_answers(
     fleet: MockFleet, serve: Serve, hostile: HostileRecommender, path: str
 ) -> None:
-    url = serve(create_app(settings_with(fleet, hostile, path)))
+    # Every hostile call fails: on a loaded machine, requests that start after the first five
+    # failures would meet an open breaker instead of the hostile answer.
+    breaker = {"enabled": False}
+    url = serve(create_app(settings_with(fleet, hostile, path, breaker=breaker)))
 
     answers = asyncio.run(post_concurrently(url, [{"user_id": f"c{i}"} for i in range(16)]))
 
     assert {status for status, _ in answers} == {200}
     *good, bad = DEFAULT_NAMES
     for _, body in answers:
-        assert body["sources"][bad]["status"] == "error"
+        # Refused as an error; on a loaded machine, 16 bombs at once may outlast the deadline.
+        assert body["sources"][bad]["status"] in {"error", "timeout"}
         for name in good:
             # A loop blocked by the hostile answers (seconds, before) would time these out.
             assert body["sources"][name]["status"] == "ok"

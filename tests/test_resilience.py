@@ -356,8 +356,9 @@ def test_a_hedge_recovers_a_slow_replica(
     # Without the hedge, its turns would have timed out at the deadline.
     assert [s["status"] for s in sources] == ["ok"] * 6
     assert [s["attempts"] for s in sources] == [1] * 6
-    # Turns alternate: 3 calls went first to the hanging replica, each hedged to the other.
-    assert fleet.stats("psn")["hangs"] == 3
+    # Turns alternate: 3 calls went first to the hanging replica, each hedged to the other (on
+    # a loaded machine, a slow answer of the other may be hedged to the hanging one too).
+    assert fleet.stats("psn")["hangs"] >= 3
     assert second_psn.stats("psn")["requests"] == 6
 
 

@@ -83,12 +83,12 @@ def test_a_hanging_recommender_costs_at_most_the_deadline(
     # The hang lasts until the test ends: an answer seconds early is the deadline's doing.
     assert elapsed < 5
     assert body["sources"]["sml"]["status"] == "ok"
-    assert body["sources"]["asc"] == {
-        "status": "timeout",
-        "latency_ms": body["sources"]["asc"]["latency_ms"],
-        "attempts": 1,
-        "error": "no answer within the 500 ms deadline",
-    }
+    asc = body["sources"]["asc"]
+    assert (asc["status"], asc["attempts"]) == ("timeout", 1)
+    # On a loaded machine the worker's own stall may excuse the timeout; either way it says so.
+    assert asc["error"] == "no answer within the 500 ms deadline" or asc["error"].endswith(
+        "not counted against the recommender"
+    )
     if strategy == "sequential":
         # One after another: nothing is left for those after the hanging one.
         assert body["sources"]["trd"]["error"] == "deadline already passed"
