@@ -418,3 +418,20 @@ def _everything_stored(url: str, tmp_path: Path) -> bytes:
             stored.append(client.dump(key) or b"")
     client.close()
     return b"\n".join(stored)
+
+
+def test_redis_keys_of_an_impression_expire_with_it(
+    request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+) -> None:
+    url = fresh_url("redis", request, tmp_path)
+    store = open_store(url, RETENTION_S, clock)
+    store.save_impressions([interleaved("now"), interleaved("older", at=START - 3000)])
+    store.record([click("now", "i1", "e1")])
+    store.close()
+    client = redis.Redis.from_url(url)
+
+    ttls = {rid: client.ttl(f"fusion-gateway:feedback:imp:{rid}") for rid in ("now", "older")}
+    client.close()
+
+    assert RETENTION_S - 5 <= ttls["now"] <= RETENTION_S
+    assert 590 <= ttls["older"] <= 600
