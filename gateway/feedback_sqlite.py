@@ -103,7 +103,11 @@ def _translated() -> Iterator[None]:
 
 
 class SQLiteStore:
-    """The feedback store in the SQLite file at `path`; see the module docstring."""
+    """The feedback store in the SQLite file at `path`; see the module docstring.
+
+    Make one per worker process, after gunicorn forks (as the HTTP session is): a SQLite
+    connection must not cross a fork.
+    """
 
     def __init__(
         self,
