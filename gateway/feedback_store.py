@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from gateway.feedback_records import EventResult, FeedbackStats, LearnedWeights
@@ -29,7 +29,7 @@ from gateway.feedback_redis import RedisStore
 from gateway.feedback_sqlite import SQLiteStore
 from gateway.impressions import FeedbackEvent, Impression
 
-__all__ = ["FeedbackStore", "RedisStore", "SQLiteStore", "open_store"]
+__all__ = ["FeedbackStore", "RedisStore", "SQLiteStore", "check_store_url", "open_store"]
 
 
 class FeedbackStore(Protocol):
@@ -64,13 +64,11 @@ class FeedbackStore(Protocol):
         ...
 
 
-def open_store(
-    url: str, retention_s: float, clock: Callable[[], float] = time.time
-) -> FeedbackStore:
-    """The store a URL names: ``sqlite:///PATH`` or ``redis://host:port/N``.
+def check_store_url(url: str) -> Literal["sqlite", "redis"]:
+    """Which store a URL names, ``sqlite:///PATH`` or ``redis://host:port/N``, without I/O.
 
-    ValueError, naming what is wrong, for any other URL. `clock` (unix seconds) decides which
-    impressions have outlived `retention_s`; tests pass a fake one.
+    ValueError, naming what is wrong, for any other URL: the settings call it at start-up,
+    so a bad URL stops the gateway before any worker forks.
     """
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
@@ -84,7 +82,7 @@ def open_store(
             raise ValueError(f"feedback store URL {url!r} names no SQLite file")
         if parts.query or parts.fragment:
             raise ValueError(f"feedback store URL {url!r}: SQLite takes no query or fragment")
-        return SQLiteStore(path, retention_s, clock)
+        return "sqlite"
     if parts.scheme == "redis":
         if not parts.hostname:
             raise ValueError(f"feedback store URL {url!r} names no Redis host")
@@ -97,8 +95,22 @@ def open_store(
             raise ValueError(
                 f"feedback store URL {url!r}: the Redis database must be a number, got {database!r}"
             )
-        return RedisStore(url, retention_s, clock)
+        return "redis"
     raise ValueError(
         f"feedback store URL {url!r}: scheme {parts.scheme!r} is not supported; "
         "use sqlite:///PATH or redis://host:port/N"
     )
+
+
+def open_store(
+    url: str, retention_s: float, clock: Callable[[], float] = time.time
+) -> FeedbackStore:
+    """The store a URL names: ``sqlite:///PATH`` or ``redis://host:port/N``.
+
+    ValueError, naming what is wrong, for any other URL (`check_store_url`). `clock` (unix
+    seconds) decides which impressions have outlived `retention_s`; tests pass a fake one.
+    Nothing is connected yet: the store connects on first use.
+    """
+    if check_store_url(url) == "sqlite":
+        return SQLiteStore(urlsplit(url).path[1:], retention_s, clock)
+    return RedisStore(url, retention_s, clock)

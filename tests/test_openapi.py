@@ -72,6 +72,8 @@ def test_the_live_app_keeps_its_contract(gateway_url: str) -> None:
     operations = [r.ok() for r in api.get_all_operations() if isinstance(r, Ok)]
     assert {operation.path for operation in operations} == {
         "/recommendation",
+        "/feedback",
+        "/experiments",
         "/healthz",
         "/readyz",
         "/metrics",
