@@ -9,11 +9,12 @@ attribution figure reported is the gateway's own.
 
 Two experiments, each on a fresh gateway and store:
 
-- **sensitivity** (repeated over seeds): a third of the users in an interleaving arm
-  (team-draft multileaving of all four recommenders), a third each in two A/B arms that show
-  one recommender's list alone: the best single recommender by NDCG@10 against the truth
-  (computed here from the world) and the runner-up. How many impressions does each method
-  need before it is 95% sure which of the two is better?
+- **sensitivity** (repeated over seeds): a fifth of the users in an interleaving arm
+  (team-draft multileaving of all four recommenders), a fifth each in four A/B arms that show
+  one recommender's list alone. How many impressions does each method need before it is 95%
+  sure that the best single recommender by NDCG@10 against the truth (computed here from the
+  world) beats the runner-up (interleaving: one arm; A/B: those two arms), and before it is
+  sure the best beats each of the three others (A/B: all four arms)?
 - **learning**: half the users interleaved (the learner's evidence), half in an RRF arm with
   the learnt weights, the learner on with a short interval. The weights over time against
   weights fitted offline on other users (`benchmarks.quality_weights`), and NDCG@10 of the
@@ -52,7 +53,7 @@ class OnlinePlan:
     """What to simulate."""
 
     sensitivity_impressions: int = 3000
-    """Users played per sensitivity run (a third per arm)."""
+    """Users played per sensitivity run (a fifth per arm)."""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """One sensitivity run per seed: other users, so other clicks."""
     learning_impressions: int = 8000
@@ -70,9 +71,11 @@ class OnlinePlan:
     slope: float = 2.0
     learner: dict[str, str] = field(
         default_factory=lambda: {
-            "min_evidence": "50",
-            "floor": "0.05",
-            "max_weight": "1.0",
+            # The gateway's defaults, but for min_evidence: equal weights for the first
+            # ~700 impressions, so that the first window shows where learning starts from.
+            "min_evidence": "1500",
+            "floor": "0.1",
+            "max_weight": "5.0",
             "rate": "0.02",
             "interval_s": "0.5",
         }
@@ -307,7 +310,7 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
                 # recommender's ten items (1/70 apart at least) nor lift another's above them.
                 "weights": {n: 1.0 if n == name else 1e-6 for n in DEFAULT_NAMES},
             }
-            for name in (best, runner_up)
+            for name in DEFAULT_NAMES
         ]
         arms = [{"name": "interleave", "fusion": "interleave", "share": 1}, *alone]
         for seed in plan.seeds:
@@ -398,6 +401,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
     if args.quick:
         plan.sensitivity_impressions, plan.seeds = 240, seeds[:1]
         plan.learning_impressions, plan.validation_users, plan.windows = 240, 100, 2
+        plan.learner["min_evidence"] = "100"
     if not seeds or plan.sensitivity_impressions < plan.round_size or plan.learning_impressions < 2:
         parser.error(
             f"need a seed, --impressions >= {plan.round_size} and --learning-impressions >= 2"

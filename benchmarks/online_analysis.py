@@ -81,10 +81,35 @@ def _agreement(sent: Mapping[str, Any], experiments: Mapping[str, Any]) -> dict[
     return {"gateway_arms": counted, "agree": counted == sent["arms"]}
 
 
+def _best_of_all(experiments: Mapping[str, Any], best: str) -> dict[str, Any]:
+    """Whether each method is sure `best` beats every other recommender, and on how much."""
+    arms = experiments.get("arms", {})
+    others = [name for name in DEFAULT_NAMES if name != best]
+    a = arms.get(f"ab-{best}", {})
+    ab_impressions = sum(arms.get(f"ab-{name}", {}).get("impressions", 0) for name in DEFAULT_NAMES)
+    z = [
+        ab_test(
+            a.get("clicked_impressions", 0),
+            a.get("impressions", 0),
+            arms.get(f"ab-{name}", {}).get("clicked_impressions", 0),
+            arms.get(f"ab-{name}", {}).get("impressions", 0),
+        )["z"]
+        for name in others
+    ]
+    verdicts = [preference_decided(pair_of(experiments, best, name)) for name in others]
+    return {
+        "interleave": {
+            "impressions": arms.get("interleave", {}).get("impressions", 0),
+            "verdict": int(all(v == 1 for v in verdicts)),
+        },
+        "ab": {"impressions": ab_impressions, "verdict": int(all(value > Z95 for value in z))},
+    }
+
+
 def analyse_sensitivity(
     played: Sequence[Impression], snapshots: Sequence[Snapshot], best: str, runner_up: str
 ) -> dict[str, Any]:
-    """Interleaving and A/B between `best` and `runner_up`, checked after every round."""
+    """Interleaving and A/B, `best` against `runner_up` and against all, after every round."""
     series = []
     for snapshot in snapshots:
         experiments = snapshot["experiments"]
@@ -111,6 +136,7 @@ def analyse_sensitivity(
                     **test,
                     "verdict": (test["z"] > Z95) - (test["z"] < -Z95),
                 },
+                "best_of_all": _best_of_all(experiments, best),
             }
         )
     n_interleave = decided_after(
@@ -120,18 +146,37 @@ def analyse_sensitivity(
     n_ab = decided_after(
         [row["ab"]["impressions"] for row in series], [row["ab"]["verdict"] for row in series]
     )
-    stayed_i, stayed_ab = n_interleave["stayed"], n_ab["stayed"]
+    all_interleave = decided_after(
+        [row["best_of_all"]["interleave"]["impressions"] for row in series],
+        [row["best_of_all"]["interleave"]["verdict"] for row in series],
+    )
+    all_ab = decided_after(
+        [row["best_of_all"]["ab"]["impressions"] for row in series],
+        [row["best_of_all"]["ab"]["verdict"] for row in series],
+    )
     sent = tally(played)
     final = snapshots[-1]["experiments"] if snapshots else {}
     return {
         "n_interleave": n_interleave,
         "n_ab": n_ab,
-        "ratio": round(stayed_ab / stayed_i, 2) if stayed_i and stayed_ab else None,
+        "ratio": _ratio(n_ab, n_interleave),
+        "best_of_all": {
+            "n_interleave": all_interleave,
+            "n_ab": all_ab,
+            "ratio": _ratio(all_ab, all_interleave),
+        },
         "series": series,
         "sent": sent,
         **_agreement(sent, final),
         "final": final,
     }
+
+
+def _ratio(ab: Mapping[str, int | None], interleave: Mapping[str, int | None]) -> float | None:
+    """How many times interleaving's impressions A/B needed, both staying sure; None if never."""
+    if ab["stayed"] is None or not interleave["stayed"]:
+        return None
+    return round(ab["stayed"] / interleave["stayed"], 2)
 
 
 def fused_ndcg(

@@ -29,16 +29,27 @@ def _diff(paired: dict[str, Any]) -> str:
     return f"{paired['difference']:+.3f} ± {paired['ci95']:.3f}"
 
 
-def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The ratios over seeds, and in how many of them the target was met."""
-    ratios = [run["ratio"] for run in results["sensitivity"] if run["ratio"] is not None]
+def _ratios(ratios: list[float | None]) -> dict[str, Any]:
+    decided = [ratio for ratio in ratios if ratio is not None]
     return {
-        "runs": len(results["sensitivity"]),
-        "decided_both": len(ratios),
         "ratios": ratios,
-        "median_ratio": statistics.median(ratios) if ratios else None,
-        "met": sum(ratio >= TARGET_RATIO for ratio in ratios),
+        "median_ratio": statistics.median(decided) if decided else None,
+        "met": sum(ratio >= TARGET_RATIO for ratio in decided),
     }
+
+
+def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Over the runs: the ratios, and how often the target was met (vs the runner-up, vs all)."""
+    runs = results["sensitivity"]
+    return {
+        "runs": len(runs),
+        "against_runner_up": _ratios([run["ratio"] for run in runs]),
+        "against_all": _ratios([run["best_of_all"]["ratio"] for run in runs]),
+    }
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.1f}x"
 
 
 def findings(results: dict[str, Any]) -> list[str]:
@@ -51,19 +62,22 @@ def findings(results: dict[str, Any]) -> list[str]:
         f"{_pm(results['recommenders'][1])}"
     ]
     for run in results["sensitivity"]:
-        n_i, n_ab = run["n_interleave"], run["n_ab"]
-        ratio = f"{run['ratio']:.1f}x" if run["ratio"] is not None else "-"
+        n_i, n_ab, every = run["n_interleave"], run["n_ab"], run["best_of_all"]
         lines.append(
             f"seed {run['seed']}: interleaving 95% sure {best} > {runner_up} after "
             f"{_n(n_i['stayed'])} impressions (first {_n(n_i['first'])}), A/B after "
-            f"{_n(n_ab['stayed'])} (first {_n(n_ab['first'])}): A/B needs {ratio}"
+            f"{_n(n_ab['stayed'])} (first {_n(n_ab['first'])}): A/B needs {_x(run['ratio'])}; "
+            f"{best} > each of the others: interleaving {_n(every['n_interleave']['stayed'])}, "
+            f"A/B (four arms) {_n(every['n_ab']['stayed'])}: {_x(every['ratio'])}"
         )
     summary = sensitivity_summary(results)
-    if summary["median_ratio"] is not None:
-        lines.append(
-            f"target n_I <= n_AB / {TARGET_RATIO:g}: met in {summary['met']} of "
-            f"{summary['runs']} runs (median ratio {summary['median_ratio']:.1f}x)"
-        )
+    for what, label in (("against_runner_up", runner_up), ("against_all", "each other")):
+        found = summary[what]
+        if found["median_ratio"] is not None:
+            lines.append(
+                f"target n_I <= n_AB / {TARGET_RATIO:g}, {best} against {label}: met in "
+                f"{found['met']} of {summary['runs']} runs (median {found['median_ratio']:.1f}x)"
+            )
     learning = results["learning"]
     if learning["weights"]:
         first, last = learning["weights"][0], learning["weights"][-1]
@@ -118,16 +132,17 @@ def markdown(results: dict[str, Any]) -> str:
         "Impressions until each method was 95% sure, and stayed sure to the end of the run "
         "(in brackets: the first time it was). Interleaving: the Wilson interval of the "
         "pairwise preference excludes 0.5; A/B: a two-proportion z-test on the share of "
-        "impressions clicked.",
+        f"impressions clicked, counting the impressions of the two arms. Best of four: until "
+        f"{best} is sure to beat each of the three others (A/B: all four arms' impressions).",
         "",
         "| seed | interleaving impressions | A/B impressions | A/B / interleaving | "
-        "preference (wins-losses-ties) | CTR A/B arms |",
-        "|---|---:|---:|---:|---|---|",
+        "preference (wins-losses-ties) | CTR A/B arms | best of four: interleaving | "
+        "A/B (four arms) | A/B / interleaving |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|",
     ]
     for run in results["sensitivity"]:
         n_i, n_ab, last = run["n_interleave"], run["n_ab"], run["series"][-1]
-        pair, ab = last["interleave"], last["ab"]
-        ratio = f"{run['ratio']:.1f}x" if run["ratio"] is not None else "-"
+        pair, ab, every = last["interleave"], last["ab"], run["best_of_all"]
         preference = (
             f"{pair['preference']:.3f} [{pair['low']:.3f}, {pair['high']:.3f}] "
             f"({pair['wins']}-{pair['losses']}-{pair['ties']})"
@@ -136,8 +151,9 @@ def markdown(results: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {run['seed']} | {_n(n_i['stayed'])} ({_n(n_i['first'])}) | "
-            f"{_n(n_ab['stayed'])} ({_n(n_ab['first'])}) | {ratio} | {preference} | "
-            f"{ab['ctr_a']:.3f} vs {ab['ctr_b']:.3f} |"
+            f"{_n(n_ab['stayed'])} ({_n(n_ab['first'])}) | {_x(run['ratio'])} | {preference} | "
+            f"{ab['ctr_a']:.3f} vs {ab['ctr_b']:.3f} | {_n(every['n_interleave']['stayed'])} | "
+            f"{_n(every['n_ab']['stayed'])} | {_x(every['ratio'])} |"
         )
     lines += ["", "\n".join(f"- {line}" for line in findings(results)), ""]
     lines += ["![interleaving against A/B](online-sensitivity.png)", ""]

@@ -83,7 +83,7 @@ def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
     final = run["final"]
     # What the simulation sent is what the gateway counted: per arm, and in total.
     assert run["agree"] and run["gateway_arms"] == run["sent"]["arms"]
-    assert set(run["sent"]["arms"]) == {"interleave", "ab-asc", "ab-psn"}
+    assert set(run["sent"]["arms"]) == {"interleave", "ab-sml", "ab-asc", "ab-trd", "ab-psn"}
     assert run["sent"]["impressions"] == plan["sensitivity_impressions"]
     assert sum(arm["impressions"] for arm in final["arms"].values()) == run["sent"]["impressions"]
     assert final["events"]["click"] == run["sent"]["clicks"] > 0
@@ -99,6 +99,11 @@ def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
     assert last["ab"]["impressions"] == (
         final["arms"]["ab-asc"]["impressions"] + final["arms"]["ab-psn"]["impressions"]
     )
+    ab_arms = [arm for name, arm in final["arms"].items() if name.startswith("ab-")]
+    assert last["best_of_all"]["ab"]["impressions"] == sum(a["impressions"] for a in ab_arms)
+    # Every A/B arm fuses with RRF, its weights keeping one list alone on top.
+    for name in ("sml", "asc", "trd", "psn"):
+        assert final["arms"][f"ab-{name}"]["fusion"] == "rrf"
 
     learning = results["learning"]
     assert learning["agree"] and set(learning["sent"]["arms"]) == {"interleave", "learned"}
