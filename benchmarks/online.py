@@ -20,8 +20,9 @@ Two experiments, each on a fresh gateway and store:
   weights fitted offline on other users (`benchmarks.quality_weights`), and NDCG@10 of the
   learnt arm's fused lists, in windows, against the best single recommender on the same users.
 
-This module runs it; `benchmarks.online_stats` holds the statistics, `benchmarks.online_report`
-the tables, markdown and plots.
+This module runs it; `benchmarks.online_play` holds the simulated users and their HTTP side,
+`benchmarks.online_stats` the statistics, `benchmarks.online_analysis` the figures drawn from
+a run, and `benchmarks.online_report` the findings, markdown and plots.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ from typing import Any
 
 from benchmarks.harness import GATEWAY_COMMAND, gateway_env, mocks, run_with_spinner, serve_gunicorn
 from benchmarks.online_analysis import analyse_learning, analyse_sensitivity, rank_recommenders
+from benchmarks.online_play import Rounds, learning_arm, play, single_arm
 from benchmarks.online_report import findings, write_all
 from benchmarks.quality_weights import fit_weights
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.clicks import ClickModel
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
-__all__ = ["Impression", "OnlinePlan", "main", "parse_plan", "run_online"]
+__all__ = ["OnlinePlan", "main", "parse_plan", "run_online"]
 
 
 @dataclass
@@ -81,154 +83,6 @@ class OnlinePlan:
         }
     )
     """The gateway's `feedback.learner` settings (as `GATEWAY_FEEDBACK__LEARNER__*`)."""
-
-
-@dataclass
-class Impression:
-    """One simulated user's impression: what the gateway showed, and what the user did."""
-
-    index: int
-    user: str
-    request_id: str
-    arm: str
-    fusion: str
-    fused: list[str]
-    lists: dict[str, list[str]]
-    clicks: list[str]
-    accepted: int = 0
-    duplicates: int = 0
-
-
-Snapshot = dict[str, Any]  # {"after": impressions played, "experiments": GET /experiments}
-ArmOf = Callable[[dict[str, Any]], str]
-
-
-# Talking to the gateway
-
-
-class _Session:
-    """The simulation's HTTP side: one aiohttp session for the gateway's three endpoints."""
-
-    def __init__(self, base: str, k: int) -> None:
-        import aiohttp
-
-        self.base, self.k = base, k
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
-
-    async def close(self) -> None:
-        await self._http.close()
-
-    async def recommend(self, user: str) -> dict[str, Any]:
-        # No `fusion` in the body: a request naming one is outside the experiment.
-        body = {"user_id": user, "resultSize": self.k}
-        async with self._http.post(f"{self.base}/recommendation", json=body) as response:
-            answer: dict[str, Any] = await response.json()
-            if response.status != 200 or not answer.get("complete"):
-                raise RuntimeError(f"/recommendation for {user}: {response.status} {answer}")
-            return answer
-
-    async def feedback(self, request_id: str, clicks: list[str]) -> tuple[int, int]:
-        """POST the clicks as one batch; those refused (not yet stored) are sent again."""
-        pending = [
-            {"request_id": request_id, "item_id": item, "event": "click", "event_id": f"c-{item}"}
-            for item in clicks
-        ]
-        accepted = duplicates = 0
-        for attempt in range(20):
-            async with self._http.post(f"{self.base}/feedback", json={"events": pending}) as reply:
-                body = await reply.json()
-            if reply.status == 202:
-                accepted += int(body["accepted"])
-                duplicates += int(body["duplicates"])
-                pending = [pending[refused["index"]] for refused in body.get("rejected", [])]
-                if not pending:
-                    return accepted, duplicates
-            # An impression is written within a flush interval; until then its clicks are
-            # refused as unknown. The event ids would make a repeat count once anyway.
-            await asyncio.sleep(0.05 * (attempt + 1))
-        raise RuntimeError(f"/feedback refused {pending}: {reply.status} {body}")
-
-    async def experiments(self) -> dict[str, Any]:
-        async with self._http.get(f"{self.base}/experiments") as response:
-            body: dict[str, Any] = await response.json()
-            if response.status != 200:
-                raise RuntimeError(f"/experiments: {response.status} {body}")
-            return body
-
-    async def settled(self, played: int) -> dict[str, Any]:
-        """/experiments once it counts all `played` impressions (workers write them in batches)."""
-        for _ in range(200):
-            body = await self.experiments()
-            if sum(arm["impressions"] for arm in body["arms"].values()) >= played:
-                return body
-            await asyncio.sleep(0.02)
-        raise RuntimeError(f"/experiments still counts fewer than {played} impressions: {body}")
-
-
-# The simulation
-
-
-async def _play(
-    base: str,
-    users: list[str],
-    model: ClickModel,
-    arm_of: ArmOf,
-    plan: OnlinePlan,
-    advance: Callable[[str], None],
-    label: str,
-) -> tuple[list[Impression], list[Snapshot]]:
-    """Each user once, in rounds of `plan.round_size`; /experiments read after every round."""
-    session = _Session(base, plan.k)
-    played: list[Impression] = []
-    snapshots: list[Snapshot] = []
-    gate = asyncio.Semaphore(plan.concurrency)
-
-    async def one(index: int, user: str) -> Impression:
-        async with gate:
-            answer = await session.recommend(user)
-            fused = [str(item["id"]) for item in answer["fused"]]
-            lists = {
-                entry["name"]: [str(item["id"]) for item in entry["prediction"]["items"]]
-                for entry in answer["result"]
-            }
-            clicks = model.clicks(user, fused)
-            shown = Impression(
-                index, user, answer["request_id"], arm_of(answer), answer["fusion"], fused,
-                lists, clicks,
-            )  # fmt: skip
-            if clicks:
-                shown.accepted, shown.duplicates = await session.feedback(shown.request_id, clicks)
-            return shown
-
-    try:
-        for start in range(0, len(users), plan.round_size):
-            batch = users[start : start + plan.round_size]
-            played += await asyncio.gather(*(one(start + n, user) for n, user in enumerate(batch)))
-            experiments = await session.settled(len(played))
-            snapshots.append({"after": len(played), "experiments": experiments})
-            advance(f"{label}: {len(played)} of {len(users)} users")
-    finally:
-        await session.close()
-    return played, snapshots
-
-
-def _single_arm(answer: dict[str, Any]) -> str:
-    """The sensitivity run's arm of an answer: interleaved, or the one recommender it showed."""
-    if answer.get("arm"):
-        return str(answer["arm"])
-    if answer["fusion"] == "interleave":
-        return "interleave"
-    fused = [str(item["id"]) for item in answer["fused"]]
-    for entry in answer["result"]:
-        if [str(item["id"]) for item in entry["prediction"]["items"]][: len(fused)] == fused:
-            return f"ab-{entry['name']}"
-    return "mixed"
-
-
-def _learning_arm(answer: dict[str, Any]) -> str:
-    if answer.get("arm"):
-        return str(answer["arm"])
-    return "interleave" if answer["fusion"] == "interleave" else "learned"
 
 
 @contextlib.contextmanager
@@ -297,6 +151,7 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
         "sensitivity": [],
     }
     learning_off = {**plan.learner, "enabled": "false"}
+    rounds = Rounds(plan.round_size, plan.concurrency, plan.k)
     with mocks(
         list(DEFAULT_NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)
     ) as fleet:
@@ -317,8 +172,8 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
             users = [f"s{seed}-u{n}" for n in range(plan.sensitivity_impressions)]
             with _gateway(urls, arms, learning_off, logs / f"gateway-seed-{seed}.log") as url:
                 played, snapshots = asyncio.run(
-                    _play(
-                        url, users, model, _single_arm, plan, advance, f"sensitivity, seed {seed}"
+                    play(
+                        url, users, model, single_arm, rounds, advance, f"sensitivity, seed {seed}"
                     )
                 )
             run = analyse_sensitivity(played, snapshots, best, runner_up)
@@ -332,7 +187,7 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
         users = [f"learn-u{n}" for n in range(plan.learning_impressions)]
         with _gateway(urls, arms, learning_on, logs / "gateway-learning.log") as url:
             played, snapshots = asyncio.run(
-                _play(url, users, model, _learning_arm, plan, advance, "learning")
+                play(url, users, model, learning_arm, rounds, advance, "learning")
             )
     results["learning"] = analyse_learning(
         played, snapshots, world, best, fitted, plan.k, plan.windows

@@ -18,13 +18,16 @@ accepted), so the report can show that the gateway counted exactly that.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.online_stats import (
     Z95,
+    ab_needs,
     ab_test,
     decided_after,
+    interleaving_needs,
+    margin_weights,
     normalised,
     pair_of,
     preference_decided,
@@ -36,7 +39,7 @@ from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import World
 
 if TYPE_CHECKING:
-    from benchmarks.online import Impression, Snapshot
+    from benchmarks.online_play import Impression, Snapshot
 
 __all__ = ["analyse_learning", "analyse_sensitivity", "fused_ndcg", "rank_recommenders", "tally"]
 
@@ -157,6 +160,7 @@ def analyse_sensitivity(
     sent = tally(played)
     final = snapshots[-1]["experiments"] if snapshots else {}
     return {
+        "needs": _needs(series[-1]) if series else {},
         "n_interleave": n_interleave,
         "n_ab": n_ab,
         "ratio": _ratio(n_ab, n_interleave),
@@ -169,6 +173,21 @@ def analyse_sensitivity(
         "sent": sent,
         **_agreement(sent, final),
         "final": final,
+    }
+
+
+def _needs(last: Mapping[str, Any]) -> dict[str, Any]:
+    """Impressions each method would need for 95%, by a power calculation on the final rates."""
+    pair, ab = last["interleave"], last["ab"]
+    interleave = interleaving_needs(pair["wins"] or 0, pair["losses"] or 0, pair["impressions"])
+    shown = ab["impressions"] / 2  # the two arms are near even; the rates carry the effect
+    ab_total = ab_needs(
+        round(ab["ctr_a"] * shown), round(shown), round(ab["ctr_b"] * shown), round(shown)
+    )
+    return {
+        "interleave": round(interleave) if interleave else None,
+        "ab": round(ab_total) if ab_total else None,
+        "ratio": round(ab_total / interleave, 2) if interleave and ab_total else None,
     }
 
 
@@ -230,14 +249,29 @@ def _weights_over_time(
     return rows
 
 
+def _counters_before(snapshots: Sequence[Snapshot], index: int) -> list[dict[str, Any]]:
+    """The pairwise counters /experiments gave last before impression `index` was played."""
+    known = [s for s in snapshots if s["after"] <= index]
+    return list(known[-1]["experiments"].get("pairwise", [])) if known else []
+
+
 def _windows(
-    learned: Sequence[Impression], fused: Sequence[float], single: Sequence[float], count: int
+    learned: Sequence[Impression],
+    fused: Sequence[float],
+    single: Sequence[float],
+    count: int,
+    proposed: Callable[[int, int], Sequence[float]],
 ) -> list[dict[str, Any]]:
-    """The learnt arm's impressions, in order, cut into `count` near-equal windows."""
+    """The learnt arm's impressions, in order, cut into `count` near-equal windows.
+
+    `proposed(start, stop)`: the window's NDCG@k per user had the proposed rule set the weights
+    from the counters known at its start (replayed on the same lists).
+    """
     count = min(count, len(learned) // 2)  # a window of one user has no interval
     bounds = [round(i * len(learned) / count) for i in range(count + 1)] if count else []
     rows = []
     for start, stop in itertools.pairwise(bounds):
+        replay = proposed(start, stop)
         mean, ci = mean_ci(fused[start:stop])
         best_mean, best_ci = mean_ci(single[start:stop])
         rows.append(
@@ -250,6 +284,8 @@ def _windows(
                 "best_ndcg": round(best_mean, 4),
                 "best_ci95": round(best_ci, 4),
                 "vs_best": paired_difference(fused[start:stop], single[start:stop]),
+                "proposed_ndcg": round(mean_ci(replay)[0], 4),
+                "proposed_vs_best": paired_difference(replay, single[start:stop]),
             }
         )
     return rows
@@ -270,6 +306,7 @@ def analyse_learning(
     fitted offline, the last learnt) on the very lists the gateway got: the reference lines.
     """
     weights = _weights_over_time(snapshots, fitted)
+    names = list(DEFAULT_NAMES)
     learned = sorted((s for s in played if s.arm == "learned"), key=lambda s: s.index)
     truth = {shown.user: world.truth(shown.user) for shown in learned}
     fused = [ndcg_at(shown.fused, truth[shown.user], k) for shown in learned]
@@ -289,10 +326,20 @@ def analyse_learning(
         }
         if last:
             offline["rrf, the last learnt weights"] = _summary(fused_ndcg(lists, last, k), single)
+        proposed = margin_weights(final.get("pairwise", []), names)
+        offline["rrf, proposed rule on the final counters"] = _summary(
+            fused_ndcg(lists, proposed, k), single
+        )
+
+    def replayed(start: int, stop: int) -> list[float]:
+        counters = _counters_before(snapshots, learned[start].index)
+        return fused_ndcg(lists[start:stop], margin_weights(counters, names), k)
+
     sent = tally(played)
     return {
         "weights": weights,
-        "windows": _windows(learned, fused, single, windows),
+        "windows": _windows(learned, fused, single, windows, replayed),
+        "proposed_weights": margin_weights(final.get("pairwise", []), names),
         "offline": offline,
         "sent": sent,
         **_agreement(sent, final),

@@ -45,6 +45,7 @@ def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
         "runs": len(runs),
         "against_runner_up": _ratios([run["ratio"] for run in runs]),
         "against_all": _ratios([run["best_of_all"]["ratio"] for run in runs]),
+        "power_calculation": _ratios([run["needs"].get("ratio") for run in runs]),
     }
 
 
@@ -70,8 +71,20 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"{best} > each of the others: interleaving {_n(every['n_interleave']['stayed'])}, "
             f"A/B (four arms) {_n(every['n_ab']['stayed'])}: {_x(every['ratio'])}"
         )
+    for run in results["sensitivity"]:
+        needs = run["needs"]
+        if needs.get("ratio") is not None:
+            lines.append(
+                f"seed {run['seed']}, by a power calculation on the final rates: interleaving "
+                f"needs {needs['interleave']:,} impressions, A/B {needs['ab']:,}: "
+                f"{_x(needs['ratio'])}"
+            )
     summary = sensitivity_summary(results)
-    for what, label in (("against_runner_up", runner_up), ("against_all", "each other")):
+    for what, label in (
+        ("against_runner_up", runner_up),
+        ("against_all", "each other"),
+        ("power_calculation", f"{runner_up}, by a power calculation"),
+    ):
         found = summary[what]
         if found["median_ratio"] is not None:
             lines.append(
@@ -91,7 +104,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"learnt arm, impressions {row['from']}-{row['to']}: NDCG@{k} "
             f"{_pm(row, 'fused_ndcg', 'fused_ci95')}, {best} {_pm(row, 'best_ndcg', 'best_ci95')}, "
-            f"paired {_diff(row['vs_best'])}"
+            f"paired {_diff(row['vs_best'])}; proposed, replayed {_diff(row['proposed_vs_best'])}"
         )
     for system, row in learning["offline"].items():
         lines.append(
@@ -176,11 +189,13 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         f"## NDCG@{k} of the learnt arm over the run",
         "",
-        f"| impressions | learnt arm | {best} | paired difference |",
-        "|---|---:|---:|---:|",
+        f"| impressions | learnt arm | {best} | learnt arm - {best} | proposed rule, replayed "
+        f"| proposed - {best} |",
+        "|---|---:|---:|---:|---:|---:|",
         *(
             f"| {row['from']:,}-{row['to']:,} | {_pm(row, 'fused_ndcg', 'fused_ci95')} | "
-            f"{_pm(row, 'best_ndcg', 'best_ci95')} | {_diff(row['vs_best'])} |"
+            f"{_pm(row, 'best_ndcg', 'best_ci95')} | {_diff(row['vs_best'])} | "
+            f"{row['proposed_ndcg']:.3f} | {_diff(row['proposed_vs_best'])} |"
             for row in learning["windows"]
         ),
         "",
@@ -314,6 +329,10 @@ def plot_learning(results: dict[str, Any], out: Path) -> Path:
     right.errorbar(
         middle, [row["best_ndcg"] for row in windows], yerr=[row["best_ci95"] for row in windows],
         fmt="s--", color="C3", capsize=3, label=f"{best} alone, same users",
+    )  # fmt: skip
+    right.plot(
+        middle, [row["proposed_ndcg"] for row in windows], "^:", color="C2",
+        label="proposed rule, replayed on the same lists",
     )  # fmt: skip
     offline = learning["offline"]
     for system, style in (("rrf, equal weights", ":"), ("rrf, offline-fitted weights", "-.")):

@@ -7,6 +7,9 @@ Pure functions over the snapshots `benchmarks.online` takes of the gateway's ``G
   preference over the other (the gateway's ``low``/``high``) excludes 0.5;
 - an A/B test is decided when a two-proportion z-test on the arms' clicked impressions (the
   share of impressions with at least one click) gives |z| > 1.96;
+- for each, the impressions it would need by a power calculation from the run's final rates
+  (`interleaving_needs`, `ab_needs`: the sample at which the observed effect is just 1.96
+  standard errors from none), steadier from run to run than the first passage;
 - for each, the impressions it took: the first snapshot at which it was decided *and stayed
   decided, in the right direction, to the end of the run* (checking after every round is
   optional stopping, and a lucky early crossing that later reverses would flatter either
@@ -21,8 +24,11 @@ from typing import Any
 
 __all__ = [
     "Z95",
+    "ab_needs",
     "ab_test",
     "decided_after",
+    "interleaving_needs",
+    "margin_weights",
     "normalised",
     "pair_of",
     "preference_decided",
@@ -125,3 +131,54 @@ def weight_distance(weights: Mapping[str, float], target: Mapping[str, float]) -
     a, b = normalised(weights), normalised(target)
     names = sorted(set(a) | set(b))
     return sum(abs(a.get(n, 0.0) - b.get(n, 0.0)) for n in names) / len(names) if names else 0.0
+
+
+def interleaving_needs(wins: int, losses: int, impressions: int) -> float | None:
+    """Impressions until a preference this strong is 1.96 standard errors from 0.5.
+
+    Decided comparisons needed: 1.96² p(1-p) / (p - 1/2)², over the share of impressions that
+    decided one; None when nothing was decided or the preference is exactly even.
+    """
+    decided = wins + losses
+    if not decided or not impressions or 2 * wins == decided:
+        return None
+    share = wins / decided
+    comparisons = Z95**2 * share * (1 - share) / (share - 0.5) ** 2
+    return comparisons * impressions / decided
+
+
+def ab_needs(clicked_a: int, shown_a: int, clicked_b: int, shown_b: int) -> float | None:
+    """Impressions (both arms, split evenly) until this CTR difference is 1.96 standard errors.
+
+    Per arm: 1.96² (p_a q_a + p_b q_b) / (p_a - p_b)²; None when either arm is empty or the
+    rates are equal.
+    """
+    if not shown_a or not shown_b or clicked_a * shown_b == clicked_b * shown_a:
+        return None
+    a, b = clicked_a / shown_a, clicked_b / shown_b
+    return 2 * Z95**2 * (a * (1 - a) + b * (1 - b)) / (a - b) ** 2
+
+
+def margin_weights(
+    pairwise: Sequence[Mapping[str, Any]],
+    names: Sequence[str],
+    beta: float = 4.0,
+    prior: float = 50.0,
+) -> dict[str, float]:
+    """A learner rule that converges (proposed, not the gateway's): exp(beta · mean margin).
+
+    Each recommender's margin is its wins minus losses over its decided comparisons, shrunk
+    towards 0 by `prior` pseudo-comparisons: ``w_i = exp(beta · (W_i - L_i) / (W_i + L_i +
+    prior))``. Unlike Hedge over cumulative net wins, the exponent is bounded by `beta` and
+    settles as evidence grows, so the weights stop moving instead of running to the bounds.
+    """
+    net = dict.fromkeys(names, 0)
+    decided = dict.fromkeys(names, 0)
+    for pair in pairwise:
+        a, b = pair["a"], pair["b"]
+        if a in net and b in net:
+            net[a] += pair["wins"] - pair["losses"]
+            net[b] += pair["losses"] - pair["wins"]
+            decided[a] += pair["wins"] + pair["losses"]
+            decided[b] += pair["wins"] + pair["losses"]
+    return {name: round(math.exp(beta * net[name] / (decided[name] + prior)), 4) for name in names}

@@ -7,12 +7,16 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from benchmarks.online_stats import (
+    ab_needs,
     ab_test,
     decided_after,
+    interleaving_needs,
+    margin_weights,
     pair_of,
     preference_decided,
     weight_distance,
@@ -63,6 +67,39 @@ def test_pair_of_turns_the_gateways_pair_round() -> None:
 def test_weight_distance_compares_ratios_only() -> None:
     assert weight_distance({"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 0.5}) == 0.0
     assert weight_distance({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.0}) == 0.5
+
+
+def test_the_power_calculations_give_the_sample_at_which_the_effect_is_196_errors() -> None:
+    # 70 wins of 100 decided, one impression in two deciding: z = 1.96 at D comparisons.
+    needed = interleaving_needs(70, 30, 200)
+    assert needed is not None
+    decided = needed * 100 / 200
+    assert (0.7 - 0.5) / math.sqrt(0.7 * 0.3 / decided) == pytest.approx(1.959964)
+    assert interleaving_needs(5, 5, 40) is None and interleaving_needs(0, 0, 40) is None
+
+    total = ab_needs(60, 100, 40, 100)
+    assert total is not None
+    per_arm = total / 2
+    assert 0.2 / math.sqrt((0.6 * 0.4 + 0.4 * 0.6) / per_arm) == pytest.approx(1.959964)
+    assert ab_needs(5, 10, 10, 20) is None and ab_needs(1, 0, 1, 2) is None
+
+
+def test_the_proposed_rule_weights_by_mean_margin_shrunk_by_a_prior() -> None:
+    pairwise: list[dict[str, Any]] = [
+        {"a": "asc", "b": "psn", "wins": 150, "losses": 50, "ties": 99},
+        {"a": "psn", "b": "trd", "wins": 50, "losses": 50, "ties": 10},
+    ]
+    weights = margin_weights(pairwise, ["asc", "psn", "trd", "sml"], beta=2.0, prior=50.0)
+
+    assert weights["asc"] == pytest.approx(math.exp(2.0 * 100 / 250), abs=1e-4)
+    assert weights["psn"] == pytest.approx(math.exp(2.0 * -100 / 350), abs=1e-4)
+    assert weights["trd"] == 1.0 and weights["sml"] == 1.0  # even, and never compared
+    # Ten times the evidence at the same margin: the weight settles, it does not run away.
+    tenfold = [
+        {**pair, "wins": 10 * pair["wins"], "losses": 10 * pair["losses"]} for pair in pairwise
+    ]
+    settled = margin_weights(tenfold, ["asc", "psn", "trd"], beta=2.0, prior=50.0)["asc"]
+    assert weights["asc"] < settled < math.exp(2.0 * 0.5)
 
 
 @pytest.mark.slow
