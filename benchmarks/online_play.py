@@ -55,7 +55,10 @@ class _Session:
     async def recommend(self, user: str) -> dict[str, Any]:
         # No `fusion` in the body: a request naming one is outside the experiment.
         body = {"user_id": user, "resultSize": self.k}
-        async with self._http.post(f"{self.base}/recommendation", json=body) as response:
+        # A request id per user: interleaving is seeded by it, so a rerun shows the same lists.
+        headers = {"X-Request-ID": f"online-{user}"}
+        url = f"{self.base}/recommendation"
+        async with self._http.post(url, json=body, headers=headers) as response:
             answer: dict[str, Any] = await response.json()
             if response.status != 200 or not answer.get("complete"):
                 raise RuntimeError(f"/recommendation for {user}: {response.status} {answer}")

@@ -322,26 +322,26 @@ def plot_learning(results: dict[str, Any], out: Path) -> Path:
     left.legend(loc="center right")
     windows = learning["windows"]
     middle = [(row["from"] + row["to"]) / 2 for row in windows]
-    right.errorbar(
-        middle, [row["fused_ndcg"] for row in windows], yerr=[row["fused_ci95"] for row in windows],
-        fmt="o-", color="C0", capsize=3, label="learnt arm (RRF, learnt weights)",
-    )  # fmt: skip
-    right.errorbar(
-        middle, [row["best_ndcg"] for row in windows], yerr=[row["best_ci95"] for row in windows],
-        fmt="s--", color="C3", capsize=3, label=f"{best} alone, same users",
-    )  # fmt: skip
-    right.plot(
-        middle, [row["proposed_ndcg"] for row in windows], "^:", color="C2",
-        label="proposed rule, replayed on the same lists",
-    )  # fmt: skip
+    # Paired differences: the users' own spread, which dwarfs the effect, cancels out.
+    for key, style, colour, label in (
+        ("vs_best", "o-", "C0", "learnt arm (RRF, learnt weights)"),
+        ("proposed_vs_best", "^:", "C2", "proposed rule, replayed on the same lists"),
+    ):
+        right.errorbar(
+            middle, [row[key]["difference"] for row in windows],
+            yerr=[row[key]["ci95"] for row in windows],
+            fmt=style, color=colour, capsize=3, label=label,
+        )  # fmt: skip
+    right.axhline(0.0, color="C3", ls="--", lw=1, label=f"{best} alone")
     offline = learning["offline"]
     for system, style in (("rrf, equal weights", ":"), ("rrf, offline-fitted weights", "-.")):
         if system in offline:
-            right.axhline(offline[system]["ndcg"], color="grey", ls=style, lw=1, label=system)
+            difference = offline[system]["vs_best"]["difference"]
+            right.axhline(difference, color="grey", ls=style, lw=1, label=system)
     right.set(
-        title=f"NDCG@{results['plan']['k']} by window of the learnt arm",
+        title=f"NDCG@{results['plan']['k']} of the learnt arm - {best}'s, same users",
         xlabel="impressions (all arms)",
-        ylabel=f"NDCG@{results['plan']['k']}",
+        ylabel=f"paired difference in NDCG@{results['plan']['k']}",
     )
     right.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
