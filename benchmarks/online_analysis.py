@@ -39,7 +39,7 @@ from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import World
 
 if TYPE_CHECKING:
-    from benchmarks.online_play import Impression, Snapshot
+    from benchmarks.online_play import Played, Snapshot
 
 __all__ = ["analyse_learning", "analyse_sensitivity", "fused_ndcg", "rank_recommenders", "tally"]
 
@@ -57,7 +57,7 @@ def rank_recommenders(users: Sequence[tuple[Any, list[str]]], k: int) -> list[di
     return sorted(rows, key=lambda row: -row["ndcg"])
 
 
-def tally(played: Sequence[Impression]) -> dict[str, Any]:
+def tally(played: Sequence[Played]) -> dict[str, Any]:
     """What the simulation sent: impressions, clicked impressions and clicks accepted, per arm."""
     arms: dict[str, dict[str, int]] = {}
     for shown in played:
@@ -110,7 +110,7 @@ def _best_of_all(experiments: Mapping[str, Any], best: str) -> dict[str, Any]:
 
 
 def analyse_sensitivity(
-    played: Sequence[Impression], snapshots: Sequence[Snapshot], best: str, runner_up: str
+    played: Sequence[Played], snapshots: Sequence[Snapshot], best: str, runner_up: str
 ) -> dict[str, Any]:
     """Interleaving and A/B, `best` against `runner_up` and against all, after every round."""
     series = []
@@ -256,7 +256,7 @@ def _counters_before(snapshots: Sequence[Snapshot], index: int) -> list[dict[str
 
 
 def _windows(
-    learned: Sequence[Impression],
+    learned: Sequence[Played],
     fused: Sequence[float],
     single: Sequence[float],
     count: int,
@@ -292,7 +292,7 @@ def _windows(
 
 
 def analyse_learning(
-    played: Sequence[Impression],
+    played: Sequence[Played],
     snapshots: Sequence[Snapshot],
     world: World,
     best: str,

@@ -15,12 +15,12 @@ from typing import Any
 
 from mock_recommenders.clicks import ClickModel
 
-__all__ = ["ArmOf", "Impression", "Rounds", "Snapshot", "learning_arm", "play", "single_arm"]
+__all__ = ["ArmOf", "Played", "Rounds", "Snapshot", "learning_arm", "play", "single_arm"]
 
 
 @dataclass
-class Impression:
-    """One simulated user's impression: what the gateway showed, and what the user did."""
+class Played:
+    """One simulated user played: what the gateway showed them, and what they did."""
 
     index: int
     user: str
@@ -122,14 +122,14 @@ async def play(
     rounds: Rounds,
     advance: Callable[[str], None],
     label: str,
-) -> tuple[list[Impression], list[Snapshot]]:
+) -> tuple[list[Played], list[Snapshot]]:
     """Each user once, in rounds of `rounds.size`; /experiments read after every round."""
     session = _Session(base, rounds.k)
-    played: list[Impression] = []
+    played: list[Played] = []
     snapshots: list[Snapshot] = []
     gate = asyncio.Semaphore(rounds.concurrency)
 
-    async def one(index: int, user: str) -> Impression:
+    async def one(index: int, user: str) -> Played:
         async with gate:
             answer = await session.recommend(user)
             fused = [str(item["id"]) for item in answer["fused"]]
@@ -138,7 +138,7 @@ async def play(
                 for entry in answer["result"]
             }
             clicks = model.clicks(user, fused)
-            shown = Impression(
+            shown = Played(
                 index, user, answer["request_id"], arm_of(answer), answer["fusion"], fused,
                 lists, clicks,
             )  # fmt: skip
