@@ -237,6 +237,7 @@ class FeedbackService:
 
     def report(self) -> dict[str, Any]:
         """The body of `GET /experiments`: counters, credit, pairwise preferences, arms."""
+        self._flush()  # what this worker showed so far is counted
         stats = self._require_store().stats()
         in_use = self.weights_in_use()
         names = list(self.configured) + sorted(set(stats.recommenders) - set(self.configured))
