@@ -57,6 +57,7 @@ async def _post_events(
     rng = random.Random(7)
     counter = itertools.count()
     totals = {"accepted": 0.0, "requests": 0.0, "errors": 0.0}
+    refused: dict[str, int] = {}
     stop = time.monotonic() + duration_s
 
     def event() -> dict[str, str]:
@@ -75,11 +76,15 @@ async def _post_events(
                 totals["accepted"] += answer["accepted"] + answer["duplicates"]
             else:
                 totals["errors"] += 1
+                why = f"{r.status} {answer['error']['message'][:80]}"
+                refused[why] = refused.get(why, 0) + 1
 
     started = time.monotonic()
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
     totals["elapsed_s"] = time.monotonic() - started
+    for why, count in refused.items():
+        print(f"refused {count}x: {why}")
     return totals
 
 

@@ -169,7 +169,7 @@ class FeedbackService:
             fused.fusion,
             assignment.arm,
             fused.items,
-            fused.teams,
+            fused.teams or (None,) * len(fused.items),
         )
         with self._lock:
             if len(self._pending) < self.settings.queue_limit:
