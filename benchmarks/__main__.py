@@ -6,9 +6,10 @@ strategies against the mocks' synthetic truth instead: see `benchmarks.quality`.
 switched off at a time: see `benchmarks.features`; ``python -m benchmarks tracing`` what
 tracing costs, off, at 100% and at 1%: see `benchmarks.tracing`. ``python -m benchmarks
 scaleout`` (``make scaleout``) runs two gateways behind nginx and stops one mid-load: see
-`benchmarks.scaleout`. ``python -m benchmarks online`` plays simulated users who click, and
-measures what the gateway learns from them (interleaving against A/B, learnt weights): see
-`benchmarks.online`.
+`benchmarks.scaleout`. ``python -m benchmarks feedback`` measures `/feedback`'s events per
+second per worker on the SQLite store: see `benchmarks.feedback`. ``python -m benchmarks
+online`` plays simulated users who click, and measures what the gateway learns from them
+(interleaving against A/B, learnt weights): see `benchmarks.online`.
 
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import tracing
 
         return tracing.main(argv[1:])
+    if argv[:1] == ["feedback"]:
+        from benchmarks import feedback
+
+        return feedback.main(argv[1:])
     if argv[:1] == ["scaleout"]:
         from benchmarks import scaleout
 

@@ -121,6 +121,7 @@ class FeedbackService:
         # it finds every impression recorded before it.
         self._flushing = threading.Lock()
         self._learned: LearnedWeights | None = None
+        self._in_use: Mapping[str, float] = dict(self.learner.initial)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -134,12 +135,12 @@ class FeedbackService:
         """The learnt weights this worker last published; None before the first."""
         return self._learned
 
-    def weights_in_use(self) -> dict[str, float]:
-        """The weights `learned` arms fuse with: learnt when learning, else configured."""
-        learned = self._learned
-        if not self.settings.learner.enabled or learned is None:
-            return dict(self.learner.initial)
-        return {**self.learner.initial, **learned.weights}
+    def weights_in_use(self) -> Mapping[str, float]:
+        """The weights `learned` arms fuse with: learnt when learning, else configured.
+
+        Made when the weights are published, not per request; not to be changed.
+        """
+        return self._in_use
 
     # --- On the loop ----------------------------------------------------------------------
 
@@ -169,7 +170,7 @@ class FeedbackService:
             fused.fusion,
             assignment.arm,
             fused.items,
-            fused.teams,
+            fused.teams or (None,) * len(fused.items),
         )
         with self._lock:
             if len(self._pending) < self.settings.queue_limit:
@@ -237,6 +238,7 @@ class FeedbackService:
 
     def report(self) -> dict[str, Any]:
         """The body of `GET /experiments`: counters, credit, pairwise preferences, arms."""
+        self._flush()  # what this worker showed so far is counted
         stats = self._require_store().stats()
         in_use = self.weights_in_use()
         names = list(self.configured) + sorted(set(stats.recommenders) - set(self.configured))
@@ -286,7 +288,7 @@ class FeedbackService:
             "pairwise": pairwise,
             "arms": arms,
             "weights": {
-                "in_use": in_use,
+                "in_use": dict(in_use),
                 "learning": self.settings.learner.enabled,
                 "frozen": self.settings.learner.frozen,
                 "evidence": self.learner.evidence(stats),
@@ -356,6 +358,9 @@ class FeedbackService:
     def _publish(self, learned: LearnedWeights) -> None:
         changed = self._learned is None or dict(self._learned.weights) != dict(learned.weights)
         self._learned = learned
+        if self.settings.learner.enabled:
+            # One reference swapped: a request on the loop reads the old or the new, whole.
+            self._in_use = {**self.learner.initial, **learned.weights}
         if changed and self._metrics:
             metrics.observe_learned_weights(learned.weights)
 
@@ -367,19 +372,14 @@ class FeedbackService:
 
 def _impression(shown: _Shown) -> Impression:
     request_id, user_hash, at, fusion, arm, items, teams = shown
-    return Impression(
-        request_id,
-        user_hash,
-        at,
-        fusion,
-        arm,
-        tuple(
-            ShownItem(
-                item["id"],
-                position,
-                team,
-                tuple((source["name"], source["rank"]) for source in item["sources"]),
-            )
-            for position, (item, team) in enumerate(zip(items, teams, strict=True), start=1)
-        ),
-    )
+    # List comprehensions, not generators: this runs for every item of every answer.
+    shown_items = [
+        ShownItem(
+            item["id"],
+            position,
+            team,
+            tuple([(source["name"], source["rank"]) for source in item["sources"]]),
+        )
+        for position, (item, team) in enumerate(zip(items, teams, strict=True), start=1)
+    ]
+    return Impression(request_id, user_hash, at, fusion, arm, tuple(shown_items))

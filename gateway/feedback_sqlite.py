@@ -25,6 +25,7 @@ expiring an impression does not take back what its events counted.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import sqlite3
@@ -130,18 +131,24 @@ class SQLiteStore:
 
     def save_impressions(self, impressions: Sequence[Impression]) -> None:
         """Store a batch in one transaction; a request id already stored keeps its first."""
+        rows = [(imp.request_id, imp.at, imp.to_json()) for imp in impressions]
+        added: collections.Counter[tuple[str, str]] = collections.Counter()
         with self._transaction() as db:
-            for impression in impressions:
+            for impression, row in zip(impressions, rows, strict=True):
                 inserted = db.execute(
                     "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)",
-                    (impression.request_id, impression.at, impression.to_json()),
+                    row,
                 ).rowcount
                 if not inserted:
                     continue
-                for name in impression.recommenders():
-                    db.execute(_ADD, ("recommender", name, "impressions", 1))
+                added.update(("recommender", name) for name in impression.recommenders())
                 if impression.arm is not None:
-                    db.execute(_ADD, ("arm", impression.arm, "impressions", 1))
+                    added[("arm", impression.arm)] += 1
+            # One upsert per counter for the whole batch, not one per impression and name.
+            db.executemany(
+                _ADD,
+                [(scope, name, "impressions", count) for (scope, name), count in added.items()],
+            )
 
     def record(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
         """Judge and count a batch of events in one transaction, in order; one result each."""

@@ -25,11 +25,13 @@ from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
 from gateway.feedback_records import EventResult, FeedbackStats, LearnedWeights
-from gateway.feedback_redis import RedisStore
 from gateway.feedback_sqlite import SQLiteStore
 from gateway.impressions import FeedbackEvent, Impression
 
-__all__ = ["FeedbackStore", "RedisStore", "SQLiteStore", "check_store_url", "open_store"]
+# `gateway.feedback_redis` (and the redis package, which imports OpenTelemetry when it is
+# installed) is imported only when a Redis store is opened: a gateway without one, or with
+# tracing off, loads neither.
+__all__ = ["FeedbackStore", "SQLiteStore", "check_store_url", "open_store"]
 
 
 class FeedbackStore(Protocol):
@@ -113,4 +115,6 @@ def open_store(
     """
     if check_store_url(url) == "sqlite":
         return SQLiteStore(urlsplit(url).path[1:], retention_s, clock)
+    from gateway.feedback_redis import RedisStore
+
     return RedisStore(url, retention_s, clock)

@@ -394,7 +394,7 @@ class WorkerRuntime:
             state.publisher.cancel()
         if state.ticker is not None:
             state.ticker.cancel()
-        if state.feedback is not None:
+        if state.feedback is not None and state.feedback.enabled:
             # After the last requests: their impressions are written, then the store closed.
             await asyncio.to_thread(state.feedback.close)
         metrics.flush()  # the last second's counts

@@ -47,7 +47,7 @@ def feedback_environment(environ: dict[str, str], directory: Path = FEEDBACK_DIR
     """
     if "GATEWAY_FEEDBACK__STORE" in environ:
         return {}
-    directory.mkdir(exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     added = {"GATEWAY_FEEDBACK__STORE": f"sqlite:///{directory / 'feedback.db'}"}
     if "GATEWAY_FEEDBACK__SALT" not in environ:
         salt_file = directory / "salt"
@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         default=5001,
         help="the first of the four mocks' consecutive ports (0: any free ones)",
     )
+    parser.add_argument(
+        "--feedback-dir",
+        type=Path,
+        default=FEEDBACK_DIR,
+        help="where the embedded feedback store and its salt are kept (default: .feedback)",
+    )
     args = parser.parse_args(argv)
     # Set explicitly: a process started in the background inherits SIGINT ignored, and the
     # children may see Ctrl-C before this process does, so their exit is not an error then.
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             raise SystemExit(f"run: {exc}") from None
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.update(feedback_environment(env))
+        env.update(feedback_environment(env, args.feedback_dir))
         if args.mock_base_port != 5001:
             # The packaged config points at 5001-5004; other ports need their own list.
             env["GATEWAY_RECOMMENDERS"] = json.dumps(

@@ -86,11 +86,15 @@ def stored(database: Path, request_id: str) -> Impression:
     found: list[Impression] = []
 
     def written() -> bool:
-        with sqlite3.connect(database) as db:
-            row = db.execute(
-                "SELECT body FROM impression WHERE request_id = ?", (request_id,)
-            ).fetchone()
-        db.close()
+        try:
+            # Read-only: never creates the file, nor races the gateway making its schema.
+            with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as db:
+                row = db.execute(
+                    "SELECT body FROM impression WHERE request_id = ?", (request_id,)
+                ).fetchone()
+            db.close()
+        except sqlite3.OperationalError:  # no file or no table yet
+            return False
         if row is not None:
             found.append(Impression.from_json(row[0]))
         return bool(found)
@@ -185,6 +189,8 @@ def test_a_body_that_is_not_json_is_400(url: str) -> None:
 def test_feedback_needs_the_token_and_experiments_as_metrics_do(
     fleet: MockFleet, serve: Serve, tmp_path: Path
 ) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
     open_report = serve(feedback_app(fleet, tmp_path / "a", {"api_keys": ["k"]}))
     closed_report = serve(
         feedback_app(fleet, tmp_path / "b", {"api_keys": ["k"], "metrics_require_token": True})

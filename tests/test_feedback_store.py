@@ -25,7 +25,8 @@ from gateway.feedback_records import (
     LearnedWeights,
     RecommenderCounts,
 )
-from gateway.feedback_store import FeedbackStore, RedisStore, SQLiteStore, open_store
+from gateway.feedback_redis import RedisStore
+from gateway.feedback_store import FeedbackStore, SQLiteStore, open_store
 from gateway.impressions import FeedbackEvent, Impression, ShownItem, hash_user
 from tests.helpers import closed_port
 from tests.redis_server import RedisServer

@@ -61,7 +61,7 @@ def test_make_run_starts_everything_prints_curl_and_stops_on_ctrl_c(tmp_path: Pa
     try:
         assert process.stdout is not None
         give_up = time.monotonic() + 60
-        while not any(line.startswith("  curl ") for line in lines):
+        while not any(line.startswith("Ctrl-C stops everything") for line in lines):
             assert time.monotonic() < give_up, "".join(lines)
             line = process.stdout.readline()
             assert line, "run.py ended before it was ready:\n" + "".join(lines)
