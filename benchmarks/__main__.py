@@ -6,7 +6,10 @@ strategies against the mocks' synthetic truth instead: see `benchmarks.quality`.
 switched off at a time: see `benchmarks.features`; ``python -m benchmarks tracing`` what
 tracing costs, off, at 100% and at 1%: see `benchmarks.tracing`. ``python -m benchmarks
 scaleout`` (``make scaleout``) runs two gateways behind nginx and stops one mid-load: see
-`benchmarks.scaleout`.
+`benchmarks.scaleout`. ``python -m benchmarks feedback`` measures `/feedback`'s events per
+second per worker on the SQLite store: see `benchmarks.feedback`. ``python -m benchmarks
+online`` plays simulated users who click, and measures what the gateway learns from them
+(interleaving against A/B, learnt weights): see `benchmarks.online`.
 
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
@@ -48,7 +51,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
         "what each feature costs: python -m benchmarks features --help; "
         "what tracing costs: python -m benchmarks tracing --help; "
         "goodput under overload: python -m benchmarks overload --help; "
-        "two gateways behind nginx, one stopped: python -m benchmarks scaleout --help",
+        "two gateways behind nginx, one stopped: python -m benchmarks scaleout --help; "
+        "learning from simulated clicks: python -m benchmarks online --help",
     )
     parser.add_argument("--levels", type=_ints, help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
@@ -116,10 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import tracing
 
         return tracing.main(argv[1:])
+    if argv[:1] == ["feedback"]:
+        from benchmarks import feedback
+
+        return feedback.main(argv[1:])
     if argv[:1] == ["scaleout"]:
         from benchmarks import scaleout
 
         return scaleout.main(argv[1:])
+    if argv[:1] == ["online"]:
+        from benchmarks import online
+
+        return online.main(argv[1:])
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -6,7 +6,14 @@ switched off at a time, and with all of them off:
 - ``metrics off``: `metrics: false` (no Prometheus recording);
 - ``request log off``: `log_requests: false` (no JSON line per request);
 - ``fusion off``: `fusion: none` (no fused ranking);
-- ``breakers off``: `breaker.enabled: false` (no circuit breaker around each call).
+- ``breakers off``: `breaker.enabled: false` (no circuit breaker around each call);
+
+and with one feature that ships off switched on:
+
+- ``feedback on``: feedback in an SQLite file in the output folder (each answer's impression
+  kept and written by the workers' writer threads; the load sends no clicks).
+
+`--variants "all on,feedback on"` runs only those.
 
 Each variant runs under gunicorn in front of the same mocks, at each concurrency level, and the
 whole rotation is repeated (`--repeats`): a feature's cost is a few percent, and this machine's
@@ -51,6 +58,11 @@ VARIANTS: dict[str, dict[str, str]] = {
         "fusion": "none",
         "breaker__enabled": "false",
     },
+    # `{out}`: the run's output folder.
+    "feedback on": {
+        "feedback__store": "sqlite:///{out}/feedback.db",
+        "feedback__salt": "benchmark-salt",
+    },
 }
 
 
@@ -64,6 +76,7 @@ class FeaturesPlan:
     repeats: int = 3
     delay_ms: float = 20.0
     workers: int | None = None
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
 
 
 def run_features(plan: FeaturesPlan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
@@ -75,10 +88,11 @@ def run_features(plan: FeaturesPlan, out: Path, advance: Callable[[str], None]) 
     with mocks(list(DEFAULT_NAMES), logs / "mocks.log", "--delay-ms", str(plan.delay_ms)) as fleet:
         recommenders = [{"name": n, "url": fleet.url(n)} for n in DEFAULT_NAMES]
         for repeat in range(plan.repeats):
-            for variant, settings in VARIANTS.items():
+            for variant in plan.variants:
                 command = list(GATEWAY_COMMAND)
                 if plan.workers is not None:
                     command += ["--workers", str(plan.workers)]
+                settings = {k: v.format(out=out.resolve()) for k, v in VARIANTS[variant].items()}
                 env = gateway_env(recommenders, **settings)
                 log = logs / f"gateway-{variant.replace(' ', '-')}.log"
                 with serve_gunicorn(command, log, env) as (url, process):
@@ -133,18 +147,26 @@ def cost(
 
 
 def costs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each feature's cost at each level: CPU per request and throughput, against "all on"."""
+    """Each feature's cost at each level: CPU per request and throughput, against "all on".
+
+    A feature switched off ("... off") costs what "all on" takes over it; one switched on
+    ("feedback on") what it takes over "all on".
+    """
     found = []
     by_key = {(r["variant"], r["concurrency"]): r for r in rows}
     for (variant, level), row in sorted(by_key.items(), key=lambda item: item[0][1]):
         base = by_key.get(("all on", level))
         if base is None or variant == "all on":
             continue
+        if variant.endswith(" on"):
+            measured = cost(row, base, share_of=base)
+        else:
+            measured = cost(base, row, share_of=base)
         found.append(
             {
-                "feature": variant.removesuffix(" off"),
+                "feature": variant.removesuffix(" off").removesuffix(" on"),
                 "concurrency": level,
-                **cost(base, row, share_of=base),
+                **measured,
             }
         )
     return found
@@ -200,6 +222,11 @@ def parse_plan(argv: list[str] | None = None) -> tuple[FeaturesPlan, Path]:
     parser.add_argument("--repeats", type=int, default=3, help="rounds of every variant (3)")
     parser.add_argument("--workers", type=int, help="gunicorn workers (default: its config)")
     parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated variants to run (default all: {', '.join(VARIANTS)})",
+    )
+    parser.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results/features-<timestamp>)"
     )
     args = parser.parse_args(argv)
@@ -209,7 +236,13 @@ def parse_plan(argv: list[str] | None = None) -> tuple[FeaturesPlan, Path]:
         parser.error("--levels must be comma-separated integers")
     if not levels or min(levels) < 1 or args.repeats < 1 or args.duration <= 0:
         parser.error("--levels, --repeats and --duration must be positive")
-    plan = FeaturesPlan(levels, args.duration, args.warmup, args.repeats, workers=args.workers)
+    variants = [variant.strip() for variant in args.variants.split(",") if variant.strip()]
+    unknown = [variant for variant in variants if variant not in VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; known: {', '.join(VARIANTS)}")
+    plan = FeaturesPlan(
+        levels, args.duration, args.warmup, args.repeats, workers=args.workers, variants=variants
+    )
     out = args.out or Path("benchmarks/results") / time.strftime("features-%Y%m%d-%H%M%S")
     return plan, out
 

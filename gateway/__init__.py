@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask, has_request_context, request
 from werkzeug.exceptions import GatewayTimeout
 
-from gateway import ops, routes
+from gateway import feedback_routes, ops, routes
 from gateway.answers import ShedAnswer
 from gateway.config import Settings, load_settings
 from gateway.fusion import Fuser
@@ -122,14 +122,13 @@ def create_app(settings: Settings | None = None, span_processor: Any = None) -> 
     runtime = WorkerRuntime(settings, span_processor)
     app.runtime = runtime
     app.tokens = TokenCheck(settings.api_keys)
-    app.fuser = Fuser(
-        {r.name: r.weight for r in settings.recommenders}, settings.fusion, settings.rrf_k
-    )
+    app.fuser = Fuser(settings.fusion_weights, settings.fusion, settings.rrf_k)
     names = [r.name for r in settings.recommenders]
     app.shed_answer = ShedAnswer(names, settings.shed_retry_after_s)
     app.openapi_document = json.dumps(build_spec(settings, _version()))
     register_hooks(app)
     app.register_blueprint(routes.blueprint)
+    app.register_blueprint(feedback_routes.blueprint)
     app.register_blueprint(ops.blueprint)
     register_error_handlers(app)
     atexit.register(runtime.close)

@@ -75,12 +75,14 @@ class Provenance(NamedTuple):
 class Scored:
     """One item of the fused ranking, with its fused score and its provenance.
 
-    Sent as `gateway.schemas.FusedItem` (`Fuser.fuse` writes it so).
+    Sent as `gateway.schemas.FusedItem` (`Fuser.fuse` writes it so). `team`: under team-draft
+    interleaving, the list whose turn placed the item (what a click on it credits); never sent.
     """
 
     id: str
     score: float
     sources: list[Provenance] = field(default_factory=list)
+    team: str | None = None
 
 
 def ranked_from(name: str, weight: float, prediction: Any) -> Ranked:
@@ -275,7 +277,7 @@ class TeamDraft:
         where = _provenance(lists)
         rng = random.Random(hashlib.blake2b(seed.encode(), digest_size=8).digest())
         queues = [list(ranked.items) for ranked in lists]
-        picked: list[str] = []
+        picked: list[tuple[str, str]] = []  # (item, the team that picked it)
         taken: set[str] = set()
         while len(picked) < size and any(queues):
             order = list(range(len(queues)))
@@ -286,11 +288,11 @@ class TeamDraft:
                     queue.pop(0)
                 if queue and len(picked) < size:
                     item_id = queue.pop(0)[0]
-                    picked.append(item_id)
+                    picked.append((item_id, lists[team].name))
                     taken.add(item_id)
         return [
-            Scored(item_id, round(1 / position, 6), where[item_id])
-            for position, item_id in enumerate(picked, start=1)
+            Scored(item_id, round(1 / position, 6), where[item_id], team=name)
+            for position, (item_id, name) in enumerate(picked, start=1)
         ]
 
 
@@ -308,11 +310,16 @@ def make_fusion(name: str, rrf_k: int = 60) -> Fusion:
 
 @dataclass(frozen=True, slots=True)
 class FusedRanking:
-    """One request's fusion: the strategy used, its items as sent, and the coverage."""
+    """One request's fusion: the strategy used, its items as sent, and the coverage.
+
+    `teams`: for each item, the team that placed it (`Scored.team`), kept for the impression
+    (`gateway.feedback`) and never sent.
+    """
 
     fusion: FusionChoice
     items: list[dict[str, Any]]
     coverage: float
+    teams: tuple[str | None, ...] = ()
 
 
 class Fuser:
@@ -325,20 +332,29 @@ class Fuser:
         self.fusions = {name: make_fusion(name, rrf_k) for name in FUSIONS}
 
     def fuse(
-        self, outcomes: Sequence[Outcome], fusion: FusionChoice | None, size: int, seed: str
+        self,
+        outcomes: Sequence[Outcome],
+        fusion: FusionChoice | None,
+        size: int,
+        seed: str,
+        weights: Mapping[str, float] | None = None,
     ) -> FusedRanking:
         """The top `size` items of `fusion` (default: the settings') over those that answered.
 
-        `seed`: the request id, for the strategies that draw (`interleave`).
+        `seed`: the request id, for the strategies that draw (`interleave`). `weights`: the
+        lists' weights in fusion for the recommenders it names (an experiment arm's, or learnt
+        ones), instead of the settings'; which recommenders are fused, and the coverage, are
+        still the settings'.
         """
-        weights = self.weights
+        configured = self.weights
         name = fusion or self.default
         # A weight of 0 is shadow mode: the answer is returned in `result` but not fused.
-        fusing = [o for o in outcomes if o.ok and weights[o.name] > 0]
-        covered = coverage(fusing, weights)
+        fusing = [o for o in outcomes if o.ok and configured[o.name] > 0]
+        covered = coverage(fusing, configured)
         if name == "none":
             return FusedRanking(name, [], covered)
-        lists = [ranked_from(o.name, weights[o.name], o.prediction) for o in fusing]
+        chosen = configured if weights is None else {**configured, **weights}
+        lists = [ranked_from(o.name, chosen[o.name], o.prediction) for o in fusing]
         fused = self.fusions[name].fuse(lists, size, seed)
         items = [
             {
@@ -353,4 +369,4 @@ class Fuser:
             }
             for item in fused
         ]
-        return FusedRanking(name, items, covered)
+        return FusedRanking(name, items, covered, tuple(item.team for item in fused))

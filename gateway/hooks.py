@@ -1,9 +1,11 @@
 """The hooks every request passes through, before and after its view.
 
 Before: its id is taken or made and its record begun (`gateway.exchange`); a protected
-endpoint without a valid API token is answered 401; a `/recommendation` this worker has no
-room for is answered 503 (served as WSGI: under the uvicorn worker `gateway.serving` admits
-or sheds before Flask runs). After: the id is echoed, the request logged and counted.
+endpoint (`/recommendation` and `/feedback`; `/metrics` and `/experiments` when
+`metrics_require_token`) without a valid API token is answered 401; a `/recommendation` this
+worker has no room for is answered 503 (served as WSGI: under the uvicorn worker
+`gateway.serving` admits or sheds before Flask runs). After: the id is echoed, the request
+logged and counted.
 """
 
 from __future__ import annotations
@@ -29,16 +31,29 @@ from gateway.security import TOKEN_HEADER
 if TYPE_CHECKING:
     from gateway import GatewayFlask
 
-__all__ = ["ADMITTED", "METRICS_ENDPOINT", "RECOMMENDATION_ENDPOINT", "register_hooks"]
+__all__ = [
+    "ADMITTED",
+    "EXPERIMENTS_ENDPOINT",
+    "FEEDBACK_ENDPOINT",
+    "METRICS_ENDPOINT",
+    "RECOMMENDATION_ENDPOINT",
+    "register_hooks",
+]
 
 # Set in the WSGI environ of a request admitted before Flask (`gateway.serving`).
 ADMITTED = "gateway.admitted"
 
 # The endpoints the hooks treat apart, as their blueprints name them (`gateway.routes`,
-# `gateway.ops`): the recommendation needs a token when keys are configured and can be shed;
-# the metrics need one when `metrics_require_token` says so.
+# `gateway.feedback_routes`, `gateway.ops`): the recommendation and the feedback need a token
+# when keys are configured (a frontend sends both), and the recommendation can be shed; the
+# metrics and the experiments' report (operators read both) need one when
+# `metrics_require_token` says so.
 RECOMMENDATION_ENDPOINT = "gateway.recommendation"
+FEEDBACK_ENDPOINT = "feedback.receive_feedback"
 METRICS_ENDPOINT = "ops.metrics_endpoint"
+EXPERIMENTS_ENDPOINT = "feedback.experiments"
+_ALWAYS_PROTECTED = frozenset({RECOMMENDATION_ENDPOINT, FEEDBACK_ENDPOINT})
+_OPERATORS = frozenset({METRICS_ENDPOINT, EXPERIMENTS_ENDPOINT})
 
 
 def register_hooks(app: Flask) -> None:
@@ -75,8 +90,8 @@ def _require_token() -> Response | None:
     if not tokens.enabled:
         return None
     endpoint = request.endpoint
-    protected = endpoint == RECOMMENDATION_ENDPOINT or (
-        endpoint == METRICS_ENDPOINT and app.runtime.settings.metrics_require_token
+    protected = endpoint in _ALWAYS_PROTECTED or (
+        endpoint in _OPERATORS and app.runtime.settings.metrics_require_token
     )
     if not protected:
         return None

@@ -33,7 +33,11 @@ __all__ = [
     "FLUSH_EVERY_S",
     "IN_FLIGHT",
     "flush",
+    "observe_feedback",
+    "observe_impressions",
     "observe_lag",
+    "observe_learned_weights",
+    "observe_learner_update",
     "observe_outcomes",
     "observe_request",
     "observe_shed",
@@ -102,6 +106,28 @@ SHED = Counter(
     "Requests answered 503 at once by admission control (the worker's own overload; no "
     "recommender was called). They are counted in gateway_requests_total too.",
 )
+FEEDBACK_EVENTS = Counter(
+    "gateway_feedback_events_total",
+    "Feedback events judged, by kind (click, purchase, dismiss) and result (accepted, "
+    "duplicate, unknown_request, item_not_shown).",
+    ["kind", "result"],
+)
+IMPRESSIONS = Counter(
+    "gateway_feedback_impressions_total",
+    "Answers' impressions, by outcome: recorded (written to the feedback store) or dropped "
+    "(the worker's queue was full, or the store refused them for too long).",
+    ["outcome"],
+)
+LEARNED_WEIGHT = Gauge(
+    "gateway_feedback_learned_weight",
+    "The learnt RRF weight of each recommender that `weights: learned` arms fuse with.",
+    ["recommender"],
+    multiprocess_mode="mostrecent",
+)
+LEARNER_UPDATES = Counter(
+    "gateway_feedback_learner_updates_total",
+    "New versions of the learnt weights saved to the feedback store by this gateway.",
+)
 FLUSH_EVERY_S = 1.0
 
 
@@ -137,6 +163,9 @@ class _Pending:
         self.overload_timeouts: dict[str, int] = {}
         self.shed = 0
         self.lag = _Tally(len(_LAG_BUCKETS) + 1, _LAG_BUCKETS)
+        self.feedback: dict[tuple[str, str], int] = {}
+        self.impressions: dict[str, int] = {}
+        self.learner_updates = 0
 
     def take(self) -> _Pending:
         """This batch, leaving an empty one in its place."""
@@ -149,6 +178,9 @@ class _Pending:
             batch.overload_timeouts, self.overload_timeouts = self.overload_timeouts, {}
             batch.shed, self.shed = self.shed, 0
             batch.lag, self.lag = self.lag, batch.lag
+            batch.feedback, self.feedback = self.feedback, batch.feedback
+            batch.impressions, self.impressions = self.impressions, batch.impressions
+            batch.learner_updates, self.learner_updates = self.learner_updates, 0
             return batch
 
 
@@ -178,6 +210,34 @@ def observe_lag(seconds: float) -> None:
     """Record one measurement of the worker loop's lag."""
     with _pending.lock:
         _pending.lag.add(seconds)
+
+
+def observe_feedback(judged: Iterable[tuple[str, str]]) -> None:
+    """Count feedback events judged, each as its (kind, result)."""
+    with _pending.lock:
+        counts = _pending.feedback
+        for labels in judged:
+            counts[labels] = counts.get(labels, 0) + 1
+
+
+def observe_impressions(recorded: int = 0, dropped: int = 0) -> None:
+    """Count impressions written to the feedback store, and impressions dropped."""
+    with _pending.lock:
+        for outcome, count in (("recorded", recorded), ("dropped", dropped)):
+            if count:
+                _pending.impressions[outcome] = _pending.impressions.get(outcome, 0) + count
+
+
+def observe_learner_update() -> None:
+    """Count one new version of the learnt weights saved."""
+    with _pending.lock:
+        _pending.learner_updates += 1
+
+
+def observe_learned_weights(weights: Mapping[str, float]) -> None:
+    """Publish the learnt weights now in use (rare: when the learner moves them)."""
+    for name, weight in weights.items():
+        LEARNED_WEIGHT.labels(name).set(weight)
 
 
 # A gauge is written only when its value changes.
@@ -223,6 +283,12 @@ def flush() -> None:
         SHED.inc(batch.shed)
     if batch.lag.total or any(batch.lag.buckets):
         _add(LOOP_LAG, batch.lag)
+    for labels, count in batch.feedback.items():
+        FEEDBACK_EVENTS.labels(*labels).inc(count)
+    for outcome, count in batch.impressions.items():
+        IMPRESSIONS.labels(outcome).inc(count)
+    if batch.learner_updates:
+        LEARNER_UPDATES.inc(batch.learner_updates)
 
 
 def _add(histogram: Histogram, tally: _Tally) -> None:

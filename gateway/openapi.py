@@ -12,6 +12,12 @@ from typing import Any
 from pydantic.json_schema import models_json_schema
 
 from gateway.config import Settings
+from gateway.feedback_schemas import (
+    ExperimentsReport,
+    FeedbackBatch,
+    FeedbackEventBody,
+    FeedbackReceipt,
+)
 from gateway.request_id import REQUEST_ID_HEADER, REQUEST_ID_MAX
 from gateway.schemas import (
     ErrorDocument,
@@ -56,9 +62,15 @@ def build_spec(settings: Settings, version: str) -> dict[str, Any]:
             (RecommendationResponse, "serialization"),
             (ErrorDocument, "serialization"),
             (UnansweredRecommendation, "serialization"),
+            (FeedbackEventBody, "validation"),
+            (FeedbackBatch, "validation"),
+            (FeedbackReceipt, "serialization"),
+            (ExperimentsReport, "serialization"),
         ],
         ref_template=_REF,
     )
+    schemas = definitions["$defs"]
+    schemas["FeedbackBatch"]["properties"]["events"]["maxItems"] = settings.feedback.max_events
     recommendation: dict[str, Any] = {
         "summary": "Fan one request out to every recommender and merge the answers",
         "operationId": "recommend",
@@ -93,6 +105,8 @@ def build_spec(settings: Settings, version: str) -> dict[str, Any]:
         },
         "paths": {
             "/recommendation": {"post": recommendation},
+            "/feedback": {"post": _feedback(settings)},
+            "/experiments": {"get": _experiments(settings)},
             "/healthz": {
                 "get": {
                     "summary": "The process is up",
@@ -127,9 +141,73 @@ def build_spec(settings: Settings, version: str) -> dict[str, Any]:
             },
         },
         "components": {
-            "schemas": definitions["$defs"],
+            "schemas": schemas,
             "securitySchemes": {
                 "apiToken": {"type": "apiKey", "in": "header", "name": TOKEN_HEADER}
             },
         },
     }
+
+
+_FEEDBACK_OFF = "Feedback is off (no `feedback.store`)"
+
+
+def _feedback(settings: Settings) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": "Count users' events on the items an answer showed: one event, or a batch",
+        "operationId": "feedback",
+        "parameters": [_REQUEST_ID],
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "anyOf": [
+                            {"$ref": _REF.format(model="FeedbackEventBody")},
+                            {"$ref": _REF.format(model="FeedbackBatch")},
+                        ]
+                    }
+                }
+            },
+        },
+        "responses": {
+            "202": _json(
+                "FeedbackReceipt", "Counted; a batch lists the events it refused in `rejected`"
+            ),
+            "400": _error("The body is empty, not JSON, or not an object; a bad X-Request-ID"),
+            "401": _error(f"API keys are configured and {TOKEN_HEADER} is missing or wrong"),
+            "404": _error(
+                f"{_FEEDBACK_OFF}; or the request id is unknown or expired (a batch: every "
+                "event's, listed in `rejected`)"
+            ),
+            "413": _error(
+                f"The body is larger than {settings.max_body_bytes} bytes, or a batch holds "
+                f"more than {settings.feedback.max_events} events"
+            ),
+            "422": _error(
+                "A field breaks the schema (`details`); or the answer did not show the item "
+                "(a batch: none accepted, each refusal in `rejected`)"
+            ),
+            "500": _error("A gateway bug; the traceback is in its log under the request id"),
+            "503": _error("The feedback store failed; nothing was counted"),
+        },
+    }
+    if settings.api_keys:
+        operation["security"] = [{"apiToken": []}]
+    return operation
+
+
+def _experiments(settings: Settings) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "summary": "What feedback has counted: credit, pairwise preferences, arms, weights",
+        "operationId": "experiments",
+        "responses": {
+            "200": _json("ExperimentsReport", "Every counter, over all that share the store"),
+            "401": _error(f"`metrics_require_token` is set and {TOKEN_HEADER} is wrong"),
+            "404": _error(_FEEDBACK_OFF),
+            "503": _error("The feedback store failed"),
+        },
+    }
+    if settings.api_keys and settings.metrics_require_token:
+        operation["security"] = [{"apiToken": []}]
+    return operation

@@ -1,8 +1,9 @@
 """The gateway's endpoint: `POST /recommendation`, read top to bottom.
 
 Parse the frontend's body (`gateway.schemas`), fan it out to every recommender (the runtime's
-strategy, `gateway.fanout`), fuse the answers (`gateway.fusion`), and respond with the body
-the response model describes (`gateway.answers`). The hooks around it (request id, token,
+strategy, `gateway.fanout`), fuse the answers (`gateway.fusion`) as the user's experiment arm
+says, record what was shown (`gateway.feedback`, written off the loop), and respond with the
+body the response model describes (`gateway.answers`). The hooks around it (request id, token,
 shedding, logging) are `gateway.hooks`'; the operations endpoints `gateway.ops`'.
 """
 
@@ -55,7 +56,10 @@ async def recommendation() -> Response:
         if not answered:
             span.answered(502, complete, None, None)
             return _json(502, unanswered_body(outcomes, request_id, exchange.trace_id), complete)
-        fused = app.fuser.fuse(outcomes, wanted.fusion, wanted.resultSize, request_id)
+        feedback = runtime.feedback
+        arm = feedback.assign(wanted.user_id, wanted.fusion)
+        fused = app.fuser.fuse(outcomes, arm.fusion, wanted.resultSize, request_id, arm.weights)
+        feedback.record(request_id, arm, fused)
 
         span.answered(200, complete, fused.coverage, fused.fusion)
         return _json(200, answer_body(outcomes, answered, request_id, fused), complete)

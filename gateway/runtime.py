@@ -14,8 +14,8 @@ have one:
   (`run`). `close` (gunicorn's ``worker_exit`` hook, or ``atexit``) stops it.
 
 Starting is explicit: `start` and `open` start; the accessors (`clients`, `strategy`, `guards`,
-`tracing`, `loop`) only return this process's state, and raise `RuntimeError` when the runtime
-is not started here (or is closed), never starting anything themselves.
+`tracing`, `feedback`, `loop`) only return this process's state, and raise `RuntimeError` when
+the runtime is not started here (or is closed), never starting anything themselves.
 
 Either way the state is kept per `os.getpid()`, so a runtime created in gunicorn's master before
 the fork (``preload_app``) is started afresh in each worker and never runs in the master. After
@@ -38,6 +38,7 @@ from gateway.admission import AdaptiveLimit, LoopLag
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out, build_guards
+from gateway.feedback import FeedbackService
 from gateway.outcome import Deadline, Outcome
 from gateway.resilience import Guard
 from gateway.tracing import NO_TRACING, Tracing, start_tracing
@@ -85,12 +86,13 @@ class _WorkerState:
         self.strategy: FanOut | None = None
         self.guards: dict[str, Guard] = {}
         self.tracing: Tracing = NO_TRACING
+        self.feedback: FeedbackService | None = None
         self.publisher: asyncio.Task[None] | None = None
         self.ticker: asyncio.Task[None] | None = None
 
 
 class WorkerRuntime:
-    """A process's event loop, its shared connection pool, and the recommender clients."""
+    """A process's event loop, its shared pool, the recommender clients, and its feedback."""
 
     def __init__(self, settings: Settings, span_processor: Any = None):
         self.settings = settings
@@ -155,6 +157,13 @@ class WorkerRuntime:
     def tracing(self) -> Tracing:
         """This process's tracer (`NO_TRACING` when tracing is off)."""
         return self._here().tracing
+
+    @property
+    def feedback(self) -> FeedbackService:
+        """This process's feedback service (experiment arms, impressions, events, learner)."""
+        feedback = self._here().feedback
+        assert feedback is not None, "set when the session opens"
+        return feedback
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -342,6 +351,13 @@ class WorkerRuntime:
         # Here, in the worker after the fork: the batch processor's thread is this process's.
         state.tracing = start_tracing(self.settings.tracing, self.span_processor)
         state.strategy = build_fan_out(self.settings, replicas, state.guards, state.tracing)
+        # Its store and writer thread are this process's too (a SQLite connection must not
+        # cross a fork); the store connects on first use, so a store that is down delays
+        # nothing here.
+        state.feedback = FeedbackService(
+            self.settings.feedback, self.settings.fusion_weights, self.settings.metrics
+        )
+        state.feedback.start()
         loop = asyncio.get_running_loop()
         state.publisher = loop.create_task(self._publish_metrics())
         state.ticker = loop.create_task(self.lag.run(self._on_tick))
@@ -378,6 +394,9 @@ class WorkerRuntime:
             state.publisher.cancel()
         if state.ticker is not None:
             state.ticker.cancel()
+        if state.feedback is not None and state.feedback.enabled:
+            # After the last requests: their impressions are written, then the store closed.
+            await asyncio.to_thread(state.feedback.close)
         metrics.flush()  # the last second's counts
         if state.strategy is not None:
             await state.strategy.close()

@@ -29,6 +29,7 @@ __all__ = [
     "RecommendationRequest",
     "RecommendationResponse",
     "RecommenderResult",
+    "RejectedEvent",
     "SourceReport",
     "UnansweredRecommendation",
     "parse_request",
@@ -235,12 +236,23 @@ class ErrorDetail(BaseModel):
     message: str
 
 
+class RejectedEvent(BaseModel):
+    """One feedback event of a batch that was refused: its index, status and why."""
+
+    index: int = Field(description="Its position in `events`, from 0.")
+    status: int = Field(description="404: unknown or expired request id; 422: item not shown.")
+    message: str
+
+
 class ErrorInfo(BaseModel):
     """What went wrong."""
 
     status: int
     message: str
     details: list[ErrorDetail] | None = None
+    rejected: list[RejectedEvent] | None = Field(
+        default=None, description="`POST /feedback` with none accepted: each event's refusal."
+    )
 
 
 class ErrorDocument(BaseModel):

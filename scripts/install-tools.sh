@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install, from Debian's packages, the programs some checks run, if any is missing.
 #   scripts/install-tools.sh          the servers the tests start themselves: prometheus and
-#                                     promtool (rules, dashboard), nginx (scale-out), kubectl
+#                                     promtool (rules, dashboard), nginx (scale-out), kubectl,
+#                                     redis-server (the feedback store's Redis backend)
 #   scripts/install-tools.sh image    what `make image` and `make image-test` need: podman
 #                                     (with runc and its networking), podman-compose, debootstrap
 set -euo pipefail
@@ -11,6 +12,7 @@ declare -A package=(
     [promtool]=prometheus
     [nginx]=nginx-light
     [kubectl]=kubernetes-client
+    [redis-server]=redis-server
     [podman]=podman
     [runc]=runc
     [podman-compose]=podman-compose
@@ -18,7 +20,7 @@ declare -A package=(
     [iptables]=iptables
 )
 case "${1:-test}" in
-    test) tools=(prometheus promtool nginx kubectl) ;;
+    test) tools=(prometheus promtool nginx kubectl redis-server) ;;
     # runc: crun refuses to set rlimits in some sandboxes (deploy/podman/containers.conf);
     # iptables: netavark publishes a pod's ports with it.
     image) tools=(podman runc podman-compose debootstrap iptables) ;;

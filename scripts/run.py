@@ -4,6 +4,11 @@ Starts `python -m mock_recommenders` (ports 5001-5004) and gunicorn (port 5000),
 every one of them answers, prints a `curl` line to try, and on Ctrl-C (or when either process
 dies) stops both. ``--port 0`` and ``--mock-base-port 0`` take ports the system picks instead.
 
+Feedback is on, in the embedded store: unless `GATEWAY_FEEDBACK__STORE` is set (empty: off),
+the gateway keeps impressions and clicks in `.feedback/feedback.db` under the repository
+(gitignored), with a salt made once and kept beside it (`.feedback/salt`), so that users keep
+their pseudonyms and experiment arms from one run to the next.
+
 The gateway's port is bound here and handed to gunicorn (``--bind fd://N``): a port in use is
 reported at once, and port 0 is known before gunicorn starts.
 """
@@ -14,6 +19,7 @@ import argparse
 import http.client
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +35,27 @@ from mock_recommenders.process import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_WITHIN_S = 60.0
+# The embedded feedback store of `make run`, and its salt (both gitignored).
+FEEDBACK_DIR = ROOT / ".feedback"
+
+
+def feedback_environment(environ: dict[str, str], directory: Path = FEEDBACK_DIR) -> dict[str, str]:
+    """The variables that switch feedback on in `directory`'s SQLite file, unless set already.
+
+    The salt is made once (random, 256 bits) and kept in `directory/salt`, readable by its
+    owner only; a salt set in the environment wins.
+    """
+    if "GATEWAY_FEEDBACK__STORE" in environ:
+        return {}
+    directory.mkdir(parents=True, exist_ok=True)
+    added = {"GATEWAY_FEEDBACK__STORE": f"sqlite:///{directory / 'feedback.db'}"}
+    if "GATEWAY_FEEDBACK__SALT" not in environ:
+        salt_file = directory / "salt"
+        if not salt_file.exists():
+            salt_file.touch(mode=0o600)
+            salt_file.write_text(secrets.token_hex(32))
+        added["GATEWAY_FEEDBACK__SALT"] = salt_file.read_text().strip()
+    return added
 
 
 def _answers(url: str) -> bool:
@@ -73,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         default=5001,
         help="the first of the four mocks' consecutive ports (0: any free ones)",
     )
+    parser.add_argument(
+        "--feedback-dir",
+        type=Path,
+        default=FEEDBACK_DIR,
+        help="where the embedded feedback store and its salt are kept (default: .feedback)",
+    )
     args = parser.parse_args(argv)
     # Set explicitly: a process started in the background inherits SIGINT ignored, and the
     # children may see Ctrl-C before this process does, so their exit is not an error then.
@@ -92,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             raise SystemExit(f"run: {exc}") from None
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.update(feedback_environment(env, args.feedback_dir))
         if args.mock_base_port != 5001:
             # The packaged config points at 5001-5004; other ports need their own list.
             env["GATEWAY_RECOMMENDERS"] = json.dumps(
@@ -118,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             f"curl -s -X POST {gateway_url}/recommendation -H 'Content-Type: application/json' "
             """-d '{"user_id": "u1", "resultSize": 3}'"""
         )
+        if env.get("GATEWAY_FEEDBACK__STORE"):
+            curl += (
+                f"\n  curl -s -X POST {gateway_url}/feedback -H 'Content-Type: application/json' "
+                """-d '{"request_id": "<request_id>", "item_id": "<a fused id>", """
+                """"event": "click"}'"""
+                f"\n  curl -s {gateway_url}/experiments"
+            )
         recommenders = ", ".join(f"{name} {mocks.url(name)}" for name in DEFAULT_NAMES)
         print(
             f"\nReady: the gateway on {gateway_url}, mock recommenders {recommenders}.\n"

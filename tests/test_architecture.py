@@ -21,6 +21,7 @@ WEB_LAYER = frozenset(
         "gateway",
         "gateway.asgi",
         "gateway.exchange",
+        "gateway.feedback_routes",
         "gateway.hooks",
         "gateway.http_errors",
         "gateway.ops",

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from benchmarks.features import costs as feature_costs
+from benchmarks.features import parse_plan as features_plan
 from benchmarks.loadgen import percentile
 from benchmarks.quality import parse_plan
 from benchmarks.quality_report import findings, markdown
@@ -357,3 +359,21 @@ def test_tracing_costs_are_measured_against_tracing_off() -> None:
     results = {"plan": plan, "started": "now", "rows": rows, "spans_received": {}}
     report = tracing_markdown(results | {"costs": tracing_costs(rows)})
     assert "| tracing 100% | 64 | +0.500 | +25.0% | +20.0% |" in report
+
+
+def test_the_features_ab_runs_the_variants_asked_and_costs_a_feature_switched_on() -> None:
+    plan, _ = features_plan(["--variants", "all on, feedback on"])
+    assert plan.variants == ["all on", "feedback on"]
+    with pytest.raises(SystemExit):
+        features_plan(["--variants", "all on,telepathy on"])
+    rows = [
+        {"variant": "all on", "concurrency": 64, "gateway_cpu_ms": 1.0, "throughput_rps": 100.0},
+        {"variant": "feedback on", "concurrency": 64, "gateway_cpu_ms": 1.1, "throughput_rps": 90},
+        {"variant": "metrics off", "concurrency": 64, "gateway_cpu_ms": 0.9, "throughput_rps": 110},
+    ]
+
+    by_feature = {cost["feature"]: cost for cost in feature_costs(rows)}
+
+    assert by_feature["feedback"]["cpu_ms_per_request"] == pytest.approx(0.1)
+    assert by_feature["feedback"]["throughput_given_up"] == pytest.approx(0.1)
+    assert by_feature["metrics"]["cpu_ms_per_request"] == pytest.approx(0.1)

@@ -208,3 +208,77 @@ def test_sequential_needs_no_warning(tmp_path: Path) -> None:
     assert load_settings(write(tmp_path, MINIMAL + "strategy: sequential\n")).strategy == (
         "sequential"
     )
+
+
+def test_feedback_is_off_by_default_and_a_store_variable_switches_it_on(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    assert load_settings().feedback.store is None
+    clean_environment.setenv("GATEWAY_FEEDBACK__STORE", "redis://cache:6379/2")
+    clean_environment.setenv("GATEWAY_FEEDBACK__SALT", "secret")
+
+    feedback = load_settings(write(tmp_path, MINIMAL)).feedback
+
+    assert feedback.enabled and feedback.store == "redis://cache:6379/2"
+    assert feedback.retention_s == 7 * 86400 and feedback.max_events == 1000
+    assert "secret" not in repr(feedback)
+    clean_environment.setenv("GATEWAY_FEEDBACK__STORE", "")
+    assert not load_settings(write(tmp_path, MINIMAL)).feedback.enabled
+
+
+def test_a_store_without_a_salt_stops_start_up_naming_the_variable(
+    clean_environment: pytest.MonkeyPatch,
+) -> None:
+    clean_environment.setenv("GATEWAY_FEEDBACK__STORE", "sqlite:///feedback.db")
+
+    with pytest.raises(ConfigError, match="GATEWAY_FEEDBACK__SALT"):
+        load_settings()
+
+
+ARMS = MINIMAL + "feedback:\n  store: sqlite:///f.db\n  salt: s\n  experiments:\n    arms:\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (MINIMAL + "feedback:\n  store: mysql://x/y\n  salt: s\n", "scheme 'mysql'"),
+        (MINIMAL + "feedback:\n  store: sqlite://host/f.db\n  salt: s\n", "has no host"),
+        (MINIMAL + "feedback:\n  store: redis://cache/db\n  salt: s\n", "must be a number"),
+        (MINIMAL + "feedback:\n  queue_limit: 0\n", "feedback.queue_limit"),
+        (MINIMAL + "feedback:\n  learner:\n    floor: 3\n    max_weight: 2\n", "floor (3.0)"),
+        (
+            ARMS + "      - {name: x, fusion: rrf, share: 1}\n" * 2,
+            "arm names must be unique; repeated: ['x']",
+        ),
+        (ARMS + "      - {name: x, fusion: rrf, share: 0}\n", "arms.0.share"),
+        (ARMS + "      - {name: x, fusion: none, share: 1}\n", "arms.0.fusion"),
+        (ARMS + "      - {name: x, fusion: magic, share: 1}\n", "arms.0.fusion"),
+        (
+            ARMS + "      - {name: x, fusion: rrf, share: 1, weights: {a: 2, zz: 1}}\n",
+            "weights name unknown recommenders ['zz']",
+        ),
+        (ARMS + "      - {name: x, fusion: rrf, share: 1, weights: {a: 0}}\n", "weights"),
+        (ARMS + "      - {name: x, fusion: rrf, share: 1, weights: best}\n", "weights"),
+    ],
+)
+def test_a_bad_feedback_block_is_refused_naming_the_field(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write(tmp_path, text))
+
+    assert expected in str(caught.value)
+
+
+def test_arms_are_read_with_their_weights(tmp_path: Path) -> None:
+    text = ARMS + (
+        "      - {name: learn, fusion: rrf, share: 0.8, weights: learned}\n"
+        "      - {name: explore, fusion: interleave, share: 0.2, weights: {a: 2}}\n"
+    )
+
+    arms = load_settings(write(tmp_path, text)).feedback.experiments.arms
+
+    assert [(a.name, a.fusion, a.share, a.weights) for a in arms] == [
+        ("learn", "rrf", 0.8, "learned"),
+        ("explore", "interleave", 0.2, {"a": 2.0}),
+    ]

@@ -102,6 +102,20 @@ def test_team_draft_takes_turns_and_is_seeded() -> None:
     assert len(orders) > 1  # the seed decides who picks first
 
 
+def test_team_draft_names_the_team_that_placed_each_item_and_other_fusions_none() -> None:
+    fused = TeamDraft().fuse([A, B], 4, "request-1")
+
+    # Each round both teams pick once, each its best item not yet taken.
+    first, second = fused[:2], fused[2:]
+    assert {item.team for item in first} == {item.team for item in second} == {"A", "B"}
+    for item in fused:
+        queue = [i for i, _ in (A if item.team == "A" else B).items]
+        assert item.id in queue
+    by_team = {item.id: item.team for item in fused}
+    assert by_team["a"] == "A" and by_team["b"] == "B"  # round 1: each team's best
+    assert all(item.team is None for item in ReciprocalRank().fuse([A, B], 4, "request-1"))
+
+
 @pytest.mark.parametrize("name", sorted(FUSIONS))
 def test_every_strategy_truncates_and_copes_with_empty_lists(name: str) -> None:
     strategy = FUSIONS[name]()

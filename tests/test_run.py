@@ -2,25 +2,54 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
 from tests.helpers import ROOT, port_is_open
 
-pytestmark = pytest.mark.slow
+
+def _run_module() -> Any:
+    """scripts/run.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("run_script", ROOT / "scripts" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_make_run_starts_everything_prints_curl_and_stops_on_ctrl_c() -> None:
+def test_feedback_is_on_in_the_embedded_store_with_a_salt_kept_across_runs(
+    tmp_path: Path,
+) -> None:
+    feedback_environment = _run_module().feedback_environment
+    first = feedback_environment({}, tmp_path / "feedback")
+    second = feedback_environment({}, tmp_path / "feedback")
+
+    assert first["GATEWAY_FEEDBACK__STORE"] == f"sqlite:///{tmp_path / 'feedback' / 'feedback.db'}"
+    assert len(first["GATEWAY_FEEDBACK__SALT"]) == 64
+    assert second == first  # the same pseudonyms and arms next time
+    assert (tmp_path / "feedback" / "salt").stat().st_mode & 0o077 == 0
+    assert feedback_environment({"GATEWAY_FEEDBACK__STORE": ""}, tmp_path / "x") == {}
+    salted = feedback_environment({"GATEWAY_FEEDBACK__SALT": "mine"}, tmp_path / "y")
+    assert "GATEWAY_FEEDBACK__SALT" not in salted
+    assert not (tmp_path / "y" / "salt").exists()
+
+
+@pytest.mark.slow
+def test_make_run_starts_everything_prints_curl_and_stops_on_ctrl_c(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
     process = subprocess.Popen(
-        [sys.executable, "scripts/run.py", "--port", "0", "--mock-base-port", "0"],
+        [sys.executable, "scripts/run.py", "--port", "0", "--mock-base-port", "0"]
+        + ["--feedback-dir", str(tmp_path / "feedback")],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -32,7 +61,7 @@ def test_make_run_starts_everything_prints_curl_and_stops_on_ctrl_c() -> None:
     try:
         assert process.stdout is not None
         give_up = time.monotonic() + 60
-        while not any(line.startswith("  curl ") for line in lines):
+        while not any(line.startswith("Ctrl-C stops everything") for line in lines):
             assert time.monotonic() < give_up, "".join(lines)
             line = process.stdout.readline()
             assert line, "run.py ended before it was ready:\n" + "".join(lines)
@@ -50,6 +79,17 @@ def test_make_run_starts_everything_prints_curl_and_stops_on_ctrl_c() -> None:
         )
         assert response.status_code == 200
         assert list(response.json()["sources"]) == ["sml", "asc", "trd", "psn"]
+        # Feedback is on, in the embedded store: a click on what was shown is counted.
+        assert any(f"{gateway_port}/feedback" in line for line in lines)
+        shown = response.json()
+        click = {"request_id": shown["request_id"], "item_id": shown["fused"][0]["id"]}
+        clicked = requests.post(
+            f"http://127.0.0.1:{gateway_port}/feedback",
+            json={**click, "event": "click"},
+            timeout=30,
+        )
+        assert clicked.status_code == 202, clicked.text
+        assert (tmp_path / "feedback" / "feedback.db").exists()
 
         # Ctrl-C: the terminal signals the whole foreground process group.
         os.killpg(process.pid, signal.SIGINT)

@@ -1,0 +1,277 @@
+"""``python -m benchmarks online``: simulated users click, and the gateway learns from them.
+
+It starts the mock recommenders and the gateway under gunicorn with feedback on (a SQLite
+store in a temporary folder), then plays simulated users, one impression each: ask the
+gateway for a recommendation, let the user click on the fused list as the click model says
+(`mock_recommenders.clicks`: position-biased, driven by the user's true utility), and POST
+the clicks to ``/feedback``. After every round of users it reads ``GET /experiments``: every
+attribution figure reported is the gateway's own.
+
+Two experiments, each on a fresh gateway and store:
+
+- **sensitivity** (repeated over seeds): a fifth of the users in an interleaving arm
+  (team-draft multileaving of all four recommenders), a fifth each in four A/B arms that show
+  one recommender's list alone. How many impressions does each method need before it is 95%
+  sure that the best single recommender by NDCG@10 against the truth (computed here from the
+  world) beats the runner-up (interleaving: one arm; A/B: those two arms), and before it is
+  sure the best beats each of the three others (A/B: all four arms)?
+- **learning**: half the users interleaved (the learner's evidence), half in an RRF arm with
+  the learnt weights, the learner on with a short interval. The weights over time against
+  weights fitted offline on other users (`benchmarks.quality_weights`), and NDCG@10 of the
+  learnt arm's fused lists, in windows, against the best single recommender on the same users.
+
+This module runs it; `benchmarks.online_play` holds the simulated users and their HTTP side,
+`benchmarks.online_stats` the statistics, `benchmarks.online_analysis` the figures drawn from
+a run, and `benchmarks.online_report` the findings, markdown and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import GATEWAY_COMMAND, gateway_env, mocks, run_with_spinner, serve_gunicorn
+from benchmarks.online_analysis import analyse_learning, analyse_sensitivity, rank_recommenders
+from benchmarks.online_play import Rounds, learning_arm, play, single_arm
+from benchmarks.online_report import findings, write_all
+from benchmarks.quality_weights import fit_weights
+from mock_recommenders import DEFAULT_NAMES
+from mock_recommenders.clicks import ClickModel
+from mock_recommenders.world import DEFAULT_SEED, World, default_world
+
+__all__ = ["OnlinePlan", "main", "parse_plan", "run_online"]
+
+
+@dataclass
+class OnlinePlan:
+    """What to simulate."""
+
+    sensitivity_impressions: int = 3000
+    """Users played per sensitivity run (a fifth per arm)."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """One sensitivity run per seed: other users, so other clicks."""
+    learning_impressions: int = 8000
+    round_size: int = 30
+    """Impressions between two reads of /experiments."""
+    windows: int = 8
+    """Windows the learnt arm's impressions are cut into for NDCG over time."""
+    concurrency: int = 8
+    k: int = 10
+    world_seed: int = DEFAULT_SEED
+    validation_users: int = 500
+    """Users the recommenders are ranked and the offline weights fitted on (not played)."""
+    eta: float = 1.0
+    threshold: float = 2.5
+    slope: float = 2.0
+    learner: dict[str, str] = field(
+        default_factory=lambda: {
+            # The gateway's defaults, but for min_evidence: equal weights for the first
+            # ~700 impressions, so that the first window shows where learning starts from.
+            "min_evidence": "1500",
+            "floor": "0.1",
+            "max_weight": "5.0",
+            "rate": "0.02",
+            "interval_s": "0.5",
+        }
+    )
+    """The gateway's `feedback.learner` settings (as `GATEWAY_FEEDBACK__LEARNER__*`)."""
+
+
+@contextlib.contextmanager
+def _gateway(
+    urls: list[str], arms: list[dict[str, Any]], learner: dict[str, str], log: Path
+) -> Iterator[str]:
+    """A gateway with feedback on, a fresh SQLite store, and these experiment arms."""
+    recommenders = [
+        {"name": name, "url": url, "timeout_ms": 5000}
+        for name, url in zip(DEFAULT_NAMES, urls, strict=True)
+    ]
+    with tempfile.TemporaryDirectory(prefix="online-feedback-") as folder:
+        settings: dict[str, object] = {
+            # Clicks, not speed, are measured: no answer may be cut short or shed.
+            "deadline_ms": 10000,
+            "log_requests": "false",
+            "admission__adaptive": "false",
+            "feedback__store": f"sqlite:///{Path(folder).resolve() / 'feedback.db'}",
+            "feedback__salt": "online-benchmark",
+            # Impressions written often, so /experiments soon counts every one played.
+            "feedback__flush_interval_ms": 20,
+            "feedback__experiments__arms": json.dumps(arms),
+        }
+        settings.update((f"feedback__learner__{key}", value) for key, value in learner.items())
+        with serve_gunicorn(GATEWAY_COMMAND, log, gateway_env(recommenders, **settings)) as (
+            url,
+            _,
+        ):
+            yield url
+
+
+def _validation_lists(world: World, users: list[str], k: int) -> list[tuple[Any, list[str]]]:
+    """Each validation user's lists as the gateway would get them, with their truth."""
+    return [
+        (
+            {name: {"items": world.ranking(name, user, k)} for name in DEFAULT_NAMES},
+            world.truth(user),
+        )
+        for user in users
+    ]
+
+
+def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
+    """Simulate `plan`, writing logs under `out`; return the results."""
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    world = default_world(plan.world_seed)
+    model = ClickModel(world, eta=plan.eta, threshold=plan.threshold, slope=plan.slope)
+
+    advance("ranking the recommenders and fitting weights on validation users")
+    validation = _validation_lists(
+        world, [f"validation-{n}" for n in range(plan.validation_users)], plan.k
+    )
+    ranking = rank_recommenders(validation, plan.k)
+    best, runner_up = ranking[0]["name"], ranking[1]["name"]
+    fitted = fit_weights(validation, plan.k)
+
+    results: dict[str, Any] = {
+        "plan": asdict(plan),
+        "started": started,
+        "recommenders": ranking,
+        "best": best,
+        "runner_up": runner_up,
+        "fitted_weights": fitted,
+        "sensitivity": [],
+    }
+    learning_off = {**plan.learner, "enabled": "false"}
+    rounds = Rounds(plan.round_size, plan.concurrency, plan.k)
+    with mocks(
+        list(DEFAULT_NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)
+    ) as fleet:
+        urls = [fleet.url(name) for name in DEFAULT_NAMES]
+        alone = [
+            {
+                "name": f"ab-{name}",
+                "fusion": "rrf",
+                "share": 1,
+                # Arm weights must be above 0: the others' 1e-6 cannot move one of this
+                # recommender's ten items (1/70 apart at least) nor lift another's above them.
+                "weights": {n: 1.0 if n == name else 1e-6 for n in DEFAULT_NAMES},
+            }
+            for name in DEFAULT_NAMES
+        ]
+        arms = [{"name": "interleave", "fusion": "interleave", "share": 1}, *alone]
+        for seed in plan.seeds:
+            users = [f"s{seed}-u{n}" for n in range(plan.sensitivity_impressions)]
+            with _gateway(urls, arms, learning_off, logs / f"gateway-seed-{seed}.log") as url:
+                played, snapshots = asyncio.run(
+                    play(
+                        url, users, model, single_arm, rounds, advance, f"sensitivity, seed {seed}"
+                    )
+                )
+            run = analyse_sensitivity(played, snapshots, best, runner_up)
+            results["sensitivity"].append({"seed": seed, **run})
+
+        arms = [
+            {"name": "interleave", "fusion": "interleave", "share": 1},
+            {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
+        ]
+        learning_on = {**plan.learner, "enabled": "true"}
+        users = [f"learn-u{n}" for n in range(plan.learning_impressions)]
+        with _gateway(urls, arms, learning_on, logs / "gateway-learning.log") as url:
+            played, snapshots = asyncio.run(
+                play(url, users, model, learning_arm, rounds, advance, "learning")
+            )
+    results["learning"] = analyse_learning(
+        played, snapshots, world, best, fitted, plan.k, plan.windows
+    )
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return results
+
+
+# The command line
+
+
+def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
+    """The plan and output folder the command line asks for."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks online",
+        description="Simulated users click; interleaving against A/B, and the learnt weights.",
+    )
+    default = OnlinePlan()
+    parser.add_argument(
+        "--impressions",
+        type=int,
+        default=default.sensitivity_impressions,
+        help=f"users per sensitivity run ({default.sensitivity_impressions})",
+    )
+    parser.add_argument(
+        "--seeds", default="1,2,3", help="one sensitivity run per seed, comma-separated (1,2,3)"
+    )
+    parser.add_argument(
+        "--learning-impressions",
+        type=int,
+        default=default.learning_impressions,
+        help=f"users in the learning run ({default.learning_impressions})",
+    )
+    parser.add_argument("--concurrency", type=int, default=default.concurrency)
+    parser.add_argument("--world-seed", type=int, default=DEFAULT_SEED, help="the world's seed")
+    parser.add_argument(
+        "--learner",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a feedback.learner setting (min_evidence, floor, max_weight, rate, interval_s)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke run: a few hundred users")
+    parser.add_argument(
+        "--out", type=Path, help="output folder (default benchmarks/results/online-<timestamp>)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        seeds = [int(part) for part in args.seeds.split(",") if part.strip()]
+    except ValueError:
+        parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    plan = OnlinePlan(
+        sensitivity_impressions=args.impressions,
+        seeds=seeds,
+        learning_impressions=args.learning_impressions,
+        concurrency=args.concurrency,
+        world_seed=args.world_seed,
+    )
+    for setting in args.learner:
+        key, _, value = setting.partition("=")
+        if key not in plan.learner or not value:
+            parser.error(
+                f"--learner {setting!r}: expected KEY=VALUE, KEY one of {list(plan.learner)}"
+            )
+        plan.learner[key] = value
+    if args.quick:
+        plan.sensitivity_impressions, plan.seeds = 240, seeds[:1]
+        plan.learning_impressions, plan.validation_users, plan.windows = 240, 100, 2
+        plan.learner["min_evidence"] = "100"
+    if not seeds or plan.sensitivity_impressions < plan.round_size or plan.learning_impressions < 2:
+        parser.error(
+            f"need a seed, --impressions >= {plan.round_size} and --learning-impressions >= 2"
+        )
+    out = args.out or Path("benchmarks/results") / time.strftime("online-%Y%m%d-%H%M%S")
+    return plan, out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the online benchmark with a spinner, then print and save the figures."""
+    plan, out = parse_plan(argv)
+    out.mkdir(parents=True, exist_ok=True)
+    results, console = run_with_spinner(lambda advance: run_online(plan, out, advance))
+    written = write_all(results, out)
+    for line in findings(results):
+        console.print(f"  {line}")
+    console.print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    return 0

@@ -1,0 +1,366 @@
+"""The online benchmark's report (`benchmarks.online`): findings, markdown, two plots, JSON.
+
+Everything here reads the results `benchmarks.online.run_online` returns, as saved in
+`online.json`; nothing runs or scores.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+__all__ = ["findings", "markdown", "plot_learning", "plot_sensitivity", "write_all"]
+
+# The issue's target: interleaving decides with at most a fifth of A/B's impressions.
+TARGET_RATIO = 5.0
+
+
+def _n(value: int | None) -> str:
+    return "never" if value is None else f"{value:,}"
+
+
+def _pm(row: dict[str, Any], key: str = "ndcg", ci: str = "ci95") -> str:
+    return f"{row[key]:.3f} ± {row[ci]:.3f}"
+
+
+def _diff(paired: dict[str, Any]) -> str:
+    return f"{paired['difference']:+.3f} ± {paired['ci95']:.3f}"
+
+
+def _ratios(ratios: list[float | None]) -> dict[str, Any]:
+    decided = [ratio for ratio in ratios if ratio is not None]
+    return {
+        "ratios": ratios,
+        "median_ratio": statistics.median(decided) if decided else None,
+        "met": sum(ratio >= TARGET_RATIO for ratio in decided),
+    }
+
+
+def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Over the runs: the ratios, and how often the target was met (vs the runner-up, vs all)."""
+    runs = results["sensitivity"]
+    return {
+        "runs": len(runs),
+        "against_runner_up": _ratios([run["ratio"] for run in runs]),
+        "against_all": _ratios([run["best_of_all"]["ratio"] for run in runs]),
+        "power_calculation": _ratios([run["needs"].get("ratio") for run in runs]),
+    }
+
+
+def _x(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.1f}x"
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """The figures, one line each."""
+    best, runner_up = results["best"], results["runner_up"]
+    k = results["plan"]["k"]
+    lines = [
+        f"best single recommender by NDCG@{k} ({results['plan']['validation_users']} validation "
+        f"users): {best} {_pm(results['recommenders'][0])}; runner-up {runner_up} "
+        f"{_pm(results['recommenders'][1])}"
+    ]
+    for run in results["sensitivity"]:
+        n_i, n_ab, every = run["n_interleave"], run["n_ab"], run["best_of_all"]
+        lines.append(
+            f"seed {run['seed']}: interleaving 95% sure {best} > {runner_up} after "
+            f"{_n(n_i['stayed'])} impressions (first {_n(n_i['first'])}), A/B after "
+            f"{_n(n_ab['stayed'])} (first {_n(n_ab['first'])}): A/B needs {_x(run['ratio'])}; "
+            f"{best} > each of the others: interleaving {_n(every['n_interleave']['stayed'])}, "
+            f"A/B (four arms) {_n(every['n_ab']['stayed'])}: {_x(every['ratio'])}"
+        )
+    for run in results["sensitivity"]:
+        needs = run["needs"]
+        if needs.get("ratio") is not None:
+            lines.append(
+                f"seed {run['seed']}, by a power calculation on the final rates: interleaving "
+                f"needs {needs['interleave']:,} impressions, A/B {needs['ab']:,}: "
+                f"{_x(needs['ratio'])}"
+            )
+    summary = sensitivity_summary(results)
+    for what, label in (
+        ("against_runner_up", runner_up),
+        ("against_all", "each other"),
+        ("power_calculation", f"{runner_up}, by a power calculation"),
+    ):
+        found = summary[what]
+        if found["median_ratio"] is not None:
+            lines.append(
+                f"target n_I <= n_AB / {TARGET_RATIO:g}, {best} against {label}: met in "
+                f"{found['met']} of {summary['runs']} runs (median {found['median_ratio']:.1f}x)"
+            )
+    learning = results["learning"]
+    if learning["weights"]:
+        first, last = learning["weights"][0], learning["weights"][-1]
+        fitted = ", ".join(f"{n} {w:g}" for n, w in results["fitted_weights"].items())
+        learnt = ", ".join(f"{n} {w:.2f}" for n, w in last["normalised"].items())
+        lines.append(
+            f"learnt weights (largest 1) {learnt} after {last['evidence']} comparisons; "
+            f"offline-fitted {fitted}; distance {first['distance']} -> {last['distance']}"
+        )
+    for row in learning["windows"]:
+        lines.append(
+            f"learnt arm, impressions {row['from']}-{row['to']}: NDCG@{k} "
+            f"{_pm(row, 'fused_ndcg', 'fused_ci95')}, {best} {_pm(row, 'best_ndcg', 'best_ci95')}, "
+            f"paired {_diff(row['vs_best'])}; proposed, replayed {_diff(row['proposed_vs_best'])}"
+        )
+    for system, row in learning["offline"].items():
+        lines.append(
+            f"{system} on the learnt arm's users: {_pm(row)}, vs {best} {_diff(row['vs_best'])}"
+        )
+    agree = all(run["agree"] for run in results["sensitivity"]) and learning["agree"]
+    lines.append(
+        "the gateway's /experiments counted exactly the impressions and clicks sent, per arm"
+        if agree
+        else "MISMATCH between what was sent and what /experiments counted (see online.json)"
+    )
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report as markdown, for `online.md`."""
+    plan, best, runner_up = results["plan"], results["best"], results["runner_up"]
+    k = plan["k"]
+    learner = ", ".join(f"`{key}` {value}" for key, value in plan["learner"].items())
+    lines = [
+        "# Online benchmark: learning from clicks",
+        "",
+        f"`python -m benchmarks online`, {results['started']} to {results['finished']}. "
+        f"Simulated users click on what the gateway shows them (position-biased: examined with "
+        f"probability 1/rank^{plan['eta']:g}, clicked when examined with "
+        f"sigmoid({plan['slope']:g}·(z - {plan['threshold']:g})) of their standardised true "
+        "utility z); every count below is the gateway's own, from `GET /experiments`. "
+        f"Learner: {learner}.",
+        "",
+        f"## Recommenders (NDCG@{k} on {plan['validation_users']} validation users)",
+        "",
+        f"| recommender | NDCG@{k} |",
+        "|---|---:|",
+        *(f"| {row['name']} | {_pm(row)} |" for row in results["recommenders"]),
+        "",
+        f"## Interleaving against A/B: {best} against {runner_up}",
+        "",
+        "Impressions until each method was 95% sure, and stayed sure to the end of the run "
+        "(in brackets: the first time it was). Interleaving: the Wilson interval of the "
+        "pairwise preference excludes 0.5; A/B: a two-proportion z-test on the share of "
+        f"impressions clicked, counting the impressions of the two arms. Best of four: until "
+        f"{best} is sure to beat each of the three others (A/B: all four arms' impressions).",
+        "",
+        "| seed | interleaving impressions | A/B impressions | A/B / interleaving | "
+        "preference (wins-losses-ties) | CTR A/B arms | best of four: interleaving | "
+        "A/B (four arms) | A/B / interleaving |",
+        "|---|---:|---:|---:|---|---|---:|---:|---:|",
+    ]
+    for run in results["sensitivity"]:
+        n_i, n_ab, last = run["n_interleave"], run["n_ab"], run["series"][-1]
+        pair, ab, every = last["interleave"], last["ab"], run["best_of_all"]
+        preference = (
+            f"{pair['preference']:.3f} [{pair['low']:.3f}, {pair['high']:.3f}] "
+            f"({pair['wins']}-{pair['losses']}-{pair['ties']})"
+            if pair.get("low") is not None
+            else "-"
+        )
+        lines.append(
+            f"| {run['seed']} | {_n(n_i['stayed'])} ({_n(n_i['first'])}) | "
+            f"{_n(n_ab['stayed'])} ({_n(n_ab['first'])}) | {_x(run['ratio'])} | {preference} | "
+            f"{ab['ctr_a']:.3f} vs {ab['ctr_b']:.3f} | {_n(every['n_interleave']['stayed'])} | "
+            f"{_n(every['n_ab']['stayed'])} | {_x(every['ratio'])} |"
+        )
+    lines += ["", "\n".join(f"- {line}" for line in findings(results)), ""]
+    lines += ["![interleaving against A/B](online-sensitivity.png)", ""]
+    lines += _attribution(results["sensitivity"][0]["final"]) if results["sensitivity"] else []
+    learning = results["learning"]
+    lines += [
+        "## Learnt weights",
+        "",
+        "| after impressions | comparisons | "
+        + " | ".join(results["fitted_weights"])
+        + " | distance |",
+        "|---:|---:|" + "---:|" * len(results["fitted_weights"]) + "---:|",
+    ]
+    shown = learning["weights"]
+    for row in shown[:: max(1, len(shown) // 8)] + shown[-1:]:
+        cells = " | ".join(f"{row['normalised'].get(n, 0):.2f}" for n in results["fitted_weights"])
+        lines.append(f"| {row['after']:,} | {row['evidence']} | {cells} | {row['distance']} |")
+    cells = " | ".join(f"{w:g}" for w in results["fitted_weights"].values())
+    lines += [f"| offline-fitted | | {cells} | 0 |", ""]
+    lines += [
+        f"## NDCG@{k} of the learnt arm over the run",
+        "",
+        f"| impressions | learnt arm | {best} | learnt arm - {best} | proposed rule, replayed "
+        f"| proposed - {best} |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {row['from']:,}-{row['to']:,} | {_pm(row, 'fused_ndcg', 'fused_ci95')} | "
+            f"{_pm(row, 'best_ndcg', 'best_ci95')} | {_diff(row['vs_best'])} | "
+            f"{row['proposed_ndcg']:.3f} | {_diff(row['proposed_vs_best'])} |"
+            for row in learning["windows"]
+        ),
+        "",
+        f"| on the learnt arm's users | NDCG@{k} | vs {best} |",
+        "|---|---:|---:|",
+        *(
+            f"| {system} | {_pm(row)} | {_diff(row['vs_best'])} |"
+            for system, row in learning["offline"].items()
+        ),
+        "",
+        "![learnt weights and NDCG over the run](online-learning.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _attribution(final: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Attribution (the first run's /experiments at its end)",
+        "",
+        "| recommender | impressions | clicks | share of credit |",
+        "|---|---:|---:|---:|",
+    ]
+    for name, row in sorted(final.get("recommenders", {}).items()):
+        lines.append(
+            f"| {name} | {row['impressions']:,} | {row['clicks']:,} | {row['credit']:.1%} |"
+        )
+    lines += [
+        "",
+        "| a | b | wins | losses | ties | preference of a |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for pair in final.get("pairwise", []):
+        lines.append(
+            f"| {pair['a']} | {pair['b']} | {pair['wins']} | {pair['losses']} | {pair['ties']} | "
+            f"{pair['preference']:.3f} [{pair['low']:.3f}, {pair['high']:.3f}] |"
+        )
+    lines += [
+        "",
+        "| arm | fusion | impressions | clicked | clicks | CTR |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for name, arm in sorted(final.get("arms", {}).items()):
+        lines.append(
+            f"| {name} | {arm['fusion']} | {arm['impressions']:,} | {arm['clicked_impressions']:,} "
+            f"| {arm['clicks']:,} | {arm['ctr']:.3f} [{arm['low']:.3f}, {arm['high']:.3f}] |"
+        )
+    return [*lines, ""]
+
+
+def plot_sensitivity(results: dict[str, Any], out: Path) -> Path:
+    """The first run's interleaving preference and A/B difference, with 95% bands, over time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run = results["sensitivity"][0]
+    series = [row for row in run["series"] if row["interleave"].get("low") is not None]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    best, runner_up = results["best"], results["runner_up"]
+    x = [row["interleave"]["impressions"] for row in series]
+    left.plot(x, [row["interleave"]["preference"] for row in series], color="C0")
+    left.fill_between(
+        x,
+        [row["interleave"]["low"] for row in series],
+        [row["interleave"]["high"] for row in series],
+        color="C0",
+        alpha=0.25,
+    )
+    left.axhline(0.5, color="grey", lw=1)
+    left.set(
+        title=f"Interleaving: {best} preferred over {runner_up}",
+        xlabel="interleaved impressions",
+        ylabel="share of decided comparisons won",
+    )
+    x = [row["ab"]["impressions"] for row in run["series"]]
+    diff = [row["ab"]["difference"] for row in run["series"]]
+    half = [row["ab"]["ci95"] for row in run["series"]]
+    right.plot(x, diff, color="C1")
+    low = [d - h for d, h in zip(diff, half, strict=True)]
+    high = [d + h for d, h in zip(diff, half, strict=True)]
+    right.fill_between(x, low, high, color="C1", alpha=0.25)
+    right.axhline(0.0, color="grey", lw=1)
+    right.set(
+        title=f"A/B: CTR({best}) - CTR({runner_up})",
+        xlabel="A/B impressions (both arms)",
+        ylabel="difference in share clicked",
+    )
+    for axis, n in ((left, run["n_interleave"]["stayed"]), (right, run["n_ab"]["stayed"])):
+        if n is not None:
+            axis.axvline(n, color="k", ls="--", lw=1, label=f"95% sure from {n:,}")
+            axis.legend(loc="upper right")
+    figure.tight_layout()
+    path = out / "online-sensitivity.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def plot_learning(results: dict[str, Any], out: Path) -> Path:
+    """The learnt weights against the fitted ones, and the learnt arm's NDCG in windows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    learning, best = results["learning"], results["best"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = [row["after"] for row in learning["weights"]]
+    for n, (name, target) in enumerate(results["fitted_weights"].items()):
+        left.plot(
+            x,
+            [row["normalised"].get(name, 0.0) for row in learning["weights"]],
+            color=f"C{n}",
+            label=name,
+        )
+        left.axhline(target, color=f"C{n}", ls=":", lw=1.5)
+    left.set(
+        title="Learnt weights (largest = 1); dotted: fitted offline",
+        xlabel="impressions (all arms)",
+        ylabel="weight",
+    )
+    left.legend(loc="center right")
+    windows = learning["windows"]
+    middle = [(row["from"] + row["to"]) / 2 for row in windows]
+    # Paired differences: the users' own spread, which dwarfs the effect, cancels out.
+    for key, style, colour, label in (
+        ("vs_best", "o-", "C0", "learnt arm (RRF, learnt weights)"),
+        ("proposed_vs_best", "^:", "C2", "proposed rule, replayed on the same lists"),
+    ):
+        right.errorbar(
+            middle, [row[key]["difference"] for row in windows],
+            yerr=[row[key]["ci95"] for row in windows],
+            fmt=style, color=colour, capsize=3, label=label,
+        )  # fmt: skip
+    right.axhline(0.0, color="C3", ls="--", lw=1, label=f"{best} alone")
+    offline = learning["offline"]
+    for system, style in (("rrf, equal weights", ":"), ("rrf, offline-fitted weights", "-.")):
+        if system in offline:
+            difference = offline[system]["vs_best"]["difference"]
+            right.axhline(difference, color="grey", ls=style, lw=1, label=system)
+    right.set(
+        title=f"NDCG@{results['plan']['k']} of the learnt arm - {best}'s, same users",
+        xlabel="impressions (all arms)",
+        ylabel=f"paired difference in NDCG@{results['plan']['k']}",
+    )
+    right.legend(loc="lower right", fontsize="small")
+    figure.tight_layout()
+    path = out / "online-learning.png"
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def write_all(results: dict[str, Any], out: Path) -> list[Path]:
+    """`online.json`, `online.md` and the two plots, into `out`."""
+    results["summary"] = sensitivity_summary(results)
+    data = out / "online.json"
+    data.write_text(json.dumps(results, indent=1) + "\n")
+    report = out / "online.md"
+    report.write_text(markdown(results))
+    written = [data, report]
+    if results["sensitivity"]:
+        written.append(plot_sensitivity(results, out))
+    if results["learning"]["weights"]:
+        written.append(plot_learning(results, out))
+    return written

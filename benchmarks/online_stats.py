@@ -1,0 +1,184 @@
+"""The online benchmark's statistics: when an experiment is decided, and how weights compare.
+
+Pure functions over the snapshots `benchmarks.online` takes of the gateway's ``GET
+/experiments`` between rounds of simulated users:
+
+- an interleaving comparison is decided when the Wilson interval of one recommender's
+  preference over the other (the gateway's ``low``/``high``) excludes 0.5;
+- an A/B test is decided when a two-proportion z-test on the arms' clicked impressions (the
+  share of impressions with at least one click) gives |z| > 1.96;
+- for each, the impressions it would need by a power calculation from the run's final rates
+  (`interleaving_needs`, `ab_needs`: the sample at which the observed effect is just 1.96
+  standard errors from none), steadier from run to run than the first passage;
+- for each, the impressions it took: the first snapshot at which it was decided *and stayed
+  decided, in the right direction, to the end of the run* (checking after every round is
+  optional stopping, and a lucky early crossing that later reverses would flatter either
+  method), and the first snapshot it was decided at all, for reference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "Z95",
+    "ab_needs",
+    "ab_test",
+    "decided_after",
+    "interleaving_needs",
+    "margin_weights",
+    "normalised",
+    "pair_of",
+    "preference_decided",
+    "weight_distance",
+]
+
+Z95 = 1.959964
+
+
+def pair_of(snapshot: Mapping[str, Any], first: str, second: str) -> dict[str, Any]:
+    """The gateway's comparison of `first` with `second`, from `first`'s side.
+
+    /experiments lists each pair once, ``a`` < ``b``; this turns it round when needed (a
+    preference p becomes 1 - p, the interval flips). Zero counts when the pair is not listed.
+    """
+    for pair in snapshot.get("pairwise", []):
+        if (pair["a"], pair["b"]) == (first, second):
+            return dict(pair)
+        if (pair["a"], pair["b"]) == (second, first):
+            return {
+                "a": first,
+                "b": second,
+                "wins": pair["losses"],
+                "losses": pair["wins"],
+                "ties": pair["ties"],
+                "preference": 1 - pair["preference"],
+                "low": 1 - pair["high"],
+                "high": 1 - pair["low"],
+            }
+    return {"a": first, "b": second, "wins": 0, "losses": 0, "ties": 0}
+
+
+def preference_decided(pair: Mapping[str, Any]) -> int:
+    """+1 when the interval says `a` is preferred, -1 when `b` is, 0 while it includes 0.5."""
+    if "low" not in pair:
+        return 0
+    if pair["low"] > 0.5:
+        return 1
+    if pair["high"] < 0.5:
+        return -1
+    return 0
+
+
+def ab_test(clicked_a: int, shown_a: int, clicked_b: int, shown_b: int) -> dict[str, float]:
+    """Two-proportion z-test of arm a's CTR against arm b's (pooled standard error).
+
+    Returns both CTRs, the difference, its 95% interval (unpooled) and z; z is 0 while
+    either arm is empty or nobody clicked anything.
+    """
+    ctr_a = clicked_a / shown_a if shown_a else 0.0
+    ctr_b = clicked_b / shown_b if shown_b else 0.0
+    difference = ctr_a - ctr_b
+    z = half = 0.0
+    if shown_a and shown_b:
+        pooled = (clicked_a + clicked_b) / (shown_a + shown_b)
+        error = math.sqrt(pooled * (1 - pooled) * (1 / shown_a + 1 / shown_b))
+        z = difference / error if error > 0 else 0.0
+        half = Z95 * math.sqrt(ctr_a * (1 - ctr_a) / shown_a + ctr_b * (1 - ctr_b) / shown_b)
+    return {
+        "ctr_a": round(ctr_a, 4),
+        "ctr_b": round(ctr_b, 4),
+        "difference": round(difference, 4),
+        "ci95": round(half, 4),
+        "z": round(z, 3),
+    }
+
+
+def decided_after(
+    impressions: Sequence[int], verdicts: Sequence[int], expected: int = 1
+) -> dict[str, int | None]:
+    """When a sequence of checks first decided, and from when it stayed decided, for `expected`.
+
+    `impressions[i]` is how many impressions the experiment had at check i, `verdicts[i]` its
+    verdict then (+1, -1 or 0). ``stayed`` is the impressions at the first check from which
+    every later verdict is `expected`; ``first`` at the first check that was `expected` at
+    all; ``wrong`` at the first check that decided the other way. Each None when it never was.
+    """
+    if len(impressions) != len(verdicts):
+        raise ValueError("one verdict per check")
+    first = next((n for n, v in zip(impressions, verdicts, strict=True) if v == expected), None)
+    wrong = next(
+        (n for n, v in zip(impressions, verdicts, strict=True) if v not in (0, expected)), None
+    )
+    stayed: int | None = None
+    for n, v in zip(reversed(impressions), reversed(verdicts), strict=True):
+        if v != expected:
+            break
+        stayed = n
+    return {"stayed": stayed, "first": first, "wrong": wrong}
+
+
+def normalised(weights: Mapping[str, float]) -> dict[str, float]:
+    """Weights scaled so the largest is 1: RRF depends only on their ratios."""
+    top = max(weights.values(), default=0.0)
+    return {name: (w / top if top > 0 else 0.0) for name, w in weights.items()}
+
+
+def weight_distance(weights: Mapping[str, float], target: Mapping[str, float]) -> float:
+    """Mean absolute difference between two weightings, each scaled so its largest is 1."""
+    a, b = normalised(weights), normalised(target)
+    names = sorted(set(a) | set(b))
+    return sum(abs(a.get(n, 0.0) - b.get(n, 0.0)) for n in names) / len(names) if names else 0.0
+
+
+def interleaving_needs(wins: int, losses: int, impressions: int) -> float | None:
+    """Impressions until a preference this strong is 1.96 standard errors from 0.5.
+
+    Decided comparisons needed: 1.96² p(1-p) / (p - 1/2)², over the share of impressions that
+    decided one; None when nothing was decided or the preference is exactly even.
+    """
+    decided = wins + losses
+    if not decided or not impressions or 2 * wins == decided:
+        return None
+    share = wins / decided
+    comparisons = Z95**2 * share * (1 - share) / (share - 0.5) ** 2
+    return comparisons * impressions / decided
+
+
+def ab_needs(clicked_a: int, shown_a: int, clicked_b: int, shown_b: int) -> float | None:
+    """Impressions (both arms, split evenly) until this CTR difference is 1.96 standard errors.
+
+    Per arm: 1.96² (p_a q_a + p_b q_b) / (p_a - p_b)²; None when either arm is empty or the
+    rates are equal.
+    """
+    if not shown_a or not shown_b or clicked_a * shown_b == clicked_b * shown_a:
+        return None
+    a, b = clicked_a / shown_a, clicked_b / shown_b
+    return 2 * Z95**2 * (a * (1 - a) + b * (1 - b)) / (a - b) ** 2
+
+
+def margin_weights(
+    pairwise: Sequence[Mapping[str, Any]],
+    names: Sequence[str],
+    beta: float = 4.0,
+    prior: float = 50.0,
+) -> dict[str, float]:
+    """A learner rule that converges (proposed, not the gateway's): exp(beta · mean margin).
+
+    Each recommender's margin is its wins minus losses over its decided comparisons, shrunk
+    towards 0 by `prior` pseudo-comparisons: ``w_i = exp(beta · (W_i - L_i) / (W_i + L_i +
+    prior))``. Unlike Hedge over cumulative net wins, the exponent is bounded by `beta` and
+    settles as evidence grows, so the weights stop moving instead of running to the bounds.
+    """
+    net = dict.fromkeys(names, 0)
+    decided = dict.fromkeys(names, 0)
+    for pair in pairwise:
+        a, b = pair["a"], pair["b"]
+        if a in net and b in net:
+            net[a] += pair["wins"] - pair["losses"]
+            net[b] += pair["losses"] - pair["wins"]
+            decided[a] += pair["wins"] + pair["losses"]
+            decided[b] += pair["wins"] + pair["losses"]
+    return {name: round(math.exp(beta * net[name] / (decided[name] + prior)), 4) for name in names}

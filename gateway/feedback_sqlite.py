@@ -1,0 +1,331 @@
+"""The feedback store in one SQLite file, shared by the worker processes of one host.
+
+Blocking by design: the gateway calls it from a writer thread, never on its event loop. Each
+thread that uses a store gets a connection of its own; every change is one `BEGIN IMMEDIATE`
+transaction (the write lock taken up front, so two processes never both read and then both
+write), in WAL mode (readers never wait for the writer) with a busy timeout (a writer waits
+for another process's transaction instead of failing).
+
+Schema (`PRAGMA user_version` 1)::
+
+    impression(request_id PK, at, body, team_clicks, positives)
+        body: Impression JSON (a salted user hash, never a raw user id);
+        team_clicks: {team: credited clicks} so far; positives: positive events so far
+    seen_event(request_id, event_id)           event ids accepted, for duplicates
+    counter(scope, name, field, value)         ("recommender", name, impressions|clicks|credit),
+                                               ("arm", arm, impressions|clicked_impressions|
+                                               clicks), ("event", kind, "count")
+    pair(a, b, wins, losses, ties)             a < b, from a's side
+    learned_weights(id = 1, version, body)     LearnedWeights JSON, highest version kept
+
+An impression is live while `now - at < retention_s` by the injected clock; `expire` deletes
+the others, and until then `record` already treats them as unknown. Counters are cumulative:
+expiring an impression does not take back what its events counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from gateway.attribution import PairCounts, pairwise_delta
+from gateway.feedback_records import (
+    ArmCounts,
+    EventResult,
+    FeedbackStats,
+    FeedbackStoreError,
+    LearnedWeights,
+    RecommenderCounts,
+)
+from gateway.impressions import POSITIVE_EVENTS, FeedbackEvent, Impression, credit_for
+
+__all__ = ["SQLiteStore"]
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS impression (
+    request_id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    body TEXT NOT NULL,
+    team_clicks TEXT NOT NULL DEFAULT '{}',
+    positives INTEGER NOT NULL DEFAULT 0
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS impression_at ON impression (at);
+CREATE TABLE IF NOT EXISTS seen_event (
+    request_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    PRIMARY KEY (request_id, event_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counter (
+    scope TEXT NOT NULL,
+    name TEXT NOT NULL,
+    field TEXT NOT NULL,
+    value REAL NOT NULL,
+    PRIMARY KEY (scope, name, field)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pair (
+    a TEXT NOT NULL,
+    b TEXT NOT NULL,
+    wins INTEGER NOT NULL,
+    losses INTEGER NOT NULL,
+    ties INTEGER NOT NULL,
+    PRIMARY KEY (a, b)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS learned_weights (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    version INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+"""
+_ADD = (
+    "INSERT INTO counter (scope, name, field, value) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (scope, name, field) DO UPDATE SET value = value + excluded.value"
+)
+_ADD_PAIR = (
+    "INSERT INTO pair (a, b, wins, losses, ties) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (a, b) DO UPDATE SET wins = wins + excluded.wins, "
+    "losses = losses + excluded.losses, ties = ties + excluded.ties"
+)
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """SQLite's errors as the store's one error, with the cause chained."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        raise FeedbackStoreError(f"feedback store (SQLite): {exc}") from exc
+
+
+class SQLiteStore:
+    """The feedback store in the SQLite file at `path`; see the module docstring.
+
+    Make one per worker process, after gunicorn forks (as the HTTP session is): a SQLite
+    connection must not cross a fork.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        retention_s: float,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = 5.0,
+    ):
+        if retention_s <= 0:
+            raise ValueError(f"retention_s must be positive, got {retention_s}")
+        self.path = Path(path)
+        self.retention_s = retention_s
+        self._clock = clock
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._closed = False
+        self._schema_ready = False
+
+    def save_impressions(self, impressions: Sequence[Impression]) -> None:
+        """Store a batch in one transaction; a request id already stored keeps its first."""
+        rows = [(imp.request_id, imp.at, imp.to_json()) for imp in impressions]
+        added: collections.Counter[tuple[str, str]] = collections.Counter()
+        with self._transaction() as db:
+            for impression, row in zip(impressions, rows, strict=True):
+                inserted = db.execute(
+                    "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)",
+                    row,
+                ).rowcount
+                if not inserted:
+                    continue
+                added.update(("recommender", name) for name in impression.recommenders())
+                if impression.arm is not None:
+                    added[("arm", impression.arm)] += 1
+            # One upsert per counter for the whole batch, not one per impression and name.
+            db.executemany(
+                _ADD,
+                [(scope, name, "impressions", count) for (scope, name), count in added.items()],
+            )
+
+    def record(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
+        """Judge and count a batch of events in one transaction, in order; one result each."""
+        cutoff = self._clock() - self.retention_s
+        with self._transaction() as db:
+            return [self._record_one(db, event, cutoff) for event in events]
+
+    def stats(self) -> FeedbackStats:
+        """Every counter, read in one transaction."""
+        cutoff = self._clock() - self.retention_s
+        db = self._connection()
+        with _translated():
+            db.execute("BEGIN")
+            try:
+                counters = db.execute("SELECT scope, name, field, value FROM counter").fetchall()
+                pairs = db.execute("SELECT a, b, wins, losses, ties FROM pair").fetchall()
+                (stored,) = db.execute(
+                    "SELECT COUNT(*) FROM impression WHERE at > ?", (cutoff,)
+                ).fetchone()
+            finally:
+                db.execute("COMMIT")
+        fields: dict[tuple[str, str], dict[str, float]] = {}
+        for scope, name, field, value in counters:
+            fields.setdefault((scope, name), {})[field] = value
+        return FeedbackStats(
+            recommenders={
+                name: RecommenderCounts(
+                    int(f.get("impressions", 0)), int(f.get("clicks", 0)), f.get("credit", 0.0)
+                )
+                for (scope, name), f in sorted(fields.items())
+                if scope == "recommender"
+            },
+            pairwise={(a, b): PairCounts(w, lo, t) for a, b, w, lo, t in sorted(pairs)},
+            arms={
+                name: ArmCounts(
+                    int(f.get("impressions", 0)),
+                    int(f.get("clicked_impressions", 0)),
+                    int(f.get("clicks", 0)),
+                )
+                for (scope, name), f in sorted(fields.items())
+                if scope == "arm"
+            },
+            events={
+                name: int(f["count"])
+                for (scope, name), f in sorted(fields.items())
+                if scope == "event"
+            },
+            impressions_stored=stored,
+        )
+
+    def expire(self) -> int:
+        """Delete the impressions older than the retention; how many were deleted."""
+        cutoff = self._clock() - self.retention_s
+        with self._transaction() as db:
+            db.execute(
+                "DELETE FROM seen_event WHERE request_id IN "
+                "(SELECT request_id FROM impression WHERE at <= ?)",
+                (cutoff,),
+            )
+            return db.execute("DELETE FROM impression WHERE at <= ?", (cutoff,)).rowcount
+
+    def load_weights(self) -> LearnedWeights | None:
+        """The learnt weights saved last, or None before any."""
+        db = self._connection()
+        with _translated():
+            row = db.execute("SELECT body FROM learned_weights WHERE id = 1").fetchone()
+        return None if row is None else LearnedWeights.from_json(row[0])
+
+    def save_weights(self, weights: LearnedWeights) -> bool:
+        """Keep `weights` if their version is newer than the stored one; whether they were."""
+        with self._transaction() as db:
+            return bool(
+                db.execute(
+                    "INSERT INTO learned_weights (id, version, body) VALUES (1, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET version = excluded.version, "
+                    "body = excluded.body WHERE excluded.version > learned_weights.version",
+                    (weights.version, weights.to_json()),
+                ).rowcount
+            )
+
+    def close(self) -> None:
+        """Close every connection the store opened; using it afterwards raises RuntimeError."""
+        with self._lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for db in connections:
+            db.close()
+
+    def _record_one(
+        self, db: sqlite3.Connection, event: FeedbackEvent, cutoff: float
+    ) -> EventResult:
+        row = db.execute(
+            "SELECT body, team_clicks, positives FROM impression WHERE request_id = ? AND at > ?",
+            (event.request_id, cutoff),
+        ).fetchone()
+        if row is None:
+            return EventResult.UNKNOWN_REQUEST
+        impression = Impression.from_json(row[0])
+        item = impression.item(event.item_id)
+        if item is None:
+            return EventResult.ITEM_NOT_SHOWN
+        if event.event_id is not None and not (
+            db.execute(
+                "INSERT OR IGNORE INTO seen_event (request_id, event_id) VALUES (?, ?)",
+                (event.request_id, event.event_id),
+            ).rowcount
+        ):
+            return EventResult.DUPLICATE
+        db.execute(_ADD, ("event", event.event, "count", 1))
+        if event.event not in POSITIVE_EVENTS:
+            return EventResult.ACCEPTED
+        for name, share in credit_for(item).items():
+            db.execute(_ADD, ("recommender", name, "clicks", 1))
+            db.execute(_ADD, ("recommender", name, "credit", share))
+        team_clicks: dict[str, int] = json.loads(row[1])
+        if item.team is not None:
+            before = {team: team_clicks.get(team, 0) for team in impression.teams()}
+            after = {**before, item.team: before[item.team] + 1}
+            for (a, b), change in pairwise_delta(before, after).items():
+                db.execute(_ADD_PAIR, (a, b, *change))
+            team_clicks[item.team] = after[item.team]
+        positives: int = row[2]
+        if impression.arm is not None:
+            if positives == 0:
+                db.execute(_ADD, ("arm", impression.arm, "clicked_impressions", 1))
+            db.execute(_ADD, ("arm", impression.arm, "clicks", 1))
+        db.execute(
+            "UPDATE impression SET team_clicks = ?, positives = ? WHERE request_id = ?",
+            (json.dumps(team_clicks, separators=(",", ":")), positives + 1, event.request_id),
+        )
+        return EventResult.ACCEPTED
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on this thread's connection: committed, or rolled back."""
+        db = self._connection()
+        with _translated():
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def _connection(self) -> sqlite3.Connection:
+        """This thread's connection, opened (and the schema made) on its first use."""
+        if self._closed:
+            raise RuntimeError("the feedback store is closed")
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is not None:
+            return db
+        with _translated():
+            # Autocommit (isolation_level None): every transaction is begun by hand, so the
+            # write lock is taken when BEGIN IMMEDIATE says, not at the driver's first write.
+            db = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
+            db.execute("PRAGMA journal_mode = WAL")
+            # In WAL mode NORMAL loses no committed data on a process crash, only on power loss.
+            db.execute("PRAGMA synchronous = NORMAL")
+        with self._lock:
+            if self._closed:
+                db.close()
+                raise RuntimeError("the feedback store is closed")
+            self._connections.append(db)
+            self._local.db = db
+            if not self._schema_ready:
+                with _translated():
+                    db.executescript(
+                        f"BEGIN IMMEDIATE; {_SCHEMA} "
+                        f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
+                    )
+                self._schema_ready = True
+        return db

@@ -1,0 +1,180 @@
+"""Tests of `gateway.feedback.FeedbackService`: arms, the bounded writer, judging, learning.
+
+Over a real SQLite file, without HTTP: the endpoints are tests/test_feedback_routes.py's.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import metrics
+from gateway.config import FeedbackSettings
+from gateway.feedback import FeedbackService
+from gateway.feedback_records import EventResult
+from gateway.feedback_store import SQLiteStore
+from gateway.fusion import FusedRanking
+from gateway.impressions import FeedbackEvent, hash_user
+from tests.helpers import sample
+
+SALT = "test-salt"
+WEIGHTS = {"sml": 1.0, "asc": 1.0, "trd": 1.0, "psn": 0.0}
+
+
+def feedback_settings(tmp_path: Path, **fields: Any) -> FeedbackSettings:
+    return FeedbackSettings.model_validate(
+        {"store": f"sqlite:///{tmp_path / 'feedback.db'}", "salt": SALT, **fields}
+    )
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def service(tmp_path: Path, sleeps: list[float]) -> Iterator[FeedbackService]:
+    """A service whose writer thread is not started: the test flushes by hand."""
+    arms = [
+        {"name": "control", "fusion": "rrf", "share": 3},
+        {"name": "explore", "fusion": "interleave", "share": 1},
+        {"name": "tuned", "fusion": "rrf", "share": 1e-9, "weights": {"sml": 2.0}},
+    ]
+    service = FeedbackService(
+        feedback_settings(tmp_path, queue_limit=3, experiments={"arms": arms}),
+        WEIGHTS,
+        sleep=sleeps.append,
+    )
+    yield service
+    service.close()
+
+
+def ranking(*ids: str, fusion: str = "rrf") -> FusedRanking:
+    items = [
+        {"id": item_id, "score": 1.0, "sources": [{"name": "sml", "rank": rank}]}
+        for rank, item_id in enumerate(ids, start=1)
+    ]
+    teams = tuple("sml" if fusion == "interleave" else None for _ in ids)
+    return FusedRanking(fusion, items, 1.0, teams)  # type: ignore[arg-type]
+
+
+def test_users_split_by_share_stick_to_their_arm_and_explicit_fusions_stay_out(
+    service: FeedbackService,
+) -> None:
+    arms = collections.Counter(service.assign(f"user-{n}", None).arm for n in range(20_000))
+
+    assert abs(arms["control"] / 20_000 - 0.75) < 0.02
+    assert abs(arms["explore"] / 20_000 - 0.25) < 0.02
+    assert service.assign("user-7", None) == service.assign("user-7", None)
+    users = (f"user-{n}" for n in range(100))
+    explore = next(user for user in users if service.assign(user, None).arm == "explore")
+    assignment = service.assign(explore, None)
+    assert assignment.fusion == "interleave"
+    assert assignment.user_hash == hash_user(explore, SALT)
+    # A request that names its fusion, or has no user, is outside the experiment.
+    assert service.assign(explore, "concat").arm is None
+    assert service.assign(explore, "concat").fusion == "concat"
+    assert service.assign(None, None).arm is None
+
+
+def test_an_arms_weights_go_to_the_fuser_and_learned_ones_start_at_the_configured(
+    tmp_path: Path,
+) -> None:
+    arms = [{"name": "only", "fusion": "rrf", "share": 1, "weights": "learned"}]
+    service = FeedbackService(feedback_settings(tmp_path, experiments={"arms": arms}), WEIGHTS)
+    try:
+        # Shadow recommenders (weight 0) are not learnt: they stay out of the fusion.
+        assert service.assign("u1", None).weights == {"sml": 1.0, "asc": 1.0, "trd": 1.0}
+    finally:
+        service.close()
+
+
+def test_a_full_queue_drops_impressions_and_counts_them(service: FeedbackService) -> None:
+    impressions = "gateway_feedback_impressions_total"
+    before = sample(metrics.render().decode(), impressions, outcome="dropped")
+
+    for n in range(5):
+        service.record(f"r{n}", service.assign("u1", None), ranking("i1", "i2"))
+    service.flush()
+
+    rendered = metrics.render().decode()
+    dropped = sample(rendered, impressions, outcome="dropped")
+    assert dropped - before == 2
+    results = service.judge([FeedbackEvent(f"r{n}", "i1", "click") for n in range(5)])
+    assert results[:3] == [EventResult.ACCEPTED] * 3
+    assert results[3:] == [EventResult.UNKNOWN_REQUEST] * 2
+
+
+def test_nothing_is_recorded_for_an_answer_without_fused_items(service: FeedbackService) -> None:
+    service.record("none", service.assign("u1", "none"), FusedRanking("none", [], 1.0))
+    service.record("empty", service.assign("u1", None), ranking())
+    service.flush()
+
+    assert service.report()["impressions_stored"] == 0
+
+
+def test_an_event_before_its_impression_is_written_is_judged_after_it(
+    service: FeedbackService, sleeps: list[float]
+) -> None:
+    service.record("r1", service.assign("u1", None), ranking("i1"))
+
+    # Waiting in this worker: written first, then judged.
+    assert service.judge([FeedbackEvent("r1", "i1", "click")]) == [EventResult.ACCEPTED]
+    assert sleeps == []
+    # Unknown: judged once more after two flush intervals (another worker may write it).
+    assert service.judge([FeedbackEvent("r2", "i1", "click")]) == [EventResult.UNKNOWN_REQUEST]
+    assert sleeps == [pytest.approx(0.2)]
+
+
+def test_the_store_holds_the_users_pseudonym_never_their_id(
+    service: FeedbackService, tmp_path: Path
+) -> None:
+    service.record("r1", service.assign("alice@example.com", None), ranking("i1"))
+    service.flush()
+    service.close()
+
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("feedback.db*"))
+    assert b"alice@example.com" not in stored
+    assert hash_user("alice@example.com", SALT).encode() in stored
+
+
+def test_the_learner_publishes_weights_and_a_frozen_one_holds_them(tmp_path: Path) -> None:
+    learner = {"min_evidence": 2, "rate": 0.5, "floor": 0.1, "max_weight": 5.0}
+    service = FeedbackService(feedback_settings(tmp_path, learner=learner), WEIGHTS)
+    frozen = FeedbackService(
+        feedback_settings(tmp_path, learner={**learner, "frozen": True}), WEIGHTS
+    )
+    try:
+        # sml beats asc and trd on each of three interleaved answers.
+        for n in range(3):
+            fused = FusedRanking(
+                "interleave",
+                [{"id": f"i{k}", "score": 1.0, "sources": []} for k in range(3)],
+                1.0,
+                ("sml", "asc", "trd"),
+            )
+            service.record(f"r{n}", service.assign("u1", "interleave"), fused)
+        service.flush()
+        service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(3)])
+
+        learned = service.learn()
+        held = frozen.learn()
+    finally:
+        service.close()
+        frozen.close()
+
+    # net wins: sml +6, asc -3, trd -3; w = exp(0.5 * net), clipped to [0.1, 5].
+    assert learned.weights == {"sml": 5.0, "asc": pytest.approx(0.223130), "trd": 0.223130}
+    assert learned.version == 1
+    assert service.weights_in_use() == learned.weights
+    # The frozen one keeps what the store has (the first's), and does not move it.
+    assert held == learned
+    store = SQLiteStore(tmp_path / "feedback.db", 3600)
+    try:
+        assert store.load_weights() == learned
+    finally:
+        store.close()

@@ -1,0 +1,158 @@
+"""Tests of gateway/impressions.py: the JSON form, user hashing, arms and the credit rule."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import hmac
+
+import pytest
+
+from gateway.impressions import (
+    USER_HASH_LENGTH,
+    FeedbackEvent,
+    Impression,
+    ShownItem,
+    assign_arm,
+    credit_for,
+    hash_user,
+    is_event_kind,
+)
+
+INTERLEAVED = Impression(
+    request_id="req-1",
+    user_hash=hash_user("user-7", "salt"),
+    at=1_700_000_000.123456,
+    fusion="interleave",
+    arm="treatment",
+    items=(
+        ShownItem("i1", 1, "als", (("als", 1), ("pop", 3))),
+        ShownItem("i2", 2, "trd", (("trd", 1),)),
+        ShownItem("i3", 3, "als", (("als", 2),)),
+    ),
+)
+FUSED = Impression(
+    request_id="req-2",
+    user_hash=hash_user("user-8", "salt"),
+    at=1_700_000_001.0,
+    fusion="rrf",
+    arm=None,
+    items=(ShownItem("i9", 1, None, (("als", 2), ("ncf", 1), ("pop", 4))),),
+)
+
+
+@pytest.mark.parametrize("impression", [INTERLEAVED, FUSED])
+def test_an_impression_survives_its_json_form(impression: Impression) -> None:
+    assert Impression.from_json(impression.to_json()) == impression
+
+
+def test_the_json_form_is_compact() -> None:
+    text = INTERLEAVED.to_json()
+
+    assert " " not in text
+    assert text.startswith('{"r":"req-1","u":"')
+    assert '"i":[["i1",1,"als",[["als",1],["pop",3]]]' in text
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[]", "JSON object"),
+        ('{"r":"x","u":"h","t":"soon","f":"rrf","a":null,"i":[]}', "'t'"),
+        ('{"r":"x","u":"h","t":1,"f":"rrf","a":null,"i":{}}', "'i'"),
+        ('{"r":1,"u":"h","t":1,"f":"rrf","a":null,"i":[]}', "'r'"),
+        ('{"r":"x","u":"h","t":1,"f":"rrf","a":3,"i":[]}', "'a'"),
+        ('{"r":"x","u":"h","t":1,"f":"rrf","a":null,"i":[["i",true,null,[]]]}', "position"),
+        ('{"r":"x","u":"h","t":1,"f":"rrf","a":null,"i":[["i",1,null,[["a"]]]]}', "sources"),
+    ],
+)
+def test_a_malformed_impression_is_refused_naming_the_field(text: str, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        Impression.from_json(text)
+
+
+def test_an_impression_knows_its_items_teams_and_recommenders() -> None:
+    assert INTERLEAVED.item("i2") == INTERLEAVED.items[1]
+    assert INTERLEAVED.item("nope") is None
+    assert INTERLEAVED.teams() == ("als", "trd")
+    assert INTERLEAVED.recommenders() == ("als", "pop", "trd")
+    assert FUSED.teams() == ()
+    assert FUSED.recommenders() == ("als", "ncf", "pop")
+
+
+def test_the_user_hash_is_the_keyed_hmac_truncated() -> None:
+    expected = hmac.new(b"pepper", b"alice", hashlib.sha256).hexdigest()[:32]
+
+    assert hash_user("alice", "pepper") == expected
+    assert hash_user("alice", b"pepper") == expected
+    assert len(expected) == USER_HASH_LENGTH
+    assert hash_user("alice", "other salt") != expected
+    assert "alice" not in expected
+
+
+def test_a_user_hash_needs_a_salt() -> None:
+    with pytest.raises(ValueError, match="salt"):
+        hash_user("alice", "")
+
+
+def test_arms_are_sticky_and_split_by_share_over_ten_thousand_users() -> None:
+    arms = [("control", 0.5), ("rrf-learnt", 0.3), ("interleave", 0.2)]
+    users = [hash_user(f"user-{n}", "salt") for n in range(10_000)]
+
+    first = [assign_arm(user, arms) for user in users]
+    again = [assign_arm(user, tuple(arms)) for user in reversed(users)][::-1]
+    counts = collections.Counter(first)
+
+    assert first == again
+    for name, share in arms:
+        assert counts[name] / len(users) == pytest.approx(share, abs=0.02)
+
+
+def test_shares_need_not_sum_to_one_and_a_zero_share_gets_nobody() -> None:
+    arms = [("a", 1.0), ("off", 0.0), ("b", 3.0)]
+    counts = collections.Counter(assign_arm(f"{n:032x}", arms) for n in range(4000))
+
+    assert counts["off"] == 0
+    assert counts["b"] / 4000 == pytest.approx(0.75, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("arms", "message"),
+    [
+        ([], "at least one arm"),
+        ([("a", 0.5), ("a", 0.5)], "unique"),
+        ([("a", -1.0)], "non-negative"),
+        ([("a", 0.0)], "positive share"),
+    ],
+)
+def test_bad_arms_are_refused(arms: list[tuple[str, float]], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        assign_arm("abc", arms)
+
+
+def test_a_team_takes_all_the_credit_for_its_item() -> None:
+    assert credit_for(INTERLEAVED.items[0]) == {"als": 1.0}
+
+
+def test_without_a_team_the_sources_share_the_credit_equally() -> None:
+    credit = credit_for(FUSED.items[0])
+
+    assert credit == pytest.approx({"als": 1 / 3, "ncf": 1 / 3, "pop": 1 / 3})
+    assert sum(credit.values()) == pytest.approx(1.0)
+
+
+def test_an_item_with_no_team_and_no_source_credits_nobody() -> None:
+    assert credit_for(ShownItem("x", 1, None, ())) == {}
+
+
+def test_event_kinds_and_events() -> None:
+    event = FeedbackEvent("req-1", "i1", "click")
+
+    assert event.event_id is None
+    assert [is_event_kind(k) for k in ("click", "purchase", "dismiss", "like", 1)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]

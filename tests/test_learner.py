@@ -1,0 +1,144 @@
+"""Tests of gateway/learner.py: Hedge over net pairwise wins, bounded, gated, freezable."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gateway.attribution import PairCounts
+from gateway.feedback_records import FeedbackStats, LearnedWeights
+from gateway.learner import WeightLearner
+
+NAMES = ("als", "pop", "trd")
+NOW = 1_700_000_000.0
+
+
+def learner(**overrides: object) -> WeightLearner:
+    settings: dict[str, object] = {
+        "names": NAMES,
+        "initial": {"als": 1.0, "pop": 1.0, "trd": 1.0},
+        "min_evidence": 30,
+        "floor": 0.2,
+        "rate": 0.05,
+        "max_weight": 2.0,
+        "clock": lambda: NOW,
+    }
+    settings.update(overrides)
+    return WeightLearner(**settings)  # type: ignore[arg-type]
+
+
+def stats(pairs: dict[tuple[str, str], tuple[int, int, int]]) -> FeedbackStats:
+    return FeedbackStats(pairwise={pair: PairCounts(*counts) for pair, counts in pairs.items()})
+
+
+def test_the_recommender_that_keeps_winning_gains_weight() -> None:
+    """A scripted stream: als beats trd 3 times in 4 decided comparisons; pop ties both."""
+    hedge = learner()
+    current: LearnedWeights | None = None
+    history = []
+    for rounds in range(1, 11):
+        seen = stats(
+            {
+                ("als", "trd"): (3 * rounds, rounds, 2 * rounds),
+                ("als", "pop"): (0, 0, 4 * rounds),
+                ("pop", "trd"): (0, 0, 4 * rounds),
+            }
+        )
+        current = hedge.update(seen, current)
+        history.append(dict(current.weights))
+
+    als, trd, pop = ([w[n] for w in history] for n in ("als", "trd", "pop"))
+    assert als == sorted(als) and als[-1] > 1.0
+    assert trd == sorted(trd, reverse=True) and trd[-1] < 1.0
+    assert pop == [1.0] * 10
+    assert als[-1] > pop[-1] > trd[-1]
+    assert current is not None and current.evidence == 140
+
+
+def test_the_weights_follow_the_documented_rule() -> None:
+    """Net wins +2 and -2 at rate 0.5, from 1.0 and 2.0: weights e and 2/e."""
+    hedge = learner(
+        names=("a", "b"), initial={"b": 2.0}, min_evidence=0, floor=0.01, rate=0.5, max_weight=5
+    )
+
+    weights = hedge.weights_for(stats({("a", "b"): (3, 1, 5)}))
+
+    assert weights == {"a": pytest.approx(math.e, abs=1e-6), "b": pytest.approx(2 / math.e)}
+    assert hedge.net_wins(stats({("a", "b"): (3, 1, 5)})) == {"a": 2, "b": -2}
+
+
+def test_nothing_moves_before_the_minimum_evidence() -> None:
+    hedge = learner(min_evidence=30)
+    start = hedge.update(stats({}), None)
+
+    thin = hedge.update(stats({("als", "trd"): (20, 0, 9)}), start)
+    enough = hedge.update(stats({("als", "trd"): (20, 0, 10)}), start)
+
+    assert start == LearnedWeights({"als": 1.0, "pop": 1.0, "trd": 1.0}, 0, NOW, 0)
+    assert thin is start
+    assert enough.version == 1 and enough.evidence == 30
+    assert enough.weights["als"] > 1.0 > enough.weights["trd"]
+
+
+def test_the_floor_and_the_maximum_bound_every_weight() -> None:
+    hedge = learner(min_evidence=0, floor=0.2, max_weight=1.6)
+
+    weights = hedge.update(stats({("als", "trd"): (5000, 0, 0), ("als", "pop"): (900, 0, 0)}), None)
+
+    assert weights.weights == {"als": 1.6, "pop": 0.2, "trd": 0.2}
+
+
+def test_a_frozen_learner_holds_the_current_weights() -> None:
+    held = LearnedWeights({"als": 0.7, "pop": 1.1, "trd": 1.2}, 12, NOW - 60, 4)
+
+    answer = learner(frozen=True, min_evidence=0).update(stats({("als", "trd"): (99, 0, 0)}), held)
+
+    assert answer is held
+
+
+def test_the_weights_depend_on_the_counters_alone_not_on_the_updates_before() -> None:
+    counts = {("als", "trd"): (40, 10, 5), ("pop", "trd"): (7, 9, 30)}
+    stepwise: LearnedWeights | None = None
+    for f in (0.25, 0.5, 1.0):
+        partial = {
+            pair: (int(w * f), int(lo * f), int(t * f)) for pair, (w, lo, t) in counts.items()
+        }
+        stepwise = learner().update(stats(partial), stepwise)
+    direct = learner().update(stats(counts), None)
+
+    assert stepwise is not None
+    assert stepwise.weights == direct.weights
+    assert stepwise.version > direct.version == 1
+
+
+def test_unchanged_counters_keep_the_version() -> None:
+    hedge = learner(min_evidence=0)
+    seen = stats({("als", "trd"): (4, 1, 0)})
+    first = hedge.update(seen, None)
+
+    assert hedge.update(seen, first) is first
+
+
+def test_pairs_with_a_recommender_not_learnt_are_ignored() -> None:
+    hedge = learner(min_evidence=1)
+    seen = stats({("als", "zzz"): (50, 0, 0), ("ncf", "trd"): (0, 50, 0)})
+
+    assert hedge.evidence(seen) == 0
+    assert hedge.update(seen, None).version == 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"names": ()}, "non-empty"),
+        ({"names": ("als", "als")}, "distinct"),
+        ({"floor": 0.0}, "floor"),
+        ({"floor": 3.0}, "floor"),
+        ({"initial": {"als": 0.0}}, "positive"),
+        ({"rate": -0.1}, "rate"),
+    ],
+)
+def test_bad_settings_are_refused(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        learner(**overrides)

@@ -1,0 +1,157 @@
+"""The online benchmark: its statistics by hand, and a quick run end to end against the gateway."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from benchmarks.online_stats import (
+    ab_needs,
+    ab_test,
+    decided_after,
+    interleaving_needs,
+    margin_weights,
+    pair_of,
+    preference_decided,
+    weight_distance,
+)
+from tests.helpers import ROOT
+
+
+def test_ab_test_is_the_pooled_two_proportion_z_test() -> None:
+    test = ab_test(60, 200, 40, 200)
+
+    pooled = 100 / 400
+    z = (0.3 - 0.2) / math.sqrt(pooled * (1 - pooled) * (2 / 200))
+    assert test["z"] == round(z, 3) and test["z"] > 1.96
+    assert test["difference"] == 0.1
+    assert test["ci95"] == round(1.959964 * math.sqrt(0.3 * 0.7 / 200 + 0.2 * 0.8 / 200), 4)
+    assert ab_test(0, 0, 5, 10)["z"] == 0.0
+    assert ab_test(0, 10, 0, 10)["z"] == 0.0
+
+
+def test_decided_after_wants_the_verdict_to_hold_to_the_end() -> None:
+    impressions = [10, 20, 30, 40, 50]
+
+    assert decided_after(impressions, [0, 1, 0, 1, 1]) == {"stayed": 40, "first": 20, "wrong": None}
+    assert decided_after(impressions, [0, -1, 0, 0, 1]) == {"stayed": 50, "first": 50, "wrong": 20}
+    assert decided_after(impressions, [0, 1, 1, 1, 0]) == {
+        "stayed": None,
+        "first": 20,
+        "wrong": None,
+    }
+    with pytest.raises(ValueError, match="one verdict per check"):
+        decided_after([1], [])
+
+
+def test_pair_of_turns_the_gateways_pair_round() -> None:
+    listed = {"a": "asc", "b": "psn", "wins": 7, "losses": 2, "ties": 5}
+    snapshot = {"pairwise": [{**listed, "preference": 0.78, "low": 0.45, "high": 0.94}]}
+
+    assert pair_of(snapshot, "asc", "psn")["wins"] == 7
+    turned = pair_of(snapshot, "psn", "asc")
+    assert (turned["wins"], turned["losses"], turned["ties"]) == (2, 7, 5)
+    assert (turned["low"], turned["high"]) == pytest.approx((0.06, 0.55))
+    assert turned["preference"] == pytest.approx(0.22)
+    assert preference_decided(turned) == 0
+    assert preference_decided({**turned, "high": 0.49}) == -1
+    assert preference_decided(pair_of(snapshot, "asc", "sml")) == 0  # never compared
+
+
+def test_weight_distance_compares_ratios_only() -> None:
+    assert weight_distance({"a": 2.0, "b": 1.0}, {"a": 1.0, "b": 0.5}) == 0.0
+    assert weight_distance({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.0}) == 0.5
+
+
+def test_the_power_calculations_give_the_sample_at_which_the_effect_is_196_errors() -> None:
+    # 70 wins of 100 decided, one impression in two deciding: z = 1.96 at D comparisons.
+    needed = interleaving_needs(70, 30, 200)
+    assert needed is not None
+    decided = needed * 100 / 200
+    assert (0.7 - 0.5) / math.sqrt(0.7 * 0.3 / decided) == pytest.approx(1.959964)
+    assert interleaving_needs(5, 5, 40) is None and interleaving_needs(0, 0, 40) is None
+
+    total = ab_needs(60, 100, 40, 100)
+    assert total is not None
+    per_arm = total / 2
+    assert 0.2 / math.sqrt((0.6 * 0.4 + 0.4 * 0.6) / per_arm) == pytest.approx(1.959964)
+    assert ab_needs(5, 10, 10, 20) is None and ab_needs(1, 0, 1, 2) is None
+
+
+def test_the_proposed_rule_weights_by_mean_margin_shrunk_by_a_prior() -> None:
+    pairwise: list[dict[str, Any]] = [
+        {"a": "asc", "b": "psn", "wins": 150, "losses": 50, "ties": 99},
+        {"a": "psn", "b": "trd", "wins": 50, "losses": 50, "ties": 10},
+    ]
+    weights = margin_weights(pairwise, ["asc", "psn", "trd", "sml"], beta=2.0, prior=50.0)
+
+    assert weights["asc"] == pytest.approx(math.exp(2.0 * 100 / 250), abs=1e-4)
+    assert weights["psn"] == pytest.approx(math.exp(2.0 * -100 / 350), abs=1e-4)
+    assert weights["trd"] == 1.0 and weights["sml"] == 1.0  # even, and never compared
+    # Ten times the evidence at the same margin: the weight settles, it does not run away.
+    tenfold = [
+        {**pair, "wins": 10 * pair["wins"], "losses": 10 * pair["losses"]} for pair in pairwise
+    ]
+    settled = margin_weights(tenfold, ["asc", "psn", "trd"], beta=2.0, prior=50.0)["asc"]
+    assert weights["asc"] < settled < math.exp(2.0 * 0.5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
+    out = tmp_path / "online"
+    command = [sys.executable, "-m", "benchmarks", "online", "--quick", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=110)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("online.json", "online.md", "online-sensitivity.png", "online-learning.png"):
+        assert (out / name).stat().st_size > 0
+    results = json.loads((out / "online.json").read_text())
+    plan = results["plan"]
+    assert results["best"] == "asc" and results["runner_up"] == "psn"
+
+    (run,) = results["sensitivity"]
+    final = run["final"]
+    # What the simulation sent is what the gateway counted: per arm, and in total.
+    assert run["agree"] and run["gateway_arms"] == run["sent"]["arms"]
+    assert set(run["sent"]["arms"]) == {"interleave", "ab-sml", "ab-asc", "ab-trd", "ab-psn"}
+    assert run["sent"]["impressions"] == plan["sensitivity_impressions"]
+    assert sum(arm["impressions"] for arm in final["arms"].values()) == run["sent"]["impressions"]
+    assert final["events"]["click"] == run["sent"]["clicks"] > 0
+    # Credit is shared out in full: to a click's team, or split between its sources.
+    assert sum(row["credit"] for row in final["recommenders"].values()) == pytest.approx(
+        1.0, abs=1e-5
+    )
+    assert final["impressions_stored"] == run["sent"]["impressions"]
+    # The series is read from /experiments after every round, the last one at the end.
+    assert run["series"][-1]["after"] == plan["sensitivity_impressions"]
+    last = run["series"][-1]
+    assert last["interleave"]["impressions"] == final["arms"]["interleave"]["impressions"]
+    assert last["ab"]["impressions"] == (
+        final["arms"]["ab-asc"]["impressions"] + final["arms"]["ab-psn"]["impressions"]
+    )
+    ab_arms = [arm for name, arm in final["arms"].items() if name.startswith("ab-")]
+    assert last["best_of_all"]["ab"]["impressions"] == sum(a["impressions"] for a in ab_arms)
+    # Every A/B arm fuses with RRF, its weights keeping one list alone on top.
+    for name in ("sml", "asc", "trd", "psn"):
+        assert final["arms"][f"ab-{name}"]["fusion"] == "rrf"
+
+    learning = results["learning"]
+    assert learning["agree"] and set(learning["sent"]["arms"]) == {"interleave", "learned"}
+    assert learning["final"]["events"]["click"] == learning["sent"]["clicks"]
+    assert learning["weights"][-1]["in_use"] == learning["final"]["weights"]["in_use"]
+    assert learning["weights"][-1]["evidence"] == learning["final"]["weights"]["evidence"]
+    windows = learning["windows"]
+    assert (
+        sum(row["impressions"] for row in windows)
+        == learning["sent"]["arms"]["learned"]["impressions"]
+    )
+    report = (out / "online.md").read_text()
+    for heading in ("## Interleaving against A/B", "## Learnt weights", "## NDCG@10 of the learnt"):
+        assert heading in report
