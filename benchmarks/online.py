@@ -18,7 +18,9 @@ Two experiments, each on a fresh gateway and store:
 - **learning**: half the users interleaved (the learner's evidence), half in an RRF arm with
   the learnt weights, the learner on with a short interval. The weights over time against
   weights fitted offline on other users (`benchmarks.quality_weights`), and NDCG@10 of the
-  learnt arm's fused lists, in windows, against the best single recommender on the same users.
+  learnt arm's fused lists, in windows, against the best single recommender on the same users,
+  and beside it the rule the gateway shipped before (Hedge over net wins) replayed on the same
+  counters and lists.
 
 This module runs it; `benchmarks.online_play` holds the simulated users and their HTTP side,
 `benchmarks.online_stats` the statistics, `benchmarks.online_analysis` the figures drawn from
@@ -78,7 +80,8 @@ class OnlinePlan:
             "min_evidence": "1500",
             "floor": "0.1",
             "max_weight": "5.0",
-            "rate": "0.02",
+            "beta": "4.0",
+            "prior": "50",
             "interval_s": "0.5",
         }
     )
@@ -190,7 +193,14 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
                 play(url, users, model, learning_arm, rounds, advance, "learning")
             )
     results["learning"] = analyse_learning(
-        played, snapshots, world, best, fitted, plan.k, plan.windows
+        played,
+        snapshots,
+        world,
+        best,
+        fitted,
+        plan.k,
+        plan.windows,
+        min_evidence=int(plan.learner["min_evidence"]),
     )
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return results
@@ -228,7 +238,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a feedback.learner setting (min_evidence, floor, max_weight, rate, interval_s)",
+        help="a feedback.learner setting: min_evidence, floor, max_weight, beta, prior, interval_s",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few hundred users")
     parser.add_argument(

@@ -9,7 +9,8 @@ module turns that into figures and starts nothing:
   counts), in impressions;
 - `analyse_learning`: the learnt weights over time against the offline-fitted ones, and
   NDCG@k of the learnt arm's fused lists in windows, paired with the best recommender's list
-  for the same users.
+  for the same users; beside them, the rule the gateway shipped before (Hedge over net wins)
+  replayed on the same counters and lists.
 
 Both analyses also tally what the simulation itself sent (impressions per arm, clicks
 accepted), so the report can show that the gateway counted exactly that.
@@ -26,8 +27,8 @@ from benchmarks.online_stats import (
     ab_needs,
     ab_test,
     decided_after,
+    hedge_weights,
     interleaving_needs,
-    margin_weights,
     normalised,
     pair_of,
     preference_decided,
@@ -260,18 +261,18 @@ def _windows(
     fused: Sequence[float],
     single: Sequence[float],
     count: int,
-    proposed: Callable[[int, int], Sequence[float]],
+    hedge: Callable[[int, int], Sequence[float]],
 ) -> list[dict[str, Any]]:
     """The learnt arm's impressions, in order, cut into `count` near-equal windows.
 
-    `proposed(start, stop)`: the window's NDCG@k per user had the proposed rule set the weights
-    from the counters known at its start (replayed on the same lists).
+    `hedge(start, stop)`: the window's NDCG@k per user had Hedge, the rule the gateway shipped
+    before, set the weights from the counters known at its start (replayed on the same lists).
     """
     count = min(count, len(learned) // 2)  # a window of one user has no interval
     bounds = [round(i * len(learned) / count) for i in range(count + 1)] if count else []
     rows = []
     for start, stop in itertools.pairwise(bounds):
-        replay = proposed(start, stop)
+        replay = hedge(start, stop)
         mean, ci = mean_ci(fused[start:stop])
         best_mean, best_ci = mean_ci(single[start:stop])
         rows.append(
@@ -284,8 +285,8 @@ def _windows(
                 "best_ndcg": round(best_mean, 4),
                 "best_ci95": round(best_ci, 4),
                 "vs_best": paired_difference(fused[start:stop], single[start:stop]),
-                "proposed_ndcg": round(mean_ci(replay)[0], 4),
-                "proposed_vs_best": paired_difference(replay, single[start:stop]),
+                "hedge_ndcg": round(mean_ci(replay)[0], 4),
+                "hedge_vs_best": paired_difference(replay, single[start:stop]),
             }
         )
     return rows
@@ -299,11 +300,14 @@ def analyse_learning(
     fitted: Mapping[str, float],
     k: int,
     windows: int,
+    min_evidence: int = 0,
 ) -> dict[str, Any]:
     """The learnt weights over the run, and the learnt arm's NDCG@k in `windows` windows.
 
     Also, over all the learnt arm's users, what RRF would score with other weights (equal,
-    fitted offline, the last learnt) on the very lists the gateway got: the reference lines.
+    fitted offline, the last learnt, Hedge's on the final counters) on the very lists the
+    gateway got: the reference lines. Hedge's replay holds equal weights, as the gateway did,
+    until the counters hold `min_evidence` comparisons.
     """
     weights = _weights_over_time(snapshots, fitted)
     names = list(DEFAULT_NAMES)
@@ -326,20 +330,21 @@ def analyse_learning(
         }
         if last:
             offline["rrf, the last learnt weights"] = _summary(fused_ndcg(lists, last, k), single)
-        proposed = margin_weights(final.get("pairwise", []), names)
-        offline["rrf, proposed rule on the final counters"] = _summary(
-            fused_ndcg(lists, proposed, k), single
-        )
+        hedge = hedge_weights(final.get("pairwise", []), names)
+        offline["rrf, Hedge on the final counters"] = _summary(fused_ndcg(lists, hedge, k), single)
 
     def replayed(start: int, stop: int) -> list[float]:
         counters = _counters_before(snapshots, learned[start].index)
-        return fused_ndcg(lists[start:stop], margin_weights(counters, names), k)
+        weights = dict.fromkeys(names, 1.0)
+        if sum(p["wins"] + p["losses"] + p["ties"] for p in counters) >= min_evidence:
+            weights = hedge_weights(counters, names)
+        return fused_ndcg(lists[start:stop], weights, k)
 
     sent = tally(played)
     return {
         "weights": weights,
         "windows": _windows(learned, fused, single, windows, replayed),
-        "proposed_weights": margin_weights(final.get("pairwise", []), names),
+        "hedge_weights": hedge_weights(final.get("pairwise", []), names),
         "offline": offline,
         "sent": sent,
         **_agreement(sent, final),

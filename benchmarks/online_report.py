@@ -104,7 +104,7 @@ def findings(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"learnt arm, impressions {row['from']}-{row['to']}: NDCG@{k} "
             f"{_pm(row, 'fused_ndcg', 'fused_ci95')}, {best} {_pm(row, 'best_ndcg', 'best_ci95')}, "
-            f"paired {_diff(row['vs_best'])}; proposed, replayed {_diff(row['proposed_vs_best'])}"
+            f"paired {_diff(row['vs_best'])}; Hedge, replayed {_diff(row['hedge_vs_best'])}"
         )
     for system, row in learning["offline"].items():
         lines.append(
@@ -189,13 +189,13 @@ def markdown(results: dict[str, Any]) -> str:
     lines += [
         f"## NDCG@{k} of the learnt arm over the run",
         "",
-        f"| impressions | learnt arm | {best} | learnt arm - {best} | proposed rule, replayed "
-        f"| proposed - {best} |",
+        f"| impressions | learnt arm | {best} | learnt arm - {best} | Hedge, replayed "
+        f"| Hedge - {best} |",
         "|---|---:|---:|---:|---:|---:|",
         *(
             f"| {row['from']:,}-{row['to']:,} | {_pm(row, 'fused_ndcg', 'fused_ci95')} | "
             f"{_pm(row, 'best_ndcg', 'best_ci95')} | {_diff(row['vs_best'])} | "
-            f"{row['proposed_ndcg']:.3f} | {_diff(row['proposed_vs_best'])} |"
+            f"{row['hedge_ndcg']:.3f} | {_diff(row['hedge_vs_best'])} |"
             for row in learning["windows"]
         ),
         "",
@@ -325,7 +325,7 @@ def plot_learning(results: dict[str, Any], out: Path) -> Path:
     # Paired differences: the users' own spread, which dwarfs the effect, cancels out.
     for key, style, colour, label in (
         ("vs_best", "o-", "C0", "learnt arm (RRF, learnt weights)"),
-        ("proposed_vs_best", "^:", "C2", "proposed rule, replayed on the same lists"),
+        ("hedge_vs_best", "^:", "C2", "Hedge (the rule before), replayed on the same lists"),
     ):
         right.errorbar(
             middle, [row[key]["difference"] for row in windows],

@@ -27,8 +27,8 @@ __all__ = [
     "ab_needs",
     "ab_test",
     "decided_after",
+    "hedge_weights",
     "interleaving_needs",
-    "margin_weights",
     "normalised",
     "pair_of",
     "preference_decided",
@@ -159,26 +159,25 @@ def ab_needs(clicked_a: int, shown_a: int, clicked_b: int, shown_b: int) -> floa
     return 2 * Z95**2 * (a * (1 - a) + b * (1 - b)) / (a - b) ** 2
 
 
-def margin_weights(
+def hedge_weights(
     pairwise: Sequence[Mapping[str, Any]],
     names: Sequence[str],
-    beta: float = 4.0,
-    prior: float = 50.0,
+    rate: float = 0.02,
+    floor: float = 0.1,
+    max_weight: float = 5.0,
 ) -> dict[str, float]:
-    """A learner rule that converges (proposed, not the gateway's): exp(beta · mean margin).
+    """The learner rule the gateway shipped before, for comparison: Hedge over net wins.
 
-    Each recommender's margin is its wins minus losses over its decided comparisons, shrunk
-    towards 0 by `prior` pseudo-comparisons: ``w_i = exp(beta · (W_i - L_i) / (W_i + L_i +
-    prior))``. Unlike Hedge over cumulative net wins, the exponent is bounded by `beta` and
-    settles as evidence grows, so the weights stop moving instead of running to the bounds.
+    ``w_i = exp(rate · net_i)``, net_i being i's wins minus losses against the others, clipped
+    to [floor, max_weight]; its defaults were these. The exponent grows with the evidence, so
+    every recommender that wins more than it loses runs to `max_weight`, every other to
+    `floor`. Initial weights 1, as the benchmark configures them.
     """
     net = dict.fromkeys(names, 0)
-    decided = dict.fromkeys(names, 0)
     for pair in pairwise:
         a, b = pair["a"], pair["b"]
         if a in net and b in net:
             net[a] += pair["wins"] - pair["losses"]
             net[b] += pair["losses"] - pair["wins"]
-            decided[a] += pair["wins"] + pair["losses"]
-            decided[b] += pair["wins"] + pair["losses"]
-    return {name: round(math.exp(beta * net[name] / (decided[name] + prior)), 4) for name in names}
+    top, bottom = math.log(max_weight), math.log(floor)
+    return {name: round(math.exp(min(top, max(bottom, rate * net[name]))), 4) for name in names}

@@ -337,8 +337,15 @@ class LearnerSettings(BaseModel):
     )
     floor: float = Field(default=0.1, gt=0, description="No weight goes below this.")
     max_weight: float = Field(default=5.0, gt=0, description="No weight goes above this.")
-    rate: float = Field(
-        default=0.02, ge=0, description="Hedge's rate: one net win multiplies by e^rate."
+    beta: float = Field(
+        default=4.0,
+        ge=0,
+        description="A weight is initial · e^(beta · margin): within e^±beta of the initial one.",
+    )
+    prior: float = Field(
+        default=50.0,
+        gt=0,
+        description="Even pseudo-comparisons that shrink a thin record's margin towards 0.",
     )
     interval_s: float = Field(default=30.0, gt=0, description="How often each worker learns.")
 

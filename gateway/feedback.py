@@ -106,8 +106,9 @@ class FeedbackService:
             learnt,
             min_evidence=rule.min_evidence,
             floor=rule.floor,
-            rate=rule.rate,
             max_weight=rule.max_weight,
+            beta=rule.beta,
+            prior=rule.prior,
             frozen=rule.frozen,
             clock=clock,
         )

@@ -226,6 +226,19 @@ def test_feedback_is_off_by_default_and_a_store_variable_switches_it_on(
     assert not load_settings(write(tmp_path, MINIMAL)).feedback.enabled
 
 
+def test_the_learners_beta_and_prior_default_to_4_and_50_and_variables_set_them(
+    tmp_path: Path, clean_environment: pytest.MonkeyPatch
+) -> None:
+    learner = load_settings().feedback.learner
+    assert (learner.beta, learner.prior) == (4.0, 50.0)
+    clean_environment.setenv("GATEWAY_FEEDBACK__LEARNER__BETA", "2.5")
+    clean_environment.setenv("GATEWAY_FEEDBACK__LEARNER__PRIOR", "200")
+
+    learner = load_settings(write(tmp_path, MINIMAL)).feedback.learner
+
+    assert (learner.beta, learner.prior) == (2.5, 200.0)
+
+
 def test_a_store_without_a_salt_stops_start_up_naming_the_variable(
     clean_environment: pytest.MonkeyPatch,
 ) -> None:
@@ -246,6 +259,10 @@ ARMS = MINIMAL + "feedback:\n  store: sqlite:///f.db\n  salt: s\n  experiments:\
         (MINIMAL + "feedback:\n  store: redis://cache/db\n  salt: s\n", "must be a number"),
         (MINIMAL + "feedback:\n  queue_limit: 0\n", "feedback.queue_limit"),
         (MINIMAL + "feedback:\n  learner:\n    floor: 3\n    max_weight: 2\n", "floor (3.0)"),
+        (MINIMAL + "feedback:\n  learner:\n    prior: 0\n", "feedback.learner.prior"),
+        (MINIMAL + "feedback:\n  learner:\n    beta: -1\n", "feedback.learner.beta"),
+        # Hedge's setting, before the margin rule: refused, not silently ignored.
+        (MINIMAL + "feedback:\n  learner:\n    rate: 0.02\n", "feedback.learner.rate"),
         (
             ARMS + "      - {name: x, fusion: rrf, share: 1}\n" * 2,
             "arm names must be unique; repeated: ['x']",

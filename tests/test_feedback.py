@@ -143,7 +143,7 @@ def test_the_store_holds_the_users_pseudonym_never_their_id(
 
 
 def test_the_learner_publishes_weights_and_a_frozen_one_holds_them(tmp_path: Path) -> None:
-    learner = {"min_evidence": 2, "rate": 0.5, "floor": 0.1, "max_weight": 5.0}
+    learner = {"min_evidence": 2, "beta": 3.0, "prior": 3.0, "floor": 0.1, "max_weight": 5.0}
     service = FeedbackService(feedback_settings(tmp_path, learner=learner), WEIGHTS)
     frozen = FeedbackService(
         feedback_settings(tmp_path, learner={**learner, "frozen": True}), WEIGHTS
@@ -167,7 +167,8 @@ def test_the_learner_publishes_weights_and_a_frozen_one_holds_them(tmp_path: Pat
         service.close()
         frozen.close()
 
-    # net wins: sml +6, asc -3, trd -3; w = exp(0.5 * net), clipped to [0.1, 5].
+    # sml won 6 of 6, asc and trd lost 3 of 3: margins 6/9 and -3/6 with prior 3;
+    # w = exp(3 * margin), clipped to [0.1, 5].
     assert learned.weights == {"sml": 5.0, "asc": pytest.approx(0.223130), "trd": 0.223130}
     assert learned.version == 1
     assert service.weights_in_use() == learned.weights

@@ -357,7 +357,14 @@ def learning_stream(url: str, database: Path, favourite: str, answers: int) -> N
         assert post(url, click(answer) | {"item_id": item}).status_code == 202
 
 
-LEARNER = {"interval_s": 0.05, "min_evidence": 6, "rate": 0.5, "floor": 0.1, "max_weight": 4.0}
+LEARNER = {
+    "interval_s": 0.05,
+    "min_evidence": 6,
+    "beta": 4.0,
+    "prior": 4.0,
+    "floor": 0.1,
+    "max_weight": 4.0,
+}
 
 
 def test_the_learner_moves_weight_to_the_recommender_users_prefer(
@@ -367,8 +374,8 @@ def test_the_learner_moves_weight_to_the_recommender_users_prefer(
     url = serve(feedback_app(fleet, tmp_path, experiments={"arms": arms}, learner=LEARNER))
 
     learning_stream(url, tmp_path / "feedback.db", "asc", answers=4)
-    # asc won each of its 3 comparisons on 4 answers: net +12, e^6 clipped to 4; the others
-    # lost 4 each: e^-2.
+    # asc won each of its 3 comparisons on 4 answers: margin 12/16 with prior 4, e^3 clipped
+    # to 4; the others lost 4 each: margin -4/8, e^-2.
     expected = {"sml": 0.135335, "asc": 4.0, "trd": 0.135335, "psn": 0.135335}
     wait_until(
         lambda: report(url)["weights"]["in_use"] == expected,

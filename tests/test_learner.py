@@ -1,4 +1,4 @@
-"""Tests of gateway/learner.py: Hedge over net pairwise wins, bounded, gated, freezable."""
+"""Tests of gateway/learner.py: the shrunk mean margin, settling, bounded, gated, freezable."""
 
 from __future__ import annotations
 
@@ -20,8 +20,9 @@ def learner(**overrides: object) -> WeightLearner:
         "initial": {"als": 1.0, "pop": 1.0, "trd": 1.0},
         "min_evidence": 30,
         "floor": 0.2,
-        "rate": 0.05,
-        "max_weight": 2.0,
+        "max_weight": 3.0,
+        "beta": 4.0,
+        "prior": 50.0,
         "clock": lambda: NOW,
     }
     settings.update(overrides)
@@ -34,7 +35,7 @@ def stats(pairs: dict[tuple[str, str], tuple[int, int, int]]) -> FeedbackStats:
 
 def test_the_recommender_that_keeps_winning_gains_weight() -> None:
     """A scripted stream: als beats trd 3 times in 4 decided comparisons; pop ties both."""
-    hedge = learner()
+    margin = learner()
     current: LearnedWeights | None = None
     history = []
     for rounds in range(1, 11):
@@ -45,7 +46,7 @@ def test_the_recommender_that_keeps_winning_gains_weight() -> None:
                 ("pop", "trd"): (0, 0, 4 * rounds),
             }
         )
-        current = hedge.update(seen, current)
+        current = margin.update(seen, current)
         history.append(dict(current.weights))
 
     als, trd, pop = ([w[n] for w in history] for n in ("als", "trd", "pop"))
@@ -57,23 +58,49 @@ def test_the_recommender_that_keeps_winning_gains_weight() -> None:
 
 
 def test_the_weights_follow_the_documented_rule() -> None:
-    """Net wins +2 and -2 at rate 0.5, from 1.0 and 2.0: weights e and 2/e."""
-    hedge = learner(
-        names=("a", "b"), initial={"b": 2.0}, min_evidence=0, floor=0.01, rate=0.5, max_weight=5
+    """Margins +2/8 and -2/8 (3 wins, 1 loss, prior 4) at beta 4, from 1.0 and 2.0: e and 2/e."""
+    margin = learner(
+        names=("a", "b"), initial={"b": 2.0}, min_evidence=0, floor=0.01, max_weight=5, prior=4
     )
 
-    weights = hedge.weights_for(stats({("a", "b"): (3, 1, 5)}))
+    weights = margin.weights_for(stats({("a", "b"): (3, 1, 5)}))
 
     assert weights == {"a": pytest.approx(math.e, abs=1e-6), "b": pytest.approx(2 / math.e)}
-    assert hedge.net_wins(stats({("a", "b"): (3, 1, 5)})) == {"a": 2, "b": -2}
+    assert margin.margins(stats({("a", "b"): (3, 1, 5)})) == {"a": 0.25, "b": -0.25}
+
+
+def test_the_weights_settle_as_the_evidence_grows() -> None:
+    """Twice every counter of a long stream barely moves a weight; Hedge's exponent would double."""
+    margin = learner(min_evidence=0, floor=0.01, max_weight=100.0)
+    long_stream = {
+        ("als", "trd"): (600, 200, 300),
+        ("als", "pop"): (400, 300, 500),
+        ("pop", "trd"): (350, 300, 400),
+    }
+    twice = {pair: (2 * w, 2 * lo, 2 * t) for pair, (w, lo, t) in long_stream.items()}
+
+    once, doubled = margin.weights_for(stats(long_stream)), margin.weights_for(stats(twice))
+
+    # als: 1,000 wins and 500 losses, margin 500/1,550, then 1,000/3,050: e^1.290, then e^1.311.
+    assert once["als"] == pytest.approx(math.exp(4 * 500 / 1550), abs=1e-6)
+    assert doubled["als"] == pytest.approx(math.exp(4 * 1000 / 3050), abs=1e-6)
+    for name in NAMES:
+        moved = abs(math.log(doubled[name]) - math.log(once[name]))
+        assert moved <= 0.03 * abs(math.log(once[name])), (name, once, doubled)
+    # Hedge's gain, the net wins, doubles with the counters (als +500 -> +1,000), and so would
+    # its exponent; the margin moves from 0.323 to 0.328.
+    before, after = margin.margins(stats(long_stream)), margin.margins(stats(twice))
+    assert after["als"] - before["als"] == pytest.approx(1000 / 3050 - 500 / 1550)
+    assert after["als"] - before["als"] < 0.006
+    assert once["als"] > once["pop"] > once["trd"]
 
 
 def test_nothing_moves_before_the_minimum_evidence() -> None:
-    hedge = learner(min_evidence=30)
-    start = hedge.update(stats({}), None)
+    margin = learner(min_evidence=30)
+    start = margin.update(stats({}), None)
 
-    thin = hedge.update(stats({("als", "trd"): (20, 0, 9)}), start)
-    enough = hedge.update(stats({("als", "trd"): (20, 0, 10)}), start)
+    thin = margin.update(stats({("als", "trd"): (20, 0, 9)}), start)
+    enough = margin.update(stats({("als", "trd"): (20, 0, 10)}), start)
 
     assert start == LearnedWeights({"als": 1.0, "pop": 1.0, "trd": 1.0}, 0, NOW, 0)
     assert thin is start
@@ -82,9 +109,12 @@ def test_nothing_moves_before_the_minimum_evidence() -> None:
 
 
 def test_the_floor_and_the_maximum_bound_every_weight() -> None:
-    hedge = learner(min_evidence=0, floor=0.2, max_weight=1.6)
+    margin = learner(min_evidence=0, floor=0.2, max_weight=1.6)
 
-    weights = hedge.update(stats({("als", "trd"): (5000, 0, 0), ("als", "pop"): (900, 0, 0)}), None)
+    # als's margin 5,900/5,950 would give e^3.97, trd's and pop's e^-3.96 and e^-3.79.
+    seen = stats({("als", "trd"): (5000, 0, 0), ("als", "pop"): (900, 0, 0)})
+
+    weights = margin.update(seen, None)
 
     assert weights.weights == {"als": 1.6, "pop": 0.2, "trd": 0.2}
 
@@ -113,19 +143,19 @@ def test_the_weights_depend_on_the_counters_alone_not_on_the_updates_before() ->
 
 
 def test_unchanged_counters_keep_the_version() -> None:
-    hedge = learner(min_evidence=0)
+    margin = learner(min_evidence=0)
     seen = stats({("als", "trd"): (4, 1, 0)})
-    first = hedge.update(seen, None)
+    first = margin.update(seen, None)
 
-    assert hedge.update(seen, first) is first
+    assert margin.update(seen, first) is first
 
 
 def test_pairs_with_a_recommender_not_learnt_are_ignored() -> None:
-    hedge = learner(min_evidence=1)
+    margin = learner(min_evidence=1)
     seen = stats({("als", "zzz"): (50, 0, 0), ("ncf", "trd"): (0, 50, 0)})
 
-    assert hedge.evidence(seen) == 0
-    assert hedge.update(seen, None).version == 0
+    assert margin.evidence(seen) == 0
+    assert margin.update(seen, None).version == 0
 
 
 @pytest.mark.parametrize(
@@ -134,9 +164,11 @@ def test_pairs_with_a_recommender_not_learnt_are_ignored() -> None:
         ({"names": ()}, "non-empty"),
         ({"names": ("als", "als")}, "distinct"),
         ({"floor": 0.0}, "floor"),
-        ({"floor": 3.0}, "floor"),
+        ({"floor": 4.0}, "floor"),
         ({"initial": {"als": 0.0}}, "positive"),
-        ({"rate": -0.1}, "rate"),
+        ({"beta": -0.1}, "beta"),
+        ({"prior": 0.0}, "prior"),
+        ({"prior": math.inf}, "prior"),
     ],
 )
 def test_bad_settings_are_refused(overrides: dict[str, object], message: str) -> None:

@@ -15,8 +15,8 @@ from benchmarks.online_stats import (
     ab_needs,
     ab_test,
     decided_after,
+    hedge_weights,
     interleaving_needs,
-    margin_weights,
     pair_of,
     preference_decided,
     weight_distance,
@@ -84,22 +84,24 @@ def test_the_power_calculations_give_the_sample_at_which_the_effect_is_196_error
     assert ab_needs(5, 10, 10, 20) is None and ab_needs(1, 0, 1, 2) is None
 
 
-def test_the_proposed_rule_weights_by_mean_margin_shrunk_by_a_prior() -> None:
+def test_the_replayed_hedge_rule_runs_to_its_bounds_as_evidence_grows() -> None:
     pairwise: list[dict[str, Any]] = [
         {"a": "asc", "b": "psn", "wins": 150, "losses": 50, "ties": 99},
-        {"a": "psn", "b": "trd", "wins": 50, "losses": 50, "ties": 10},
+        {"a": "psn", "b": "trd", "wins": 50, "losses": 40, "ties": 10},
     ]
-    weights = margin_weights(pairwise, ["asc", "psn", "trd", "sml"], beta=2.0, prior=50.0)
+    weights = hedge_weights(pairwise, ["asc", "psn", "trd", "sml"], rate=0.005)
 
-    assert weights["asc"] == pytest.approx(math.exp(2.0 * 100 / 250), abs=1e-4)
-    assert weights["psn"] == pytest.approx(math.exp(2.0 * -100 / 350), abs=1e-4)
-    assert weights["trd"] == 1.0 and weights["sml"] == 1.0  # even, and never compared
-    # Ten times the evidence at the same margin: the weight settles, it does not run away.
+    # net wins: asc +100, psn -90, trd -10; w = exp(0.005 · net) within [0.1, 5].
+    assert weights["asc"] == pytest.approx(math.exp(0.5), abs=1e-4)
+    assert weights["psn"] == pytest.approx(math.exp(-0.45), abs=1e-4)
+    assert weights["trd"] == pytest.approx(math.exp(-0.05), abs=1e-4)
+    assert weights["sml"] == 1.0  # never compared
+    # Ten times the evidence at the same margins: the exponents grow tenfold, to the bounds.
     tenfold = [
         {**pair, "wins": 10 * pair["wins"], "losses": 10 * pair["losses"]} for pair in pairwise
     ]
-    settled = margin_weights(tenfold, ["asc", "psn", "trd"], beta=2.0, prior=50.0)["asc"]
-    assert weights["asc"] < settled < math.exp(2.0 * 0.5)
+    grown = hedge_weights(tenfold, ["asc", "psn", "trd"], rate=0.005)
+    assert grown == {"asc": 5.0, "psn": 0.1, "trd": pytest.approx(math.exp(-0.5), abs=1e-4)}
 
 
 @pytest.mark.slow
@@ -155,3 +157,4 @@ def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
     report = (out / "online.md").read_text()
     for heading in ("## Interleaving against A/B", "## Learnt weights", "## NDCG@10 of the learnt"):
         assert heading in report
+    assert all("hedge_vs_best" in row for row in windows) and "Hedge, replayed" in report
