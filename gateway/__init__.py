@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import functools
-import importlib.metadata
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -25,7 +24,7 @@ from gateway.hooks import register_hooks
 from gateway.http_errors import register_error_handlers
 from gateway.openapi import build_spec
 from gateway.portal import await_, in_portal
-from gateway.runtime import WorkerRuntime
+from gateway.runtime import WorkerRuntime, package_version
 from gateway.security import TokenCheck
 from gateway.tracing import check_installed
 
@@ -101,13 +100,6 @@ async def _within(coroutine: Coroutine[Any, Any, Any], seconds: float) -> Any:
         raise
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("fusion-gateway")
-    except importlib.metadata.PackageNotFoundError:
-        return "0.0.0"
-
-
 def create_app(settings: Settings | None = None, span_processor: Any = None) -> GatewayFlask:
     """Build the gateway app from `settings` (default: `load_settings()`).
 
@@ -125,7 +117,7 @@ def create_app(settings: Settings | None = None, span_processor: Any = None) -> 
     app.fuser = Fuser(settings.fusion_weights, settings.fusion, settings.rrf_k)
     names = [r.name for r in settings.recommenders]
     app.shed_answer = ShedAnswer(names, settings.shed_retry_after_s)
-    app.openapi_document = json.dumps(build_spec(settings, _version()))
+    app.openapi_document = json.dumps(build_spec(settings, package_version()))
     register_hooks(app)
     app.register_blueprint(routes.blueprint)
     app.register_blueprint(feedback_routes.blueprint)

@@ -44,7 +44,7 @@ from gateway.resilience import Guard
 from gateway.tracing import NO_TRACING, Tracing, start_tracing
 from gateway.upstream import ConnectionPool
 
-__all__ = ["WorkerRuntime"]
+__all__ = ["WorkerRuntime", "package_version"]
 
 log = logging.getLogger("gateway")
 
@@ -60,7 +60,8 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _version() -> str:
+def package_version() -> str:
+    """The installed fusion-gateway's version (0.0.0 when run from a tree not installed)."""
     try:
         return importlib.metadata.version("fusion-gateway")
     except importlib.metadata.PackageNotFoundError:
@@ -329,7 +330,7 @@ class WorkerRuntime:
             limit_per_host=pool.limit_per_host,
             keepalive_timeout_s=pool.keepalive_timeout_s,
             dns_cache_ttl_s=pool.dns_cache_ttl_s,
-            user_agent=f"fusion-gateway/{_version()}",
+            user_agent=f"fusion-gateway/{package_version()}",
         )
         replicas = [
             Replicas(
