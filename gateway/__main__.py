@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from urllib.parse import urlsplit
 
-from gateway.config import Settings, describe_source, load_settings
+from gateway.config import FeedbackSettings, Settings, describe_source, load_settings
 from gateway.errors import ConfigError
 
 __all__ = ["main", "summary"]
@@ -23,7 +24,29 @@ def summary(settings: Settings) -> str:
     return (
         f"{len(settings.recommenders)} recommenders ({names}), "
         f"deadline_ms {settings.deadline_ms:g}, fusion {settings.fusion}, "
-        f"server {settings.server}, strategy {settings.strategy}"
+        f"server {settings.server}, strategy {settings.strategy}, "
+        f"{_feedback_summary(settings.feedback)}"
+    )
+
+
+def _feedback_summary(feedback: FeedbackSettings) -> str:
+    # The store's kind and place, never its credentials (a Redis URL may carry a password).
+    if feedback.store is None:
+        return "feedback off"
+    parts = urlsplit(feedback.store)
+    if parts.scheme == "sqlite":
+        place = parts.path[1:]
+    else:
+        place = f"{parts.hostname}:{parts.port or 6379}/{parts.path.lstrip('/') or '0'}"
+    arms = feedback.experiments.arms
+    total = sum(arm.share for arm in arms)
+    split = ", ".join(f"{arm.name} {arm.share / total:.0%} {arm.fusion}" for arm in arms)
+    learner = feedback.learner
+    learning = "off" if not learner.enabled else "frozen" if learner.frozen else "on"
+    return (
+        f"feedback {parts.scheme} {place} ("
+        + (f"arms: {split}; " if arms else "no experiment; ")
+        + f"learner {learning})"
     )
 
 

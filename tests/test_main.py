@@ -42,9 +42,32 @@ def test_a_good_file_passes_with_a_summary(
     out, err = capsys.readouterr()
     assert out == (
         f"gateway: config ok: {path}: 2 recommenders (a, b), deadline_ms 400, fusion combmnz, "
-        "server uvicorn, strategy async\n"
+        "server uvicorn, strategy async, feedback off\n"
     )
     assert err == ""
+
+
+def test_the_summary_names_the_feedback_store_arms_and_learner_but_no_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path, GOOD)
+    monkeypatch.setenv("GATEWAY_FEEDBACK__STORE", "redis://:s3cret@cache.internal:6380/2")
+    monkeypatch.setenv("GATEWAY_FEEDBACK__SALT", "pepper")
+    monkeypatch.setenv("GATEWAY_FEEDBACK__LEARNER__FROZEN", "true")
+    monkeypatch.setenv(
+        "GATEWAY_FEEDBACK__EXPERIMENTS__ARMS",
+        '[{"name": "ab", "fusion": "rrf", "share": 3}, {"name": "il", "fusion": "interleave", '
+        '"share": 1}]',
+    )
+
+    assert main(["check-config", str(path)]) == 0
+
+    out, _ = capsys.readouterr()
+    assert out.endswith(
+        "strategy async, feedback redis cache.internal:6380/2 (arms: ab 75% rrf, "
+        "il 25% interleave; learner frozen)\n"
+    )
+    assert "s3cret" not in out and "pepper" not in out
 
 
 def test_a_bad_file_fails_naming_every_field(
