@@ -49,6 +49,7 @@ def answer_body(
     answered: Sequence[Outcome],
     request_id: str,
     fused: FusedRanking,
+    arm: str | None = None,
 ) -> bytes:
     """A `RecommendationResponse`: every answer in config order, and what became of each call."""
     body = {
@@ -60,6 +61,8 @@ def answer_body(
         "fused": fused.items,
         "coverage": fused.coverage,
     }
+    if arm is not None:
+        body["arm"] = arm
     # A non-finite number in a recommender's answer becomes null, as the models would make it.
     return pydantic_core.to_json(body, inf_nan_mode="null")
 

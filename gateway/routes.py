@@ -57,12 +57,15 @@ async def recommendation() -> Response:
             span.answered(502, complete, None, None)
             return _json(502, unanswered_body(outcomes, request_id, exchange.trace_id), complete)
         feedback = runtime.feedback
-        arm = feedback.assign(wanted.user_id, wanted.fusion)
-        fused = app.fuser.fuse(outcomes, arm.fusion, wanted.resultSize, request_id, arm.weights)
-        feedback.record(request_id, arm, fused)
+        assignment = feedback.assign(wanted.user_id, wanted.fusion)
+        fused = app.fuser.fuse(
+            outcomes, assignment.fusion, wanted.resultSize, request_id, assignment.weights
+        )
+        feedback.record(request_id, assignment, fused)
 
         span.answered(200, complete, fused.coverage, fused.fusion)
-        return _json(200, answer_body(outcomes, answered, request_id, fused), complete)
+        body = answer_body(outcomes, answered, request_id, fused, assignment.arm)
+        return _json(200, body, complete)
 
 
 def _json(status: int, payload: bytes, complete: bool) -> Response:

@@ -215,6 +215,7 @@ class RecommendationResponse(BaseModel):
                         }
                     ],
                     "coverage": 0.5,
+                    "arm": "control",
                 }
             ]
         }
@@ -227,6 +228,12 @@ class RecommendationResponse(BaseModel):
     fusion: str = Field(description="The fusion strategy used for `fused`.")
     fused: list[FusedItem] = Field(description="The top `resultSize` items of the fused ranking.")
     coverage: float = Field(description="Summed weight of those that answered, over the total.")
+    arm: str | None = Field(
+        default=None,
+        description="The experiment arm (`feedback.experiments.arms`) that chose the fusion for "
+        "this user; absent when feedback or the experiment is off, the request named its "
+        "own `fusion`, or it had no `user_id`.",
+    )
 
 
 class ErrorDetail(BaseModel):

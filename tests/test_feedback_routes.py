@@ -316,11 +316,16 @@ def test_arms_split_users_by_share_and_keep_each_user_in_theirs(
     url = serve(feedback_app(fleet, tmp_path, experiments={"arms": arms}))
     users = [f"user-{n}" for n in range(120)]
 
-    first = {user: shown(url, user=user)["fusion"] for user in users}
+    answers = {user: shown(url, user=user) for user in users}
+    first = {user: answer["fusion"] for user, answer in answers.items()}
     again = {user: shown(url, user=user)["fusion"] for user in users[:30]}
     outside = shown(url, user=users[0], fusion="concat")
 
     assert all(again[user] == first[user] for user in again)  # sticky
+    # Each answer names its arm, so that the frontend can log it beside its own events.
+    arm_of = {"rrf": "control", "interleave": "explore"}
+    assert all(answer["arm"] == arm_of[answer["fusion"]] for answer in answers.values())
+    assert "arm" not in outside
     explored = sum(fusion == "interleave" for fusion in first.values())
     assert 12 <= explored <= 50, explored  # a quarter of 120, within 3.5 standard deviations
     assert outside["fusion"] == "concat"
