@@ -1,8 +1,12 @@
-"""A small client for the gateway: `recommend` (sync), `recommend_async`, and a command line.
+"""A small client for the gateway: `recommend` (sync), `recommend_async`, `send_feedback`
+(sync), `send_feedback_async`, and a command line.
 
-    >>> from gateway.sdk import recommend
+    >>> from gateway.sdk import FeedbackEventBody, recommend, send_feedback
     >>> answer = recommend("http://127.0.0.1:5000", user_id="u1", result_size=3)
     >>> [entry.name for entry in answer.result], answer.complete
+    >>> click = FeedbackEventBody(request_id=answer.request_id, item_id=answer.fused[0].id,
+    ...                           event="click", event_id="e-1")
+    >>> send_feedback("http://127.0.0.1:5000", [click]).accepted
 
 Command line: ``python -m gateway.sdk --url http://127.0.0.1:5000 --user u1`` prints the
 response; it exits 0 on 200, 1 on an error status (printed to stderr), 2 on bad arguments.
@@ -14,16 +18,27 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
 import requests
 
+from gateway.feedback_schemas import FeedbackEventBody, FeedbackReceipt
 from gateway.request_id import REQUEST_ID_HEADER
 from gateway.schemas import RecommendationResponse
 from gateway.security import TOKEN_HEADER
 
-__all__ = ["GatewayHTTPError", "main", "recommend", "recommend_async"]
+__all__ = [
+    "FeedbackEventBody",
+    "FeedbackReceipt",
+    "GatewayHTTPError",
+    "main",
+    "recommend",
+    "recommend_async",
+    "send_feedback",
+    "send_feedback_async",
+]
 
 
 class GatewayHTTPError(Exception):
@@ -59,13 +74,75 @@ def _request(
 
 
 def _answer(status: int, text: str) -> RecommendationResponse:
+    return RecommendationResponse.model_validate(_document(status, text, 200))
+
+
+def _document(status: int, text: str, expected: int) -> Any:
     try:
         body = json.loads(text)
     except ValueError:
         body = text
-    if status != 200:
+    if status != expected:
         raise GatewayHTTPError(status, body)
-    return RecommendationResponse.model_validate(body)
+    return body
+
+
+def _feedback(
+    events: Sequence[FeedbackEventBody], token: str | None
+) -> tuple[dict[str, Any], dict[str, str]]:
+    if not events:
+        raise ValueError("send_feedback needs at least one event")
+    dumped = [event.model_dump(exclude_none=True) for event in events]
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers[TOKEN_HEADER] = token
+    return (dumped[0] if len(dumped) == 1 else {"events": dumped}), headers
+
+
+def send_feedback(
+    url: str,
+    events: Sequence[FeedbackEventBody],
+    *,
+    token: str | None = None,
+    timeout_s: float = 5.0,
+    session: requests.Session | None = None,
+) -> FeedbackReceipt:
+    """Post users' events on answers' items to `/feedback`, one request for all of them.
+
+    Returns the 202 receipt (a batch that was partly refused lists what in `rejected`); raises
+    `GatewayHTTPError` on an error status: 404 (unknown or expired request, or feedback off),
+    422 (an item that answer did not show), 413 (more than `feedback.max_events`), 503.
+    """
+    body, headers = _feedback(events, token)
+    poster = session or requests
+    response = poster.post(
+        f"{url.rstrip('/')}/feedback", json=body, headers=headers, timeout=timeout_s
+    )
+    return FeedbackReceipt.model_validate(_document(response.status_code, response.text, 202))
+
+
+async def send_feedback_async(
+    url: str,
+    events: Sequence[FeedbackEventBody],
+    *,
+    token: str | None = None,
+    timeout_s: float = 5.0,
+    session: aiohttp.ClientSession | None = None,
+) -> FeedbackReceipt:
+    """The same as `send_feedback`, with aiohttp; pass a `session` to reuse its connections."""
+    body, headers = _feedback(events, token)
+    timeout = aiohttp.ClientTimeout(total=timeout_s)
+    own = session is None
+    client = session or aiohttp.ClientSession()
+    try:
+        async with client.post(
+            f"{url.rstrip('/')}/feedback", json=body, headers=headers, timeout=timeout
+        ) as response:
+            document = _document(response.status, await response.text(), 202)
+            return FeedbackReceipt.model_validate(document)
+    finally:
+        if own:
+            await client.close()
 
 
 def recommend(

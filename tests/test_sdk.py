@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from gateway import create_app
-from gateway.sdk import GatewayHTTPError, recommend, recommend_async
+from gateway.sdk import (
+    FeedbackEventBody,
+    GatewayHTTPError,
+    recommend,
+    recommend_async,
+    send_feedback,
+    send_feedback_async,
+)
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from mock_recommenders.ranking import rank_items
 from tests.helpers import ROOT, Serve, closed_port, settings_for
@@ -49,6 +57,53 @@ def test_error_statuses_raise_with_the_message(fleet: MockFleet, serve: Serve) -
     assert recommend(url, user_id="c3", token="secret").complete is True
     with pytest.raises(GatewayHTTPError, match="HTTP 422: invalid request: resultSize"):
         recommend(url, result_size=0, token="secret")
+
+
+def test_feedback_is_sent_alone_or_in_a_batch_and_refusals_raise(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    feedback = {"store": f"sqlite:///{tmp_path / 'f.db'}", "salt": "s", "flush_interval_ms": 20}
+    url = serve(create_app(settings_for(fleet, api_keys=["secret"], feedback=feedback)))
+    answer = recommend(url, user_id="c4", result_size=4, token="secret")
+    first, second = (item.id for item in answer.fused[:2])
+
+    def event(item: str, **fields: str) -> FeedbackEventBody:
+        return FeedbackEventBody(
+            request_id=answer.request_id, item_id=item, event="click", **fields
+        )
+
+    alone = send_feedback(url, [event(first, event_id="e1")], token="secret")
+    assert (alone.accepted, alone.duplicates, alone.rejected) == (1, 0, None)
+    batch = send_feedback(
+        url, [event(first, event_id="e1"), event(second), event("not-shown")], token="secret"
+    )
+    assert (batch.accepted, batch.duplicates) == (1, 1)
+    assert batch.rejected is not None and [r.index for r in batch.rejected] == [2]
+
+    with pytest.raises(GatewayHTTPError, match="HTTP 422") as caught:
+        send_feedback(url, [event("not-shown")], token="secret")
+    assert caught.value.status == 422
+    with pytest.raises(GatewayHTTPError, match="HTTP 401"):
+        send_feedback(url, [event(first)])
+    with pytest.raises(ValueError, match="at least one event"):
+        send_feedback(url, [], token="secret")
+
+
+async def test_send_feedback_async_posts_the_same_body(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    feedback = {"store": f"sqlite:///{tmp_path / 'f.db'}", "salt": "s", "flush_interval_ms": 20}
+    url = serve(create_app(settings_for(fleet, feedback=feedback)))
+    answer = await recommend_async(url, user_id="c5", result_size=3)
+    click = FeedbackEventBody(
+        request_id=answer.request_id, item_id=answer.fused[0].id, event="purchase"
+    )
+
+    receipt = await send_feedback_async(url, [click])
+    assert receipt.accepted == 1
+    with pytest.raises(GatewayHTTPError, match="HTTP 404"):
+        unknown = click.model_copy(update={"request_id": "never-served"})
+        await send_feedback_async(url, [unknown])
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
