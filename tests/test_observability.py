@@ -3,8 +3,9 @@
 promtool checks the rules and runs their unit tests (`gateway.rules.test.yml`), and checks the
 Prometheus config; the dashboard's JSON is checked for what Grafana needs of it. Then a real
 Prometheus scrapes a real gateway (gunicorn, two workers, one recommender failing, a burst of
-shedding): every recording rule, alert and dashboard query must evaluate there, and every
-recording rule and panel must show data.
+shedding, feedback on an SQLite store with a click, a duplicate and an unknown request): every
+recording rule, alert and dashboard query must evaluate there, and every recording rule and
+panel must show data.
 """
 
 from __future__ import annotations
@@ -199,8 +200,14 @@ def test_prometheus_evaluates_every_rule_and_panel_on_a_live_gateway(
     executable = require_tool("prometheus")
     fleet_process.set_behaviour(delay_ms=50)
     fleet_process.set_behaviour("trd", status=500)  # its breaker opens
-    # Two requests at once per worker: a burst of 40 is mostly shed.
-    overrides = {"GATEWAY_MAX_IN_FLIGHT": "2"}
+    # Two requests at once per worker: a burst of 40 is mostly shed. Feedback on, so that its
+    # series exist: impressions of every answer, the learnt weights (the writer learns once at
+    # start), the events sent below.
+    overrides = {
+        "GATEWAY_MAX_IN_FLIGHT": "2",
+        "GATEWAY_FEEDBACK__STORE": f"sqlite:///{tmp_path / 'feedback.db'}",
+        "GATEWAY_FEEDBACK__SALT": "observability-test-salt",
+    }
     with (
         gunicorn(fleet_process, "--workers", "2", **overrides) as server,
         steady_load(server.url),
@@ -208,18 +215,26 @@ def test_prometheus_evaluates_every_rule_and_panel_on_a_live_gateway(
     ):
         wait_until(lambda: bool(query(api, 'up{job="gateway"} == 1')), 30, "never scraped")
         shed_a_burst(server.url)
+        # Twice, so that the counters move while Prometheus watches: a series born with its
+        # value has a rate of 0, and the store-failure ratio would be 0/0.
+        give_feedback(server.url, "1")
+        wait_until(lambda: bool(query(api, sum_of_events("click", "accepted", 1))), 30, "unseen")
+        give_feedback(server.url, "2")
         empty = poll(api, live_checks(), timeout_s=30)
         for alert in (rule for rule in rules() if "alert" in rule):
             query(api, alert["expr"])  # it need not fire, only evaluate
         unhealthy = unhealthy_rules(api)
         blamed = query(api, 'ALERTS{recommender=~"sml|asc|psn"}')
         errors = query(api, 'ALERTS{alertname="GatewayHighErrorRatio"}')
+        feedback_alerts = query(api, 'ALERTS{alertname=~"GatewayFeedback.*"}')
 
     assert not empty, "these returned nothing within 30 s:\n" + "\n".join(empty)
     assert not unhealthy, unhealthy
     # Healthy recommenders are not blamed, and shed requests are not errors.
     assert not blamed, blamed
     assert not errors, errors
+    # A store that works drops nothing and fails nothing.
+    assert not feedback_alerts, feedback_alerts
 
 
 def live_checks() -> dict[str, str]:
@@ -247,8 +262,37 @@ def live_checks() -> dict[str, str]:
         "trd's breaker alert": 'ALERTS{alertname="GatewayCircuitBreakerOpen", recommender="trd"}',
         "trd's failure alert": 'ALERTS{alertname="RecommenderFailing", recommender="trd"}',
         "the shedding alert": 'ALERTS{alertname="GatewayShedding"}',
+        # What give_feedback sent twice, judged and counted, summed over the workers.
+        "two clicks accepted": sum_of_events("click", "accepted", 2),
+        "two duplicates": sum_of_events("click", "duplicate", 2),
+        "two unknown requests": sum_of_events("purchase", "unknown_request", 2),
+        "feedback events per second": "sum(kind_result:gateway_feedback_events:rate1m) > 0",
+        "impressions recorded": 'gateway_feedback_impressions_total{outcome="recorded"} > 0',
+        "no impression dropped": "job:gateway_feedback_impressions_dropped:ratio_rate5m == 0",
+        "the store has not failed": "job:gateway_feedback_store_failures:ratio_rate5m == 0",
+        "the learnt weights": 'count(gateway_feedback_learned_weight{recommender="sml"}) == 1',
     }
     return checks
+
+
+def sum_of_events(kind: str, result: str, count: int) -> str:
+    """A query that returns data when `count` events of `kind` were judged `result`."""
+    return f'sum(gateway_feedback_events_total{{kind="{kind}", result="{result}"}}) == {count}'
+
+
+def give_feedback(url: str, event_id: str) -> None:
+    """A click on an answer's first item, the same click again, and a purchase never shown."""
+    answer = requests.post(f"{url}/recommendation", json={"user_id": "u1"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    request_id = answer.headers["X-Request-ID"]
+    click = {"request_id": request_id, "item_id": answer.json()["fused"][0]["id"]}
+    click |= {"event": "click", "event_id": event_id}
+    unknown = {"request_id": "never-answered", "item_id": "i1", "event": "purchase"}
+    statuses = [
+        requests.post(f"{url}/feedback", json=event, timeout=10).status_code
+        for event in (click, click, unknown)
+    ]
+    assert statuses == [202, 202, 404], statuses
 
 
 def poll(api: str, checks: dict[str, str], timeout_s: float) -> list[str]:
