@@ -1,10 +1,12 @@
-"""deploy/k8s: the kustomize base and the with-mocks overlay, as `kubectl kustomize` renders them.
+"""deploy/k8s: the kustomize base and its overlays, as `kubectl kustomize` renders them.
 
 Every object is checked against Kubernetes' own OpenAPI schema, offline (kubernetes-validate,
 strict: an unknown or misplaced field fails), and the manifests against the code they deploy:
 the probes and the scrape path are routes of the gateway's Flask app, the ConfigMap's file loads
 with the gateway's own settings loader (under the environment the pod gets), its recommender
-URLs reach the overlay's mock recommenders, the grace period outlasts a worker's shutdown.
+URLs reach the overlay's mock recommenders, the grace period outlasts a worker's shutdown. The
+with-feedback overlay's store is its Redis, which a real redis-server started with the
+manifest's arguments serves to the gateway's own store, and its salt comes from a Secret.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import math
 import os
 import shlex
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +27,7 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
+import redis
 import yaml
 from gunicorn.config import Config as GunicornConfig
 from kubernetes_validate.utils import all_versions, latest_version
@@ -31,16 +35,22 @@ from werkzeug.routing import MapAdapter
 
 from gateway import VIEW_GRACE_S, create_app, ops
 from gateway.config import ENV_PREFIX, Settings, config_file, load_settings
+from gateway.feedback_records import EventResult, LearnedWeights
+from gateway.feedback_store import open_store
+from gateway.impressions import FeedbackEvent, Impression, ShownItem
 from mock_recommenders.__main__ import parse_arguments
+from mock_recommenders.loopback import loopback_socket, port_of
+from mock_recommenders.process import stop_process
 from mock_recommenders.server import KEEPALIVE_TIMEOUT_S, Recommender
 from tests.helpers import ROOT
 from tests.tools import require_tool
 
-# ~2 s: kubectl twice, the schemas of two Kubernetes versions, the mocks' synthetic world.
+# ~3 s: kubectl three times, a redis-server, the schemas of two Kubernetes versions, the mocks' synthetic world.
 pytestmark = pytest.mark.slow
 
 K8S = ROOT / "deploy" / "k8s"
 OVERLAY = K8S / "overlays" / "with-mocks"
+FEEDBACK = K8S / "overlays" / "with-feedback"
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -65,6 +75,8 @@ GATEWAY = "fusion-gateway"  # the gateway's Deployment, Service, autoscaler and 
 CONFIG_VARIABLE = f"{ENV_PREFIX}CONFIG"
 API_KEYS_VARIABLE = f"{ENV_PREFIX}API_KEYS"
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
+SALT_VARIABLE = f"{ENV_PREFIX}FEEDBACK__SALT"
+FEEDBACK_REDIS = "feedback-redis"
 
 Manifest = dict[str, Any]
 
@@ -118,9 +130,15 @@ def overlay(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     return _render(OVERLAY, tmp_path_factory.mktemp("overlay"))
 
 
-@pytest.fixture(params=["base", "overlay"])
+@pytest.fixture(scope="module")
+def feedback(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
+    """`kubectl kustomize deploy/k8s/overlays/with-feedback`: with-mocks, Redis, feedback on."""
+    return _render(FEEDBACK, tmp_path_factory.mktemp("feedback"))
+
+
+@pytest.fixture(params=["base", "overlay", "feedback"])
 def rendered(request: pytest.FixtureRequest) -> Rendered:
-    """Each of the two renderings in turn."""
+    """Each of the three renderings in turn."""
     value: Rendered = request.getfixturevalue(request.param)
     return value
 
@@ -497,3 +515,125 @@ def test_every_container_runs_unprivileged_on_a_read_only_root(rendered: Rendere
             assert "/tmp" in writable, where
             for kind in ("requests", "limits"):
                 assert set(container["resources"][kind]) >= {"cpu", "memory"}, where
+
+
+# --- feedback -------------------------------------------------------------------------------
+
+
+def test_feedback_is_off_but_in_the_feedback_overlay(
+    base: Rendered, overlay: Rendered, feedback: Rendered
+) -> None:
+    assert not base.settings.feedback.enabled
+    assert not overlay.settings.feedback.enabled
+    settings = feedback.settings.feedback
+    assert settings.enabled
+    # Every pod shares the store: Redis, not an SQLite file in one pod.
+    assert urllib.parse.urlsplit(settings.store or "").scheme == "redis"
+    # The learnt weights are used, and the interleaved arm feeds the learner.
+    arms = {arm.name: (arm.fusion, arm.weights) for arm in settings.experiments.arms}
+    assert arms == {"learned": ("rrf", "learned"), "explore": ("interleave", None)}
+    assert settings.learner.enabled and not settings.learner.frozen
+    in_overlay = {(o["kind"], o["metadata"]["name"]) for o in overlay.objects}
+    added = {(o["kind"], o["metadata"]["name"]) for o in feedback.objects} - in_overlay
+    assert {(kind, FEEDBACK_REDIS) for kind in ("Deployment", "Service")} <= added
+
+
+def test_the_salt_comes_from_a_secret(feedback: Rendered) -> None:
+    container = _container(feedback.one("Deployment", GATEWAY))
+    [variable] = [v for v in container["env"] if v["name"] == SALT_VARIABLE]
+    # Never a literal in the pod spec, which anyone who may read Deployments can read.
+    assert "value" not in variable
+    ref = variable["valueFrom"]["secretKeyRef"]
+    # The generated name carries a hash: kustomize must have rewritten the reference.
+    secret = feedback.one("Secret", ref["name"])
+    salt = base64.b64decode(secret["data"][ref["key"]]).decode()
+    loaded = feedback.settings.feedback.salt
+    assert loaded is not None and loaded.get_secret_value() == salt
+
+
+def _redis_container(rendered: Rendered) -> Manifest:
+    """The Redis the gateway's store URL names: its Service's one backend's container."""
+    store = urllib.parse.urlsplit(rendered.settings.feedback.store or "")
+    host = store.hostname or ""
+    assert "." not in host, f"{host} is not a Service's short name"
+    service = rendered.one("Service", host)
+    [service_port] = [p for p in service["spec"]["ports"] if p["port"] == (store.port or 6379)]
+    selector = service["spec"]["selector"]
+    [backend] = [
+        d
+        for d in rendered.of_kind("Deployment")
+        if _selects(selector, _pod(d)["metadata"]["labels"])
+    ]
+    container = _container(backend)
+    # The port the Service sends to is the one redis-server listens on.
+    listening = container["args"][container["args"].index("--port") + 1]
+    assert _port_number(container, service_port["targetPort"]) == int(listening)
+    return container
+
+
+def _redis_arguments(container: Manifest, port: int, directory: Path) -> list[str]:
+    """The container's redis-server arguments, on a loopback `port` and in `directory`."""
+    arguments = list(container["args"])
+    here = {"--port": str(port), "--bind": "127.0.0.1", "--dir": str(directory)}
+    for flag, value in here.items():
+        arguments[arguments.index(flag) + 1] = value
+    return arguments
+
+
+def test_the_feedback_redis_serves_the_gateways_store(feedback: Rendered, tmp_path: Path) -> None:
+    container = _redis_container(feedback)
+    assert container["command"] == ["redis-server"]
+    # Its data and its scratch are the only places it writes on its read-only root.
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+    assert container["args"][container["args"].index("--dir") + 1] in writable
+    with loopback_socket() as probe:
+        port = port_of(probe)
+    log = (tmp_path / "redis.log").open("wb")
+    server = subprocess.Popen(
+        [require_tool("redis-server"), *_redis_arguments(container, port, tmp_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True)
+    try:
+        give_up = time.monotonic() + 10
+        while True:
+            assert server.poll() is None, (tmp_path / "redis.log").read_text()
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < give_up, "redis-server never answered"
+                time.sleep(0.05)
+        # The readiness probe's command, on this port.
+        probe_command = container["readinessProbe"]["exec"]["command"]
+        probe_command = [require_tool(probe_command[0]), *probe_command[1:]]
+        probe_command[probe_command.index("-p") + 1] = str(port)
+        answer = subprocess.run(probe_command, capture_output=True, text=True, timeout=10)
+        assert answer.stdout.strip() == "PONG", answer
+        # A full Redis refuses writes rather than evicting the counters; the appendonly file
+        # keeps them over a restart of the container.
+        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        _store_round_trip(feedback.settings.feedback.store or "", port)
+    finally:
+        client.close()
+        stop_process(server)
+        log.close()
+
+
+def _store_round_trip(url: str, port: int) -> None:
+    """The gateway's own store, on the pod's URL moved to the loopback `port`: it works."""
+    parts = urllib.parse.urlsplit(url)
+    store = open_store(parts._replace(netloc=f"127.0.0.1:{port}").geturl(), retention_s=3600)
+    try:
+        shown = (ShownItem("i1", 0, None, (("sml", 1),)),)
+        store.save_impressions([Impression("r1", "u" * 32, time.time(), "rrf", "learned", shown)])
+        click = FeedbackEvent("r1", "i1", "click", "e1")
+        assert store.record([click, click]) == [EventResult.ACCEPTED, EventResult.DUPLICATE]
+        assert store.stats().events == {"click": 1}
+        learned = LearnedWeights({"sml": 1.5}, evidence=120, updated_at=time.time(), version=1)
+        assert store.save_weights(learned)
+        assert store.load_weights() == learned
+    finally:
+        store.close()
