@@ -9,9 +9,9 @@
    `podman stop`).
 3. Stops the gateway (`podman stop`: SIGTERM) while a request waits on a slow mock: the request
    is answered in full, and gunicorn shuts down and exits 0.
-4. Brings up compose.yaml's gateway and mocks with podman-compose (Prometheus and Grafana would
-   need a registry): the gateway finds the mocks by service name, keeps its metrics on the
-   tmpfs, and the mocks' health checks pass.
+4. Brings up compose.yaml's gateway and mocks with podman-compose (Redis, Prometheus and
+   Grafana would need a registry; feedback is off without Redis): the gateway finds the mocks
+   by service name, keeps its metrics on the tmpfs, and the mocks' health checks pass.
 
 Prints a PASS or FAIL line per check and exits 1 if any failed. The pod, the containers and the
 compose network it made are removed however it ends.
@@ -254,6 +254,9 @@ def compose_file(directory: Path) -> Path:
     """compose.yaml's gateway and mocks, their ports published on free loopback ports."""
     spec = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
     services = {name: spec["services"][name] for name in ("gateway", *DEFAULT_NAMES)}
+    # No redis service here: feedback off (an empty store), and nothing to wait for.
+    services["gateway"]["environment"]["GATEWAY_FEEDBACK__STORE"] = ""
+    services["gateway"]["depends_on"].pop("redis", None)
     for service in services.values():
         # Built above; podman-compose would otherwise build it once per service.
         del service["build"]

@@ -1,5 +1,8 @@
 """A real redis-server for tests, on a loopback port, with no persistence, stopped at the end.
 
+`RedisServer.served_with(arguments, directory)` runs one with a deployment's own arguments
+instead (compose, Kubernetes), moved to a loopback port and a scratch directory.
+
 Redis refuses port 0, so the port cannot be read back from the server as the other servers'
 are: a free one is found by binding a socket, released, and handed to redis-server; if another
 process takes it in between, redis-server exits at once, and a new port is tried.
@@ -7,8 +10,10 @@ process takes it in between, redis-server exits at once, and a new port is tried
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -62,6 +67,45 @@ class RedisServer:
         if self._process is not None:
             stop_process(self._process)
             self._process = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def served_with(cls, arguments: Sequence[str], directory: Path) -> Iterator[RedisServer]:
+        """A redis-server run with `arguments`, but on a free loopback port and in `directory`.
+
+        `arguments` must name `--port`, `--bind` and `--dir` if they set them at all; their
+        values are replaced. Fails, with the server's log, if the arguments are refused.
+        """
+        server = cls(directory)
+        program = require_tool("redis-server")
+        log, output = directory / "redis.log", directory / "redis.out"
+        for _attempt in range(_ATTEMPTS):
+            with loopback_socket() as sock:
+                server.port = port_of(sock)
+            here = {"--port": str(server.port), "--bind": "127.0.0.1", "--dir": str(directory)}
+            command = list(arguments)
+            for flag, value in here.items():
+                if flag in command:
+                    command[command.index(flag) + 1] = value
+                else:
+                    command += [flag, value]
+            command += ["--logfile", str(log), "--daemonize", "no"]
+            # A refused argument is reported on stderr, before the log file is opened.
+            with output.open("wb") as sink:
+                server._process = subprocess.Popen(
+                    [program, *command], stdin=subprocess.DEVNULL, stdout=sink, stderr=sink
+                )
+            if server._wait_for_ping():
+                try:
+                    yield server
+                finally:
+                    server.__exit__(None, None, None)
+                return
+            stop_process(server._process)
+            said = output.read_text() + (log.read_text() if log.exists() else "")
+            if "Address already in use" not in said:
+                break
+        raise AssertionError(f"redis-server {' '.join(arguments)} did not start:\n{said}")
 
     def _wait_for_ping(self) -> bool:
         """Whether our process answers; False as soon as it exits (the port was taken).

@@ -1,5 +1,6 @@
 """compose.yaml, checked against what its services are given: the image, the gateway's settings,
-the mocks' command line, and the files mounted into Prometheus and Grafana.
+the mocks' command line, the feedback store's Redis (a real redis-server run with its command
+line serves the gateway's store), and the files mounted into Prometheus and Grafana.
 
 No container starts here (`make image-test` brings up the gateway and the mocks with
 podman-compose); the names and ports that tie the services together are checked instead.
@@ -16,20 +17,29 @@ import pytest
 import yaml
 
 from gateway.config import load_settings
+from gateway.feedback_store import open_store
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.__main__ import parse_arguments
 from tests.helpers import ROOT
+from tests.redis_server import RedisServer
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text(encoding="utf-8")
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text(encoding="utf-8"))
 SERVICES: dict[str, Any] = COMPOSE["services"]
 GATEWAY = SERVICES["gateway"]
+# ${NAME:-default}: compose's interpolation, the default when NAME is unset in the shell.
+INTERPOLATED = re.compile(r"\$\{(\w+):-([^}]*)\}")
 
 
 def _dockerfile_value(pattern: str) -> str:
     match = re.search(pattern, DOCKERFILE, re.MULTILINE)
     assert match, f"no {pattern!r} in the Dockerfile"
     return match.group(1)
+
+
+def _as_compose_gives(value: str) -> str:
+    """`value` with each ${NAME:-default} replaced as compose does when NAME is unset."""
+    return INTERPOLATED.sub(lambda match: match.group(2), value)
 
 
 def _container_port(service: dict[str, Any]) -> int:
@@ -55,8 +65,8 @@ def _in_container(mounts: dict[str, Path], path: str) -> Path | None:
     return None
 
 
-def test_the_stack_is_the_gateway_its_mocks_prometheus_and_grafana() -> None:
-    assert set(SERVICES) == {"gateway", *DEFAULT_NAMES, "prometheus", "grafana"}
+def test_the_stack_is_the_gateway_its_mocks_redis_prometheus_and_grafana() -> None:
+    assert set(SERVICES) == {"gateway", *DEFAULT_NAMES, "redis", "prometheus", "grafana"}
     for name, service in SERVICES.items():
         for dependency in service.get("depends_on", []):
             assert dependency in SERVICES, f"{name} depends on {dependency}, which is no service"
@@ -76,7 +86,7 @@ def test_the_gateways_environment_is_settings_it_accepts(
     clean_environment: pytest.MonkeyPatch,
 ) -> None:
     for variable, value in GATEWAY["environment"].items():
-        clean_environment.setenv(variable, value)
+        clean_environment.setenv(variable, _as_compose_gives(value))
     settings = load_settings()  # an unknown GATEWAY_ variable, or a bad value, raises
     assert int(GATEWAY["environment"]["WEB_CONCURRENCY"]) >= 1
     # Every mock, under its service name and at the port its command line gives it.
@@ -143,3 +153,36 @@ def test_grafana_reads_the_prometheus_service_and_the_mounted_dashboards() -> No
         mounts, grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     )
     assert home is not None and home.is_file()
+
+
+def test_the_gateways_feedback_store_is_the_redis_service(
+    clean_environment: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    environment = GATEWAY["environment"]
+    # The salt can be set from the shell without editing the file; the example is the default.
+    assert INTERPOLATED.fullmatch(environment["GATEWAY_FEEDBACK__SALT"])
+    for variable, value in environment.items():
+        clean_environment.setenv(variable, _as_compose_gives(value))
+    settings = load_settings().feedback
+    assert settings.enabled and [arm.name for arm in settings.experiments.arms]
+    store = urlsplit(settings.store or "")
+    assert store.scheme == "redis"
+    assert store.hostname in SERVICES and store.hostname in GATEWAY["depends_on"]
+    redis = SERVICES[store.hostname]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert int(command[command.index("--port") + 1]) == (store.port or 6379)
+    health = redis["healthcheck"]["test"]
+    assert health[:2] == ["CMD", "redis-cli"] and health[-1] == "ping"
+    assert int(health[health.index("-p") + 1]) == (store.port or 6379)
+    # Its data in a volume the file declares.
+    [data] = [v for v in redis["volumes"] if v.endswith(":/data")]
+    assert data.split(":")[0] in COMPOSE["volumes"]
+    # The command line a real redis-server accepts, and the gateway's store works on it.
+    with RedisServer.served_with(command[1:], tmp_path) as server:
+        local = open_store(server.url(int(store.path.strip("/") or 0)), retention_s=60)
+        try:
+            assert local.stats().impressions_stored == 0
+            assert local.expire() == 0
+        finally:
+            local.close()

@@ -39,13 +39,13 @@ from gateway.feedback_records import EventResult, LearnedWeights
 from gateway.feedback_store import open_store
 from gateway.impressions import FeedbackEvent, Impression, ShownItem
 from mock_recommenders.__main__ import parse_arguments
-from mock_recommenders.loopback import loopback_socket, port_of
-from mock_recommenders.process import stop_process
 from mock_recommenders.server import KEEPALIVE_TIMEOUT_S, Recommender
 from tests.helpers import ROOT
+from tests.redis_server import RedisServer
 from tests.tools import require_tool
 
-# ~3 s: kubectl three times, a redis-server, the schemas of two Kubernetes versions, the mocks' synthetic world.
+# ~3 s: kubectl three times, the schemas of two Kubernetes versions, the mocks' synthetic world,
+# a redis-server.
 pytestmark = pytest.mark.slow
 
 K8S = ROOT / "deploy" / "k8s"
@@ -571,55 +571,28 @@ def _redis_container(rendered: Rendered) -> Manifest:
     return container
 
 
-def _redis_arguments(container: Manifest, port: int, directory: Path) -> list[str]:
-    """The container's redis-server arguments, on a loopback `port` and in `directory`."""
-    arguments = list(container["args"])
-    here = {"--port": str(port), "--bind": "127.0.0.1", "--dir": str(directory)}
-    for flag, value in here.items():
-        arguments[arguments.index(flag) + 1] = value
-    return arguments
-
-
 def test_the_feedback_redis_serves_the_gateways_store(feedback: Rendered, tmp_path: Path) -> None:
     container = _redis_container(feedback)
     assert container["command"] == ["redis-server"]
     # Its data and its scratch are the only places it writes on its read-only root.
     writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
     assert container["args"][container["args"].index("--dir") + 1] in writable
-    with loopback_socket() as probe:
-        port = port_of(probe)
-    log = (tmp_path / "redis.log").open("wb")
-    server = subprocess.Popen(
-        [require_tool("redis-server"), *_redis_arguments(container, port, tmp_path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, decode_responses=True)
-    try:
-        give_up = time.monotonic() + 10
-        while True:
-            assert server.poll() is None, (tmp_path / "redis.log").read_text()
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < give_up, "redis-server never answered"
-                time.sleep(0.05)
+    with RedisServer.served_with(container["args"], tmp_path) as server:
         # The readiness probe's command, on this port.
-        probe_command = container["readinessProbe"]["exec"]["command"]
-        probe_command = [require_tool(probe_command[0]), *probe_command[1:]]
-        probe_command[probe_command.index("-p") + 1] = str(port)
-        answer = subprocess.run(probe_command, capture_output=True, text=True, timeout=10)
+        probe = container["readinessProbe"]["exec"]["command"]
+        probe = [require_tool(probe[0]), *probe[1:]]
+        probe[probe.index("-p") + 1] = str(server.port)
+        answer = subprocess.run(probe, capture_output=True, text=True, timeout=10, check=False)
         assert answer.stdout.strip() == "PONG", answer
-        # A full Redis refuses writes rather than evicting the counters; the appendonly file
+        # A full Redis refuses writes rather than evicting the counters; the append-only file
         # keeps them over a restart of the container.
-        assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
-        assert client.config_get("appendonly") == {"appendonly": "yes"}
-        _store_round_trip(feedback.settings.feedback.store or "", port)
-    finally:
-        client.close()
-        stop_process(server)
-        log.close()
+        client = redis.Redis.from_url(server.url(), decode_responses=True)
+        try:
+            assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
+            assert client.config_get("appendonly") == {"appendonly": "yes"}
+        finally:
+            client.close()
+        _store_round_trip(feedback.settings.feedback.store or "", server.port)
 
 
 def _store_round_trip(url: str, port: int) -> None:
