@@ -73,8 +73,8 @@ class RedisServer:
     def served_with(cls, arguments: Sequence[str], directory: Path) -> Iterator[RedisServer]:
         """A redis-server run with `arguments`, but on a free loopback port and in `directory`.
 
-        `arguments` must name `--port`, `--bind` and `--dir` if they set them at all; their
-        values are replaced. Fails, with the server's log, if the arguments are refused.
+        Their `--port`, `--bind` and `--dir` are replaced (or added). Fails, with what the
+        server said, if it refuses the arguments.
         """
         server = cls(directory)
         program = require_tool("redis-server")
