@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from benchmarks.online_stats import Z80, Z95
+
 __all__ = ["findings", "markdown", "plot_learning", "plot_sensitivity", "write_all"]
 
 # The issue's target: interleaving decides with at most a fifth of A/B's impressions.
@@ -45,13 +47,59 @@ def _median(values: list[int | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
+def _censored_ratio(run: dict[str, Any]) -> dict[str, Any]:
+    """A/B / interleaving by first passage; when A/B never stayed sure, a lower bound.
+
+    A method still unsure at the end of the run needed more than all its impressions, so
+    the ratio is at least the run's A/B impressions over interleaving's.
+    """
+    n_i, n_ab = run["n_interleave"]["stayed"], run["n_ab"]["stayed"]
+    if n_i and n_ab is not None:
+        return {"ratio": round(n_ab / n_i, 2), "at_least": False}
+    if n_i and n_ab is None:
+        return {"ratio": round(run["series"][-1]["ab"]["impressions"] / n_i, 2), "at_least": True}
+    return {"ratio": None, "at_least": False}
+
+
+def _pooled_power(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """80%-power impressions from the runs' mean effect and mean variance per impression.
+
+    Each run's final effect is noisy, and a power calculation divides by its square; the
+    runs' users are independent, so their mean effect and mean per-impression variance
+    (se² times impressions) give a steadier figure than any one run's.
+    """
+    needs: dict[str, Any] = {}
+    for method, key, null in (("interleave", "preference", 0.5), ("ab", "difference", 0.0)):
+        rows = [run["series"][-1][method] for run in runs if run["series"]]
+        rows = [row for row in rows if "se" in row]
+        if not rows:
+            return {"interleave": None, "ab": None, "ratio": None}
+        effect = statistics.mean(row[key] - null for row in rows)
+        variance = statistics.mean(row["se"] ** 2 * row["impressions"] for row in rows)
+        needs[method] = round(variance * ((Z95 + Z80) / effect) ** 2) if effect else None
+    interleave, ab = needs["interleave"], needs["ab"]
+    needs["ratio"] = round(ab / interleave, 2) if interleave and ab else None
+    return needs
+
+
 def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
     """Over the runs: the ratios, the counts' medians, how often the target was met."""
     runs = results["sensitivity"]
+    bounded = [_censored_ratio(run) for run in runs]
+    known = [(row["ratio"], row["at_least"]) for row in bounded if row["ratio"] is not None]
+    median = statistics.median(r for r, _ in known) if known else None
     return {
         "runs": len(runs),
         "first_passage": {
             **_ratios([run["ratio"] for run in runs]),
+            "with_lower_bounds": bounded,
+            "median_at_least": median,
+            # A bound at or below the median: the true ratio there may be larger, and so the
+            # median too.
+            "median_is_bound": median is not None
+            and any(at_least and r <= median for r, at_least in known),
+            "met_at_least": sum(r >= TARGET_RATIO for r, _ in known),
+            "short": sum(r < TARGET_RATIO and not at_least for r, at_least in known),
             "interleave_median": _median([run["n_interleave"]["stayed"] for run in runs]),
             "ab_median": _median([run["n_ab"]["stayed"] for run in runs]),
             "undecided": {
@@ -63,6 +111,7 @@ def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
             **_ratios([run["needs"].get("ratio") for run in runs]),
             "interleave_median": _median([run["needs"].get("interleave") for run in runs]),
             "ab_median": _median([run["needs"].get("ab") for run in runs]),
+            "pooled": _pooled_power(runs),
         },
         "power_per_impression": _ratios([run["needs_per_impression"].get("ratio") for run in runs]),
         "gateway_first_passage": _ratios([run["gateway"]["ratio"] for run in runs]),
@@ -110,28 +159,34 @@ def findings(results: dict[str, Any]) -> list[str]:
             f"80% power: interleaving {_n(needs.get('interleave'))}, A/B {_n(needs.get('ab'))}: "
             f"{_x(needs.get('ratio'))} (impressions as independent: "
             f"{_x(run['needs_per_impression'].get('ratio'))}); preference "
-            f"{pair.get('preference', 0):.3f}, CTR {ab.get('ctr_a', 0):.3f} vs "
-            f"{ab.get('ctr_b', 0):.3f}"
+            f"{_share(pair.get('preference'))}, CTR {_share(ab.get('ctr_a'))} vs "
+            f"{_share(ab.get('ctr_b'))}"
         )
     summary = sensitivity_summary(results)
     passage, power = summary["first_passage"], summary["power_calculation"]
-    if passage["median_ratio"] is not None:
+    if passage["median_at_least"] is not None:
+        ratios = ", ".join(
+            "-" if row["ratio"] is None else f"{'>' if row['at_least'] else ''}{row['ratio']:.1f}x"
+            for row in passage["with_lower_bounds"]
+        )
+        median = f"{passage['median_at_least']:.1f}x"
         lines.append(
-            f"first passage over {summary['runs']} seeds: interleaving median "
-            f"{_n(_round(passage['interleave_median']))}, A/B median "
-            f"{_n(_round(passage['ab_median']))} impressions; A/B / interleaving median "
-            f"{passage['median_ratio']:.1f}x ({passage['low']:.1f}x-{passage['high']:.1f}x); "
-            f"target n_I <= n_AB / {TARGET_RATIO:g} met in {passage['met']} of "
-            f"{summary['runs']} (undecided in the run: interleaving "
-            f"{passage['undecided']['interleave']}, A/B {passage['undecided']['ab']})"
+            f"first passage over {summary['runs']} seeds: A/B / interleaving {ratios} (>: A/B "
+            f"never stayed sure within the run, {passage['undecided']['ab']} seeds; the bound "
+            f"is its impressions); median {'at least ' if passage['median_is_bound'] else ''}"
+            f"{median}; target n_I <= n_AB / {TARGET_RATIO:g} met in "
+            f"{passage['met_at_least']} of {summary['runs']}, missed in {passage['short']}"
         )
     if power["median_ratio"] is not None:
+        pooled = power["pooled"]
         lines.append(
-            f"power calculation over {summary['runs']} seeds: interleaving median "
-            f"{_n(_round(power['interleave_median']))}, A/B median "
+            f"power calculation (80% power, alpha 0.05) over {summary['runs']} seeds: "
+            f"interleaving median {_n(_round(power['interleave_median']))}, A/B median "
             f"{_n(_round(power['ab_median']))} impressions; ratio median "
             f"{power['median_ratio']:.1f}x ({power['low']:.1f}x-{power['high']:.1f}x); target "
-            f"met in {power['met']} of {summary['runs']}"
+            f"met in {power['met']} of {summary['runs']}; from the seeds' mean effect and "
+            f"variance: interleaving {_n(pooled['interleave'])}, A/B {_n(pooled['ab'])}: "
+            f"{_x(pooled['ratio'])}"
         )
     learning = results["learning"]
     if learning["weights"]:
@@ -166,6 +221,10 @@ def findings(results: dict[str, Any]) -> list[str]:
         else f"interleavings drawn again: {replayed} (see online.json)"
     )
     return lines
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _round(value: float | None) -> int | None:
