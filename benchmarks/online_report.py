@@ -48,17 +48,21 @@ def _median(values: list[int | None]) -> float | None:
 
 
 def _censored_ratio(run: dict[str, Any]) -> dict[str, Any]:
-    """A/B / interleaving by first passage; when A/B never stayed sure, a lower bound.
+    """A/B / interleaving by first passage, or a bound when one method never stayed sure.
 
-    A method still unsure at the end of the run needed more than all its impressions, so
-    the ratio is at least the run's A/B impressions over interleaving's.
+    A method still unsure at the end of the run needed more than all its impressions: when
+    it is A/B, the ratio is at least the run's A/B impressions over interleaving's count;
+    when it is interleaving, at most A/B's count over the run's interleaved impressions.
     """
     n_i, n_ab = run["n_interleave"]["stayed"], run["n_ab"]["stayed"]
+    last = run["series"][-1]
     if n_i and n_ab is not None:
-        return {"ratio": round(n_ab / n_i, 2), "at_least": False}
-    if n_i and n_ab is None:
-        return {"ratio": round(run["series"][-1]["ab"]["impressions"] / n_i, 2), "at_least": True}
-    return {"ratio": None, "at_least": False}
+        return {"ratio": round(n_ab / n_i, 2), "bound": None}
+    if n_i:
+        return {"ratio": round(last["ab"]["impressions"] / n_i, 2), "bound": "at least"}
+    if n_ab is not None and last["interleave"]["impressions"]:
+        return {"ratio": round(n_ab / last["interleave"]["impressions"], 2), "bound": "at most"}
+    return {"ratio": None, "bound": None}
 
 
 def _pooled_power(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -86,20 +90,22 @@ def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
     """Over the runs: the ratios, the counts' medians, how often the target was met."""
     runs = results["sensitivity"]
     bounded = [_censored_ratio(run) for run in runs]
-    known = [(row["ratio"], row["at_least"]) for row in bounded if row["ratio"] is not None]
+    known = [(row["ratio"], row["bound"]) for row in bounded if row["ratio"] is not None]
     median = statistics.median(r for r, _ in known) if known else None
     return {
         "runs": len(runs),
         "first_passage": {
             **_ratios([run["ratio"] for run in runs]),
-            "with_lower_bounds": bounded,
-            "median_at_least": median,
-            # A bound at or below the median: the true ratio there may be larger, and so the
-            # median too.
+            "with_bounds": bounded,
+            "median": median,
+            # A bound on the wrong side of the median: the true ratio there may cross it.
             "median_is_bound": median is not None
-            and any(at_least and r <= median for r, at_least in known),
-            "met_at_least": sum(r >= TARGET_RATIO for r, _ in known),
-            "short": sum(r < TARGET_RATIO and not at_least for r, at_least in known),
+            and any(
+                (bound == "at least" and r <= median) or (bound == "at most" and r >= median)
+                for r, bound in known
+            ),
+            "met": sum(r >= TARGET_RATIO and bound != "at most" for r, bound in known),
+            "short": sum(r < TARGET_RATIO and bound != "at least" for r, bound in known),
             "interleave_median": _median([run["n_interleave"]["stayed"] for run in runs]),
             "ab_median": _median([run["n_ab"]["stayed"] for run in runs]),
             "undecided": {
@@ -164,18 +170,20 @@ def findings(results: dict[str, Any]) -> list[str]:
         )
     summary = sensitivity_summary(results)
     passage, power = summary["first_passage"], summary["power_calculation"]
-    if passage["median_at_least"] is not None:
+    if passage["median"] is not None:
+        marks = {None: "", "at least": ">", "at most": "<"}
         ratios = ", ".join(
-            "-" if row["ratio"] is None else f"{'>' if row['at_least'] else ''}{row['ratio']:.1f}x"
-            for row in passage["with_lower_bounds"]
+            "-" if row["ratio"] is None else f"{marks[row['bound']]}{row['ratio']:.1f}x"
+            for row in passage["with_bounds"]
         )
-        median = f"{passage['median_at_least']:.1f}x"
         lines.append(
-            f"first passage over {summary['runs']} seeds: A/B / interleaving {ratios} (>: A/B "
-            f"never stayed sure within the run, {passage['undecided']['ab']} seeds; the bound "
-            f"is its impressions); median {'at least ' if passage['median_is_bound'] else ''}"
-            f"{median}; target n_I <= n_AB / {TARGET_RATIO:g} met in "
-            f"{passage['met_at_least']} of {summary['runs']}, missed in {passage['short']}"
+            f"first passage over {summary['runs']} seeds: A/B / interleaving {ratios} (> or <: "
+            f"a bound, the method never sure to the end of the run: A/B in "
+            f"{passage['undecided']['ab']}, interleaving in "
+            f"{passage['undecided']['interleave']}); median "
+            f"{_qualifier(passage)}{passage['median']:.1f}x; target "
+            f"n_I <= n_AB / {TARGET_RATIO:g} met in {passage['met']} of {summary['runs']}, "
+            f"missed in {passage['short']}"
         )
     if power["median_ratio"] is not None:
         pooled = power["pooled"]
@@ -221,6 +229,14 @@ def findings(results: dict[str, Any]) -> list[str]:
         else f"interleavings drawn again: {replayed} (see online.json)"
     )
     return lines
+
+
+def _qualifier(passage: dict[str, Any]) -> str:
+    """How sure the median of bounded ratios is: exact, a bound, or about."""
+    if not passage["median_is_bound"]:
+        return ""
+    bounds = {row["bound"] for row in passage["with_bounds"]} - {None}
+    return f"{bounds.pop()} " if len(bounds) == 1 else "about "
 
 
 def _share(value: float | None) -> str:
