@@ -121,8 +121,9 @@ def test_with_activity_users_differ_in_how_often_they_click_at_all(model: ClickM
     # Beta(0.5, 4.5): mean 0.1, most users below it, a few far above; the same in a new model.
     assert statistics.mean(engagement) == pytest.approx(0.1, abs=0.02)
     assert statistics.median(engagement) < 0.07 and max(engagement) > 0.4
-    assert ClickModel(World(model.world.seed), activity=(0.5, 4.5)).engagement(USERS[0]) == (
-        engagement[0]
+    assert (
+        ClickModel(World(model.world.seed), activity=(0.5, 4.5)).engagement(USERS[0])
+        == (engagement[0])
     )
     assert model.engagement(USERS[0]) == 1.0
     # An engaged impression clicks as the model without activity does; the rest click nothing.
