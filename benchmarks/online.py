@@ -9,18 +9,23 @@ attribution figure reported is the gateway's own.
 
 Two experiments, each on a fresh gateway and store:
 
-- **sensitivity** (repeated over seeds): a fifth of the users in an interleaving arm
-  (team-draft multileaving of all four recommenders), a fifth each in four A/B arms that show
-  one recommender's list alone. How many impressions does each method need before it is 95%
-  sure that the best single recommender by NDCG@10 against the truth (computed here from the
-  world) beats the runner-up (interleaving: one arm; A/B: those two arms), and before it is
-  sure the best beats each of the three others (A/B: all four arms)?
-- **learning**: half the users interleaved (the learner's evidence), half in an RRF arm with
-  the learnt weights, the learner on with a short interval. The weights over time against
-  weights fitted offline on other users (`benchmarks.quality_weights`), and NDCG@10 of the
-  learnt arm's fused lists, in windows, against the best single recommender on the same users,
-  and beside it the rule the gateway shipped before (Hedge over net wins) replayed on the same
-  counters and lists.
+- **sensitivity** (repeated over seeds): the best single recommender by NDCG@10 against the
+  truth (computed here from the world) and the runner-up, compared both ways on the same
+  users: a fifth of them in an arm that interleaves just those two (team-draft; the others'
+  arm weights 0), two fifths each in an A/B arm showing one of the two alone. How many
+  impressions does each method need before it is 95% sure which is better, by first passage
+  and by a power calculation, with the user as the unit?
+- **learning**: half the users interleaved (the learner's evidence: all four, multileaved),
+  half in an RRF arm with the learnt weights, the learner on with a short interval. The
+  weights over time against weights fitted offline on other users
+  (`benchmarks.quality_weights`), and NDCG@10 of the learnt arm's fused lists, in windows,
+  against the best single recommender on the same users, and beside it the rule the gateway
+  shipped before (Hedge over net wins) replayed on the same counters and lists.
+
+Two worlds (`--world`): **heavy-tailed** (the default), where users differ in how much they
+click (each user's engagement drawn from Beta(0.5, 4.5); a few percent of impressions
+clicked) and come back (visits per user ~Geometric, mean 5); and **alike**, the click model
+alone, every user always engaged and seen once, as the benchmark was first built.
 
 This module runs it; `benchmarks.online_play` holds the simulated users and their HTTP side,
 `benchmarks.online_stats` the statistics, `benchmarks.online_analysis` the figures drawn from
@@ -42,7 +47,7 @@ from typing import Any
 
 from benchmarks.harness import GATEWAY_COMMAND, gateway_env, mocks, run_with_spinner, serve_gunicorn
 from benchmarks.online_analysis import analyse_learning, analyse_sensitivity, rank_recommenders
-from benchmarks.online_play import Rounds, learning_arm, play, single_arm
+from benchmarks.online_play import Rounds, learning_arm, play, single_arm, visits
 from benchmarks.online_report import findings, write_all
 from benchmarks.quality_weights import fit_weights
 from mock_recommenders import DEFAULT_NAMES
@@ -52,13 +57,18 @@ from mock_recommenders.world import DEFAULT_SEED, World, default_world
 __all__ = ["OnlinePlan", "main", "parse_plan", "run_online"]
 
 
+WORLDS = ("heavy-tailed", "alike")
+
+
 @dataclass
 class OnlinePlan:
     """What to simulate."""
 
-    sensitivity_impressions: int = 3000
-    """Users played per sensitivity run (a fifth per arm)."""
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    world: str = "heavy-tailed"
+    """`heavy-tailed`: users differ in engagement and come back; `alike`: the click model alone."""
+    sensitivity_impressions: int = 12000
+    """Visits played per sensitivity run: a fifth interleaved, two fifths per A/B arm."""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
     """One sensitivity run per seed: other users, so other clicks."""
     learning_impressions: int = 8000
     round_size: int = 30
@@ -73,11 +83,16 @@ class OnlinePlan:
     eta: float = 1.0
     threshold: float = 2.5
     slope: float = 2.0
+    activity: tuple[float, float] | None = (0.5, 4.5)
+    """Beta(a, b) of each user's engagement (`ClickModel.activity`); None: always engaged."""
+    visits_per_user: float = 5.0
+    """Mean impressions per user (geometric); 1: each user seen once."""
     learner: dict[str, str] = field(
         default_factory=lambda: {
             # The gateway's defaults, but for min_evidence: equal weights for the first
-            # ~700 impressions, so that the first window shows where learning starts from.
-            "min_evidence": "1500",
+            # 2,000-3,000 impressions (heavy-tailed world; alike: 1,500, about 900), so that
+            # the first windows show where learning starts from.
+            "min_evidence": "300",
             "floor": "0.1",
             "max_weight": "5.0",
             "beta": "4.0",
@@ -86,6 +101,13 @@ class OnlinePlan:
         }
     )
     """The gateway's `feedback.learner` settings (as `GATEWAY_FEEDBACK__LEARNER__*`)."""
+
+    @classmethod
+    def alike(cls) -> OnlinePlan:
+        """The world as first built: every user always engaged, each seen once."""
+        plan = cls(world="alike", sensitivity_impressions=1500, activity=None, visits_per_user=1)
+        plan.learner["min_evidence"] = "1500"
+        return plan
 
 
 @contextlib.contextmanager
@@ -134,7 +156,9 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     world = default_world(plan.world_seed)
-    model = ClickModel(world, eta=plan.eta, threshold=plan.threshold, slope=plan.slope)
+    model = ClickModel(
+        world, eta=plan.eta, threshold=plan.threshold, slope=plan.slope, activity=plan.activity
+    )
 
     advance("ranking the recommenders and fitting weights on validation users")
     validation = _validation_lists(
@@ -159,27 +183,38 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
         list(DEFAULT_NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)
     ) as fleet:
         urls = [fleet.url(name) for name in DEFAULT_NAMES]
-        alone = [
+        pair = (best, runner_up)
+        arms = [
             {
-                "name": f"ab-{name}",
-                "fusion": "rrf",
+                "name": "interleave",
+                "fusion": "interleave",
                 "share": 1,
-                # Arm weights must be above 0: the others' 1e-6 cannot move one of this
-                # recommender's ten items (1/70 apart at least) nor lift another's above them.
-                "weights": {n: 1.0 if n == name else 1e-6 for n in DEFAULT_NAMES},
-            }
-            for name in DEFAULT_NAMES
+                # Weight 0: the other two are left out, so the two compared have the list.
+                "weights": {name: 1.0 if name in pair else 0.0 for name in DEFAULT_NAMES},
+            },
+            *(
+                {
+                    "name": f"ab-{shown}",
+                    "fusion": "rrf",
+                    # A/B needs more impressions than interleaving: it gets more users.
+                    "share": 2,
+                    "weights": {name: 1.0 if name == shown else 0.0 for name in DEFAULT_NAMES},
+                }
+                for shown in pair
+            ),
         ]
-        arms = [{"name": "interleave", "fusion": "interleave", "share": 1}, *alone]
         for seed in plan.seeds:
-            users = [f"s{seed}-u{n}" for n in range(plan.sensitivity_impressions)]
+            schedule = visits(
+                f"s{seed}-u", plan.sensitivity_impressions, plan.visits_per_user, seed
+            )
             with _gateway(urls, arms, learning_off, logs / f"gateway-seed-{seed}.log") as url:
                 played, snapshots = asyncio.run(
                     play(
-                        url, users, model, single_arm, rounds, advance, f"sensitivity, seed {seed}"
+                        url, schedule, model, single_arm, rounds, advance,
+                        f"sensitivity, seed {seed}",
                     )
-                )
-            run = analyse_sensitivity(played, snapshots, best, runner_up)
+                )  # fmt: skip
+            run = analyse_sensitivity(played, snapshots, best, runner_up, plan.k)
             results["sensitivity"].append({"seed": seed, **run})
 
         arms = [
@@ -187,10 +222,11 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
             {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
         ]
         learning_on = {**plan.learner, "enabled": "true"}
-        users = [f"learn-u{n}" for n in range(plan.learning_impressions)]
+        # Each user once: the NDCG intervals below take impressions as independent.
+        schedule = visits("learn-u", plan.learning_impressions, 1, 0)
         with _gateway(urls, arms, learning_on, logs / "gateway-learning.log") as url:
             played, snapshots = asyncio.run(
-                play(url, users, model, learning_arm, rounds, advance, "learning")
+                play(url, schedule, model, learning_arm, rounds, advance, "learning")
             )
     results["learning"] = analyse_learning(
         played,
@@ -215,23 +251,28 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         prog="python -m benchmarks online",
         description="Simulated users click; interleaving against A/B, and the learnt weights.",
     )
-    default = OnlinePlan()
+    parser.add_argument(
+        "--world",
+        choices=WORLDS,
+        default=WORLDS[0],
+        help="heavy-tailed: users differ in engagement and come back (the default); "
+        "alike: every user always engaged and seen once, as first built",
+    )
     parser.add_argument(
         "--impressions",
         type=int,
-        default=default.sensitivity_impressions,
-        help=f"users per sensitivity run ({default.sensitivity_impressions})",
+        help="impressions per sensitivity run (heavy-tailed 12,000; alike 1,500)",
     )
     parser.add_argument(
-        "--seeds", default="1,2,3", help="one sensitivity run per seed, comma-separated (1,2,3)"
+        "--seeds", default="1,2,3,4,5", help="one sensitivity run per seed, comma-separated"
     )
     parser.add_argument(
         "--learning-impressions",
         type=int,
-        default=default.learning_impressions,
-        help=f"users in the learning run ({default.learning_impressions})",
+        default=OnlinePlan.learning_impressions,
+        help=f"impressions in the learning run ({OnlinePlan.learning_impressions})",
     )
-    parser.add_argument("--concurrency", type=int, default=default.concurrency)
+    parser.add_argument("--concurrency", type=int, default=OnlinePlan.concurrency)
     parser.add_argument("--world-seed", type=int, default=DEFAULT_SEED, help="the world's seed")
     parser.add_argument(
         "--learner",
@@ -249,13 +290,11 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         seeds = [int(part) for part in args.seeds.split(",") if part.strip()]
     except ValueError:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
-    plan = OnlinePlan(
-        sensitivity_impressions=args.impressions,
-        seeds=seeds,
-        learning_impressions=args.learning_impressions,
-        concurrency=args.concurrency,
-        world_seed=args.world_seed,
-    )
+    plan = OnlinePlan() if args.world == "heavy-tailed" else OnlinePlan.alike()
+    plan.seeds, plan.world_seed = seeds, args.world_seed
+    plan.learning_impressions, plan.concurrency = args.learning_impressions, args.concurrency
+    if args.impressions is not None:
+        plan.sensitivity_impressions = args.impressions
     for setting in args.learner:
         key, _, value = setting.partition("=")
         if key not in plan.learner or not value:
@@ -266,7 +305,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
     if args.quick:
         plan.sensitivity_impressions, plan.seeds = 240, seeds[:1]
         plan.learning_impressions, plan.validation_users, plan.windows = 240, 100, 2
-        plan.learner["min_evidence"] = "100"
+        plan.learner["min_evidence"] = "20"
     if not seeds or plan.sensitivity_impressions < plan.round_size or plan.learning_impressions < 2:
         parser.error(
             f"need a seed, --impressions >= {plan.round_size} and --learning-impressions >= 2"

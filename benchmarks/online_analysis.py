@@ -5,8 +5,9 @@ module turns that into figures and starts nothing:
 
 - `rank_recommenders`: each recommender's NDCG@k against the truth, best first;
 - `analyse_sensitivity`: when interleaving and the A/B test were each 95% sure which of the
-  best and the runner-up is better (the gateway's pairwise interval; a z-test on its arm
-  counts), in impressions;
+  best and the runner-up is better, in impressions, the user as the unit (and, beside it, by
+  the gateway's own counts, which treat impressions as independent), and how many
+  impressions each needs for 80% power;
 - `analyse_learning`: the learnt weights over time against the offline-fitted ones, and
   NDCG@k of the learnt arm's fused lists in windows, paired with the best recommender's list
   for the same users; beside them, the rule the gateway shipped before (Hedge over net wins)
@@ -19,18 +20,23 @@ accepted), so the report can show that the gateway counted exactly that.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
 
 from benchmarks.online_stats import (
     Z95,
-    ab_needs,
     ab_test,
+    clustered_ratio,
     decided_after,
     hedge_weights,
-    interleaving_needs,
     normalised,
     pair_of,
+    power_needs,
     preference_decided,
     weight_distance,
 )
@@ -85,90 +91,182 @@ def _agreement(sent: Mapping[str, Any], experiments: Mapping[str, Any]) -> dict[
     return {"gateway_arms": counted, "agree": counted == sent["arms"]}
 
 
-def _best_of_all(experiments: Mapping[str, Any], best: str) -> dict[str, Any]:
-    """Whether each method is sure `best` beats every other recommender, and on how much."""
-    arms = experiments.get("arms", {})
-    others = [name for name in DEFAULT_NAMES if name != best]
-    a = arms.get(f"ab-{best}", {})
-    ab_impressions = sum(arms.get(f"ab-{name}", {}).get("impressions", 0) for name in DEFAULT_NAMES)
-    z = [
-        ab_test(
-            a.get("clicked_impressions", 0),
-            a.get("impressions", 0),
-            arms.get(f"ab-{name}", {}).get("clicked_impressions", 0),
-            arms.get(f"ab-{name}", {}).get("impressions", 0),
-        )["z"]
-        for name in others
-    ]
-    verdicts = [preference_decided(pair_of(experiments, best, name)) for name in others]
-    return {
+@dataclass(frozen=True)
+class _Outcomes:
+    """Each impression of a sensitivity run, in the order played, as arrays."""
+
+    user: npt.NDArray[np.int64]
+    arm: npt.NDArray[np.int64]  # 0: interleaved, 1: A/B best alone, 2: A/B runner-up alone
+    clicked: npt.NDArray[np.float64]  # 1 when the impression drew a click
+    wins: npt.NDArray[np.float64]  # interleaved: best's team clicked more than the other's
+    losses: npt.NDArray[np.float64]
+    ties: npt.NDArray[np.float64]  # interleaved, clicked, both teams alike
+    replayed: int  # interleaved impressions whose teams were drawn again exactly
+
+
+def _outcomes(played: Sequence[Played], best: str, runner_up: str, k: int) -> _Outcomes:
+    """Who won each interleaved impression, from its teams drawn again as the gateway drew them.
+
+    The gateway does not send the teams, but team-draft is seeded by the request id: the same
+    two lists (in config order) and id give the same draw, checked against what was shown.
+    """
+    draft, users = make_fusion("interleave"), dict[str, int]()
+    arms = {"interleave": 0, f"ab-{best}": 1, f"ab-{runner_up}": 2}
+    rows, replayed = [], 0
+    for shown in played:
+        won = lost = tied = 0
+        if shown.arm == "interleave":
+            lists = [
+                ranked_from(name, 1.0, {"items": [{"id": item} for item in shown.lists[name]]})
+                for name in DEFAULT_NAMES
+                if name in (best, runner_up)
+            ]
+            teams = draft.fuse(lists, k, shown.request_id)
+            if [item.id for item in teams] == shown.fused:
+                replayed += 1
+            clicked = set(shown.clicks)
+            mine = sum(item.id in clicked and item.team == best for item in teams)
+            theirs = sum(item.id in clicked and item.team == runner_up for item in teams)
+            won, lost, tied = mine > theirs, mine < theirs, bool(clicked) and mine == theirs
+        user = users.setdefault(shown.user, len(users))
+        rows.append((user, arms.get(shown.arm, -1), bool(shown.clicks), won, lost, tied))
+    table = np.array(rows, dtype=np.float64).reshape(-1, 6)
+    return _Outcomes(
+        table[:, 0].astype(np.int64), table[:, 1].astype(np.int64),
+        table[:, 2], table[:, 3], table[:, 4], table[:, 5], replayed,
+    )  # fmt: skip
+
+
+def _by_user(values: npt.NDArray[np.float64], users: npt.NDArray[np.int64]) -> list[float]:
+    summed: list[float] = np.bincount(users, weights=values).tolist()
+    return summed
+
+
+def _tests(o: _Outcomes, upto: int, per_impression: bool = False) -> dict[str, Any]:
+    """Both comparisons on the first `upto` impressions, the user as the unit.
+
+    Interleaving: the best's share of decided comparisons (wins / (wins + losses)) against
+    0.5. A/B: the difference of the two arms' CTR (clicked impressions per impression). Each a
+    ratio over users with its delta-method error; `per_impression`: every impression its own
+    unit, as if impressions were independent (what the gateway's intervals assume).
+    """
+    users = np.arange(upto) if per_impression else o.user[:upto]
+    arm = o.arm[:upto]
+    il = arm == 0
+    decided = (o.wins[:upto] + o.losses[:upto]) * il
+    preference = clustered_ratio(_by_user(o.wins[:upto] * il, users), _by_user(decided, users))
+    ctr = []
+    for code in (1, 2):
+        shown = (arm == code).astype(np.float64)
+        ctr.append(
+            clustered_ratio(_by_user(o.clicked[:upto] * shown, users), _by_user(shown, users))
+        )
+    out: dict[str, Any] = {
         "interleave": {
-            "impressions": arms.get("interleave", {}).get("impressions", 0),
-            "verdict": int(all(v == 1 for v in verdicts)),
+            "impressions": int(il.sum()),
+            "wins": int((o.wins[:upto] * il).sum()),
+            "losses": int((o.losses[:upto] * il).sum()),
+            "ties": int((o.ties[:upto] * il).sum()),
+            "verdict": 0,
         },
-        "ab": {"impressions": ab_impressions, "verdict": int(all(value > Z95 for value in z))},
+        "ab": {"impressions": int(((arm == 1) | (arm == 2)).sum()), "verdict": 0},
     }
+    if preference is not None and preference[1] > 0:
+        p, error = preference
+        z = (p - 0.5) / error
+        out["interleave"].update(
+            preference=round(p, 4), se=round(error, 5), z=round(z, 3),
+            low=round(p - Z95 * error, 4), high=round(p + Z95 * error, 4),
+            verdict=(z > Z95) - (z < -Z95),
+        )  # fmt: skip
+    found_a, found_b = ctr
+    if found_a is not None and found_b is not None:
+        (a, error_a), (b, error_b) = found_a, found_b
+        error = math.hypot(error_a, error_b)
+        z = (a - b) / error if error > 0 else 0.0
+        out["ab"].update(
+            ctr_a=round(a, 4), ctr_b=round(b, 4), difference=round(a - b, 4),
+            se=round(error, 5), ci95=round(Z95 * error, 4), z=round(z, 3),
+            verdict=(z > Z95) - (z < -Z95),
+        )  # fmt: skip
+    return out
 
 
 def analyse_sensitivity(
-    played: Sequence[Played], snapshots: Sequence[Snapshot], best: str, runner_up: str
+    played: Sequence[Played], snapshots: Sequence[Snapshot], best: str, runner_up: str, k: int
 ) -> dict[str, Any]:
-    """Interleaving and A/B, `best` against `runner_up` and against all, after every round."""
+    """Interleaving and A/B, `best` against `runner_up`, after every round.
+
+    Each method is tested on the impressions played so far with the user as the unit
+    (`_tests`); beside it, the gateway's own counts at that point (its pairwise Wilson
+    interval, the arms' pooled z), which treat impressions as independent.
+    """
+    outcomes = _outcomes(played, best, runner_up, k)
     series = []
     for snapshot in snapshots:
         experiments = snapshot["experiments"]
         arms = experiments.get("arms", {})
         pair = pair_of(experiments, best, runner_up)
         a, b = arms.get(f"ab-{best}", {}), arms.get(f"ab-{runner_up}", {})
-        test = ab_test(
+        pooled = ab_test(
             a.get("clicked_impressions", 0),
             a.get("impressions", 0),
             b.get("clicked_impressions", 0),
             b.get("impressions", 0),
         )
-        series.append(
-            {
-                "after": snapshot["after"],
-                "interleave": {
-                    "impressions": arms.get("interleave", {}).get("impressions", 0),
-                    **{key: pair.get(key) for key in ("wins", "losses", "ties", "low", "high")},
-                    "preference": pair.get("preference"),
-                    "verdict": preference_decided(pair),
-                },
-                "ab": {
-                    "impressions": a.get("impressions", 0) + b.get("impressions", 0),
-                    **test,
-                    "verdict": (test["z"] > Z95) - (test["z"] < -Z95),
-                },
-                "best_of_all": _best_of_all(experiments, best),
-            }
+        row = {"after": snapshot["after"], **_tests(outcomes, snapshot["after"])}
+        row["gateway"] = {
+            "interleave": {
+                "impressions": arms.get("interleave", {}).get("impressions", 0),
+                **{key: pair.get(key) for key in ("wins", "losses", "ties", "low", "high")},
+                "preference": pair.get("preference"),
+                "verdict": preference_decided(pair),
+            },
+            "ab": {
+                "impressions": a.get("impressions", 0) + b.get("impressions", 0),
+                **pooled,
+                "verdict": (pooled["z"] > Z95) - (pooled["z"] < -Z95),
+            },
+        }
+        series.append(row)
+    first_passage = {}
+    for method in ("interleave", "ab"):
+        first_passage[method] = decided_after(
+            [row[method]["impressions"] for row in series],
+            [row[method]["verdict"] for row in series],
         )
-    n_interleave = decided_after(
-        [row["interleave"]["impressions"] for row in series],
-        [row["interleave"]["verdict"] for row in series],
-    )
-    n_ab = decided_after(
-        [row["ab"]["impressions"] for row in series], [row["ab"]["verdict"] for row in series]
-    )
-    all_interleave = decided_after(
-        [row["best_of_all"]["interleave"]["impressions"] for row in series],
-        [row["best_of_all"]["interleave"]["verdict"] for row in series],
-    )
-    all_ab = decided_after(
-        [row["best_of_all"]["ab"]["impressions"] for row in series],
-        [row["best_of_all"]["ab"]["verdict"] for row in series],
-    )
+        first_passage[f"gateway_{method}"] = decided_after(
+            [row["gateway"][method]["impressions"] for row in series],
+            [row["gateway"][method]["verdict"] for row in series],
+        )
     sent = tally(played)
     final = snapshots[-1]["experiments"] if snapshots else {}
+    last = series[-1] if series else {}
+    gateway_pair = last.get("gateway", {}).get("interleave", {})
     return {
-        "needs": _needs(series[-1]) if series else {},
-        "n_interleave": n_interleave,
-        "n_ab": n_ab,
-        "ratio": _ratio(n_ab, n_interleave),
-        "best_of_all": {
-            "n_interleave": all_interleave,
-            "n_ab": all_ab,
-            "ratio": _ratio(all_ab, all_interleave),
+        "needs": _needs(last) if last else {},
+        "needs_per_impression": _needs(_tests(outcomes, len(played), per_impression=True))
+        if last
+        else {},
+        "n_interleave": first_passage["interleave"],
+        "n_ab": first_passage["ab"],
+        "ratio": _ratio(first_passage["ab"], first_passage["interleave"]),
+        "gateway": {
+            "n_interleave": first_passage["gateway_interleave"],
+            "n_ab": first_passage["gateway_ab"],
+            "ratio": _ratio(first_passage["gateway_ab"], first_passage["gateway_interleave"]),
+        },
+        "users": {
+            "interleave": len(set(outcomes.user[outcomes.arm == 0].tolist())),
+            "ab": len(set(outcomes.user[outcomes.arm > 0].tolist())),
+        },
+        "teams_replayed": {
+            "interleaved": int((outcomes.arm == 0).sum()),
+            "exact": outcomes.replayed,
+            # The outcomes drawn again are the gateway's pairwise counters for the pair.
+            "agree": bool(last)
+            and [gateway_pair.get(key) for key in ("wins", "losses", "ties")]
+            == [last["interleave"][key] for key in ("wins", "losses", "ties")],
         },
         "series": series,
         "sent": sent,
@@ -178,13 +276,13 @@ def analyse_sensitivity(
 
 
 def _needs(last: Mapping[str, Any]) -> dict[str, Any]:
-    """Impressions each method would need for 95%, by a power calculation on the final rates."""
+    """Impressions each method needs for 80% power at alpha = 0.05, from the final estimates."""
     pair, ab = last["interleave"], last["ab"]
-    interleave = interleaving_needs(pair["wins"] or 0, pair["losses"] or 0, pair["impressions"])
-    shown = ab["impressions"] / 2  # the two arms are near even; the rates carry the effect
-    ab_total = ab_needs(
-        round(ab["ctr_a"] * shown), round(shown), round(ab["ctr_b"] * shown), round(shown)
-    )
+    interleave = ab_total = None
+    if "se" in pair:
+        interleave = power_needs(pair["preference"] - 0.5, pair["se"], pair["impressions"])
+    if "se" in ab:
+        ab_total = power_needs(ab["difference"], ab["se"], ab["impressions"])
     return {
         "interleave": round(interleave) if interleave else None,
         "ab": round(ab_total) if ab_total else None,

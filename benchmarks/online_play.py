@@ -1,9 +1,10 @@
 """The simulated users of `benchmarks.online`, and their side of HTTP with the gateway.
 
-`play` runs users through the gateway in rounds: each asks ``POST /recommendation``, clicks on
-the fused list as the click model says, and sends the clicks to ``POST /feedback``; after
-every round ``GET /experiments`` is read, once it counts every impression played (workers
-write them in batches), and kept as a snapshot.
+`play` runs visits through the gateway in rounds: each asks ``POST /recommendation``, the
+user clicks on the fused list as the click model says, and the clicks go to ``POST
+/feedback``; after every round ``GET /experiments`` is read, once it counts every impression
+played (workers write them in batches), and kept as a snapshot. A visit is a (user, occasion):
+`visits` gives users several, in a shuffled order, as users come back over an experiment.
 """
 
 from __future__ import annotations
@@ -13,17 +14,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from mock_recommenders.clicks import ClickModel
 
-__all__ = ["ArmOf", "Played", "Rounds", "Snapshot", "learning_arm", "play", "single_arm"]
+__all__ = [
+    "ArmOf",
+    "Played",
+    "Rounds",
+    "Snapshot",
+    "Visit",
+    "learning_arm",
+    "play",
+    "single_arm",
+    "visits",
+]
 
 
 @dataclass
 class Played:
-    """One simulated user played: what the gateway showed them, and what they did."""
+    """One simulated visit played: what the gateway showed the user, and what they did."""
 
     index: int
     user: str
+    occasion: int
     request_id: str
     arm: str
     fusion: str
@@ -36,6 +50,27 @@ class Played:
 
 Snapshot = dict[str, Any]  # {"after": impressions played, "experiments": GET /experiments}
 ArmOf = Callable[[dict[str, Any]], str]
+Visit = tuple[str, int]  # (user, occasion: the user's 0th, 1st, ... visit)
+
+
+def visits(prefix: str, count: int, mean: float, seed: int) -> list[Visit]:
+    """`count` visits of users ``{prefix}{n}``, each user ~Geometric(1 / `mean`) visits, shuffled.
+
+    Users are drawn until they have `count` visits between them; the visits are shuffled so
+    that a user's come spread over the run (an experiment's users return over its days),
+    and the last ones beyond `count` fall outside it. `mean` 1: one visit per user, in order.
+    """
+    if mean <= 1:
+        return [(f"{prefix}{n}", 0) for n in range(count)]
+    rng = np.random.default_rng([seed, count])
+    drawn: list[Visit] = []
+    users = 0
+    while len(drawn) < count:
+        drawn += [(f"{prefix}{users}", n) for n in range(int(rng.geometric(1 / mean)))]
+        users += 1
+    order = rng.permutation(len(drawn))
+    return [drawn[i] for i in order[:count]]
+
 
 # Talking to the gateway
 
@@ -52,11 +87,11 @@ class _Session:
     async def close(self) -> None:
         await self._http.close()
 
-    async def recommend(self, user: str) -> dict[str, Any]:
+    async def recommend(self, user: str, occasion: int) -> dict[str, Any]:
         # No `fusion` in the body: a request naming one is outside the experiment.
         body = {"user_id": user, "resultSize": self.k}
-        # A request id per user: interleaving is seeded by it, so a rerun shows the same lists.
-        headers = {"X-Request-ID": f"online-{user}"}
+        # A request id per visit: interleaving is seeded by it, so a rerun shows the same lists.
+        headers = {"X-Request-ID": f"online-{user}-{occasion}"}
         url = f"{self.base}/recommendation"
         async with self._http.post(url, json=body, headers=headers) as response:
             answer: dict[str, Any] = await response.json()
@@ -116,43 +151,45 @@ class Rounds:
 
 async def play(
     base: str,
-    users: list[str],
+    schedule: list[Visit],
     model: ClickModel,
     arm_of: ArmOf,
     rounds: Rounds,
     advance: Callable[[str], None],
     label: str,
 ) -> tuple[list[Played], list[Snapshot]]:
-    """Each user once, in rounds of `rounds.size`; /experiments read after every round."""
+    """Each visit once, in rounds of `rounds.size`; /experiments read after every round."""
     session = _Session(base, rounds.k)
     played: list[Played] = []
     snapshots: list[Snapshot] = []
     gate = asyncio.Semaphore(rounds.concurrency)
 
-    async def one(index: int, user: str) -> Played:
+    async def one(index: int, user: str, occasion: int) -> Played:
         async with gate:
-            answer = await session.recommend(user)
+            answer = await session.recommend(user, occasion)
             fused = [str(item["id"]) for item in answer["fused"]]
             lists = {
                 entry["name"]: [str(item["id"]) for item in entry["prediction"]["items"]]
                 for entry in answer["result"]
             }
-            clicks = model.clicks(user, fused)
+            clicks = model.clicks(user, fused, occasion if occasion else None)
             shown = Played(
-                index, user, answer["request_id"], arm_of(answer), answer["fusion"], fused,
-                lists, clicks,
+                index, user, occasion, answer["request_id"], arm_of(answer), answer["fusion"],
+                fused, lists, clicks,
             )  # fmt: skip
             if clicks:
                 shown.accepted, shown.duplicates = await session.feedback(shown.request_id, clicks)
             return shown
 
     try:
-        for start in range(0, len(users), rounds.size):
-            batch = users[start : start + rounds.size]
-            played += await asyncio.gather(*(one(start + n, user) for n, user in enumerate(batch)))
+        for start in range(0, len(schedule), rounds.size):
+            batch = schedule[start : start + rounds.size]
+            played += await asyncio.gather(
+                *(one(start + n, user, occasion) for n, (user, occasion) in enumerate(batch))
+            )
             experiments = await session.settled(len(played))
             snapshots.append({"after": len(played), "experiments": experiments})
-            advance(f"{label}: {len(played)} of {len(users)} users")
+            advance(f"{label}: {len(played)} of {len(schedule)} visits")
     finally:
         await session.close()
     return played, snapshots

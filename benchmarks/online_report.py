@@ -11,6 +11,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from benchmarks.online_stats import Z80, Z95
+
 __all__ = ["findings", "markdown", "plot_learning", "plot_sensitivity", "write_all"]
 
 # The issue's target: interleaving decides with at most a fifth of A/B's impressions.
@@ -34,18 +36,91 @@ def _ratios(ratios: list[float | None]) -> dict[str, Any]:
     return {
         "ratios": ratios,
         "median_ratio": statistics.median(decided) if decided else None,
+        "low": min(decided, default=None),
+        "high": max(decided, default=None),
         "met": sum(ratio >= TARGET_RATIO for ratio in decided),
     }
 
 
+def _median(values: list[int | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.median(known) if known else None
+
+
+def _censored_ratio(run: dict[str, Any]) -> dict[str, Any]:
+    """A/B / interleaving by first passage, or a bound when one method never stayed sure.
+
+    A method still unsure at the end of the run needed more than all its impressions: when
+    it is A/B, the ratio is at least the run's A/B impressions over interleaving's count;
+    when it is interleaving, at most A/B's count over the run's interleaved impressions.
+    """
+    n_i, n_ab = run["n_interleave"]["stayed"], run["n_ab"]["stayed"]
+    last = run["series"][-1]
+    if n_i and n_ab is not None:
+        return {"ratio": round(n_ab / n_i, 2), "bound": None}
+    if n_i:
+        return {"ratio": round(last["ab"]["impressions"] / n_i, 2), "bound": "at least"}
+    if n_ab is not None and last["interleave"]["impressions"]:
+        return {"ratio": round(n_ab / last["interleave"]["impressions"], 2), "bound": "at most"}
+    return {"ratio": None, "bound": None}
+
+
+def _pooled_power(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """80%-power impressions from the runs' mean effect and mean variance per impression.
+
+    Each run's final effect is noisy, and a power calculation divides by its square; the
+    runs' users are independent, so their mean effect and mean per-impression variance
+    (se² times impressions) give a steadier figure than any one run's.
+    """
+    needs: dict[str, Any] = {}
+    for method, key, null in (("interleave", "preference", 0.5), ("ab", "difference", 0.0)):
+        rows = [run["series"][-1][method] for run in runs if run["series"]]
+        rows = [row for row in rows if "se" in row]
+        if not rows:
+            return {"interleave": None, "ab": None, "ratio": None}
+        effect = statistics.mean(row[key] - null for row in rows)
+        variance = statistics.mean(row["se"] ** 2 * row["impressions"] for row in rows)
+        needs[method] = round(variance * ((Z95 + Z80) / effect) ** 2) if effect else None
+    interleave, ab = needs["interleave"], needs["ab"]
+    needs["ratio"] = round(ab / interleave, 2) if interleave and ab else None
+    return needs
+
+
 def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """Over the runs: the ratios, and how often the target was met (vs the runner-up, vs all)."""
+    """Over the runs: the ratios, the counts' medians, how often the target was met."""
     runs = results["sensitivity"]
+    bounded = [_censored_ratio(run) for run in runs]
+    known = [(row["ratio"], row["bound"]) for row in bounded if row["ratio"] is not None]
+    median = statistics.median(r for r, _ in known) if known else None
     return {
         "runs": len(runs),
-        "against_runner_up": _ratios([run["ratio"] for run in runs]),
-        "against_all": _ratios([run["best_of_all"]["ratio"] for run in runs]),
-        "power_calculation": _ratios([run["needs"].get("ratio") for run in runs]),
+        "first_passage": {
+            **_ratios([run["ratio"] for run in runs]),
+            "with_bounds": bounded,
+            "median": median,
+            # A bound on the wrong side of the median: the true ratio there may cross it.
+            "median_is_bound": median is not None
+            and any(
+                (bound == "at least" and r <= median) or (bound == "at most" and r >= median)
+                for r, bound in known
+            ),
+            "met": sum(r >= TARGET_RATIO and bound != "at most" for r, bound in known),
+            "short": sum(r < TARGET_RATIO and bound != "at least" for r, bound in known),
+            "interleave_median": _median([run["n_interleave"]["stayed"] for run in runs]),
+            "ab_median": _median([run["n_ab"]["stayed"] for run in runs]),
+            "undecided": {
+                method: sum(run[f"n_{method}"]["stayed"] is None for run in runs)
+                for method in ("interleave", "ab")
+            },
+        },
+        "power_calculation": {
+            **_ratios([run["needs"].get("ratio") for run in runs]),
+            "interleave_median": _median([run["needs"].get("interleave") for run in runs]),
+            "ab_median": _median([run["needs"].get("ab") for run in runs]),
+            "pooled": _pooled_power(runs),
+        },
+        "power_per_impression": _ratios([run["needs_per_impression"].get("ratio") for run in runs]),
+        "gateway_first_passage": _ratios([run["gateway"]["ratio"] for run in runs]),
     }
 
 
@@ -53,52 +128,82 @@ def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.1f}x"
 
 
+def _world(plan: dict[str, Any]) -> str:
+    clicks = (
+        f"examined with probability 1/rank^{plan['eta']:g}, clicked when examined with "
+        f"sigmoid({plan['slope']:g}·(z - {plan['threshold']:g})) of the user's standardised "
+        "true utility z"
+    )
+    if plan["activity"] is None:
+        return f"every user always engaged and seen once ({plan['world']}): {clicks}"
+    a, b = plan["activity"]
+    return (
+        f"users differ ({plan['world']}): each engaged with an impression with a probability "
+        f"drawn from Beta({a:g}, {b:g}), else clicking nothing; visits per user geometric, "
+        f"mean {plan['visits_per_user']:g}; an engaged user's clicks: {clicks}"
+    )
+
+
 def findings(results: dict[str, Any]) -> list[str]:
     """The figures, one line each."""
     best, runner_up = results["best"], results["runner_up"]
     k = results["plan"]["k"]
     lines = [
+        f"world: {_world(results['plan'])}",
         f"best single recommender by NDCG@{k} ({results['plan']['validation_users']} validation "
         f"users): {best} {_pm(results['recommenders'][0])}; runner-up {runner_up} "
-        f"{_pm(results['recommenders'][1])}"
+        f"{_pm(results['recommenders'][1])}",
     ]
     for run in results["sensitivity"]:
-        n_i, n_ab, every = run["n_interleave"], run["n_ab"], run["best_of_all"]
+        n_i, n_ab, needs = run["n_interleave"], run["n_ab"], run["needs"]
+        last = run["series"][-1]
+        pair, ab = last["interleave"], last["ab"]
         lines.append(
-            f"seed {run['seed']}: interleaving 95% sure {best} > {runner_up} after "
-            f"{_n(n_i['stayed'])} impressions (first {_n(n_i['first'])}), A/B after "
+            f"seed {run['seed']}: {best} > {runner_up}, 95% sure (users as the unit) after "
+            f"{_n(n_i['stayed'])} interleaved impressions (first {_n(n_i['first'])}), A/B after "
             f"{_n(n_ab['stayed'])} (first {_n(n_ab['first'])}): A/B needs {_x(run['ratio'])}; "
-            f"{best} > each of the others: interleaving {_n(every['n_interleave']['stayed'])}, "
-            f"A/B (four arms) {_n(every['n_ab']['stayed'])}: {_x(every['ratio'])}"
+            f"80% power: interleaving {_n(needs.get('interleave'))}, A/B {_n(needs.get('ab'))}: "
+            f"{_x(needs.get('ratio'))} (impressions as independent: "
+            f"{_x(run['needs_per_impression'].get('ratio'))}); preference "
+            f"{_share(pair.get('preference'))}, CTR {_share(ab.get('ctr_a'))} vs "
+            f"{_share(ab.get('ctr_b'))}"
         )
-    for run in results["sensitivity"]:
-        needs = run["needs"]
-        if needs.get("ratio") is not None:
-            lines.append(
-                f"seed {run['seed']}, by a power calculation on the final rates: interleaving "
-                f"needs {needs['interleave']:,} impressions, A/B {needs['ab']:,}: "
-                f"{_x(needs['ratio'])}"
-            )
     summary = sensitivity_summary(results)
-    for what, label in (
-        ("against_runner_up", runner_up),
-        ("against_all", "each other"),
-        ("power_calculation", f"{runner_up}, by a power calculation"),
-    ):
-        found = summary[what]
-        if found["median_ratio"] is not None:
-            lines.append(
-                f"target n_I <= n_AB / {TARGET_RATIO:g}, {best} against {label}: met in "
-                f"{found['met']} of {summary['runs']} runs (median {found['median_ratio']:.1f}x)"
-            )
+    passage, power = summary["first_passage"], summary["power_calculation"]
+    if passage["median"] is not None:
+        marks = {None: "", "at least": ">", "at most": "<"}
+        ratios = ", ".join(
+            "-" if row["ratio"] is None else f"{marks[row['bound']]}{row['ratio']:.1f}x"
+            for row in passage["with_bounds"]
+        )
+        lines.append(
+            f"first passage over {summary['runs']} seeds: A/B / interleaving {ratios} (> or <: "
+            f"a bound, the method never sure to the end of the run: A/B in "
+            f"{passage['undecided']['ab']}, interleaving in "
+            f"{passage['undecided']['interleave']}); median "
+            f"{_qualifier(passage)}{passage['median']:.1f}x; target "
+            f"n_I <= n_AB / {TARGET_RATIO:g} met in {passage['met']} of {summary['runs']}, "
+            f"missed in {passage['short']}"
+        )
+    if power["median_ratio"] is not None:
+        pooled = power["pooled"]
+        lines.append(
+            f"power calculation (80% power, alpha 0.05) over {summary['runs']} seeds: "
+            f"interleaving median {_n(_round(power['interleave_median']))}, A/B median "
+            f"{_n(_round(power['ab_median']))} impressions; ratio median "
+            f"{power['median_ratio']:.1f}x ({power['low']:.1f}x-{power['high']:.1f}x); target "
+            f"met in {power['met']} of {summary['runs']}; from the seeds' mean effect and "
+            f"variance: interleaving {_n(pooled['interleave'])}, A/B {_n(pooled['ab'])}: "
+            f"{_x(pooled['ratio'])}"
+        )
     learning = results["learning"]
     if learning["weights"]:
-        first, last = learning["weights"][0], learning["weights"][-1]
+        first, last_weights = learning["weights"][0], learning["weights"][-1]
         fitted = ", ".join(f"{n} {w:g}" for n, w in results["fitted_weights"].items())
-        learnt = ", ".join(f"{n} {w:.2f}" for n, w in last["normalised"].items())
+        learnt = ", ".join(f"{n} {w:.2f}" for n, w in last_weights["normalised"].items())
         lines.append(
-            f"learnt weights (largest 1) {learnt} after {last['evidence']} comparisons; "
-            f"offline-fitted {fitted}; distance {first['distance']} -> {last['distance']}"
+            f"learnt weights (largest 1) {learnt} after {last_weights['evidence']} comparisons; "
+            f"offline-fitted {fitted}; distance {first['distance']} -> {last_weights['distance']}"
         )
     for row in learning["windows"]:
         lines.append(
@@ -108,7 +213,8 @@ def findings(results: dict[str, Any]) -> list[str]:
         )
     for system, row in learning["offline"].items():
         lines.append(
-            f"{system} on the learnt arm's users: {_pm(row)}, vs {best} {_diff(row['vs_best'])}"
+            f"{system} on the learnt arm's impressions: {_pm(row)}, vs {best} "
+            f"{_diff(row['vs_best'])}"
         )
     agree = all(run["agree"] for run in results["sensitivity"]) and learning["agree"]
     lines.append(
@@ -116,7 +222,29 @@ def findings(results: dict[str, Any]) -> list[str]:
         if agree
         else "MISMATCH between what was sent and what /experiments counted (see online.json)"
     )
+    replayed = [run["teams_replayed"] for run in results["sensitivity"]]
+    lines.append(
+        "every interleaving drawn again exactly, its outcomes the gateway's pairwise counters"
+        if all(r["exact"] == r["interleaved"] and r["agree"] for r in replayed)
+        else f"interleavings drawn again: {replayed} (see online.json)"
+    )
     return lines
+
+
+def _qualifier(passage: dict[str, Any]) -> str:
+    """How sure the median of bounded ratios is: exact, a bound, or about."""
+    if not passage["median_is_bound"]:
+        return ""
+    bounds = {row["bound"] for row in passage["with_bounds"]} - {None}
+    return f"{bounds.pop()} " if len(bounds) == 1 else "about "
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _round(value: float | None) -> int | None:
+    return None if value is None else round(value)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -127,11 +255,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Online benchmark: learning from clicks",
         "",
-        f"`python -m benchmarks online`, {results['started']} to {results['finished']}. "
-        f"Simulated users click on what the gateway shows them (position-biased: examined with "
-        f"probability 1/rank^{plan['eta']:g}, clicked when examined with "
-        f"sigmoid({plan['slope']:g}·(z - {plan['threshold']:g})) of their standardised true "
-        "utility z); every count below is the gateway's own, from `GET /experiments`. "
+        f"`python -m benchmarks online --world {plan['world']}`, {results['started']} to "
+        f"{results['finished']}. Simulated users click on what the gateway shows them: "
+        f"{_world(plan)}. Every count below is the gateway's own, from `GET /experiments`. "
         f"Learner: {learner}.",
         "",
         f"## Recommenders (NDCG@{k} on {plan['validation_users']} validation users)",
@@ -142,31 +268,36 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"## Interleaving against A/B: {best} against {runner_up}",
         "",
-        "Impressions until each method was 95% sure, and stayed sure to the end of the run "
-        "(in brackets: the first time it was). Interleaving: the Wilson interval of the "
-        "pairwise preference excludes 0.5; A/B: a two-proportion z-test on the share of "
-        f"impressions clicked, counting the impressions of the two arms. Best of four: until "
-        f"{best} is sure to beat each of the three others (A/B: all four arms' impressions).",
+        f"A fifth of the impressions in an arm that interleaves {best} and {runner_up} alone "
+        f"(team-draft), two fifths each in an A/B arm showing one of them. Impressions until "
+        "each method was 95% sure, and stayed sure to the end of the run (in brackets: the "
+        "first time it was), each tested with the user as the unit (a ratio metric with its "
+        "delta-method error over users): interleaving, the preference (wins over decided "
+        "comparisons) against 0.5; A/B, the difference in CTR (share of impressions clicked), "
+        "counting both arms' impressions. Then the impressions each needs for 80% power at "
+        "alpha 0.05 from the run's final estimates, and the same if impressions were independent.",
         "",
-        "| seed | interleaving impressions | A/B impressions | A/B / interleaving | "
-        "preference (wins-losses-ties) | CTR A/B arms | best of four: interleaving | "
-        "A/B (four arms) | A/B / interleaving |",
-        "|---|---:|---:|---:|---|---|---:|---:|---:|",
+        "| seed | interleaving | A/B | A/B / interleaving | 80% power: interleaving | A/B | "
+        "ratio | impressions as independent | preference [95%] (wins-losses-ties) | "
+        "CTR A/B arms | users (interleaved, A/B) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|",
     ]
     for run in results["sensitivity"]:
-        n_i, n_ab, last = run["n_interleave"], run["n_ab"], run["series"][-1]
-        pair, ab, every = last["interleave"], last["ab"], run["best_of_all"]
+        n_i, n_ab, last, needs = run["n_interleave"], run["n_ab"], run["series"][-1], run["needs"]
+        pair, ab = last["interleave"], last["ab"]
         preference = (
             f"{pair['preference']:.3f} [{pair['low']:.3f}, {pair['high']:.3f}] "
             f"({pair['wins']}-{pair['losses']}-{pair['ties']})"
             if pair.get("low") is not None
             else "-"
         )
+        ctr = f"{ab['ctr_a']:.3f} vs {ab['ctr_b']:.3f}" if "ctr_a" in ab else "-"
         lines.append(
             f"| {run['seed']} | {_n(n_i['stayed'])} ({_n(n_i['first'])}) | "
-            f"{_n(n_ab['stayed'])} ({_n(n_ab['first'])}) | {_x(run['ratio'])} | {preference} | "
-            f"{ab['ctr_a']:.3f} vs {ab['ctr_b']:.3f} | {_n(every['n_interleave']['stayed'])} | "
-            f"{_n(every['n_ab']['stayed'])} | {_x(every['ratio'])} |"
+            f"{_n(n_ab['stayed'])} ({_n(n_ab['first'])}) | {_x(run['ratio'])} | "
+            f"{_n(needs.get('interleave'))} | {_n(needs.get('ab'))} | {_x(needs.get('ratio'))} | "
+            f"{_x(run['needs_per_impression'].get('ratio'))} | {preference} | {ctr} | "
+            f"{run['users']['interleave']:,}, {run['users']['ab']:,} |"
         )
     lines += ["", "\n".join(f"- {line}" for line in findings(results)), ""]
     lines += ["![interleaving against A/B](online-sensitivity.png)", ""]
@@ -272,9 +403,10 @@ def plot_sensitivity(results: dict[str, Any], out: Path) -> Path:
         xlabel="interleaved impressions",
         ylabel="share of decided comparisons won",
     )
-    x = [row["ab"]["impressions"] for row in run["series"]]
-    diff = [row["ab"]["difference"] for row in run["series"]]
-    half = [row["ab"]["ci95"] for row in run["series"]]
+    shown = [row for row in run["series"] if "difference" in row["ab"]]
+    x = [row["ab"]["impressions"] for row in shown]
+    diff = [row["ab"]["difference"] for row in shown]
+    half = [row["ab"]["ci95"] for row in shown]
     right.plot(x, diff, color="C1")
     low = [d - h for d, h in zip(diff, half, strict=True)]
     high = [d + h for d, h in zip(diff, half, strict=True)]

@@ -8,12 +8,18 @@ Pure functions over the snapshots `benchmarks.online` takes of the gateway's ``G
 - an A/B test is decided when a two-proportion z-test on the arms' clicked impressions (the
   share of impressions with at least one click) gives |z| > 1.96;
 - for each, the impressions it would need by a power calculation from the run's final rates
-  (`interleaving_needs`, `ab_needs`: the sample at which the observed effect is just 1.96
-  standard errors from none), steadier from run to run than the first passage;
+  (`power_needs`: 80% power at alpha = 0.05), steadier from run to run than the first passage;
 - for each, the impressions it took: the first snapshot at which it was decided *and stayed
   decided, in the right direction, to the end of the run* (checking after every round is
   optional stopping, and a lucky early crossing that later reverses would flatter either
   method), and the first snapshot it was decided at all, for reference.
+
+The tests above treat impressions as independent, which they are when each user has one. When
+users come back, a user's impressions are not independent (a user who clicks often clicks
+often in either arm), and the unit is the user: `clustered_ratio` is a ratio metric (clicked
+impressions per impression, wins per decided comparison) with its standard error by the delta
+method over users (Deng, Lu & Litz, WSDM 2017, "Trustworthy analysis of online A/B tests"),
+and `power_needs` the impressions a test on it needs for 80% power at alpha = 0.05.
 """
 
 from __future__ import annotations
@@ -23,19 +29,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "Z80",
     "Z95",
-    "ab_needs",
     "ab_test",
+    "clustered_ratio",
     "decided_after",
     "hedge_weights",
-    "interleaving_needs",
     "normalised",
     "pair_of",
+    "power_needs",
     "preference_decided",
     "weight_distance",
 ]
 
 Z95 = 1.959964
+Z80 = 0.841621  # the one-sided quantile for 80% power
 
 
 def pair_of(snapshot: Mapping[str, Any], first: str, second: str) -> dict[str, Any]:
@@ -133,32 +141,6 @@ def weight_distance(weights: Mapping[str, float], target: Mapping[str, float]) -
     return sum(abs(a.get(n, 0.0) - b.get(n, 0.0)) for n in names) / len(names) if names else 0.0
 
 
-def interleaving_needs(wins: int, losses: int, impressions: int) -> float | None:
-    """Impressions until a preference this strong is 1.96 standard errors from 0.5.
-
-    Decided comparisons needed: 1.96² p(1-p) / (p - 1/2)², over the share of impressions that
-    decided one; None when nothing was decided or the preference is exactly even.
-    """
-    decided = wins + losses
-    if not decided or not impressions or 2 * wins == decided:
-        return None
-    share = wins / decided
-    comparisons = Z95**2 * share * (1 - share) / (share - 0.5) ** 2
-    return comparisons * impressions / decided
-
-
-def ab_needs(clicked_a: int, shown_a: int, clicked_b: int, shown_b: int) -> float | None:
-    """Impressions (both arms, split evenly) until this CTR difference is 1.96 standard errors.
-
-    Per arm: 1.96² (p_a q_a + p_b q_b) / (p_a - p_b)²; None when either arm is empty or the
-    rates are equal.
-    """
-    if not shown_a or not shown_b or clicked_a * shown_b == clicked_b * shown_a:
-        return None
-    a, b = clicked_a / shown_a, clicked_b / shown_b
-    return 2 * Z95**2 * (a * (1 - a) + b * (1 - b)) / (a - b) ** 2
-
-
 def hedge_weights(
     pairwise: Sequence[Mapping[str, Any]],
     names: Sequence[str],
@@ -181,3 +163,34 @@ def hedge_weights(
             net[b] += pair["losses"] - pair["wins"]
     top, bottom = math.log(max_weight), math.log(floor)
     return {name: round(math.exp(min(top, max(bottom, rate * net[name]))), 4) for name in names}
+
+
+def clustered_ratio(
+    numerators: Sequence[float], denominators: Sequence[float]
+) -> tuple[float, float] | None:
+    """Σy / Σn over units (users), and its standard error by the delta method.
+
+    ``se² = Σ (y_i - R n_i)² / (Σ n)² · U / (U - 1)``: the linearised ratio's variance over
+    the U units, so a unit's impressions count as one draw, however many it had. Units with
+    n = 0 add nothing. None with fewer than two units or Σn = 0.
+    """
+    if len(numerators) != len(denominators):
+        raise ValueError("one numerator per denominator")
+    units, total = len(denominators), math.fsum(denominators)
+    if units < 2 or total <= 0:
+        return None
+    ratio = math.fsum(numerators) / total
+    spread = math.fsum((y - ratio * n) ** 2 for y, n in zip(numerators, denominators, strict=True))
+    return ratio, math.sqrt(spread * units / (units - 1)) / total
+
+
+def power_needs(effect: float, error: float, impressions: int) -> float | None:
+    """Impressions for 80% power at alpha = 0.05 (two-sided) to detect `effect`.
+
+    `error` is the effect's standard error at `impressions`; it shrinks as 1/√impressions
+    (users and their impressions grow together), so the test needs
+    ``impressions · ((1.96 + 0.84) · error / effect)²``. None for no effect or no error.
+    """
+    if effect == 0 or error <= 0 or impressions <= 0:
+        return None
+    return impressions * ((Z95 + Z80) * error / effect) ** 2

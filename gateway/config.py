@@ -296,10 +296,12 @@ class ArmSettings(BaseModel):
     share: float = Field(
         gt=0, description="Its share of the users (shares are normalised over the arms)."
     )
-    weights: dict[str, Annotated[float, Field(gt=0)]] | Literal["learned"] | None = Field(
+    weights: dict[str, Annotated[float, Field(ge=0)]] | Literal["learned"] | None = Field(
         default=None,
         description="Fusion weights by recommender for this arm (the others keep theirs), or "
-        "`learned`: the weights the learner publishes; null: the recommenders' own.",
+        "`learned`: the weights the learner publishes; null: the recommenders' own. A weight "
+        "of 0 leaves that recommender out of this arm's fusion (`{c: 0, d: 0}` with "
+        "`interleave`: team-draft between the others alone).",
     )
 
 
@@ -540,6 +542,13 @@ class Settings(BaseSettings):
                     f"feedback.experiments.arms.{index} ({arm.name}): weights name unknown "
                     f"recommenders {unknown}; known: {sorted(known)}"
                 )
+            if isinstance(arm.weights, dict):
+                fused = {**self.fusion_weights, **arm.weights}
+                if not any(weight > 0 for weight in fused.values()):
+                    raise ValueError(
+                        f"feedback.experiments.arms.{index} ({arm.name}): weights leave no "
+                        "recommender with a weight above 0 to fuse"
+                    )
         return self
 
     @property

@@ -343,17 +343,19 @@ class Fuser:
 
         `seed`: the request id, for the strategies that draw (`interleave`). `weights`: the
         lists' weights in fusion for the recommenders it names (an experiment arm's, or learnt
-        ones), instead of the settings'; which recommenders are fused, and the coverage, are
-        still the settings'.
+        ones), instead of the settings'. A weight of 0, configured or in `weights`, leaves the
+        recommender out of the fusion; the coverage is the configured weights' share of the
+        recommenders fused that answered.
         """
         configured = self.weights
         name = fusion or self.default
+        chosen = configured if weights is None else {**configured, **weights}
         # A weight of 0 is shadow mode: the answer is returned in `result` but not fused.
-        fusing = [o for o in outcomes if o.ok and configured[o.name] > 0]
-        covered = coverage(fusing, configured)
+        fused_here = {n: w for n, w in configured.items() if chosen[n] > 0}
+        fusing = [o for o in outcomes if o.ok and chosen[o.name] > 0]
+        covered = coverage(fusing, fused_here)
         if name == "none":
             return FusedRanking(name, [], covered)
-        chosen = configured if weights is None else {**configured, **weights}
         lists = [ranked_from(o.name, chosen[o.name], o.prediction) for o in fusing]
         fused = self.fusions[name].fuse(lists, size, seed)
         items = [

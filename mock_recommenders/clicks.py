@@ -13,6 +13,14 @@ standard deviations. Held-out truth items are drawn from the top of the same uti
 are the likeliest clicks, and a list that ranks them high (good NDCG against the truth) draws
 more clicks on average; no click ever depends on the truth directly.
 
+Users differ in how much they click (`activity`, off by default): with it, each user has an
+*engagement* probability drawn once from a Beta distribution, and on each impression the user
+is engaged with that probability, clicking as above, or else clicks nothing, whatever the
+list. Most users are then rarely engaged and a few often: the heavy tail of clicks per user
+that real logs show, and the many impressions without a click (a recommender's CTR per
+impression is a few percent, not the ~65% of the model above alone). Without it every user
+is always engaged: all users click alike.
+
 Clicks are seeded and deterministic per (world seed, user, list shown, occasion): the same
 user shown the same list on the same occasion clicks the same items, in every process.
 """
@@ -41,13 +49,15 @@ class ClickModel:
 
     `eta` sets the position bias (0: none; 1: rank 10 is examined a tenth as often as rank 1),
     `threshold` the standardised utility an examined item is clicked half the time at, and
-    `slope` how sharply attraction rises around it.
+    `slope` how sharply attraction rises around it. `activity`: the (a, b) of the Beta
+    distribution each user's engagement probability is drawn from; None: always engaged.
     """
 
     world: World
     eta: float = 1.0
     threshold: float = 2.5
     slope: float = 2.0
+    activity: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.eta < 0 or self.slope < 0 or not math.isfinite(self.threshold):
@@ -55,6 +65,19 @@ class ClickModel:
                 f"need eta >= 0, slope >= 0 and a finite threshold, got {self.eta}, "
                 f"{self.slope}, {self.threshold}"
             )
+        if self.activity is not None and not all(
+            math.isfinite(shape) and shape > 0 for shape in self.activity
+        ):
+            raise ValueError(f"activity needs two Beta shapes above 0, got {self.activity}")
+
+    def engagement(self, user_id: str | None) -> float:
+        """The probability that the user engages with an impression at all (1: always)."""
+        if self.activity is None:
+            return 1.0
+        key = "\x1f".join(["engagement", str(self.world.seed), repr(user_id)])
+        seed = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big")
+        a, b = self.activity
+        return float(np.random.Generator(np.random.Philox(seed)).beta(a, b))
 
     def examination(self, rank: int) -> float:
         """The probability that the item at `rank` (from 1) is looked at."""
@@ -75,9 +98,14 @@ class ClickModel:
         ]
 
     def click_probabilities(self, user_id: str | None, item_ids: Sequence[str]) -> list[float]:
-        """For each item of the list shown (best first), the probability that it is clicked."""
+        """For each item of the list shown (best first), the probability that it is clicked.
+
+        Over the user's engagement too; the clicks of one impression are not independent
+        then (an unengaged user clicks none).
+        """
+        engaged = self.engagement(user_id)
         return [
-            self.examination(rank) * attraction
+            engaged * self.examination(rank) * attraction
             for rank, attraction in enumerate(self.attraction(user_id, item_ids), start=1)
         ]
 
@@ -93,8 +121,15 @@ class ClickModel:
         `occasion` tells one showing of the same list to the same user from another (a
         simulation's impression number, say); None for a single showing.
         """
-        chance = self.click_probabilities(user_id, item_ids)
         key = "\x1f".join(["clicks", str(self.world.seed), repr(user_id), repr(occasion)])
+        if self.activity is not None:
+            (draw,) = _uniforms(key + "\x1eengaged", 1)
+            if draw >= self.engagement(user_id):
+                return []
+        chance = [
+            self.examination(rank) * attraction
+            for rank, attraction in enumerate(self.attraction(user_id, item_ids), start=1)
+        ]
         draws = _uniforms(key + "\x1e" + "\x1f".join(item_ids), len(item_ids))
         return [item for item, p, u in zip(item_ids, chance, draws, strict=True) if u < p]
 

@@ -109,3 +109,30 @@ def test_bad_parameters_are_refused() -> None:
         ClickModel(world, eta=-1.0)
     with pytest.raises(ValueError, match="ranks start at 1"):
         ClickModel(world).examination(0)
+    with pytest.raises(ValueError, match="activity"):
+        ClickModel(world, activity=(0.0, 1.0))
+
+
+def test_with_activity_users_differ_in_how_often_they_click_at_all(model: ClickModel) -> None:
+    active = ClickModel(model.world, activity=(0.5, 4.5))
+    items = [f"i{n}" for n in range(10)]
+    engagement = [active.engagement(user) for user in USERS]
+
+    # Beta(0.5, 4.5): mean 0.1, most users below it, a few far above; the same in a new model.
+    assert statistics.mean(engagement) == pytest.approx(0.1, abs=0.02)
+    assert statistics.median(engagement) < 0.07 and max(engagement) > 0.4
+    assert (
+        ClickModel(World(model.world.seed), activity=(0.5, 4.5)).engagement(USERS[0])
+        == (engagement[0])
+    )
+    assert model.engagement(USERS[0]) == 1.0
+    # An engaged impression clicks as the model without activity does; the rest click nothing.
+    for user in USERS[:40]:
+        shown = [active.clicks(user, items, occasion=n) for n in range(20)]
+        alike = [model.clicks(user, items, occasion=n) for n in range(20)]
+        assert all(clicks in ([], other) for clicks, other in zip(shown, alike, strict=True))
+    # The marginal probabilities carry the engagement.
+    user = USERS[0]
+    assert active.click_probabilities(user, items) == pytest.approx(
+        [engagement[0] * p for p in model.click_probabilities(user, items)]
+    )

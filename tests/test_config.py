@@ -274,7 +274,11 @@ ARMS = MINIMAL + "feedback:\n  store: sqlite:///f.db\n  salt: s\n  experiments:\
             ARMS + "      - {name: x, fusion: rrf, share: 1, weights: {a: 2, zz: 1}}\n",
             "weights name unknown recommenders ['zz']",
         ),
-        (ARMS + "      - {name: x, fusion: rrf, share: 1, weights: {a: 0}}\n", "weights"),
+        (ARMS + "      - {name: x, fusion: rrf, share: 1, weights: {a: -1}}\n", "weights"),
+        (
+            ARMS + "      - {name: x, fusion: interleave, share: 1, weights: {a: 0, b: 0}}\n",
+            "(x): weights leave no recommender with a weight above 0 to fuse",
+        ),
         (ARMS + "      - {name: x, fusion: rrf, share: 1, weights: best}\n", "weights"),
     ],
 )
@@ -291,6 +295,7 @@ def test_arms_are_read_with_their_weights(tmp_path: Path) -> None:
     text = ARMS + (
         "      - {name: learn, fusion: rrf, share: 0.8, weights: learned}\n"
         "      - {name: explore, fusion: interleave, share: 0.2, weights: {a: 2}}\n"
+        "      - {name: only-a, fusion: interleave, share: 0.1, weights: {b: 0}}\n"
     )
 
     arms = load_settings(write(tmp_path, text)).feedback.experiments.arms
@@ -298,4 +303,5 @@ def test_arms_are_read_with_their_weights(tmp_path: Path) -> None:
     assert [(a.name, a.fusion, a.share, a.weights) for a in arms] == [
         ("learn", "rrf", 0.8, "learned"),
         ("explore", "interleave", 0.2, {"a": 2.0}),
+        ("only-a", "interleave", 0.1, {"b": 0.0}),
     ]

@@ -14,6 +14,7 @@ from gateway.fusion import (
     CombMnz,
     CombSum,
     Concat,
+    Fuser,
     FusionName,
     Provenance,
     Ranked,
@@ -22,6 +23,7 @@ from gateway.fusion import (
     coverage,
     ranked_from,
 )
+from gateway.outcome import Outcome
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
 from tests.helpers import Serve, gunicorn, lines, post_concurrently, settings_for
@@ -114,6 +116,28 @@ def test_team_draft_names_the_team_that_placed_each_item_and_other_fusions_none(
     by_team = {item.id: item.team for item in fused}
     assert by_team["a"] == "A" and by_team["b"] == "B"  # round 1: each team's best
     assert all(item.team is None for item in ReciprocalRank().fuse([A, B], 4, "request-1"))
+
+
+def test_an_arm_weight_of_0_interleaves_the_others_alone() -> None:
+    fuser = Fuser({"A": 1.0, "B": 1.0, "C": 2.0}, "rrf")
+    prediction = {
+        "A": {"items": [{"id": "a"}, {"id": "b"}, {"id": "c"}]},
+        "B": {"items": [{"id": "b"}, {"id": "d"}, {"id": "a"}]},
+        "C": {"items": [{"id": "x"}, {"id": "y"}]},
+    }
+    outcomes = [Outcome(name, "ok", 1.0, prediction=p) for name, p in prediction.items()]
+
+    two_way = fuser.fuse(outcomes, "interleave", 4, "request-1", {"C": 0.0})
+    all_three = fuser.fuse(outcomes, "interleave", 4, "request-1")
+
+    # C answered but is not a team: its items are not shown, as with a configured weight 0.
+    assert set(two_way.teams) == {"A", "B"}
+    assert {item["id"] for item in two_way.items} == {"a", "b", "c", "d"}
+    assert "C" in set(all_three.teams)
+    # Coverage counts the recommenders this fusion uses: both answered.
+    assert two_way.coverage == 1.0
+    failed = [outcomes[0], Outcome("B", "error", 1.0), outcomes[2]]
+    assert fuser.fuse(failed, "interleave", 4, "request-1", {"C": 0.0}).coverage == 0.5
 
 
 @pytest.mark.parametrize("name", sorted(FUSIONS))

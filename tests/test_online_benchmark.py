@@ -11,13 +11,14 @@ from typing import Any
 
 import pytest
 
+from benchmarks.online_play import visits
 from benchmarks.online_stats import (
-    ab_needs,
     ab_test,
+    clustered_ratio,
     decided_after,
     hedge_weights,
-    interleaving_needs,
     pair_of,
+    power_needs,
     preference_decided,
     weight_distance,
 )
@@ -69,19 +70,42 @@ def test_weight_distance_compares_ratios_only() -> None:
     assert weight_distance({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 0.0}) == 0.5
 
 
-def test_the_power_calculations_give_the_sample_at_which_the_effect_is_196_errors() -> None:
-    # 70 wins of 100 decided, one impression in two deciding: z = 1.96 at D comparisons.
-    needed = interleaving_needs(70, 30, 200)
-    assert needed is not None
-    decided = needed * 100 / 200
-    assert (0.7 - 0.5) / math.sqrt(0.7 * 0.3 / decided) == pytest.approx(1.959964)
-    assert interleaving_needs(5, 5, 40) is None and interleaving_needs(0, 0, 40) is None
+def test_the_clustered_ratio_counts_each_user_once_however_many_impressions() -> None:
+    # Two users, one clicking all 9 of their impressions, one none of 1: ratio 0.9.
+    ratio, error = clustered_ratio([9, 0], [9, 1]) or (0.0, 0.0)
+    assert ratio == pytest.approx(0.9)
+    # d_i = y_i - R n_i = (0.9, -0.9); se^2 = (0.81 + 0.81) / 10^2 * 2 / 1.
+    assert error == pytest.approx(math.sqrt(1.62 / 100 * 2))
+    # The same clicks as ten independent impressions: the binomial error, far smaller.
+    ratio, alone = clustered_ratio([1] * 9 + [0], [1] * 10) or (0.0, 0.0)
+    assert ratio == pytest.approx(0.9)
+    assert alone == pytest.approx(math.sqrt(0.9 * 0.1 / 10 * 10 / 9))
+    assert alone < error
+    # Users without impressions change nothing but the small-sample factor's count.
+    assert clustered_ratio([9, 0, 0], [9, 1, 0]) is not None
+    assert clustered_ratio([1], [2]) is None and clustered_ratio([0, 0], [0, 0]) is None
 
-    total = ab_needs(60, 100, 40, 100)
-    assert total is not None
-    per_arm = total / 2
-    assert 0.2 / math.sqrt((0.6 * 0.4 + 0.4 * 0.6) / per_arm) == pytest.approx(1.959964)
-    assert ab_needs(5, 10, 10, 20) is None and ab_needs(1, 0, 1, 2) is None
+
+def test_the_power_calculation_gives_the_impressions_for_80_percent_power() -> None:
+    # An effect of 0.1 with error 0.05 at 400 impressions: z = 2; 80% power needs
+    # (1.96 + 0.84) / 2 times the error, so (2.80 / 2)^2 times the impressions.
+    needed = power_needs(0.1, 0.05, 400)
+    assert needed == pytest.approx(400 * (2.801585 / 2) ** 2, rel=1e-5)
+    assert power_needs(-0.1, 0.05, 400) == needed
+    assert power_needs(0.0, 0.05, 400) is None and power_needs(0.1, 0.0, 400) is None
+
+
+def test_visits_give_users_several_impressions_spread_over_the_run() -> None:
+    schedule = visits("u", 2000, 5.0, seed=1)
+
+    assert len(schedule) == len(set(schedule)) == 2000
+    users = {user for user, _ in schedule}
+    assert 2000 / len(users) == pytest.approx(5.0, rel=0.2)
+    # Occasions count from 0 per user; a user's visits are spread, not back to back.
+    first_half = {user for user, _ in schedule[:1000]}
+    assert len(first_half & {user for user, _ in schedule[1000:]}) > 100
+    assert schedule == visits("u", 2000, 5.0, seed=1) != visits("u", 2000, 5.0, seed=2)
+    assert visits("u", 3, 1.0, seed=1) == [("u0", 0), ("u1", 0), ("u2", 0)]
 
 
 def test_the_replayed_hedge_rule_runs_to_its_bounds_as_evidence_grows() -> None:
@@ -122,7 +146,7 @@ def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
     final = run["final"]
     # What the simulation sent is what the gateway counted: per arm, and in total.
     assert run["agree"] and run["gateway_arms"] == run["sent"]["arms"]
-    assert set(run["sent"]["arms"]) == {"interleave", "ab-sml", "ab-asc", "ab-trd", "ab-psn"}
+    assert set(run["sent"]["arms"]) == {"interleave", "ab-asc", "ab-psn"}
     assert run["sent"]["impressions"] == plan["sensitivity_impressions"]
     assert sum(arm["impressions"] for arm in final["arms"].values()) == run["sent"]["impressions"]
     assert final["events"]["click"] == run["sent"]["clicks"] > 0
@@ -131,6 +155,20 @@ def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
         1.0, abs=1e-5
     )
     assert final["impressions_stored"] == run["sent"]["impressions"]
+    # The interleaving arm interleaves the two compared alone: one pair, no other team.
+    assert [(p["a"], p["b"]) for p in final["pairwise"]] in ([], [("asc", "psn")])
+    assert {name for name, row in final["recommenders"].items() if row["impressions"]} <= {
+        "asc",
+        "psn",
+    }
+    # Its teams, drawn again from the request ids, are the gateway's: same lists, same counts.
+    replayed = run["teams_replayed"]
+    assert (
+        replayed["exact"] == replayed["interleaved"] == final["arms"]["interleave"]["impressions"]
+    )
+    assert replayed["agree"]
+    # Users come back: fewer users than impressions, each counted once in the tests.
+    assert run["users"]["interleave"] + run["users"]["ab"] < run["sent"]["impressions"]
     # The series is read from /experiments after every round, the last one at the end.
     assert run["series"][-1]["after"] == plan["sensitivity_impressions"]
     last = run["series"][-1]
@@ -138,10 +176,9 @@ def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
     assert last["ab"]["impressions"] == (
         final["arms"]["ab-asc"]["impressions"] + final["arms"]["ab-psn"]["impressions"]
     )
-    ab_arms = [arm for name, arm in final["arms"].items() if name.startswith("ab-")]
-    assert last["best_of_all"]["ab"]["impressions"] == sum(a["impressions"] for a in ab_arms)
-    # Every A/B arm fuses with RRF, its weights keeping one list alone on top.
-    for name in ("sml", "asc", "trd", "psn"):
+    assert last["gateway"]["ab"]["impressions"] == last["ab"]["impressions"]
+    # Every A/B arm fuses with RRF, its weights keeping one list alone.
+    for name in ("asc", "psn"):
         assert final["arms"][f"ab-{name}"]["fusion"] == "rrf"
 
     learning = results["learning"]
