@@ -7,6 +7,7 @@ instances on one store (a Redis server, or one SQLite file).
 
 from __future__ import annotations
 
+import concurrent.futures
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -127,6 +128,24 @@ def test_a_click_is_accepted_once_per_event_id(url: str) -> None:
     assert again.json() == {"accepted": 0, "duplicates": 1}
     assert other.json() == {"accepted": 1, "duplicates": 0}
     assert report(url)["events"] == {"click": 2, "purchase": 0, "dismiss": 0}
+
+
+def test_concurrent_single_events_each_get_their_own_answer(url: str) -> None:
+    """Judged together or not (`gateway.feedback_judge`), each request answers for its event."""
+    answer = shown(url)
+    bodies = [click(answer, event_id="same") for _ in range(8)]
+    bodies += [click(answer, position=n % 6) for n in range(16)]
+    bodies += [{**click(answer), "item_id": "not-an-item"}] * 4
+    bodies += [{"request_id": "never-served", "item_id": "i1", "event": "click"}] * 4
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda body: post(url, body), bodies))
+
+    receipts = [response.json() for response in answers[:24]]
+    assert sorted(r["accepted"] for r in receipts[:8]) == [0] * 7 + [1]
+    assert all(r == {"accepted": 1, "duplicates": 0} for r in receipts[8:])
+    assert [response.status_code for response in answers[24:]] == [422] * 4 + [404] * 4
+    assert report(url)["events"]["click"] == 17
 
 
 def test_an_unknown_request_is_404_and_an_item_not_shown_422(url: str) -> None:
