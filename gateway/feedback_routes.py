@@ -15,12 +15,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
 from gateway.feedback_records import EventResult, FeedbackStoreBusy, FeedbackStoreError
 from gateway.feedback_schemas import ParsedFeedback, parse_feedback
+from gateway.hooks import request_body
 from gateway.http_errors import error_response
 from gateway.impressions import FeedbackEvent
 
@@ -52,9 +53,7 @@ async def receive_feedback() -> Response:
     settings = runtime.settings
     if not settings.feedback.enabled:
         return error_response(404, FEEDBACK_OFF)
-    parsed = parse_feedback(
-        request.get_data(), settings.max_json_depth, settings.feedback.max_events
-    )
+    parsed = parse_feedback(request_body(), settings.max_json_depth, settings.feedback.max_events)
     try:
         results = await runtime.feedback.judge_grouped(parsed.events)
     except FeedbackStoreError as exc:
@@ -98,9 +97,11 @@ def _receipt(
             "(see `rejected`)"
         )
         return error_response(404 if unknown == len(refused) else 422, message, rejected=rejected)
-    body: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates}
-    if rejected:
-        body["rejected"] = rejected
+    if not rejected:
+        # The common receipt, written as json.dumps would write it, for a fraction of its cost.
+        text = f'{{"accepted": {accepted}, "duplicates": {duplicates}}}'
+        return Response(text, status=202, mimetype="application/json")
+    body = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
     return Response(json.dumps(body), status=202, mimetype="application/json")
 
 
