@@ -49,17 +49,18 @@ class _Waiting(NamedTuple):
 class EventJudge:
     """One worker's judging thread: the events that wait are judged together (module docs).
 
-    `judge` blocks: it judges a sequence of events in the store, atomically, one result each
-    (`FeedbackService` passes its own, which writes this worker's waiting impressions first).
+    `record` is the store call, and blocks: it judges a sequence of events atomically, one
+    result each (`FeedbackService` passes its own, which writes this worker's waiting
+    impressions first).
     """
 
     def __init__(
         self,
-        judge: Callable[[Sequence[FeedbackEvent]], list[EventResult]],
+        record: Callable[[Sequence[FeedbackEvent]], list[EventResult]],
         limit: int,
         group_limit: int,
     ):
-        self._judge = judge
+        self._record = record
         self.limit = limit
         self.group_limit = group_limit
         self._ready = threading.Condition()
@@ -142,7 +143,7 @@ class EventJudge:
         events = [event for waiting in group for event in waiting.events]
         outcomes: list[_Outcome]
         try:
-            results = self._judge(events)
+            results = self._record(events)
         except Exception as exc:
             outcomes = [_for_each(exc) for _ in group]
         else:
