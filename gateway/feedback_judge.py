@@ -68,7 +68,7 @@ class EventJudge:
         self._waiting_events = 0
         self._closed = False
         self._thread: threading.Thread | None = None
-        # Store calls made, and events judged in them: how much grouping happened.
+        # Groups taken to the store so far, and their events: how much grouping happens.
         self.groups = 0
         self.judged = 0
 
@@ -95,7 +95,7 @@ class EventJudge:
                 raise RuntimeError("the feedback event judge is closed")
             if self._waiting and self._waiting_events + len(events) > self.limit:
                 raise FeedbackStoreBusy(
-                    f"{self._waiting_events} events already wait to be judged in this worker "
+                    f"events waiting to be judged in this worker: {self._waiting_events} "
                     f"(the limit is {self.limit}); retry in a moment"
                 )
             self._waiting.append(_Waiting(events, future, loop))
@@ -137,6 +137,8 @@ class EventJudge:
             group.append(waiting)
             size += len(waiting.events)
         self._waiting_events -= size
+        self.groups += 1
+        self.judged += size
         return group
 
     def _settle(self, group: list[_Waiting]) -> None:
@@ -152,8 +154,6 @@ class EventJudge:
                 end = start + len(waiting.events)
                 outcomes.append(results[start:end])
                 start = end
-        self.groups += 1
-        self.judged += len(events)
         # One wake-up of each loop per group, not one per request.
         by_loop: dict[asyncio.AbstractEventLoop, list[_Settled]] = {}
         for waiting, outcome in zip(group, outcomes, strict=True):

@@ -185,7 +185,7 @@ async def test_the_queue_is_bounded_and_refuses_with_busy_until_it_drains(
     admitted = [queue([click("a"), click("b")]), queue([click("c")])]
     await until(lambda: judge.waiting == 3)
 
-    with pytest.raises(FeedbackStoreBusy, match="3 events already wait"):
+    with pytest.raises(FeedbackStoreBusy, match="waiting to be judged in this worker: 3 "):
         await judge.judge([click("d")])
     assert judge.waiting == 3
     gated.gate.set()

@@ -242,6 +242,37 @@ def test_a_store_that_fails_is_503_and_answers_are_still_served(
         assert shown(url)["fused"]
 
 
+def test_a_worker_with_too_many_events_waiting_answers_503_busy(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    app = feedback_app(fleet, tmp_path, event_queue_limit=1)
+    url = serve(app)
+    answer = shown(url)
+    database = tmp_path / "feedback.db"
+    stored(database, answer["request_id"])
+    judge = app.runtime.feedback.events
+    # Another process holds the file's write lock: the event thread waits for it.
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(post, url, click(answer))
+            wait_until(lambda: judge.groups == 1, 10, "the first event never reached the store")
+            second = pool.submit(post, url, click(answer, position=1))
+            wait_until(lambda: judge.waiting == 1, 10, "the second event never queued")
+
+            busy = post(url, click(answer, position=2))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert_json_error(
+            busy, 503, "the feedback store is busy: events waiting to be judged in this worker: 1 "
+        )
+        assert busy.headers["Retry-After"] == "1"
+        assert first.result().json() == second.result().json() == {"accepted": 1, "duplicates": 0}
+    assert report(url)["events"]["click"] == 2
+
+
 def test_feedback_is_served_as_wsgi_too(
     fleet: MockFleet, serve_wsgi: Serve, tmp_path: Path
 ) -> None:
