@@ -43,7 +43,8 @@ async def _answers(url: str, count: int, concurrency: int) -> list[tuple[str, li
             body = {"user_id": f"user-{n % 1000}", "resultSize": 10}
             async with session.post(f"{url}/recommendation", json=body) as response:
                 answer = await response.json()
-            shown.append((answer["request_id"], [item["id"] for item in answer["fused"]]))
+            if answer.get("fused"):  # not a 502 or 504 of a machine too busy to answer in time
+                shown.append((answer["request_id"], [item["id"] for item in answer["fused"]]))
 
     async with aiohttp.ClientSession() as session:
         await asyncio.gather(*(client(session) for _ in range(concurrency)))

@@ -386,6 +386,12 @@ class FeedbackSettings(BaseModel):
         "counted, never waited for.",
     )
     max_events: int = Field(default=1000, ge=1, description="Most events in one /feedback.")
+    event_queue_limit: int = Field(
+        default=10_000,
+        ge=1,
+        description="Events a worker holds waiting to be judged; a /feedback beyond it is "
+        "answered 503 (unless nothing waits).",
+    )
     experiments: ExperimentSettings = ExperimentSettings()
     learner: LearnerSettings = LearnerSettings()
 

@@ -11,9 +11,11 @@ cheap things on the event loop, and never any I/O there:
 
 Its writer thread saves the waiting impressions in one batch every `flush_interval_ms`, deletes
 expired ones now and then, and every `learner.interval_s` runs the learner (stats, update,
-save, publish the weights that `weights: learned` arms fuse with). `judge` (events from
-`POST /feedback`) and `report` (`GET /experiments`) block on the store: the web layer runs
-them with `asyncio.to_thread`.
+save, publish the weights that `weights: learned` arms fuse with). Events from `POST
+/feedback` are judged by its event thread (`judge_grouped`, on the loop: the events of
+concurrent requests judged together, one store transaction per group, `gateway.feedback_judge`);
+`judge` does the same work blocking, and `report` (`GET /experiments`) blocks on the store: the
+web layer runs it with `asyncio.to_thread`.
 
 An event can come before the impression it names is written: within this worker the waiting
 impressions are written first; one written by another worker or instance may take a flush
@@ -23,16 +25,18 @@ is called unknown.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from gateway import metrics
 from gateway.attribution import preference, wilson_interval
 from gateway.config import ArmSettings, FeedbackSettings
+from gateway.feedback_judge import EventJudge
 from gateway.feedback_records import EventResult, FeedbackStoreError, LearnedWeights
 from gateway.feedback_store import FeedbackStore, open_store
 from gateway.fusion import FusedRanking, FusionChoice
@@ -77,8 +81,8 @@ class FeedbackService:
 
     `weights`: every recommender's configured weight (`Settings.fusion_weights`). Off (no
     store in `settings`), `assign` passes the request's fusion through and `record` does
-    nothing. `clock` (unix seconds) stamps impressions; `sleep` waits before an unknown event
-    is judged again (tests pass fakes).
+    nothing. `clock` (unix seconds) stamps impressions; `sleep` (in `judge`) and `async_sleep`
+    (in `judge_grouped`) wait before an unknown event is judged again (tests pass fakes).
     """
 
     def __init__(
@@ -88,12 +92,14 @@ class FeedbackService:
         record_metrics: bool = True,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        async_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.settings = settings
         self.configured = dict(weights)
         self._metrics = record_metrics
         self._clock = clock
         self._sleep = sleep
+        self._async_sleep = async_sleep
         self._flush_s = settings.flush_interval_ms / 1000
         self._arms: dict[str, ArmSettings] = {a.name: a for a in settings.experiments.arms}
         self._shares = [(arm.name, arm.share) for arm in settings.experiments.arms]
@@ -125,6 +131,10 @@ class FeedbackService:
         self._in_use: Mapping[str, float] = dict(self.learner.initial)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Its thread starts with the first event: a worker nobody clicks through has none.
+        self.events = EventJudge(
+            self._judge_together, settings.event_queue_limit, group_limit=settings.max_events
+        )
 
     @property
     def enabled(self) -> bool:
@@ -192,6 +202,7 @@ class FeedbackService:
         """Write what is waiting, stop the writer and close the store (blocks)."""
         if self._store is None:
             return
+        self.events.close(timeout_s)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
@@ -203,18 +214,28 @@ class FeedbackService:
 
     def judge(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
         """Judge and count `events` in the store, in order (blocks; `FeedbackStoreError`)."""
-        store = self._require_store()
-        self._flush()
-        results = store.record(events)
-        unknown = [i for i, result in enumerate(results) if result is EventResult.UNKNOWN_REQUEST]
+        results = self._judge_together(events)
+        unknown = _unknown(results)
         if unknown:
             # Perhaps not written yet, by another worker or instance: once more, a little later.
             self._sleep(2 * self._flush_s)
-            for i, result in zip(unknown, store.record([events[i] for i in unknown]), strict=True):
-                results[i] = result
-        if self._metrics:
-            judged = zip(events, results, strict=True)
-            metrics.observe_feedback([(event.event, result.value) for event, result in judged])
+            _merge(results, unknown, self._judge_together([events[i] for i in unknown]))
+        self._observe(events, results)
+        return results
+
+    async def judge_grouped(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
+        """`judge` on the loop: with other requests' events, by the event thread (no blocking).
+
+        `FeedbackStoreError` when the store failed, `FeedbackStoreBusy` when too many events
+        wait already (`feedback.event_queue_limit`).
+        """
+        self._require_store()
+        results = await self.events.judge(events)
+        unknown = _unknown(results)
+        if unknown:
+            await self._async_sleep(2 * self._flush_s)
+            _merge(results, unknown, await self.events.judge([events[i] for i in unknown]))
+        self._observe(events, results)
         return results
 
     def flush(self) -> None:
@@ -301,6 +322,17 @@ class FeedbackService:
             "impressions_stored": stats.impressions_stored,
         }
 
+    def _judge_together(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
+        """One store call for `events`, after this worker's waiting impressions are written."""
+        store = self._require_store()
+        self._flush()
+        return store.record(events)
+
+    def _observe(self, events: Sequence[FeedbackEvent], results: Sequence[EventResult]) -> None:
+        if self._metrics:
+            judged = zip(events, results, strict=True)
+            metrics.observe_feedback([(event.event, result.value) for event, result in judged])
+
     # --- The writer thread ----------------------------------------------------------------
 
     def _run(self) -> None:
@@ -369,6 +401,17 @@ class FeedbackService:
         if self._store is None:
             raise RuntimeError("feedback is off: no store is configured")
         return self._store
+
+
+def _unknown(results: Sequence[EventResult]) -> list[int]:
+    """Where the events whose request was not found are."""
+    return [i for i, result in enumerate(results) if result is EventResult.UNKNOWN_REQUEST]
+
+
+def _merge(results: list[EventResult], at: list[int], again: Sequence[EventResult]) -> None:
+    """Put the second judgement of the events at `at` in their places."""
+    for i, result in zip(at, again, strict=True):
+        results[i] = result
 
 
 def _impression(shown: _Shown) -> Impression:

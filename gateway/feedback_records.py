@@ -6,6 +6,7 @@ later the HTTP layer import these; they import nothing of the gateway but the pa
 Errors::
 
     FeedbackStoreError        the store could not be read or written (database, network)
+    └── FeedbackStoreBusy     too many events wait for the store in this worker (`EventJudge`)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ __all__ = [
     "ArmCounts",
     "EventResult",
     "FeedbackStats",
+    "FeedbackStoreBusy",
     "FeedbackStoreError",
     "LearnedWeights",
     "RecommenderCounts",
@@ -30,6 +32,10 @@ __all__ = [
 
 class FeedbackStoreError(Exception):
     """The feedback store failed (its database or server); the cause is chained."""
+
+
+class FeedbackStoreBusy(FeedbackStoreError):
+    """Too many events already wait to be judged in this worker: the store is not keeping up."""
 
 
 class EventResult(StrEnum):

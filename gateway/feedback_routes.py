@@ -1,10 +1,12 @@
 """The feedback endpoints: `POST /feedback` (events on shown items) and `GET /experiments`.
 
 Both read top to bottom: parse (`gateway.feedback_schemas`), hand the blocking store work to a
-thread (`asyncio.to_thread`: the worker's event loop never waits on SQLite or Redis), respond.
-With feedback off (no `feedback.store`) both answer 404 saying so; a store that fails answers
-503, never 500. `/feedback` needs the API token as `/recommendation` does; `/experiments` as
-`/metrics` does (`gateway.hooks`).
+thread (the worker's event loop never waits on SQLite or Redis), respond. The events go to the
+worker's event thread, judged with those of concurrent requests (`gateway.feedback_judge`);
+the report is read in a thread of the loop's executor (`asyncio.to_thread`). With feedback off
+(no `feedback.store`) both answer 404 saying so; a store that fails, or that too many events
+already wait for, answers 503, never 500. `/feedback` needs the API token as `/recommendation`
+does; `/experiments` as `/metrics` does (`gateway.hooks`).
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
-from flask import Blueprint, Response, current_app, request
+from flask import Blueprint, Response, current_app
 
-from gateway.feedback_records import EventResult, FeedbackStoreError
+from gateway.feedback_records import EventResult, FeedbackStoreBusy, FeedbackStoreError
 from gateway.feedback_schemas import ParsedFeedback, parse_feedback
+from gateway.hooks import request_body
 from gateway.http_errors import error_response
 from gateway.impressions import FeedbackEvent
 
@@ -50,11 +53,9 @@ async def receive_feedback() -> Response:
     settings = runtime.settings
     if not settings.feedback.enabled:
         return error_response(404, FEEDBACK_OFF)
-    parsed = parse_feedback(
-        request.get_data(), settings.max_json_depth, settings.feedback.max_events
-    )
+    parsed = parse_feedback(request_body(), settings.max_json_depth, settings.feedback.max_events)
     try:
-        results = await asyncio.to_thread(runtime.feedback.judge, parsed.events)
+        results = await runtime.feedback.judge_grouped(parsed.events)
     except FeedbackStoreError as exc:
         return _store_failed(exc)
     return _receipt(parsed, results, settings.feedback.retention_s)
@@ -96,9 +97,11 @@ def _receipt(
             "(see `rejected`)"
         )
         return error_response(404 if unknown == len(refused) else 422, message, rejected=rejected)
-    body: dict[str, Any] = {"accepted": accepted, "duplicates": duplicates}
-    if rejected:
-        body["rejected"] = rejected
+    if not rejected:
+        # The common receipt, written as json.dumps would write it, for a fraction of its cost.
+        text = f'{{"accepted": {accepted}, "duplicates": {duplicates}}}'
+        return Response(text, status=202, mimetype="application/json")
+    body = {"accepted": accepted, "duplicates": duplicates, "rejected": rejected}
     return Response(json.dumps(body), status=202, mimetype="application/json")
 
 
@@ -112,5 +115,10 @@ def _why(event: FeedbackEvent, result: EventResult, retention_s: float) -> str:
 
 
 def _store_failed(exc: FeedbackStoreError) -> Response:
+    if isinstance(exc, FeedbackStoreBusy):
+        # Not logged one by one: under a flood of clicks that would be a line per request.
+        return error_response(
+            503, f"the feedback store is busy: {exc}", headers={"Retry-After": "1"}
+        )
     log.warning("feedback store failed: %s", exc)
     return error_response(503, f"the feedback store is unavailable: {exc}")

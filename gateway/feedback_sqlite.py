@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from gateway.attribution import PairCounts, pairwise_delta
 from gateway.feedback_records import (
@@ -94,6 +95,19 @@ _ADD_PAIR = (
 )
 
 
+class _Added(NamedTuple):
+    """What a batch of events adds to the counters and the pairs, written at its end."""
+
+    counters: collections.defaultdict[tuple[str, str, str], float]
+    pairs: dict[tuple[str, str], PairCounts]
+
+
+def _plus(total: PairCounts | None, change: PairCounts) -> PairCounts:
+    if total is None:
+        return change
+    return PairCounts(*(before + more for before, more in zip(total, change, strict=True)))
+
+
 @contextlib.contextmanager
 def _translated() -> Iterator[None]:
     """SQLite's errors as the store's one error, with the cause chained."""
@@ -151,10 +165,19 @@ class SQLiteStore:
             )
 
     def record(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
-        """Judge and count a batch of events in one transaction, in order; one result each."""
+        """Judge and count a batch of events in one transaction, in order; one result each.
+
+        The counters are summed over the batch and written once each, at its end: nothing
+        in the batch reads them, and a batch of events on one impression's items would
+        otherwise upsert the same rows once per event.
+        """
         cutoff = self._clock() - self.retention_s
+        added = _Added(collections.defaultdict(float), {})
         with self._transaction() as db:
-            return [self._record_one(db, event, cutoff) for event in events]
+            results = [self._record_one(db, event, cutoff, added) for event in events]
+            db.executemany(_ADD, [(*key, value) for key, value in added.counters.items()])
+            db.executemany(_ADD_PAIR, [(a, b, *change) for (a, b), change in added.pairs.items()])
+        return results
 
     def stats(self) -> FeedbackStats:
         """Every counter, read in one transaction."""
@@ -238,7 +261,7 @@ class SQLiteStore:
             db.close()
 
     def _record_one(
-        self, db: sqlite3.Connection, event: FeedbackEvent, cutoff: float
+        self, db: sqlite3.Connection, event: FeedbackEvent, cutoff: float, added: _Added
     ) -> EventResult:
         row = db.execute(
             "SELECT body, team_clicks, positives FROM impression WHERE request_id = ? AND at > ?",
@@ -257,24 +280,25 @@ class SQLiteStore:
             ).rowcount
         ):
             return EventResult.DUPLICATE
-        db.execute(_ADD, ("event", event.event, "count", 1))
+        counters = added.counters
+        counters[("event", event.event, "count")] += 1
         if event.event not in POSITIVE_EVENTS:
             return EventResult.ACCEPTED
         for name, share in credit_for(item).items():
-            db.execute(_ADD, ("recommender", name, "clicks", 1))
-            db.execute(_ADD, ("recommender", name, "credit", share))
+            counters[("recommender", name, "clicks")] += 1
+            counters[("recommender", name, "credit")] += share
         team_clicks: dict[str, int] = json.loads(row[1])
         if item.team is not None:
             before = {team: team_clicks.get(team, 0) for team in impression.teams()}
             after = {**before, item.team: before[item.team] + 1}
-            for (a, b), change in pairwise_delta(before, after).items():
-                db.execute(_ADD_PAIR, (a, b, *change))
+            for pair, change in pairwise_delta(before, after).items():
+                added.pairs[pair] = _plus(added.pairs.get(pair), change)
             team_clicks[item.team] = after[item.team]
         positives: int = row[2]
         if impression.arm is not None:
             if positives == 0:
-                db.execute(_ADD, ("arm", impression.arm, "clicked_impressions", 1))
-            db.execute(_ADD, ("arm", impression.arm, "clicks", 1))
+                counters[("arm", impression.arm, "clicked_impressions")] += 1
+            counters[("arm", impression.arm, "clicks")] += 1
         db.execute(
             "UPDATE impression SET team_clicks = ?, positives = ? WHERE request_id = ?",
             (json.dumps(team_clicks, separators=(",", ":")), positives + 1, event.request_id),

@@ -33,15 +33,20 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADMITTED",
+    "BODY",
     "EXPERIMENTS_ENDPOINT",
     "FEEDBACK_ENDPOINT",
     "METRICS_ENDPOINT",
     "RECOMMENDATION_ENDPOINT",
     "register_hooks",
+    "request_body",
 ]
 
 # Set in the WSGI environ of a request admitted before Flask (`gateway.serving`).
 ADMITTED = "gateway.admitted"
+# The body as the ASGI app read it (`gateway.serving`): a view takes it from there, not
+# through werkzeug's stream wrappers (`request_body`).
+BODY = "gateway.body"
 
 # The endpoints the hooks treat apart, as their blueprints name them (`gateway.routes`,
 # `gateway.feedback_routes`, `gateway.ops`): the recommendation and the feedback need a token
@@ -63,6 +68,12 @@ def register_hooks(app: Flask) -> None:
     app.before_request(_shed_when_full)
     app.teardown_request(_leave)
     app.after_request(_finish_response)
+
+
+def request_body() -> bytes:
+    """The request's body: as the ASGI app read it, else (served as WSGI) werkzeug's."""
+    body: bytes | None = request.environ.get(BODY)
+    return body if body is not None else request.get_data()
 
 
 def _app() -> GatewayFlask:

@@ -13,7 +13,13 @@ REQUEST_ID_MAX = 128
 
 def valid_request_id(value: str) -> bool:
     """Whether a client's `X-Request-ID` can be used as given: 1-128 visible ASCII characters."""
-    return 0 < len(value) <= REQUEST_ID_MAX and all("!" <= c <= "~" for c in value)
+    # Visible ASCII is "!" to "~": printable ASCII but the space (str methods, in C).
+    return (
+        0 < len(value) <= REQUEST_ID_MAX
+        and value.isascii()
+        and value.isprintable()
+        and " " not in value
+    )
 
 
 # 128 random bits, as in a version-4 UUID, from a generator seeded from the system's entropy

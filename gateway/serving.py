@@ -28,7 +28,7 @@ from typing import Any
 
 from gateway import GatewayFlask, logs, metrics
 from gateway.edge import edge_error, request_id_of
-from gateway.hooks import ADMITTED
+from gateway.hooks import ADMITTED, BODY
 from gateway.portal import run_sync
 
 __all__ = ["GatewayASGI", "settle_heap"]
@@ -236,6 +236,7 @@ def _environ(scope: Scope, body: bytes) -> dict[str, Any]:
         "wsgi.multiprocess": True,
         "wsgi.run_once": False,
         "wsgi.input_terminated": True,
+        BODY: body,
     }
     if client:
         environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = client[0], str(client[1])

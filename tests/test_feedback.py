@@ -130,6 +130,36 @@ def test_an_event_before_its_impression_is_written_is_judged_after_it(
     assert sleeps == [pytest.approx(0.2)]
 
 
+async def test_judged_on_the_loop_the_events_go_to_the_event_thread_and_unknowns_wait_there(
+    tmp_path: Path,
+) -> None:
+    """`judge_grouped`: the same judgement as `judge`, the retry's wait awaited, not slept."""
+    waits: list[float] = []
+
+    async def wait(seconds: float) -> None:
+        waits.append(seconds)
+        # Meanwhile another worker writes the impression the event named.
+        feedback.record("late", feedback.assign("u2", None), ranking("i1"))
+
+    feedback = FeedbackService(feedback_settings(tmp_path), WEIGHTS, async_sleep=wait)
+    try:
+        feedback.record("r1", feedback.assign("u1", None), ranking("i1", "i2"))
+        first = FeedbackEvent("r1", "i1", "click", "e-1")
+
+        assert await feedback.judge_grouped([first, FeedbackEvent("r1", "i9", "click")]) == [
+            EventResult.ACCEPTED,
+            EventResult.ITEM_NOT_SHOWN,
+        ]
+        assert waits == []
+        again = [first, FeedbackEvent("late", "i1", "click")]
+        assert await feedback.judge_grouped(again) == [EventResult.DUPLICATE, EventResult.ACCEPTED]
+        assert waits == [pytest.approx(0.2)]
+        assert feedback.events.groups == 3  # the first request, the second, its retry
+        assert feedback.report()["events"]["click"] == 2
+    finally:
+        feedback.close()
+
+
 def test_the_store_holds_the_users_pseudonym_never_their_id(
     service: FeedbackService, tmp_path: Path
 ) -> None:

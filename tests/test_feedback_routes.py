@@ -7,6 +7,7 @@ instances on one store (a Redis server, or one SQLite file).
 
 from __future__ import annotations
 
+import concurrent.futures
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -129,6 +130,24 @@ def test_a_click_is_accepted_once_per_event_id(url: str) -> None:
     assert report(url)["events"] == {"click": 2, "purchase": 0, "dismiss": 0}
 
 
+def test_concurrent_single_events_each_get_their_own_answer(url: str) -> None:
+    """Judged together or not (`gateway.feedback_judge`), each request answers for its event."""
+    answer = shown(url)
+    bodies = [click(answer, event_id="same") for _ in range(8)]
+    bodies += [click(answer, position=n % 6) for n in range(16)]
+    bodies += [{**click(answer), "item_id": "not-an-item"}] * 4
+    bodies += [{"request_id": "never-served", "item_id": "i1", "event": "click"}] * 4
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda body: post(url, body), bodies))
+
+    receipts = [response.json() for response in answers[:24]]
+    assert sorted(r["accepted"] for r in receipts[:8]) == [0] * 7 + [1]
+    assert all(r == {"accepted": 1, "duplicates": 0} for r in receipts[8:])
+    assert [response.status_code for response in answers[24:]] == [422] * 4 + [404] * 4
+    assert report(url)["events"]["click"] == 17
+
+
 def test_an_unknown_request_is_404_and_an_item_not_shown_422(url: str) -> None:
     answer = shown(url)
 
@@ -221,6 +240,37 @@ def test_a_store_that_fails_is_503_and_answers_are_still_served(
         response = requests.get(f"{url}/experiments", timeout=30)
         assert_json_error(response, 503, "feedback store is unavailable")
         assert shown(url)["fused"]
+
+
+def test_a_worker_with_too_many_events_waiting_answers_503_busy(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    app = feedback_app(fleet, tmp_path, event_queue_limit=1)
+    url = serve(app)
+    answer = shown(url)
+    database = tmp_path / "feedback.db"
+    stored(database, answer["request_id"])
+    judge = app.runtime.feedback.events
+    # Another process holds the file's write lock: the event thread waits for it.
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        try:
+            first = pool.submit(post, url, click(answer))
+            wait_until(lambda: judge.groups == 1, 10, "the first event never reached the store")
+            second = pool.submit(post, url, click(answer, position=1))
+            wait_until(lambda: judge.waiting == 1, 10, "the second event never queued")
+
+            busy = post(url, click(answer, position=2))
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert_json_error(
+            busy, 503, "the feedback store is busy: events waiting to be judged in this worker: 1 "
+        )
+        assert busy.headers["Retry-After"] == "1"
+        assert first.result().json() == second.result().json() == {"accepted": 1, "duplicates": 0}
+    assert report(url)["events"]["click"] == 2
 
 
 def test_feedback_is_served_as_wsgi_too(
