@@ -12,8 +12,9 @@ import argparse
 import sys
 from urllib.parse import urlsplit
 
-from gateway.config import FeedbackSettings, Settings, describe_source, load_settings
+from gateway.config import Settings, describe_source, load_settings
 from gateway.errors import ConfigError
+from gateway.feedback_settings import FeedbackSettings
 
 __all__ = ["main", "summary"]
 

@@ -35,9 +35,9 @@ from typing import Any
 
 from gateway import metrics
 from gateway.attribution import preference, wilson_interval
-from gateway.config import ArmSettings, FeedbackSettings
 from gateway.feedback_judge import EventJudge
 from gateway.feedback_records import EventResult, FeedbackStoreError, LearnedWeights
+from gateway.feedback_settings import ArmSettings, FeedbackSettings
 from gateway.feedback_store import FeedbackStore, open_store
 from gateway.fusion import FusedRanking, FusionChoice
 from gateway.impressions import (

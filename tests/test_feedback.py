@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from gateway import metrics
-from gateway.config import FeedbackSettings
 from gateway.feedback import FeedbackService
 from gateway.feedback_records import EventResult
+from gateway.feedback_settings import FeedbackSettings
 from gateway.feedback_store import SQLiteStore
 from gateway.fusion import FusedRanking
 from gateway.impressions import FeedbackEvent, hash_user
