@@ -37,10 +37,9 @@ from gateway.feedback_records import EventResult, FeedbackStoreError, LearnedWei
 from gateway.feedback_store import FeedbackStore, open_store
 from gateway.fusion import FusedRanking, FusionChoice
 from gateway.impressions import (
+    EncodedImpression,
     EventKind,
     FeedbackEvent,
-    Impression,
-    ShownItem,
     assign_arm,
     hash_user,
 )
@@ -68,7 +67,7 @@ class Assignment:
     weights: Mapping[str, float] | None
 
 
-# What `record` keeps on the loop: the Impression is built in the writer thread.
+# What `record` keeps on the loop: its stored form is made in the writer thread.
 _Shown = tuple[str, str, float, str, str | None, list[dict[str, Any]], tuple[str | None, ...]]
 
 
@@ -341,7 +340,7 @@ class FeedbackService:
             if not waiting:
                 return
             try:
-                store.save_impressions([_impression(shown) for shown in waiting])
+                store.save_impressions([EncodedImpression.of_answer(*shown) for shown in waiting])
             except FeedbackStoreError:
                 self._requeue(waiting)
                 raise
@@ -369,18 +368,3 @@ class FeedbackService:
         if self._store is None:
             raise RuntimeError("feedback is off: no store is configured")
         return self._store
-
-
-def _impression(shown: _Shown) -> Impression:
-    request_id, user_hash, at, fusion, arm, items, teams = shown
-    # List comprehensions, not generators: this runs for every item of every answer.
-    shown_items = [
-        ShownItem(
-            item["id"],
-            position,
-            team,
-            tuple([(source["name"], source["rank"]) for source in item["sources"]]),
-        )
-        for position, (item, team) in enumerate(zip(items, teams, strict=True), start=1)
-    ]
-    return Impression(request_id, user_hash, at, fusion, arm, tuple(shown_items))

@@ -43,7 +43,13 @@ from gateway.feedback_records import (
     LearnedWeights,
     RecommenderCounts,
 )
-from gateway.impressions import POSITIVE_EVENTS, FeedbackEvent, Impression, credit_for
+from gateway.impressions import (
+    POSITIVE_EVENTS,
+    FeedbackEvent,
+    Impression,
+    StorableImpression,
+    credit_for,
+)
 
 __all__ = ["SQLiteStore"]
 
@@ -83,6 +89,7 @@ CREATE TABLE IF NOT EXISTS learned_weights (
     body TEXT NOT NULL
 );
 """
+_INSERT = "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)"
 _ADD = (
     "INSERT INTO counter (scope, name, field, value) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (scope, name, field) DO UPDATE SET value = value + excluded.value"
@@ -129,18 +136,29 @@ class SQLiteStore:
         self._closed = False
         self._schema_ready = False
 
-    def save_impressions(self, impressions: Sequence[Impression]) -> None:
+    def save_impressions(self, impressions: Sequence[StorableImpression]) -> None:
         """Store a batch in one transaction; a request id already stored keeps its first."""
-        rows = [(imp.request_id, imp.at, imp.to_json()) for imp in impressions]
-        added: collections.Counter[tuple[str, str]] = collections.Counter()
+        if not impressions:
+            return
+        firsts: dict[str, StorableImpression] = {}
+        for impression in impressions:
+            firsts.setdefault(impression.request_id, impression)
+        batch = list(firsts.values())
+        rows = [(imp.request_id, imp.at, imp.to_json()) for imp in batch]
         with self._transaction() as db:
-            for impression, row in zip(impressions, rows, strict=True):
-                inserted = db.execute(
-                    "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)",
-                    row,
-                ).rowcount
-                if not inserted:
-                    continue
+            # One statement for the batch. If a request id was stored before (a client reusing
+            # one, rare) the batch is undone and inserted row by row, to count only the new.
+            db.execute("SAVEPOINT batch")
+            if db.executemany(_INSERT, rows).rowcount != len(rows):
+                db.execute("ROLLBACK TO batch")
+                batch = [
+                    imp
+                    for imp, row in zip(batch, rows, strict=True)
+                    if db.execute(_INSERT, row).rowcount
+                ]
+            db.execute("RELEASE batch")
+            added: collections.Counter[tuple[str, str]] = collections.Counter()
+            for impression in batch:
                 added.update(("recommender", name) for name in impression.recommenders())
                 if impression.arm is not None:
                     added[("arm", impression.arm)] += 1
