@@ -6,9 +6,9 @@ transaction (the write lock taken up front, so two processes never both read and
 write), in WAL mode (readers never wait for the writer) with a busy timeout (a writer waits
 for another process's transaction instead of failing).
 
-Schema (`PRAGMA user_version` 1)::
+Schema (`PRAGMA user_version` 2)::
 
-    impression(request_id PK, at, body, team_clicks, positives)
+    impression(rowid, request_id UNIQUE, at, body, team_clicks, positives)
         body: Impression JSON (a salted user hash, never a raw user id);
         team_clicks: {team: credited clicks} so far; positives: positive events so far
     seen_event(request_id, event_id)           event ids accepted, for duplicates
@@ -17,6 +17,12 @@ Schema (`PRAGMA user_version` 1)::
                                                clicks), ("event", kind, "count")
     pair(a, b, wins, losses, ties)             a < b, from a's side
     learned_weights(id = 1, version, body)     LearnedWeights JSON, highest version kept
+
+Version 2 keeps impressions in a rowid table, in the order written, with `request_id` in an
+index of its own: a batch appends its rows to the table's last pages and puts only the short
+keys at random places. Version 1 keyed the table by the (random) request id, so every insert
+rewrote a page of full rows, and a batch's commit wrote as many pages to the WAL as it had
+impressions. A version 1 file is converted when the store first opens it.
 
 An impression is live while `now - at < retention_s` by the injected clock; `expire` deletes
 the others, and until then `record` already treats them as unknown. Counters are cumulative:
@@ -53,15 +59,15 @@ from gateway.impressions import (
 
 __all__ = ["SQLiteStore"]
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_VERSION = 2
+_SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS impression (
-    request_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
     at REAL NOT NULL,
     body TEXT NOT NULL,
     team_clicks TEXT NOT NULL DEFAULT '{}',
     positives INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS impression_at ON impression (at);
 CREATE TABLE IF NOT EXISTS seen_event (
     request_id TEXT NOT NULL,
@@ -89,6 +95,17 @@ CREATE TABLE IF NOT EXISTS learned_weights (
     body TEXT NOT NULL
 );
 """
+_SCHEMA = tuple(part.strip() for part in _SCHEMA_SQL.split(";") if part.strip())
+# Version 1 to 2: the impressions move from a table keyed by request id to a rowid table.
+_BEFORE_SCHEMA_FROM_1 = (
+    "DROP INDEX IF EXISTS impression_at",
+    "ALTER TABLE impression RENAME TO impression_1",
+)
+_AFTER_SCHEMA_FROM_1 = (
+    "INSERT OR IGNORE INTO impression (request_id, at, body, team_clicks, positives) "
+    "SELECT request_id, at, body, team_clicks, positives FROM impression_1 ORDER BY at",
+    "DROP TABLE impression_1",
+)
 _INSERT = "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)"
 _ADD = (
     "INSERT INTO counter (scope, name, field, value) VALUES (?, ?, ?, ?) "
@@ -300,9 +317,9 @@ class SQLiteStore:
         return EventResult.ACCEPTED
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """A write transaction on this thread's connection: committed, or rolled back."""
-        db = self._connection()
+        db = self._connection() if db is None else db
         with _translated():
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -340,10 +357,21 @@ class SQLiteStore:
             self._connections.append(db)
             self._local.db = db
             if not self._schema_ready:
-                with _translated():
-                    db.executescript(
-                        f"BEGIN IMMEDIATE; {_SCHEMA} "
-                        f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
-                    )
+                with self._transaction(db) as schema:
+                    _make_schema(schema)
                 self._schema_ready = True
         return db
+
+
+def _make_schema(db: sqlite3.Connection) -> None:
+    """The tables, made or brought to `_SCHEMA_VERSION`, in the caller's write transaction."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version == 1:
+        for statement in _BEFORE_SCHEMA_FROM_1:
+            db.execute(statement)
+    for statement in _SCHEMA:
+        db.execute(statement)
+    if version == 1:
+        for statement in _AFTER_SCHEMA_FROM_1:
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
