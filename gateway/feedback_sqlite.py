@@ -174,12 +174,14 @@ class SQLiteStore:
                     if db.execute(_INSERT, row).rowcount
                 ]
             db.execute("RELEASE batch")
+            # One upsert per counter for the whole batch, not one per impression and name;
+            # a batch's impressions mostly share one set of recommenders, counted once.
+            shown = collections.Counter(impression.recommenders() for impression in batch)
             added: collections.Counter[tuple[str, str]] = collections.Counter()
-            for impression in batch:
-                added.update(("recommender", name) for name in impression.recommenders())
-                if impression.arm is not None:
-                    added[("arm", impression.arm)] += 1
-            # One upsert per counter for the whole batch, not one per impression and name.
+            for names, count in shown.items():
+                for name in names:
+                    added["recommender", name] += count
+            added.update(("arm", imp.arm) for imp in batch if imp.arm is not None)
             db.executemany(
                 _ADD,
                 [(scope, name, "impressions", count) for (scope, name), count in added.items()],
