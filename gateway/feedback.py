@@ -6,8 +6,10 @@ cheap things on the event loop, and never any I/O there:
 
 - `assign`: the user's pseudonym (`hash_user`), and the experiment arm that decides how the
   answer is fused (a request that names its `fusion` is outside the experiment, arm null);
-- `record`: what the answer showed, appended to a bounded list. When `queue_limit` are
-  waiting, the impression is dropped and counted: never unbounded memory, never a wait.
+- `record`: what the answer showed, in its stored form (`EncodedImpression`: one encoder
+  call while the answer's items are still in the CPU's caches), appended to a bounded list.
+  When `queue_limit` are waiting, the impression is dropped and counted: never unbounded
+  memory, never a wait.
 
 Its writer thread saves the waiting impressions in one batch every `flush_interval_ms`, deletes
 expired ones now and then, and every `learner.interval_s` runs the learner (stats, update,
@@ -67,10 +69,6 @@ class Assignment:
     weights: Mapping[str, float] | None
 
 
-# What `record` keeps on the loop: its stored form is made in the writer thread.
-_Shown = tuple[str, str, float, str, str | None, list[dict[str, Any]], tuple[str | None, ...]]
-
-
 class FeedbackService:
     """A worker's feedback: assignment, the impression writer, events, the learner.
 
@@ -115,7 +113,7 @@ class FeedbackService:
         if settings.store is not None:
             self._store = open_store(settings.store, settings.retention_s, clock)
         self._lock = threading.Lock()
-        self._pending: list[_Shown] = []
+        self._pending: list[EncodedImpression] = []
         self._dropped = 0
         # Held while waiting impressions are taken and written, so that an event judged after
         # it finds every impression recorded before it.
@@ -163,7 +161,13 @@ class FeedbackService:
         """
         if self._store is None or not fused.items:
             return
-        shown: _Shown = (
+        if len(self._pending) >= self.settings.queue_limit:
+            with self._lock:
+                self._dropped += 1
+            return
+        # Encoded here, not in the writer thread: the items were just made and are still in
+        # the CPU's caches, where the writer, waking every flush interval, finds them cold.
+        shown = EncodedImpression.of_answer(
             request_id,
             assignment.user_hash or "",
             self._clock(),
@@ -340,14 +344,14 @@ class FeedbackService:
             if not waiting:
                 return
             try:
-                store.save_impressions([EncodedImpression.of_answer(*shown) for shown in waiting])
+                store.save_impressions(waiting)
             except FeedbackStoreError:
                 self._requeue(waiting)
                 raise
             if self._metrics:
                 metrics.observe_impressions(recorded=len(waiting))
 
-    def _requeue(self, waiting: list[_Shown]) -> None:
+    def _requeue(self, waiting: list[EncodedImpression]) -> None:
         """Put a batch the store refused back in front, within the limit (the oldest go)."""
         with self._lock:
             merged = waiting + self._pending
