@@ -11,11 +11,10 @@ experiment arms by a stable hash of the user hash, so a user stays in one arm ac
 processes and gateway instances.
 
 The JSON form (`Impression.to_json`) is compact, with one-letter keys, because one is stored
-per answer; the Redis store's Lua script reads the same form, so its keys are fixed here. The
-writer thread does not build an `Impression` per answer: `EncodedImpression.of_answer` makes
-that JSON straight from the answer's fused items in one pydantic-core call, and an
-`Impression` is built only when an event reads one back (`Impression.from_json`). The stores
-take either (`StorableImpression`).
+per answer; the Redis store's Lua script reads the same form, so its keys are fixed here. No
+`Impression` is built per answer: `EncodedImpression.of_answer` makes that JSON straight from
+the answer's fused items in one pydantic-core call, and an `Impression` is built only when an
+event reads one back (`Impression.from_json`). The stores take either (`StorableImpression`).
 """
 
 from __future__ import annotations
@@ -138,7 +137,7 @@ class Impression:
 
 class StorableImpression(Protocol):
     """What a feedback store needs of an impression to save it: an `Impression`, or the
-    `EncodedImpression` the writer thread makes."""
+    `EncodedImpression` that `FeedbackService.record` makes of each answer."""
 
     @property
     def request_id(self) -> str:
@@ -169,7 +168,7 @@ class EncodedImpression:
     """An impression in its stored form: `Impression.to_json`'s JSON, and whom it counts for.
 
     Made by `of_answer` straight from the answer's fused items (`FusedRanking.items`), with
-    no `ShownItem` built: this runs in the writer thread for every answer shown.
+    no `ShownItem` built: this runs on the event loop for every answer shown.
     `Impression.from_json(body)` is the impression.
     """
 
@@ -193,7 +192,7 @@ class EncodedImpression:
         """The stored form of one answer: `items` as `Fuser.fuse` made them, each `{"id",
         "sources": [{"name", "rank", ...}]}`, placed by `teams` (None for each, but under
         interleaving)."""
-        # List comprehensions and one encoder call: this is most of the writer's work.
+        # List comprehensions and one encoder call: 15-18 µs for ten items.
         shown = [
             [item["id"], position, team, [[s["name"], s["rank"]] for s in item["sources"]]]
             for position, (item, team) in enumerate(zip(items, teams, strict=True), start=1)
