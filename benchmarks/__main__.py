@@ -7,7 +7,9 @@ switched off at a time: see `benchmarks.features`; ``python -m benchmarks tracin
 tracing costs, off, at 100% and at 1%: see `benchmarks.tracing`. ``python -m benchmarks
 scaleout`` (``make scaleout``) runs two gateways behind nginx and stops one mid-load: see
 `benchmarks.scaleout`. ``python -m benchmarks feedback`` measures `/feedback`'s events per
-second per worker on the SQLite store: see `benchmarks.feedback`. ``python -m benchmarks
+second per worker on the SQLite store: see `benchmarks.feedback`; ``python -m benchmarks
+impressions`` what keeping impressions costs a worker, in process: see
+`benchmarks.impressions`. ``python -m benchmarks
 online`` plays simulated users who click, and measures what the gateway learns from them
 (interleaving against A/B, learnt weights): see `benchmarks.online`.
 
@@ -112,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import features
 
         return features.main(argv[1:])
+    if argv[:1] == ["impressions"]:
+        from benchmarks import impressions
+
+        return impressions.main(argv[1:])
     if argv[:1] == ["overload"]:
         from benchmarks import overload
 

@@ -6,8 +6,10 @@ cheap things on the event loop, and never any I/O there:
 
 - `assign`: the user's pseudonym (`hash_user`), and the experiment arm that decides how the
   answer is fused (a request that names its `fusion` is outside the experiment, arm null);
-- `record`: what the answer showed, appended to a bounded list. When `queue_limit` are
-  waiting, the impression is dropped and counted: never unbounded memory, never a wait.
+- `record`: what the answer showed, in its stored form (`EncodedImpression`: one encoder
+  call while the answer's items are still in the CPU's caches), appended to a bounded list.
+  When `queue_limit` are waiting, the impression is dropped and counted: never unbounded
+  memory, never a wait.
 
 Its writer thread saves the waiting impressions in one batch every `flush_interval_ms`, deletes
 expired ones now and then, and every `learner.interval_s` runs the learner (stats, update,
@@ -41,10 +43,9 @@ from gateway.feedback_settings import ArmSettings, FeedbackSettings
 from gateway.feedback_store import FeedbackStore, open_store
 from gateway.fusion import FusedRanking, FusionChoice
 from gateway.impressions import (
+    EncodedImpression,
     EventKind,
     FeedbackEvent,
-    Impression,
-    ShownItem,
     assign_arm,
     hash_user,
 )
@@ -70,10 +71,6 @@ class Assignment:
     arm: str | None
     fusion: FusionChoice | None
     weights: Mapping[str, float] | None
-
-
-# What `record` keeps on the loop: the Impression is built in the writer thread.
-_Shown = tuple[str, str, float, str, str | None, list[dict[str, Any]], tuple[str | None, ...]]
 
 
 class FeedbackService:
@@ -122,7 +119,7 @@ class FeedbackService:
         if settings.store is not None:
             self._store = open_store(settings.store, settings.retention_s, clock)
         self._lock = threading.Lock()
-        self._pending: list[_Shown] = []
+        self._pending: list[EncodedImpression] = []
         self._dropped = 0
         # Held while waiting impressions are taken and written, so that an event judged after
         # it finds every impression recorded before it.
@@ -174,7 +171,13 @@ class FeedbackService:
         """
         if self._store is None or not fused.items:
             return
-        shown: _Shown = (
+        if len(self._pending) >= self.settings.queue_limit:
+            with self._lock:
+                self._dropped += 1
+            return
+        # Encoded here, not in the writer thread: the items were just made and are still in
+        # the CPU's caches, where the writer, waking every flush interval, finds them cold.
+        shown = EncodedImpression.of_answer(
             request_id,
             assignment.user_hash or "",
             self._clock(),
@@ -373,14 +376,14 @@ class FeedbackService:
             if not waiting:
                 return
             try:
-                store.save_impressions([_impression(shown) for shown in waiting])
+                store.save_impressions(waiting)
             except FeedbackStoreError:
                 self._requeue(waiting)
                 raise
             if self._metrics:
                 metrics.observe_impressions(recorded=len(waiting))
 
-    def _requeue(self, waiting: list[_Shown]) -> None:
+    def _requeue(self, waiting: list[EncodedImpression]) -> None:
         """Put a batch the store refused back in front, within the limit (the oldest go)."""
         with self._lock:
             merged = waiting + self._pending
@@ -412,18 +415,3 @@ def _merge(results: list[EventResult], at: list[int], again: Sequence[EventResul
     """Put the second judgement of the events at `at` in their places."""
     for i, result in zip(at, again, strict=True):
         results[i] = result
-
-
-def _impression(shown: _Shown) -> Impression:
-    request_id, user_hash, at, fusion, arm, items, teams = shown
-    # List comprehensions, not generators: this runs for every item of every answer.
-    shown_items = [
-        ShownItem(
-            item["id"],
-            position,
-            team,
-            tuple([(source["name"], source["rank"]) for source in item["sources"]]),
-        )
-        for position, (item, team) in enumerate(zip(items, teams, strict=True), start=1)
-    ]
-    return Impression(request_id, user_hash, at, fusion, arm, tuple(shown_items))

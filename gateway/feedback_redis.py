@@ -42,7 +42,7 @@ from gateway.feedback_records import (
     LearnedWeights,
     RecommenderCounts,
 )
-from gateway.impressions import FeedbackEvent, Impression
+from gateway.impressions import FeedbackEvent, StorableImpression
 
 __all__ = ["DEFAULT_PREFIX", "RedisStore"]
 
@@ -223,7 +223,7 @@ class RedisStore:
         self._record = self._redis.register_script(_RECORD)
         self._save_weights = self._redis.register_script(_SAVE_WEIGHTS)
 
-    def save_impressions(self, impressions: Sequence[Impression]) -> None:
+    def save_impressions(self, impressions: Sequence[StorableImpression]) -> None:
         """Store a batch in one script; a request id already stored keeps its first."""
         if not impressions:
             return

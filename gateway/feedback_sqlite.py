@@ -6,9 +6,9 @@ transaction (the write lock taken up front, so two processes never both read and
 write), in WAL mode (readers never wait for the writer) with a busy timeout (a writer waits
 for another process's transaction instead of failing).
 
-Schema (`PRAGMA user_version` 1)::
+Schema (`PRAGMA user_version` 2)::
 
-    impression(request_id PK, at, body, team_clicks, positives)
+    impression(rowid, request_id UNIQUE, at, body, team_clicks, positives)
         body: Impression JSON (a salted user hash, never a raw user id);
         team_clicks: {team: credited clicks} so far; positives: positive events so far
     seen_event(request_id, event_id)           event ids accepted, for duplicates
@@ -17,6 +17,12 @@ Schema (`PRAGMA user_version` 1)::
                                                clicks), ("event", kind, "count")
     pair(a, b, wins, losses, ties)             a < b, from a's side
     learned_weights(id = 1, version, body)     LearnedWeights JSON, highest version kept
+
+Version 2 keeps impressions in a rowid table, in the order written, with `request_id` in an
+index of its own: a batch appends its rows to the table's last pages and puts only the short
+keys at random places. Version 1 keyed the table by the (random) request id, so every insert
+rewrote a page of full rows, and a batch's commit wrote as many pages to the WAL as it had
+impressions. A version 1 file is converted when the store first opens it.
 
 An impression is live while `now - at < retention_s` by the injected clock; `expire` deletes
 the others, and until then `record` already treats them as unknown. Counters are cumulative:
@@ -44,19 +50,25 @@ from gateway.feedback_records import (
     LearnedWeights,
     RecommenderCounts,
 )
-from gateway.impressions import POSITIVE_EVENTS, FeedbackEvent, Impression, credit_for
+from gateway.impressions import (
+    POSITIVE_EVENTS,
+    FeedbackEvent,
+    Impression,
+    StorableImpression,
+    credit_for,
+)
 
 __all__ = ["SQLiteStore"]
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_VERSION = 2
+_SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS impression (
-    request_id TEXT PRIMARY KEY,
+    request_id TEXT NOT NULL UNIQUE,
     at REAL NOT NULL,
     body TEXT NOT NULL,
     team_clicks TEXT NOT NULL DEFAULT '{}',
     positives INTEGER NOT NULL DEFAULT 0
-) WITHOUT ROWID;
+);
 CREATE INDEX IF NOT EXISTS impression_at ON impression (at);
 CREATE TABLE IF NOT EXISTS seen_event (
     request_id TEXT NOT NULL,
@@ -84,6 +96,18 @@ CREATE TABLE IF NOT EXISTS learned_weights (
     body TEXT NOT NULL
 );
 """
+_SCHEMA = tuple(part.strip() for part in _SCHEMA_SQL.split(";") if part.strip())
+# Version 1 to 2: the impressions move from a table keyed by request id to a rowid table.
+_BEFORE_SCHEMA_FROM_1 = (
+    "DROP INDEX IF EXISTS impression_at",
+    "ALTER TABLE impression RENAME TO impression_1",
+)
+_AFTER_SCHEMA_FROM_1 = (
+    "INSERT OR IGNORE INTO impression (request_id, at, body, team_clicks, positives) "
+    "SELECT request_id, at, body, team_clicks, positives FROM impression_1 ORDER BY at",
+    "DROP TABLE impression_1",
+)
+_INSERT = "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)"
 _ADD = (
     "INSERT INTO counter (scope, name, field, value) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (scope, name, field) DO UPDATE SET value = value + excluded.value"
@@ -143,22 +167,35 @@ class SQLiteStore:
         self._closed = False
         self._schema_ready = False
 
-    def save_impressions(self, impressions: Sequence[Impression]) -> None:
+    def save_impressions(self, impressions: Sequence[StorableImpression]) -> None:
         """Store a batch in one transaction; a request id already stored keeps its first."""
-        rows = [(imp.request_id, imp.at, imp.to_json()) for imp in impressions]
-        added: collections.Counter[tuple[str, str]] = collections.Counter()
+        if not impressions:
+            return
+        firsts: dict[str, StorableImpression] = {}
+        for impression in impressions:
+            firsts.setdefault(impression.request_id, impression)
+        batch = list(firsts.values())
+        rows = [(imp.request_id, imp.at, imp.to_json()) for imp in batch]
         with self._transaction() as db:
-            for impression, row in zip(impressions, rows, strict=True):
-                inserted = db.execute(
-                    "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)",
-                    row,
-                ).rowcount
-                if not inserted:
-                    continue
-                added.update(("recommender", name) for name in impression.recommenders())
-                if impression.arm is not None:
-                    added[("arm", impression.arm)] += 1
-            # One upsert per counter for the whole batch, not one per impression and name.
+            # One statement for the batch. If a request id was stored before (a client reusing
+            # one, rare) the batch is undone and inserted row by row, to count only the new.
+            db.execute("SAVEPOINT batch")
+            if db.executemany(_INSERT, rows).rowcount != len(rows):
+                db.execute("ROLLBACK TO batch")
+                batch = [
+                    imp
+                    for imp, row in zip(batch, rows, strict=True)
+                    if db.execute(_INSERT, row).rowcount
+                ]
+            db.execute("RELEASE batch")
+            # One upsert per counter for the whole batch, not one per impression and name;
+            # a batch's impressions mostly share one set of recommenders, counted once.
+            shown = collections.Counter(impression.recommenders() for impression in batch)
+            added: collections.Counter[tuple[str, str]] = collections.Counter()
+            for names, count in shown.items():
+                for name in names:
+                    added["recommender", name] += count
+            added.update(("arm", imp.arm) for imp in batch if imp.arm is not None)
             db.executemany(
                 _ADD,
                 [(scope, name, "impressions", count) for (scope, name), count in added.items()],
@@ -306,9 +343,9 @@ class SQLiteStore:
         return EventResult.ACCEPTED
 
     @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """A write transaction on this thread's connection: committed, or rolled back."""
-        db = self._connection()
+        db = self._connection() if db is None else db
         with _translated():
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -346,10 +383,21 @@ class SQLiteStore:
             self._connections.append(db)
             self._local.db = db
             if not self._schema_ready:
-                with _translated():
-                    db.executescript(
-                        f"BEGIN IMMEDIATE; {_SCHEMA} "
-                        f"PRAGMA user_version = {_SCHEMA_VERSION}; COMMIT;"
-                    )
+                with self._transaction(db) as schema:
+                    _make_schema(schema)
                 self._schema_ready = True
         return db
+
+
+def _make_schema(db: sqlite3.Connection) -> None:
+    """The tables, made or brought to `_SCHEMA_VERSION`, in the caller's write transaction."""
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    if version == 1:
+        for statement in _BEFORE_SCHEMA_FROM_1:
+            db.execute(statement)
+    for statement in _SCHEMA:
+        db.execute(statement)
+    if version == 1:
+        for statement in _AFTER_SCHEMA_FROM_1:
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 from gateway.feedback_records import EventResult, FeedbackStats, LearnedWeights
 from gateway.feedback_sqlite import SQLiteStore
-from gateway.impressions import FeedbackEvent, Impression
+from gateway.impressions import FeedbackEvent, StorableImpression
 
 # `gateway.feedback_redis` (and the redis package, which imports OpenTelemetry when it is
 # installed) is imported only when a Redis store is opened: a gateway without one, or with
@@ -37,7 +37,7 @@ __all__ = ["FeedbackStore", "SQLiteStore", "check_store_url", "open_store"]
 class FeedbackStore(Protocol):
     """What the gateway needs of a feedback store; see the module docstring for the rules."""
 
-    def save_impressions(self, impressions: Sequence[Impression]) -> None:
+    def save_impressions(self, impressions: Sequence[StorableImpression]) -> None:
         """Store a batch atomically, counting impressions per recommender and per arm."""
         ...
 

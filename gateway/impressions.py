@@ -11,7 +11,10 @@ experiment arms by a stable hash of the user hash, so a user stays in one arm ac
 processes and gateway instances.
 
 The JSON form (`Impression.to_json`) is compact, with one-letter keys, because one is stored
-per answer; the Redis store's Lua script reads the same form, so its keys are fixed here.
+per answer; the Redis store's Lua script reads the same form, so its keys are fixed here. No
+`Impression` is built per answer: `EncodedImpression.of_answer` makes that JSON straight from
+the answer's fused items in one pydantic-core call, and an `Impression` is built only when an
+event reads one back (`Impression.from_json`). The stores take either (`StorableImpression`).
 """
 
 from __future__ import annotations
@@ -22,15 +25,19 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, TypeGuard, get_args
+from typing import Any, Final, Literal, Protocol, TypeGuard, get_args
+
+import pydantic_core
 
 __all__ = [
     "POSITIVE_EVENTS",
     "USER_HASH_LENGTH",
+    "EncodedImpression",
     "EventKind",
     "FeedbackEvent",
     "Impression",
     "ShownItem",
+    "StorableImpression",
     "assign_arm",
     "credit_for",
     "hash_user",
@@ -126,6 +133,82 @@ class Impression:
             arm=_optional_text(body.get("a"), "a"),
             items=tuple(_shown_item(entry) for entry in items),
         )
+
+
+class StorableImpression(Protocol):
+    """What a feedback store needs of an impression to save it: an `Impression`, or the
+    `EncodedImpression` that `FeedbackService.record` makes of each answer."""
+
+    @property
+    def request_id(self) -> str:
+        """The answer's request id."""
+        ...
+
+    @property
+    def at(self) -> float:
+        """When it was shown, unix seconds."""
+        ...
+
+    @property
+    def arm(self) -> str | None:
+        """The experiment arm, None outside the experiment."""
+        ...
+
+    def to_json(self) -> str:
+        """The compact JSON form (`Impression.to_json`)."""
+        ...
+
+    def recommenders(self) -> tuple[str, ...]:
+        """Every recommender in it, as a team or a source of a shown item, sorted."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedImpression:
+    """An impression in its stored form: `Impression.to_json`'s JSON, and whom it counts for.
+
+    Made by `of_answer` straight from the answer's fused items (`FusedRanking.items`), with
+    no `ShownItem` built: this runs on the event loop for every answer shown.
+    `Impression.from_json(body)` is the impression.
+    """
+
+    request_id: str
+    at: float
+    arm: str | None
+    body: str
+    names: tuple[str, ...]
+
+    @classmethod
+    def of_answer(
+        cls,
+        request_id: str,
+        user_hash: str,
+        at: float,
+        fusion: str,
+        arm: str | None,
+        items: Sequence[dict[str, Any]],
+        teams: Sequence[str | None],
+    ) -> EncodedImpression:
+        """The stored form of one answer: `items` as `Fuser.fuse` made them, each `{"id",
+        "sources": [{"name", "rank", ...}]}`, placed by `teams` (None for each, but under
+        interleaving)."""
+        # List comprehensions and one encoder call: 15-18 µs for ten items.
+        shown = [
+            [item["id"], position, team, [[s["name"], s["rank"]] for s in item["sources"]]]
+            for position, (item, team) in enumerate(zip(items, teams, strict=True), start=1)
+        ]
+        body = {"r": request_id, "u": user_hash, "t": at, "f": fusion, "a": arm, "i": shown}
+        names = {s["name"] for item in items for s in item["sources"]}
+        names.update(team for team in teams if team is not None)
+        return cls(request_id, at, arm, pydantic_core.to_json(body).decode(), tuple(sorted(names)))
+
+    def to_json(self) -> str:
+        """The compact JSON form, as `Impression.to_json` writes it."""
+        return self.body
+
+    def recommenders(self) -> tuple[str, ...]:
+        """Every recommender in it, as a team or a source of a shown item, sorted."""
+        return self.names
 
 
 @dataclass(frozen=True, slots=True)

@@ -377,3 +377,21 @@ def test_the_features_ab_runs_the_variants_asked_and_costs_a_feature_switched_on
     assert by_feature["feedback"]["cpu_ms_per_request"] == pytest.approx(0.1)
     assert by_feature["feedback"]["throughput_given_up"] == pytest.approx(0.1)
     assert by_feature["metrics"]["cpu_ms_per_request"] == pytest.approx(0.1)
+
+
+def test_the_impressions_benchmark_prints_both_sides_per_batch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from benchmarks.impressions import answers, main
+
+    shown = answers(3)
+    code = main(
+        ["--batch", "2,3", "--prefill", "0", "--flushes", "2", "--gap-ms", "0", "--rounds", "2"]
+    )
+    lines = capsys.readouterr().out.splitlines()
+
+    assert code == 0
+    assert [line.split(",")[0] for line in lines] == ["batch 2", "batch 3"]
+    assert all("loop " in line and "writer " in line for line in lines)
+    assert [len(answer.items) for answer in shown] == [10, 10, 10]
+    assert all(1 <= len(item["sources"]) <= 4 for item in shown[0].items)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import sqlite3
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,13 @@ from gateway.feedback_records import (
 )
 from gateway.feedback_redis import RedisStore
 from gateway.feedback_store import FeedbackStore, SQLiteStore, open_store
-from gateway.impressions import FeedbackEvent, Impression, ShownItem, hash_user
+from gateway.impressions import (
+    EncodedImpression,
+    FeedbackEvent,
+    Impression,
+    ShownItem,
+    hash_user,
+)
 from tests.helpers import closed_port
 from tests.redis_server import RedisServer
 
@@ -220,6 +227,45 @@ def test_an_impression_saved_twice_counts_once(store: FeedbackStore) -> None:
     assert stats.recommenders["als"].impressions == 2
 
 
+def encoded(impression: Impression) -> EncodedImpression:
+    """`impression` as the writer thread stores it, from the answer's fused items."""
+    items = [
+        {
+            "id": shown.item_id,
+            "score": 0.5,
+            "sources": [{"name": name, "rank": rank} for name, rank in shown.sources],
+        }
+        for shown in impression.items
+    ]
+    return EncodedImpression.of_answer(
+        impression.request_id,
+        impression.user_hash,
+        impression.at,
+        impression.fusion,
+        impression.arm,
+        items,
+        [shown.team for shown in impression.items],
+    )
+
+
+def test_an_encoded_answer_is_stored_and_judged_as_its_impression(store: FeedbackStore) -> None:
+    store.save_impressions([encoded(interleaved("r1")), encoded(fused("r2"))])
+    store.save_impressions([encoded(interleaved("r1", arm="other"))])
+
+    results = store.record([click("r1", "i2"), click("r1", "i9"), click("r2", "i1")])
+    stats = store.stats()
+
+    assert results == [ACCEPTED, NOT_SHOWN, ACCEPTED]
+    assert stats.impressions_stored == 2
+    assert stats.arms == {
+        "A": ArmCounts(impressions=1, clicked_impressions=1, clicks=1),
+        "B": ArmCounts(impressions=1, clicked_impressions=1, clicks=1),
+    }
+    assert stats.recommenders["trd"] == RecommenderCounts(impressions=1, clicks=1, credit=1.0)
+    assert stats.recommenders["ncf"] == RecommenderCounts(impressions=1, clicks=1, credit=0.5)
+    assert stats.pairwise[("pop", "trd")] == PairCounts(wins=0, losses=1, ties=0)
+
+
 def test_an_expired_impression_is_unknown_and_expire_deletes_it(
     store: FeedbackStore, clock: FakeClock
 ) -> None:
@@ -293,6 +339,41 @@ def test_threads_of_one_process_share_a_sqlite_store(tmp_path: Path) -> None:
 
     assert stats.events == {"click": 150}
     assert stats.pairwise == {pair: PairCounts(0, 0, 50) for pair in _PAIRS}
+
+
+def test_a_version_1_sqlite_file_is_converted_keeping_its_impressions(tmp_path: Path) -> None:
+    path = tmp_path / "v1.db"
+    old = sqlite3.connect(path)
+    old.executescript(
+        "CREATE TABLE impression (request_id TEXT PRIMARY KEY, at REAL NOT NULL, "
+        "body TEXT NOT NULL, team_clicks TEXT NOT NULL DEFAULT '{}', "
+        "positives INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID; "
+        "CREATE INDEX impression_at ON impression (at); PRAGMA user_version = 1;"
+    )
+    old.execute(
+        "INSERT INTO impression VALUES (?, ?, ?, ?, ?)",
+        ("r1", START, interleaved("r1").to_json(), "{}", 0),
+    )
+    old.commit()
+    old.close()
+    store = SQLiteStore(path, RETENTION_S, FakeClock())
+
+    results = store.record([click("r1", "i1"), click("nobody", "i1")])
+    store.save_impressions([interleaved("r1", arm="other"), interleaved("r2")])
+    stats = store.stats()
+    store.close()
+    check = sqlite3.connect(path)
+    (version,) = check.execute("PRAGMA user_version").fetchone()
+    tables = {name for (name,) in check.execute("SELECT name FROM sqlite_master")}
+    check.close()
+
+    assert results == [ACCEPTED, UNKNOWN]
+    assert stats.impressions_stored == 2
+    assert stats.arms["B"] == ArmCounts(impressions=1, clicked_impressions=1, clicks=1)
+    assert stats.pairwise[("als", "trd")] == PairCounts(wins=1, losses=0, ties=0)
+    assert version == 2
+    assert "impression_1" not in tables
+    assert "impression_at" in tables
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.impressions import (
     USER_HASH_LENGTH,
+    EncodedImpression,
     FeedbackEvent,
     Impression,
     ShownItem,
@@ -156,3 +157,40 @@ def test_event_kinds_and_events() -> None:
         False,
         False,
     ]
+
+
+def test_an_answer_encoded_in_one_pass_is_the_impression_it_showed() -> None:
+    items = [
+        {"id": "i1", "score": 0.5, "sources": [{"name": "als", "rank": 1, "score": 0.9}]},
+        {
+            "id": "i2",
+            "score": 0.4,
+            "sources": [{"name": "trd", "rank": 1}, {"name": "pop", "rank": 3}],
+        },
+        {"id": "i3", "score": 0.3, "sources": []},
+    ]
+    encoded = EncodedImpression.of_answer(
+        "req-3",
+        "u" * USER_HASH_LENGTH,
+        1_700_000_002.25,
+        "interleave",
+        "arm-a",
+        items,
+        ("als", "trd", "pop"),
+    )
+
+    assert Impression.from_json(encoded.to_json()) == Impression(
+        request_id="req-3",
+        user_hash="u" * USER_HASH_LENGTH,
+        at=1_700_000_002.25,
+        fusion="interleave",
+        arm="arm-a",
+        items=(
+            ShownItem("i1", 1, "als", (("als", 1),)),
+            ShownItem("i2", 2, "trd", (("trd", 1), ("pop", 3))),
+            ShownItem("i3", 3, "pop", ()),
+        ),
+    )
+    assert encoded.recommenders() == ("als", "pop", "trd")
+    assert (encoded.request_id, encoded.at, encoded.arm) == ("req-3", 1_700_000_002.25, "arm-a")
+    assert '"i":[["i1",1,"als",[["als",1]]]' in encoded.to_json()
