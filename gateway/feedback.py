@@ -344,23 +344,27 @@ class FeedbackService:
         next_expire = now + min(_EXPIRE_EVERY_S, self.settings.retention_s)
         next_learn = now
         while not self._stop.wait(self._flush_s):
-            self._guarded("writing impressions", self._flush)
+            self._guarded("writing impressions", "save", self._flush)
             now = time.monotonic()
             if now >= next_expire:
                 next_expire = now + min(_EXPIRE_EVERY_S, self.settings.retention_s)
-                self._guarded("expiring impressions", self._store_expire)
+                self._guarded("expiring impressions", "expire", self._store_expire)
             if learner.enabled and now >= next_learn:
                 next_learn = now + learner.interval_s
-                self._guarded("learning weights", self.learn)
-        self._guarded("writing the last impressions", self._flush)
+                self._guarded("learning weights", "learn", self.learn)
+        self._guarded("writing the last impressions", "save", self._flush)
 
-    def _guarded(self, doing: str, step: Callable[[], object]) -> None:
+    def _guarded(self, doing: str, operation: str, step: Callable[[], object]) -> None:
         try:
             step()
         except FeedbackStoreError as exc:
             log.warning("feedback: %s failed: %s", doing, exc)
+            if self._metrics:
+                metrics.observe_feedback_store_error(operation)
         except Exception:
             log.exception("feedback: %s failed", doing)
+            if self._metrics:
+                metrics.observe_feedback_store_error(operation)
 
     def _store_expire(self) -> None:
         self._require_store().expire()
@@ -379,9 +383,12 @@ class FeedbackService:
                 store.save_impressions(waiting)
             except FeedbackStoreError:
                 self._requeue(waiting)
+                if self._metrics:
+                    metrics.observe_impressions_waiting(len(self._pending))
                 raise
             if self._metrics:
                 metrics.observe_impressions(recorded=len(waiting))
+                metrics.observe_impressions_waiting(len(self._pending))
 
     def _requeue(self, waiting: list[EncodedImpression]) -> None:
         """Put a batch the store refused back in front, within the limit (the oldest go)."""

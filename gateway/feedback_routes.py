@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, cast
 
 from flask import Blueprint, Response, current_app
 
+from gateway import metrics
 from gateway.feedback_records import EventResult, FeedbackStoreBusy, FeedbackStoreError
 from gateway.feedback_schemas import ParsedFeedback, parse_feedback
 from gateway.hooks import request_body
@@ -57,7 +58,7 @@ async def receive_feedback() -> Response:
     try:
         results = await runtime.feedback.judge_grouped(parsed.events)
     except FeedbackStoreError as exc:
-        return _store_failed(exc)
+        return _store_failed(exc, "judge")
     return _receipt(parsed, results, settings.feedback.retention_s)
 
 
@@ -70,7 +71,7 @@ async def experiments() -> Response:
     try:
         report = await asyncio.to_thread(runtime.feedback.report)
     except FeedbackStoreError as exc:
-        return _store_failed(exc)
+        return _store_failed(exc, "report")
     return Response(json.dumps(report, separators=(",", ":")), mimetype="application/json")
 
 
@@ -114,11 +115,13 @@ def _why(event: FeedbackEvent, result: EventResult, retention_s: float) -> str:
     return f"item {event.item_id!r} was not shown in the answer to request {event.request_id!r}"
 
 
-def _store_failed(exc: FeedbackStoreError) -> Response:
+def _store_failed(exc: FeedbackStoreError, operation: str) -> Response:
     if isinstance(exc, FeedbackStoreBusy):
         # Not logged one by one: under a flood of clicks that would be a line per request.
         return error_response(
             503, f"the feedback store is busy: {exc}", headers={"Retry-After": "1"}
         )
     log.warning("feedback store failed: %s", exc)
+    if _app().runtime.settings.metrics:
+        metrics.observe_feedback_store_error(operation)
     return error_response(503, f"the feedback store is unavailable: {exc}")

@@ -34,7 +34,9 @@ __all__ = [
     "IN_FLIGHT",
     "flush",
     "observe_feedback",
+    "observe_feedback_store_error",
     "observe_impressions",
+    "observe_impressions_waiting",
     "observe_lag",
     "observe_learned_weights",
     "observe_learner_update",
@@ -127,6 +129,21 @@ LEARNED_WEIGHT = Gauge(
 LEARNER_UPDATES = Counter(
     "gateway_feedback_learner_updates_total",
     "New versions of the learnt weights saved to the feedback store by this gateway.",
+)
+FEEDBACK_STORE_OPERATIONS = ("save", "expire", "learn", "judge", "report")
+FEEDBACK_STORE_ERRORS = Counter(
+    "gateway_feedback_store_errors_total",
+    "Feedback store calls that failed, by operation: the writer's (save impressions, expire "
+    "them, learn) and the requests' (judge /feedback events, report /experiments).",
+    ["operation"],
+)
+for _operation in FEEDBACK_STORE_OPERATIONS:
+    FEEDBACK_STORE_ERRORS.labels(_operation)  # 0, not missing, until the first failure
+IMPRESSIONS_WAITING = Gauge(
+    "gateway_feedback_impressions_waiting",
+    "Impressions held unwritten after the writer's last flush (summed over live workers): "
+    "above 0 the store is failing or slow, and at feedback.queue_limit they are dropped.",
+    multiprocess_mode="livesum",
 )
 FLUSH_EVERY_S = 1.0
 
@@ -226,6 +243,16 @@ def observe_impressions(recorded: int = 0, dropped: int = 0) -> None:
         for outcome, count in (("recorded", recorded), ("dropped", dropped)):
             if count:
                 _pending.impressions[outcome] = _pending.impressions.get(outcome, 0) + count
+
+
+def observe_feedback_store_error(operation: str) -> None:
+    """Count one failed feedback store call (rare: straight to the counter)."""
+    FEEDBACK_STORE_ERRORS.labels(operation).inc()
+
+
+def observe_impressions_waiting(count: int) -> None:
+    """Publish how many impressions this worker holds unwritten after a flush."""
+    IMPRESSIONS_WAITING.set(count)
 
 
 def observe_learner_update() -> None:

@@ -231,15 +231,32 @@ def test_a_store_that_fails_is_503_and_answers_are_still_served(
 ) -> None:
     with closed_port() as port:
         app = feedback_app(
-            fleet, tmp_path, store=f"redis://127.0.0.1:{port}/0", flush_interval_ms=60_000
+            fleet, tmp_path, store=f"redis://127.0.0.1:{port}/0", flush_interval_ms=50
         )
         url = serve(app)
 
+        def counted() -> str:
+            return requests.get(f"{url}/metrics", timeout=30).text
+
+        before = counted()
         answer = shown(url)
         assert_json_error(post(url, click(answer)), 503, "feedback store is unavailable")
         response = requests.get(f"{url}/experiments", timeout=30)
         assert_json_error(response, 503, "feedback store is unavailable")
         assert shown(url)["fused"]
+
+        # Each failure is counted by what failed; the writer's impressions wait, and say so.
+        errors = "gateway_feedback_store_errors_total"
+
+        def failed(operation: str) -> float:
+            return sample(counted(), errors, operation=operation) - sample(
+                before, errors, operation=operation
+            )
+
+        assert (failed("judge"), failed("report")) == (1, 1)
+        wait_until(lambda: failed("save") >= 1, 10, "the writer's failures are not counted")
+        waiting = "gateway_feedback_impressions_waiting"
+        wait_until(lambda: sample(counted(), waiting) >= 2, 10, "no impressions shown waiting")
 
 
 def test_a_worker_with_too_many_events_waiting_answers_503_busy(
