@@ -42,9 +42,10 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
+from benchmarks.ranking_metrics import mean_ci
 from mock_recommenders import DEFAULT_NAMES
 
-__all__ = ["VARIANTS", "FeaturesPlan", "cost", "main", "median_row", "run_features"]
+__all__ = ["VARIANTS", "FeaturesPlan", "cost", "main", "median_row", "paired_costs", "run_features"]
 
 VARIANTS: dict[str, dict[str, str]] = {
     "all on": {},
@@ -109,7 +110,45 @@ def run_features(plan: FeaturesPlan, out: Path, advance: Callable[[str], None]) 
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "rows": rows,
         "costs": costs(rows),
+        "paired": paired_costs(samples),
     }
+
+
+def paired_costs(samples: dict[tuple[str, int], list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Each feature's cost round by round: its run against "all on"'s of the same round.
+
+    The variants of a round run one after the other, so pairing by round takes out the
+    machine's slow drifts between rounds, which medians over rounds keep; the mean over the
+    rounds comes with its 95% interval, so a cost the noise could make is seen as such.
+    """
+    found = []
+    for (variant, level), runs in sorted(samples.items(), key=lambda item: item[0][1]):
+        bases = samples.get(("all on", level))
+        if bases is None or variant == "all on" or len(runs) != len(bases) or len(runs) < 2:
+            continue
+        on = variant.endswith(" on")
+        given_up, added = [], []
+        for run, base in zip(runs, bases, strict=True):
+            costlier, cheaper = (run, base) if on else (base, run)
+            if cheaper["throughput_rps"]:
+                given_up.append(1 - costlier["throughput_rps"] / cheaper["throughput_rps"])
+            added.append(
+                costlier["cpu_ms_per_request"]["gateway"] - cheaper["cpu_ms_per_request"]["gateway"]
+            )
+        given, given_ci = mean_ci(given_up)
+        cpu, cpu_ci = mean_ci(added)
+        found.append(
+            {
+                "feature": variant.removesuffix(" off").removesuffix(" on"),
+                "concurrency": level,
+                "rounds": len(runs),
+                "throughput_given_up": round(given, 4),
+                "throughput_given_up_ci95": round(given_ci, 4),
+                "cpu_ms_per_request": round(cpu, 3),
+                "cpu_ms_per_request_ci95": round(cpu_ci, 3),
+            }
+        )
+    return found
 
 
 def median_row(variant: str, level: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -203,6 +242,21 @@ def markdown(results: dict[str, Any]) -> str:
             f"{'-' if share is None else f'{share:.1%}'} | "
             f"{'-' if given is None else f'{given:.1%}'} |"
         )
+    if results.get("paired"):
+        lines += [
+            "",
+            "Paired by round (each round's variant against that round's \"all on\"; mean and "
+            "95% interval over the rounds):",
+            "",
+            "| feature | conc. | rounds | CPU ms per request | throughput given up |",
+            "|---|---|---|---|---|",
+        ]
+        for pair in results["paired"]:
+            lines.append(
+                f"| {pair['feature']} | {pair['concurrency']} | {pair['rounds']} | "
+                f"{pair['cpu_ms_per_request']:.3f} ± {pair['cpu_ms_per_request_ci95']:.3f} | "
+                f"{pair['throughput_given_up']:.1%} ± {pair['throughput_given_up_ci95']:.1%} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from benchmarks.features import costs as feature_costs
+from benchmarks.features import paired_costs
 from benchmarks.features import parse_plan as features_plan
 from benchmarks.loadgen import percentile
 from benchmarks.quality import parse_plan
@@ -377,6 +378,28 @@ def test_the_features_ab_runs_the_variants_asked_and_costs_a_feature_switched_on
     assert by_feature["feedback"]["cpu_ms_per_request"] == pytest.approx(0.1)
     assert by_feature["feedback"]["throughput_given_up"] == pytest.approx(0.1)
     assert by_feature["metrics"]["cpu_ms_per_request"] == pytest.approx(0.1)
+
+
+def test_the_features_ab_pairs_each_round_with_its_own_all_on_round() -> None:
+    def run(rps: float, cpu: float) -> dict[str, Any]:
+        return {"throughput_rps": rps, "cpu_ms_per_request": {"gateway": cpu, "mocks": 1.0}}
+
+    # The machine slows in round 2: each round's pair still costs feedback 10% and 0.1 ms.
+    samples = {
+        ("all on", 64): [run(100, 1.0), run(50, 2.0), run(100, 1.0)],
+        ("feedback on", 64): [run(90, 1.1), run(45, 2.1), run(90, 1.1)],
+        ("metrics off", 64): [run(110, 0.9), run(55, 1.9), run(110, 0.9)],
+    }
+
+    paired = {pair["feature"]: pair for pair in paired_costs(samples)}
+
+    assert paired["feedback"]["rounds"] == 3
+    assert paired["feedback"]["throughput_given_up"] == pytest.approx(0.1)
+    assert paired["feedback"]["throughput_given_up_ci95"] == pytest.approx(0, abs=1e-9)
+    assert paired["feedback"]["cpu_ms_per_request"] == pytest.approx(0.1)
+    # A feature switched off costs what "all on" takes over it.
+    assert paired["metrics"]["throughput_given_up"] == pytest.approx(1 - 100 / 110, abs=1e-3)
+    assert paired["metrics"]["cpu_ms_per_request"] == pytest.approx(0.1)
 
 
 def test_the_impressions_benchmark_prints_both_sides_per_batch(
