@@ -39,6 +39,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
     && /opt/build/bin/pip wheel --wheel-dir /wheels '.[mocks,tracing]'
+# What the wheels were built from, as one digest: the next stage copies it (below) so that its
+# install step is built anew whenever the source changes.
+RUN find /src -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum > /source.sha256
 # buildah 1.28 (Debian 12's podman) hands the next stage this one as it was before its last
 # step, when that step is a RUN --mount taken from the cache; a step after it avoids that.
 WORKDIR /wheels
@@ -46,6 +49,10 @@ WORKDIR /wheels
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="fusion-gateway" \
       org.opencontainers.image.description="A fusion gateway for model recommenders; also runs the mock recommenders (python -m mock_recommenders)"
+
+# A mounted stage is no part of a step's cache key (buildah): without this copy, a cached
+# install step kept the wheels of an older source, and the image its old code.
+COPY --from=build /source.sha256 /opt/source.sha256
 
 # With OpenTelemetry (the `tracing` extra), so that OTEL_EXPORTER_OTLP_ENDPOINT switches tracing
 # on in a running image; unset, it is never imported.
