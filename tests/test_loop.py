@@ -6,14 +6,19 @@ and times every callback the loop runs while it serves recommendations to 32 use
 another process, as clients are) and, meanwhile, `/metrics`, the OpenAPI document and
 Swagger UI's assets. The time is the thread's CPU time, not the
 clock: on a busy machine a callback can wait for a core without costing the loop anything.
+Garbage collection is left out of a callback's time: a full pass walks every object of this
+test process (pytest's, the mocks' client's), which a worker keeps out of the collector's
+reach (`gateway.serving.settle_heap`); it is the process's pause, not the callback's work.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
@@ -62,13 +67,25 @@ def test_no_loop_callback_takes_20_ms_of_cpu_under_load(
     slow: list[tuple[float, str]] = []
     measuring = False
     run = asyncio.events.Handle._run
+    # Per thread: the CPU spent collecting garbage so far, and when its running pass began.
+    collected: dict[int, float] = {}
+    began: dict[int, float] = {}
+
+    def collecting(phase: str, info: dict[str, Any]) -> None:
+        thread = threading.get_ident()
+        if phase == "start":
+            began[thread] = time.thread_time()
+        elif thread in began:
+            collected[thread] = collected.get(thread, 0.0) + time.thread_time() - began[thread]
 
     def timed(handle: Any) -> None:
-        started = time.thread_time()
+        thread = threading.get_ident()
+        started, before = time.thread_time(), collected.get(thread, 0.0)
         try:
             run(handle)
         finally:
-            spent = time.thread_time() - started
+            garbage = collected.get(thread, 0.0) - before
+            spent = time.thread_time() - started - garbage
             if measuring and spent > LIMIT_S:
                 slow.append((round(spent * 1000, 1), _what(handle)))
 
@@ -76,12 +93,14 @@ def test_no_loop_callback_takes_20_ms_of_cpu_under_load(
 
     app = create_app(settings_for(fleet_process, deadline_ms=20_000, fusion_window=100))
     server = InProcessServer(app, loop="asyncio").start()
+    gc.callbacks.append(collecting)  # the interpreter holds this very list
     try:
         load(server.url, 1)  # warm: first reads, first compilations
         measuring = True
         result = load(server.url, 4)
     finally:
         measuring = False
+        gc.callbacks.remove(collecting)
         server.stop()
 
     assert result["errors"] == 0 and result["requests"] > 0
