@@ -52,12 +52,8 @@ class GatewayHTTPError(Exception):
 
 
 def _request(
-    user_id: str | None,
-    result_size: int | None,
-    context: dict[str, Any] | None,
-    token: str | None,
-    request_id: str | None,
-) -> tuple[dict[str, Any], dict[str, str]]:
+    user_id: str | None, result_size: int | None, context: dict[str, Any] | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {}
     if user_id is not None:
         body["user_id"] = user_id
@@ -65,19 +61,27 @@ def _request(
         body["resultSize"] = result_size
     if context is not None:
         body["context"] = context
+    return body
+
+
+def _feedback(events: Sequence[FeedbackEventBody]) -> dict[str, Any]:
+    if not events:
+        raise ValueError("send_feedback needs at least one event")
+    dumped = [event.model_dump(exclude_none=True) for event in events]
+    return dumped[0] if len(dumped) == 1 else {"events": dumped}
+
+
+def _headers(token: str | None, request_id: str | None = None) -> dict[str, str]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers[TOKEN_HEADER] = token
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
-    return body, headers
-
-
-def _answer(status: int, text: str) -> RecommendationResponse:
-    return RecommendationResponse.model_validate(_document(status, text, 200))
+    return headers
 
 
 def _document(status: int, text: str, expected: int) -> Any:
+    """The JSON body of an `expected` answer; `GatewayHTTPError` for any other status."""
     try:
         body = json.loads(text)
     except ValueError:
@@ -87,59 +91,39 @@ def _document(status: int, text: str, expected: int) -> Any:
     return body
 
 
-def _feedback(
-    events: Sequence[FeedbackEventBody], token: str | None
-) -> tuple[dict[str, Any], dict[str, str]]:
-    if not events:
-        raise ValueError("send_feedback needs at least one event")
-    dumped = [event.model_dump(exclude_none=True) for event in events]
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers[TOKEN_HEADER] = token
-    return (dumped[0] if len(dumped) == 1 else {"events": dumped}), headers
-
-
-def send_feedback(
+def _post(
     url: str,
-    events: Sequence[FeedbackEventBody],
-    *,
-    token: str | None = None,
-    timeout_s: float = 5.0,
-    session: requests.Session | None = None,
-) -> FeedbackReceipt:
-    """Post users' events on answers' items to `/feedback`, one request for all of them.
-
-    Returns the 202 receipt (a batch that was partly refused lists what in `rejected`); raises
-    `GatewayHTTPError` on an error status: 404 (unknown or expired request, or feedback off),
-    422 (an item that answer did not show), 413 (more than `feedback.max_events`), 503.
-    """
-    body, headers = _feedback(events, token)
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    timeout_s: float,
+    session: requests.Session | None,
+    expected: int,
+) -> Any:
     poster = session or requests
     response = poster.post(
-        f"{url.rstrip('/')}/feedback", json=body, headers=headers, timeout=timeout_s
+        f"{url.rstrip('/')}{path}", json=body, headers=headers, timeout=timeout_s
     )
-    return FeedbackReceipt.model_validate(_document(response.status_code, response.text, 202))
+    return _document(response.status_code, response.text, expected)
 
 
-async def send_feedback_async(
+async def _post_async(
     url: str,
-    events: Sequence[FeedbackEventBody],
-    *,
-    token: str | None = None,
-    timeout_s: float = 5.0,
-    session: aiohttp.ClientSession | None = None,
-) -> FeedbackReceipt:
-    """The same as `send_feedback`, with aiohttp; pass a `session` to reuse its connections."""
-    body, headers = _feedback(events, token)
+    path: str,
+    body: dict[str, Any],
+    headers: dict[str, str],
+    timeout_s: float,
+    session: aiohttp.ClientSession | None,
+    expected: int,
+) -> Any:
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     own = session is None
     client = session or aiohttp.ClientSession()
     try:
         async with client.post(
-            f"{url.rstrip('/')}/feedback", json=body, headers=headers, timeout=timeout
+            f"{url.rstrip('/')}{path}", json=body, headers=headers, timeout=timeout
         ) as response:
-            document = _document(response.status, await response.text(), 202)
-            return FeedbackReceipt.model_validate(document)
+            return _document(response.status, await response.text(), expected)
     finally:
         if own:
             await client.close()
@@ -157,12 +141,9 @@ def recommend(
     session: requests.Session | None = None,
 ) -> RecommendationResponse:
     """Ask the gateway at `url` for recommendations; raise `GatewayHTTPError` on an error status."""
-    body, headers = _request(user_id, result_size, context, token, request_id)
-    poster = session or requests
-    response = poster.post(
-        f"{url.rstrip('/')}/recommendation", json=body, headers=headers, timeout=timeout_s
-    )
-    return _answer(response.status_code, response.text)
+    body, headers = _request(user_id, result_size, context), _headers(token, request_id)
+    answer = _post(url, "/recommendation", body, headers, timeout_s, session, 200)
+    return RecommendationResponse.model_validate(answer)
 
 
 async def recommend_async(
@@ -177,18 +158,41 @@ async def recommend_async(
     session: aiohttp.ClientSession | None = None,
 ) -> RecommendationResponse:
     """The same as `recommend`, with aiohttp; pass a `session` to reuse its connections."""
-    body, headers = _request(user_id, result_size, context, token, request_id)
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    own = session is None
-    client = session or aiohttp.ClientSession()
-    try:
-        async with client.post(
-            f"{url.rstrip('/')}/recommendation", json=body, headers=headers, timeout=timeout
-        ) as response:
-            return _answer(response.status, await response.text())
-    finally:
-        if own:
-            await client.close()
+    body, headers = _request(user_id, result_size, context), _headers(token, request_id)
+    answer = await _post_async(url, "/recommendation", body, headers, timeout_s, session, 200)
+    return RecommendationResponse.model_validate(answer)
+
+
+def send_feedback(
+    url: str,
+    events: Sequence[FeedbackEventBody],
+    *,
+    token: str | None = None,
+    timeout_s: float = 5.0,
+    session: requests.Session | None = None,
+) -> FeedbackReceipt:
+    """Post users' events on answers' items to `/feedback`, one request for all of them.
+
+    Returns the 202 receipt (a batch that was partly refused lists what in `rejected`); raises
+    `GatewayHTTPError` on an error status: 404 (unknown or expired request, or feedback off),
+    422 (an item that answer did not show), 413 (more than `feedback.max_events`), 503.
+    """
+    receipt = _post(url, "/feedback", _feedback(events), _headers(token), timeout_s, session, 202)
+    return FeedbackReceipt.model_validate(receipt)
+
+
+async def send_feedback_async(
+    url: str,
+    events: Sequence[FeedbackEventBody],
+    *,
+    token: str | None = None,
+    timeout_s: float = 5.0,
+    session: aiohttp.ClientSession | None = None,
+) -> FeedbackReceipt:
+    """The same as `send_feedback`, with aiohttp; pass a `session` to reuse its connections."""
+    body, headers = _feedback(events), _headers(token)
+    receipt = await _post_async(url, "/feedback", body, headers, timeout_s, session, 202)
+    return FeedbackReceipt.model_validate(receipt)
 
 
 def main(argv: list[str] | None = None) -> int:
