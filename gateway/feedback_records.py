@@ -11,9 +11,10 @@ Errors::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -27,6 +28,7 @@ __all__ = [
     "FeedbackStoreError",
     "LearnedWeights",
     "RecommenderCounts",
+    "store_errors",
 ]
 
 
@@ -36,6 +38,15 @@ class FeedbackStoreError(Exception):
 
 class FeedbackStoreBusy(FeedbackStoreError):
     """Too many events already wait to be judged in this worker: the store is not keeping up."""
+
+
+@contextlib.contextmanager
+def store_errors(errors: type[Exception], store: str) -> Iterator[None]:
+    """A store's own `errors` as the one `FeedbackStoreError`, naming the `store`, cause chained."""
+    try:
+        yield
+    except errors as exc:
+        raise FeedbackStoreError(f"feedback store ({store}): {exc}") from exc
 
 
 class EventResult(StrEnum):

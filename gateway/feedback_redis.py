@@ -38,9 +38,9 @@ from gateway.feedback_records import (
     ArmCounts,
     EventResult,
     FeedbackStats,
-    FeedbackStoreError,
     LearnedWeights,
     RecommenderCounts,
+    store_errors,
 )
 from gateway.impressions import FeedbackEvent, StorableImpression
 
@@ -189,13 +189,8 @@ return 1
 """
 
 
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """Redis's errors as the store's one error, with the cause chained."""
-    try:
-        yield
-    except redis.RedisError as exc:
-        raise FeedbackStoreError(f"feedback store (Redis): {exc}") from exc
+def _translated() -> contextlib.AbstractContextManager[None]:
+    return store_errors(redis.RedisError, "Redis")
 
 
 class RedisStore:

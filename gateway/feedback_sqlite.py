@@ -46,9 +46,9 @@ from gateway.feedback_records import (
     ArmCounts,
     EventResult,
     FeedbackStats,
-    FeedbackStoreError,
     LearnedWeights,
     RecommenderCounts,
+    store_errors,
 )
 from gateway.impressions import (
     POSITIVE_EVENTS,
@@ -132,13 +132,8 @@ def _plus(total: PairCounts | None, change: PairCounts) -> PairCounts:
     return PairCounts(*(before + more for before, more in zip(total, change, strict=True)))
 
 
-@contextlib.contextmanager
-def _translated() -> Iterator[None]:
-    """SQLite's errors as the store's one error, with the cause chained."""
-    try:
-        yield
-    except sqlite3.Error as exc:
-        raise FeedbackStoreError(f"feedback store (SQLite): {exc}") from exc
+def _translated() -> contextlib.AbstractContextManager[None]:
+    return store_errors(sqlite3.Error, "SQLite")
 
 
 class SQLiteStore:
