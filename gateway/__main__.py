@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from urllib.parse import urlsplit
 
 from gateway.config import Settings, describe_source, load_settings
 from gateway.errors import ConfigError
 from gateway.feedback_settings import FeedbackSettings
+from gateway.feedback_store import describe_store_url
 
 __all__ = ["main", "summary"]
 
@@ -31,21 +31,15 @@ def summary(settings: Settings) -> str:
 
 
 def _feedback_summary(feedback: FeedbackSettings) -> str:
-    # The store's kind and place, never its credentials (a Redis URL may carry a password).
     if feedback.store is None:
         return "feedback off"
-    parts = urlsplit(feedback.store)
-    if parts.scheme == "sqlite":
-        place = parts.path[1:]
-    else:
-        place = f"{parts.hostname}:{parts.port or 6379}/{parts.path.lstrip('/') or '0'}"
     arms = feedback.experiments.arms
     total = sum(arm.share for arm in arms)
     split = ", ".join(f"{arm.name} {arm.share / total:.0%} {arm.fusion}" for arm in arms)
     learner = feedback.learner
     learning = "off" if not learner.enabled else "frozen" if learner.frozen else "on"
     return (
-        f"feedback {parts.scheme} {place} ("
+        f"feedback {describe_store_url(feedback.store)} ("
         + (f"arms: {split}; " if arms else "no experiment; ")
         + f"learner {learning})"
     )

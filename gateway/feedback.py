@@ -357,12 +357,11 @@ class FeedbackService:
     def _guarded(self, doing: str, operation: str, step: Callable[[], object]) -> None:
         try:
             step()
-        except FeedbackStoreError as exc:
-            log.warning("feedback: %s failed: %s", doing, exc)
-            if self._metrics:
-                metrics.observe_feedback_store_error(operation)
-        except Exception:
-            log.exception("feedback: %s failed", doing)
+        except Exception as exc:
+            if isinstance(exc, FeedbackStoreError):
+                log.warning("feedback: %s failed: %s", doing, exc)
+            else:
+                log.exception("feedback: %s failed", doing)
             if self._metrics:
                 metrics.observe_feedback_store_error(operation)
 

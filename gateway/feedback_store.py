@@ -31,7 +31,7 @@ from gateway.impressions import FeedbackEvent, StorableImpression
 # `gateway.feedback_redis` (and the redis package, which imports OpenTelemetry when it is
 # installed) is imported only when a Redis store is opened: a gateway without one, or with
 # tracing off, loads neither.
-__all__ = ["FeedbackStore", "SQLiteStore", "check_store_url", "open_store"]
+__all__ = ["FeedbackStore", "SQLiteStore", "check_store_url", "describe_store_url", "open_store"]
 
 
 class FeedbackStore(Protocol):
@@ -102,6 +102,15 @@ def check_store_url(url: str) -> Literal["sqlite", "redis"]:
         f"feedback store URL {url!r}: scheme {parts.scheme!r} is not supported; "
         "use sqlite:///PATH or redis://host:port/N"
     )
+
+
+def describe_store_url(url: str) -> str:
+    """The store a valid URL names, for people: its kind and place, never its credentials
+    (a Redis URL may carry a password): ``sqlite PATH`` or ``redis HOST:PORT/N``."""
+    parts = urlsplit(url)
+    if check_store_url(url) == "sqlite":
+        return f"sqlite {parts.path[1:]}"
+    return f"redis {parts.hostname}:{parts.port or 6379}/{parts.path.lstrip('/') or '0'}"
 
 
 def open_store(
