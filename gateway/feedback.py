@@ -14,10 +14,10 @@ cheap things on the event loop, and never any I/O there:
 Its writer thread saves the waiting impressions in one batch every `flush_interval_ms`, deletes
 expired ones now and then, and every `learner.interval_s` runs the learner (stats, update,
 save, publish the weights that `weights: learned` arms fuse with). Events from `POST
-/feedback` are judged by its event thread (`judge_grouped`, on the loop: the events of
+/feedback` are judged by its event thread (`judge`, awaited on the loop: the events of
 concurrent requests judged together, one store transaction per group, `gateway.feedback_judge`);
-`judge` does the same work blocking, and `report` (`GET /experiments`) blocks on the store: the
-web layer runs it with `asyncio.to_thread`.
+`report` (`GET /experiments`) blocks on the store: the web layer runs it with
+`asyncio.to_thread`.
 
 An event can come before the impression it names is written: within this worker the waiting
 impressions are written first; one written by another worker or instance may take a flush
@@ -78,8 +78,8 @@ class FeedbackService:
 
     `weights`: every recommender's configured weight (`Settings.fusion_weights`). Off (no
     store in `settings`), `assign` passes the request's fusion through and `record` does
-    nothing. `clock` (unix seconds) stamps impressions; `sleep` (in `judge`) and `async_sleep`
-    (in `judge_grouped`) wait before an unknown event is judged again (tests pass fakes).
+    nothing. `clock` (unix seconds) stamps impressions; `async_sleep` waits before an unknown
+    event is judged again (tests pass fakes).
     """
 
     def __init__(
@@ -88,14 +88,12 @@ class FeedbackService:
         weights: Mapping[str, float],
         record_metrics: bool = True,
         clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
         async_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ):
         self.settings = settings
         self.configured = dict(weights)
         self._metrics = record_metrics
         self._clock = clock
-        self._sleep = sleep
         self._async_sleep = async_sleep
         self._flush_s = settings.flush_interval_ms / 1000
         self._arms: dict[str, ArmSettings] = {a.name: a for a in settings.experiments.arms}
@@ -215,19 +213,9 @@ class FeedbackService:
 
     # --- Off the loop ---------------------------------------------------------------------
 
-    def judge(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
-        """Judge and count `events` in the store, in order (blocks; `FeedbackStoreError`)."""
-        results = self._judge_together(events)
-        unknown = _unknown(results)
-        if unknown:
-            # Perhaps not written yet, by another worker or instance: once more, a little later.
-            self._sleep(2 * self._flush_s)
-            _merge(results, unknown, self._judge_together([events[i] for i in unknown]))
-        self._observe(events, results)
-        return results
-
-    async def judge_grouped(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
-        """`judge` on the loop: with other requests' events, by the event thread (no blocking).
+    async def judge(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
+        """Judge and count `events` in the store, in order: with other requests' events, by
+        the event thread (the loop never blocks).
 
         `FeedbackStoreError` when the store failed, `FeedbackStoreBusy` when too many events
         wait already (`feedback.event_queue_limit`).

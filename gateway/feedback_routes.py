@@ -56,7 +56,7 @@ async def receive_feedback() -> Response:
         return error_response(404, FEEDBACK_OFF)
     parsed = parse_feedback(request_body(), settings.max_json_depth, settings.feedback.max_events)
     try:
-        results = await runtime.feedback.judge_grouped(parsed.events)
+        results = await runtime.feedback.judge(parsed.events)
     except FeedbackStoreError as exc:
         return _store_failed(exc, "judge")
     return _receipt(parsed, results, settings.feedback.retention_s)

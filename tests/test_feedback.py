@@ -6,7 +6,7 @@ Over a real SQLite file, without HTTP: the endpoints are tests/test_feedback_rou
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,15 @@ def sleeps() -> list[float]:
     return []
 
 
+def recorder(waits: list[float]) -> Callable[[float], Awaitable[None]]:
+    """An `async_sleep` that keeps what it was asked to wait, and does not wait."""
+
+    async def wait(seconds: float) -> None:
+        waits.append(seconds)
+
+    return wait
+
+
 @pytest.fixture
 def service(tmp_path: Path, sleeps: list[float]) -> Iterator[FeedbackService]:
     """A service whose writer thread is not started: the test flushes by hand."""
@@ -47,7 +56,7 @@ def service(tmp_path: Path, sleeps: list[float]) -> Iterator[FeedbackService]:
     service = FeedbackService(
         feedback_settings(tmp_path, queue_limit=3, experiments={"arms": arms}),
         WEIGHTS,
-        sleep=sleeps.append,
+        async_sleep=recorder(sleeps),
     )
     yield service
     service.close()
@@ -93,7 +102,7 @@ def test_an_arms_weights_go_to_the_fuser_and_learned_ones_start_at_the_configure
         service.close()
 
 
-def test_a_full_queue_drops_impressions_and_counts_them(service: FeedbackService) -> None:
+async def test_a_full_queue_drops_impressions_and_counts_them(service: FeedbackService) -> None:
     impressions = "gateway_feedback_impressions_total"
     before = sample(metrics.render().decode(), impressions, outcome="dropped")
 
@@ -104,7 +113,7 @@ def test_a_full_queue_drops_impressions_and_counts_them(service: FeedbackService
     rendered = metrics.render().decode()
     dropped = sample(rendered, impressions, outcome="dropped")
     assert dropped - before == 2
-    results = service.judge([FeedbackEvent(f"r{n}", "i1", "click") for n in range(5)])
+    results = await service.judge([FeedbackEvent(f"r{n}", "i1", "click") for n in range(5)])
     assert results[:3] == [EventResult.ACCEPTED] * 3
     assert results[3:] == [EventResult.UNKNOWN_REQUEST] * 2
 
@@ -117,23 +126,25 @@ def test_nothing_is_recorded_for_an_answer_without_fused_items(service: Feedback
     assert service.report()["impressions_stored"] == 0
 
 
-def test_an_event_before_its_impression_is_written_is_judged_after_it(
+async def test_an_event_before_its_impression_is_written_is_judged_after_it(
     service: FeedbackService, sleeps: list[float]
 ) -> None:
     service.record("r1", service.assign("u1", None), ranking("i1"))
 
     # Waiting in this worker: written first, then judged.
-    assert service.judge([FeedbackEvent("r1", "i1", "click")]) == [EventResult.ACCEPTED]
+    assert await service.judge([FeedbackEvent("r1", "i1", "click")]) == [EventResult.ACCEPTED]
     assert sleeps == []
     # Unknown: judged once more after two flush intervals (another worker may write it).
-    assert service.judge([FeedbackEvent("r2", "i1", "click")]) == [EventResult.UNKNOWN_REQUEST]
+    assert await service.judge([FeedbackEvent("r2", "i1", "click")]) == [
+        EventResult.UNKNOWN_REQUEST
+    ]
     assert sleeps == [pytest.approx(0.2)]
 
 
 async def test_judged_on_the_loop_the_events_go_to_the_event_thread_and_unknowns_wait_there(
     tmp_path: Path,
 ) -> None:
-    """`judge_grouped`: the same judgement as `judge`, the retry's wait awaited, not slept."""
+    """`judge`: the events go to the event thread, the retry's wait is awaited, not slept."""
     waits: list[float] = []
 
     async def wait(seconds: float) -> None:
@@ -146,13 +157,13 @@ async def test_judged_on_the_loop_the_events_go_to_the_event_thread_and_unknowns
         feedback.record("r1", feedback.assign("u1", None), ranking("i1", "i2"))
         first = FeedbackEvent("r1", "i1", "click", "e-1")
 
-        assert await feedback.judge_grouped([first, FeedbackEvent("r1", "i9", "click")]) == [
+        assert await feedback.judge([first, FeedbackEvent("r1", "i9", "click")]) == [
             EventResult.ACCEPTED,
             EventResult.ITEM_NOT_SHOWN,
         ]
         assert waits == []
         again = [first, FeedbackEvent("late", "i1", "click")]
-        assert await feedback.judge_grouped(again) == [EventResult.DUPLICATE, EventResult.ACCEPTED]
+        assert await feedback.judge(again) == [EventResult.DUPLICATE, EventResult.ACCEPTED]
         assert waits == [pytest.approx(0.2)]
         assert feedback.events.groups == 3  # the first request, the second, its retry
         assert feedback.report()["events"]["click"] == 2
@@ -172,7 +183,7 @@ def test_the_store_holds_the_users_pseudonym_never_their_id(
     assert hash_user("alice@example.com", SALT).encode() in stored
 
 
-def test_the_learner_publishes_weights_and_a_frozen_one_holds_them(tmp_path: Path) -> None:
+async def test_the_learner_publishes_weights_and_a_frozen_one_holds_them(tmp_path: Path) -> None:
     learner = {"min_evidence": 2, "beta": 3.0, "prior": 3.0, "floor": 0.1, "max_weight": 5.0}
     service = FeedbackService(feedback_settings(tmp_path, learner=learner), WEIGHTS)
     frozen = FeedbackService(
@@ -189,7 +200,7 @@ def test_the_learner_publishes_weights_and_a_frozen_one_holds_them(tmp_path: Pat
             )
             service.record(f"r{n}", service.assign("u1", "interleave"), fused)
         service.flush()
-        service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(3)])
+        await service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(3)])
 
         learned = service.learn()
         held = frozen.learn()
