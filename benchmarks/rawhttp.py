@@ -28,6 +28,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[tuple[int, float]] | None = None
         self.retry_after = 0.0
         self.reusable = True
+        self.body: list[bytes] | None = None  # the body's pieces, when asked for
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -54,14 +55,19 @@ class _Connection(asyncio.Protocol):
         if name.lower() == b"retry-after" and value.isdigit():
             self.retry_after = float(value)
 
+    def on_body(self, body: bytes) -> None:
+        if self.body is not None:
+            self.body.append(body)
+
     def on_message_complete(self) -> None:
         self.reusable = self.parser.should_keep_alive()
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result((self.parser.get_status_code(), self.retry_after))
 
-    async def send(self, request: bytes) -> tuple[int, float]:
+    async def send(self, request: bytes, keep_body: bool = False) -> tuple[int, float]:
         assert self.transport is not None
         self.retry_after = 0.0
+        self.body = [] if keep_body else None
         self.waiter = asyncio.get_running_loop().create_future()
         self.transport.write(request)
         return await self.waiter
@@ -80,6 +86,15 @@ class RawPool:
 
     async def post(self, path: str, body: bytes) -> tuple[int, float]:
         """POST `body` (JSON) to `path`; the status and the `Retry-After` seconds (0: none)."""
+        status, retry_after, _ = await self._post(path, body, keep_body=False)
+        return status, retry_after
+
+    async def post_for_body(self, path: str, body: bytes) -> tuple[int, bytes]:
+        """POST `body` (JSON) to `path`; the status and the response's body."""
+        status, _, answer = await self._post(path, body, keep_body=True)
+        return status, answer
+
+    async def _post(self, path: str, body: bytes, keep_body: bool) -> tuple[int, float, bytes]:
         request = b"".join(
             (
                 b"POST ",
@@ -95,7 +110,8 @@ class RawPool:
         connection = self._idle.pop() if self._idle else await self._open()
         try:
             async with asyncio.timeout(self.timeout_s):
-                answer = await connection.send(request)
+                status, retry_after = await connection.send(request, keep_body)
+                answer = b"".join(connection.body or ())
         except BaseException:
             connection.reusable = False
             raise
@@ -106,7 +122,7 @@ class RawPool:
                 self._all.discard(connection)
                 if connection.transport is not None:
                     connection.transport.close()
-        return answer
+        return status, retry_after, answer
 
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()

@@ -50,12 +50,19 @@ def pair_outcome(clicks_by_team: Mapping[str, int], a: str, b: str) -> PairOutco
     """
     if sum(clicks_by_team.values()) <= 0:
         return None
+    return _decided(clicks_by_team, a, b)
+
+
+def _decided(clicks_by_team: Mapping[str, int], a: str, b: str) -> PairOutcome:
     mine, theirs = clicks_by_team.get(a, 0), clicks_by_team.get(b, 0)
     if mine > theirs:
         return "win"
     if mine < theirs:
         return "loss"
     return "tie"
+
+
+_CHANGE_INDEX: dict[PairOutcome, int] = {"win": 0, "loss": 1, "tie": 2}
 
 
 def pairwise_delta(
@@ -67,15 +74,20 @@ def pairwise_delta(
     only one of them counts 0 in the other. Pairs whose outcome did not change are left out.
     """
     teams = sorted(set(before) | set(after))
+    # pair_outcome for every pair, with each side's "any clicks at all" summed once.
+    clicked_before = sum(before.values()) > 0
+    clicked_after = sum(after.values()) > 0
     delta: dict[tuple[str, str], PairCounts] = {}
     for a, b in combinations(teams, 2):
-        old, new = pair_outcome(before, a, b), pair_outcome(after, a, b)
+        old = _decided(before, a, b) if clicked_before else None
+        new = _decided(after, a, b) if clicked_after else None
         if old == new:
             continue
         change = [0, 0, 0]
-        for outcome, sign in ((old, -1), (new, 1)):
-            if outcome is not None:
-                change[("win", "loss", "tie").index(outcome)] += sign
+        if old is not None:
+            change[_CHANGE_INDEX[old]] -= 1
+        if new is not None:
+            change[_CHANGE_INDEX[new]] += 1
         delta[(a, b)] = PairCounts(*change)
     return delta
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
 import sqlite3
 import threading
 import time
@@ -41,11 +40,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import pydantic_core
+
 from gateway.attribution import PairCounts, pairwise_delta
 from gateway.feedback_records import (
     ArmCounts,
     EventResult,
     FeedbackStats,
+    FeedbackStoreError,
     LearnedWeights,
     RecommenderCounts,
     store_errors,
@@ -53,7 +55,7 @@ from gateway.feedback_records import (
 from gateway.impressions import (
     POSITIVE_EVENTS,
     FeedbackEvent,
-    Impression,
+    ShownItems,
     StorableImpression,
     credit_for,
 )
@@ -108,6 +110,7 @@ _AFTER_SCHEMA_FROM_1 = (
     "DROP TABLE impression_1",
 )
 _INSERT = "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)"
+
 _ADD = (
     "INSERT INTO counter (scope, name, field, value) VALUES (?, ?, ?, ?) "
     "ON CONFLICT (scope, name, field) DO UPDATE SET value = value + excluded.value"
@@ -117,6 +120,16 @@ _ADD_PAIR = (
     "ON CONFLICT (a, b) DO UPDATE SET wins = wins + excluded.wins, "
     "losses = losses + excluded.losses, ties = ties + excluded.ties"
 )
+_ADD_SEEN = "INSERT INTO seen_event (request_id, event_id) VALUES (?, ?)"
+_CLICKED = "UPDATE impression SET team_clicks = ?, positives = ? WHERE request_id = ?"
+_LIVE = (
+    "SELECT request_id, body, team_clicks, positives FROM impression "
+    "WHERE at > ? AND request_id IN ({})"
+)
+_SEEN = "SELECT request_id, event_id FROM seen_event WHERE request_id IN ({})"
+# Keys per `IN (...)` query. A batch's keys are padded to a power of two, so that a handful of
+# statements, each prepared once and kept by the driver's cache, serve every batch size.
+_KEYS_PER_QUERY = 512
 
 
 class _Added(NamedTuple):
@@ -129,7 +142,7 @@ class _Added(NamedTuple):
 def _plus(total: PairCounts | None, change: PairCounts) -> PairCounts:
     if total is None:
         return change
-    return PairCounts(*(before + more for before, more in zip(total, change, strict=True)))
+    return PairCounts(total[0] + change[0], total[1] + change[1], total[2] + change[2])
 
 
 def _translated() -> contextlib.AbstractContextManager[None]:
@@ -199,14 +212,31 @@ class SQLiteStore:
     def record(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
         """Judge and count a batch of events in one transaction, in order; one result each.
 
-        The counters are summed over the batch and written once each, at its end: nothing
-        in the batch reads them, and a batch of events on one impression's items would
-        otherwise upsert the same rows once per event.
+        A handful of statements per batch, whatever its size: the live impressions the events
+        name are read in one query (and their JSON parsed once each), the event ids already
+        seen in another; the events are judged in order in memory; then the impressions that
+        were clicked, the new event ids and the counters are written once each. Nothing else
+        writes them meanwhile: the transaction holds the write lock from its start.
         """
+        if not events:
+            return []
         cutoff = self._clock() - self.retention_s
         added = _Added(collections.defaultdict(float), {})
         with self._transaction() as db:
-            results = [self._record_one(db, event, cutoff, added) for event in events]
+            live = _read_live(db, {event.request_id for event in events}, cutoff)
+            with_ids = {e.request_id for e in events if e.event_id is not None} & live.keys()
+            seen = _read_seen(db, with_ids) if with_ids else set()
+            new_seen: list[tuple[str, str]] = []
+            results = [_judge(event, live, seen, new_seen, added) for event in events]
+            db.executemany(_ADD_SEEN, new_seen)
+            db.executemany(
+                _CLICKED,
+                [
+                    (pydantic_core.to_json(one.team_clicks).decode(), one.positives, rid)
+                    for rid, one in live.items()
+                    if one.changed
+                ],
+            )
             db.executemany(_ADD, [(*key, value) for key, value in added.counters.items()])
             db.executemany(_ADD_PAIR, [(a, b, *change) for (a, b), change in added.pairs.items()])
         return results
@@ -292,51 +322,6 @@ class SQLiteStore:
         for db in connections:
             db.close()
 
-    def _record_one(
-        self, db: sqlite3.Connection, event: FeedbackEvent, cutoff: float, added: _Added
-    ) -> EventResult:
-        row = db.execute(
-            "SELECT body, team_clicks, positives FROM impression WHERE request_id = ? AND at > ?",
-            (event.request_id, cutoff),
-        ).fetchone()
-        if row is None:
-            return EventResult.UNKNOWN_REQUEST
-        impression = Impression.from_json(row[0])
-        item = impression.item(event.item_id)
-        if item is None:
-            return EventResult.ITEM_NOT_SHOWN
-        if event.event_id is not None and not (
-            db.execute(
-                "INSERT OR IGNORE INTO seen_event (request_id, event_id) VALUES (?, ?)",
-                (event.request_id, event.event_id),
-            ).rowcount
-        ):
-            return EventResult.DUPLICATE
-        counters = added.counters
-        counters[("event", event.event, "count")] += 1
-        if event.event not in POSITIVE_EVENTS:
-            return EventResult.ACCEPTED
-        for name, share in credit_for(item).items():
-            counters[("recommender", name, "clicks")] += 1
-            counters[("recommender", name, "credit")] += share
-        team_clicks: dict[str, int] = json.loads(row[1])
-        if item.team is not None:
-            before = {team: team_clicks.get(team, 0) for team in impression.teams()}
-            after = {**before, item.team: before[item.team] + 1}
-            for pair, change in pairwise_delta(before, after).items():
-                added.pairs[pair] = _plus(added.pairs.get(pair), change)
-            team_clicks[item.team] = after[item.team]
-        positives: int = row[2]
-        if impression.arm is not None:
-            if positives == 0:
-                counters[("arm", impression.arm, "clicked_impressions")] += 1
-            counters[("arm", impression.arm, "clicks")] += 1
-        db.execute(
-            "UPDATE impression SET team_clicks = ?, positives = ? WHERE request_id = ?",
-            (json.dumps(team_clicks, separators=(",", ":")), positives + 1, event.request_id),
-        )
-        return EventResult.ACCEPTED
-
     @contextlib.contextmanager
     def _transaction(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """A write transaction on this thread's connection: committed, or rolled back."""
@@ -382,6 +367,102 @@ class SQLiteStore:
                     _make_schema(schema)
                 self._schema_ready = True
         return db
+
+
+class _Live:
+    """A live impression that a batch's events name: read once, written back once if clicked."""
+
+    __slots__ = ("changed", "positives", "shown", "team_clicks")
+
+    def __init__(self, request_id: str, body: str, team_clicks: str, positives: int):
+        try:
+            self.shown = ShownItems.from_json(body)
+            self.team_clicks: dict[str, int] = pydantic_core.from_json(team_clicks)
+        except ValueError as exc:  # not what this gateway wrote: the store is not to be trusted
+            raise _unreadable(request_id, exc) from exc
+        self.positives = positives
+        self.changed = False
+
+
+def _unreadable(request_id: str, exc: ValueError) -> FeedbackStoreError:
+    return FeedbackStoreError(
+        f"feedback store (SQLite): impression {request_id!r} is unreadable: {exc}"
+    )
+
+
+def _keyed(query: str, keys: set[str]) -> Iterator[tuple[str, list[str]]]:
+    """`query` with its `{}` made `?, ?, ...`, and its keys: `_KEYS_PER_QUERY` at most each."""
+    ordered = sorted(keys)
+    for start in range(0, len(ordered), _KEYS_PER_QUERY):
+        chunk = ordered[start : start + _KEYS_PER_QUERY]
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunk += chunk[-1:] * (size - len(chunk))  # a key repeated finds nothing more
+        yield query.format(", ".join("?" * size)), chunk
+
+
+def _read_live(db: sqlite3.Connection, request_ids: set[str], cutoff: float) -> dict[str, _Live]:
+    """The live impressions among `request_ids`."""
+    live: dict[str, _Live] = {}
+    for sql, keys in _keyed(_LIVE, request_ids):
+        for request_id, body, team_clicks, positives in db.execute(sql, (cutoff, *keys)):
+            live[request_id] = _Live(request_id, body, team_clicks, positives)
+    return live
+
+
+def _read_seen(db: sqlite3.Connection, request_ids: set[str]) -> set[tuple[str, str]]:
+    """The event ids already accepted for `request_ids`, as (request id, event id)."""
+    seen: set[tuple[str, str]] = set()
+    for sql, keys in _keyed(_SEEN, request_ids):
+        seen.update(db.execute(sql, keys))
+    return seen
+
+
+def _judge(
+    event: FeedbackEvent,
+    live: dict[str, _Live],
+    seen: set[tuple[str, str]],
+    new_seen: list[tuple[str, str]],
+    added: _Added,
+) -> EventResult:
+    """One event of a batch, judged against what the batch read and what it changed so far."""
+    impression = live.get(event.request_id)
+    if impression is None:
+        return EventResult.UNKNOWN_REQUEST
+    try:
+        shown = impression.shown
+        item = shown.item(event.item_id)
+        teams = shown.teams() if item is not None and item.team is not None else ()
+    except ValueError as exc:
+        raise _unreadable(event.request_id, exc) from exc
+    if item is None:
+        return EventResult.ITEM_NOT_SHOWN
+    if event.event_id is not None:
+        key = (event.request_id, event.event_id)
+        if key in seen:
+            return EventResult.DUPLICATE
+        seen.add(key)
+        new_seen.append(key)
+    counters = added.counters
+    counters[("event", event.event, "count")] += 1
+    if event.event not in POSITIVE_EVENTS:
+        return EventResult.ACCEPTED
+    for name, share in credit_for(item).items():
+        counters[("recommender", name, "clicks")] += 1
+        counters[("recommender", name, "credit")] += share
+    team_clicks = impression.team_clicks
+    if item.team is not None:
+        before = {team: team_clicks.get(team, 0) for team in teams}
+        after = {**before, item.team: before[item.team] + 1}
+        for pair, change in pairwise_delta(before, after).items():
+            added.pairs[pair] = _plus(added.pairs.get(pair), change)
+        team_clicks[item.team] = after[item.team]
+    if shown.arm is not None:
+        if impression.positives == 0:
+            counters[("arm", shown.arm, "clicked_impressions")] += 1
+        counters[("arm", shown.arm, "clicks")] += 1
+    impression.positives += 1
+    impression.changed = True
+    return EventResult.ACCEPTED
 
 
 def _make_schema(db: sqlite3.Connection) -> None:

@@ -13,8 +13,9 @@ processes and gateway instances.
 The JSON form (`Impression.to_json`) is compact, with one-letter keys, because one is stored
 per answer; the Redis store's Lua script reads the same form, so its keys are fixed here. No
 `Impression` is built per answer: `EncodedImpression.of_answer` makes that JSON straight from
-the answer's fused items in one pydantic-core call, and an `Impression` is built only when an
-event reads one back (`Impression.from_json`). The stores take either (`StorableImpression`).
+the answer's fused items in one pydantic-core call, and the stores take either
+(`StorableImpression`). Judging an event does not build one either: `ShownItems` reads the
+stored JSON once and checks only the fields an event uses, and the item it names.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "FeedbackEvent",
     "Impression",
     "ShownItem",
+    "ShownItems",
     "StorableImpression",
     "assign_arm",
     "credit_for",
@@ -133,6 +135,51 @@ class Impression:
             arm=_optional_text(body.get("a"), "a"),
             items=tuple(_shown_item(entry) for entry in items),
         )
+
+
+class ShownItems:
+    """A stored impression read back to judge events on it: its arm, its teams, its items.
+
+    What `Impression.from_json` would give an event, for a fraction of its cost: `body` is the
+    parsed JSON (`from_json` parses it), and only the fields an event uses are checked, the
+    item it names when it names it. ValueError, naming the field, for a form `to_json` never
+    wrote.
+    """
+
+    __slots__ = ("_entries", "arm")
+
+    def __init__(self, body: object):
+        if not isinstance(body, dict):
+            raise ValueError("an impression is a JSON object")
+        entries = body.get("i")
+        if not isinstance(entries, list) or not all(
+            isinstance(entry, list) and len(entry) == 4 for entry in entries
+        ):
+            raise ValueError(
+                "impression field 'i' (items) must be a list of [id, position, team, sources]"
+            )
+        self.arm = _optional_text(body.get("a"), "a")
+        self._entries: list[list[Any]] = entries
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ShownItems:
+        """The items of the impression `Impression.to_json` wrote as `text`."""
+        return cls(pydantic_core.from_json(text))
+
+    def item(self, item_id: str) -> ShownItem | None:
+        """The shown item with id `item_id`, or None if this answer did not show it."""
+        for entry in self._entries:
+            if entry[0] == item_id:
+                return _shown_item(entry)
+        return None
+
+    def teams(self) -> tuple[str, ...]:
+        """The interleaving teams that placed items here, sorted; empty for other fusions."""
+        teams = {entry[2] for entry in self._entries}
+        teams.discard(None)
+        if not all(isinstance(team, str) for team in teams):
+            raise ValueError("impression field 'team' must be a string or null")
+        return tuple(sorted(teams))
 
 
 class StorableImpression(Protocol):

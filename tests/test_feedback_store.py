@@ -341,6 +341,40 @@ def test_threads_of_one_process_share_a_sqlite_store(tmp_path: Path) -> None:
     assert stats.pairwise == {pair: PairCounts(0, 0, 50) for pair in _PAIRS}
 
 
+def test_a_batch_naming_more_requests_than_one_query_takes_is_judged_whole(
+    store: FeedbackStore,
+) -> None:
+    # 700 impressions: the SQLite store reads a batch's impressions 512 request ids a query.
+    store.save_impressions([interleaved(f"r{n}") for n in range(700)])
+    batch = [click(f"r{n}", "i1", f"e{n}") for n in range(700)]
+    batch += [click("r5", "i1", "e5"), click("nobody", "i1"), click("r699", "i9")]
+
+    results = store.record(batch)
+
+    assert results == [ACCEPTED] * 700 + [DUPLICATE, UNKNOWN, NOT_SHOWN]
+    stats = store.stats()
+    assert stats.events == {"click": 700}
+    assert stats.recommenders["als"].clicks == 700
+    assert store.record([click(f"r{n}", "i1", f"e{n}") for n in (0, 350, 699)]) == [DUPLICATE] * 3
+
+
+def test_an_unreadable_impression_in_sqlite_is_a_store_error_and_counts_nothing(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "corrupt.db"
+    store = SQLiteStore(path, RETENTION_S, FakeClock())
+    store.save_impressions([interleaved("good"), interleaved("bad")])
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE impression SET body = '{\"a\": null}' WHERE request_id = 'bad'")
+
+    with pytest.raises(FeedbackStoreError, match="impression 'bad' is unreadable"):
+        store.record([click("good", "i1"), click("bad", "i1")])
+
+    assert store.stats().events == {}
+    assert store.record([click("good", "i1")]) == [ACCEPTED]
+    store.close()
+
+
 def test_a_version_1_sqlite_file_is_converted_keeping_its_impressions(tmp_path: Path) -> None:
     path = tmp_path / "v1.db"
     old = sqlite3.connect(path)

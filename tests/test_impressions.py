@@ -14,6 +14,7 @@ from gateway.impressions import (
     FeedbackEvent,
     Impression,
     ShownItem,
+    ShownItems,
     assign_arm,
     credit_for,
     hash_user,
@@ -70,6 +71,38 @@ def test_the_json_form_is_compact() -> None:
 def test_a_malformed_impression_is_refused_naming_the_field(text: str, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         Impression.from_json(text)
+
+
+@pytest.mark.parametrize("impression", [INTERLEAVED, FUSED])
+def test_shown_items_read_what_an_event_needs_as_the_impression_has_it(
+    impression: Impression,
+) -> None:
+    shown = ShownItems.from_json(impression.to_json())
+
+    assert shown.arm == impression.arm
+    assert shown.teams() == impression.teams()
+    for item in impression.items:
+        assert shown.item(item.item_id) == item
+    assert shown.item("never-shown") is None
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("[]", "JSON object"),
+        ('{"a":null,"i":{}}', "'i'"),
+        ('{"a":null,"i":[["i1",1,null]]}', "'i'"),
+        ('{"a":3,"i":[]}', "'a'"),
+        ('{"a":null,"i":[["i1",true,null,[]]]}', "position"),
+        ('{"a":null,"i":[["i1",1,null,[["a"]]]]}', "sources"),
+        ('{"a":null,"i":[["i1",1,7,[]]]}', "team"),
+    ],
+)
+def test_shown_items_refuse_a_malformed_impression_naming_the_field(text: str, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        shown = ShownItems.from_json(text)
+        shown.item("i1")
+        shown.teams()
 
 
 def test_an_impression_knows_its_items_teams_and_recommenders() -> None:
