@@ -341,10 +341,9 @@ def test_threads_of_one_process_share_a_sqlite_store(tmp_path: Path) -> None:
     assert stats.pairwise == {pair: PairCounts(0, 0, 50) for pair in _PAIRS}
 
 
-def test_a_batch_naming_more_requests_than_one_query_takes_is_judged_whole(
+def test_a_batch_of_events_on_hundreds_of_impressions_is_judged_whole(
     store: FeedbackStore,
 ) -> None:
-    # 700 impressions: the SQLite store reads a batch's impressions 512 request ids a query.
     store.save_impressions([interleaved(f"r{n}") for n in range(700)])
     batch = [click(f"r{n}", "i1", f"e{n}") for n in range(700)]
     batch += [click("r5", "i1", "e5"), click("nobody", "i1"), click("r699", "i9")]
@@ -551,3 +550,14 @@ def test_redis_keys_of_an_impression_expire_with_it(
 
     assert RETENTION_S - 5 <= ttls["now"] <= RETENTION_S
     assert 590 <= ttls["older"] <= 600
+
+
+def test_an_sqlite_too_old_for_the_store_is_refused_saying_which(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    store = SQLiteStore(tmp_path / "old.db", RETENTION_S, FakeClock())
+
+    with pytest.raises(FeedbackStoreError, match=r"needs SQLite 3\.33\.0 or newer.*3\.31\.1"):
+        store.save_impressions([interleaved("r1")])
