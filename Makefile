@@ -7,26 +7,69 @@ PYTHON ?= $(shell for p in python3 python3.13 python3.12 python3.11; do \
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.install-stamp
+# uv installs the project from uv.lock, the one lock of every install (this, the image, CI). uv
+# itself comes from scripts/uv-requirements.txt, pinned with hashes, into a venv of its own.
+UV_VENV := .uv
+UV      := $(UV_VENV)/bin/uv
+# uv uses the interpreter found above and never downloads one of its own.
+UV_ENV  := UV_PYTHON_DOWNLOADS=never UV_PYTHON=$(PYTHON)
+# What the suite runs against: `make test-latest` points it at a throwaway environment.
+INSTALL := install
 
-.PHONY: install tools run test test-fast lint typecheck unit bench quality image image-test scaleout clean
+.PHONY: install lock test-latest check-lock tools run test test-fast lint typecheck unit bench \
+	quality image image-test scaleout clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(UV): scripts/uv-requirements.txt
 	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required and none was found on PATH" >&2; exit 1; }
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@test -x $(UV_VENV)/bin/python || $(PYTHON) -m venv $(UV_VENV)
+	$(UV_VENV)/bin/python -m pip install --quiet --require-hashes -r scripts/uv-requirements.txt
+	@touch $(UV)
+
+# Exactly the lock: `uv sync --locked` installs what uv.lock says (and removes what it does not),
+# and stops, resolving nothing, when the lock no longer matches pyproject.toml.
+$(STAMP): pyproject.toml uv.lock $(UV)
+	@$(UV_ENV) $(UV) lock --check --offline --quiet 2>/dev/null || { \
+		echo "make install: uv.lock does not match pyproject.toml (its dependencies changed since" \
+			"the lock was made). Run \`make lock\` to resolve them anew, then \`make test\`, and" \
+			"commit uv.lock with the change." >&2; exit 1; }
+	$(UV_ENV) UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --all-extras --quiet
 	@touch $(STAMP)
 
-run: install
+# Upgrading is this one deliberate step: re-resolve uv.lock to the newest versions pyproject.toml
+# allows, then `make test` against them and commit uv.lock (docs/operations.md).
+lock: $(UV)
+	$(UV_ENV) $(UV) lock --upgrade
+
+# The installed environment is the lock's, package for package (part of `make test`).
+check-lock: install
+	@$(UV_ENV) UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --all-extras --check --quiet \
+		2>/dev/null || { $(UV_ENV) UV_PROJECT_ENVIRONMENT=$(VENV) $(UV) sync --locked --all-extras \
+		--check 2>&1 | grep -E '^ [-+] ' >&2; echo "check-lock: $(VENV) differs from uv.lock (- what" \
+		"it holds, + what the lock pins); \`rm $(STAMP); make install\` puts the lock's back" >&2; \
+		exit 1; }
+	@echo "check-lock: $(VENV) holds exactly what uv.lock pins"
+
+# The suite against the newest versions pyproject.toml allows, in a throwaway environment, with
+# uv.lock untouched: a drift (a new uvicorn) fails here first, not in CI on an unrelated change.
+LATEST := .venv-latest
+test-latest: $(UV)
+	rm -rf $(LATEST)
+	$(UV_ENV) $(UV) venv --quiet $(LATEST)
+	$(UV_ENV) $(UV) pip install --quiet --python $(LATEST)/bin/python --upgrade -e '.[dev]'
+	@echo "test-latest: what the newest allowed versions change against uv.lock:"
+	@$(UV_ENV) $(UV) lock --upgrade --dry-run 2>&1 | sed 's/^/  /'
+	$(MAKE) lint typecheck unit VENV=$(LATEST) INSTALL=
+
+run: $(INSTALL)
 	$(BIN)/python scripts/run.py $(ARGS)
 
-lint: install
+lint: $(INSTALL)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: install
+typecheck: $(INSTALL)
 	$(BIN)/mypy
 
 # The real servers some tests start themselves: prometheus and promtool (the alert rules and
@@ -42,37 +85,37 @@ tools:
 # tests start gunicorn, load generators and servers of their own on port 0 and assert what the
 # gateway reports, not how fast: they pass with a second suite and busy loops beside them, so a
 # second test beside each costs them nothing but wall time (224 s -> 139 s at rest).
-unit: install tools
+unit: $(INSTALL) tools
 	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m "not slow" -n 2 --cov --cov-report=term:skip-covered
 	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m slow -n 2 --durations=15
 
-test: lint typecheck unit
+test: check-lock lint typecheck unit
 
 # The fast tier for development: everything but the tests marked slow (gunicorn, child
 # processes, load, the benchmarks), which `make test` and CI run too.
-test-fast: install
+test-fast: $(INSTALL)
 	$(BIN)/pytest -m "not slow"
 
-bench: install
+bench: $(INSTALL)
 	$(BIN)/python -m benchmarks $(ARGS)
 
-quality: install
+quality: $(INSTALL)
 	$(BIN)/python -m benchmarks quality $(ARGS)
 
 # The container image (Dockerfile). BASE_IMAGE=python:3.12-slim to build from a registry's
 # base; by default, where no registry is reachable, from a Debian base made here (debootstrap).
-image: install
+image: $(INSTALL)
 	@scripts/install-tools.sh image
 	scripts/image.sh build
 
 # Builds the image with podman, runs the mocks and the gateway in containers, and checks them.
-image-test: install
+image-test: $(INSTALL)
 	@scripts/install-tools.sh image
 	$(BIN)/python scripts/image_test.py
 
 # Two gateways behind nginx, one killed mid-load: what is lost, and what is still answered.
-scaleout: install tools
+scaleout: $(INSTALL) tools
 	$(BIN)/python -m benchmarks scaleout $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST) $(UV_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -15,6 +15,8 @@ from pydantic import SecretStr
 __all__ = ["TOKEN_HEADER", "TokenCheck"]
 
 TOKEN_HEADER = "X-Api-Token"
+# RFC 9110 section 5.6.3: OWS = *( SP / HTAB )
+_OPTIONAL_WHITESPACE = " \t"
 
 
 class TokenCheck:
@@ -29,8 +31,13 @@ class TokenCheck:
         return bool(self._keys)
 
     def allows(self, token: str) -> bool:
-        """Compare `token` with every key, in time that does not depend on where they differ."""
-        presented = token.encode()
+        """Compare `token` with every key, in time that does not depend on where they differ.
+
+        Spaces and tabs around the value are not part of it (RFC 9110 section 5.5: optional
+        whitespace around a field value is not part of the value), whichever HTTP parser
+        delivered it; anything inside the value, case included, must match exactly.
+        """
+        presented = token.strip(_OPTIONAL_WHITESPACE).encode()
         matched = False
         for key in self._keys:
             # No early exit: which key matched, or how many were tried, must not show in timing.

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
+import json
+from urllib.parse import urlsplit
+
 import pytest
 import requests
 
@@ -30,12 +34,45 @@ def test_a_missing_token_is_401_and_calls_nobody(fleet: MockFleet, guarded: str)
     assert fleet.stats("sml")["requests"] == 0
 
 
-@pytest.mark.parametrize("token", ["wrong", "k-one ", "k-on", "", "K-ONE"])
+@pytest.mark.parametrize("token", ["wrong", "k-on", "k-one1", "k-o ne", "k-one\tx", "", "K-ONE"])
 def test_a_wrong_token_is_401(guarded: str, token: str) -> None:
     response = post(guarded, **{"X-Api-Token": token})
 
     assert response.status_code == 401
     assert response.json()["error"]["message"] == "invalid API token in X-Api-Token"
+
+
+@pytest.mark.parametrize("value", ["k-one ", " k-one", "\tk-one\t", "  k-two \t "])
+def test_whitespace_around_the_token_is_not_part_of_it(guarded: str, value: str) -> None:
+    # RFC 9110 section 5.5: optional whitespace around a field value is not part of it. Sent
+    # with http.client, which puts the value on the wire as given (requests refuses a leading
+    # space), so whatever the HTTP parser keeps of it, the gateway must not count it.
+    host, port = urlsplit(guarded).hostname, urlsplit(guarded).port
+    connection = http.client.HTTPConnection(host or "", port, timeout=30)
+    try:
+        connection.request(
+            "POST",
+            "/recommendation",
+            body=b"{}",
+            headers={"Content-Type": "application/json", "X-Api-Token": value},
+        )
+        response = connection.getresponse()
+        body = json.loads(response.read())
+    finally:
+        connection.close()
+
+    assert response.status == 200, body
+    assert body["complete"] is True
+
+
+def test_the_check_takes_no_whitespace_around_a_token_as_part_of_it() -> None:
+    from pydantic import SecretStr
+
+    check = TokenCheck([SecretStr("k-one")])
+
+    assert check.allows(" k-one\t")
+    assert not check.allows("k-one\u00a0")  # no-break space is not whitespace to HTTP
+    assert not check.allows("k- one")
 
 
 @pytest.mark.parametrize("token", ["k-one", "k-two"])
