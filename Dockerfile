@@ -27,43 +27,44 @@
 ARG BASE_IMAGE=python:3.12-slim
 
 FROM ${BASE_IMAGE} AS build
+# uv, from the hashes the host's `make install` uses (scripts/uv-requirements.txt); then the
+# application from uv.lock, the same lock: the build resolves nothing of its own.
 # `python3`: Debian's own Python has no `python` command.
-RUN python3 -m venv /opt/build
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY gateway gateway
-COPY mock_recommenders mock_recommenders
+COPY scripts/uv-requirements.txt /tmp/uv-requirements.txt
 # Behind a proxy that inspects TLS, scripts/image.sh lends the host's CA bundle as a secret:
-# only this step sees it, and no layer keeps it. Without it, pip trusts its own CAs.
+# only these steps see it, and no layer keeps it. Without it, pip and uv trust their own CAs.
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=pip_cert \
     if [ -s /run/secrets/pip_cert ]; then export PIP_CERT=/run/secrets/pip_cert; fi \
-    && /opt/build/bin/pip wheel --wheel-dir /wheels '.[mocks,tracing]'
-# What the wheels were built from, as one digest: the next stage copies it (below) so that its
-# install step is built anew whenever the source changes.
-RUN find /src -type f -print0 | sort -z | xargs -0 sha256sum | sha256sum > /source.sha256
+    && python3 -m venv /opt/uv \
+    && /opt/uv/bin/pip install --quiet --require-hashes -r /tmp/uv-requirements.txt
+WORKDIR /src
+COPY pyproject.toml uv.lock README.md ./
+COPY gateway gateway
+COPY mock_recommenders mock_recommenders
+# The runtime with two extras, in /opt/venv, where the final stage runs it:
+# - `tracing` (OpenTelemetry), so that OTEL_EXPORTER_OTLP_ENDPOINT switches tracing on in a
+#   running image; unset, it is never imported;
+# - `mocks` (numpy), which the mock recommenders need and the gateway never imports.
+# --locked: a uv.lock that does not match pyproject.toml stops the build. --no-editable: the
+# project is installed as a wheel, not pointing back at /src. uv gives the venv no pip.
+RUN --mount=type=cache,target=/root/.cache/uv \
+    --mount=type=secret,id=pip_cert \
+    if [ -s /run/secrets/pip_cert ]; then export SSL_CERT_FILE=/run/secrets/pip_cert; fi \
+    && UV_PROJECT_ENVIRONMENT=/opt/venv UV_PYTHON=python3 UV_PYTHON_DOWNLOADS=never \
+       UV_LINK_MODE=copy UV_COMPILE_BYTECODE=1 \
+       /opt/uv/bin/uv sync --quiet --locked --no-editable --extra mocks --extra tracing
 # buildah 1.28 (Debian 12's podman) hands the next stage this one as it was before its last
 # step, when that step is a RUN --mount taken from the cache; a step after it avoids that.
-WORKDIR /wheels
+WORKDIR /opt/venv
 
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="fusion-gateway" \
       org.opencontainers.image.description="A fusion gateway for model recommenders; also runs the mock recommenders (python -m mock_recommenders)"
 
-# A mounted stage is no part of a step's cache key (buildah): without this copy, a cached
-# install step kept the wheels of an older source, and the image its old code.
-COPY --from=build /source.sha256 /opt/source.sha256
-
-# With OpenTelemetry (the `tracing` extra), so that OTEL_EXPORTER_OTLP_ENDPOINT switches tracing
-# on in a running image; unset, it is never imported.
-# With numpy (the `mocks` extra), which the mock recommenders need and the gateway never imports.
-# The wheels, and the pip that installs them, are mounted from the build stage, not copied:
-# no layer of this image holds them, and the venv has no pip (nor setuptools) of its own.
-RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    --mount=type=bind,from=build,source=/opt/build,target=/opt/build \
-    python3 -m venv --without-pip /opt/venv \
-    && /opt/build/bin/pip --python /opt/venv/bin/python install --no-cache-dir --no-index \
-        --find-links /wheels 'fusion-gateway[mocks,tracing]'
+# The environment alone (same base, same path): not uv, not the sources, not pip's or uv's
+# caches. COPY is keyed by what it copies, so a changed source always makes a new layer.
+COPY --from=build /opt/venv /opt/venv
 
 # A fixed uid, so that volumes and Kubernetes' runAsUser/runAsNonRoot can rely on it. The
 # metrics directory is the user's, and writable by all as /tmp is, because runc gives a tmpfs

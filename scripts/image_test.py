@@ -1,6 +1,7 @@
 """`make image-test`: build the container image, run it with podman, and check it as users will.
 
-1. Builds the image (`scripts/image.sh build`).
+1. Builds the image (`scripts/image.sh build`), and checks that it holds exactly what uv.lock
+   pins for the runtime and its two extras (`mocks`, `tracing`), version for version.
 2. Runs the four mocks and the gateway in two containers of one pod, which has a network of
    its own, with the gateway's port published on a free loopback port here, and the gateway's
    root filesystem read-only as deploy/k8s has it: it answers with every source ok, serves its
@@ -33,6 +34,8 @@ from typing import Any
 
 import requests
 import yaml
+from packaging.markers import Marker
+from packaging.utils import NormalizedName, canonicalize_name
 
 from mock_recommenders import DEFAULT_NAMES
 
@@ -45,6 +48,29 @@ METRICS_DIR = "/run/gateway/metrics"
 # The call the gateway must still be waiting on when it is told to stop.
 SLOW_MS = 1500
 READY_WITHIN_S = 60.0
+# The extras the Dockerfile installs; uv from `make install` reads the lock.
+IMAGE_EXTRAS = ("mocks", "tracing")
+UV = ROOT / ".uv" / "bin" / "uv"
+# Printed by the image's Python: its distributions, and what PEP 508 markers are evaluated on.
+_INSTALLED = """
+import importlib.metadata, json, os, platform, sys
+print(json.dumps({
+    "installed": {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()},
+    "environment": {
+        "implementation_name": sys.implementation.name,
+        "implementation_version": platform.python_version(),
+        "os_name": os.name,
+        "platform_machine": platform.machine(),
+        "platform_python_implementation": platform.python_implementation(),
+        "platform_release": platform.release(),
+        "platform_system": platform.system(),
+        "platform_version": platform.version(),
+        "python_full_version": platform.python_version(),
+        "python_version": ".".join(platform.python_version_tuple()[:2]),
+        "sys_platform": sys.platform,
+    },
+}))
+"""
 
 
 class Failed(Exception):
@@ -359,6 +385,42 @@ def build(report: Report) -> bool:
     return True
 
 
+def check_locked(report: Report) -> None:
+    """The image's Python holds what uv.lock pins for it, and nothing else."""
+    exported = subprocess.run(
+        [str(UV), "export", "--frozen", "--no-hashes", "--no-header", "--no-annotate"]
+        + ["--no-emit-project", *(f"--extra={extra}" for extra in IMAGE_EXTRAS)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    image = json.loads(
+        podman("run", "--rm", "--no-healthcheck", IMAGE, "python", "-c", _INSTALLED).stdout
+    )
+    pinned: dict[NormalizedName, str] = {}
+    for line in exported.splitlines():
+        requirement, _, marker = line.partition(";")
+        name, _, version = requirement.strip().partition("==")
+        if version and (not marker.strip() or Marker(marker).evaluate(image["environment"])):
+            pinned[canonicalize_name(name)] = version
+    installed = {
+        canonicalize_name(name): version
+        for name, version in image["installed"].items()
+        if canonicalize_name(name) != "fusion-gateway"
+    }
+    differ = sorted(
+        f"{name}: image {installed.get(name, '-')}, lock {pinned.get(name, '-')}"
+        for name in pinned.keys() | installed.keys()
+        if installed.get(name) != pinned.get(name)
+    )
+    report.check(
+        "the image holds exactly what uv.lock pins",
+        not differ,
+        "; ".join(differ) or f"{len(pinned)} packages",
+    )
+
+
 def step(report: Report, what: str, run: Callable[[], None]) -> None:
     """Run one step; a `Failed` is its FAIL line, and the next step still runs."""
     started = time.monotonic()
@@ -380,6 +442,7 @@ def main() -> int:
         return 1
     if not build(report):
         return 1
+    step(report, "lock", lambda: check_locked(report))
     name = f"fusion-gateway-test-{os.getpid()}"
     try:
         step(report, "pod", lambda: run_pod(report, name))
