@@ -91,7 +91,10 @@ def check_store_url(url: str) -> Literal["sqlite", "redis"]:
         try:
             parts.port  # noqa: B018 - a property that raises on a bad port
         except ValueError as exc:
-            raise ValueError(f"feedback store URL {url!r}: {exc}") from exc
+            # The gateway's own words: urllib's are for any Python version to reword.
+            raise ValueError(
+                f"feedback store URL {url!r}: the port must be a number from 0 to 65535"
+            ) from exc
         database = parts.path.lstrip("/")
         if database and not database.isdigit():
             raise ValueError(

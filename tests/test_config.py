@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -80,10 +81,12 @@ def test_environment_overrides_single_fields(
     assert [r.name for r in settings.recommenders] == ["only"]
 
 
+# What pydantic finds wrong with a field is in its words, which another version may word
+# otherwise: the gateway promises the field, named as it is in the file (`field: ...`).
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (MINIMAL.replace("deadline_ms: 400", "deadline_ms: -1"), "deadline_ms: Input should be"),
+        (MINIMAL.replace("deadline_ms: 400", "deadline_ms: -1"), "deadline_ms: "),
         (MINIMAL.replace("timeout_ms: 250", "timeout_ms: soon"), "recommenders.0.timeout_ms"),
         (MINIMAL.replace("http://127.0.0.1:6002/test", "not a url"), "recommenders.1.url"),
         (MINIMAL.replace("name: b", "name: a"), "recommender names must be unique"),
@@ -94,15 +97,15 @@ def test_environment_overrides_single_fields(
             "at least one recommender needs a weight above 0",
         ),
         (MINIMAL.replace("timeout_ms: 250", "weight: -1"), "recommenders.0.weight"),
-        (MINIMAL + "fusion_window: 0\n", "fusion_window: Input should be greater than"),
-        (MINIMAL + "strategy: magic\n", "strategy: Input should be 'async'"),
-        (MINIMAL + "server: twisted\n", "server: Input should be 'uvicorn' or 'gthread'"),
-        (MINIMAL + "http:\n  header_timeout_s: 0\n", "http.header_timeout_s: Input should be"),
-        (MINIMAL + "http:\n  drain_s: -1\n", "http.drain_s: Input should be"),
+        (MINIMAL + "fusion_window: 0\n", "fusion_window: "),
+        (MINIMAL + "strategy: magic\n", "strategy: "),
+        (MINIMAL + "server: twisted\n", "server: "),
+        (MINIMAL + "http:\n  header_timeout_s: 0\n", "http.header_timeout_s: "),
+        (MINIMAL + "http:\n  drain_s: -1\n", "http.drain_s: "),
         (MINIMAL + "fusion: none\nbreaker:\n  enabled: maybe\n", "breaker.enabled"),
-        (MINIMAL + "deadline: 3\n", "deadline: Extra inputs are not permitted"),
-        ("recommenders: []\n", "recommenders: List should have at least 1 item"),
-        ("deadline_ms: 10\n", "recommenders: Field required"),
+        (MINIMAL + "deadline: 3\n", "deadline: "),
+        ("recommenders: []\n", "recommenders: "),
+        ("deadline_ms: 10\n", "recommenders: "),
         ("- just\n- a list\n", "must be a mapping"),
         ("recommenders: [unclosed\n", "is not valid YAML"),
     ],
@@ -127,7 +130,7 @@ def test_an_invalid_override_names_the_variable(
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, MINIMAL))
 
-    assert "deadline_ms: Input should be a valid number" in str(caught.value)
+    assert "deadline_ms: " in str(caught.value)
     assert "GATEWAY_DEADLINE_MS" in str(caught.value)
 
 
@@ -143,6 +146,12 @@ def test_a_missing_file_is_named(tmp_path: Path) -> None:
         load_settings(tmp_path / "nowhere.yaml")
 
 
+def assert_names_blank_key(message: str, field: str) -> None:
+    """`message` blames `field` in the gateway's words; pydantic's around them may vary."""
+    blamed = rf"{re.escape(field)}: [^;]*an API key must not be empty or blank"
+    assert re.search(blamed, message), message
+
+
 @pytest.mark.parametrize(
     ("keys", "field"),
     [('["", "k"]', "api_keys.0"), ('["k", "  "]', "api_keys.1"), ('[""]', "api_keys.0")],
@@ -156,7 +165,7 @@ def test_an_empty_or_blank_api_key_in_the_file_is_refused(
     with pytest.raises(ConfigError) as caught:
         load_settings(path)
 
-    assert f"{field}: Value error, an API key must not be empty or blank" in str(caught.value)
+    assert_names_blank_key(str(caught.value), field)
 
 
 @pytest.mark.parametrize(
@@ -170,7 +179,7 @@ def test_an_empty_or_blank_api_key_in_the_environment_is_refused(
     with pytest.raises(ConfigError) as caught:
         load_settings(write(tmp_path, MINIMAL))
 
-    assert f"{field}: Value error, an API key must not be empty or blank" in str(caught.value)
+    assert_names_blank_key(str(caught.value), field)
     assert "GATEWAY_API_KEYS" in str(caught.value)
 
 

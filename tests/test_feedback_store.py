@@ -419,7 +419,8 @@ def test_a_version_1_sqlite_file_is_converted_keeping_its_impressions(tmp_path: 
         ("sqlite:///dir/", "names no SQLite file"),
         ("sqlite:///f.db?mode=ro", "no query"),
         ("redis:///0", "names no Redis host"),
-        ("redis://localhost:port/0", "Port could not be cast"),
+        ("redis://localhost:port/0", "the port must be a number from 0 to 65535"),
+        ("redis://localhost:70000/0", "the port must be a number from 0 to 65535"),
         ("redis://localhost:6379/zero", "must be a number"),
     ],
 )

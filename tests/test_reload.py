@@ -183,7 +183,7 @@ def test_a_bad_file_is_refused_and_the_workers_serve_on(
     assert {r.fusion for r in load.results} == {"rrf"}
     refusal = next(line for line in output.splitlines() if "config refused" in line)
     assert "workers keep serving the previous one" in refusal
-    assert "deadline_ms: Input should be greater than 0" in refusal
+    assert "deadline_ms: " in refusal  # named; the rest is pydantic's words
     assert str(config) in refusal
     # No worker was stopped or started by the reload: the same ones served on.
     assert booted_after_refusal == workers

@@ -141,13 +141,15 @@ def test_sequential_requests_reuse_connections(fleet: MockFleet, gateway_url: st
         (b'"text"', 400, "must be a JSON object, not a string"),
         (b'{"resultSize": NaN}', 400, "NaN is not valid JSON"),
         (b"\xff\xfe\x00garbage", 400, "request body is not valid JSON"),
-        (b'{"resultSize": 0}', 422, "resultSize: Input should be greater than or equal to 1"),
-        (b'{"resultSize": 101}', 422, "resultSize: Input should be less than or equal to 100"),
-        (b'{"resultSize": "10"}', 422, "resultSize: Input should be a valid integer"),
-        (b'{"resultSize": true}', 422, "resultSize: Input should be a valid integer"),
-        (b'{"resultSize": 3.5}', 422, "resultSize: Input should be a valid integer"),
-        (b'{"user_id": 7}', 422, "user_id: Input should be a valid string"),
-        (b'{"context": [1]}', 422, "context: Input should be a valid dictionary"),
+        # What is wrong with a field is in pydantic's words, which another version may word
+        # otherwise: the gateway promises the status, and the field named in its own shape.
+        (b'{"resultSize": 0}', 422, "invalid request: resultSize: "),
+        (b'{"resultSize": 101}', 422, "invalid request: resultSize: "),
+        (b'{"resultSize": "10"}', 422, "invalid request: resultSize: "),
+        (b'{"resultSize": true}', 422, "invalid request: resultSize: "),
+        (b'{"resultSize": 3.5}', 422, "invalid request: resultSize: "),
+        (b'{"user_id": 7}', 422, "invalid request: user_id: "),
+        (b'{"context": [1]}', 422, "invalid request: context: "),
     ],
 )
 def test_bad_input_gets_its_status_and_a_message_naming_it(
