@@ -8,6 +8,10 @@ for `duration` seconds after a warm-up. Two targets:
   one shared session), no gateway between: the latency and throughput no gateway can beat.
 
 Prints one JSON object: latency percentiles (ms), throughput (requests/s), errors.
+
+``--mode closed``/``open`` count the gateway's answers by status (`run_by_status`);
+``--mode burst`` opens `--load` connections, then sends one request on each, all at once, and
+prints each request's status, latency and send time (`run_burst`).
 """
 
 from __future__ import annotations
@@ -28,7 +32,15 @@ import aiohttp
 
 from benchmarks.rawhttp import RawPool
 
-__all__ = ["LoadResult", "OverloadResult", "percentile", "run_by_status", "run_load"]
+__all__ = [
+    "BurstResult",
+    "LoadResult",
+    "OverloadResult",
+    "percentile",
+    "run_burst",
+    "run_by_status",
+    "run_load",
+]
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,89 @@ async def run_by_status(
     )
 
 
+@dataclass(frozen=True)
+class BurstResult:
+    """What one burst measured: each request's answer, in the order they were sent."""
+
+    size: int
+    connect_ms: float  # opening every connection, before any request was sent
+    send_spread_ms: float  # from the first request written to the last
+    statuses: list[str]  # the HTTP status, or the exception's name
+    latencies_ms: list[float]  # from the request written to its whole answer read
+    sent_ms: list[float]  # when each was written, after the first
+    messages: list[str | None]  # the error's message of an answer other than 200
+    cpu_ms_per_request: float = math.nan
+    first_error: str | None = None
+
+
+def _message(body: bytes) -> str:
+    """The ``error.message`` of a JSON error body, else the body's start."""
+    try:
+        return str(json.loads(body)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return body[:200].decode(errors="replace")
+
+
+async def run_burst(
+    send: Callable[[int], Awaitable[tuple[int, bytes]]], size: int, connect_ms: float = math.nan
+) -> BurstResult:
+    """Send `size` requests together (`send` returns the status and the body, or raises).
+
+    Every `send` starts in the same turn of the loop, so each writes its request before any
+    waits: nothing serialises them on this side (`send_spread_ms` shows how close they went).
+    """
+    cpu_started = time.process_time()
+    first_error: str | None = None
+
+    async def one(sequence: int) -> tuple[str, float, float, str | None]:
+        nonlocal first_error
+        started = time.perf_counter()
+        message = None
+        try:
+            code, body = await send(sequence)
+            status = str(code)
+            if code != 200:
+                message = _message(body)
+        except Exception as exc:  # counted by its kind, not fatal
+            status = type(exc).__name__
+            message = f"{status}: {exc}"
+            first_error = first_error or message
+        return status, started, time.perf_counter(), message
+
+    answers = await asyncio.gather(*(one(sequence) for sequence in range(size)))
+    cpu_ms = (time.process_time() - cpu_started) * 1000
+    first = min((sent for _, sent, _, _ in answers), default=0.0)
+    last = max((sent for _, sent, _, _ in answers), default=0.0)
+    return BurstResult(
+        size=size,
+        connect_ms=connect_ms,
+        send_spread_ms=round((last - first) * 1000, 3),
+        statuses=[status for status, _, _, _ in answers],
+        latencies_ms=[round((ended - sent) * 1000, 3) for _, sent, ended, _ in answers],
+        sent_ms=[round((sent - first) * 1000, 3) for _, sent, _, _ in answers],
+        messages=[message for _, _, _, message in answers],
+        cpu_ms_per_request=round(cpu_ms / size, 3) if size else math.nan,
+        first_error=first_error,
+    )
+
+
+async def _burst(args: argparse.Namespace) -> BurstResult:
+    """The ``burst`` mode: `--load` connections opened first, then a request on each at once."""
+    address = urllib.parse.urlsplit(args.url)
+    host, port = address.hostname or "127.0.0.1", address.port or 80
+    size = int(args.load)
+    async with RawPool(host, port, args.timeout_s) as pool:
+        started = time.perf_counter()
+        await pool.connect(size)
+        connect_ms = round((time.perf_counter() - started) * 1000, 3)
+        bodies = [_body(sequence, args.result_size) for sequence in range(size)]
+
+        async def send(sequence: int) -> tuple[int, bytes]:
+            return await pool.post_for_body("/recommendation", bodies[sequence])
+
+        return await run_burst(send, size, connect_ms)
+
+
 def _body(sequence: int, result_size: int) -> bytes:
     return json.dumps({"user_id": f"bench-{sequence % 10_000}", "resultSize": result_size}).encode()
 
@@ -255,7 +350,9 @@ async def _by_status(args: argparse.Namespace) -> OverloadResult:
         )
 
 
-async def _main(args: argparse.Namespace) -> LoadResult | OverloadResult:
+async def _main(args: argparse.Namespace) -> LoadResult | OverloadResult | BurstResult:
+    if args.mode == "burst":
+        return await _burst(args)
     if args.mode != "plain":
         return await _by_status(args)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
@@ -296,10 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-s", type=float, default=10.0)
     parser.add_argument(
         "--mode",
-        choices=["plain", "closed", "open"],
+        choices=["plain", "closed", "open", "burst"],
         default="plain",
         help="plain: --concurrency closed loops, good/bad; closed/open: answers by status, "
-        "--load connections (closed) or requests per second (open), gateway only",
+        "--load connections (closed) or requests per second (open), gateway only; burst: "
+        "--load requests at once, each on its own connection, every answer reported",
     )
     parser.add_argument("--load", type=float, default=0.0)
     parser.add_argument(
@@ -309,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     if args.mode == "plain":
-        result: LoadResult | OverloadResult = asyncio.run(_main(args))
+        result: LoadResult | OverloadResult | BurstResult = asyncio.run(_main(args))
     else:
         import uvloop  # the lean client on the fastest loop there is
 

@@ -124,6 +124,12 @@ class RawPool:
                     connection.transport.close()
         return status, retry_after, answer
 
+    async def connect(self, count: int) -> None:
+        """Open `count` connections now, idle until used: requests sent together after it each
+        find one open, and none waits for a handshake."""
+        opened = await asyncio.gather(*(self._open() for _ in range(count)))
+        self._idle.extend(opened)
+
     async def _open(self) -> _Connection:
         loop = asyncio.get_running_loop()
         _, connection = await loop.create_connection(_Connection, self.host, self.port)

@@ -116,7 +116,12 @@ def create_app(settings: Settings | None = None, span_processor: Any = None) -> 
     app.tokens = TokenCheck(settings.api_keys)
     app.fuser = Fuser(settings.fusion_weights, settings.fusion, settings.rrf_k)
     names = [r.name for r in settings.recommenders]
-    app.shed_answer = ShedAnswer(names, settings.shed_retry_after_s)
+    app.shed_answer = ShedAnswer(
+        names,
+        settings.shed_retry_after_s,
+        queue_size=settings.admission.queue_size,
+        deadline_ms=settings.deadline_ms,
+    )
     app.openapi_document = json.dumps(build_spec(settings, package_version()))
     register_hooks(app)
     app.register_blueprint(routes.blueprint)

@@ -28,8 +28,18 @@ On each tick (`interval_s`), with the smaller of the two gradients:
 - otherwise (little demand) it stays, so an idle worker does not drift to the ceiling.
 
 Each step is smoothed (``limit += smoothing * (new - limit)``) and kept within
-``[min_limit, max_limit]``; `max_limit` is the hard ceiling (`max_in_flight`). A request above
-the limit is answered 503 with `Retry-After` at once, before any recommender is called.
+``[min_limit, max_limit]``; `max_limit` is the hard ceiling (`max_in_flight`). While requests
+wait in the queue and neither signal says the worker queues, the limit doubles each tick (a
+burst on an idle worker is not held to a stale limit); it shrinks only on lag or latency.
+
+A request above the limit waits in the worker's `AdmissionQueue` (bounded, on the loop: a
+future, no thread, no recommender call) for as long as it can still be answered within its
+deadline, as AWS's load shedding does (time in queue against the client's timeout): it gives
+up, shed with reason `deadline`, once the time it has waited plus the time requests take now
+would pass the deadline, or once it has waited `queue_wait_share` of it. A request that finds
+the queue full is shed at once (`queue_full`); with no queue (`queue_size: 0`), every request
+above the limit is (`limit`). A shed request is answered 503 with `Retry-After`, before any
+recommender is called.
 
 The lag also tells the breakers whom to blame (`LoopLag.stalled_since`): a call that timed out
 while the loop was stalled for a good part of its budget did not get that budget, and the
@@ -42,9 +52,13 @@ import asyncio
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from typing import Literal
 
-__all__ = ["SHED_COST", "AdaptiveLimit", "LoopLag"]
+__all__ = ["SHED_COST", "AdaptiveLimit", "AdmissionQueue", "LoopLag", "ShedReason"]
+
+ShedReason = Literal["queue_full", "deadline", "limit"]
 
 # What shedding a request costs the loop, as a share of serving one: 0.08 ms against 2.0-2.4 ms
 # of a worker's CPU, measured with four recommenders (python -m benchmarks overload).
@@ -156,6 +170,8 @@ class AdaptiveLimit:
         self.rtt_tolerance = rtt_tolerance
         self._rtt_sum = 0.0  # the latency of the requests served since the last update
         self._long_rtt = 0.0  # their long-term average (Gradient2's "long RTT")
+        self.latency_s = 0.0  # what an admitted request takes now: an average of the last ~10
+        self.waiting = 0  # requests waiting for a slot (the queue's length), set by the queue
 
     @property
     def limit(self) -> int:
@@ -167,25 +183,30 @@ class AdaptiveLimit:
         """Requests admitted and not yet finished."""
         return self._in_flight
 
-    def shed_if_full(self) -> bool:
-        """Whether a request arriving now is shed (counted as such) without a try for a slot."""
-        if self._in_flight >= int(self._limit):
-            self._shed += 1
-            self._peak = self._in_flight + 1
-            return True
-        return False
+    @property
+    def full(self) -> bool:
+        """Whether every slot is taken."""
+        return self._in_flight >= int(self._limit)
+
+    def count_shed(self) -> None:
+        """A request was shed (its cost to the loop weighs the lag, `update`)."""
+        self._shed += 1
 
     def try_enter(self) -> bool:
         """Admit one request if there is room under the limit."""
         with self._lock:
             if self._in_flight >= int(self._limit):
                 self._peak = self._in_flight + 1  # demand beyond the limit: it is in use
-                self._shed += 1
                 return False
             self._in_flight += 1
             if self._in_flight > self._peak:
                 self._peak = self._in_flight
             return True
+
+    def give_back(self) -> None:
+        """A slot taken for a request that was never served is free again."""
+        with self._lock:
+            self._in_flight -= 1
 
     def leave(self, latency_s: float = 0.0) -> None:
         """An admitted request finished, `latency_s` after it was admitted."""
@@ -193,6 +214,7 @@ class AdaptiveLimit:
             self._in_flight -= 1
             self._served += 1
             self._rtt_sum += latency_s
+            self.latency_s += 0.1 * (latency_s - self.latency_s)
 
     def _rtt_gradient(self, served: int) -> float:
         """Gradient2's: long-term over recent latency, with a tolerance, within [0.5, 1]."""
@@ -233,10 +255,143 @@ class AdaptiveLimit:
             if lag_s > self.target_lag_s:
                 gradient = min(gradient, max(0.5, self.target_lag_s / lag_s))
             if gradient < 1.0:
-                new = limit * gradient
+                new = limit + self.smoothing * (limit * gradient - limit)
+            elif self.waiting:
+                new = 2 * limit  # demand waits, and nothing says the worker queues: open up
             elif peak * 2 >= limit:
-                new = limit + math.sqrt(limit)
+                new = limit + self.smoothing * math.sqrt(limit)
             else:
                 return
-            limit += self.smoothing * (new - limit)
-            self._limit = min(max(limit, float(self.min_limit)), float(self.max_limit))
+            self._limit = min(max(new, float(self.min_limit)), float(self.max_limit))
+
+
+class AdmissionQueue:
+    """Requests waiting for a slot under `limit`, on the worker's loop (module docs).
+
+    `enter` admits at once when there is room; otherwise the request waits here, as a future,
+    until a finishing request hands it its slot (`leave`), in `order` (first in, first out, or
+    last in, first out), or until it can no longer meet its deadline. Not thread-safe: it
+    lives on the loop that serves the requests.
+    """
+
+    def __init__(
+        self,
+        limit: AdaptiveLimit,
+        size: int,
+        deadline_s: float,
+        wait_share: float = 0.8,
+        order: Literal["fifo", "lifo"] = "fifo",
+        max_bytes: int = 64 * 1024 * 1024,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        if size < 0 or not 0 < wait_share <= 1 or deadline_s <= 0:
+            raise ValueError("need size >= 0, 0 < wait_share <= 1 and deadline_s > 0")
+        self.limit = limit
+        self.size = size
+        # What the waiting requests' bodies may hold at once: a queue of large bodies is full
+        # before it holds `size` of them.
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self.deadline_s = deadline_s
+        self.max_wait_s = wait_share * deadline_s
+        self.lifo = order == "lifo"
+        self._clock = clock
+        # Each waiter's future is set True when handed a slot, False when its turn came late.
+        self._waiters: deque[tuple[asyncio.Future[bool], float]] = deque()
+
+    def __len__(self) -> int:
+        """Requests waiting now."""
+        return self.limit.waiting
+
+    def refuses_now(self) -> ShedReason | None:
+        """Why a request arriving now would be shed at once, if it would: no slot, no place."""
+        if not self.limit.full:
+            return None
+        if self.size == 0:
+            return "limit"
+        return "queue_full" if self.limit.waiting >= self.size else None
+
+    def _give_up_at(self, arrived: float) -> float:
+        """When a request that arrived at `arrived` stops waiting: after that, it would be late."""
+        return arrived + min(self.max_wait_s, self.deadline_s - self.limit.latency_s)
+
+    async def enter(self, arrived: float, size_bytes: int = 0) -> tuple[ShedReason | None, float]:
+        """Take a slot for a request that arrived at `arrived` (the clock's time).
+
+        Returns why it was shed (None: admitted, and `leave` must follow) and the seconds it
+        waited. Cancelled while waiting (the client left, the worker stops), it takes no slot.
+        `size_bytes`: what it holds while it waits (its body).
+        """
+        if self.limit.try_enter():
+            return None, 0.0
+        refusal = self.refuses_now()
+        if refusal is None and self._bytes + size_bytes > self.max_bytes:
+            refusal = "queue_full"
+        if refusal is not None:
+            self.limit.count_shed()
+            return refusal, 0.0
+        now = self._clock()
+        give_up_at = self._give_up_at(arrived)
+        if now >= give_up_at:
+            self.limit.count_shed()
+            return "deadline", 0.0
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        entry = (waiter, arrived)
+        self._waiters.append(entry)
+        self.limit.waiting += 1
+        self._bytes += size_bytes
+        try:
+            async with asyncio.timeout_at(_loop_time(give_up_at - now)):
+                await waiter
+        except TimeoutError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                return None, self._clock() - now  # handed a slot as its time ran out: served
+            self._forget(entry)
+            self.limit.count_shed()
+            return "deadline", self._clock() - now
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled() and waiter.result():
+                self.limit.give_back()  # handed a slot just as it was cancelled: pass it on
+                self._hand_on()
+            else:
+                self._forget(entry)
+            raise
+        finally:
+            self._bytes -= size_bytes
+        # Handed a slot by `_hand_on` (already counted in flight), or refused there as late.
+        if not waiter.result():
+            self.limit.count_shed()
+            return "deadline", self._clock() - now
+        return None, self._clock() - now
+
+    def leave(self, latency_s: float) -> None:
+        """An admitted request finished, `latency_s` after it was admitted: its slot moves on."""
+        self.limit.leave(latency_s)
+        self._hand_on()
+
+    def _forget(self, entry: tuple[asyncio.Future[bool], float]) -> None:
+        try:
+            self._waiters.remove(entry)
+        except ValueError:
+            return  # already taken off by `_hand_on`
+        self.limit.waiting -= 1
+
+    def _hand_on(self) -> None:
+        """Give free slots to waiting requests; one that could no longer be on time is shed."""
+        waiters = self._waiters
+        limit = self.limit
+        while waiters and not limit.full:
+            waiter, arrived = waiters.pop() if self.lifo else waiters.popleft()
+            limit.waiting -= 1
+            if waiter.done():
+                continue
+            if self._clock() >= self._give_up_at(arrived):
+                waiter.set_result(False)
+                continue
+            limit.try_enter()
+            waiter.set_result(True)
+
+
+def _loop_time(after_s: float) -> float:
+    """The running loop's time `after_s` from now (`asyncio.timeout_at` takes loop time)."""
+    return asyncio.get_running_loop().time() + after_s

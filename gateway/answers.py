@@ -99,23 +99,31 @@ class ShedAnswer:
     admission limit (the message names it), without the request id, which is spliced in.
     """
 
-    def __init__(self, recommenders: Sequence[str], retry_after_s: int):
+    def __init__(
+        self,
+        recommenders: Sequence[str],
+        retry_after_s: int,
+        queue_size: int = 0,
+        deadline_ms: float = 1000,
+    ):
         self.recommenders = tuple(recommenders)
         self.retry_after_s = retry_after_s
+        self.queue_size = queue_size
+        self.deadline_ms = deadline_ms
         self.headers = {"Retry-After": str(retry_after_s), COMPLETE_HEADER: "false"}
         self._raw_headers = [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
-        self._heads: dict[int, bytes] = {}
+        self._heads: dict[tuple[str, int], bytes] = {}
 
-    def body(self, limit: int, request_id: str) -> bytes:
-        """The 503's body for a worker at admission limit `limit`."""
-        head = self._heads.get(limit)
+    def body(self, reason: str, limit: int, request_id: str) -> bytes:
+        """The 503's body of a request shed for `reason` by a worker at admission limit `limit`."""
+        head = self._heads.get((reason, limit))
         if head is None:
-            head = self._heads[limit] = self._head(limit)
+            head = self._heads[reason, limit] = self._head(reason, limit)
         return head + json.dumps(request_id).encode() + b"}"
 
-    def render(self, limit: int, request_id: str) -> tuple[bytes, Headers]:
+    def render(self, reason: str, limit: int, request_id: str) -> tuple[bytes, Headers]:
         """The body and every header of the 503, as the ASGI server sends them."""
-        body = self.body(limit, request_id)
+        body = self.body(reason, limit, request_id)
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -124,14 +132,28 @@ class ShedAnswer:
         ]
         return body, headers
 
-    def _head(self, limit: int) -> bytes:
+    def _message(self, reason: str, limit: int) -> str:
+        serving = f"this worker serves its limit of {limit} requests at once"
+        retry = f"retry after {self.retry_after_s} s"
+        if reason == "queue_full":
+            return (
+                f"gateway overloaded: {serving} and {self.queue_size} more wait for a slot "
+                f"(its queue is full); {retry}"
+            )
+        if reason == "deadline":
+            return (
+                f"gateway overloaded: {serving}, and no slot came free in time to answer within "
+                f"the deadline of {self.deadline_ms:g} ms; {retry}"
+            )
+        return (
+            f"gateway overloaded: this worker already serves its limit of {limit} requests "
+            f"at once; {retry}"
+        )
+
+    def _head(self, reason: str, limit: int) -> bytes:
         """The body up to where the request id goes: its last field."""
         document = UnansweredRecommendation(
-            error=ErrorInfo(
-                status=503,
-                message=f"gateway overloaded: this worker already serves its limit of "
-                f"{limit} requests at once; retry after {self.retry_after_s} s",
-            ),
+            error=ErrorInfo(status=503, message=self._message(reason, limit)),
             result=[],
             sources=dict.fromkeys(self.recommenders, _SHED_REPORT),
             complete=False,

@@ -86,8 +86,10 @@ class _Call:
         self.started = time.perf_counter()
         self.stall_mark = guard.stalls.mark() if guard.stalls else 0.0  # the loop's, at start
         self.attempts = 0
-        # Whether the request's deadline, not the call's own timeout, bounds the last attempt.
+        # Whether the request's deadline, not the call's own timeout, bounds the last attempt,
+        # and that attempt's budget.
         self.by_deadline = False
+        self.budget_s = timeout_s
         # tenacity's state of the retries, from the first failure worth retrying on.
         self._retries: RetryCallState | None = None
 
@@ -140,7 +142,8 @@ class _Call:
             return self._settled(_DeadlinePassed(self.name, "deadline passed between attempts"))
         self.attempts += 1
         self.by_deadline = remaining < self.timeout_s
-        return _Attempt(min(self.timeout_s, remaining), self.attempts - 1)
+        self.budget_s = min(self.timeout_s, remaining)
+        return _Attempt(self.budget_s, self.attempts - 1)
 
     def _settled(self, error: Exception) -> Outcome:
         """Tell the breaker how the call failed (a gateway bug is not the recommender's)."""
@@ -152,6 +155,13 @@ class _Call:
             if stalled >= guard.excuse_stalled_share * (time.perf_counter() - self.started):
                 guard.breaker.released()
                 return self._overloaded(stalled)
+        if isinstance(error, RecommenderTimeout) and self.by_deadline:
+            # Nor did it if the request waited for admission so long that the deadline left
+            # this attempt well short of the call's own timeout: that wait was the gateway's.
+            lost = min(self.deadline.queued_s, self.timeout_s - self.budget_s)
+            if lost > 0 and lost >= guard.excuse_stalled_share * self.timeout_s:
+                guard.breaker.released()
+                return self._queued(lost)
         if isinstance(error, RecommenderError):
             guard.breaker.failed()
         else:
@@ -160,6 +170,18 @@ class _Call:
 
     def _elapsed_ms(self) -> float:
         return round((time.perf_counter() - self.started) * 1000, 1)
+
+    def _queued(self, lost_s: float) -> Outcome:
+        """The outcome of a call cut short by the time its request waited for admission."""
+        latency_ms = self._elapsed_ms()
+        reason = (
+            f"no answer within {latency_ms:.0f} ms, {lost_s * 1000:.0f} ms short of its "
+            "timeout: the request waited that long in this gateway worker's admission queue; "
+            "not counted against the recommender"
+        )
+        return Outcome(
+            self.name, "timeout", latency_ms, error=reason, attempts=self.attempts, overload=True
+        )
 
     def _overloaded(self, stalled_s: float) -> Outcome:
         """The outcome of a call that timed out while the worker itself was overloaded."""

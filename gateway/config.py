@@ -192,7 +192,11 @@ class BreakerSettings(BaseModel):
 
 
 class AdmissionSettings(BaseModel):
-    """How many requests a worker admits at once (`gateway.admission`); the rest get 503."""
+    """How many requests a worker admits at once (`gateway.admission`), and how the rest wait.
+
+    Above the limit a request waits in the worker's queue while it can still meet its
+    deadline; it is shed (503) when the queue is full or its time is up.
+    """
 
     model_config = _Strict
 
@@ -220,6 +224,33 @@ class AdmissionSettings(BaseModel):
         ge=1,
         description="How much slower than their long-term average requests may get before "
         "the limit shrinks.",
+    )
+    queue_size: int = Field(
+        default=1024,
+        ge=0,
+        le=100_000,
+        description="Requests one worker holds waiting for a slot above the limit (each costs "
+        "a socket and its body, no thread); one more is shed at once. 0: no queue, every "
+        "request above the limit is shed at once.",
+    )
+    queue_max_body_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="What the bodies of the requests waiting in one worker's queue may hold "
+        "together; a request whose body would pass it is shed at once, as for a full queue.",
+    )
+    queue_wait_share: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="The share of deadline_ms a request may spend waiting for a slot. It "
+        "stops waiting sooner when its wait plus what requests take now would pass the "
+        "deadline.",
+    )
+    queue_order: Literal["fifo", "lifo"] = Field(
+        default="fifo",
+        description="Which waiting request a free slot goes to: the oldest (fifo) or the "
+        "newest (lifo).",
     )
 
 

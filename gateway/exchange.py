@@ -24,7 +24,8 @@ _ATTRIBUTE = "gateway_exchange"
 class Exchange:
     """What the gateway knows of the request it is serving.
 
-    `received_at`: `time.perf_counter()` when it came in; `trace_id`: set while it is traced;
+    `received_at`: `time.perf_counter()` when it came in; `queued_s`: how long it then waited
+    for admission (`gateway.serving`); `trace_id`: set while it is traced;
     `outcomes`: each recommender's, once fanned out; `admitted`: it holds an admission slot
     (served as WSGI); `shed`: it was answered 503 for want of one.
     """
@@ -32,6 +33,7 @@ class Exchange:
     request_id: str
     received_at: float
     trace_id: str | None = None
+    queued_s: float = 0.0
     outcomes: list[Outcome] | None = None
     admitted: bool = False
     shed: bool = False

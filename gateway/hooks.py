@@ -33,10 +33,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADMITTED",
+    "ARRIVED",
     "BODY",
     "EXPERIMENTS_ENDPOINT",
     "FEEDBACK_ENDPOINT",
     "METRICS_ENDPOINT",
+    "QUEUED",
     "RECOMMENDATION_ENDPOINT",
     "register_hooks",
     "request_body",
@@ -44,6 +46,10 @@ __all__ = [
 
 # Set in the WSGI environ of a request admitted before Flask (`gateway.serving`).
 ADMITTED = "gateway.admitted"
+# When such a request arrived (`time.perf_counter()`), before it waited for a slot: its
+# deadline, its logged latency and its metrics count from then. And how long it waited.
+ARRIVED = "gateway.arrived"
+QUEUED = "gateway.queued"
 # The body as the ASGI app read it (`gateway.serving`): a view takes it from there, not
 # through werkzeug's stream wrappers (`request_body`).
 BODY = "gateway.body"
@@ -81,12 +87,13 @@ def _app() -> GatewayFlask:
 
 
 def _assign_request_id() -> None:
-    received_at = time.perf_counter()
+    environ = request.environ
+    received_at = environ.get(ARRIVED) or time.perf_counter()
     supplied = request.headers.get(REQUEST_ID_HEADER)
     if supplied is not None and valid_request_id(supplied):
-        begin_exchange(supplied, received_at)
+        begin_exchange(supplied, received_at).queued_s = environ.get(QUEUED, 0.0)
         return
-    begin_exchange(new_request_id(), received_at)
+    begin_exchange(new_request_id(), received_at).queued_s = environ.get(QUEUED, 0.0)
     if supplied is not None:
         raise RequestError(
             400,
@@ -123,13 +130,15 @@ def _shed_when_full() -> Response | None:
     runtime = app.runtime
     exchange = current_exchange()
     assert exchange is not None, "begun by the first hook"
+    # The thread design sheds at the limit: a request waiting here would hold a thread.
     if runtime.admission.try_enter():
         exchange.admitted = True
         return None
+    runtime.admission.count_shed()
     runtime.shed += 1
     exchange.shed = True
     shed = app.shed_answer
-    body = shed.body(runtime.admission.limit, exchange.request_id)
+    body = shed.body("limit", runtime.admission.limit, exchange.request_id)
     return Response(body, status=503, headers=shed.headers, mimetype="application/json")
 
 
@@ -161,7 +170,7 @@ def _finish_response(response: Response) -> Response:
     if settings.metrics:
         route = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
         if exchange.shed:
-            metrics.observe_shed(route, elapsed_s)
+            metrics.observe_shed(route, elapsed_s, "limit")
         else:
             metrics.observe_request(route, response.status_code, elapsed_s)
     return response

@@ -32,6 +32,8 @@ __all__ = [
     "DEADLINE",
     "FLUSH_EVERY_S",
     "IN_FLIGHT",
+    "QUEUE_CAPACITY",
+    "QUEUE_LENGTH",
     "flush",
     "observe_feedback",
     "observe_feedback_store_error",
@@ -41,6 +43,7 @@ __all__ = [
     "observe_learned_weights",
     "observe_learner_update",
     "observe_outcomes",
+    "observe_queue_wait",
     "observe_request",
     "observe_shed",
     "render",
@@ -105,9 +108,34 @@ OVERLOAD_TIMEOUTS = Counter(
 )
 SHED = Counter(
     "gateway_shed_requests_total",
-    "Requests answered 503 at once by admission control (the worker's own overload; no "
-    "recommender was called). They are counted in gateway_requests_total too.",
+    "Requests answered 503 by admission control (the worker's own overload; no recommender "
+    "was called), by reason: queue_full (shed at once), deadline (waited in the queue until "
+    "it could no longer be answered in time), limit (no queue). They are counted in "
+    "gateway_requests_total too.",
+    ["reason"],
 )
+for _reason in ("queue_full", "deadline", "limit"):
+    SHED.labels(_reason)  # 0, not missing: the first burst of each shows in rate()
+QUEUE_LENGTH = Gauge(
+    "gateway_admission_queue_length",
+    "Requests waiting in the workers' admission queues for a slot now, summed over live "
+    "workers (refreshed every second).",
+    multiprocess_mode="livesum",
+)
+QUEUE_CAPACITY = Gauge(
+    "gateway_admission_queue_capacity",
+    "The admission queues' size (admission.queue_size), summed over live workers.",
+    multiprocess_mode="livesum",
+)
+QUEUE_WAIT = Histogram(
+    "gateway_admission_queue_wait_seconds",
+    "How long requests that found no free slot waited in the admission queue, by outcome: "
+    "admitted (then served) or shed (for their deadline).",
+    ["outcome"],
+    buckets=_LATENCY_BUCKETS,
+)
+for _outcome in ("admitted", "shed"):
+    QUEUE_WAIT.labels(_outcome)
 FEEDBACK_EVENTS = Counter(
     "gateway_feedback_events_total",
     "Feedback events judged, by kind (click, purchase, dismiss) and result (accepted, "
@@ -178,7 +206,8 @@ class _Pending:
         self.calls: dict[tuple[str, str], int] = {}
         self.call_seconds: dict[str, _Tally] = {}
         self.overload_timeouts: dict[str, int] = {}
-        self.shed = 0
+        self.shed: dict[str, int] = {}
+        self.queue_wait: dict[str, _Tally] = {}
         self.lag = _Tally(len(_LAG_BUCKETS) + 1, _LAG_BUCKETS)
         self.feedback: dict[tuple[str, str], int] = {}
         self.impressions: dict[str, int] = {}
@@ -193,7 +222,8 @@ class _Pending:
             batch.calls, self.calls = self.calls, batch.calls
             batch.call_seconds, self.call_seconds = self.call_seconds, {}
             batch.overload_timeouts, self.overload_timeouts = self.overload_timeouts, {}
-            batch.shed, self.shed = self.shed, 0
+            batch.shed, self.shed = self.shed, batch.shed
+            batch.queue_wait, self.queue_wait = self.queue_wait, {}
             batch.lag, self.lag = self.lag, batch.lag
             batch.feedback, self.feedback = self.feedback, batch.feedback
             batch.impressions, self.impressions = self.impressions, batch.impressions
@@ -216,11 +246,20 @@ def observe_request(route: str, status: int, seconds: float) -> None:
         tally.add(seconds)
 
 
-def observe_shed(route: str, seconds: float) -> None:
-    """Count one request shed by admission control (answered 503 at once)."""
+def observe_shed(route: str, seconds: float, reason: str) -> None:
+    """Count one request shed by admission control (answered 503), and why."""
     observe_request(route, 503, seconds)
     with _pending.lock:
-        _pending.shed += 1
+        _pending.shed[reason] = _pending.shed.get(reason, 0) + 1
+
+
+def observe_queue_wait(seconds: float, outcome: str) -> None:
+    """Record how long a request waited in the admission queue: `admitted`, or `shed`."""
+    with _pending.lock:
+        tally = _pending.queue_wait.get(outcome)
+        if tally is None:
+            tally = _pending.queue_wait[outcome] = _Tally(_BUCKETS)
+        tally.add(seconds)
 
 
 def observe_lag(seconds: float) -> None:
@@ -306,8 +345,10 @@ def flush() -> None:
         _add(CALL_SECONDS.labels(name), tally)
     for name, count in batch.overload_timeouts.items():
         OVERLOAD_TIMEOUTS.labels(name).inc(count)
-    if batch.shed:
-        SHED.inc(batch.shed)
+    for reason, count in batch.shed.items():
+        SHED.labels(reason).inc(count)
+    for outcome, tally in batch.queue_wait.items():
+        _add(QUEUE_WAIT.labels(outcome), tally)
     if batch.lag.total or any(batch.lag.buckets):
         _add(LOOP_LAG, batch.lag)
     for labels, count in batch.feedback.items():

@@ -41,15 +41,20 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Deadline:
-    """The `time.perf_counter()` instant a request must be answered by, and its length."""
+    """The `time.perf_counter()` instant a request must be answered by, and its length.
+
+    `queued_s`: how much of it the request spent waiting for admission, before any call: a
+    call whose budget that wait cut short did not get the time it was due.
+    """
 
     at: float
     ms: float
+    queued_s: float = 0.0
 
     @classmethod
-    def after(cls, ms: float, start: float | None = None) -> Deadline:
+    def after(cls, ms: float, start: float | None = None, queued_s: float = 0.0) -> Deadline:
         """The deadline `ms` milliseconds after `start` (default: now)."""
-        return cls((time.perf_counter() if start is None else start) + ms / 1000, ms)
+        return cls((time.perf_counter() if start is None else start) + ms / 1000, ms, queued_s)
 
     def remaining_s(self) -> float:
         """Seconds left; negative once passed."""

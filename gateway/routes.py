@@ -45,7 +45,9 @@ async def recommendation() -> Response:
 
         forwarded = wanted.forwarded(settings.fusion_window)
         body = json.dumps(forwarded, separators=(",", ":")).encode()
-        deadline = Deadline.after(settings.deadline_ms, start=exchange.received_at)
+        deadline = Deadline.after(
+            settings.deadline_ms, start=exchange.received_at, queued_s=exchange.queued_s
+        )
         outcomes = await runtime.fan_out(body, {REQUEST_ID_HEADER: request_id}, deadline)
         exchange.outcomes = outcomes
         if settings.metrics:

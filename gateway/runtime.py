@@ -34,7 +34,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 from gateway import metrics
-from gateway.admission import AdaptiveLimit, LoopLag
+from gateway.admission import AdaptiveLimit, AdmissionQueue, LoopLag
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out, build_guards
@@ -115,6 +115,15 @@ class WorkerRuntime:
             target_lag_s=admission.target_lag_ms / 1000,
             smoothing=admission.smoothing,
             rtt_tolerance=admission.latency_tolerance,
+        )
+        # Above the limit, requests wait here (the uvicorn design; the gthread one sheds).
+        self.queue = AdmissionQueue(
+            self.admission,
+            size=admission.queue_size,
+            deadline_s=settings.deadline_ms / 1000,
+            wait_share=admission.queue_wait_share,
+            order=admission.queue_order,
+            max_bytes=admission.queue_max_body_bytes,
         )
         # Requests shed since the last line that said so (one a second at most).
         self.shed = 0
@@ -375,6 +384,8 @@ class WorkerRuntime:
         while True:
             metrics.IN_FLIGHT.set(self.admission.in_flight)
             metrics.CONCURRENCY_LIMIT.set(self.admission.limit)
+            metrics.QUEUE_LENGTH.set(len(self.queue))
+            metrics.QUEUE_CAPACITY.set(self.queue.size)
             metrics.flush()
             if self.shed:
                 shed, self.shed = self.shed, 0

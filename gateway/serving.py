@@ -12,8 +12,9 @@ HTTP, runs Flask and fans out to the recommenders. For each request, `GatewayASG
 
 Its ASGI lifespan opens the worker's recommender session at startup and closes it at shutdown,
 after uvicorn has let the requests in flight finish. A `/recommendation` is admitted here, once
-its body is in, under the worker's adaptive limit (`gateway.admission`); one above it is
-answered 503 at once, without entering Flask.
+its body is in, under the worker's adaptive limit (`gateway.admission`); one above it waits in
+the worker's queue while it can still meet its deadline, and is otherwise answered 503 without
+entering Flask.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from gateway import GatewayFlask, logs, metrics
+from gateway.admission import ShedReason
 from gateway.edge import edge_error, request_id_of
-from gateway.hooks import ADMITTED, BODY
+from gateway.hooks import ADMITTED, ARRIVED, BODY, QUEUED
 from gateway.portal import run_sync
 
 __all__ = ["GatewayASGI", "settle_heap"]
@@ -92,9 +94,14 @@ class GatewayASGI:
         if not self.runtime.started and not self.runtime.closed:
             await self.runtime.open()  # a server that runs no lifespan
         recommendation = scope["path"] == "/recommendation" and scope["method"] == "POST"
-        if recommendation and self.runtime.admission.shed_if_full():
-            await self._shed(scope, send)  # no need to read a body that will not be used
-            return
+        arrived = time.perf_counter()
+        queue = self.runtime.queue
+        if recommendation:
+            refusal = queue.refuses_now()
+            if refusal is not None:
+                queue.limit.count_shed()
+                await self._shed(scope, send, refusal)  # no need to read a body not used
+                return
         try:
             body = await self._body(scope["headers"], receive)
         except _Refused as refused:
@@ -105,39 +112,45 @@ class GatewayASGI:
         if not recommendation:
             await self._respond(send, _environ(scope, body))
             return
-        # Admitted once its body is in (a slow upload holds a socket, never a slot), and shed
-        # before anything else is done for it: a shed request costs the least there is.
-        admission = self.runtime.admission
-        if not admission.try_enter():
-            await self._shed(scope, send)
+        # Admitted once its body is in (a slow upload holds a socket, never a slot), or left
+        # to wait for one (a future on this loop); shed before anything else is done for it:
+        # a shed request costs the least there is.
+        refusal, waited = await queue.enter(arrived, len(body))
+        if waited and self.metrics:
+            metrics.observe_queue_wait(waited, "shed" if refusal else "admitted")
+        if refusal is not None:
+            await self._shed(scope, send, refusal)
             return
         admitted = time.perf_counter()
         try:
             environ = _environ(scope, body)
             environ[ADMITTED] = True
+            environ[ARRIVED] = arrived
+            environ[QUEUED] = waited
             await self._respond(send, environ)
         finally:
-            admission.leave(time.perf_counter() - admitted)
+            queue.leave(time.perf_counter() - admitted)
 
     async def _respond(self, send: Send, environ: dict[str, Any]) -> None:
         status, headers, payload = await run_sync(self._call_flask, environ)
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 
-    async def _shed(self, scope: Scope, send: Send) -> None:
-        """503 at once, before Flask: the cheapest answer this worker can give.
+    async def _shed(self, scope: Scope, send: Send, reason: ShedReason) -> None:
+        """503 before Flask, saying why: the cheapest answer this worker can give.
 
         Shed requests are counted in the metrics one by one, and logged one line a second with
         their number (`gateway.runtime`): a line each would cost a shed request a third more.
         """
         received = time.perf_counter()
         request_id = request_id_of(scope["headers"])
-        body, headers = self._shed_answer.render(self.runtime.admission.limit, request_id)
+        limit = self.runtime.admission.limit
+        body, headers = self._shed_answer.render(reason, limit, request_id)
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self.runtime.shed += 1
         if self.metrics:
-            metrics.observe_shed("/recommendation", time.perf_counter() - received)
+            metrics.observe_shed("/recommendation", time.perf_counter() - received, reason)
 
     async def _body(self, headers: Headers, receive: Receive) -> bytes | None:
         """The whole request body, or None if the client disconnected first."""

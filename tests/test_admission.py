@@ -29,8 +29,14 @@ from tests.helpers import ScriptedPool, Serve, recommend, sample, settings_for, 
 
 
 def fill(limit: AdaptiveLimit, count: int) -> int:
-    """Admit up to `count` requests; return how many got in."""
-    return sum(limit.try_enter() for _ in range(count))
+    """Admit up to `count` requests, the rest shed (no queue); return how many got in."""
+    admitted = 0
+    for _ in range(count):
+        if limit.try_enter():
+            admitted += 1
+        else:
+            limit.count_shed()
+    return admitted
 
 
 def test_the_limit_grows_while_it_is_used_and_the_loop_keeps_up() -> None:
@@ -212,6 +218,39 @@ async def test_a_timeout_while_the_worker_stalled_is_not_the_recommenders_failur
         breaker.before_call()
 
 
+async def call_after_queueing(pool: ScriptedPool, guard: Guard, queued_s: float) -> Any:
+    """A call to a silent recommender (timeout 100 ms) by a request that queued `queued_s`."""
+    pool.add("http://slow.test/p", payload={}, delay_s=30)
+    pooled: Any = pool
+    client = RecommenderClient("slow", "http://slow.test/p", pooled, timeout_s=0.1)
+    fan_out = AsyncFanOut([Replicas([client])], {"slow": guard})
+    # 50 ms of the deadline left when the call starts, after `queued_s` in the queue.
+    deadline = Deadline(time.perf_counter() + 0.05, 1000, queued_s)
+    [outcome] = await fan_out.fan_out(b"{}", {}, deadline)
+    return outcome
+
+
+async def test_a_timeout_cut_short_by_the_admission_queue_is_not_the_recommenders_failure(
+    pool: ScriptedPool,
+) -> None:
+    guard, breaker = guarded(None)
+
+    # 50 ms left of a 100 ms timeout, the other 50 spent queueing: not the recommender's.
+    excused = [await call_after_queueing(pool, guard, queued_s=0.5) for _ in range(3)]
+
+    for outcome in excused:
+        assert outcome.status == "timeout"
+        assert outcome.overload is True
+        assert "admission queue" in outcome.error
+        assert "not counted against the recommender" in outcome.error
+    assert breaker.state == "closed"  # three timeouts, none counted (threshold 2)
+
+    # The same short budgets, with no time queued, are the deadline's: they count.
+    counted = [await call_after_queueing(pool, guard, queued_s=0.0) for _ in range(2)]
+    assert [o.overload for o in counted] == [False, False]
+    assert breaker.state == "open"
+
+
 async def test_a_short_stall_does_not_excuse_a_timeout(pool: ScriptedPool) -> None:
     guard, breaker = guarded(LoopLag(stall_tolerance_s=0.01))
 
@@ -365,3 +404,308 @@ def test_a_latency_within_the_tolerance_does_not_shrink_the_limit() -> None:
     serve_ticks(limit, 0.02, 20)
     grown = limit.limit
     assert serve_ticks(limit, 0.028, 5)[-1] >= grown  # 1.4x: within the tolerance of 2
+
+
+# --- The queue in front of the limit --------------------------------------------------------
+
+
+class FakeClock:
+    """A clock the test moves; the queue's own timers still run on the loop's clock."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def waiting_in(queue: Any, count: int) -> None:
+    """Until `count` requests wait in `queue` (the tasks that enter it run first)."""
+    while len(queue) < count:  # noqa: ASYNC110 - the queue has no event to wait on
+        await asyncio.sleep(0)
+
+
+def one_slot(size: int = 10, order: str = "fifo", deadline_s: float = 30.0, **kw: Any) -> Any:
+    from gateway.admission import AdmissionQueue
+
+    limit = AdaptiveLimit(initial=1, min_limit=1, max_limit=1)
+    return AdmissionQueue(limit, size=size, deadline_s=deadline_s, order=order, **kw)  # type: ignore[arg-type]
+
+
+async def test_a_burst_above_the_limit_waits_and_is_served_in_order() -> None:
+    queue = one_slot(size=100)
+    served: list[int] = []
+    most_at_once = 0
+
+    async def request(number: int) -> str | None:
+        nonlocal most_at_once
+        refusal: str | None
+        refusal, _ = await queue.enter(time.perf_counter())
+        if refusal is None:
+            most_at_once = max(most_at_once, queue.limit.in_flight)
+            served.append(number)
+            await asyncio.sleep(0)
+            queue.leave(0.001)
+        return refusal
+
+    async with asyncio.timeout(30):
+        refusals = await asyncio.gather(*(request(n) for n in range(20)))
+
+    assert refusals == [None] * 20  # every one served, none refused
+    assert served == list(range(20))  # first in, first out
+    assert most_at_once == 1  # never above the limit
+    assert len(queue) == 0 and queue.limit.in_flight == 0
+
+
+async def test_lifo_gives_a_free_slot_to_the_newest_waiting_request() -> None:
+    queue = one_slot(order="lifo")
+    assert await queue.enter(time.perf_counter()) == (None, 0.0)  # holds the one slot
+    order: list[int] = []
+
+    async def request(number: int) -> None:
+        refusal, _ = await queue.enter(time.perf_counter())
+        assert refusal is None
+        order.append(number)
+        queue.leave(0.001)
+
+    async with asyncio.timeout(30):
+        waiting = [asyncio.create_task(request(n)) for n in range(3)]
+        await waiting_in(queue, 3)
+        queue.leave(0.001)
+        await asyncio.gather(*waiting)
+
+    assert order == [2, 1, 0]
+
+
+async def test_a_full_queue_sheds_at_once() -> None:
+    queue = one_slot(size=2)
+    assert (await queue.enter(time.perf_counter()))[0] is None
+    async with asyncio.timeout(30):
+        waiting = [asyncio.create_task(queue.enter(time.perf_counter())) for _ in range(2)]
+        await waiting_in(queue, 2)
+
+        assert queue.refuses_now() == "queue_full"
+        assert await queue.enter(time.perf_counter()) == ("queue_full", 0.0)
+
+        queue.leave(0.001)
+        assert (await waiting[0])[0] is None  # the queue still serves those it holds
+        queue.leave(0.001)
+        assert (await waiting[1])[0] is None
+        queue.leave(0.001)
+
+
+async def test_a_queue_holds_no_more_body_bytes_than_its_budget() -> None:
+    queue = one_slot(size=100, max_bytes=1000)
+    assert (await queue.enter(time.perf_counter(), 900))[0] is None  # admitted: not counted
+    async with asyncio.timeout(30):
+        waiting = asyncio.create_task(queue.enter(time.perf_counter(), 600))
+        await waiting_in(queue, 1)
+
+        assert await queue.enter(time.perf_counter(), 500) == ("queue_full", 0.0)
+        small = asyncio.create_task(queue.enter(time.perf_counter(), 400))  # fits beside it
+        await waiting_in(queue, 2)
+        queue.leave(0.001)
+        assert (await waiting)[0] is None
+        queue.leave(0.001)
+        assert (await small)[0] is None
+
+    assert await queue.enter(time.perf_counter(), 1001) == ("queue_full", 0.0)  # past it alone
+
+
+async def test_without_a_queue_the_limit_sheds() -> None:
+    queue = one_slot(size=0)
+    assert (await queue.enter(time.perf_counter()))[0] is None
+    assert queue.refuses_now() == "limit"
+    assert await queue.enter(time.perf_counter()) == ("limit", 0.0)
+
+
+async def test_a_request_that_could_not_be_answered_in_time_is_not_queued() -> None:
+    clock = FakeClock()
+    queue = one_slot(deadline_s=1.0, clock=clock)
+    assert (await queue.enter(clock()))[0] is None
+    queue.limit.latency_s = 0.3  # what requests take now
+
+    # Arrived 0.75 s ago (its body was slow): 0.75 + 0.3 would pass its 1 s deadline.
+    assert await queue.enter(clock.now - 0.75) == ("deadline", 0.0)
+    assert len(queue) == 0
+
+
+async def test_a_waiting_request_gives_up_when_its_deadline_share_is_spent() -> None:
+    queue = one_slot(deadline_s=0.2, wait_share=0.5)
+    assert (await queue.enter(time.perf_counter()))[0] is None
+
+    async with asyncio.timeout(30):
+        refusal, waited = await queue.enter(time.perf_counter())
+
+    assert refusal == "deadline"
+    assert waited >= 0.099  # half of 0.2 s, by the loop's timer
+    assert len(queue) == 0
+    queue.leave(0.001)
+    assert queue.limit.in_flight == 0  # it took no slot
+
+
+async def test_a_turn_that_comes_too_late_for_the_deadline_is_shed() -> None:
+    clock = FakeClock()
+    queue = one_slot(deadline_s=30.0, clock=clock)
+    assert (await queue.enter(clock()))[0] is None
+    async with asyncio.timeout(30):
+        late = asyncio.create_task(queue.enter(clock()))
+        on_time = asyncio.create_task(queue.enter(clock.now + 20))
+        await waiting_in(queue, 2)
+        clock.now += 25  # the first waited 25 s of its 30 (share 0.8: 24 s): too late
+
+        queue.leave(0.001)
+
+        assert (await late)[0] == "deadline"
+        assert (await on_time)[0] is None  # the slot went on to the next one
+    assert queue.limit.in_flight == 1
+
+
+async def test_a_request_cancelled_while_waiting_takes_no_slot() -> None:
+    queue = one_slot()
+    assert (await queue.enter(time.perf_counter()))[0] is None
+    async with asyncio.timeout(30):
+        gone = asyncio.create_task(queue.enter(time.perf_counter()))
+        nxt = asyncio.create_task(queue.enter(time.perf_counter()))
+        await waiting_in(queue, 2)
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert len(queue) == 1
+
+        queue.leave(0.001)
+
+        assert (await nxt)[0] is None
+    assert queue.limit.in_flight == 1
+
+
+async def test_a_slot_handed_to_a_request_cancelled_at_that_moment_moves_on() -> None:
+    queue = one_slot()
+    assert (await queue.enter(time.perf_counter()))[0] is None
+    async with asyncio.timeout(30):
+        gone = asyncio.create_task(queue.enter(time.perf_counter()))
+        nxt = asyncio.create_task(queue.enter(time.perf_counter()))
+        await waiting_in(queue, 2)
+        queue.leave(0.001)  # hands the slot to `gone`...
+        gone.cancel()  # ...which is cancelled before it runs
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+
+        assert (await nxt)[0] is None
+    assert queue.limit.in_flight == 1
+
+
+def test_waiting_demand_opens_the_limit_quickly_when_nothing_queues() -> None:
+    limit = AdaptiveLimit(initial=8, min_limit=4, max_limit=512, target_lag_s=0.01)
+    fill(limit, 8)
+    limit.waiting = 100
+    limit.update(0.0)
+    assert limit.limit == 16
+    limit.update(0.0)
+    assert limit.limit == 32
+
+    limit.update(0.05)  # the worker's own queueing: it shrinks instead
+    assert limit.limit < 32
+
+
+async def _post_all(url: str, count: int) -> list[tuple[int, dict[str, Any], Any]]:
+    """`count` requests at once, each on a connection of its own."""
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
+        async def one(number: int) -> tuple[int, dict[str, Any], Any]:
+            body = {"user_id": f"burst-{number}"}
+            async with session.post(f"{url}/recommendation", json=body) as response:
+                return response.status, await response.json(), response.headers
+
+        return await asyncio.gather(*(one(n) for n in range(count)))
+
+
+def test_a_burst_above_the_limit_is_served_not_shed(fleet: MockFleet, serve: Serve) -> None:
+    admission = {"adaptive": False, "queue_size": 100}
+    app = create_app(settings_for(fleet, max_in_flight=2, deadline_ms=30_000, admission=admission))
+    url = serve(app)
+    fleet.set_behaviour(delay_ms=20)
+
+    answers = asyncio.run(_post_all(url, 40))
+
+    assert [status for status, _, _ in answers] == [200] * 40
+    assert all(body["complete"] for _, body, _ in answers)
+    assert fleet.peak_in_flight() <= 2 * 4  # two requests at a time, four calls each
+    metrics = requests.get(f"{url}/metrics", timeout=30).text
+    assert sample(metrics, "gateway_admission_queue_wait_seconds_count", outcome="admitted") > 0
+    assert sample(metrics, "gateway_admission_queue_capacity") == 100
+    for reason in ("queue_full", "deadline", "limit"):
+        assert sample(metrics, "gateway_shed_requests_total", reason=reason) == 0
+
+
+async def test_a_full_queue_sheds_at_once_saying_so(fleet: MockFleet, serve: Serve) -> None:
+    admission = {"adaptive": False, "queue_size": 2}
+    settings = settings_for(fleet, max_in_flight=1, deadline_ms=20_000, admission=admission)
+    url = serve(create_app(settings))
+    await asyncio.to_thread(fleet.set_behaviour, hang=True)
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def one() -> tuple[int, dict[str, Any], Any]:
+            async with session.post(f"{url}/recommendation", json={}) as response:
+                return response.status, await response.json(), response.headers
+
+        held = asyncio.create_task(one())
+        while sum(fleet.stats(n)["hangs"] for n in ("sml", "asc", "trd", "psn")) < 4:  # noqa: ASYNC110 - counted in another thread
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(one()) for _ in range(2)]
+        await asyncio.sleep(0.5)  # both in the queue (a longer wait would only shed the same)
+        shed = await asyncio.gather(*(one() for _ in range(3)))
+        # Answered while the held one hangs and the two wait: at once, not after them.
+        assert not held.done() and not any(task.done() for task in waiting)
+        await asyncio.to_thread(fleet.set_behaviour, hang=False)
+        served = await asyncio.gather(held, *waiting)
+
+    assert [status for status, _, _ in served] == [200] * 3
+    assert [status for status, _, _ in shed] == [503] * 3
+    for _, body, headers in shed:
+        assert headers["Retry-After"] == "1"
+        assert "2 more wait for a slot (its queue is full)" in body["error"]["message"]
+    metrics = await asyncio.to_thread(requests.get, f"{url}/metrics", timeout=30)
+    assert sample(metrics.text, "gateway_shed_requests_total", reason="queue_full") == 3
+
+
+async def test_a_request_that_waits_past_its_share_of_the_deadline_is_shed_saying_so(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    # The one slot held by a hanging request; the next waits its share of 2 s, then is shed.
+    admission = {"adaptive": False, "queue_size": 10, "queue_wait_share": 0.25}
+    settings = settings_for(fleet, max_in_flight=1, deadline_ms=2000, admission=admission)
+    url = serve(create_app(settings))
+    await asyncio.to_thread(fleet.set_behaviour, hang=True)
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def one() -> tuple[int, dict[str, Any]]:
+            async with session.post(f"{url}/recommendation", json={}) as response:
+                return response.status, await response.json()
+
+        held = asyncio.create_task(one())
+        while sum(fleet.stats(n)["hangs"] for n in ("sml", "asc", "trd", "psn")) < 4:  # noqa: ASYNC110 - counted in another thread
+            await asyncio.sleep(0.01)
+        status, body = await one()
+        await asyncio.to_thread(fleet.set_behaviour, hang=False)
+        held_status, _ = await held
+
+    assert status == 503
+    assert (
+        "no slot came free in time to answer within the deadline of 2000 ms"
+        in (body["error"]["message"])
+    )
+    assert held_status == 200  # its calls timed out at the deadline; the answer says which
+    metrics = await asyncio.to_thread(requests.get, f"{url}/metrics", timeout=30)
+    assert sample(metrics.text, "gateway_shed_requests_total", reason="deadline") == 1
+    assert sample(metrics.text, "gateway_admission_queue_wait_seconds_count", outcome="shed") == 1
+    # It waited its 0.5 s share: the histogram's sum holds what the gateway measured.
+    assert sample(metrics.text, "gateway_admission_queue_wait_seconds_sum", outcome="shed") >= 0.49

@@ -164,6 +164,46 @@ def test_sigterm_lets_in_flight_requests_finish_then_closes_the_sessions(
     assert output.count("recommender session closed") == 2
 
 
+def test_sigterm_answers_every_request_waiting_in_the_admission_queue(
+    fleet_process: MockFleetProcess,
+) -> None:
+    # One slot a worker: of 10 requests, 2 are served and 8 wait when the signal comes.
+    fleet_process.set_behaviour(delay_ms=500)
+    overrides = {**LONG, "GATEWAY_MAX_IN_FLIGHT": "1", "GATEWAY_ADMISSION__QUEUE_SIZE": "50"}
+    with gunicorn(fleet_process, "--workers", "2", **overrides) as server:
+        both_started(server)
+
+        async def burst() -> list[tuple[int, Any]]:
+            async def one(session: aiohttp.ClientSession, i: int) -> tuple[int, Any]:
+                body = {"user_id": f"q-{i}"}
+                async with session.post(f"{server.url}/recommendation", json=body) as response:
+                    return response.status, await response.json()
+
+            connector = aiohttp.TCPConnector(limit=0)
+            timeout = aiohttp.ClientTimeout(total=60)
+            async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+                calls = [asyncio.create_task(one(session, i)) for i in range(10)]
+                # Both slots taken (each worker's first request at the mocks), the rest queued.
+                await asyncio.to_thread(
+                    wait_until,
+                    lambda: all(fleet_process.stats(n)["requests"] >= 2 for n in DEFAULT_NAMES),
+                    30,
+                    "the first requests did not reach the mocks",
+                )
+                served_before = fleet_process.stats("sml")["requests"]
+                server.process.send_signal(signal.SIGTERM)
+                answers = await asyncio.gather(*calls)
+                assert served_before < 10  # some were still waiting when the signal came
+                return answers
+
+        answers = asyncio.run(burst())
+        exit_code = server.stop()
+
+    assert [status for status, _ in answers] == [200] * 10
+    assert all(body["complete"] for _, body in answers)
+    assert exit_code == 0
+
+
 @pytest.mark.parametrize(
     ("server", "app", "worker"),
     [

@@ -2,10 +2,10 @@
 
 promtool checks the rules and runs their unit tests (`gateway.rules.test.yml`), and checks the
 Prometheus config; the dashboard's JSON is checked for what Grafana needs of it. Then a real
-Prometheus scrapes a real gateway (gunicorn, two workers, one recommender failing, a burst of
-shedding, feedback on an SQLite store with a click, a duplicate and an unknown request): every
-recording rule, alert and dashboard query must evaluate there, and every recording rule and
-panel must show data.
+Prometheus scrapes a real gateway (gunicorn, two workers, one recommender failing, a burst that
+fills the admission queues, a few of it waiting and served, the rest shed; feedback on an SQLite
+store with a click, a duplicate and an unknown request): every recording rule, alert and
+dashboard query must evaluate there, and every recording rule and panel must show data.
 """
 
 from __future__ import annotations
@@ -200,11 +200,13 @@ def test_prometheus_evaluates_every_rule_and_panel_on_a_live_gateway(
     executable = require_tool("prometheus")
     fleet_process.set_behaviour(delay_ms=50)
     fleet_process.set_behaviour("trd", status=500)  # its breaker opens
-    # Two requests at once per worker: a burst of 40 is mostly shed. Feedback on, so that its
-    # series exist: impressions of every answer, the learnt weights (the writer learns once at
-    # start), the events sent below.
+    # Two requests at once per worker and 4 waiting: of a burst of 40, a few wait and are
+    # served, most are shed for a full queue. Feedback on, so that its series exist:
+    # impressions of every answer, the learnt weights (the writer learns once at start), the
+    # events sent below.
     overrides = {
         "GATEWAY_MAX_IN_FLIGHT": "2",
+        "GATEWAY_ADMISSION__QUEUE_SIZE": "4",
         "GATEWAY_FEEDBACK__STORE": f"sqlite:///{tmp_path / 'feedback.db'}",
         "GATEWAY_FEEDBACK__SALT": "observability-test-salt",
     }
@@ -214,9 +216,12 @@ def test_prometheus_evaluates_every_rule_and_panel_on_a_live_gateway(
         running_prometheus(executable, scrape_config(server.url, tmp_path), tmp_path) as api,
     ):
         wait_until(lambda: bool(query(api, 'up{job="gateway"} == 1')), 30, "never scraped")
-        shed_a_burst(server.url)
         # Twice, so that the counters move while Prometheus watches: a series born with its
-        # value has a rate of 0, and the store-failure ratio would be 0/0.
+        # value has a rate of 0 (each shed reason's series is born with its first shed), and
+        # the shed and store-failure ratios would be 0.
+        shed_a_burst(server.url)
+        wait_until(lambda: bool(query(api, "gateway_shed_requests_total")), 30, "shed unseen")
+        shed_a_burst(server.url)
         give_feedback(server.url, "1")
         wait_until(lambda: bool(query(api, sum_of_events("click", "accepted", 1))), 30, "unseen")
         give_feedback(server.url, "2")
@@ -256,6 +261,11 @@ def live_checks() -> dict[str, str]:
     checks |= {
         # What the load did, as the rules see it.
         "shedding is seen": "job:gateway_shed_requests:ratio_rate5m > 0",
+        "shed for a full queue": 'sum(gateway_shed_requests_total{reason="queue_full"}) > 0',
+        "waited, then served": (
+            'sum(gateway_admission_queue_wait_seconds_count{outcome="admitted"}) > 0'
+        ),
+        "the queues' size, over both workers": "sum(gateway_admission_queue_capacity) == 8",
         "shed 503s are not errors": "job:gateway_request_errors:ratio_rate5m < 0.05",
         "trd's calls all fail": f'{failures}{{recommender="trd"}} == 1',
         "sml's calls succeed": f'{failures}{{recommender="sml"}} < 0.5',

@@ -58,8 +58,10 @@ def test_overload_is_answered_with_503s_and_no_healthy_recommender_is_blamed(
         "GATEWAY_RECOMMENDERS": json.dumps(recommenders),
         "GATEWAY_DEADLINE_MS": "20000",
         "GATEWAY_ADMISSION__ADAPTIVE": "true",
-        # The ceiling, far below the 300 clients: whatever the limit does, most are shed.
+        # The ceiling and the queue, far below the 300 clients: whatever the limit does, most
+        # are shed, at once, for a full queue.
         "GATEWAY_MAX_IN_FLIGHT": "20",
+        "GATEWAY_ADMISSION__QUEUE_SIZE": "20",
     }
     with gunicorn(fleet_process, "--workers", "2", **overrides) as server:
         answers = asyncio.run(hammer(server.url, connections=300, seconds=5))
@@ -89,7 +91,8 @@ def test_overload_is_answered_with_503s_and_no_healthy_recommender_is_blamed(
     assert sample(metrics, "gateway_circuit_breaker_open", recommender="trd") == 1
     # Counted apart, for the shedding alert (another worker's last second may not be in yet).
     shed = sum(1 for status, _, _ in answers if status == 503)
-    assert 0 < sample(metrics, "gateway_shed_requests_total") <= shed
+    assert 0 < sample(metrics, "gateway_shed_requests_total", reason="queue_full") <= shed
+    assert sample(metrics, "gateway_shed_requests_total", reason="limit") == 0
     # Shed requests are logged as a count, a line a second per worker, not a line each.
     shed_lines = [r for r in lines(output) if "overloaded: shed" in r["message"]]
     assert shed_lines and sum(r["shed"] for r in shed_lines) <= sum(

@@ -264,10 +264,12 @@ def test_a_switched_off_breaker_calls_every_time(fleet: MockFleet, serve: Serve)
 # --- Load shedding ---------------------------------------------------------------------------
 
 
-async def test_above_the_in_flight_limit_requests_are_shed_at_once(
+async def test_without_a_queue_requests_above_the_limit_are_shed_at_once(
     fleet: MockFleet, serve: Serve
 ) -> None:
-    url = serve(create_app(settings_for(fleet, max_in_flight=2, deadline_ms=20_000)))
+    admission = {"adaptive": False, "queue_size": 0}
+    settings = settings_for(fleet, max_in_flight=2, deadline_ms=20_000, admission=admission)
+    url = serve(create_app(settings))
     fleet.set_behaviour(hang=True)
 
     async def one(session: aiohttp.ClientSession) -> tuple[int, dict[str, Any], Any]:
