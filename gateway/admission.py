@@ -30,7 +30,8 @@ On each tick (`interval_s`), with the smaller of the two gradients:
 Each step is smoothed (``limit += smoothing * (new - limit)``) and kept within
 ``[min_limit, max_limit]``; `max_limit` is the hard ceiling (`max_in_flight`). While requests
 wait in the queue and neither signal says the worker queues, the limit doubles each tick (a
-burst on an idle worker is not held to a stale limit); it shrinks only on lag or latency.
+burst on an idle worker is not held to a stale limit), as long as the lag stays under half its
+target and requests are not getting slower; it shrinks only on lag or latency.
 
 A request above the limit waits in the worker's `AdmissionQueue` (bounded, on the loop: a
 future, no thread, no recommender call) for as long as it can still be answered within its
@@ -59,6 +60,10 @@ from typing import Literal
 __all__ = ["SHED_COST", "AdaptiveLimit", "AdmissionQueue", "LoopLag", "ShedReason"]
 
 ShedReason = Literal["queue_full", "deadline", "limit"]
+
+# Requests this much slower than their long-term average are slowing down: the limit does not
+# double for the requests waiting then (it may still grow by its usual step).
+_STEADY = 1.25
 
 # What shedding a request costs the loop, as a share of serving one: 0.08 ms against 2.0-2.4 ms
 # of a worker's CPU, measured with four recommenders (python -m benchmarks overload).
@@ -170,6 +175,7 @@ class AdaptiveLimit:
         self.rtt_tolerance = rtt_tolerance
         self._rtt_sum = 0.0  # the latency of the requests served since the last update
         self._long_rtt = 0.0  # their long-term average (Gradient2's "long RTT")
+        self._rising = 1.0  # the last tick's latency over the long-term average
         self.latency_s = 0.0  # what an admitted request takes now: an average of the last ~10
         self.waiting = 0  # requests waiting for a slot (the queue's length), set by the queue
 
@@ -217,7 +223,11 @@ class AdaptiveLimit:
             self.latency_s += 0.1 * (latency_s - self.latency_s)
 
     def _rtt_gradient(self, served: int) -> float:
-        """Gradient2's: long-term over recent latency, with a tolerance, within [0.5, 1]."""
+        """Gradient2's: long-term over recent latency, with a tolerance, within [0.5, 1].
+
+        Also keeps `_rising`, recent over long-term latency (1 with nothing served).
+        """
+        self._rising = 1.0
         if not served or not self._rtt_sum:
             return 1.0
         short = self._rtt_sum / served
@@ -226,6 +236,7 @@ class AdaptiveLimit:
         if not long:
             self._long_rtt = short
             return 1.0
+        self._rising = short / long
         # Slow to follow (about 100 updates), so a rise under load shows; quick to come down
         # once latency has fallen well below it.
         long += (short - long) / 100
@@ -256,8 +267,9 @@ class AdaptiveLimit:
                 gradient = min(gradient, max(0.5, self.target_lag_s / lag_s))
             if gradient < 1.0:
                 new = limit + self.smoothing * (limit * gradient - limit)
-            elif self.waiting:
-                new = 2 * limit  # demand waits, and nothing says the worker queues: open up
+            elif self.waiting and lag_s < self.target_lag_s / 2 and self._rising < _STEADY:
+                # Demand waits, and neither the loop nor the requests slow down: open up.
+                new = 2 * limit
             elif peak * 2 >= limit:
                 new = limit + self.smoothing * math.sqrt(limit)
             else:
