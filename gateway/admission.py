@@ -29,9 +29,10 @@ On each tick (`interval_s`), with the smaller of the two gradients:
 
 Each step is smoothed (``limit += smoothing * (new - limit)``) and kept within
 ``[min_limit, max_limit]``; `max_limit` is the hard ceiling (`max_in_flight`). While requests
-wait in the queue and neither signal says the worker queues, the limit doubles each tick (a
-burst on an idle worker is not held to a stale limit), as long as the lag stays under half its
-target and requests are not getting slower; it shrinks only on lag or latency.
+wait in the queue and neither signal says the worker queues, the limit grows by `smoothing` of
+itself each tick (a burst on an idle worker is not held to a stale limit), as long as the lag
+stays under a quarter of its target and requests are not getting slower; it shrinks only on
+lag or latency.
 
 A request above the limit waits in the worker's `AdmissionQueue` (bounded, on the loop: a
 future, no thread, no recommender call) for as long as it can still be answered within its
@@ -267,9 +268,10 @@ class AdaptiveLimit:
                 gradient = min(gradient, max(0.5, self.target_lag_s / lag_s))
             if gradient < 1.0:
                 new = limit + self.smoothing * (limit * gradient - limit)
-            elif self.waiting and lag_s < self.target_lag_s / 2 and self._rising < _STEADY:
-                # Demand waits, and neither the loop nor the requests slow down: open up.
-                new = 2 * limit
+            elif self.waiting and lag_s < self.target_lag_s / 4 and self._rising < _STEADY:
+                # Demand waits, and neither the loop nor the requests slow down: open up by a
+                # share of the limit, not a step of its root (from 32, to 200 in ten ticks).
+                new = limit * (1 + self.smoothing)
             elif peak * 2 >= limit:
                 new = limit + self.smoothing * math.sqrt(limit)
             else:

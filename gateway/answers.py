@@ -4,7 +4,7 @@
   own serialiser. What the gateway built itself is not validated again on every request (the
   tests hold the shape to the model, and the OpenAPI contract test to the document).
 - 502, `unanswered_body`: no recommender answered; an `UnansweredRecommendation` built from
-  the model.
+  the model (503 when the gateway's own overload cut their calls short: `unanswered_status`).
 - 503, `ShedAnswer`: the worker has no room for the request; the same model, written once per
   admission limit, the request id spliced in, so that a shed request stays the cheapest answer
   there is.
@@ -25,11 +25,15 @@ from gateway.fusion import FusedRanking
 from gateway.outcome import Outcome
 from gateway.schemas import ErrorInfo, SourceReport, UnansweredRecommendation
 
-__all__ = ["COMPLETE_HEADER", "ShedAnswer", "answer_body", "unanswered_body"]
+__all__ = ["COMPLETE_HEADER", "ShedAnswer", "answer_body", "unanswered_body", "unanswered_status"]
 
 COMPLETE_HEADER = "X-Fusion-Complete"
 
 _UNANSWERED = "no recommender answered; see sources for each one's reason"
+_UNANSWERED_OVERLOADED = (
+    "gateway overloaded: no recommender answered in the time this worker could give the "
+    "request; see sources for each one's reason"
+)
 
 
 def _source_reports(outcomes: Sequence[Outcome]) -> dict[str, dict[str, Any]]:
@@ -67,10 +71,23 @@ def answer_body(
     return pydantic_core.to_json(body, inf_nan_mode="null")
 
 
-def unanswered_body(outcomes: Sequence[Outcome], request_id: str, trace_id: str | None) -> bytes:
-    """The 502 `UnansweredRecommendation`: no recommender answered, and each one's reason."""
+def unanswered_status(outcomes: Sequence[Outcome]) -> int:
+    """502 when no recommender answered; 503 when the gateway's own overload is why.
+
+    A call that timed out for the gateway's overload (its loop stalled, or the request waited
+    for admission until too little of the deadline was left) is not the recommender's failure:
+    with no answer at all, the gateway is the one that failed, and says so with a 503.
+    """
+    return 503 if any(o.overload for o in outcomes) else 502
+
+
+def unanswered_body(
+    outcomes: Sequence[Outcome], request_id: str, trace_id: str | None, status: int = 502
+) -> bytes:
+    """The 502 (or 503) `UnansweredRecommendation`: nobody answered, and each one's reason."""
+    message = _UNANSWERED if status == 502 else _UNANSWERED_OVERLOADED
     document = UnansweredRecommendation(
-        error=ErrorInfo(status=502, message=_UNANSWERED),
+        error=ErrorInfo(status=status, message=message),
         request_id=request_id,
         trace_id=trace_id,
         result=[],

@@ -156,10 +156,12 @@ class _Call:
                 guard.breaker.released()
                 return self._overloaded(stalled)
         if isinstance(error, RecommenderTimeout) and self.by_deadline:
-            # Nor did it if the request waited for admission so long that the deadline left
-            # this attempt well short of the call's own timeout: that wait was the gateway's.
-            lost = min(self.deadline.queued_s, self.timeout_s - self.budget_s)
-            if lost > 0 and lost >= guard.excuse_stalled_share * self.timeout_s:
+            # Nor did it if the deadline left this attempt short of the call's own timeout
+            # mostly because the request first waited for admission: that wait was the
+            # gateway's (time spent on earlier attempts was the recommender's).
+            shortfall = self.timeout_s - self.budget_s
+            lost = min(self.deadline.queued_s, shortfall)
+            if lost > 0 and lost >= shortfall / 2:
                 guard.breaker.released()
                 return self._queued(lost)
         if isinstance(error, RecommenderError):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, cast
 from flask import Blueprint, Response, current_app, request
 
 from gateway import metrics
-from gateway.answers import COMPLETE_HEADER, answer_body, unanswered_body
+from gateway.answers import COMPLETE_HEADER, answer_body, unanswered_body, unanswered_status
 from gateway.exchange import current_exchange
 from gateway.outcome import Deadline
 from gateway.request_id import REQUEST_ID_HEADER
@@ -56,8 +56,13 @@ async def recommendation() -> Response:
         answered = [o for o in outcomes if o.ok]
         complete = len(answered) == len(outcomes)
         if not answered:
-            span.answered(502, complete, None, None)
-            return _json(502, unanswered_body(outcomes, request_id, exchange.trace_id), complete)
+            status = unanswered_status(outcomes)
+            span.answered(status, complete, None, None)
+            body = unanswered_body(outcomes, request_id, exchange.trace_id, status)
+            response = _json(status, body, complete)
+            if status == 503:
+                response.headers["Retry-After"] = str(settings.shed_retry_after_s)
+            return response
         feedback = runtime.feedback
         assignment = feedback.assign(wanted.user_id, wanted.fusion)
         fused = app.fuser.fuse(

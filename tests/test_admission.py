@@ -599,13 +599,16 @@ def test_waiting_demand_opens_the_limit_quickly_when_nothing_queues() -> None:
     limit = AdaptiveLimit(initial=8, min_limit=4, max_limit=512, target_lag_s=0.01)
     fill(limit, 8)
     limit.waiting = 100
-    limit.update(0.0)
-    assert limit.limit == 16
-    limit.update(0.0)
-    assert limit.limit == 32
+    for _ in range(10):
+        limit.update(0.0)
+    assert limit.limit == int(8 * 1.2**10)  # 49: by a fifth of itself a tick
 
+    grown = limit.limit
     limit.update(0.05)  # the worker's own queueing: it shrinks instead
-    assert limit.limit < 32
+    assert limit.limit < grown
+    shrunk = limit.limit
+    limit.update(0.005)  # lag under the target, but not under a quarter of it: no faster growth
+    assert limit.limit < shrunk * 1.2
 
 
 async def _post_all(url: str, count: int) -> list[tuple[int, dict[str, Any], Any]]:
@@ -709,3 +712,39 @@ async def test_a_request_that_waits_past_its_share_of_the_deadline_is_shed_sayin
     assert sample(metrics.text, "gateway_admission_queue_wait_seconds_count", outcome="shed") == 1
     # It waited its 0.5 s share: the histogram's sum holds what the gateway measured.
     assert sample(metrics.text, "gateway_admission_queue_wait_seconds_sum", outcome="shed") >= 0.49
+
+
+async def test_a_request_whose_calls_the_queue_left_no_time_for_is_a_503_not_a_502(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    # One slot, held 2 s by the first request; the second waits for it, then has about 1 s of
+    # its 3 s for calls that take 2 s: they time out for the gateway's queueing, not the
+    # recommenders' fault, and with no answer at all the gateway says it was overloaded.
+    admission = {"adaptive": False, "queue_size": 10, "queue_wait_share": 1.0}
+    settings = settings_for(fleet, max_in_flight=1, deadline_ms=3000, admission=admission)
+    url = serve(create_app(settings))
+    await asyncio.to_thread(fleet.set_behaviour, delay_ms=2000)
+    import aiohttp
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+
+        async def one() -> tuple[int, dict[str, Any], Any]:
+            async with session.post(f"{url}/recommendation", json={}) as response:
+                return response.status, await response.json(), response.headers
+
+        held = asyncio.create_task(one())
+        while fleet.stats("sml")["requests"] < 1:  # noqa: ASYNC110 - counted in another thread
+            await asyncio.sleep(0.01)
+        status, body, headers = await one()
+        held_status, _, _ = await held
+
+    assert held_status == 200
+    assert status == 503
+    assert headers["Retry-After"] == "1"
+    assert body["error"]["message"].startswith("gateway overloaded: no recommender answered")
+    for report in body["sources"].values():
+        assert report["status"] == "timeout"
+        assert "admission queue" in report["error"]
+    metrics = await asyncio.to_thread(requests.get, f"{url}/metrics", timeout=30)
+    for name in ("sml", "asc", "trd", "psn"):
+        assert sample(metrics.text, "gateway_circuit_breaker_open", recommender=name) == 0
