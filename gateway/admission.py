@@ -283,8 +283,12 @@ class AdmissionQueue:
     """Requests waiting for a slot under `limit`, on the worker's loop (module docs).
 
     `enter` admits at once when there is room; otherwise the request waits here, as a future,
-    until a finishing request hands it its slot (`leave`), in `order` (first in, first out, or
-    last in, first out), or until it can no longer meet its deadline. Not thread-safe: it
+    until a finishing request hands it its slot (`leave`), in `order`, or until it can no
+    longer meet its deadline. `adaptive` (Facebook's adaptive LIFO) hands slots first in,
+    first out while the queue drains a burst, and last in, first out once it has not been
+    empty for a whole deadline: under sustained overload the oldest waiting requests are the
+    ones that would be served with the least of their deadline left, so the newest go first,
+    with the whole of theirs, and the oldest are shed when their time is up. Not thread-safe: it
     lives on the loop that serves the requests.
     """
 
@@ -294,7 +298,7 @@ class AdmissionQueue:
         size: int,
         deadline_s: float,
         wait_share: float = 0.8,
-        order: Literal["fifo", "lifo"] = "fifo",
+        order: Literal["adaptive", "fifo", "lifo"] = "adaptive",
         max_bytes: int = 64 * 1024 * 1024,
         clock: Callable[[], float] = time.perf_counter,
     ):
@@ -308,7 +312,11 @@ class AdmissionQueue:
         self._bytes = 0
         self.deadline_s = deadline_s
         self.max_wait_s = wait_share * deadline_s
-        self.lifo = order == "lifo"
+        self.order = order
+        # When the queue last held nobody (its first waiter came then): a queue that has not
+        # emptied for a whole deadline is no burst draining but a standing queue (CoDel's
+        # signal, over the deadline).
+        self._empty_at = clock()
         self._clock = clock
         # Each waiter's future is set True when handed a slot, False when its turn came late.
         self._waiters: deque[tuple[asyncio.Future[bool], float]] = deque()
@@ -351,6 +359,8 @@ class AdmissionQueue:
             return "deadline", 0.0
         waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         entry = (waiter, arrived)
+        if not self._waiters:
+            self._empty_at = now
         self._waiters.append(entry)
         self.limit.waiting += 1
         self._bytes += size_bytes
@@ -394,8 +404,11 @@ class AdmissionQueue:
         """Give free slots to waiting requests; one that could no longer be on time is shed."""
         waiters = self._waiters
         limit = self.limit
+        lifo = self.order == "lifo" or (
+            self.order == "adaptive" and self._clock() - self._empty_at > self.deadline_s
+        )
         while waiters and not limit.full:
-            waiter, arrived = waiters.pop() if self.lifo else waiters.popleft()
+            waiter, arrived = waiters.pop() if lifo else waiters.popleft()
             limit.waiting -= 1
             if waiter.done():
                 continue

@@ -247,10 +247,11 @@ class AdmissionSettings(BaseModel):
         "stops waiting sooner when its wait plus what requests take now would pass the "
         "deadline.",
     )
-    queue_order: Literal["fifo", "lifo"] = Field(
-        default="fifo",
-        description="Which waiting request a free slot goes to: the oldest (fifo) or the "
-        "newest (lifo).",
+    queue_order: Literal["adaptive", "fifo", "lifo"] = Field(
+        default="adaptive",
+        description="Which waiting request a free slot goes to: the oldest (fifo), the newest "
+        "(lifo), or adaptive: the oldest while the queue drains a burst, the newest once it "
+        "has not been empty for a whole deadline (sustained overload).",
     )
 
 

@@ -477,6 +477,42 @@ async def test_lifo_gives_a_free_slot_to_the_newest_waiting_request() -> None:
     assert order == [2, 1, 0]
 
 
+async def test_adaptive_order_is_fifo_for_a_burst_and_lifo_for_a_standing_queue() -> None:
+    clock = FakeClock()
+    queue = one_slot(order="adaptive", deadline_s=10.0, wait_share=1.0, clock=clock)
+    assert (await queue.enter(clock()))[0] is None  # holds the one slot
+    served: list[str] = []
+
+    async def request(name: str) -> str | None:
+        refusal: str | None
+        refusal, _ = await queue.enter(clock())
+        if refusal is None:
+            served.append(name)
+            queue.leave(0.001)
+        return refusal
+
+    async with asyncio.timeout(30):
+        burst = [asyncio.create_task(request(name)) for name in ("a", "b")]
+        await waiting_in(queue, 2)
+        clock.now += 9  # not empty for 9 s of a 10 s deadline: a burst draining
+        queue.leave(0.001)
+        await asyncio.gather(*burst)
+        assert served == ["a", "b"]  # the oldest first
+
+        assert (await queue.enter(clock()))[0] is None  # the slot held again
+        oldest = asyncio.create_task(request("old"))  # the queue stands from now on
+        await waiting_in(queue, 1)
+        clock.now += 9
+        newer = [asyncio.create_task(request(name)) for name in ("x", "y", "z")]
+        await waiting_in(queue, 4)
+        clock.now += 1.5  # not empty for 10.5 s: a standing queue
+        queue.leave(0.001)
+        await asyncio.gather(*newer)
+        # The newest first, with the whole of their deadline; the oldest's time is up.
+        assert served == ["a", "b", "z", "y", "x"]
+        assert await oldest == "deadline"
+
+
 async def test_a_full_queue_sheds_at_once() -> None:
     queue = one_slot(size=2)
     assert (await queue.enter(time.perf_counter()))[0] is None
