@@ -63,7 +63,7 @@ __all__ = ["SHED_COST", "AdaptiveLimit", "AdmissionQueue", "LoopLag", "ShedReaso
 ShedReason = Literal["queue_full", "deadline", "limit"]
 
 # Requests this much slower than their long-term average are slowing down: the limit does not
-# double for the requests waiting then (it may still grow by its usual step).
+# open up for the requests waiting then (it may still grow by its usual step).
 _STEADY = 1.25
 
 # What shedding a request costs the loop, as a share of serving one: 0.08 ms against 2.0-2.4 ms
