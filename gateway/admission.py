@@ -51,6 +51,7 @@ timeout is the gateway's, not the recommender's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
@@ -178,7 +179,6 @@ class AdaptiveLimit:
         self._long_rtt = 0.0  # their long-term average (Gradient2's "long RTT")
         self._rising = 1.0  # the last tick's latency over the long-term average
         self.latency_s = 0.0  # what an admitted request takes now: an average of the last ~10
-        self.waiting = 0  # requests waiting for a slot (the queue's length), set by the queue
 
     @property
     def limit(self) -> int:
@@ -246,8 +246,9 @@ class AdaptiveLimit:
         self._long_rtt = long
         return max(0.5, min(1.0, self.rtt_tolerance * long / short))
 
-    def update(self, lag_s: float) -> None:
-        """Move the limit after a tick of the loop that woke `lag_s` late (its own work's part).
+    def update(self, lag_s: float, waiting: int = 0) -> None:
+        """Move the limit after a tick of the loop that woke `lag_s` late (its own work's part),
+        with `waiting` requests in the admission queue.
 
         The lag is first cut to the admitted requests' share of the loop's work: a shed request
         costs the loop too (`SHED_COST` of a served one), and when clients retry at once, as
@@ -268,7 +269,7 @@ class AdaptiveLimit:
                 gradient = min(gradient, max(0.5, self.target_lag_s / lag_s))
             if gradient < 1.0:
                 new = limit + self.smoothing * (limit * gradient - limit)
-            elif self.waiting and lag_s < self.target_lag_s / 4 and self._rising < _STEADY:
+            elif waiting and lag_s < self.target_lag_s / 4 and self._rising < _STEADY:
                 # Demand waits, and neither the loop nor the requests slow down: open up by a
                 # share of the limit, not a step of its root (from 32, to 200 in ten ticks).
                 new = limit * (1 + self.smoothing)
@@ -323,15 +324,21 @@ class AdmissionQueue:
 
     def __len__(self) -> int:
         """Requests waiting now."""
-        return self.limit.waiting
+        return len(self._waiters)
 
-    def refuses_now(self) -> ShedReason | None:
-        """Why a request arriving now would be shed at once, if it would: no slot, no place."""
+    def turn_away(self, size_bytes: int = 0) -> ShedReason | None:
+        """Why a request arriving now is shed at once (counted as shed), if it is: no slot, and
+        no place to wait (`size_bytes`: what its body would add to the queue's)."""
         if not self.limit.full:
             return None
         if self.size == 0:
-            return "limit"
-        return "queue_full" if self.limit.waiting >= self.size else None
+            refusal: ShedReason = "limit"
+        elif len(self._waiters) >= self.size or self._bytes + size_bytes > self.max_bytes:
+            refusal = "queue_full"
+        else:
+            return None
+        self.limit.count_shed()
+        return refusal
 
     def _give_up_at(self, arrived: float) -> float:
         """When a request that arrived at `arrived` stops waiting: after that, it would be late."""
@@ -346,11 +353,8 @@ class AdmissionQueue:
         """
         if self.limit.try_enter():
             return None, 0.0
-        refusal = self.refuses_now()
-        if refusal is None and self._bytes + size_bytes > self.max_bytes:
-            refusal = "queue_full"
+        refusal = self.turn_away(size_bytes)
         if refusal is not None:
-            self.limit.count_shed()
             return refusal, 0.0
         now = self._clock()
         give_up_at = self._give_up_at(arrived)
@@ -362,7 +366,6 @@ class AdmissionQueue:
         if not self._waiters:
             self._empty_at = now
         self._waiters.append(entry)
-        self.limit.waiting += 1
         self._bytes += size_bytes
         try:
             async with asyncio.timeout_at(_loop_time(give_up_at - now)):
@@ -394,11 +397,8 @@ class AdmissionQueue:
         self._hand_on()
 
     def _forget(self, entry: tuple[asyncio.Future[bool], float]) -> None:
-        try:
+        with contextlib.suppress(ValueError):  # already taken off by `_hand_on`
             self._waiters.remove(entry)
-        except ValueError:
-            return  # already taken off by `_hand_on`
-        self.limit.waiting -= 1
 
     def _hand_on(self) -> None:
         """Give free slots to waiting requests; one that could no longer be on time is shed."""
@@ -409,7 +409,6 @@ class AdmissionQueue:
         )
         while waiters and not limit.full:
             waiter, arrived = waiters.pop() if lifo else waiters.popleft()
-            limit.waiting -= 1
             if waiter.done():
                 continue
             if self._clock() >= self._give_up_at(arrived):

@@ -175,24 +175,22 @@ class _Call:
 
     def _queued(self, lost_s: float) -> Outcome:
         """The outcome of a call cut short by the time its request waited for admission."""
-        latency_ms = self._elapsed_ms()
-        reason = (
-            f"no answer within {latency_ms:.0f} ms, {lost_s * 1000:.0f} ms short of its "
-            "timeout: the request waited that long in this gateway worker's admission queue; "
-            "not counted against the recommender"
-        )
-        return Outcome(
-            self.name, "timeout", latency_ms, error=reason, attempts=self.attempts, overload=True
+        return self._excused(
+            f"{lost_s * 1000:.0f} ms short of its timeout: the request waited that long in this "
+            "gateway worker's admission queue"
         )
 
     def _overloaded(self, stalled_s: float) -> Outcome:
         """The outcome of a call that timed out while the worker itself was overloaded."""
-        latency_ms = self._elapsed_ms()
-        reason = (
-            f"no answer within {latency_ms:.0f} ms, while this gateway worker was overloaded "
-            f"(its event loop stalled {stalled_s * 1000:.0f} ms of them); "
-            "not counted against the recommender"
+        return self._excused(
+            f"while this gateway worker was overloaded (its event loop stalled "
+            f"{stalled_s * 1000:.0f} ms of them)"
         )
+
+    def _excused(self, why: str) -> Outcome:
+        """A timeout that was the gateway's own overload: reported, not the recommender's."""
+        latency_ms = self._elapsed_ms()
+        reason = f"no answer within {latency_ms:.0f} ms, {why}; not counted against the recommender"
         return Outcome(
             self.name, "timeout", latency_ms, error=reason, attempts=self.attempts, overload=True
         )

@@ -39,9 +39,9 @@ class Exchange:
     shed: bool = False
 
 
-def begin_exchange(request_id: str, received_at: float) -> Exchange:
+def begin_exchange(request_id: str, received_at: float, queued_s: float = 0.0) -> Exchange:
     """Start the record of the request in this context."""
-    exchange = Exchange(request_id, received_at)
+    exchange = Exchange(request_id, received_at, queued_s=queued_s)
     setattr(g, _ATTRIBUTE, exchange)
     return exchange
 

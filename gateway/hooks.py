@@ -89,11 +89,12 @@ def _app() -> GatewayFlask:
 def _assign_request_id() -> None:
     environ = request.environ
     received_at = environ.get(ARRIVED) or time.perf_counter()
+    queued_s = environ.get(QUEUED, 0.0)
     supplied = request.headers.get(REQUEST_ID_HEADER)
     if supplied is not None and valid_request_id(supplied):
-        begin_exchange(supplied, received_at).queued_s = environ.get(QUEUED, 0.0)
+        begin_exchange(supplied, received_at, queued_s)
         return
-    begin_exchange(new_request_id(), received_at).queued_s = environ.get(QUEUED, 0.0)
+    begin_exchange(new_request_id(), received_at, queued_s)
     if supplied is not None:
         raise RequestError(
             400,

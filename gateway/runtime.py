@@ -374,18 +374,18 @@ class WorkerRuntime:
 
     def _on_tick(self, lag_s: float, own_lag_s: float) -> None:
         if self.settings.admission.adaptive:
-            self.admission.update(own_lag_s)
+            self.admission.update(own_lag_s, len(self.queue))
         if self.settings.metrics:
             metrics.observe_lag(lag_s)
 
     async def _publish_metrics(self) -> None:
         # From the loop, once a second: cheaper than metric writes on every request.
         metrics.DEADLINE.set(self.settings.deadline_ms / 1000)
+        metrics.QUEUE_CAPACITY.set(self.queue.size)
         while True:
             metrics.IN_FLIGHT.set(self.admission.in_flight)
             metrics.CONCURRENCY_LIMIT.set(self.admission.limit)
             metrics.QUEUE_LENGTH.set(len(self.queue))
-            metrics.QUEUE_CAPACITY.set(self.queue.size)
             metrics.flush()
             if self.shed:
                 shed, self.shed = self.shed, 0

@@ -97,9 +97,8 @@ class GatewayASGI:
         arrived = time.perf_counter()
         queue = self.runtime.queue
         if recommendation:
-            refusal = queue.refuses_now()
+            refusal = queue.turn_away()
             if refusal is not None:
-                queue.limit.count_shed()
                 await self._shed(scope, send, refusal)  # no need to read a body not used
                 return
         try:

@@ -183,17 +183,22 @@ def guarded(stalls: LoopLag | None) -> tuple[Guard, CircuitBreaker]:
     return Guard(RetryPolicy(attempts=1), breaker, Hedger(), stalls, 0.2), breaker
 
 
-async def call_slow(pool: ScriptedPool, guard: Guard, stall_s: float | None) -> Any:
+async def call_silent(pool: ScriptedPool, guard: Guard, deadline: Deadline) -> Any:
+    """One call to a recommender that never answers (timeout 100 ms), under `deadline`."""
     pool.add("http://slow.test/p", payload={}, delay_s=30)
     pooled: Any = pool
     client = RecommenderClient("slow", "http://slow.test/p", pooled, timeout_s=0.1)
     fan_out = AsyncFanOut([Replicas([client])], {"slow": guard})
+    [outcome] = await fan_out.fan_out(b"{}", {}, deadline)
+    return outcome
+
+
+async def call_slow(pool: ScriptedPool, guard: Guard, stall_s: float | None) -> Any:
     if stall_s is not None:
         assert guard.stalls is not None
         # The loop "stalled" while the call was in flight (recorded as its tick would).
         asyncio.get_running_loop().call_later(0.01, guard.stalls.record, stall_s)
-    [outcome] = await fan_out.fan_out(b"{}", {}, Deadline.after(5000))
-    return outcome
+    return await call_silent(pool, guard, Deadline.after(5000))
 
 
 async def test_a_timeout_while_the_worker_stalled_is_not_the_recommenders_failure(
@@ -220,14 +225,8 @@ async def test_a_timeout_while_the_worker_stalled_is_not_the_recommenders_failur
 
 async def call_after_queueing(pool: ScriptedPool, guard: Guard, queued_s: float) -> Any:
     """A call to a silent recommender (timeout 100 ms) by a request that queued `queued_s`."""
-    pool.add("http://slow.test/p", payload={}, delay_s=30)
-    pooled: Any = pool
-    client = RecommenderClient("slow", "http://slow.test/p", pooled, timeout_s=0.1)
-    fan_out = AsyncFanOut([Replicas([client])], {"slow": guard})
     # 50 ms of the deadline left when the call starts, after `queued_s` in the queue.
-    deadline = Deadline(time.perf_counter() + 0.05, 1000, queued_s)
-    [outcome] = await fan_out.fan_out(b"{}", {}, deadline)
-    return outcome
+    return await call_silent(pool, guard, Deadline(time.perf_counter() + 0.05, 1000, queued_s))
 
 
 async def test_a_timeout_cut_short_by_the_admission_queue_is_not_the_recommenders_failure(
@@ -520,7 +519,7 @@ async def test_a_full_queue_sheds_at_once() -> None:
         waiting = [asyncio.create_task(queue.enter(time.perf_counter())) for _ in range(2)]
         await waiting_in(queue, 2)
 
-        assert queue.refuses_now() == "queue_full"
+        assert queue.turn_away() == "queue_full"
         assert await queue.enter(time.perf_counter()) == ("queue_full", 0.0)
 
         queue.leave(0.001)
@@ -551,7 +550,7 @@ async def test_a_queue_holds_no_more_body_bytes_than_its_budget() -> None:
 async def test_without_a_queue_the_limit_sheds() -> None:
     queue = one_slot(size=0)
     assert (await queue.enter(time.perf_counter()))[0] is None
-    assert queue.refuses_now() == "limit"
+    assert queue.turn_away() == "limit"
     assert await queue.enter(time.perf_counter()) == ("limit", 0.0)
 
 
@@ -621,16 +620,15 @@ async def test_a_request_cancelled_while_waiting_takes_no_slot(handed_its_slot: 
 def test_waiting_demand_opens_the_limit_quickly_when_nothing_queues() -> None:
     limit = AdaptiveLimit(initial=8, min_limit=4, max_limit=512, target_lag_s=0.01)
     fill(limit, 8)
-    limit.waiting = 100
     for _ in range(10):
-        limit.update(0.0)
+        limit.update(0.0, waiting=100)
     assert limit.limit == int(8 * 1.2**10)  # 49: by a fifth of itself a tick
 
     grown = limit.limit
-    limit.update(0.05)  # the worker's own queueing: it shrinks instead
+    limit.update(0.05, waiting=100)  # the worker's own queueing: it shrinks instead
     assert limit.limit < grown
     shrunk = limit.limit
-    limit.update(0.005)  # lag under the target, but not under a quarter of it: no faster growth
+    limit.update(0.005, waiting=100)  # lag under the target, not under a quarter: no faster
     assert limit.limit < shrunk * 1.2
 
 
