@@ -96,7 +96,7 @@ class _Call:
     def start(self) -> _Attempt | Outcome:
         """The first attempt, or the outcome of a call that must not be made."""
         if self.deadline.at - time.perf_counter() < MIN_CALL_BUDGET_S:
-            return Outcome(self.name, "timeout", 0.0, error="deadline already passed")
+            return Deadline.passed(self.name)
         try:
             self.guard.breaker.before_call()
         except CircuitOpen as exc:

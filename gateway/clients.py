@@ -1,26 +1,42 @@
-"""Recommender clients: over the worker's connection pool (`gateway.upstream`), or blocking.
+"""Recommender clients: over the worker's aiohttp session, or from threads over requests.
 
-This module is the one boundary where the HTTP clients' exceptions become the gateway's
+This module is the one boundary where the HTTP libraries' exceptions become the gateway's
 `RecommenderError`s (see `gateway.errors`), each carrying the recommender's name and a short
-reason a frontend can read. One table, `_TRANSLATIONS`, maps each of the HTTP layer's failures
-(and a call's timeout) to its error, reason and whether it may be retried, for both clients.
-Both read answers the same way (`_Endpoint._prediction`): an error status, with its
+reason a frontend can read. One table, `_TRANSLATIONS`, maps each failure of aiohttp, requests,
+urllib3 and http.client (and of `gateway.bodies`, and a call's timeout) to its error, reason and
+whether it may be retried, for both clients. requests and urllib3 wrap one failure in several
+layers (a refused connection is a `requests.ConnectionError` around a `MaxRetryError` around a
+`NewConnectionError` around the `ConnectionRefusedError`), so a failure matches an entry when it
+or anything it wraps (`_wrapped`) is of one of the entry's kinds; entries are tried in order.
+
+Both clients read answers the same way (`_Endpoint._prediction`): an error status, with its
 `Retry-After` (`parse_retry_after`), is a `RecommenderUnavailable`; a body is read within the
-same `AnswerLimits`: bytes (as sent and decompressed, enforced while reading), items, and JSON
-nesting and numbers (`gateway.jsonlimits`).
+same `AnswerLimits`: bytes (as sent and decompressed, enforced while reading,
+`gateway.bodies`), items, and JSON nesting and numbers (`gateway.jsonlimits`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import http.client
 import itertools
-from collections.abc import Callable, Mapping, Sequence
+import os
+import socket
+import ssl
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from gateway.blocking import BlockingPool
+import aiohttp
+import requests
+import urllib3.exceptions
+from yarl import URL
+
+from gateway import async_http
+from gateway.blocking_http import SessionClosed, ThreadSessions
+from gateway.bodies import MAX_ANSWER_BYTES, Answer, Malformed, TooLarge, Truncated
 from gateway.errors import (
     BadRecommenderResponse,
     ClientClosedError,
@@ -29,17 +45,6 @@ from gateway.errors import (
     RecommenderUnavailable,
 )
 from gateway.jsonlimits import JsonRefused, loads
-from gateway.upstream import (
-    MAX_ANSWER_BYTES,
-    Answer,
-    ConnectFailed,
-    ConnectionPool,
-    Disconnected,
-    PoolClosed,
-    TooLarge,
-    Truncated,
-    UpstreamError,
-)
 
 __all__ = [
     "AnswerLimits",
@@ -97,37 +102,101 @@ def _client_closed(recommender: str, reason: str, *, retryable: bool) -> Gateway
 
 @dataclass(frozen=True, slots=True)
 class _Translation:
-    """How one kind of failure of the HTTP layer reads as a gateway error."""
+    """How one kind of failure of the HTTP libraries reads as a gateway error."""
 
+    kinds: tuple[type[BaseException], ...]
     error: _GatewayErrorClass
-    # `{name}`: the recommender; `{error}`: the HTTP layer's message; `{budget_ms}`: the call's.
+    # `{name}`: the recommender; `{error}`: the failure's own words; `{budget_ms}`: the call's
+    # budget; `{origin}`: where the call went; `{why}`: the system's words for a socket error.
     reason: str
     # "if idempotent": the request may have reached the recommender; repeat it only if safe.
     retryable: Literal["always", "never", "if idempotent"]
 
 
-# The HTTP layer's failures (and a call's timeout) as the gateway's errors: the first entry
-# the failure is an instance of applies, so the catch-all `UpstreamError` comes last.
-_TRANSLATIONS: dict[type[Exception], _Translation] = {
-    TimeoutError: _Translation(RecommenderTimeout, "no answer within {budget_ms:.0f} ms", "never"),
-    PoolClosed: _Translation(
-        _client_closed, "the connection pool of recommender {name} is closed", "never"
+# The libraries' failures (and a call's timeout) as the gateway's errors: the first entry that
+# the failure, or anything it wraps, is an instance of applies, so the catch-alls come last.
+_TRANSLATIONS: tuple[_Translation, ...] = (
+    _Translation(
+        (TimeoutError, requests.Timeout),
+        RecommenderTimeout,
+        "no answer within {budget_ms:.0f} ms",
+        "never",
+    ),
+    _Translation(
+        (SessionClosed,),
+        _client_closed,
+        "the HTTP session of recommender {name} is closed",
+        "never",
+    ),
+    _Translation((TooLarge, Malformed), BadRecommenderResponse, "{error}", "never"),
+    _Translation(
+        (Truncated,), RecommenderUnavailable, "answer cut off before its end", "if idempotent"
     ),
     # The request never left: always safe to try again.
-    ConnectFailed: _Translation(RecommenderUnavailable, "{error}", "always"),
-    Disconnected: _Translation(
+    _Translation(
+        (
+            aiohttp.ClientConnectorError,
+            urllib3.exceptions.NewConnectionError,
+            requests.exceptions.SSLError,
+        ),
+        RecommenderUnavailable,
+        "cannot connect to {origin}: {why}",
+        "always",
+    ),
+    _Translation(
+        (aiohttp.ServerDisconnectedError, http.client.RemoteDisconnected, ConnectionError),
         RecommenderUnavailable,
         "connection closed by the recommender before it answered",
         "if idempotent",
     ),
-    Truncated: _Translation(
-        RecommenderUnavailable, "answer cut off before its end", "if idempotent"
+    _Translation(
+        (aiohttp.ClientError, requests.RequestException, http.client.HTTPException, OSError),
+        RecommenderUnavailable,
+        "answered something unreadable: {error}",
+        "never",
     ),
-    TooLarge: _Translation(BadRecommenderResponse, "{error}", "never"),
-    UpstreamError: _Translation(
-        RecommenderUnavailable, "answered something unreadable: {error}", "never"
-    ),
-}
+)
+
+
+def _wrapped(failure: BaseException) -> Iterator[BaseException]:
+    """`failure` and every failure it wraps: its cause and context, and what requests and
+    urllib3 keep in `reason` or `args`, outermost first."""
+    seen: set[int] = set()
+    pending = [failure]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        inner = (
+            current.__cause__,
+            current.__context__,
+            getattr(current, "reason", None),  # urllib3's MaxRetryError
+            getattr(current, "os_error", None),  # aiohttp's ClientConnectorError
+        )
+        pending += [e for e in (*inner, *current.args) if isinstance(e, BaseException)]
+
+
+def _words(failure: BaseException) -> str:
+    """What `failure` says, on one line (aiohttp's own words, not its URL, where it has them)."""
+    message = getattr(failure, "message", None)
+    text = message if isinstance(message, str) and message else str(failure)
+    return " ".join(text.split()) or type(failure).__name__
+
+
+def _why(failures: Sequence[BaseException]) -> str:
+    """The system's own words for the socket error among `failures`: what an operator searches."""
+    for failure in reversed(failures):
+        if isinstance(failure, socket.gaierror):
+            return "host name not resolved"
+        if isinstance(failure, ssl.SSLCertVerificationError):
+            return f"TLS certificate not trusted: {failure.verify_message}"
+        if isinstance(failure, ssl.SSLError):
+            return f"TLS failed: {failure.reason or failure}"
+        if isinstance(failure, OSError) and failure.errno and failure.errno > 0:
+            return os.strerror(failure.errno)
+    return str(failures[-1]) or type(failures[-1]).__name__
 
 
 class _Endpoint:
@@ -143,14 +212,37 @@ class _Endpoint:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.url!r})"
 
-    def _translated(self, failure: Exception, budget_s: float) -> GatewayError:
-        """The gateway's error for the HTTP layer's `failure` (or a timeout), by `_TRANSLATIONS`."""
-        translation = next(t for kind, t in _TRANSLATIONS.items() if isinstance(failure, kind))
-        reason = translation.reason.format(name=self.name, error=failure, budget_ms=budget_s * 1000)
-        retryable = translation.retryable == "always" or (
-            translation.retryable == "if idempotent" and self.idempotent
-        )
-        return translation.error(self.name, reason, retryable=retryable)
+    @property
+    def origin(self) -> str:
+        """Where the calls go: host and port."""
+        url = URL(self.url)
+        return f"{url.host}:{url.port}"
+
+    def _translated(self, failure: Exception, budget_s: float) -> GatewayError | None:
+        """The gateway's error for the libraries' `failure` (or a timeout), by `_TRANSLATIONS`;
+        None for a failure of none of their kinds (the gateway's own bug, raised as it is)."""
+        failures = list(_wrapped(failure))
+        for translation in _TRANSLATIONS:
+            matched = [f for f in failures if isinstance(f, translation.kinds)]
+            if not matched:
+                continue
+            words = translation.reason
+            reason = words.format(
+                name=self.name,
+                budget_ms=budget_s * 1000,
+                origin=self.origin,
+                why=_why(failures) if "{why}" in words else "",
+                error=_words(matched[-1]) if "{error}" in words else "",
+            )
+            retryable = translation.retryable == "always" or (
+                translation.retryable == "if idempotent" and self.idempotent
+            )
+            return translation.error(self.name, reason, retryable=retryable)
+        return None
+
+    def _closed(self) -> ClientClosedError:
+        # Not the recommender's failure: the gateway used a client it had closed.
+        return ClientClosedError(f"the HTTP session of recommender {self.name} is closed")
 
     def _prediction(
         self, answer: Answer, limits: AnswerLimits, answered: Callable[[int], None] | None
@@ -163,7 +255,7 @@ class _Endpoint:
                 self.name,
                 f"answered HTTP {answer.status}",
                 retryable=answer.status in RETRYABLE_STATUSES,
-                retry_after_s=parse_retry_after(answer.header(b"retry-after")),
+                retry_after_s=parse_retry_after(answer.header("Retry-After")),
             )
         try:
             prediction = loads(answer.body, limits.max_depth)
@@ -184,18 +276,19 @@ class _Endpoint:
 
 
 class RecommenderClient(_Endpoint):
-    """Calls one recommender's endpoint over the worker's connection pool."""
+    """Calls one recommender's endpoint over the worker's aiohttp session."""
 
     def __init__(
         self,
         name: str,
         url: str,
-        pool: ConnectionPool,
+        session: aiohttp.ClientSession,
         timeout_s: float,
         idempotent: bool = True,
     ):
         super().__init__(name, url, timeout_s, idempotent)
-        self._pool = pool
+        self._session = session
+        self._target = URL(url)  # parsed once, not on every call
 
     async def recommend(
         self,
@@ -214,38 +307,43 @@ class RecommenderClient(_Endpoint):
         Raises `RecommenderTimeout`, `RecommenderUnavailable` or `BadRecommenderResponse`.
         """
         budget = self.timeout_s if timeout_s is None else timeout_s
-        if self._pool.closed:
-            raise self._translated(PoolClosed(), budget)
+        if self._session.closed:
+            raise self._closed()
         try:
             async with asyncio.timeout(budget):
-                answer = await self._pool.post(self.url, body, headers, limits.max_bytes)
-        except (TimeoutError, UpstreamError) as exc:
-            raise self._translated(exc, budget) from exc
+                answer = await async_http.post(
+                    self._session, self._target, body, headers, limits.max_bytes
+                )
+        except Exception as exc:
+            error = self._translated(exc, budget)
+            if error is None:
+                raise
+            raise error from exc
         return self._prediction(answer, limits, answered)
 
 
 class BlockingRecommenderClient(_Endpoint):
-    """Calls one recommender from a thread, over a `gateway.blocking.BlockingPool`.
+    """Calls one recommender from a thread, over requests (`gateway.blocking_http`).
 
-    Used by the thread-pool fan-out; the same answers, limits, errors and reasons as
-    `RecommenderClient`, and the call's budget bounds it all: no thread waits past it.
+    Used by the `threads` and `sequential` fan-outs; the same answers, limits, errors and
+    reasons as `RecommenderClient`, and the call's budget bounds it all: no thread waits past it.
     """
 
     def __init__(
         self,
         name: str,
         url: str,
-        pool: BlockingPool,
+        sessions: ThreadSessions,
         timeout_s: float,
         idempotent: bool = True,
     ):
         super().__init__(name, url, timeout_s, idempotent)
-        self._pool = pool
-        self._closed = False
+        self._sessions = sessions
+        self._open = True
 
     def close(self) -> None:
-        """Refuse further calls (the pool is closed by its owner)."""
-        self._closed = True
+        """Refuse further calls (the sessions are closed by their owner)."""
+        self._open = False
 
     def recommend(
         self,
@@ -260,12 +358,15 @@ class BlockingRecommenderClient(_Endpoint):
         `timeout_s` bounds the whole call, as for `RecommenderClient.recommend`.
         """
         budget = self.timeout_s if timeout_s is None else timeout_s
-        if self._closed:
-            raise self._translated(PoolClosed(), budget)
+        if not self._open:
+            raise self._closed()
         try:
-            answer = self._pool.post(self.url, body, headers, budget, limits.max_bytes)
-        except (TimeoutError, UpstreamError) as exc:
-            raise self._translated(exc, budget) from exc
+            answer = self._sessions.post(self.url, body, headers, budget, limits.max_bytes)
+        except Exception as exc:
+            error = self._translated(exc, budget)
+            if error is None:
+                raise
+            raise error from exc
         return self._prediction(answer, limits, answered)
 
 

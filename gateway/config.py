@@ -134,7 +134,8 @@ class RecommenderSettings(BaseModel):
 
 
 class PoolSettings(BaseModel):
-    """The worker's shared pool of connections to the recommenders (`gateway.upstream`)."""
+    """The worker's connections to the recommenders: its aiohttp session's connector
+    (`gateway.async_http`); the threads' requests sessions keep `limit_per_host` each."""
 
     model_config = _Strict
 

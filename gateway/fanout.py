@@ -3,12 +3,13 @@
 Three strategies share one interface, `FanOut`, and are chosen by name (`strategy:` in the
 config) from `STRATEGIES`:
 
-- ``async``: `asyncio.gather` of one call per recommender over the worker's shared connection
-  pool: all calls in flight at once on the worker loop (the default);
-- ``threads``: one blocking call per recommender in a `ThreadPoolExecutor` that lives as long
-  as the worker, over a `gateway.blocking.BlockingPool` (each call, and so each thread, held
-  no longer than the call's budget);
-- ``sequential``: one recommender after another, over the same connection pool.
+- ``async``: `asyncio.gather` of one call per recommender over the worker's aiohttp session
+  (`gateway.async_http`): all calls in flight at once on the worker loop (the default);
+- ``threads``: one blocking call per recommender over requests (`gateway.blocking_http`: a
+  session per thread), in a `ThreadPoolExecutor` that lives as long as the worker; each call,
+  and so each thread, held no longer than the call's budget;
+- ``sequential``: one recommender after another, over requests too, in one job of that pool
+  per request: the calls wait in turn, the worker loop does not.
 
 `build_guards` makes each recommender's `gateway.resilience.Guard` from the settings, and
 `build_fan_out` the strategy, each call under its recommender's guard.
@@ -27,12 +28,12 @@ import asyncio
 import contextvars
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 from gateway.admission import LoopLag
-from gateway.blocking import BlockingPool
+from gateway.blocking_http import ThreadSessions
 from gateway.call import call_recommender, call_recommender_blocking
 from gateway.clients import (
     DEFAULT_LIMITS,
@@ -45,6 +46,8 @@ from gateway.config import Settings
 from gateway.outcome import Deadline, Outcome
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy, SwitchedOffBreaker
 from gateway.tracing import NO_TRACING, Tracing
+
+T = TypeVar("T")
 
 __all__ = [
     "STRATEGIES",
@@ -70,6 +73,7 @@ class FanOut(Protocol):
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
         tracing: Tracing = NO_TRACING,
+        user_agent: str = "fusion-gateway",
     ) -> FanOut:
         """Build the strategy over the worker's clients, each call under its guard, traced."""
         ...
@@ -85,10 +89,10 @@ class FanOut(Protocol):
         ...
 
 
-class _OverSharedSession:
-    """Base of the strategies that call through the worker's connection pool."""
+class AsyncFanOut:
+    """All calls at once: `asyncio.gather` over the worker's aiohttp session."""
 
-    name: ClassVar[str]
+    name: ClassVar[str] = "async"
 
     def __init__(
         self,
@@ -110,24 +114,10 @@ class _OverSharedSession:
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
         tracing: Tracing = NO_TRACING,
+        user_agent: str = "fusion-gateway",
     ) -> FanOut:
-        """Fan out over the worker's connection pool."""
+        """Fan out over the worker's session (which sends its own User-Agent)."""
         return cls(recommenders, guards, answer_limits(settings), tracing)
-
-    async def fan_out(
-        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
-    ) -> list[Outcome]:
-        """Call every recommender; return their outcomes in config order, never raising."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Nothing of its own: the session belongs to the runtime."""
-
-
-class AsyncFanOut(_OverSharedSession):
-    """All calls at once: `asyncio.gather` over the connection pool."""
-
-    name: ClassVar[str] = "async"
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
@@ -139,26 +129,14 @@ class AsyncFanOut(_OverSharedSession):
         )
         return list(await asyncio.gather(*calls))
 
-
-class SequentialFanOut(_OverSharedSession):
-    """One recommender after another, over the connection pool."""
-
-    name: ClassVar[str] = "sequential"
-
-    async def fan_out(
-        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
-    ) -> list[Outcome]:
-        """Call each recommender in turn; those the deadline leaves no time for time out."""
-        return [
-            await call_recommender(replicas, guard, limits, body, headers, deadline, self.tracing)
-            for replicas, guard, limits in self.guarded
-        ]
+    async def close(self) -> None:
+        """Nothing of its own: the session belongs to the runtime."""
 
 
-class ThreadPoolFanOut:
-    """One blocking call per recommender in a thread pool that lives as long as the worker."""
+class _OverThreads:
+    """Base of the strategies that call over requests from a pool of threads."""
 
-    name: ClassVar[str] = "threads"
+    name: ClassVar[str]
 
     def __init__(
         self,
@@ -166,14 +144,18 @@ class ThreadPoolFanOut:
         guards: Mapping[str, Guard],
         max_threads: int,
         tracing: Tracing = NO_TRACING,
+        user_agent: str = "fusion-gateway",
     ):
         self.tracing = tracing
-        self._pool = BlockingPool(
+        self._sessions = ThreadSessions(
             limit_per_host=settings.pool.limit_per_host,
             keepalive_timeout_s=settings.pool.keepalive_timeout_s,
+            user_agent=user_agent,
         )
         self.clients = tuple(
-            BlockingRecommenderClient(r.name, url, self._pool, settings.timeout_s(r), r.idempotent)
+            BlockingRecommenderClient(
+                r.name, url, self._sessions, settings.timeout_s(r), r.idempotent
+            )
             for r in settings.recommenders
             for url in r.replicas
         )
@@ -195,32 +177,57 @@ class ThreadPoolFanOut:
         recommenders: Sequence[Replicas[RecommenderClient]],
         guards: Mapping[str, Guard],
         tracing: Tracing = NO_TRACING,
+        user_agent: str = "fusion-gateway",
     ) -> FanOut:
-        """A pool of `settings.fan_out_threads` threads and its own connections."""
-        return cls(settings, guards, settings.fan_out_threads, tracing)
+        """A pool of `settings.fan_out_threads` threads, each with its own requests session."""
+        return cls(settings, guards, settings.fan_out_threads, tracing, user_agent)
+
+    def _submit(self, job: Callable[[], T]) -> asyncio.Future[T]:
+        # In a copy of this task's context (as `asyncio.to_thread` does): the calls' spans are
+        # then children of the request's.
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, contextvars.copy_context().run, job)
+
+    def _call(
+        self,
+        replicas: Replicas[BlockingRecommenderClient],
+        guard: Guard,
+        limits: AnswerLimits,
+        body: bytes,
+        headers: Mapping[str, str],
+        deadline: Deadline,
+    ) -> Outcome:
+        return call_recommender_blocking(
+            replicas, guard, limits, body, headers, deadline, self.tracing
+        )
+
+    async def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> list[Outcome]:
+        """Call every recommender; return their outcomes in config order, never raising."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop the pool (without waiting for stragglers) and close the sessions."""
+        for client in self.clients:
+            client.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._sessions.close()
+
+
+class ThreadPoolFanOut(_OverThreads):
+    """One blocking call per recommender in a thread pool that lives as long as the worker."""
+
+    name: ClassVar[str] = "threads"
 
     async def fan_out(
         self, body: bytes, headers: Mapping[str, str], deadline: Deadline
     ) -> list[Outcome]:
         """Submit every call to the pool and wait for them, at most until the deadline."""
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        # Each call in a copy of this task's context (as `asyncio.to_thread` does): its span
-        # is then a child of the request's.
         futures = [
-            loop.run_in_executor(
-                self._executor,
-                contextvars.copy_context().run,
-                functools.partial(
-                    call_recommender_blocking,
-                    replicas,
-                    guard,
-                    limits,
-                    body,
-                    headers,
-                    deadline,
-                    self.tracing,
-                ),
+            self._submit(
+                functools.partial(self._call, replicas, guard, limits, body, headers, deadline)
             )
             for replicas, guard, limits in self.guarded
         ]
@@ -232,16 +239,44 @@ class ThreadPoolFanOut:
             else:
                 # The thread runs on until its call's budget, which the deadline bounds, ends.
                 future.cancel()
-                elapsed = round((time.perf_counter() - started) * 1000, 1)
-                outcomes.append(deadline.missed(replicas.name, elapsed))
+                outcomes.append(deadline.missed(replicas.name, _since_ms(started)))
         return outcomes
 
-    async def close(self) -> None:
-        """Stop the pool (without waiting for stragglers) and close its connections."""
-        for client in self.clients:
-            client.close()
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._pool.close()
+
+class SequentialFanOut(_OverThreads):
+    """One recommender after another, in one job of the thread pool per request."""
+
+    name: ClassVar[str] = "sequential"
+
+    async def fan_out(
+        self, body: bytes, headers: Mapping[str, str], deadline: Deadline
+    ) -> list[Outcome]:
+        """Call each recommender in turn; those the deadline leaves no time for time out."""
+        started = time.perf_counter()
+        outcomes: list[Outcome] = []
+        begun = [0]  # calls begun by the job: the one under way when the deadline came, if any
+
+        def in_turn() -> None:
+            for replicas, guard, limits in self.guarded:
+                begun[0] += 1
+                outcomes.append(self._call(replicas, guard, limits, body, headers, deadline))
+
+        job = self._submit(in_turn)
+        await asyncio.wait([job], timeout=max(deadline.remaining_s(), 0))
+        if not job.done():
+            job.cancel()  # the call under way ends at its budget, which the deadline bounds
+        done = list(outcomes)
+        rest = [replicas.name for replicas, _, _ in self.guarded[len(done) :]]
+        under_way = rest[: begun[0] - len(done)]
+        return (
+            done
+            + [deadline.missed(name, _since_ms(started)) for name in under_way]
+            + [Deadline.passed(name) for name in rest[len(under_way) :]]
+        )
+
+
+def _since_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 1)
 
 
 def answer_limits(settings: Settings) -> dict[str, AnswerLimits]:
@@ -262,9 +297,11 @@ def build_fan_out(
     recommenders: Sequence[Replicas[RecommenderClient]],
     guards: Mapping[str, Guard],
     tracing: Tracing = NO_TRACING,
+    user_agent: str = "fusion-gateway",
 ) -> FanOut:
     """The fan-out strategy `settings.strategy` names, each call under its recommender's guard."""
-    return STRATEGIES[settings.strategy].from_settings(settings, recommenders, guards, tracing)
+    strategy = STRATEGIES[settings.strategy]
+    return strategy.from_settings(settings, recommenders, guards, tracing, user_agent)
 
 
 def build_guards(settings: Settings, stalls: LoopLag | None = None) -> dict[str, Guard]:

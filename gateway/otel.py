@@ -3,9 +3,10 @@
 The OpenTelemetry API is used directly, not the instrumentation packages:
 opentelemetry-instrumentation-flask wraps Flask's WSGI call, which here runs inside a greenlet
 portal under the ASGI app (`gateway.serving`), after admission, with the view's coroutine
-awaited on the loop; and the recommenders are called over the gateway's own HTTP client
-(`gateway.upstream`, `gateway.blocking`), which no aiohttp or requests instrumentation sees.
-Nor would they know a recommender call from its attempts, a retry from a hedge.
+awaited on the loop. The recommenders are called over aiohttp and requests, but their
+instrumentation packages would not know a recommender call from its attempts, a retry from a
+hedge: each attempt is a CLIENT span made around the library's call (`gateway.call`), whose
+`traceparent` goes out in that attempt's headers.
 
 Each worker makes its own `TracerProvider` (never installed as the global one: a test process
 holds several apps, a worker one), with the OTLP/HTTP exporter behind the SDK's batch

@@ -64,3 +64,8 @@ class Deadline:
         """The outcome of a call that the deadline cut short."""
         reason = f"no answer within the {self.ms:.0f} ms deadline"
         return Outcome(name, "timeout", latency_ms, error=reason, attempts=attempts)
+
+    @staticmethod
+    def passed(name: str) -> Outcome:
+        """The outcome of a call that the deadline left no time to begin."""
+        return Outcome(name, "timeout", 0.0, error="deadline already passed")

@@ -1,11 +1,12 @@
-"""The worker runtime: one long-lived event loop per process, owning the recommenders' pool.
+"""The worker runtime: one long-lived event loop per process, owning the recommenders' session.
 
-The connections to the recommenders (`gateway.upstream.ConnectionPool`) belong to the loop
-that made them, so a shared pool needs a loop that outlives requests. There are two ways to
+The connections to the recommenders (the worker's one aiohttp `ClientSession`,
+`gateway.async_http`) belong to the loop that made them, so a shared session needs a loop that
+outlives requests. There are two ways to
 have one:
 
 - **served on it** (`gateway.asgi` under uvicorn): the loop that serves HTTP is the worker's
-  loop. `open` (at the ASGI lifespan's startup) opens the pool on it, `aclose` (at its
+  loop. `open` (at the ASGI lifespan's startup) opens the session on it, `aclose` (at its
   shutdown, after in-flight requests are done) closes it; views are awaited right there.
 - **a loop thread** (`gateway.wsgi` under a WSGI server such as gthread): `start` runs a loop in
   a daemon thread the first time the process needs it (the gthread worker calls it once it has
@@ -33,7 +34,9 @@ import threading
 from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
-from gateway import metrics
+import aiohttp
+
+from gateway import async_http, metrics
 from gateway.admission import AdaptiveLimit, AdmissionQueue, LoopLag
 from gateway.clients import RecommenderClient, Replicas
 from gateway.config import Settings
@@ -42,7 +45,6 @@ from gateway.feedback import FeedbackService
 from gateway.outcome import Deadline, Outcome
 from gateway.resilience import Guard
 from gateway.tracing import NO_TRACING, Tracing, start_tracing
-from gateway.upstream import ConnectionPool
 
 __all__ = ["WorkerRuntime", "package_version"]
 
@@ -82,7 +84,7 @@ class _WorkerState:
         self.pid = pid
         self.loop = loop
         self.thread = thread
-        self.session: ConnectionPool | None = None
+        self.session: aiohttp.ClientSession | None = None
         self.clients: tuple[RecommenderClient, ...] = ()
         self.strategy: FanOut | None = None
         self.guards: dict[str, Guard] = {}
@@ -93,7 +95,7 @@ class _WorkerState:
 
 
 class WorkerRuntime:
-    """A process's event loop, its shared pool, the recommender clients, and its feedback."""
+    """A process's event loop, its shared session, the recommender clients, and its feedback."""
 
     def __init__(self, settings: Settings, span_processor: Any = None):
         self.settings = settings
@@ -331,16 +333,10 @@ class WorkerRuntime:
         return state
 
     async def _open_session(self, state: _WorkerState) -> None:
-        pool = self.settings.pool
-        # Each call is bounded by its own budget (see clients.py), not by a pool default. No
-        # cookies are kept: one pool serves every user.
-        state.session = ConnectionPool(
-            limit=pool.limit,
-            limit_per_host=pool.limit_per_host,
-            keepalive_timeout_s=pool.keepalive_timeout_s,
-            dns_cache_ttl_s=pool.dns_cache_ttl_s,
-            user_agent=f"fusion-gateway/{package_version()}",
-        )
+        user_agent = f"fusion-gateway/{package_version()}"
+        # Here, on the loop that serves the worker's requests: the session's connections are
+        # this loop's. Each call is bounded by its own budget (see clients.py).
+        state.session = async_http.open_session(self.settings.pool, user_agent)
         replicas = [
             Replicas(
                 [
@@ -360,7 +356,9 @@ class WorkerRuntime:
         state.guards = build_guards(self.settings, self.lag)
         # Here, in the worker after the fork: the batch processor's thread is this process's.
         state.tracing = start_tracing(self.settings.tracing, self.span_processor)
-        state.strategy = build_fan_out(self.settings, replicas, state.guards, state.tracing)
+        state.strategy = build_fan_out(
+            self.settings, replicas, state.guards, state.tracing, user_agent
+        )
         # Its store and writer thread are this process's too (a SQLite connection must not
         # cross a fork); the store connects on first use, so a store that is down delays
         # nothing here.

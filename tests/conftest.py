@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from typing import Any
 
 import pytest
@@ -18,16 +18,17 @@ from werkzeug.serving import BaseWSGIServer, make_server
 
 from gateway import GatewayFlask, create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
-from tests.helpers import InProcessServer, ScriptedPool, Serve, settings_for
+from tests.helpers import InProcessServer, ScriptedNetwork, Serve, scripted_network, settings_for
 
 # How long a test's server waits for its requests still in flight before it closes the app.
 DRAIN_S = 30.0
 
 
 @pytest.fixture
-def pool() -> ScriptedPool:
-    """A scripted stand-in for the recommenders' connection pool, for unit tests."""
-    return ScriptedPool()
+async def network() -> AsyncIterator[ScriptedNetwork]:
+    """The recommenders' network faked by aioresponses, for unit tests of the client."""
+    async with scripted_network() as scripted:
+        yield scripted
 
 
 @pytest.fixture

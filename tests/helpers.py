@@ -9,7 +9,6 @@ or the test binds a socket itself and hands it over (gunicorn's ``--bind fd://N`
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -20,19 +19,19 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
 import requests
 import uvicorn
+from aioresponses import aioresponses
 
-from gateway import GatewayFlask, Settings
+from gateway import GatewayFlask, Settings, async_http
+from gateway.config import PoolSettings
 from gateway.edge import protocol_for
 from gateway.serving import GatewayASGI
-from gateway.upstream import Answer
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
@@ -43,7 +42,7 @@ __all__ = [
     "Fleet",
     "Gunicorn",
     "InProcessServer",
-    "ScriptedPool",
+    "ScriptedNetwork",
     "Serve",
     "assert_json_error",
     "closed_port",
@@ -54,6 +53,7 @@ __all__ = [
     "post_concurrently",
     "recommend",
     "sample",
+    "scripted_network",
     "settings_for",
     "until_every_worker_served",
     "wait_until",
@@ -348,32 +348,36 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-# --- A scripted stand-in for the recommenders' connection pool ------------------------------
+# --- The recommenders' network, faked with aioresponses --------------------------------------
 
 
-@dataclass
-class _Script:
-    status: int
-    body: bytes
-    headers: list[tuple[bytes, bytes]]
-    error: BaseException | None
-    delay_s: float
+class _Sent:
+    """The writer of a request already sent, as aiohttp 3.14's `ClientResponse` asks for it."""
+
+    output_size = 0
 
 
-class ScriptedPool:
-    """A stand-in for `gateway.upstream.ConnectionPool` in unit tests of single functions.
+class _ScriptedAnswer(aiohttp.ClientResponse):
+    """aioresponses' answer, made as aiohttp 3.14 requires: aioresponses 0.7.9 does not pass
+    `stream_writer` (pnuckowski/aioresponses#289, open)."""
 
-    Each URL answers what was scripted for it with `add`, in order; `calls` records what was
-    sent. An unscripted call fails the test.
+    def __init__(self, method: str, url: Any, **fields: Any) -> None:
+        fields.setdefault("stream_writer", _Sent())
+        super().__init__(method, url, **fields)
+
+
+class ScriptedNetwork:
+    """The recommenders' network faked by aioresponses, for unit tests of single functions.
+
+    `session` is the gateway's own aiohttp session (`gateway.async_http.open_session`), whose
+    calls aioresponses answers without a socket: each URL answers what `add` scripted for it,
+    in order; `calls` records what was sent. An unscripted call fails as a refused one would.
     """
 
-    def __init__(self) -> None:
-        self._scripts: dict[str, collections.deque[_Script]] = collections.defaultdict(
-            collections.deque
-        )
+    def __init__(self, mocked: aioresponses, session: aiohttp.ClientSession) -> None:
+        self.mocked = mocked
+        self.session = session
         self.calls: list[tuple[str, bytes, dict[str, str]]] = []
-        self.caps: list[int | None] = []  # each call's `max_bytes`
-        self.closed = False
 
     def add(
         self,
@@ -388,23 +392,33 @@ class ScriptedPool:
         """Script the next answer of `url`: JSON `payload` or raw `body`, or raise `error`."""
         if payload is not None:
             body = json.dumps(payload).encode()
-        encoded = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-        self._scripts[url].append(_Script(status, body, encoded, error, delay_s))
 
-    async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], max_bytes: int | None = None
-    ) -> Answer:
-        """Answer as scripted, after the scripted delay (`max_bytes` is recorded, not enforced)."""
-        self.calls.append((url, body, dict(headers)))
-        self.caps.append(max_bytes)
-        assert self._scripts[url], f"no answer scripted for {url}"
-        script = self._scripts[url].popleft()
-        if script.delay_s:
-            await asyncio.sleep(script.delay_s)
-        if script.error is not None:
-            raise script.error
-        return Answer(script.status, script.headers, script.body)
+        async def answer(called: Any, **request: Any) -> None:
+            self.calls.append((str(called), request["data"], dict(request["headers"])))
+            if delay_s:
+                await asyncio.sleep(delay_s)
+
+        self.mocked.post(
+            url,
+            status=status,
+            body=body,
+            headers={"Content-Length": str(len(body)), **(headers or {})},
+            exception=error,
+            callback=answer,
+            response_class=_ScriptedAnswer,
+        )
 
     async def close(self) -> None:
-        """Refuse further calls."""
-        self.closed = True
+        """Close the session: calls after this are refused."""
+        await self.session.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted_network() -> AsyncIterator[ScriptedNetwork]:
+    """A `ScriptedNetwork` over a session made with the default pool settings."""
+    with aioresponses() as mocked:
+        session = async_http.open_session(PoolSettings(), "fusion-gateway/test")
+        try:
+            yield ScriptedNetwork(mocked, session)
+        finally:
+            await session.close()

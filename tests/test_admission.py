@@ -23,7 +23,7 @@ from gateway.fanout import AsyncFanOut
 from gateway.outcome import Deadline
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
 from mock_recommenders import MockFleet
-from tests.helpers import ScriptedPool, Serve, recommend, sample, settings_for, wait_until
+from tests.helpers import ScriptedNetwork, Serve, recommend, sample, settings_for, wait_until
 
 # --- The limit ------------------------------------------------------------------------------
 
@@ -183,30 +183,30 @@ def guarded(stalls: LoopLag | None) -> tuple[Guard, CircuitBreaker]:
     return Guard(RetryPolicy(attempts=1), breaker, Hedger(), stalls, 0.2), breaker
 
 
-async def call_silent(pool: ScriptedPool, guard: Guard, deadline: Deadline) -> Any:
+async def call_silent(network: ScriptedNetwork, guard: Guard, deadline: Deadline) -> Any:
     """One call to a recommender that never answers (timeout 100 ms), under `deadline`."""
-    pool.add("http://slow.test/p", payload={}, delay_s=30)
-    pooled: Any = pool
+    network.add("http://slow.test/p", payload={}, delay_s=30)
+    pooled = network.session
     client = RecommenderClient("slow", "http://slow.test/p", pooled, timeout_s=0.1)
     fan_out = AsyncFanOut([Replicas([client])], {"slow": guard})
     [outcome] = await fan_out.fan_out(b"{}", {}, deadline)
     return outcome
 
 
-async def call_slow(pool: ScriptedPool, guard: Guard, stall_s: float | None) -> Any:
+async def call_slow(network: ScriptedNetwork, guard: Guard, stall_s: float | None) -> Any:
     if stall_s is not None:
         assert guard.stalls is not None
         # The loop "stalled" while the call was in flight (recorded as its tick would).
         asyncio.get_running_loop().call_later(0.01, guard.stalls.record, stall_s)
-    return await call_silent(pool, guard, Deadline.after(5000))
+    return await call_silent(network, guard, Deadline.after(5000))
 
 
 async def test_a_timeout_while_the_worker_stalled_is_not_the_recommenders_failure(
-    pool: ScriptedPool,
+    network: ScriptedNetwork,
 ) -> None:
     guard, breaker = guarded(LoopLag())
 
-    excused = [await call_slow(pool, guard, stall_s=0.08) for _ in range(3)]
+    excused = [await call_slow(network, guard, stall_s=0.08) for _ in range(3)]
 
     for outcome in excused:
         assert outcome.status == "timeout"
@@ -216,26 +216,26 @@ async def test_a_timeout_while_the_worker_stalled_is_not_the_recommenders_failur
     assert breaker.state == "closed"  # three timeouts, none counted (threshold 2)
 
     # The same timeouts, with the loop keeping up, are the recommender's own.
-    counted = [await call_slow(pool, guard, stall_s=None) for _ in range(2)]
+    counted = [await call_slow(network, guard, stall_s=None) for _ in range(2)]
     assert [o.overload for o in counted] == [False, False]
     assert breaker.state == "open"
     with pytest.raises(CircuitOpen):
         breaker.before_call()
 
 
-async def call_after_queueing(pool: ScriptedPool, guard: Guard, queued_s: float) -> Any:
+async def call_after_queueing(network: ScriptedNetwork, guard: Guard, queued_s: float) -> Any:
     """A call to a silent recommender (timeout 100 ms) by a request that queued `queued_s`."""
     # 50 ms of the deadline left when the call starts, after `queued_s` in the queue.
-    return await call_silent(pool, guard, Deadline(time.perf_counter() + 0.05, 1000, queued_s))
+    return await call_silent(network, guard, Deadline(time.perf_counter() + 0.05, 1000, queued_s))
 
 
 async def test_a_timeout_cut_short_by_the_admission_queue_is_not_the_recommenders_failure(
-    pool: ScriptedPool,
+    network: ScriptedNetwork,
 ) -> None:
     guard, breaker = guarded(None)
 
     # 50 ms left of a 100 ms timeout, the other 50 spent queueing: not the recommender's.
-    excused = [await call_after_queueing(pool, guard, queued_s=0.5) for _ in range(3)]
+    excused = [await call_after_queueing(network, guard, queued_s=0.5) for _ in range(3)]
 
     for outcome in excused:
         assert outcome.status == "timeout"
@@ -245,24 +245,24 @@ async def test_a_timeout_cut_short_by_the_admission_queue_is_not_the_recommender
     assert breaker.state == "closed"  # three timeouts, none counted (threshold 2)
 
     # The same short budgets, with no time queued, are the deadline's: they count.
-    counted = [await call_after_queueing(pool, guard, queued_s=0.0) for _ in range(2)]
+    counted = [await call_after_queueing(network, guard, queued_s=0.0) for _ in range(2)]
     assert [o.overload for o in counted] == [False, False]
     assert breaker.state == "open"
 
 
-async def test_a_short_stall_does_not_excuse_a_timeout(pool: ScriptedPool) -> None:
+async def test_a_short_stall_does_not_excuse_a_timeout(network: ScriptedNetwork) -> None:
     guard, breaker = guarded(LoopLag(stall_tolerance_s=0.01))
 
     # 15 ms stalled beyond the tolerance, of a 100 ms budget: under the 20% that excuses.
-    outcomes = [await call_slow(pool, guard, stall_s=0.025) for _ in range(2)]
+    outcomes = [await call_slow(network, guard, stall_s=0.025) for _ in range(2)]
 
     assert [o.overload for o in outcomes] == [False, False]
     assert breaker.state == "open"
 
 
-async def test_without_a_lag_meter_every_timeout_counts(pool: ScriptedPool) -> None:
+async def test_without_a_lag_meter_every_timeout_counts(network: ScriptedNetwork) -> None:
     guard, breaker = guarded(None)
-    outcomes = [await call_slow(pool, guard, stall_s=None) for _ in range(2)]
+    outcomes = [await call_slow(network, guard, stall_s=None) for _ in range(2)]
     assert [o.status for o in outcomes] == ["timeout", "timeout"]
     assert breaker.state == "open"
 

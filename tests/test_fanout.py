@@ -1,21 +1,22 @@
-"""Unit tests of `gateway.fanout`, the network a scripted stand-in for the connection pool."""
+"""Unit tests of `gateway.fanout`: the async strategy over a network faked by aioresponses, the
+blocking ones (over requests) against the mock recommenders on loopback."""
 
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytest
 
 from gateway.clients import RecommenderClient, Replicas
-from gateway.fanout import AsyncFanOut, SequentialFanOut
+from gateway.fanout import AsyncFanOut, SequentialFanOut, build_guards
 from gateway.outcome import Deadline, Outcome
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
-from tests.helpers import ScriptedPool
+from mock_recommenders import MockFleet
+from tests.helpers import ScriptedNetwork, settings_for
 
 
-def clients(pool: ScriptedPool, *names: str) -> list[RecommenderClient]:
-    pooled: Any = pool  # a stand-in for gateway.upstream.ConnectionPool
+def clients(network: ScriptedNetwork, *names: str) -> list[RecommenderClient]:
+    pooled = network.session
     return [RecommenderClient(n, f"http://{n}.test/p", pooled, timeout_s=1.0) for n in names]
 
 
@@ -37,13 +38,13 @@ async def fan_out(
 
 
 async def test_outcomes_keep_the_order_of_the_clients_not_of_the_answers(
-    pool: ScriptedPool,
+    network: ScriptedNetwork,
 ) -> None:
-    pool.add("http://a.test/p", payload={"from": "a"}, delay_s=0.06)
-    pool.add("http://b.test/p", payload={"from": "b"}, delay_s=0.0)
-    pool.add("http://c.test/p", status=503)
+    network.add("http://a.test/p", payload={"from": "a"}, delay_s=0.06)
+    network.add("http://b.test/p", payload={"from": "b"}, delay_s=0.0)
+    network.add("http://c.test/p", status=503)
 
-    outcomes = await fan_out(clients(pool, "a", "b", "c"), b"{}", {}, Deadline.after(1000))
+    outcomes = await fan_out(clients(network, "a", "b", "c"), b"{}", {}, Deadline.after(1000))
 
     assert [o.name for o in outcomes] == ["a", "b", "c"]
     assert [o.prediction for o in outcomes] == [{"from": "a"}, {"from": "b"}, None]
@@ -52,12 +53,12 @@ async def test_outcomes_keep_the_order_of_the_clients_not_of_the_answers(
     assert outcomes[0].latency_ms >= 50
 
 
-async def test_each_call_is_cut_at_the_deadline(pool: ScriptedPool) -> None:
-    pool.add("http://a.test/p", payload={}, delay_s=30)
-    pool.add("http://b.test/p", payload={"fast": True})
+async def test_each_call_is_cut_at_the_deadline(network: ScriptedNetwork) -> None:
+    network.add("http://a.test/p", payload={}, delay_s=30)
+    network.add("http://b.test/p", payload={"fast": True})
 
     started = time.perf_counter()
-    outcomes = await fan_out(clients(pool, "a", "b"), b"{}", {}, Deadline.after(100))
+    outcomes = await fan_out(clients(network, "a", "b"), b"{}", {}, Deadline.after(100))
 
     assert time.perf_counter() - started < 10  # a third of the slow answer's 30 s
     assert outcomes[0].status == "timeout"
@@ -67,21 +68,21 @@ async def test_each_call_is_cut_at_the_deadline(pool: ScriptedPool) -> None:
     )
 
 
-async def test_a_spent_deadline_calls_nobody(pool: ScriptedPool) -> None:
-    outcomes = await fan_out(clients(pool, "a"), b"{}", {}, Deadline.after(-10))
+async def test_a_spent_deadline_calls_nobody(network: ScriptedNetwork) -> None:
+    outcomes = await fan_out(clients(network, "a"), b"{}", {}, Deadline.after(-10))
 
     assert outcomes == [Outcome("a", "timeout", 0.0, error="deadline already passed")]
-    assert pool.calls == []
+    assert network.calls == []
 
 
 async def test_a_bug_in_one_call_is_that_source_s_error_not_the_request_s(
-    pool: ScriptedPool,
+    network: ScriptedNetwork,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    pool.add("http://a.test/p", error=ZeroDivisionError("bug"))
-    pool.add("http://b.test/p", payload={"fine": 1})
+    network.add("http://a.test/p", error=ZeroDivisionError("bug"))
+    network.add("http://b.test/p", payload={"fine": 1})
 
-    outcomes = await fan_out(clients(pool, "a", "b"), b"{}", {}, Deadline.after(1000))
+    outcomes = await fan_out(clients(network, "a", "b"), b"{}", {}, Deadline.after(1000))
 
     assert outcomes[0].status == "error"
     assert outcomes[0].error == "gateway error during the call"
@@ -90,18 +91,18 @@ async def test_a_bug_in_one_call_is_that_source_s_error_not_the_request_s(
 
 
 async def test_sequential_calls_one_after_another_and_the_deadline_cuts_the_rest(
-    pool: ScriptedPool,
+    fleet: MockFleet,
 ) -> None:
-    pool.add("http://a.test/p", payload={"from": "a"})
-    pool.add("http://b.test/p", payload={"from": "b"}, delay_s=30)
-    pool.add("http://c.test/p", payload={"from": "c"})
+    settings = settings_for(fleet, ("sml", "asc", "trd"), strategy="sequential")
+    fleet.set_behaviour("asc", hang=True)
+    fan_out = SequentialFanOut.from_settings(settings, [], build_guards(settings))
+    try:
+        outcomes = await fan_out.fan_out(b'{"user_id": "u1"}', {}, Deadline.after(500))
+    finally:
+        await fan_out.close()
 
-    three = clients(pool, "a", "b", "c")
-    outcomes = await SequentialFanOut(each_alone(three), single_attempt(three)).fan_out(
-        b"{}", {}, Deadline.after(500)
-    )
-
-    # b held the rest up until the deadline: called at once, c would have answered.
+    # asc held the rest up until the deadline: called at once, trd would have answered.
     assert [o.status for o in outcomes] == ["ok", "timeout", "timeout"]
     assert outcomes[1].error == "no answer within the 500 ms deadline"
-    assert outcomes[2] == Outcome("c", "timeout", 0.0, error="deadline already passed")
+    assert outcomes[2] == Outcome("trd", "timeout", 0.0, error="deadline already passed")
+    assert [fleet.stats(name)["requests"] for name in ("sml", "asc", "trd")] == [1, 1, 0]

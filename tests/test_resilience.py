@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import Iterator
 from email.utils import formatdate
@@ -11,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import requests
+from aiohttp.client_reqrep import ConnectionKey
 
 from gateway import Settings, create_app
 from gateway.clients import RecommenderClient, Replicas, parse_retry_after
@@ -18,9 +20,8 @@ from gateway.errors import CircuitOpen
 from gateway.fanout import AsyncFanOut
 from gateway.outcome import Deadline, Outcome
 from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
-from gateway.upstream import ConnectFailed, Disconnected
 from mock_recommenders import DEFAULT_NAMES, MockFleet
-from tests.helpers import ScriptedPool, Serve, settings_for
+from tests.helpers import ScriptedNetwork, Serve, settings_for
 
 URL = "http://rec.test/p"
 
@@ -108,13 +109,13 @@ class Waits:
 
 
 async def call_once(
-    pool: ScriptedPool,
+    network: ScriptedNetwork,
     waits: Waits,
     deadline_ms: float = 1000,
     attempts: int = 3,
     breaker: CircuitBreaker | None = None,
 ) -> Outcome:
-    pooled: Any = pool  # a stand-in for gateway.upstream.ConnectionPool
+    pooled = network.session
     client = RecommenderClient("rec", URL, pooled, timeout_s=0.5)
     policy = RetryPolicy(attempts=attempts, initial_wait_s=0.01, jitter_s=0, async_sleep=waits)
     guard = Guard(policy, breaker or CircuitBreaker("rec"), Hedger())
@@ -123,13 +124,13 @@ async def call_once(
     return outcome
 
 
-async def test_a_503_is_retried_and_the_attempts_reported(pool: ScriptedPool) -> None:
-    pool.add(URL, status=503)
-    pool.add(URL, status=503)
-    pool.add(URL, payload={"items": []})
+async def test_a_503_is_retried_and_the_attempts_reported(network: ScriptedNetwork) -> None:
+    network.add(URL, status=503)
+    network.add(URL, status=503)
+    network.add(URL, payload={"items": []})
     waits = Waits()
 
-    outcome = await call_once(pool, waits)
+    outcome = await call_once(network, waits)
 
     assert outcome.status == "ok"
     assert outcome.attempts == 3
@@ -137,23 +138,23 @@ async def test_a_503_is_retried_and_the_attempts_reported(pool: ScriptedPool) ->
     assert waits.seen == [0.01, 0.02]  # exponential
 
 
-async def test_retry_after_is_honoured(pool: ScriptedPool) -> None:
-    pool.add(URL, status=503, headers={"Retry-After": "0"})
-    pool.add(URL, status=502, headers={"Retry-After": "1"})
-    pool.add(URL, payload={})
+async def test_retry_after_is_honoured(network: ScriptedNetwork) -> None:
+    network.add(URL, status=503, headers={"Retry-After": "0"})
+    network.add(URL, status=502, headers={"Retry-After": "1"})
+    network.add(URL, payload={})
     waits = Waits()
 
-    outcome = await call_once(pool, waits, deadline_ms=5000)
+    outcome = await call_once(network, waits, deadline_ms=5000)
 
     assert outcome.attempts == 3
     assert waits.seen == [0.01, 1.0]
 
 
-async def test_no_retry_whose_wait_would_pass_the_deadline(pool: ScriptedPool) -> None:
-    pool.add(URL, status=503, headers={"Retry-After": "5"})
+async def test_no_retry_whose_wait_would_pass_the_deadline(network: ScriptedNetwork) -> None:
+    network.add(URL, status=503, headers={"Retry-After": "5"})
     waits = Waits()
 
-    outcome = await call_once(pool, waits, deadline_ms=1000)
+    outcome = await call_once(network, waits, deadline_ms=1000)
 
     assert outcome.status == "error"
     assert outcome.error == "answered HTTP 503"
@@ -169,38 +170,40 @@ async def test_no_retry_whose_wait_would_pass_the_deadline(pool: ScriptedPool) -
         {"status": 200, "body": b"not json", "headers": {"Content-Type": "text/plain"}},
     ],
 )
-async def test_what_is_not_retried(pool: ScriptedPool, fault: dict[str, Any]) -> None:
-    pool.add(URL, **fault)
+async def test_what_is_not_retried(network: ScriptedNetwork, fault: dict[str, Any]) -> None:
+    network.add(URL, **fault)
     waits = Waits()
 
-    outcome = await call_once(pool, waits)
+    outcome = await call_once(network, waits)
 
     assert outcome.status == "error"
     assert outcome.attempts == 1
     assert waits.seen == []
 
 
-async def test_connection_errors_are_retried(pool: ScriptedPool) -> None:
-    pool.add(URL, error=Disconnected("closed before answering"))
-    pool.add(URL, error=ConnectFailed("rec.test", 80, "Connection refused"))
-    pool.add(URL, payload={"ok": True})
+async def test_connection_errors_are_retried(network: ScriptedNetwork) -> None:
+    network.add(URL, error=aiohttp.ServerDisconnectedError())
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    key = ConnectionKey("rec.test", 80, False, True, None, None, None)
+    network.add(URL, error=aiohttp.ClientConnectorError(key, refused))
+    network.add(URL, payload={"ok": True})
     waits = Waits()
 
-    outcome = await call_once(pool, waits)
+    outcome = await call_once(network, waits)
 
     assert (outcome.status, outcome.attempts) == ("ok", 3)
 
 
-async def test_an_open_breaker_calls_nobody(pool: ScriptedPool) -> None:
+async def test_an_open_breaker_calls_nobody(network: ScriptedNetwork) -> None:
     breaker = CircuitBreaker("rec", threshold=1, cooldown_s=60)
     breaker.failed()
 
-    outcome = await call_once(pool, Waits(), breaker=breaker)
+    outcome = await call_once(network, Waits(), breaker=breaker)
 
     assert outcome.status == "circuit_open"
     assert outcome.attempts == 0
     assert outcome.error is not None and outcome.error.startswith("circuit open after 1")
-    assert pool.calls == []
+    assert network.calls == []
 
 
 # --- Against the real mocks ------------------------------------------------------------------

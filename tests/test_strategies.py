@@ -116,6 +116,11 @@ def test_connections_are_pooled(fleet: MockFleet, serve: Serve, strategy: str) -
     for i in range(10):
         assert recommend(url, {"user_id": f"p{i}"}).status_code == 200
 
-    assert {name: fleet.stats(name)["connections"] for name in DEFAULT_NAMES} == dict.fromkeys(
-        DEFAULT_NAMES, 1
-    )
+    connections = {name: fleet.stats(name)["connections"] for name in DEFAULT_NAMES}
+    if strategy == "threads":
+        # A requests session per thread, each keeping its own connection to each recommender:
+        # at most one per thread that called it (four calls at a time: four threads), however
+        # many requests came.
+        assert all(1 <= count <= len(DEFAULT_NAMES) for count in connections.values())
+    else:
+        assert connections == dict.fromkeys(DEFAULT_NAMES, 1)
