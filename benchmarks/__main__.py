@@ -52,6 +52,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
         epilog="Ranking quality instead of speed: python -m benchmarks quality --help; "
         "what each feature costs: python -m benchmarks features --help; "
         "what tracing costs: python -m benchmarks tracing --help; "
+        "what one recommender call costs each HTTP client: python -m benchmarks clients --help; "
         "goodput under overload: python -m benchmarks overload --help; "
         "two gateways behind nginx, one stopped: python -m benchmarks scaleout --help; "
         "learning from simulated clicks: python -m benchmarks online --help",
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import scaleout
 
         return scaleout.main(argv[1:])
+    if argv[:1] == ["clients"]:
+        from benchmarks import clients
+
+        return clients.main(argv[1:])
     if argv[:1] == ["online"]:
         from benchmarks import online
 

@@ -6,7 +6,7 @@ its requests (at the ASGI lifespan's startup, or on the gthread design's loop th
 
 - one `TCPConnector` per worker: at most `limit` connections, `limit_per_host` to one
   origin, each kept `keepalive_timeout_s` idle, host names cached `dns_cache_ttl_s`; TLS
-  with the system's certificates and host names checked;
+  with the system's CA certificates (or `ca_file`'s) and host names checked;
 - no cookies (one session serves every user), no proxies or `.netrc` from the environment,
   no redirects followed, no timeouts of aiohttp's own: the caller bounds each call with its
   budget (`asyncio.timeout`), which covers waiting for a connection, connecting, sending and
@@ -37,9 +37,9 @@ __all__ = ["open_session", "post", "tls_context"]
 
 
 @functools.cache
-def tls_context() -> ssl.SSLContext:
-    """The system's default TLS context, made once per process."""
-    return ssl.create_default_context()
+def tls_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """The default TLS context, with the system's CA certificates or `ca_file`'s; one per file."""
+    return ssl.create_default_context(cafile=ca_file)
 
 
 def open_session(pool: PoolSettings, user_agent: str) -> aiohttp.ClientSession:
@@ -50,7 +50,7 @@ def open_session(pool: PoolSettings, user_agent: str) -> aiohttp.ClientSession:
         keepalive_timeout=pool.keepalive_timeout_s,
         use_dns_cache=pool.dns_cache_ttl_s > 0,
         ttl_dns_cache=pool.dns_cache_ttl_s or None,
-        ssl=tls_context(),
+        ssl=tls_context(str(pool.ca_file) if pool.ca_file else None),
     )
     return aiohttp.ClientSession(
         connector=connector,

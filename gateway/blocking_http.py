@@ -239,9 +239,12 @@ class _Session(requests.Session):
     Its requests are prepared once per URL and copied for each call.
     """
 
-    def __init__(self, headers: Mapping[str, str], limit_per_host: int) -> None:
+    def __init__(
+        self, headers: Mapping[str, str], limit_per_host: int, ca_file: str | None
+    ) -> None:
         super().__init__()
         self.trust_env = False  # no proxies, .netrc or CA bundle from the environment
+        self.verify = ca_file or True  # requests' CA certificates (certifi's), or `ca_file`
         self.headers.clear()
         self.headers.update(headers)
         self.cookies.set_policy(_NO_COOKIES)
@@ -286,7 +289,9 @@ class ThreadSessions:
         keepalive_timeout_s: float = 4.0,
         user_agent: str = "fusion-gateway",
         max_answer_bytes: int = MAX_ANSWER_BYTES,
+        ca_file: str | None = None,
     ) -> None:
+        self.ca_file = ca_file
         # A thread makes one call at a time, so its session holds one connection per
         # recommender; the limit bounds how many it keeps should that change.
         self.limit_per_host = limit_per_host or _DEFAULT_LIMIT_PER_HOST
@@ -333,6 +338,7 @@ class ThreadSessions:
                 timeout=(remaining, remaining),
                 allow_redirects=False,
                 proxies={},
+                verify=session.verify,
             )
             answer = _read(response, max_bytes or self.max_answer_bytes)
         except BaseException as failure:
@@ -371,7 +377,7 @@ class ThreadSessions:
 
     def _session(self) -> _Session:
         """This thread's session, made on its first call."""
-        session = _Session(self._headers, self.limit_per_host)
+        session = _Session(self._headers, self.limit_per_host, self.ca_file)
         with self._lock:
             if self.closed:
                 session.close()

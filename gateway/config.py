@@ -32,6 +32,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    FilePath,
     SecretStr,
     ValidationError,
     field_validator,
@@ -149,6 +150,12 @@ class PoolSettings(BaseModel):
     # one the recommender has just closed (a POST that may have arrived is not simply resent).
     keepalive_timeout_s: float = Field(default=4.0, gt=0)
     dns_cache_ttl_s: int = Field(default=300, ge=0)
+    # HTTPS to the recommenders is checked against the system's CA certificates, or these.
+    ca_file: FilePath | None = Field(
+        default=None,
+        description="PEM file of the CA certificates the recommenders' HTTPS certificates are "
+        "checked against instead of the system's (an internal CA).",
+    )
 
 
 class RetrySettings(BaseModel):

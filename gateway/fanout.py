@@ -151,6 +151,7 @@ class _OverThreads:
             limit_per_host=settings.pool.limit_per_host,
             keepalive_timeout_s=settings.pool.keepalive_timeout_s,
             user_agent=user_agent,
+            ca_file=str(settings.pool.ca_file) if settings.pool.ca_file else None,
         )
         self.clients = tuple(
             BlockingRecommenderClient(

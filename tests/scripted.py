@@ -11,13 +11,17 @@ import asyncio
 import contextlib
 import gzip
 import socket
+import ssl
 import struct
+import subprocess
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
 from gateway.bodies import Malformed, Truncated
+from tests.tools import require_tool
 
 __all__ = [
     "BODY_FAILURES",
@@ -32,7 +36,9 @@ __all__ = [
     "compressed",
     "reset",
     "scripted_server",
+    "self_signed",
     "then",
+    "tls_url",
     "trickle",
     "wait",
 ]
@@ -96,6 +102,34 @@ async def scripted_server() -> AsyncIterator[Scripted]:
         yield scripted
     finally:
         scripted.server.close()
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by openssl: trusted by no
+    system, so a client trusts it only when told to (`pool.ca_file`)."""
+    openssl = require_tool("openssl")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        + ["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return cert, key
+
+
+@contextlib.asynccontextmanager
+async def tls_url(scripted: Scripted, certificate: tuple[Path, Path]) -> AsyncIterator[str]:
+    """`scripted` served behind TLS too, with `certificate`: the HTTPS URL."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    listening = await asyncio.start_server(scripted._serve, "127.0.0.1", 0, ssl=context)
+    try:
+        yield f"https://127.0.0.1:{listening.sockets[0].getsockname()[1]}/test"
+    finally:
+        listening.close()
 
 
 async def close(writer: asyncio.StreamWriter) -> None:

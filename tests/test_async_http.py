@@ -12,6 +12,7 @@ import asyncio
 import gzip
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -40,7 +41,9 @@ from tests.scripted import (
     compressed,
     reset,
     scripted_server,
+    self_signed,
     then,
+    tls_url,
     trickle,
     wait,
 )
@@ -54,7 +57,7 @@ async def server() -> AsyncIterator[Scripted]:
         yield scripted
 
 
-async def session_of(**pool: float) -> aiohttp.ClientSession:
+async def session_of(**pool: float | str) -> aiohttp.ClientSession:
     return async_http.open_session(PoolSettings.model_validate(pool), "fusion-gateway/test")
 
 
@@ -383,3 +386,49 @@ async def test_a_closed_session_closes_its_connections(server: Scripted) -> None
     await session.close()
 
     assert await until(lambda: server.open == 0)
+
+
+# --- HTTPS -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    return self_signed(tmp_path)
+
+
+async def test_https_is_verified_and_an_untrusted_certificate_refused_by_both_clients(
+    server: Scripted, session: aiohttp.ClientSession, certificate: tuple[Path, Path]
+) -> None:
+    sessions = ThreadSessions()
+    async with tls_url(server, certificate) as url:
+        blocking = BlockingRecommenderClient("rec", url, sessions, 5.0)
+        try:
+            with pytest.raises(RecommenderError) as from_async:
+                await client_of(session, url).recommend(BODY, {})
+            with pytest.raises(RecommenderError) as from_blocking:
+                await asyncio.to_thread(blocking.recommend, BODY, {})
+        finally:
+            sessions.close()
+
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    for caught in (from_async, from_blocking):
+        assert caught.value.reason.startswith(
+            f"cannot connect to 127.0.0.1:{port}: TLS certificate not trusted: "
+        ), caught.value.reason
+    assert server.requests == []
+
+
+async def test_https_with_the_configured_ca_file_is_read_over_one_connection(
+    server: Scripted, certificate: tuple[Path, Path]
+) -> None:
+    server.script = [answer(b'{"over": "tls"}'), answer(b'{"again": true}')]
+    trusting = await session_of(ca_file=str(certificate[0]))
+    try:
+        async with tls_url(server, certificate) as url:
+            first = await post(trusting, url)
+            second = await post(trusting, url)
+    finally:
+        await trusting.close()
+
+    assert (first.body, second.body) == (b'{"over": "tls"}', b'{"again": true}')
+    assert server.connections == 1

@@ -13,7 +13,6 @@ import asyncio
 import gzip
 import re
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -40,11 +39,12 @@ from tests.scripted import (
     compressed,
     reset,
     scripted_server,
+    self_signed,
     then,
+    tls_url,
     trickle,
     wait,
 )
-from tests.tools import require_tool
 
 T = TypeVar("T")
 
@@ -559,51 +559,37 @@ async def test_a_call_in_flight_as_the_client_closes_ends_and_its_connection_is_
 
 @pytest.fixture
 def certificate(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, and its key: trusted by no system."""
-    openssl = require_tool("openssl")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
-        + ["-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
-        + ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    return cert, key
+    return self_signed(tmp_path)
 
 
 @pytest.fixture
-async def tls_url(server: Scripted, certificate: tuple[Path, Path]) -> AsyncIterator[str]:
-    """The scripted server behind TLS, with the self-signed certificate: its URL."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(*certificate)
-    listening = await asyncio.start_server(server._serve, "127.0.0.1", 0, ssl=context)
-    yield f"https://127.0.0.1:{listening.sockets[0].getsockname()[1]}/test"
-    listening.close()
+async def tls(server: Scripted, certificate: tuple[Path, Path]) -> AsyncIterator[str]:
+    async with tls_url(server, certificate) as url:
+        yield url
 
 
 @pytest.fixture
-def trusted(certificate: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """requests trusts the self-signed certificate: its CA bundle is that certificate."""
-    monkeypatch.setattr(requests.adapters, "DEFAULT_CA_BUNDLE_PATH", str(certificate[0]))
+def trusting(certificate: tuple[Path, Path], caller: ThreadPoolExecutor) -> Iterator[Calls]:
+    """Calls through sessions that trust the self-signed certificate (`ca_file`)."""
+    client = ThreadSessions(keepalive_timeout_s=5.0, ca_file=str(certificate[0]))
+    yield Calls(client, caller)
+    client.close()
 
 
 async def test_https_is_verified_and_an_untrusted_certificate_refused(
-    server: Scripted, calls: Calls, tls_url: str
+    server: Scripted, calls: Calls, tls: str
 ) -> None:
     with pytest.raises(requests.exceptions.SSLError) as caught:
-        await calls.post(tls_url)
+        await calls.post(tls)
 
     assert any(isinstance(e, ssl.SSLCertVerificationError) for e in chain_of(caught.value))
     assert server.requests == []
 
 
-@pytest.mark.usefixtures("trusted")
 async def test_https_answers_are_read_and_a_new_connection_made_once(
-    server: Scripted, caller: ThreadPoolExecutor, tls_url: str
+    server: Scripted, caller: ThreadPoolExecutor, tls: str, certificate: tuple[Path, Path]
 ) -> None:
-    brief = ThreadSessions(keepalive_timeout_s=0.2)
+    brief = ThreadSessions(keepalive_timeout_s=0.2, ca_file=str(certificate[0]))
     calls = Calls(brief, caller)
     server.script = [
         answer(b'{"over": "tls"}'),
@@ -611,10 +597,10 @@ async def test_https_answers_are_read_and_a_new_connection_made_once(
         answer(b'{"anew": true}'),
     ]
     try:
-        first = await calls.post(tls_url)
-        second = await calls.post(tls_url)  # the same connection, which the answer closes
+        first = await calls.post(tls)
+        second = await calls.post(tls)  # the same connection, which the answer closes
         await asyncio.sleep(0.3)  # the connection's last answer is older than the keep-alive
-        third = await calls.post(tls_url)
+        third = await calls.post(tls)
     finally:
         brief.close()
 
@@ -627,9 +613,8 @@ async def test_https_answers_are_read_and_a_new_connection_made_once(
     assert server.connections == 2
 
 
-@pytest.mark.usefixtures("trusted")
 async def test_a_body_trickled_over_tls_is_cut_at_the_budget(
-    server: Scripted, calls: Calls, tls_url: str
+    server: Scripted, trusting: Calls, tls: str
 ) -> None:
     sent = [0]
     body = b'{"items": [' + b" " * 300 + b"]}"
@@ -638,7 +623,7 @@ async def test_a_body_trickled_over_tls_is_cut_at_the_budget(
 
     started = time.monotonic()
     with pytest.raises(TimeoutError):
-        await calls.post(tls_url, timeout_s=BUDGET_S)
+        await trusting.post(tls, timeout_s=BUDGET_S)
 
     assert time.monotonic() - started < BUDGET_S + 1.0
     assert await eventually(lambda: server.open == 0)

@@ -102,6 +102,7 @@ def test_environment_overrides_single_fields(
         (MINIMAL + "server: twisted\n", "server: "),
         (MINIMAL + "http:\n  header_timeout_s: 0\n", "http.header_timeout_s: "),
         (MINIMAL + "http:\n  drain_s: -1\n", "http.drain_s: "),
+        (MINIMAL + "pool:\n  ca_file: /nowhere/ca.pem\n", "pool.ca_file: "),
         (MINIMAL + "fusion: none\nbreaker:\n  enabled: maybe\n", "breaker.enabled"),
         (MINIMAL + "deadline: 3\n", "deadline: "),
         ("recommenders: []\n", "recommenders: "),
