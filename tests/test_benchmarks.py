@@ -418,3 +418,28 @@ def test_the_impressions_benchmark_prints_both_sides_per_batch(
     assert all("loop " in line and "writer " in line for line in lines)
     assert [len(answer.items) for answer in shown] == [10, 10, 10]
     assert all(1 <= len(item["sources"]) <= 4 for item in shown[0].items)
+
+
+@pytest.mark.slow
+def test_the_clients_benchmark_measures_every_client_and_writes_its_figures(
+    tmp_path: Path,
+) -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "clients", "--calls", "40", "--runs", "1"]
+        + ["--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads((tmp_path / "clients.json").read_text())["rows"]
+    assert [r["client"] for r in rows] == [
+        "aiohttp-session",
+        "aiohttp-per-call-session",
+        "thread-sessions",
+        "requests-session",
+    ]
+    assert all(r["cpu_us_per_call"] > 0 and r["calls"] == 40 for r in rows)
+    assert "| aiohttp-session |" in (tmp_path / "clients.md").read_text()
