@@ -45,6 +45,7 @@ __all__ = [
     "pick",
     "run_benchmark",
     "serve_gunicorn",
+    "source_commit",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -258,6 +259,23 @@ def _measure(
     return runs, memory
 
 
+def source_commit() -> str:
+    """The commit the measured code is from (with ``+changes`` when the tree differs), or ``?``."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "?"
+    return f"{head}+changes" if head and changed else (head or "?")
+
+
 def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
     """Run `plan`, writing logs under `out`; return the results (see `benchmarks.report`)."""
     logs = out / "logs"
@@ -270,6 +288,7 @@ def run_benchmark(plan: Plan, out: Path, advance: Callable[[str], None]) -> dict
             "platform": platform.platform(),
         },
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "commit": source_commit(),
         "runs": [],
         "memory_mb": {},
         "widths": [],

@@ -216,7 +216,7 @@ def markdown(results: dict[str, Any]) -> str:
         "# Fan-out benchmark",
         "",
         f"{machine['cores']} cores, Python {machine['python']}, {machine['platform']}; "
-        f"started {results['started']}.",
+        f"started {results['started']}, from commit {results.get('commit', '?')}.",
         f"{plan['recommenders']} mock recommenders answering in {plan['delay_ms']:g} ms "
         f"(+ up to {plan['jitter_ms']:g} ms jitter); closed-loop load, {plan['warmup_s']:g} s "
         f"warm-up and {plan['duration_s']:g} s measured per level.",
