@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import datetime
 import io
 import logging
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -108,3 +111,40 @@ def test_closing_the_writer_while_it_waits_to_write_ends_it(pause_s: float) -> N
 
     assert not closing.is_alive()
     assert stream.getvalue() == "last words\n"
+
+
+def test_lines_are_written_as_python_json_logger_writes_them() -> None:
+    # The gateway's formatter takes a shorter way for the common records; every line must be
+    # the one `JsonFormatter` with the same options would write, byte for byte.
+    from pythonjsonlogger.json import JsonFormatter
+
+    from gateway.logs import _FIELDS, _RENAMED, _JsonLines
+
+    ours, theirs = _JsonLines(), JsonFormatter(_FIELDS, rename_fields=_RENAMED)
+    logger = logging.getLogger("gateway.test")
+
+    def record(*args: object, **kwargs: object) -> logging.LogRecord:
+        made = logger.makeRecord("gateway.test", logging.INFO, __file__, 7, *args, **kwargs)  # type: ignore[arg-type]
+        made.created = 1_700_000_000.5 + len(made.getMessage())  # seconds apart
+        made.msecs = 500.0
+        return made
+
+    try:
+        raise ValueError("détail")
+    except ValueError:
+        failure = sys.exc_info()
+    records = [
+        record("request", (), None, extra={"request_id": "r-1", "status": 200, "sources": {}}),
+        record("worker %d shed %d", (7, 3), None, extra={"limit": 4, "ratio": 0.5}),
+        record("é and \u2028", (), None, extra={"when": datetime.datetime(2024, 1, 2)}),
+        record("odd", (), None, extra={"raw": b"\x00", "kind": ValueError, "_hidden": 1}),
+        record("failed", (), failure),
+        record({"a": 1}, (), None),
+    ]
+    for made in records:
+        expected = theirs.format(copy.copy(made))
+        assert ours.format(made) == expected
+    # The time changes with the second, and never lags behind it.
+    late = record("x", (), None)
+    late.created += 1
+    assert ours.format(copy.copy(late)) == theirs.format(late)
