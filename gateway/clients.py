@@ -24,6 +24,7 @@ import itertools
 import os
 import socket
 import ssl
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -178,6 +179,18 @@ def _wrapped(failure: BaseException) -> Iterator[BaseException]:
         pending += [e for e in (*inner, *current.args) if isinstance(e, BaseException)]
 
 
+def _released(error: GatewayError, failure: BaseException) -> GatewayError:
+    """`error`, once the frames `failure` went through have let go of their locals.
+
+    A failed call's frames hold what it had read (an aiohttp response and its buffered body,
+    up to a few hundred KB), and the failure's traceback holds the frames: kept as the error's
+    cause, and in a cycle through them, that waits for a garbage collection to be freed. The
+    traceback still says where it failed; its frames no longer hold the answer.
+    """
+    traceback.clear_frames(failure.__traceback__)
+    return error
+
+
 def _words(failure: BaseException) -> str:
     """What `failure` says, on one line (aiohttp's own words, not its URL, where it has them)."""
     message = getattr(failure, "message", None)
@@ -318,7 +331,7 @@ class RecommenderClient(_Endpoint):
             error = self._translated(exc, budget)
             if error is None:
                 raise
-            raise error from exc
+            raise _released(error, exc) from exc
         return self._prediction(answer, limits, answered)
 
 
@@ -366,7 +379,7 @@ class BlockingRecommenderClient(_Endpoint):
             error = self._translated(exc, budget)
             if error is None:
                 raise
-            raise error from exc
+            raise _released(error, exc) from exc
         return self._prediction(answer, limits, answered)
 
 

@@ -37,6 +37,7 @@ from tests.scripted import (
     Action,
     Scripted,
     answer,
+    chunked_forever,
     close,
     compressed,
     reset,
@@ -432,3 +433,25 @@ async def test_https_with_the_configured_ca_file_is_read_over_one_connection(
 
     assert (first.body, second.body) == (b'{"over": "tls"}', b'{"again": true}')
     assert server.connections == 1
+
+
+async def test_a_refused_answer_is_not_kept_by_the_error_s_traceback(
+    server: Scripted, session: aiohttp.ClientSession
+) -> None:
+    server.script = [chunked_forever()]
+
+    with pytest.raises(BadRecommenderResponse) as caught:
+        await client_of(session, server.url).recommend(BODY, {}, limits=AnswerLimits(max_bytes=CAP))
+
+    # The error keeps its cause and where it failed, but no frame on the way holds the answer
+    # (an aiohttp response and its buffered body), which a cycle would keep until a collection.
+    cause = caught.value.__cause__
+    assert isinstance(cause, TooLarge)
+    frames = []
+    trace = cause.__traceback__
+    while trace is not None:
+        frames.append(trace.tb_frame)
+        trace = trace.tb_next
+    assert frames
+    held = [type(v).__name__ for frame in frames for v in frame.f_locals.values()]
+    assert "ClientResponse" not in held and "BodyReader" not in held, held
