@@ -33,7 +33,13 @@ from gateway.edge import edge_error, request_id_of
 from gateway.hooks import ADMITTED, ARRIVED, BODY, QUEUED
 from gateway.portal import run_sync
 
-__all__ = ["GatewayASGI", "settle_heap"]
+__all__ = ["YOUNG_GENERATION_THRESHOLD", "GatewayASGI", "settle_heap"]
+
+# Measured with 64 users on the development machine (one worker): at Python's 700, the
+# collector took 91-97 µs of a worker's CPU per request (a young pass every 8 requests, 0.4 ms
+# each, and an older one every 90, 3 ms); at 10,000, 6-7 µs (a pass every 1,000 requests,
+# 6-7 ms each).
+YOUNG_GENERATION_THRESHOLD = 10_000
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -210,15 +216,22 @@ class GatewayASGI:
 
 
 def settle_heap() -> None:
-    """Keep what start-up made out of the garbage collector's full passes.
+    """Keep what start-up made out of the garbage collector's full passes, and pass less often.
 
     A full collection walks every object the process holds: measured on the development
     machine, 130 ms with the loop stopped for all of it. What exists once the app is loaded
     lives as long as the worker, so it is frozen (`gc.freeze`, as Instagram does in its
     workers), and a full pass walks only what serving has made since.
+
+    The young generation is collected once `YOUNG_GENERATION_THRESHOLD` more objects live than
+    at its last pass, not Python's 700: the requests in flight hold more than that between
+    them, so at 700 a pass came every 8 requests at 64 users, walked objects that were all
+    still in use, and pushed them into the older generations to be walked again.
     """
     gc.collect()
     gc.freeze()
+    _, middle, oldest = gc.get_threshold()
+    gc.set_threshold(YOUNG_GENERATION_THRESHOLD, middle, oldest)
 
 
 async def _send_edge_error(send: Send, refused: _Refused, request_headers: Headers) -> None:
