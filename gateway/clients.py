@@ -46,6 +46,8 @@ from gateway.errors import (
     RecommenderUnavailable,
 )
 from gateway.jsonlimits import JsonRefused, loads
+from gateway.protocols import NATIVE, AnswerMismatch, WireProtocol
+from gateway.request_id import REQUEST_ID_HEADER
 
 __all__ = [
     "AnswerLimits",
@@ -213,14 +215,29 @@ def _why(failures: Sequence[BaseException]) -> str:
 
 
 class _Endpoint:
-    """One recommender replica: its name, URL, time budget, and whether calls may repeat."""
+    """One recommender replica: its name, URL, time budget, whether calls may repeat, and the
+    protocol it speaks (`gateway.protocols`)."""
 
-    def __init__(self, name: str, url: str, timeout_s: float, idempotent: bool = True):
+    def __init__(
+        self,
+        name: str,
+        url: str,
+        timeout_s: float,
+        idempotent: bool = True,
+        protocol: WireProtocol = NATIVE,
+    ):
         self.name = name
         self.url = url
         self.timeout_s = timeout_s
         # Whether a call that may have reached the recommender can be repeated safely.
         self.idempotent = idempotent
+        self.protocol = protocol
+
+    def _body(self, native: bytes, headers: Mapping[str, str]) -> bytes:
+        """What to send: the native body, in the recommender's protocol."""
+        if self.protocol is NATIVE:
+            return native
+        return self.protocol.request_body(native, headers.get(REQUEST_ID_HEADER))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.url!r})"
@@ -278,6 +295,13 @@ class _Endpoint:
             ) from exc
         except ValueError as exc:
             raise BadRecommenderResponse(self.name, "answered a body that is not JSON") from exc
+        if self.protocol is not NATIVE:
+            try:
+                prediction = self.protocol.native_answer(prediction)
+            except AnswerMismatch as exc:
+                raise BadRecommenderResponse(
+                    self.name, f"answered {self.protocol.name} JSON that does not fit: {exc}"
+                ) from None
         if type(prediction) is dict:
             items = prediction.get("items")
             if type(items) is list and len(items) > limits.max_items:
@@ -298,8 +322,9 @@ class RecommenderClient(_Endpoint):
         session: aiohttp.ClientSession,
         timeout_s: float,
         idempotent: bool = True,
+        protocol: WireProtocol = NATIVE,
     ):
-        super().__init__(name, url, timeout_s, idempotent)
+        super().__init__(name, url, timeout_s, idempotent, protocol)
         self._session = session
         self._target = URL(url)  # parsed once, not on every call
 
@@ -325,7 +350,11 @@ class RecommenderClient(_Endpoint):
         try:
             async with asyncio.timeout(budget):
                 answer = await async_http.post(
-                    self._session, self._target, body, headers, limits.max_bytes
+                    self._session,
+                    self._target,
+                    self._body(body, headers),
+                    headers,
+                    limits.max_bytes,
                 )
         except Exception as exc:
             error = self._translated(exc, budget)
@@ -349,8 +378,9 @@ class BlockingRecommenderClient(_Endpoint):
         sessions: ThreadSessions,
         timeout_s: float,
         idempotent: bool = True,
+        protocol: WireProtocol = NATIVE,
     ):
-        super().__init__(name, url, timeout_s, idempotent)
+        super().__init__(name, url, timeout_s, idempotent, protocol)
         self._sessions = sessions
         self._open = True
 
@@ -374,7 +404,9 @@ class BlockingRecommenderClient(_Endpoint):
         if not self._open:
             raise self._closed()
         try:
-            answer = self._sessions.post(self.url, body, headers, budget, limits.max_bytes)
+            answer = self._sessions.post(
+                self.url, self._body(body, headers), headers, budget, limits.max_bytes
+            )
         except Exception as exc:
             error = self._translated(exc, budget)
             if error is None:

@@ -48,6 +48,7 @@ from pydantic_settings import (
 from gateway.errors import ConfigError, validation_problems, validation_summary
 from gateway.feedback_settings import FeedbackSettings
 from gateway.fusion import FusionChoice
+from gateway.protocols import KSERVE_V1, NATIVE, OpenInference, WireProtocol, url_problem
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -56,6 +57,7 @@ __all__ = [
     "BreakerSettings",
     "HedgingSettings",
     "HttpSettings",
+    "OpenInferenceSettings",
     "PoolSettings",
     "RecommenderSettings",
     "RetrySettings",
@@ -76,6 +78,28 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("config.yaml")
 _CONFIG_FILE_VARIABLE = f"{ENV_PREFIX}CONFIG"
 
 _Strict = ConfigDict(extra="forbid", frozen=True)
+
+
+# A name of an Open Inference tensor, as the protocol's JSON carries it.
+TensorName = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class OpenInferenceSettings(BaseModel):
+    """What an `open-inference` recommender's model calls its inputs and outputs.
+
+    The gateway sends the user's id as the BYTES tensor `user_input` and the number of items
+    wanted as the INT32 tensor `size_input`, and reads the items from the outputs `ids_output`
+    (BYTES or an integer type) and `scores_output` (FP16, FP32 or FP64); `parameters` go in
+    every inference request as its `parameters` object.
+    """
+
+    model_config = _Strict
+
+    user_input: TensorName = "user_id"
+    size_input: TensorName = "result_size"
+    ids_output: TensorName = "item_ids"
+    scores_output: TensorName = "scores"
+    parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
 class RecommenderSettings(BaseModel):
@@ -120,12 +144,55 @@ class RecommenderSettings(BaseModel):
     max_items: int = Field(
         default=1000, ge=1, description="Most `items` in an answer; more is an `error`."
     )
+    protocol: Literal["native", "kserve-v1", "open-inference"] = Field(
+        default="native",
+        description="What the recommender speaks: the gateway's own JSON, KServe's V1 "
+        "(`/v1/models/<m>:predict`) or the Open Inference Protocol (`/v2/models/<m>/infer`).",
+    )
+    open_inference: OpenInferenceSettings | None = Field(
+        default=None,
+        description="The tensors' names and the request parameters of an `open-inference` "
+        "recommender, when its model names them otherwise than the defaults.",
+    )
+    ready_url: AnyHttpUrl | None = Field(
+        default=None,
+        description="Where the recommender says whether it is ready (GET, judged by status); "
+        "by default its protocol's own: `/v1/models/<m>` or `/v2/models/<m>/ready`.",
+    )
 
     @model_validator(mode="after")
     def _has_a_url(self) -> RecommenderSettings:
         if self.url is None and not self.urls:
             raise ValueError("give `url` or `urls`")
+        for url in self.replicas:
+            problem = url_problem(self.protocol, url)
+            if problem is not None:
+                raise ValueError(f"{problem}; got {url}")
+        if self.open_inference is not None and self.protocol != OpenInference.name:
+            raise ValueError(
+                f"`open_inference` applies to protocol open-inference, not {self.protocol}"
+            )
         return self
+
+    def wire_protocol(self) -> WireProtocol:
+        """The protocol the gateway speaks to this recommender, made from its settings."""
+        if self.protocol == OpenInference.name:
+            names = self.open_inference or OpenInferenceSettings()
+            return OpenInference(
+                names.user_input,
+                names.size_input,
+                names.ids_output,
+                names.scores_output,
+                names.parameters,
+            )
+        return KSERVE_V1 if self.protocol == KSERVE_V1.name else NATIVE
+
+    def readiness_urls(self) -> list[str]:
+        """Where each replica says whether it is ready: `ready_url`, else its protocol's own."""
+        if self.ready_url is not None:
+            return [str(self.ready_url)]
+        protocol = self.wire_protocol()
+        return [u for u in map(protocol.readiness_url, self.replicas) if u is not None]
 
     @property
     def replicas(self) -> list[str]:

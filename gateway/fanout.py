@@ -155,7 +155,12 @@ class _OverThreads:
         )
         self.clients = tuple(
             BlockingRecommenderClient(
-                r.name, url, self._sessions, settings.timeout_s(r), r.idempotent
+                r.name,
+                url,
+                self._sessions,
+                settings.timeout_s(r),
+                r.idempotent,
+                r.wire_protocol(),
             )
             for r in settings.recommenders
             for url in r.replicas

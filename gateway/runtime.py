@@ -346,6 +346,7 @@ class WorkerRuntime:
                         state.session,
                         self.settings.timeout_s(recommender),
                         recommender.idempotent,
+                        recommender.wire_protocol(),
                     )
                     for url in recommender.replicas
                 ]

@@ -3,6 +3,12 @@
 Endpoints of each recommender:
 
 - ``POST /test``: the ranked list for the body's `user_id` and `resultSize`;
+- the same list in the model servers' protocols, the recommender's name being the model's:
+  KServe V1 (``POST /v1/models/<name>:predict``, ``{"instances": [body]}`` ->
+  ``{"predictions": [answer]}``; ``GET /v1/models/<name>``, its readiness) and the Open
+  Inference Protocol (``POST /v2/models/<name>/infer``, the inputs `user_id` (BYTES) and
+  `result_size` (INT32) -> the outputs `item_ids` (BYTES) and `scores` (FP32), of shape
+  [1, n]; ``GET /v2/models/<name>/ready``), with the same behaviours;
 - ``GET /stats``, ``POST /stats/reset``: requests served and TCP connections seen;
 - ``GET /admin/behaviour``, ``PUT /admin/behaviour``: read or change the behaviour.
 """
@@ -16,6 +22,7 @@ import random
 import socket
 import struct
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -71,6 +78,76 @@ def _wake(delay: asyncio.Future[None]) -> None:
 
 def _json(status: int, body: Any) -> web.Response:
     return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+
+
+# The native request body from a protocol's request (ValueError naming what is wrong), and the
+# protocol's answer from the native answer, the request and the model's name.
+_Reader = Callable[[Any], dict[str, Any]]
+_Writer = Callable[[dict[str, Any], dict[str, Any], str], Any]
+
+
+def _native_request(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise ValueError("body must be a JSON object")
+    return body
+
+
+def _native_answer(answer: dict[str, Any], request: dict[str, Any], model: str) -> Any:
+    return answer
+
+
+def _v1_request(body: Any) -> dict[str, Any]:
+    instances = body.get("instances") if isinstance(body, dict) else None
+    if not isinstance(instances, list) or len(instances) != 1:
+        raise ValueError('expected {"instances": [one request]}')
+    return _native_request(instances[0])
+
+
+def _v1_answer(answer: dict[str, Any], request: dict[str, Any], model: str) -> Any:
+    return {"predictions": [answer]}
+
+
+def _v2_request(body: Any) -> dict[str, Any]:
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    if not isinstance(inputs, list):
+        raise ValueError("expected an inference request with `inputs`")
+    tensors = {t.get("name"): t for t in inputs if isinstance(t, dict)}
+    native: dict[str, Any] = {"id": body.get("id")}
+    for name, key, datatype in (
+        ("user_id", "user_id", "BYTES"),
+        ("result_size", "resultSize", "INT32"),
+    ):
+        tensor = tensors.get(name)
+        if tensor is None:
+            continue
+        data = tensor.get("data")
+        if tensor.get("datatype") != datatype or not isinstance(data, list) or len(data) != 1:
+            raise ValueError(f"input {name} must be one {datatype} value")
+        native[key] = data[0]
+    return native
+
+
+def _v2_answer(answer: dict[str, Any], request: dict[str, Any], model: str) -> Any:
+    items = answer["items"]
+    shape = [1, len(items)]
+    return {
+        "model_name": model,
+        "id": request.get("id"),
+        "outputs": [
+            {
+                "name": "item_ids",
+                "shape": shape,
+                "datatype": "BYTES",
+                "data": [i["id"] for i in items],
+            },
+            {
+                "name": "scores",
+                "shape": shape,
+                "datatype": "FP32",
+                "data": [i["score"] for i in items],
+            },
+        ],
+    }
 
 
 class InFlight:
@@ -185,6 +262,10 @@ class Recommender:
         """The aiohttp application serving this recommender."""
         app = web.Application()
         app.router.add_post("/test", self._recommend)
+        app.router.add_post("/v1/models/{model:[^/:]+}:predict", self._predict_v1)
+        app.router.add_get("/v1/models/{model:[^/:]+}", self._ready_v1)
+        app.router.add_post("/v2/models/{model}/infer", self._infer_v2)
+        app.router.add_get("/v2/models/{model}/ready", self._ready_v2)
         app.router.add_get("/stats", self._stats)
         app.router.add_post("/stats/reset", self._reset)
         app.router.add_get("/admin/behaviour", self._get_behaviour)
@@ -201,23 +282,52 @@ class Recommender:
             self.connections += 1
 
     async def _recommend(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, _native_request, _native_answer)
+
+    async def _predict_v1(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["model"] != self.name:
+            return _json(404, {"error": f"model {request.match_info['model']} not found"})
+        return await self._serve(request, _v1_request, _v1_answer)
+
+    async def _infer_v2(self, request: web.Request) -> web.StreamResponse:
+        if request.match_info["model"] != self.name:
+            return _json(404, {"error": f"Model {request.match_info['model']} not found"})
+        return await self._serve(request, _v2_request, _v2_answer)
+
+    async def _ready_v1(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.name:
+            return _json(404, {"error": f"model {request.match_info['model']} not found"})
+        return _json(200, {"name": self.name, "ready": True})
+
+    async def _ready_v2(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.name:
+            return _json(404, {"error": f"Model {request.match_info['model']} not found"})
+        return web.Response(status=200)
+
+    async def _serve(
+        self, request: web.Request, read: _Reader, write: _Writer
+    ) -> web.StreamResponse:
         self._count(request)
         self.in_flight.enter()
         try:
-            return await self._answer(request)
+            try:
+                received = json.loads(await request.read())
+            except ValueError:
+                return _json(400, {"error": "body is not JSON"})
+            try:
+                body = read(received)
+            except ValueError as exc:
+                return _json(400, {"error": str(exc)})
+            return await self._answer(request, body, received, write)
         finally:
             self.in_flight.leave()
 
-    async def _answer(self, request: web.Request) -> web.StreamResponse:
-        raw = await request.read()
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            return _json(400, {"error": "body is not JSON"})
-        if not isinstance(body, dict):
-            return _json(400, {"error": "body must be a JSON object"})
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], received: Any, write: _Writer
+    ) -> web.StreamResponse:
         headers = {key.lower(): value for key, value in request.headers.items()}
-        self.last_request = {"body": body, "headers": headers}
+        # `body` as the native request reads; `received` as it came, in its protocol.
+        self.last_request = {"body": body, "received": received, "headers": headers}
         traceparent = headers.get("traceparent")
         if traceparent is not None and _sampled(traceparent):
             trace_log.info(
@@ -252,15 +362,13 @@ class Recommender:
             return self._error(behaviour.error_status, "injected error")
         if behaviour.not_json:
             return web.Response(text="this is not json", content_type="text/plain")
-        return _json(
-            200,
-            {
-                "items": self.world.ranking(self.name, user_id, size),
-                "recommender": self.name,
-                "user_id": user_id,
-                "request_id": request.headers.get("X-Request-ID"),
-            },
-        )
+        answer = {
+            "items": self.world.ranking(self.name, user_id, size),
+            "recommender": self.name,
+            "user_id": user_id,
+            "request_id": request.headers.get("X-Request-ID"),
+        }
+        return _json(200, write(answer, body, self.name))
 
     def _error(self, status: int, message: str) -> web.Response:
         self.errors += 1
