@@ -3,14 +3,18 @@
 `check-config` validates a config as the gateway would load it (the file, then the `GATEWAY_*`
 environment overrides), like ``nginx -t``: before a reload (``kill -HUP``), it says whether the
 master will accept the file. It prints a one-line summary and exits 0 on a valid config;
-otherwise it prints what is wrong, naming each field, and exits 1.
+otherwise it prints what is wrong, naming each field, and exits 1. With `--probe` it then asks
+each recommender's model server whether it is ready, in its protocol (`gateway.readiness`),
+prints what each answered, and exits 1 if one is not.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
+from gateway import async_http, readiness
 from gateway.config import Settings, describe_source, load_settings
 from gateway.errors import ConfigError
 from gateway.feedback_settings import FeedbackSettings
@@ -58,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
         nargs="?",
         help="the YAML file (default: $GATEWAY_CONFIG, then the packaged config.yaml)",
     )
+    check.add_argument(
+        "--probe",
+        action="store_true",
+        help="then ask each recommender's model server whether it is ready (its protocol's "
+        "readiness URL, or ready_url); exit 1 if one is not",
+    )
     args = parser.parse_args(argv)
 
     try:
@@ -66,7 +76,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     print(f"gateway: config ok: {describe_source(args.file)}: {summary(settings)}")
+    if not args.probe:
+        return 0
+    found = asyncio.run(_probe(settings))
+    for recommender in found:
+        print(f"  {recommender.name} ({recommender.protocol}): {_state(recommender)}")
+    not_ready = readiness.summary(found)
+    if not_ready:
+        print(f"gateway: recommenders not ready: {not_ready}", file=sys.stderr)
+        return 1
     return 0
+
+
+async def _probe(settings: Settings) -> list[readiness.RecommenderReadiness]:
+    async with async_http.open_session(settings.pool, "fusion-gateway/check-config") as session:
+        return await readiness.probe(
+            session, settings.recommenders, settings.readiness.timeout_ms / 1000
+        )
+
+
+def _state(recommender: readiness.RecommenderReadiness) -> str:
+    if not recommender.probed:
+        return "not asked (no readiness URL: give ready_url)"
+    said = "; ".join(replica.describe() for replica in recommender.replicas)
+    return f"{'ready' if recommender.ready else 'NOT READY'} ({said})"
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ __all__ = [
     "HttpSettings",
     "OpenInferenceSettings",
     "PoolSettings",
+    "ReadinessSettings",
     "RecommenderSettings",
     "RetrySettings",
     "Settings",
@@ -199,6 +200,18 @@ class RecommenderSettings(BaseModel):
         """Every URL of the recommender, `url` first, without repeats."""
         urls = ([str(self.url)] if self.url is not None else []) + [str(u) for u in self.urls]
         return list(dict.fromkeys(urls))
+
+
+class ReadinessSettings(BaseModel):
+    """What `/readyz` asks: by default only this gateway's own state; with
+    `probe_recommenders`, also each recommender's model server (`gateway.readiness`)."""
+
+    model_config = _Strict
+
+    # Off by default: a readiness probe that follows the recommenders takes every gateway out
+    # of its load balancer when one model server is down, though the others could be served.
+    probe_recommenders: bool = False
+    timeout_ms: float = Field(default=1000, gt=0, le=60_000)
 
 
 class PoolSettings(BaseModel):
@@ -464,6 +477,7 @@ class Settings(BaseSettings):
     admission: AdmissionSettings = AdmissionSettings()
     http: HttpSettings = HttpSettings()
     pool: PoolSettings = PoolSettings()
+    readiness: ReadinessSettings = ReadinessSettings()
     retry: RetrySettings = RetrySettings()
     breaker: BreakerSettings = BreakerSettings()
     hedging: HedgingSettings = HedgingSettings()

@@ -8,17 +8,16 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import mimetypes
 import os
 from typing import TYPE_CHECKING, cast
 
-from flask import Blueprint, Response, abort, current_app
+from flask import Blueprint, Response, abort, current_app, request
 from swagger_ui_bundle import swagger_ui_path
 from werkzeug.security import safe_join
 
-from gateway import metrics
+from gateway import metrics, readiness
 from gateway.http_errors import error_response
 
 if TYPE_CHECKING:
@@ -40,17 +39,32 @@ def healthz() -> Response:
 
 
 @blueprint.get("/readyz")
-def readyz() -> Response:
-    """Config loaded and the recommender session open: ready to serve."""
+async def readyz() -> Response:
+    """Config loaded and the recommender session open: ready to serve.
+
+    With `?probe=recommenders` (or `readiness.probe_recommenders`), each recommender's model
+    server is asked too, in its protocol (`gateway.readiness`): 503 naming those not ready.
+    """
     runtime = _app().runtime
-    # Served as WSGI, the loop thread starts here if no request has started it yet.
-    with contextlib.suppress(RuntimeError):
-        runtime.start()
     if not runtime.started:
         return error_response(503, "recommender session is not open")
-    names = [r.name for r in runtime.settings.recommenders]
+    settings = runtime.settings
+    names = [r.name for r in settings.recommenders]
+    asked = request.args.get("probe")
+    if asked is not None and asked != "recommenders":
+        return error_response(400, f"unknown probe {asked!r}; the one there is: recommenders")
+    if asked is None and not settings.readiness.probe_recommenders:
+        return Response(
+            json.dumps({"status": "ready", "recommenders": names}), mimetype="application/json"
+        )
+    found = await runtime.readiness()
+    probed = {r.name: r.as_dict() for r in found}
+    not_ready = readiness.summary(found)
+    if not_ready:
+        return error_response(503, f"recommenders not ready: {not_ready}", recommenders=probed)
     return Response(
-        json.dumps({"status": "ready", "recommenders": names}), mimetype="application/json"
+        json.dumps({"status": "ready", "recommenders": names, "probed": probed}),
+        mimetype="application/json",
     )
 
 

@@ -43,6 +43,7 @@ from gateway.config import Settings
 from gateway.fanout import FanOut, build_fan_out, build_guards
 from gateway.feedback import FeedbackService
 from gateway.outcome import Deadline, Outcome
+from gateway.readiness import RecommenderReadiness, probe
 from gateway.resilience import Guard
 from gateway.tracing import NO_TRACING, Tracing, start_tracing
 
@@ -187,6 +188,13 @@ class WorkerRuntime:
     ) -> Coroutine[Any, Any, list[Outcome]]:
         """Call every recommender with `body` by this process's strategy, within `deadline`."""
         return self.strategy.fan_out(body, headers, deadline)
+
+    async def readiness(self) -> list[RecommenderReadiness]:
+        """What each recommender's model server says of its readiness (on this process's loop)."""
+        session = self._here().session
+        assert session is not None, "set when the session opens"
+        settings = self.settings
+        return await probe(session, settings.recommenders, settings.readiness.timeout_ms / 1000)
 
     def breaker_states(self) -> dict[str, str]:
         """Each recommender's circuit breaker state, by name."""

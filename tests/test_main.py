@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.__main__ import main
+from mock_recommenders import MockFleet
 from tests.helpers import ROOT
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
@@ -133,3 +134,34 @@ def test_the_command_exits_non_zero_on_a_bad_file_without_a_traceback(tmp_path: 
     accepted = check(str(bad))
     assert accepted.returncode == 0, accepted.stderr
     assert accepted.stdout.startswith("gateway: config ok:")
+
+
+def test_probe_asks_each_model_server_and_fails_when_one_is_not_ready(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], fleet: MockFleet
+) -> None:
+    v1 = fleet.url("asc").replace("/test", "/v1/models/asc:predict")
+    wrong = fleet.url("trd").replace("/test", "/v2/models/other/infer")
+    ready = f"""
+recommenders:
+  - name: sml
+    url: {fleet.url("sml")}
+  - name: asc
+    url: {v1}
+    protocol: kserve-v1
+"""
+    path = write(tmp_path, ready)
+
+    assert main(["check-config", str(path), "--probe"]) == 0
+    out, err = capsys.readouterr()
+    assert "  sml (native): not asked (no readiness URL: give ready_url)\n" in out
+    assert f"  asc (kserve-v1): ready (GET {v1.removesuffix(':predict')}: HTTP 200)\n" in out
+    assert err == ""
+
+    path = write(
+        tmp_path, ready + f"  - name: trd\n    url: {wrong}\n    protocol: open-inference\n"
+    )
+    assert main(["check-config", str(path), "--probe"]) == 1
+    out, err = capsys.readouterr()
+    trd_ready = wrong.replace("/infer", "/ready")
+    assert f"  trd (open-inference): NOT READY (GET {trd_ready}: HTTP 404)\n" in out
+    assert err == f"gateway: recommenders not ready: trd (GET {trd_ready}: HTTP 404)\n"

@@ -8,6 +8,7 @@ import math
 from typing import Any
 
 import pytest
+import requests
 
 from gateway import create_app
 from gateway.clients import BlockingRecommenderClient, RecommenderClient
@@ -21,7 +22,7 @@ from gateway.protocols import (
     url_problem,
 )
 from mock_recommenders import MockFleet
-from tests.helpers import ScriptedNetwork, Serve, recommend
+from tests.helpers import ScriptedNetwork, Serve, assert_json_error, closed_port, recommend
 
 NATIVE_BODY = json.dumps({"user_id": "u7", "resultSize": 3, "context": {"page": "home"}}).encode()
 OIP = OpenInference()
@@ -452,3 +453,57 @@ def test_a_misfit_answer_from_one_protocol_leaves_the_others_served(
     assert sources["trd"]["status"] == "error"
     assert sources["trd"]["error"] == "answered a body that is not JSON"
     assert sources["sml"]["status"] == sources["asc"]["status"] == "ok"
+
+
+def test_readyz_asks_each_model_server_in_its_protocol_when_told_to(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    url = serve(create_app(mixed_settings(fleet)))
+
+    plain = requests.get(f"{url}/readyz", timeout=10)
+    probed = requests.get(f"{url}/readyz?probe=recommenders", timeout=10)
+
+    assert plain.status_code == 200
+    assert "probed" not in plain.json()
+    assert probed.status_code == 200, probed.text
+    shown = probed.json()["probed"]
+    assert shown["sml"] == {"protocol": "native", "probed": False}
+    asc_base = fleet.url("asc").removesuffix("/test")
+    assert shown["asc"] == {
+        "protocol": "kserve-v1",
+        "probed": True,
+        "ready": True,
+        "replicas": [{"url": f"{asc_base}/v1/models/asc", "ready": True, "status": 200}],
+    }
+    assert shown["trd"]["replicas"][0]["url"].endswith("/v2/models/trd/ready")
+
+
+def test_readyz_names_the_model_servers_not_ready_and_why(fleet: MockFleet, serve: Serve) -> None:
+    settings = mixed_settings(fleet, readiness={"probe_recommenders": True, "timeout_ms": 2000})
+    with closed_port() as port:
+        gone = f"http://127.0.0.1:{port}/v2/models/trd/infer"
+        wrong_model = fleet.url("asc").replace("/test", "/v1/models/other:predict")
+        recommenders = [
+            settings.recommenders[0].model_copy(update={"ready_url": fleet.url("sml")}),
+            settings.recommenders[1].model_copy(update={"url": wrong_model}),
+            settings.recommenders[2].model_copy(update={"url": gone}),
+        ]
+        url = serve(create_app(settings.model_copy(update={"recommenders": recommenders})))
+
+        answer = requests.get(f"{url}/readyz", timeout=10)
+
+    body = assert_json_error(answer, 503, "recommenders not ready")
+    message = body["error"]["message"]
+    assert f"sml (GET {fleet.url('sml')}: HTTP 405)" in message  # /test takes POST only
+    assert "asc (GET " in message and "/v1/models/other: HTTP 404)" in message
+    assert f"trd (GET http://127.0.0.1:{port}/v2/models/trd/ready: cannot connect: " in message
+    assert "Connection refused" in message
+    assert body["error"]["recommenders"]["trd"]["ready"] is False
+
+
+def test_readyz_refuses_a_probe_it_does_not_know(fleet: MockFleet, serve: Serve) -> None:
+    url = serve(create_app(mixed_settings(fleet)))
+
+    answer = requests.get(f"{url}/readyz?probe=everything", timeout=10)
+
+    assert_json_error(answer, 400, "unknown probe 'everything'", "recommenders")
