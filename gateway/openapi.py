@@ -133,9 +133,20 @@ def build_spec(settings: Settings, version: str) -> dict[str, Any]:
                 "get": {
                     "summary": "Config loaded and the recommender session open",
                     "operationId": "readyz",
+                    "parameters": [
+                        {
+                            "name": "probe",
+                            "in": "query",
+                            "required": False,
+                            "description": "`recommenders`: also ask each recommender's model "
+                            "server whether it is ready, in its protocol",
+                            "schema": {"type": "string", "enum": ["recommenders"]},
+                        }
+                    ],
                     "responses": {
                         "200": {"description": "Ready"},
-                        "503": _error("The session is not open"),
+                        "400": _error("An unknown probe"),
+                        "503": _error("The session is not open, or a recommender is not ready"),
                     },
                 }
             },

@@ -51,6 +51,7 @@ pytestmark = pytest.mark.slow
 K8S = ROOT / "deploy" / "k8s"
 OVERLAY = K8S / "overlays" / "with-mocks"
 FEEDBACK = K8S / "overlays" / "with-feedback"
+KSERVE = K8S / "overlays" / "with-kserve"
 
 
 def _version_key(version: str) -> tuple[int, ...]:
@@ -136,9 +137,15 @@ def feedback(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
     return _render(FEEDBACK, tmp_path_factory.mktemp("feedback"))
 
 
-@pytest.fixture(params=["base", "overlay", "feedback"])
+@pytest.fixture(scope="module")
+def kserve(tmp_path_factory: pytest.TempPathFactory) -> Rendered:
+    """`kubectl kustomize deploy/k8s/overlays/with-kserve`: the gateway before model servers."""
+    return _render(KSERVE, tmp_path_factory.mktemp("kserve"))
+
+
+@pytest.fixture(params=["base", "overlay", "feedback", "kserve"])
 def rendered(request: pytest.FixtureRequest) -> Rendered:
-    """Each of the three renderings in turn."""
+    """Each of the four renderings in turn."""
     value: Rendered = request.getfixturevalue(request.param)
     return value
 
@@ -610,3 +617,26 @@ def _store_round_trip(url: str, port: int) -> None:
         assert store.load_weights() == learned
     finally:
         store.close()
+
+
+def test_the_kserve_overlay_calls_model_servers_in_their_protocols(
+    kserve: Rendered, base: Rendered
+) -> None:
+    settings = kserve.settings
+    assert [(r.name, r.protocol) for r in settings.recommenders] == [
+        ("als-v1", "kserve-v1"),
+        ("als-v2", "open-inference"),
+        ("mlserver", "open-inference"),
+    ]
+    assert [r.readiness_urls() for r in settings.recommenders] == [
+        ["http://als-predictor.models.svc.cluster.local/v1/models/als"],
+        ["http://als-predictor.models.svc.cluster.local/v2/models/als/ready"],
+        ["http://recsys-mlserver.models.svc.cluster.local:8080/v2/models/recsys/ready"],
+    ]
+    names = settings.recommenders[2].open_inference
+    assert names is not None and (names.user_input, names.scores_output) == ("user", "relevance")
+    # Only the config differs from the base: one ConfigMap, the base's replaced.
+    [config_map] = kserve.of_kind("ConfigMap")
+    assert config_map["metadata"]["name"].startswith("fusion-gateway-config-")
+    assert sorted(o["kind"] for o in kserve.objects) == sorted(o["kind"] for o in base.objects)
+    assert not settings.readiness.probe_recommenders
