@@ -100,7 +100,7 @@ $(VENVS)/%/.stamp: $(SERVER_REQS)/%.txt $(UV)
 # Trained with the kserve venv's python, which holds `implicit`; single-threaded BLAS, as
 # implicit asks (its own threads do the work).
 $(ALS_MODEL): model_servers/als/train.py mock_recommenders/world.py $(VENVS)/kserve/.stamp
-	OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENVS)/kserve/bin/python model_servers/als/train.py \
+	OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENVS)/kserve/bin/python -m model_servers.als.train \
 		--out $@
 
 # Pin the model servers' requirements (their .in files) again, with hashes, after editing one; uv
