@@ -53,7 +53,11 @@ def missing_model_servers(model: Path = MODEL) -> str | None:
     """What of `make model-servers` is missing (a sentence), or None when all of it is there."""
     missing = [
         str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-        for path in (VENVS / "kserve" / "bin" / "python", VENVS / "mlserver" / "bin" / "python", model)
+        for path in (
+            VENVS / "kserve" / "bin" / "python",
+            VENVS / "mlserver" / "bin" / "python",
+            model,
+        )
         if not path.exists()
     ]
     if not missing:
@@ -75,7 +79,11 @@ class ModelServerProcess:
         self.requested_port = port
         self.model = model
         self._own_log = log is None
-        self.log = log if log is not None else Path(tempfile.mkstemp(prefix=f"{self.venv}-", suffix=".log")[1])
+        self.log = (
+            log
+            if log is not None
+            else Path(tempfile.mkstemp(prefix=f"{self.venv}-", suffix=".log")[1])
+        )
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
 
@@ -165,7 +173,8 @@ class ModelServerProcess:
                 )
             if time.monotonic() > give_up:
                 raise RuntimeError(
-                    f"{self.venv} was not ready within {READY_WITHIN_S:.0f} s:\n" + self.output()[-3000:]
+                    f"{self.venv} was not ready within {READY_WITHIN_S:.0f} s:\n"
+                    + self.output()[-3000:]
                 )
             if not self.port:
                 found = _RUNNING.search(self.output())
@@ -182,8 +191,9 @@ class KServeProcess(ModelServerProcess):
 
     def command(self) -> list[str]:
         """``python -m model_servers.als.kserve_server`` with kserve's own flags."""
-        return [str(self.python), "-m", "model_servers.als.kserve_server", "--model", str(self.model)] + [
-            "--http_port", str(self.requested_port), "--enable_grpc", "false", "--workers", "1",
+        program = [str(self.python), "-m", "model_servers.als.kserve_server"]
+        return program + ["--model", str(self.model), "--http_port", str(self.requested_port)] + [
+            "--enable_grpc", "false", "--workers", "1",
         ]  # fmt: skip
 
 
@@ -194,9 +204,8 @@ class MLServerProcess(ModelServerProcess):
 
     def command(self) -> list[str]:
         """``python -m model_servers.als.mlserver_runtime``, which writes settings and serves."""
-        return [str(self.python), "-m", "model_servers.als.mlserver_runtime", "--model", str(self.model)] + [
-            "--http-port", str(self.requested_port),
-        ]  # fmt: skip
+        program = [str(self.python), "-m", "model_servers.als.mlserver_runtime"]
+        return program + ["--model", str(self.model), "--http-port", str(self.requested_port)]
 
 
 def _status(url: str) -> int:

@@ -88,7 +88,9 @@ class ALSModel:
         if user_id is None or user_id not in self._users:
             return []
         row = self._users[user_id]
-        return [str(i) for i in self.item_ids[self._history[self._indptr[row] : self._indptr[row + 1]]]]
+        return [
+            str(i) for i in self.item_ids[self._history[self._indptr[row] : self._indptr[row + 1]]]
+        ]
 
     def recommend(self, user_id: str | None, size: int) -> Ranking:
         """The `size` best items for `user_id` outside their history, best first."""

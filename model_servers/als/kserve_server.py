@@ -27,14 +27,14 @@ from typing import Any
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import kserve  # noqa: E402
-import kserve.model_server  # noqa: E402
-import numpy as np  # noqa: E402
-from kserve.errors import InvalidInput  # noqa: E402
-from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse  # noqa: E402
-from kserve.protocol.rest.server import RESTServer  # noqa: E402
+import kserve
+import kserve.model_server
+import numpy as np
+from kserve.errors import InvalidInput
+from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+from kserve.protocol.rest.server import RESTServer
 
-from model_servers.als.artefact import (  # noqa: E402
+from model_servers.als.artefact import (
     DEFAULT_RESULT_SIZE,
     ALSModel,
     Ranking,
@@ -102,7 +102,9 @@ class ALSServed(kserve.Model):  # type: ignore[misc]
     def v1_prediction(self, ranking: Ranking) -> dict[str, Any]:
         """One V1 prediction: the gateway's native answer body."""
         scores = [round(float(s), 6) for s in ranking.scores]
-        return {"items": [{"id": i, "score": s} for i, s in zip(ranking.item_ids, scores, strict=True)]}
+        return {
+            "items": [{"id": i, "score": s} for i, s in zip(ranking.item_ids, scores, strict=True)]
+        }
 
     def v2_answer(self, request: InferRequest, ranking: Ranking) -> InferResponse:
         """The V2 answer: `item_ids` (BYTES) and `scores` (FP32), each of shape [1, n]."""

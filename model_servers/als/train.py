@@ -26,10 +26,10 @@ from types import ModuleType
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-from scipy import sparse  # noqa: E402
+import numpy as np
+from scipy import sparse
 
-from model_servers.als.artefact import ROOT, default_path  # noqa: E402
+from model_servers.als.artefact import ROOT, default_path
 
 __all__ = ["TRAINING_USERS", "load_world_module", "main", "train"]
 
@@ -109,7 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out if args.out is not None else default_path(args.seed)
     started = time.perf_counter()
     train(args.seed, out)
-    print(f"trained ALS on {len(TRAINING_USERS)} users in {time.perf_counter() - started:.1f} s: {out}")
+    took = time.perf_counter() - started
+    print(f"trained ALS on {len(TRAINING_USERS)} users in {took:.1f} s: {out}")
 
 
 if __name__ == "__main__":
