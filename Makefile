@@ -17,7 +17,7 @@ UV_ENV  := UV_PYTHON_DOWNLOADS=never UV_PYTHON=$(PYTHON)
 INSTALL := install
 
 .PHONY: install lock test-latest check-lock tools run test test-fast lint typecheck unit bench \
-	quality image image-test scaleout clean
+	quality image image-test scaleout clean model-servers model-servers-lock
 
 install: $(STAMP)
 
@@ -79,13 +79,46 @@ typecheck: $(INSTALL)
 tools:
 	@scripts/install-tools.sh
 
+# Two real model servers serving a real ALS model (model_servers/README.md), each in a venv of
+# its own: kserve and mlserver pin versions that conflict with each other, and neither enters
+# the gateway's lock. Each venv is rebuilt only when its pinned requirements change (a stamp);
+# the model is trained again when it is missing or its training script changed.
+VENVS       := .venvs
+MODEL_CACHE := .cache/models
+ALS_MODEL   := $(MODEL_CACHE)/als-2026.npz
+SERVER_REQS := model_servers/requirements
+
+model-servers: $(VENVS)/kserve/.stamp $(VENVS)/mlserver/.stamp $(ALS_MODEL)
+
+$(VENVS)/%/.stamp: $(SERVER_REQS)/%.txt $(UV)
+	@test -n "$(PYTHON)" || { echo "Python 3.11+ is required and none was found on PATH" >&2; exit 1; }
+	rm -rf $(VENVS)/$*
+	$(UV_ENV) $(UV) venv --quiet --python $(PYTHON) $(VENVS)/$*
+	$(UV_ENV) $(UV) pip sync --quiet --require-hashes --python $(VENVS)/$*/bin/python $<
+	@touch $@
+
+# Trained with the kserve venv's python, which holds `implicit`; single-threaded BLAS, as
+# implicit asks (its own threads do the work).
+$(ALS_MODEL): model_servers/als/train.py mock_recommenders/world.py $(VENVS)/kserve/.stamp
+	OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 $(VENVS)/kserve/bin/python -m model_servers.als.train \
+		--out $@
+
+# Pin the model servers' requirements (their .in files) again, with hashes, after editing one; uv
+# keeps the pins already in the .txt it can (delete the .txt first for the newest of everything).
+model-servers-lock: $(UV)
+	for name in kserve mlserver; do \
+		UV_PYTHON_DOWNLOADS=never $(UV) pip compile --quiet --generate-hashes \
+			--python-version 3.11 --custom-compile-command "make model-servers-lock" \
+			$(SERVER_REQS)/$$name.in -o $(SERVER_REQS)/$$name.txt || exit 1; \
+	done
+
 # Coverage (floor: fail_under in pyproject.toml) over the fast tier only: over the slow tier it
 # took that tier from about 2 min 40 s to 4 min 37 s, past CI's 5-minute budget for `make test`.
 # Both tiers run in two processes (pytest-xdist: the fast tier 122 s -> 72 s). The slow tier's
 # tests start gunicorn, load generators and servers of their own on port 0 and assert what the
 # gateway reports, not how fast: they pass with a second suite and busy loops beside them, so a
 # second test beside each costs them nothing but wall time (224 s -> 139 s at rest).
-unit: $(INSTALL) tools
+unit: $(INSTALL) tools model-servers
 	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m "not slow" -n 2 --cov --cov-report=term:skip-covered
 	FUSION_TEST_REQUIRE_TOOLS=1 $(BIN)/pytest -m slow -n 2 --durations=15
 
@@ -118,4 +151,4 @@ scaleout: $(INSTALL) tools
 	$(BIN)/python -m benchmarks scaleout $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(LATEST) $(UV_VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) $(LATEST) $(UV_VENV) $(VENVS) $(MODEL_CACHE) .pytest_cache .mypy_cache .ruff_cache *.egg-info

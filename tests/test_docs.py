@@ -23,7 +23,14 @@ README_MAX_LINES = 250
 ARCHITECTURE = ROOT / "docs" / "architecture.md"
 MODULE_MAP_HEADING = "## The gateway's modules"
 
-CHECKED = sorted([README, ROOT / "mock_recommenders" / "README.md", *(ROOT / "docs").glob("*.md")])
+CHECKED = sorted(
+    [
+        README,
+        ROOT / "mock_recommenders" / "README.md",
+        ROOT / "model_servers" / "README.md",
+        *(ROOT / "docs").glob("*.md"),
+    ]
+)
 
 _FENCE = re.compile(r"^(```|~~~)")
 _HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
