@@ -16,6 +16,9 @@ import pytest
 import requests
 
 from benchmarks.ranking_metrics import ndcg_at
+from gateway import create_app
+from gateway.config import Settings
+from mock_recommenders import MockFleet
 from mock_recommenders.world import default_world
 from model_servers.als.artefact import ALSModel
 from model_servers.processes import (
@@ -25,6 +28,7 @@ from model_servers.processes import (
     ModelServerProcess,
     missing_model_servers,
 )
+from tests.helpers import Serve, recommend
 from tests.tools import REQUIRE_TOOLS_VARIABLE
 
 pytestmark = pytest.mark.slow
@@ -198,3 +202,90 @@ def test_the_model_ranks_far_better_than_popularity() -> None:
 
     # Measured: 0.32 against 0.10 over 200 users.
     assert sum(als) / len(als) > 2 * sum(popular) / len(popular)
+
+
+# --- The gateway in front of them -----------------------------------------------------------
+
+
+def _gateway_settings(
+    fleet: MockFleet, recommenders: list[dict[str, Any]], **fields: Any
+) -> Settings:
+    native = {"name": "sml", "url": fleet.url("sml")}
+    fields.setdefault("admission", {"adaptive": False})
+    fields.setdefault("deadline_ms", 5000)
+    return Settings.model_validate({"recommenders": [native, *recommenders], **fields})
+
+
+@pytest.mark.parametrize("strategy", ["async", "threads"])
+def test_the_gateway_fans_out_to_a_mock_kserve_v1_and_mlserver_v2_at_once(
+    started: dict[type[ModelServerProcess], ModelServerProcess],
+    fleet: MockFleet,
+    serve: Serve,
+    strategy: str,
+) -> None:
+    kserve, mlserver = _server(started, KServeProcess), _server(started, MLServerProcess)
+    settings = _gateway_settings(
+        fleet,
+        [
+            {"name": "als-v1", "url": kserve.v1_url("als"), "protocol": "kserve-v1"},
+            {"name": "als-v2", "url": mlserver.v2_url("als"), "protocol": "open-inference"},
+        ],
+        strategy=strategy,
+    )
+    url = serve(create_app(settings))
+
+    answer = recommend(url, {"user_id": USER, "resultSize": 5}, headers={"X-Request-ID": "gw-1"})
+
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert {n: s["status"] for n, s in body["sources"].items()} == dict.fromkeys(
+        ["sml", "als-v1", "als-v2"], "ok"
+    )
+    lists = {s["name"]: [i["id"] for i in s["prediction"]["items"]] for s in body["result"]}
+    expected = ALSModel(MODEL).recommend(USER, 5).item_ids
+    assert lists["als-v1"] == lists["als-v2"] == expected  # one model, two servers, two protocols
+    assert lists["sml"] == [i["id"] for i in fleet.world.ranking("sml", USER, 5)]
+    assert len(body["fused"]) == 5
+    probed = requests.get(f"{url}/readyz?probe=recommenders", timeout=TIMEOUT_S)
+    assert probed.status_code == 200, probed.text
+    assert probed.json()["probed"]["als-v2"]["ready"] is True
+
+
+def test_a_real_server_s_malformed_answers_are_each_that_source_s_error(
+    started: dict[type[ModelServerProcess], ModelServerProcess], fleet: MockFleet, serve: Serve
+) -> None:
+    kserve, mlserver = _server(started, KServeProcess), _server(started, MLServerProcess)
+    settings = _gateway_settings(
+        fleet,
+        [
+            {"name": "v1", "url": kserve.v1_url("als-broken"), "protocol": "kserve-v1"},
+            {"name": "kserve-v2", "url": kserve.v2_url("als-broken"), "protocol": "open-inference"},
+            {
+                "name": "mlserver-v2",
+                "url": mlserver.v2_url("als-broken"),
+                "protocol": "open-inference",
+            },
+            {"name": "no-model", "url": mlserver.v2_url("nope"), "protocol": "open-inference"},
+        ],
+    )
+    url = serve(create_app(settings))
+
+    answer = recommend(url, {"user_id": USER, "resultSize": 4})
+
+    assert answer.status_code == 200, answer.text
+    sources = answer.json()["sources"]
+    assert sources["sml"]["status"] == "ok"
+    assert sources["v1"] == {
+        "status": "error",
+        "error": "answered kserve-v1 JSON that does not fit: `predictions[0]` is not an object "
+        "with an `items` list",
+        "latency_ms": sources["v1"]["latency_ms"],
+        "attempts": 1,
+    }
+    for name in ("kserve-v2", "mlserver-v2"):
+        assert sources[name]["status"] == "error"
+        assert sources[name]["error"] == (
+            "answered open-inference JSON that does not fit: output `scores` holds 3 values "
+            "and `item_ids` 4"
+        )
+    assert sources["no-model"]["error"] == "answered HTTP 404"
