@@ -16,7 +16,7 @@ UV_ENV  := UV_PYTHON_DOWNLOADS=never UV_PYTHON=$(PYTHON)
 # What the suite runs against: `make test-latest` points it at a throwaway environment.
 INSTALL := install
 
-.PHONY: install lock test-latest check-lock tools run test test-fast lint typecheck unit bench \
+.PHONY: run-models install lock test-latest check-lock tools run test test-fast lint typecheck unit bench \
 	quality image image-test scaleout clean model-servers model-servers-lock
 
 install: $(STAMP)
@@ -64,6 +64,10 @@ test-latest: $(UV)
 
 run: $(INSTALL)
 	$(BIN)/python scripts/run.py $(ARGS)
+
+# `make run` plus the real ALS model beside the mocks: KServe (V1) and MLServer (Open Inference).
+run-models: $(INSTALL) model-servers
+	$(BIN)/python scripts/run.py --with-models $(ARGS)
 
 lint: $(INSTALL)
 	$(BIN)/ruff check .

@@ -154,6 +154,10 @@ class ModelServerProcess:
         if self._own_log:
             self.log.unlink(missing_ok=True)
 
+    def poll(self) -> int | None:
+        """The server's exit code, or None while it runs."""
+        return self._running().poll()
+
     def output(self) -> str:
         """What the server has logged so far."""
         return self.log.read_bytes().decode(errors="replace")

@@ -11,6 +11,10 @@ their pseudonyms and experiment arms from one run to the next.
 
 The gateway's port is bound here and handed to gunicorn (``--bind fd://N``): a port in use is
 reported at once, and port 0 is known before gunicorn starts.
+
+``--with-models`` (``make run-models``) also serves the real ALS model of `model_servers/`
+beside the mocks: KServe's ModelServer over KServe V1 (`als-v1`) and MLServer over the Open
+Inference Protocol (`als-v2`), on free loopback ports, and the gateway fans out to all six.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pathlib import Path
 
 from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
 from mock_recommenders.process import stop_process
+from model_servers.processes import KServeProcess, MLServerProcess, ModelServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 READY_WITHIN_S = 60.0
@@ -106,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         default=FEEDBACK_DIR,
         help="where the embedded feedback store and its salt are kept (default: .feedback)",
     )
+    parser.add_argument(
+        "--with-models",
+        action="store_true",
+        help="also serve the ALS model on KServe (V1) and MLServer (V2) beside the mocks "
+        "(needs `make model-servers`)",
+    )
     args = parser.parse_args(argv)
     # Set explicitly: a process started in the background inherits SIGINT ignored, and the
     # children may see Ctrl-C before this process does, so their exit is not an error then.
@@ -116,24 +127,33 @@ def main(argv: list[str] | None = None) -> int:
     listener = _bind(args.port)
     gateway_url = f"http://127.0.0.1:{listener.getsockname()[1]}"
     mocks = MockFleetProcess(DEFAULT_NAMES, base_port=args.mock_base_port)
+    models: list[ModelServerProcess] = []
     gateway: subprocess.Popen[bytes] | None = None
     try:
         try:
             mocks.start()
+            if args.with_models:
+                models = [KServeProcess(), MLServerProcess()]
+                for server in models:
+                    server.start()
         except RuntimeError as exc:
             if stop.is_set():  # Ctrl-C during start-up reached the mocks too
                 return 0
             raise SystemExit(f"run: {exc}") from None
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.update(feedback_environment(env, args.feedback_dir))
-        if args.mock_base_port != 5001:
-            # The packaged config points at 5001-5004; other ports need their own list.
-            env["GATEWAY_RECOMMENDERS"] = json.dumps(
-                [
-                    {"name": name, "url": mocks.url(name), "timeout_ms": 500}
-                    for name in DEFAULT_NAMES
-                ]
-            )
+        recommenders = [
+            {"name": name, "url": mocks.url(name), "timeout_ms": 500} for name in DEFAULT_NAMES
+        ]
+        if models:
+            kserve, mlserver = models
+            recommenders += [
+                {"name": "als-v1", "url": kserve.v1_url("als"), "protocol": "kserve-v1"},
+                {"name": "als-v2", "url": mlserver.v2_url("als"), "protocol": "open-inference"},
+            ]
+        if args.mock_base_port != 5001 or models:
+            # The packaged config points at the mocks on 5001-5004; anything else needs a list.
+            env["GATEWAY_RECOMMENDERS"] = json.dumps(recommenders)
         gateway = subprocess.Popen(
             [
                 str(Path(sys.executable).parent / "gunicorn"),
@@ -159,13 +179,21 @@ def main(argv: list[str] | None = None) -> int:
                 """"event": "click"}'"""
                 f"\n  curl -s {gateway_url}/experiments"
             )
-        recommenders = ", ".join(f"{name} {mocks.url(name)}" for name in DEFAULT_NAMES)
+        served = ", ".join(f"{name} {mocks.url(name)}" for name in DEFAULT_NAMES)
+        if models:
+            served += f"; the ALS model: als-v1 {kserve.v1_url('als')} (KServe V1), "
+            served += f"als-v2 {mlserver.v2_url('als')} (MLServer, Open Inference)"
         print(
-            f"\nReady: the gateway on {gateway_url}, mock recommenders {recommenders}.\n"
+            f"\nReady: the gateway on {gateway_url}, mock recommenders {served}.\n"
             f"Try it:\n\n  {curl}\n\nCtrl-C stops everything.\n",
             flush=True,
         )
-        while not stop.is_set() and gateway.poll() is None and mocks.poll() is None:
+        while (
+            not stop.is_set()
+            and gateway.poll() is None
+            and mocks.poll() is None
+            and all(server.poll() is None for server in models)
+        ):
             stop.wait(0.5)
         if stop.wait(1.0):
             return 0
@@ -177,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         listener.close()
         if gateway is not None:
             stop_process(gateway, timeout_s=35)  # above gunicorn's graceful_timeout
+        for server in models:
+            server.stop()
         mocks.stop()
 
 

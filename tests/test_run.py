@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 import requests
 
+from model_servers.processes import missing_model_servers
 from tests.helpers import ROOT, port_is_open
+from tests.tools import REQUIRE_TOOLS_VARIABLE
 
 
 def _run_module() -> Any:
@@ -102,3 +104,59 @@ def test_make_run_starts_everything_prints_curl_and_stops_on_ctrl_c(tmp_path: Pa
     assert process.returncode == 0, output
     assert "Traceback" not in "".join(lines) + output
     assert not any(port_is_open(port) for port in [gateway_port, *mock_ports])
+
+
+@pytest.mark.slow
+def test_with_models_the_gateway_calls_the_real_model_servers_beside_the_mocks(
+    tmp_path: Path,
+) -> None:
+    missing = missing_model_servers()
+    if missing is not None:
+        if os.environ.get(REQUIRE_TOOLS_VARIABLE) == "1":
+            pytest.fail(f"{missing}, and {REQUIRE_TOOLS_VARIABLE}=1 requires them")
+        pytest.skip(missing)
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("GATEWAY_")}
+    env["GATEWAY_FEEDBACK__STORE"] = ""  # off: not what this test is about
+    process = subprocess.Popen(
+        [sys.executable, "scripts/run.py", "--port", "0", "--mock-base-port", "0", "--with-models"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    try:
+        assert process.stdout is not None
+        give_up = time.monotonic() + 120
+        while not any(line.startswith("Ctrl-C stops everything") for line in lines):
+            assert time.monotonic() < give_up, "".join(lines)
+            line = process.stdout.readline()
+            assert line, "run.py ended before it was ready:\n" + "".join(lines)
+            lines.append(line)
+        ready = next(line for line in lines if line.startswith("Ready: "))
+        assert (
+            "als-v1" in ready and "(KServe V1)" in ready and "(MLServer, Open Inference)" in ready
+        )
+        gateway_port, *others = (int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", ready))
+        response = requests.post(
+            f"http://127.0.0.1:{gateway_port}/recommendation",
+            json={"user_id": "test-3", "resultSize": 3},
+            timeout=30,
+        )
+        assert response.status_code == 200, response.text
+        sources = response.json()["sources"]
+        assert list(sources) == ["sml", "asc", "trd", "psn", "als-v1", "als-v2"]
+        assert {s["status"] for s in sources.values()} == {"ok"}
+
+        os.killpg(process.pid, signal.SIGINT)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+    assert process.returncode == 0, output
+    assert "Traceback" not in "".join(lines) + output
+    assert not any(port_is_open(port) for port in [gateway_port, *others])
