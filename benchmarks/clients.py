@@ -13,7 +13,12 @@ server's time is not the client's), with a 10-item answer as the mocks give it:
 - ``thread-sessions``: the threads and sequential strategies' client,
   `gateway.blocking_http.ThreadSessions.post`, from one thread, one call after another: CPU
   of the process (the watchdog thread included) per call;
-- ``requests-session``: a plain `requests.Session().post` from one thread, for reference.
+- ``requests-session``: a plain `requests.Session().post` from one thread, for reference;
+- ``protocol-native``, ``protocol-kserve-v1``, ``protocol-open-inference``: a whole
+  recommender call as the async strategy makes it (`gateway.clients.RecommenderClient.recommend`:
+  the body in the recommender's protocol, the call, the answer parsed within its limits and
+  read as a native one), to the same mock over its `/test`, KServe V1 and Open Inference
+  endpoints, 4 at a time on uvloop: what each protocol's mapping costs a call (`gateway.protocols`).
 
 Each client makes `--calls` calls per run after a warm-up, `--runs` times; the table gives
 the median CPU per call and the range. Results go to ``benchmarks/results/<time>/clients.json``
@@ -39,7 +44,9 @@ from yarl import URL
 from benchmarks.harness import mocks
 from gateway import async_http
 from gateway.blocking_http import ThreadSessions
+from gateway.clients import RecommenderClient
 from gateway.config import PoolSettings
+from gateway.protocols import KSERVE_V1, NATIVE, OpenInference, WireProtocol
 
 __all__ = ["CLIENTS", "main", "measure"]
 
@@ -91,6 +98,41 @@ def _on_loop(calls: int, url: str, per_call_session: bool) -> float:
         loop.close()
 
 
+def _protocol_calls(calls: int, url: str, protocol: WireProtocol) -> float:
+    """CPU seconds of `calls` whole recommender calls in `protocol`, `AT_ONCE` at a time."""
+    base, model = url.removesuffix("/test"), "sml"  # the mock serves every protocol
+    endpoint = {
+        NATIVE.name: url,
+        KSERVE_V1.name: f"{base}/v1/models/{model}:predict",
+        OpenInference.name: f"{base}/v2/models/{model}/infer",
+    }[protocol.name]
+    headers = {"X-Request-ID": "bench-request-id"}
+
+    async def run() -> float:
+        session = async_http.open_session(PoolSettings(), "fusion-gateway/bench")
+        client = RecommenderClient(model, endpoint, session, 5.0, protocol=protocol)
+
+        async def one() -> None:
+            answer = await client.recommend(BODY, headers)
+            assert len(answer["items"]) == 10
+
+        try:
+            for _ in range(20):
+                await asyncio.gather(*(one() for _ in range(AT_ONCE)))
+            started = time.process_time()
+            for _ in range(calls // AT_ONCE):
+                await asyncio.gather(*(one() for _ in range(AT_ONCE)))
+            return time.process_time() - started
+        finally:
+            await session.close()
+
+    loop = _loop()
+    try:
+        return loop.run_until_complete(run())
+    finally:
+        loop.close()
+
+
 def _in_a_thread(calls: int, url: str, plain: bool) -> float:
     """CPU seconds of `calls` calls, one after another, from this thread."""
     sessions = ThreadSessions(user_agent="fusion-gateway/bench")
@@ -119,6 +161,9 @@ CLIENTS: dict[str, Callable[[int, str], float]] = {
     "aiohttp-per-call-session": lambda calls, url: _on_loop(calls, url, per_call_session=True),
     "thread-sessions": lambda calls, url: _in_a_thread(calls, url, plain=False),
     "requests-session": lambda calls, url: _in_a_thread(calls, url, plain=True),
+    "protocol-native": lambda calls, url: _protocol_calls(calls, url, NATIVE),
+    "protocol-kserve-v1": lambda calls, url: _protocol_calls(calls, url, KSERVE_V1),
+    "protocol-open-inference": lambda calls, url: _protocol_calls(calls, url, OpenInference()),
 }
 
 

@@ -225,6 +225,7 @@ class _Endpoint:
         timeout_s: float,
         idempotent: bool = True,
         protocol: WireProtocol = NATIVE,
+        headers: Mapping[str, str] | None = None,
     ):
         self.name = name
         self.url = url
@@ -232,6 +233,11 @@ class _Endpoint:
         # Whether a call that may have reached the recommender can be repeated safely.
         self.idempotent = idempotent
         self.protocol = protocol
+        # Sent with every call (a model mesh's routing header); the gateway's own win.
+        self.headers = dict(headers or {})
+
+    def _headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        return {**self.headers, **headers} if self.headers else headers
 
     def _body(self, native: bytes, headers: Mapping[str, str]) -> bytes:
         """What to send: the native body, in the recommender's protocol."""
@@ -323,8 +329,9 @@ class RecommenderClient(_Endpoint):
         timeout_s: float,
         idempotent: bool = True,
         protocol: WireProtocol = NATIVE,
+        headers: Mapping[str, str] | None = None,
     ):
-        super().__init__(name, url, timeout_s, idempotent, protocol)
+        super().__init__(name, url, timeout_s, idempotent, protocol, headers)
         self._session = session
         self._target = URL(url)  # parsed once, not on every call
 
@@ -353,7 +360,7 @@ class RecommenderClient(_Endpoint):
                     self._session,
                     self._target,
                     self._body(body, headers),
-                    headers,
+                    self._headers(headers),
                     limits.max_bytes,
                 )
         except Exception as exc:
@@ -379,8 +386,9 @@ class BlockingRecommenderClient(_Endpoint):
         timeout_s: float,
         idempotent: bool = True,
         protocol: WireProtocol = NATIVE,
+        headers: Mapping[str, str] | None = None,
     ):
-        super().__init__(name, url, timeout_s, idempotent, protocol)
+        super().__init__(name, url, timeout_s, idempotent, protocol, headers)
         self._sessions = sessions
         self._open = True
 
@@ -405,7 +413,11 @@ class BlockingRecommenderClient(_Endpoint):
             raise self._closed()
         try:
             answer = self._sessions.post(
-                self.url, self._body(body, headers), headers, budget, limits.max_bytes
+                self.url,
+                self._body(body, headers),
+                self._headers(headers),
+                budget,
+                limits.max_bytes,
             )
         except Exception as exc:
             error = self._translated(exc, budget)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -103,6 +104,25 @@ class OpenInferenceSettings(BaseModel):
     parameters: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
 
+# RFC 9110 tokens for names; values of visible ASCII, spaces and tabs (no CR or LF).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE = re.compile(r"[\x20-\x7e\t]*")
+# What the gateway sets on every call itself, or the HTTP client does.
+_GATEWAY_HEADERS = frozenset(
+    {
+        "accept-encoding",
+        "connection",
+        "content-length",
+        "content-type",
+        "host",
+        "traceparent",
+        "tracestate",
+        "transfer-encoding",
+        "x-request-id",
+    }
+)
+
+
 class RecommenderSettings(BaseModel):
     """One recommender the gateway fans out to."""
 
@@ -155,11 +175,28 @@ class RecommenderSettings(BaseModel):
         description="The tensors' names and the request parameters of an `open-inference` "
         "recommender, when its model names them otherwise than the defaults.",
     )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Headers sent with every call and readiness check, e.g. the "
+        "`Seldon-Model` a Seldon Core 2 mesh routes by; the gateway's own cannot be set here.",
+    )
     ready_url: AnyHttpUrl | None = Field(
         default=None,
         description="Where the recommender says whether it is ready (GET, judged by status); "
         "by default its protocol's own: `/v1/models/<m>` or `/v2/models/<m>/ready`.",
     )
+
+    @field_validator("headers")
+    @classmethod
+    def _headers_are_sendable(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"header name {name!r} is not an HTTP token")
+            if name.lower() in _GATEWAY_HEADERS:
+                raise ValueError(f"header {name} is the gateway's own and cannot be configured")
+            if not _HEADER_VALUE.fullmatch(text):
+                raise ValueError(f"header {name}'s value must be visible ASCII, spaces and tabs")
+        return value
 
     @model_validator(mode="after")
     def _has_a_url(self) -> RecommenderSettings:

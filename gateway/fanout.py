@@ -161,6 +161,7 @@ class _OverThreads:
                 settings.timeout_s(r),
                 r.idempotent,
                 r.wire_protocol(),
+                r.headers,
             )
             for r in settings.recommenders
             for url in r.replicas

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -89,7 +89,11 @@ async def probe(
     """Ask every readiness URL of `recommenders` at once, each within `timeout_s`."""
     urls = [r.readiness_urls() for r in recommenders]
     answers = await asyncio.gather(
-        *(_ask(session, url, timeout_s) for group in urls for url in group)
+        *(
+            _ask(session, url, r.headers, timeout_s)
+            for r, group in zip(recommenders, urls, strict=True)
+            for url in group
+        )
     )
     found = iter(answers)
     return [
@@ -107,11 +111,13 @@ def summary(readiness: Sequence[RecommenderReadiness]) -> str:
     )
 
 
-async def _ask(session: aiohttp.ClientSession, url: str, timeout_s: float) -> ReplicaReadiness:
+async def _ask(
+    session: aiohttp.ClientSession, url: str, headers: Mapping[str, str], timeout_s: float
+) -> ReplicaReadiness:
     try:
         async with (
             asyncio.timeout(timeout_s),
-            session.get(url, allow_redirects=False) as answer,
+            session.get(url, headers=headers, allow_redirects=False) as answer,
         ):
             return ReplicaReadiness(url, status=answer.status)
     except TimeoutError:

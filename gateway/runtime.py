@@ -355,6 +355,7 @@ class WorkerRuntime:
                         self.settings.timeout_s(recommender),
                         recommender.idempotent,
                         recommender.wire_protocol(),
+                        recommender.headers,
                     )
                     for url in recommender.replicas
                 ]

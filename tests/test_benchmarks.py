@@ -440,6 +440,9 @@ def test_the_clients_benchmark_measures_every_client_and_writes_its_figures(
         "aiohttp-per-call-session",
         "thread-sessions",
         "requests-session",
+        "protocol-native",
+        "protocol-kserve-v1",
+        "protocol-open-inference",
     ]
     assert all(r["cpu_us_per_call"] > 0 and r["calls"] == 40 for r in rows)
     assert "| aiohttp-session |" in (tmp_path / "clients.md").read_text()

@@ -507,3 +507,43 @@ def test_readyz_refuses_a_probe_it_does_not_know(fleet: MockFleet, serve: Serve)
     answer = requests.get(f"{url}/readyz?probe=everything", timeout=10)
 
     assert_json_error(answer, 400, "unknown probe 'everything'", "recommenders")
+
+
+# --- Headers of one's own -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("headers", "problem"),
+    [
+        ({"Seldon Model": "x"}, "is not an HTTP token"),
+        ({"X-Request-ID": "fixed"}, "is the gateway's own"),
+        ({"content-type": "text/plain"}, "is the gateway's own"),
+        ({"Seldon-Model": "a\r\nInjected: yes"}, "must be visible ASCII"),
+    ],
+)
+def test_headers_of_ones_own_must_be_sendable_and_not_the_gateways(
+    headers: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ValueError, match=problem):
+        RecommenderSettings.model_validate(
+            {"name": "m", "url": "http://h/test", "headers": headers}
+        )
+
+
+def test_a_recommender_s_headers_go_with_every_call(
+    fleet: MockFleet, serve: Serve
+) -> None:
+    settings = mixed_settings(fleet)
+    routed = settings.recommenders[2].model_copy(update={"headers": {"Seldon-Model": "trd"}})
+    recommenders = [*settings.recommenders[:2], routed]
+    url = serve(create_app(settings.model_copy(update={"recommenders": recommenders})))
+
+    answer = recommend(url, {"user_id": "u5", "resultSize": 2}, headers={"X-Request-ID": "own"})
+    ready = requests.get(f"{url}/readyz?probe=recommenders", timeout=10)
+
+    assert answer.status_code == 200 and ready.status_code == 200
+    sent = fleet.last_request("trd")
+    assert sent is not None
+    assert sent["headers"]["seldon-model"] == "trd"
+    assert sent["headers"]["x-request-id"] == "own"  # the gateway's own stay its own
+    assert "seldon-model" not in fleet.last_request("asc")["headers"]  # type: ignore[index]
