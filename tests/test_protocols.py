@@ -530,9 +530,7 @@ def test_headers_of_ones_own_must_be_sendable_and_not_the_gateways(
         )
 
 
-def test_a_recommender_s_headers_go_with_every_call(
-    fleet: MockFleet, serve: Serve
-) -> None:
+def test_a_recommender_s_headers_go_with_every_call(fleet: MockFleet, serve: Serve) -> None:
     settings = mixed_settings(fleet)
     routed = settings.recommenders[2].model_copy(update={"headers": {"Seldon-Model": "trd"}})
     recommenders = [*settings.recommenders[:2], routed]
