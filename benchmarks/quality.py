@@ -12,6 +12,12 @@ strategy, and scores, against each user's truth:
 - an oracle that ranks by the user's true utility: the ceiling, since the truth itself is drawn
   with noise.
 
+With ``--model-servers`` a real model joins the mocks: the ALS model of `model_servers/`
+(trained on the mock world's histories) on KServe, as a fifth recommender `als` over KServe V1,
+scored and fused like the mocks; and the same model on MLServer as `als-v2` over the Open
+Inference Protocol with weight 0 (shadow: answered and scored as a single recommender, never
+fused), to show both protocols give the same list.
+
 Metrics, at k (10): NDCG@k with graded gains (the truth's first item gains T, its last 1, for
 a truth of T items) and recall@k (the share of the truth found in the top k). Each is a mean
 over users with a 95% confidence interval; the fusion-versus-best-single differences are paired
@@ -49,8 +55,14 @@ from gateway.fusion import FUSIONS
 from gateway.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import DEFAULT_SEED, default_world
+from model_servers.processes import KServeProcess, MLServerProcess, missing_model_servers
 
-__all__ = ["QualityPlan", "main", "parse_plan", "run_quality"]
+__all__ = ["ALS", "ALS_SHADOW", "QualityPlan", "Source", "main", "parse_plan", "run_quality"]
+
+ALS = "als"
+"""The ALS model on KServe over V1, fused like the mocks (``--model-servers``)."""
+ALS_SHADOW = "als-v2"
+"""The same model on MLServer over the Open Inference Protocol, weight 0: scored, not fused."""
 
 
 @dataclass
@@ -66,6 +78,30 @@ class QualityPlan:
     rrf_k: int = 60
     window: int | None = None
     """The gateway's `fusion_window`: fuse from this many items per recommender (None: k)."""
+    model_servers: bool = False
+    """Also the ALS model: `als` (KServe, V1) fused, `als-v2` (MLServer, V2) as a shadow."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One recommender the gateway is configured with."""
+
+    name: str
+    url: str
+    protocol: str = "native"
+    shadow: bool = False
+    """Weight 0 whatever the weights: answered in `result` and scored, never fused."""
+    same_as: str | None = None
+    """Another source serving the same model, whose list this one's must equal."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the results record of it (not its URL: a free port, different every run)."""
+        return {
+            "name": self.name,
+            "protocol": self.protocol,
+            "shadow": self.shadow,
+            "same_as": self.same_as,
+        }
 
 
 # Talking to the gateway
@@ -101,12 +137,16 @@ async def _ask_all(
 
 @contextlib.contextmanager
 def _gateway(
-    urls: list[str], weights: dict[str, float], window: int | None, log: Path
+    sources: list[Source], weights: dict[str, float], window: int | None, log: Path
 ) -> Iterator[str]:
-    recommenders = [
-        {"name": name, "url": url, "weight": weights[name], "timeout_ms": 5000}
-        for name, url in zip(DEFAULT_NAMES, urls, strict=True)
-    ]
+    recommenders: list[dict[str, Any]] = []
+    for source in sources:
+        weight = 0.0 if source.shadow else weights[source.name]
+        recommender = {"name": source.name, "url": source.url, "weight": weight}
+        recommender["timeout_ms"] = 5000
+        if source.protocol != "native":
+            recommender["protocol"] = source.protocol
+        recommenders.append(recommender)
     # Quality, not speed, is measured: no answer may be cut short by a deadline, nor shed by
     # an adaptive limit that a busy machine's loop lag has lowered (a shed user is unscored).
     settings: dict[str, object] = {
@@ -119,6 +159,40 @@ def _gateway(
     env = gateway_env(recommenders, **settings)
     with serve_gunicorn(GATEWAY_COMMAND, log, env) as (url, _):
         yield f"{url}/recommendation"
+
+
+def _model_servers(stack: contextlib.ExitStack, logs: Path) -> list[Source]:
+    """Start the ALS model on KServe and on MLServer (stopped with `stack`); their sources."""
+    kserve = stack.enter_context(KServeProcess(log=logs / "kserve.log"))
+    mlserver = stack.enter_context(MLServerProcess(log=logs / "mlserver.log"))
+    return [
+        Source(ALS, kserve.v1_url("als"), "kserve-v1"),
+        Source(ALS_SHADOW, mlserver.v2_url("als"), "open-inference", shadow=True, same_as=ALS),
+    ]
+
+
+def _agreement(
+    sources: list[Source], answers: list[dict[str, Any] | None]
+) -> dict[str, dict[str, Any]]:
+    """For each source with a `same_as`: in how many answers its list equals the other's."""
+    found: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        if source.same_as is None:
+            continue
+        compared = same = 0
+        for answer in answers:
+            if answer is None:
+                continue
+            lists = recommender_lists(answer)
+            if source.name in lists and source.same_as in lists:
+                compared += 1
+                ids = [
+                    [item["id"] for item in lists[n]["items"]]
+                    for n in (source.name, source.same_as)
+                ]
+                same += ids[0] == ids[1]
+        found[source.name] = {"same_as": source.same_as, "answers": compared, "same": same}
+    return found
 
 
 # The run
@@ -136,13 +210,18 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
     def ask(url: str, asks: list[tuple[str, str]]) -> dict[tuple[str, str], Any]:
         return asyncio.run(_ask_all(url, asks, plan.k, plan.concurrency))
 
-    with mocks(
-        list(DEFAULT_NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)
-    ) as fleet:
-        urls = [fleet.url(name) for name in DEFAULT_NAMES]
+    with contextlib.ExitStack() as stack:
+        fleet = stack.enter_context(
+            mocks(list(DEFAULT_NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed))
+        )
+        sources = [Source(name, fleet.url(name)) for name in DEFAULT_NAMES]
+        if plan.model_servers:
+            advance("the ALS model on KServe and MLServer")
+            sources += _model_servers(stack, logs)
+        fused = [source.name for source in sources if not source.shadow]
         advance("gateway with equal weights: every fusion")
-        equal = dict.fromkeys(DEFAULT_NAMES, 1.0)
-        with _gateway(urls, equal, plan.window, logs / "gateway.log") as url:
+        equal = dict.fromkeys(fused, 1.0)
+        with _gateway(sources, equal, plan.window, logs / "gateway.log") as url:
             answers = ask(url, [(u, f) for u in test_users for f in plan.fusions])
             advance("gateway with equal weights: validation users")
             validation = ask(url, [(u, "rrf") for u in validation_users])
@@ -152,14 +231,18 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
             for (user, _), answer in validation.items()
             if answer is not None
         ]
-        weights = fit_weights(fitting, plan.k, plan.rrf_k) if fitting else {}
+        weights = fit_weights(fitting, plan.k, plan.rrf_k, names=fused) if fitting else {}
         advance("gateway with fitted weights")
         fitted: dict[tuple[str, str], Any] = {}
         if weights:
-            with _gateway(urls, weights, plan.window, logs / "gateway-fitted.log") as url:
+            with _gateway(sources, weights, plan.window, logs / "gateway-fitted.log") as url:
                 fitted = ask(url, [(u, "rrf") for u in test_users])
 
-    scores, scored, inconsistent = score(test_users, answers, fitted, world, plan.fusions, plan.k)
+    names = [source.name for source in sources]
+    scores, scored, inconsistent = score(
+        test_users, answers, fitted, world, plan.fusions, plan.k, recommenders=names
+    )
+    every_answer = [*answers.values(), *validation.values(), *fitted.values()]
     results: dict[str, Any] = {
         "plan": asdict(plan),
         "started": started,
@@ -167,11 +250,13 @@ def run_quality(plan: QualityPlan, out: Path, advance: Callable[[str], None]) ->
         "users_asked": len(test_users),
         "users_scored": scored,
         "inconsistent_lists": inconsistent,
+        "recommenders": [source.describe() for source in sources],
+        "same_lists": _agreement(sources, every_answer),
         "validation_users_used": len(fitting),
         "fitted_weights": weights,
-        "systems": summarise(scores),
+        "systems": summarise(scores, names),
     }
-    results["comparisons"] = comparisons(scores)
+    results["comparisons"] = comparisons(scores, names)
     return results
 
 
@@ -197,6 +282,13 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
         type=int,
         help="the gateway's fusion_window: fuse from this many items per recommender (default k)",
     )
+    parser.add_argument(
+        "--model-servers",
+        action="store_true",
+        help=f"also the real ALS model: `{ALS}` on KServe over V1, fused like the mocks, and "
+        f"`{ALS_SHADOW}` on MLServer over the Open Inference Protocol, weight 0 (scored, not "
+        "fused); needs `make model-servers`",
+    )
     parser.add_argument("--quick", action="store_true", help="200 users, 100 to fit on")
     parser.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results/quality-<timestamp>)"
@@ -209,11 +301,14 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
         concurrency=args.concurrency,
         world_seed=args.world_seed,
         window=args.window,
+        model_servers=args.model_servers,
     )
     if plan.users < 2 or plan.validation_users < 0 or not 1 <= plan.k <= 100:
         parser.error("--users must be at least 2, --validation-users at least 0, --k 1 to 100")
     if plan.window is not None and not plan.k <= plan.window <= 100:
         parser.error("--window must be from --k to 100")
+    if plan.model_servers and (missing := missing_model_servers()) is not None:
+        parser.error(f"--model-servers: {missing}")
     if args.fusions:
         try:
             plan.fusions = pick(args.fusions, FUSIONS, "fusions")

@@ -58,10 +58,32 @@ def findings(results: dict[str, Any]) -> list[str]:
     if results["fitted_weights"]:
         weights = ", ".join(f"{n} {w:g}" for n, w in results["fitted_weights"].items())
         lines.append(f"weights fitted on {results['validation_users_used']} other users: {weights}")
+    lines += _sources(results)
     if results["inconsistent_lists"]:
         lines.append(f"WARNING: {results['inconsistent_lists']} users got differing lists")
     lines.append(f"users scored: {results['users_scored']} of {results['users_asked']}")
     return lines
+
+
+def _sources(results: dict[str, Any]) -> list[str]:
+    """The recommenders, when one is not a native mock, and which served the same lists."""
+    recommenders = results.get("recommenders", [])
+    if all(r["protocol"] == "native" and not r["shadow"] for r in recommenders):
+        return []
+    lines = [f"recommenders: {', '.join(map(_described, recommenders))}"]
+    for name, same in results.get("same_lists", {}).items():
+        lines.append(
+            f"{name} gave the same list as {same['same_as']} in {same['same']} of "
+            f"{same['answers']} answers"
+        )
+    return lines
+
+
+def _described(recommender: dict[str, Any]) -> str:
+    notes = [recommender["protocol"]] if recommender["protocol"] != "native" else []
+    if recommender["shadow"]:
+        notes.append("shadow: weight 0, scored, not fused")
+    return f"{recommender['name']} ({', '.join(notes)})" if notes else recommender["name"]
 
 
 def _verdict(difference: float, ci: float) -> str:

@@ -1,8 +1,9 @@
 """Scoring the gateway's answers against the truth: per user, then per system over users.
 
-The systems scored are the recommenders (`DEFAULT_NAMES`, each list as the gateway's `result`
-carries it), every fusion's `fused` list, RRF with fitted weights (`FITTED`) and the `ORACLE`. Only
-users every system answered are scored, so every comparison is paired over the same users.
+The systems scored are the recommenders (the names the run configured: the four mocks, and with
+``--model-servers`` the ALS model; each list as the gateway's `result` carries it), every fusion's
+`fused` list, RRF with fitted weights (`FITTED`) and the `ORACLE`. Only users every system
+answered are scored, so every comparison is paired over the same users.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
-from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import World
 
 __all__ = [
@@ -48,9 +48,15 @@ def score(
     world: World,
     fusions: Sequence[str],
     k: int,
+    *,
+    recommenders: Sequence[str],
 ) -> tuple[dict[str, dict[str, list[float]]], int, int]:
-    """Per-user scores of every system, over the users every system answered (paired)."""
-    systems = [*DEFAULT_NAMES, *fusions, *([FITTED] if fitted else []), ORACLE]
+    """Per-user scores of every system, over the users every system answered (paired).
+
+    `recommenders` names the single recommenders to score, each as the answers' `result`
+    carries it.
+    """
+    systems = [*recommenders, *fusions, *([FITTED] if fitted else []), ORACLE]
     scores: dict[str, dict[str, list[float]]] = {
         system: {"ndcg": [], "recall": []} for system in systems
     }
@@ -64,10 +70,10 @@ def score(
             continue
         scored += 1
         lists = recommender_lists(got[0])
-        ranked: dict[str, list[str]] = {name: _ids(lists[name]) for name in DEFAULT_NAMES}
+        ranked: dict[str, list[str]] = {name: _ids(lists[name]) for name in recommenders}
         # The recommenders are deterministic: every answer must carry the same lists.
         inconsistent += any(
-            any(_ids(recommender_lists(answer)[name]) != ranked[name] for name in DEFAULT_NAMES)
+            any(_ids(recommender_lists(answer)[name]) != ranked[name] for name in recommenders)
             for answer in got[1:]
         )
         for fusion, answer in zip(fusions, got, strict=False):
@@ -82,14 +88,17 @@ def score(
     return scores, scored, inconsistent
 
 
-def comparisons(scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
+def comparisons(
+    scores: dict[str, dict[str, list[float]]], recommenders: Sequence[str]
+) -> dict[str, Any]:
     """Each fusion against the best single recommender, paired over the same users."""
-    if not scores[DEFAULT_NAMES[0]]["ndcg"]:
+    if not recommenders or not scores[recommenders[0]]["ndcg"]:
         return {}
-    best = max(DEFAULT_NAMES, key=lambda name: statistics.fmean(scores[name]["ndcg"]))
+    # On a tie (a shadow serving the same list), the first in config order.
+    best = max(recommenders, key=lambda name: statistics.fmean(scores[name]["ndcg"]))
     found: dict[str, Any] = {"best_single": best, "fusions": {}}
     for system, metrics in scores.items():
-        if kind_of(system) == "fusion":
+        if kind_of(system, recommenders) == "fusion":
             found["fusions"][system] = {
                 metric: paired_difference(metrics[metric], scores[best][metric])
                 for metric in ("ndcg", "recall")
@@ -97,7 +106,9 @@ def comparisons(scores: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
     return found
 
 
-def summarise(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]:
+def summarise(
+    scores: dict[str, dict[str, list[float]]], recommenders: Sequence[str]
+) -> list[dict[str, Any]]:
     """Per system: mean NDCG and recall with 95% intervals, from per-user scores."""
     rows = []
     for system, metrics in scores.items():
@@ -106,7 +117,7 @@ def summarise(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]
         rows.append(
             {
                 "system": system,
-                "kind": kind_of(system),
+                "kind": kind_of(system, recommenders),
                 "users": len(metrics["ndcg"]),
                 "ndcg": round(ndcg, 4),
                 "ndcg_ci95": round(ndcg_ci, 4),
@@ -117,8 +128,8 @@ def summarise(scores: dict[str, dict[str, list[float]]]) -> list[dict[str, Any]]
     return rows
 
 
-def kind_of(system: str) -> str:
-    """`single` for a recommender, `ceiling` for the oracle, else `fusion`."""
+def kind_of(system: str, recommenders: Sequence[str]) -> str:
+    """`single` for one of `recommenders`, `ceiling` for the oracle, else `fusion`."""
     if system == ORACLE:
         return "ceiling"
-    return "single" if system in DEFAULT_NAMES else "fusion"
+    return "single" if system in recommenders else "fusion"

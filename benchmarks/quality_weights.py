@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from benchmarks.quality_scoring import Lists
 from benchmarks.ranking_metrics import ndcg_at
 from gateway.fusion import make_fusion, ranked_from
-from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["fit_weights"]
 
@@ -32,18 +31,27 @@ def _mean_ndcg(
 
 
 def fit_weights(
-    users: Sequence[tuple[Lists, list[str]]], k: int = 10, rrf_k: int = 60, rounds: int = 3
+    users: Sequence[tuple[Lists, list[str]]],
+    k: int = 10,
+    rrf_k: int = 60,
+    rounds: int = 3,
+    *,
+    names: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """RRF weights that maximise mean NDCG@k over `users`, by coordinate ascent from all 1.
 
-    Runs the gateway's own RRF; each round tries every step for every weight in turn and
-    keeps the best. Weights are scaled so the largest is 1 (RRF depends only on their ratios).
+    Weighs the recommenders `names` (by default every one in the users' lists, in their order;
+    a shadow left out of `names` stays out of the fusion). Runs the gateway's own RRF; each
+    round tries every step for every weight in turn and keeps the best. Weights are scaled so
+    the largest is 1 (RRF depends only on their ratios).
     """
-    weights = dict.fromkeys(DEFAULT_NAMES, 1.0)
+    if names is None:
+        names = list(dict.fromkeys(name for lists, _ in users for name in lists))
+    weights = dict.fromkeys(names, 1.0)
     best = _mean_ndcg(weights, users, k, rrf_k)
     for _ in range(rounds):
         improved = False
-        for name in DEFAULT_NAMES:
+        for name in names:
             for step in _WEIGHT_STEPS:
                 trial = {**weights, name: step}
                 if trial == weights or not any(trial.values()):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,9 @@ from benchmarks.tracing import markdown as tracing_markdown
 from gateway.fusion import make_fusion, ranked_from
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import default_world
+from model_servers.processes import missing_model_servers
 from tests.helpers import ROOT
+from tests.tools import REQUIRE_TOOLS_VARIABLE
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -199,16 +202,18 @@ def test_quality_scores_only_users_every_system_answered_and_compares_them_paire
         answers[user, "concat"] = answer(user, ["x1"], asc=["x3"] if user == "test-1" else None)
     answers["test-2", "rrf"] = answer("test-2", ["x1"])  # no concat: test-2 is not scored
 
-    scores, scored, inconsistent = score(users, answers, {}, world, ["rrf", "concat"], 10)
+    scores, scored, inconsistent = score(
+        users, answers, {}, world, ["rrf", "concat"], 10, recommenders=DEFAULT_NAMES
+    )
 
     assert (scored, inconsistent) == (2, 1)  # test-1's two answers carry different asc lists
     assert list(scores) == [*DEFAULT_NAMES, "rrf", "concat", "oracle"]
     assert scores["sml"]["ndcg"] == scores["rrf"]["ndcg"] == [1.0, 1.0]
     assert scores["asc"]["ndcg"] == scores["concat"]["recall"] == [0.0, 0.0]
-    rows = {row["system"]: row for row in summarise(scores)}
+    rows = {row["system"]: row for row in summarise(scores, DEFAULT_NAMES)}
     assert [rows[s]["kind"] for s in ("sml", "rrf", "oracle")] == ["single", "fusion", "ceiling"]
     assert rows["sml"]["users"] == 2 and rows["sml"]["ndcg"] == 1.0
-    found = comparisons(scores)
+    found = comparisons(scores, DEFAULT_NAMES)
     assert found["best_single"] == "sml"
     assert list(found["fusions"]) == ["rrf", "concat"]
     assert found["fusions"]["rrf"]["ndcg"] == {
@@ -301,6 +306,68 @@ def test_quality_run_scores_every_system_and_writes_table_json_and_plot(tmp_path
     assert set(results["comparisons"]["fusions"]) == {
         "concat", "rrf", "weighted", "combmnz", "interleave", "rrf, fitted weights"
     }  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quality_with_the_model_servers_scores_and_fuses_the_als_model(tmp_path: Path) -> None:
+    missing = missing_model_servers()
+    if missing is not None:
+        if os.environ.get(REQUIRE_TOOLS_VARIABLE) == "1":
+            pytest.fail(f"{missing}, and {REQUIRE_TOOLS_VARIABLE}=1 requires them")
+        pytest.skip(missing)
+    out = tmp_path / "quality"
+    command = [sys.executable, "-m", "benchmarks", "quality", "--model-servers"]
+    command += ["--users", "40", "--validation-users", "20", "--out", str(out)]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=110)
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "quality.json").read_text())
+    assert results["users_scored"] == 40
+    assert results["inconsistent_lists"] == 0
+    systems = {row["system"]: row for row in results["systems"]}
+    singles = [name for name, row in systems.items() if row["kind"] == "single"]
+    assert singles == [*DEFAULT_NAMES, "als", "als-v2"]
+    for name in ("als", "als-v2"):
+        assert 0 < systems[name]["ndcg"] <= systems["oracle"]["ndcg"], name
+        assert systems[name]["users"] == 40
+    # One model, two servers, two protocols: the same lists, the same scores.
+    assert systems["als-v2"]["ndcg"] == systems["als"]["ndcg"]
+    assert results["same_lists"]["als-v2"]["same"] == results["same_lists"]["als-v2"]["answers"]
+    assert results["same_lists"]["als-v2"]["answers"] >= 40 * 6
+    # als is fused (and weighed) like the mocks; als-v2 is a shadow, fused nowhere.
+    fused = {r["name"]: not r["shadow"] for r in results["recommenders"]}
+    assert fused == {**dict.fromkeys(DEFAULT_NAMES, True), "als": True, "als-v2": False}
+    assert list(results["fitted_weights"]) == [*DEFAULT_NAMES, "als"]
+    assert "als-v2 gave the same list as als in" in done.stdout
+    assert "als (kserve-v1), als-v2 (open-inference, shadow: weight 0" in done.stdout
+
+
+def test_quality_with_the_model_servers_says_how_to_build_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gone = ".venvs/kserve/bin/python missing: run `make model-servers`"
+    monkeypatch.setattr("benchmarks.quality.missing_model_servers", lambda: gone)
+
+    with pytest.raises(SystemExit) as exited:
+        parse_plan(["--model-servers"])
+
+    assert exited.value.code == 2
+    assert f"--model-servers: {gone}" in capsys.readouterr().err
+    assert parse_plan([])[0].model_servers is False  # without it, nothing is asked of them
+
+
+def test_fitting_weighs_only_the_names_asked_and_a_shadow_stays_out() -> None:
+    def prediction(ids: list[str]) -> dict[str, object]:
+        return {"items": [{"id": i} for i in ids]}
+
+    users = [
+        ({"asc": prediction(["t", "x"]), "als": prediction(["t", "y"]),
+          "als-v2": prediction(["t", "y"])}, ["t"])
+    ]  # fmt: skip
+
+    assert list(fit_weights(users, names=["asc", "als"])) == ["asc", "als"]
+    assert list(fit_weights(users)) == ["asc", "als", "als-v2"]  # by default, every list
 
 
 @pytest.mark.slow
