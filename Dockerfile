@@ -6,7 +6,7 @@
 #   podman run fusion-gateway python -m mock_recommenders --host 0.0.0.0   # the mocks, same image
 #
 # Set at run time, in the environment:
-#   GATEWAY_*           the gateway's settings (gateway/config.py; the defaults are in
+#   GATEWAY_*           the gateway's settings (gateway/config/settings.py; the defaults are in
 #                       gateway/config.yaml): GATEWAY_RECOMMENDERS (a JSON list of {name, url}),
 #                       GATEWAY_DEADLINE_MS, ...; GATEWAY_CONFIG names a YAML file that replaces
 #                       the packaged one. A GATEWAY_ variable that is no setting stops start-up.

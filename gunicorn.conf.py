@@ -69,8 +69,8 @@ def _server() -> str:
     # After the metrics directory is set: this imports the gateway, and prometheus-client with
     # it. A config that does not load is reported by `on_starting`, with the field it names; on
     # a reload, the settings just validated are pinned.
-    from gateway.config import load_settings, pinned_settings
-    from gateway.errors import ConfigError
+    from gateway.config.settings import load_settings, pinned_settings
+    from gateway.core.errors import ConfigError
 
     pinned = pinned_settings()
     if pinned is not None:
@@ -90,7 +90,7 @@ if _server() == "gthread":
     threads = 256
 else:
     # One event loop serves HTTP and runs the fan-out; connections cost no thread, and the
-    # gateway's `http:` settings bound them (gateway/edge.py).
+    # gateway's `http:` settings bound them (gateway/serving/edge.py).
     worker_class = "gateway.worker.UvicornWorker"
 
 
@@ -113,9 +113,9 @@ def on_starting(server: Any) -> None:
     The settings validated are pinned for the workers, and a reload validates before it
     replaces any worker.
     """
-    from gateway.config import load_settings, pin_settings
-    from gateway.errors import ConfigError
-    from gateway.tracing import check_installed
+    from gateway.config.settings import load_settings, pin_settings
+    from gateway.core.errors import ConfigError
+    from gateway.observability.tracing import check_installed
 
     try:
         settings = load_settings()
@@ -137,9 +137,9 @@ def _validate_reloads(server: Any) -> None:
     again, and nothing would serve. Installed once, on the master itself: this file's next
     executions do not run `on_starting`.
     """
-    from gateway.config import describe_source, load_settings, pin_settings
-    from gateway.errors import ConfigError
-    from gateway.tracing import check_installed
+    from gateway.config.settings import describe_source, load_settings, pin_settings
+    from gateway.core.errors import ConfigError
+    from gateway.observability.tracing import check_installed
 
     reload = server.reload
 

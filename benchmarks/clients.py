@@ -42,11 +42,11 @@ import requests
 from yarl import URL
 
 from benchmarks.harness import mocks
-from gateway import async_http
-from gateway.blocking_http import ThreadSessions
-from gateway.clients import RecommenderClient
-from gateway.config import PoolSettings
-from gateway.protocols import KSERVE_V1, NATIVE, OpenInference, WireProtocol
+from gateway.config.settings import PoolSettings
+from gateway.core.protocols import KSERVE_V1, NATIVE, OpenInference, WireProtocol
+from gateway.recommenders import async_http
+from gateway.recommenders.blocking_http import ThreadSessions
+from gateway.recommenders.clients import RecommenderClient
 
 __all__ = ["CLIENTS", "main", "measure"]
 

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.feedback import FeedbackService
-from gateway.feedback_settings import FeedbackSettings
-from gateway.fusion import FusedRanking
+from gateway.config.feedback import FeedbackSettings
+from gateway.core.fusion import FusedRanking
+from gateway.feedback.service import FeedbackService
 
 __all__ = ["answers", "main", "measure"]
 

@@ -41,7 +41,7 @@ from benchmarks.online_stats import (
     weight_distance,
 )
 from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference
-from gateway.fusion import make_fusion, ranked_from
+from gateway.core.fusion import make_fusion, ranked_from
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import World
 

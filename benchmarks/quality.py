@@ -51,8 +51,8 @@ from benchmarks.harness import (
 from benchmarks.quality_report import findings, table, write_all
 from benchmarks.quality_scoring import comparisons, recommender_lists, score, summarise
 from benchmarks.quality_weights import fit_weights
-from gateway.fusion import FUSIONS
-from gateway.request_id import REQUEST_ID_HEADER
+from gateway.core.fusion import FUSIONS
+from gateway.core.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import DEFAULT_SEED, default_world
 from model_servers.processes import KServeProcess, MLServerProcess, missing_model_servers

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from benchmarks.quality_scoring import Lists
 from benchmarks.ranking_metrics import ndcg_at
-from gateway.fusion import make_fusion, ranked_from
+from gateway.core.fusion import make_fusion, ranked_from
 
 __all__ = ["fit_weights"]
 

@@ -43,7 +43,7 @@ from benchmarks.harness import (
     serve_gunicorn,
 )
 from benchmarks.otlpsink import OtlpSink
-from gateway.request_id import REQUEST_ID_HEADER
+from gateway.core.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["TracingPlan", "main", "run_tracing"]
@@ -204,9 +204,9 @@ def span_costs(rounds: int = 7, number: int = 2000) -> dict[str, float]:
     """Microseconds of tracing per request (best of `rounds`): off, on at 100% and at 1%."""
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
-    from gateway.config import TracingSettings
-    from gateway.otel import OtelTracing
-    from gateway.tracing import NO_TRACING, Tracing
+    from gateway.config.settings import TracingSettings
+    from gateway.observability.otel import OtelTracing
+    from gateway.observability.tracing import NO_TRACING, Tracing
 
     class Discard(SpanExporter):
         def export(self, spans: Any) -> SpanExportResult:

@@ -1,132 +1,39 @@
 """Fusion gateway: one recommendation request fanned out to many recommenders, merged into one.
 
-`create_app` builds the Flask app. gunicorn serves `gateway.asgi:app` (the app on the uvicorn
-worker's event loop); `gateway.wsgi:app` is the same app for WSGI servers.
+`create_app` builds the Flask app (`gateway.web.app`). gunicorn serves `gateway.asgi:app` (the
+app on the uvicorn worker's event loop); `gateway.wsgi:app` is the same app for WSGI servers.
+
+The package's subpackages are ranked, each importing only its own or lower ranks
+(docs/architecture.md, tests/test_architecture.py). Importing `gateway` loads none of them:
+`create_app` and the names below are loaded on first use (PEP 562), so `import gateway.sdk`
+loads no Flask and `import gateway.config` no store or tracer.
 """
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import functools
-import json
-from collections.abc import Callable, Coroutine
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from flask import Flask, has_request_context, request
-from werkzeug.exceptions import GatewayTimeout
-
-from gateway import feedback_routes, ops, routes
-from gateway.answers import ShedAnswer
-from gateway.config import Settings, load_settings
-from gateway.fusion import Fuser
-from gateway.hooks import register_hooks
-from gateway.http_errors import register_error_handlers
-from gateway.openapi import build_spec
-from gateway.portal import await_, in_portal
-from gateway.runtime import WorkerRuntime, package_version
-from gateway.security import TokenCheck
-from gateway.tracing import check_installed
+if TYPE_CHECKING:
+    from gateway.config import Settings, load_settings
+    from gateway.web.app import create_app
+    from gateway.web.flask_app import VIEW_GRACE_S, GatewayFlask
 
 __all__ = ["VIEW_GRACE_S", "GatewayFlask", "Settings", "create_app", "load_settings"]
 
-# How long past the deadline a view may run before the waiting thread gives up on it; the
-# view's own deadline normally ends it long before.
-VIEW_GRACE_S = 2.0
+_WHERE = {
+    "VIEW_GRACE_S": "gateway.web.flask_app",
+    "GatewayFlask": "gateway.web.flask_app",
+    "create_app": "gateway.web.app",
+    "Settings": "gateway.config",
+    "load_settings": "gateway.config",
+}
 
 
-class GatewayFlask(Flask):
-    """Flask, running ``async def`` views on the worker's long-lived event loop.
-
-    Flask's default `async_to_sync` (asgiref) gives each call a new event loop, which would
-    orphan the worker's shared connection pool. Served by `gateway.asgi`, Flask runs in a
-    greenlet portal on the serving loop itself, and the view's coroutine is awaited there
-    (`gateway.portal`).
-    Served as WSGI, the coroutine is handed to the runtime's loop thread, and the request's
-    thread waits for it (Flask's "Combining with async/await" pattern, `docs/gevent.rst`).
-
-    What `create_app` builds once from the settings hangs on it: `runtime` (the worker's loop,
-    pool and clients), `tokens`, `fuser`, `shed_answer` and `openapi_document`.
-    """
-
-    runtime: WorkerRuntime
-    tokens: TokenCheck
-    fuser: Fuser
-    shed_answer: ShedAnswer
-    openapi_document: str
-
-    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        """Flask's, made once per view: Flask asks for it on every request."""
-        made = self._sync_views.get(func)
-        if made is None:
-            made = self._sync_views[func] = super().ensure_sync(func)
-        return made
-
-    @functools.cached_property
-    def _sync_views(self) -> dict[Callable[..., Any], Callable[..., Any]]:
-        return {}
-
-    def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
-        """Return a sync function that runs `func` on the worker loop and waits for it."""
-        runtime = self.runtime
-        wait_s = runtime.settings.deadline_ms / 1000 + VIEW_GRACE_S
-
-        @functools.wraps(func)
-        def run_on_worker_loop(*args: Any, **kwargs: Any) -> Any:
-            if in_portal():
-                # On the serving loop: the body is in already (the ASGI app read it).
-                return await_(_within(func(*args, **kwargs), wait_s))
-            if has_request_context():
-                # Read the body here, in the request's own thread: a slow upload must never
-                # block the loop that every request of this worker shares. Flask caches it.
-                request.get_data()
-            runtime.start()  # the loop thread, the first time this process needs it
-            try:
-                return runtime.run(func(*args, **kwargs), timeout=wait_s)
-            except TimeoutError as exc:
-                raise GatewayTimeout("the gateway did not finish within its deadline") from exc
-
-        return run_on_worker_loop
-
-
-async def _within(coroutine: Coroutine[Any, Any, Any], seconds: float) -> Any:
-    bound = asyncio.timeout(seconds)
-    try:
-        async with bound:
-            return await coroutine
-    except TimeoutError as exc:
-        if bound.expired():
-            raise GatewayTimeout("the gateway did not finish within its deadline") from exc
-        raise
-
-
-def create_app(settings: Settings | None = None, span_processor: Any = None) -> GatewayFlask:
-    """Build the gateway app from `settings` (default: `load_settings()`).
-
-    `span_processor`: an OpenTelemetry `SpanProcessor` that takes the spans instead of the
-    OTLP exporter's batches, when tracing is on (tests give an in-memory exporter's).
-    """
-    settings = settings if settings is not None else load_settings()
-    check_installed(settings.tracing)  # at start-up, not at the first request
-    app = GatewayFlask(__name__)
-    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # error bodies read status, message, details
-    runtime = WorkerRuntime(settings, span_processor)
-    app.runtime = runtime
-    app.tokens = TokenCheck(settings.api_keys)
-    app.fuser = Fuser(settings.fusion_weights, settings.fusion, settings.rrf_k)
-    names = [r.name for r in settings.recommenders]
-    app.shed_answer = ShedAnswer(
-        names,
-        settings.shed_retry_after_s,
-        queue_size=settings.admission.queue_size,
-        deadline_ms=settings.deadline_ms,
-    )
-    app.openapi_document = json.dumps(build_spec(settings, package_version()))
-    register_hooks(app)
-    app.register_blueprint(routes.blueprint)
-    app.register_blueprint(feedback_routes.blueprint)
-    app.register_blueprint(ops.blueprint)
-    register_error_handlers(app)
-    atexit.register(runtime.close)
-    return app
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'gateway' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value  # looked up once
+    return value

@@ -14,11 +14,11 @@ import argparse
 import asyncio
 import sys
 
-from gateway import async_http, readiness
-from gateway.config import Settings, describe_source, load_settings
-from gateway.errors import ConfigError
-from gateway.feedback_settings import FeedbackSettings
-from gateway.feedback_store import describe_store_url
+from gateway.config.feedback import FeedbackSettings
+from gateway.config.settings import Settings, describe_source, load_settings
+from gateway.config.store_urls import describe_store_url
+from gateway.core.errors import ConfigError
+from gateway.recommenders import async_http, readiness
 
 __all__ = ["main", "summary"]
 

@@ -7,11 +7,11 @@ config file and the environment.
 
 from __future__ import annotations
 
-from gateway import create_app
-from gateway.config import pinned_settings
-from gateway.errors import ConfigError
-from gateway.logs import configure_logging
-from gateway.serving import GatewayASGI
+from gateway.config.settings import pinned_settings
+from gateway.core.errors import ConfigError
+from gateway.observability.logs import configure_logging
+from gateway.serving.asgi_app import GatewayASGI
+from gateway.web.app import create_app
 
 __all__ = ["app"]
 

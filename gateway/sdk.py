@@ -24,10 +24,10 @@ from typing import Any
 import aiohttp
 import requests
 
-from gateway.feedback_schemas import FeedbackEventBody, FeedbackReceipt
-from gateway.request_id import REQUEST_ID_HEADER
-from gateway.schemas import RecommendationResponse
-from gateway.security import TOKEN_HEADER
+from gateway.contract.feedback_schemas import FeedbackEventBody, FeedbackReceipt
+from gateway.contract.schemas import RecommendationResponse
+from gateway.contract.security import TOKEN_HEADER
+from gateway.core.request_id import REQUEST_ID_HEADER
 
 __all__ = [
     "FeedbackEventBody",

@@ -28,10 +28,10 @@ from typing import Any
 from gunicorn.workers.gthread import ThreadWorker as GunicornThreadWorker
 from uvicorn_worker import UvicornWorker as PackagedUvicornWorker
 
-from gateway import GatewayFlask
-from gateway.config import HttpSettings
-from gateway.edge import protocol_for
-from gateway.serving import GatewayASGI, settle_heap
+from gateway.config.settings import HttpSettings
+from gateway.serving.asgi_app import GatewayASGI, settle_heap
+from gateway.serving.edge import protocol_for
+from gateway.web.flask_app import GatewayFlask
 
 __all__ = ["GIL_SWITCH_INTERVAL_S", "HEARTBEAT_EVERY_S", "ThreadWorker", "UvicornWorker"]
 

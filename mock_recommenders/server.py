@@ -51,10 +51,10 @@ trace_log = logging.getLogger("mock_recommenders.trace")
 
 DEFAULT_NAMES = ("sml", "asc", "trd", "psn")
 DEFAULT_BASE_PORT = 5001
-# Set explicitly, and well above the gateway client's idle keep-alive (`keepalive_timeout_s` in
-# gateway/config.py, a few seconds), which must stay below this: then the gateway, not the mock,
-# closes idle connections. Otherwise a POST can go out on a connection the mock is closing at
-# that moment and fail, and aiohttp does not retry a POST.
+# Set explicitly, and well above the gateway client's idle keep-alive (`keepalive_timeout_s`
+# in gateway/config/settings.py, a few seconds), which must stay below this: then the gateway,
+# not the mock, closes idle connections. Otherwise a POST can go out on a connection the mock
+# is closing at that moment and fail, and aiohttp does not retry a POST.
 KEEPALIVE_TIMEOUT_S = 75.0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from gateway import GatewayFlask, create_app
+from gateway.web.app import GatewayFlask, create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from tests.helpers import InProcessServer, ScriptedNetwork, Serve, scripted_network, settings_for
 

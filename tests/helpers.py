@@ -28,10 +28,11 @@ import requests
 import uvicorn
 from aioresponses import aioresponses
 
-from gateway import GatewayFlask, Settings, async_http
-from gateway.config import PoolSettings
-from gateway.edge import protocol_for
-from gateway.serving import GatewayASGI
+from gateway.config.settings import PoolSettings, Settings
+from gateway.recommenders import async_http
+from gateway.serving.asgi_app import GatewayASGI
+from gateway.serving.edge import protocol_for
+from gateway.web.app import GatewayFlask
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.bodies import Malformed, Truncated
+from gateway.recommenders.bodies import Malformed, Truncated
 from tests.tools import require_tool
 
 __all__ = [

@@ -15,13 +15,13 @@ from typing import Any
 import pytest
 import requests
 
-from gateway import create_app
-from gateway.admission import AdaptiveLimit, LoopLag
-from gateway.clients import RecommenderClient, Replicas
-from gateway.errors import CircuitOpen
-from gateway.fanout import AsyncFanOut
-from gateway.outcome import Deadline
-from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
+from gateway.core.errors import CircuitOpen
+from gateway.core.outcome import Deadline
+from gateway.fanout.strategies import AsyncFanOut
+from gateway.recommenders.clients import RecommenderClient, Replicas
+from gateway.resilience.admission import AdaptiveLimit, LoopLag
+from gateway.resilience.policies import CircuitBreaker, Guard, Hedger, RetryPolicy
+from gateway.web.app import create_app
 from mock_recommenders import MockFleet
 from tests.helpers import ScriptedNetwork, Serve, recommend, sample, settings_for, wait_until
 
@@ -425,7 +425,7 @@ async def waiting_in(queue: Any, count: int) -> None:
 
 
 def one_slot(size: int = 10, order: str = "fifo", deadline_s: float = 30.0, **kw: Any) -> Any:
-    from gateway.admission import AdmissionQueue
+    from gateway.resilience.admission import AdmissionQueue
 
     limit = AdaptiveLimit(initial=1, min_limit=1, max_limit=1)
     return AdmissionQueue(limit, size=size, deadline_s=deadline_s, order=order, **kw)  # type: ignore[arg-type]

@@ -18,17 +18,17 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from gateway import async_http
-from gateway.blocking_http import ThreadSessions
-from gateway.bodies import Answer, TooLarge
-from gateway.clients import AnswerLimits, BlockingRecommenderClient, RecommenderClient
-from gateway.config import PoolSettings
-from gateway.errors import (
+from gateway.config.settings import PoolSettings
+from gateway.core.errors import (
     BadRecommenderResponse,
     GatewayError,
     RecommenderError,
     RecommenderTimeout,
 )
+from gateway.recommenders import async_http
+from gateway.recommenders.blocking_http import ThreadSessions
+from gateway.recommenders.bodies import Answer, TooLarge
+from gateway.recommenders.clients import AnswerLimits, BlockingRecommenderClient, RecommenderClient
 from tests.helpers import closed_port
 from tests.hostile import gzip_bomb
 from tests.scripted import (

@@ -1,4 +1,4 @@
-"""Tests of gateway/attribution.py: pairwise outcomes, their running counters, and intervals."""
+"""Tests of gateway/feedback/attribution.py: pairwise outcomes, running counters, intervals."""
 
 from __future__ import annotations
 
@@ -6,14 +6,14 @@ from collections.abc import Mapping
 
 import pytest
 
-from gateway.attribution import (
+from gateway.feedback.attribution import (
     PairCounts,
     pair_outcome,
     pairwise_delta,
     preference,
     wilson_interval,
 )
-from gateway.impressions import ShownItem, credit_for
+from gateway.feedback.impressions import ShownItem, credit_for
 
 # A hand-worked team-draft example: three teams, three impressions of six items each.
 TEAMS = ("als", "pop", "trd")

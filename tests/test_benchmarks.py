@@ -28,7 +28,7 @@ from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, reca
 from benchmarks.report import derive, figures
 from benchmarks.tracing import costs as tracing_costs
 from benchmarks.tracing import markdown as tracing_markdown
-from gateway.fusion import make_fusion, ranked_from
+from gateway.core.fusion import make_fusion, ranked_from
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import default_world
 from model_servers.processes import missing_model_servers

@@ -23,8 +23,8 @@ from typing import TypeVar, cast
 import pytest
 import requests
 
-from gateway.blocking_http import SessionClosed, ThreadSessions, _Connection, _Watchdog
-from gateway.bodies import Answer, TooLarge
+from gateway.recommenders.blocking_http import SessionClosed, ThreadSessions, _Connection, _Watchdog
+from gateway.recommenders.bodies import Answer, TooLarge
 from tests.helpers import closed_port
 from tests.hostile import gzip_bomb
 from tests.scripted import (

@@ -17,9 +17,7 @@ import requests
 import urllib3.exceptions
 from aiohttp.client_reqrep import ConnectionKey
 
-from gateway.bodies import Malformed, TooLarge, Truncated
-from gateway.clients import AnswerLimits, BlockingRecommenderClient, RecommenderClient
-from gateway.errors import (
+from gateway.core.errors import (
     BadRecommenderResponse,
     ClientClosedError,
     GatewayError,
@@ -27,6 +25,8 @@ from gateway.errors import (
     RecommenderTimeout,
     RecommenderUnavailable,
 )
+from gateway.recommenders.bodies import Malformed, TooLarge, Truncated
+from gateway.recommenders.clients import AnswerLimits, BlockingRecommenderClient, RecommenderClient
 from tests.helpers import ScriptedNetwork
 
 URL = "http://recommender.test/test"

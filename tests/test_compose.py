@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from gateway.config import load_settings
-from gateway.feedback_store import open_store
+from gateway.config.settings import load_settings
+from gateway.feedback.store import open_store
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.__main__ import parse_arguments
 from tests.helpers import ROOT

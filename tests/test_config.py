@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import load_settings
-from gateway.errors import ConfigError
+from gateway.config.settings import load_settings
+from gateway.core.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("clean_environment")
 

@@ -105,8 +105,8 @@ def broken_links(path: Path) -> list[str]:
 
 
 def gateway_modules() -> set[str]:
-    """Every module of the gateway package, as `gateway/name.py`."""
-    return {f"gateway/{path.name}" for path in (ROOT / "gateway").glob("*.py")}
+    """Every module of the gateway package and its subpackages, as `gateway/.../name.py`."""
+    return {path.relative_to(ROOT).as_posix() for path in (ROOT / "gateway").rglob("*.py")}
 
 
 def mapped_modules() -> list[str]:
@@ -120,7 +120,7 @@ def mapped_modules() -> list[str]:
         if not line.startswith("|"):
             continue
         first_cell = line.strip("|").split("|", 1)[0]
-        listed += re.findall(r"`(gateway/[\w.]+\.py)`", first_cell)
+        listed += re.findall(r"`(gateway/[\w./]+\.py)`", first_cell)
     return listed
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gateway import create_app
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from tests.helpers import (
     InProcessServer,

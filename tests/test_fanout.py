@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from gateway.clients import RecommenderClient, Replicas
-from gateway.fanout import AsyncFanOut, SequentialFanOut, build_guards
-from gateway.outcome import Deadline, Outcome
-from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
+from gateway.core.outcome import Deadline, Outcome
+from gateway.fanout.strategies import AsyncFanOut, SequentialFanOut, build_guards
+from gateway.recommenders.clients import RecommenderClient, Replicas
+from gateway.resilience.policies import CircuitBreaker, Guard, Hedger, RetryPolicy
 from mock_recommenders import MockFleet
 from tests.helpers import ScriptedNetwork, settings_for
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from gateway import create_app
+from gateway.web.app import create_app
 from mock_recommenders import MockFleet
 from tests.helpers import Serve, settings_for
 

@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from gateway import metrics
-from gateway.feedback import FeedbackService
-from gateway.feedback_records import EventResult
-from gateway.feedback_settings import FeedbackSettings
-from gateway.feedback_store import SQLiteStore
-from gateway.fusion import FusedRanking
-from gateway.impressions import FeedbackEvent, hash_user
+from gateway.config.feedback import FeedbackSettings
+from gateway.core.fusion import FusedRanking
+from gateway.feedback.impressions import FeedbackEvent, hash_user
+from gateway.feedback.records import EventResult
+from gateway.feedback.service import FeedbackService
+from gateway.feedback.store import SQLiteStore
+from gateway.observability import metrics
 from tests.helpers import sample
 
 SALT = "test-salt"

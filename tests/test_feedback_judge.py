@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.feedback_judge import EventJudge
-from gateway.feedback_records import EventResult, FeedbackStoreBusy, FeedbackStoreError
-from gateway.feedback_sqlite import SQLiteStore
-from gateway.impressions import FeedbackEvent, Impression, ShownItem
+from gateway.feedback.impressions import FeedbackEvent, Impression, ShownItem
+from gateway.feedback.judge import EventJudge
+from gateway.feedback.records import EventResult, FeedbackStoreBusy, FeedbackStoreError
+from gateway.feedback.sqlite_store import SQLiteStore
 
 WAIT_S = 10.0
 

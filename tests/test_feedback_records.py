@@ -1,11 +1,11 @@
-"""Tests of gateway/feedback_records.py: summaries of the counters, and learnt weights' JSON."""
+"""Tests of gateway/feedback/records.py: summaries of the counters, and learnt weights' JSON."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.attribution import PairCounts
-from gateway.feedback_records import FeedbackStats, LearnedWeights, RecommenderCounts
+from gateway.feedback.attribution import PairCounts
+from gateway.feedback.records import FeedbackStats, LearnedWeights, RecommenderCounts
 
 STATS = FeedbackStats(
     recommenders={

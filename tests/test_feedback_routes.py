@@ -18,9 +18,9 @@ import pytest
 import redis
 import requests
 
-from gateway import GatewayFlask, create_app
-from gateway.feedback_schemas import ExperimentsReport, FeedbackReceipt
-from gateway.impressions import Impression, hash_user
+from gateway.contract.feedback_schemas import ExperimentsReport, FeedbackReceipt
+from gateway.feedback.impressions import Impression, hash_user
+from gateway.web.app import GatewayFlask, create_app
 from mock_recommenders import MockFleet, MockFleetProcess
 from tests.helpers import (
     Serve,

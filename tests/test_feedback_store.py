@@ -18,23 +18,23 @@ from typing import Any
 import pytest
 import redis
 
-from gateway.attribution import PairCounts
-from gateway.feedback_records import (
-    ArmCounts,
-    EventResult,
-    FeedbackStoreError,
-    LearnedWeights,
-    RecommenderCounts,
-)
-from gateway.feedback_redis import RedisStore
-from gateway.feedback_store import FeedbackStore, SQLiteStore, open_store
-from gateway.impressions import (
+from gateway.feedback.attribution import PairCounts
+from gateway.feedback.impressions import (
     EncodedImpression,
     FeedbackEvent,
     Impression,
     ShownItem,
     hash_user,
 )
+from gateway.feedback.records import (
+    ArmCounts,
+    EventResult,
+    FeedbackStoreError,
+    LearnedWeights,
+    RecommenderCounts,
+)
+from gateway.feedback.redis_store import RedisStore
+from gateway.feedback.store import FeedbackStore, SQLiteStore, open_store
 from tests.helpers import closed_port
 from tests.redis_server import RedisServer
 

@@ -8,8 +8,7 @@ from typing import Any, get_args
 import pytest
 import requests
 
-from gateway import create_app
-from gateway.fusion import (
+from gateway.core.fusion import (
     FUSIONS,
     CombMnz,
     CombSum,
@@ -23,7 +22,8 @@ from gateway.fusion import (
     coverage,
     ranked_from,
 )
-from gateway.outcome import Outcome
+from gateway.core.outcome import Outcome
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
 from tests.helpers import Serve, gunicorn, lines, post_concurrently, settings_for

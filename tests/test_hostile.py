@@ -21,9 +21,10 @@ from typing import Any
 import pytest
 
 from benchmarks.harness import children, worker_rss_mb
-from gateway import Settings, create_app
-from gateway.fanout import STRATEGIES
-from gateway.schemas import MAX_UNKNOWN_FIELDS, MAX_UNKNOWN_FIELDS_BYTES
+from gateway.config.settings import Settings
+from gateway.contract.schemas import MAX_UNKNOWN_FIELDS, MAX_UNKNOWN_FIELDS_BYTES
+from gateway.fanout.strategies import STRATEGIES
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from tests.helpers import (
     Fleet,

@@ -1,4 +1,4 @@
-"""Tests of gateway/impressions.py: the JSON form, user hashing, arms and the credit rule."""
+"""Tests of gateway/feedback/impressions.py: the JSON form, user hashing, arms, the credit rule."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import hmac
 
 import pytest
 
-from gateway.impressions import (
+from gateway.feedback.impressions import (
     USER_HASH_LENGTH,
     EncodedImpression,
     FeedbackEvent,

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.jsonlimits import MAX_INT_DIGITS, JsonRefused, loads, offending_field
+from gateway.core.jsonlimits import MAX_INT_DIGITS, JsonRefused, loads, offending_field
 
 
 def nested(levels: int) -> str:

@@ -33,11 +33,12 @@ from gunicorn.config import Config as GunicornConfig
 from kubernetes_validate.utils import all_versions, latest_version
 from werkzeug.routing import MapAdapter
 
-from gateway import VIEW_GRACE_S, create_app, ops
-from gateway.config import ENV_PREFIX, Settings, config_file, load_settings
-from gateway.feedback_records import EventResult, LearnedWeights
-from gateway.feedback_store import open_store
-from gateway.impressions import FeedbackEvent, Impression, ShownItem
+from gateway.config.settings import ENV_PREFIX, Settings, config_file, load_settings
+from gateway.feedback.impressions import FeedbackEvent, Impression, ShownItem
+from gateway.feedback.records import EventResult, LearnedWeights
+from gateway.feedback.store import open_store
+from gateway.web import ops
+from gateway.web.app import VIEW_GRACE_S, create_app
 from mock_recommenders.__main__ import parse_arguments
 from mock_recommenders.server import KEEPALIVE_TIMEOUT_S, Recommender
 from tests.helpers import ROOT
@@ -409,7 +410,7 @@ def test_the_config_points_at_the_overlays_mock_recommenders(overlay: Rendered) 
                 probe = container[kind]
                 assert _port_number(container, probe["httpGet"]["port"]) == container_port
                 assert ("GET", probe["httpGet"]["path"]) in served, f"{recommender.name}: {kind}"
-    # The gateway, not the mock, closes an idle connection (see gateway/config.py: pool).
+    # The gateway, not the mock, closes an idle connection (see gateway/config/settings.py: pool).
     assert overlay.settings.pool.keepalive_timeout_s < KEEPALIVE_TIMEOUT_S
 
 

@@ -1,4 +1,4 @@
-"""Tests of gateway/learner.py: the shrunk mean margin, settling, bounded, gated, freezable."""
+"""Tests of gateway/feedback/learner.py: the shrunk mean margin, settling, bounds, freezing."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from gateway.attribution import PairCounts
-from gateway.feedback_records import FeedbackStats, LearnedWeights
-from gateway.learner import WeightLearner
+from gateway.feedback.attribution import PairCounts
+from gateway.feedback.learner import WeightLearner
+from gateway.feedback.records import FeedbackStats, LearnedWeights
 
 NAMES = ("als", "pop", "trd")
 NOW = 1_700_000_000.0

@@ -15,8 +15,8 @@ from typing import NoReturn
 import pytest
 import requests
 
-from gateway import create_app
-from gateway.logs import _BatchWriter, configure_logging, flush
+from gateway.observability.logs import _BatchWriter, configure_logging, flush
+from gateway.web.app import create_app
 from mock_recommenders import MockFleet, MockFleetProcess
 from tests.helpers import Serve, gunicorn, lines, settings_for, wait_until
 
@@ -118,7 +118,7 @@ def test_lines_are_written_as_python_json_logger_writes_them() -> None:
     # the one `JsonFormatter` with the same options would write, byte for byte.
     from pythonjsonlogger.json import JsonFormatter
 
-    from gateway.logs import _FIELDS, _RENAMED, _JsonLines
+    from gateway.observability.logs import _FIELDS, _RENAMED, _JsonLines
 
     ours, theirs = _JsonLines(), JsonFormatter(_FIELDS, rename_fields=_RENAMED)
     logger = logging.getLogger("gateway.test")

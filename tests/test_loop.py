@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import requests
 
-from gateway import create_app
+from gateway.web.app import create_app
 from mock_recommenders import MockFleetProcess
 from tests.helpers import ROOT, InProcessServer, settings_for
 

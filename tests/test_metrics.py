@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import requests
 
-from gateway import create_app
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from tests.helpers import (
     Serve,

@@ -16,8 +16,8 @@ import pytest
 import requests
 
 from benchmarks.ranking_metrics import ndcg_at
-from gateway import create_app
-from gateway.config import Settings
+from gateway.config.settings import Settings
+from gateway.web.app import create_app
 from mock_recommenders import MockFleet
 from mock_recommenders.world import default_world
 from model_servers.als.artefact import ALSModel

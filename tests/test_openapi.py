@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.core.result import Ok
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from gateway import create_app
+from gateway.web.app import create_app
 from mock_recommenders import MockFleet
 from tests.helpers import Serve, settings_for
 

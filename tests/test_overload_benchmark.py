@@ -31,7 +31,7 @@ from benchmarks.overload import (
     shed_by_reason,
 )
 from benchmarks.rawhttp import RawPool
-from gateway import create_app
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import ROOT, Serve, settings_for
 

@@ -10,17 +10,17 @@ from typing import Any
 import pytest
 import requests
 
-from gateway import create_app
-from gateway.clients import BlockingRecommenderClient, RecommenderClient
-from gateway.config import RecommenderSettings, Settings
-from gateway.errors import BadRecommenderResponse
-from gateway.protocols import (
+from gateway.config.settings import RecommenderSettings, Settings
+from gateway.core.errors import BadRecommenderResponse
+from gateway.core.protocols import (
     KSERVE_V1,
     NATIVE,
     AnswerMismatch,
     OpenInference,
     url_problem,
 )
+from gateway.recommenders.clients import BlockingRecommenderClient, RecommenderClient
+from gateway.web.app import create_app
 from mock_recommenders import MockFleet
 from tests.helpers import ScriptedNetwork, Serve, assert_json_error, closed_port, recommend
 
@@ -362,7 +362,7 @@ async def test_an_answer_that_does_not_fit_is_that_recommender_s_error(
 async def test_more_items_than_max_items_is_an_error_whatever_the_protocol(
     network: ScriptedNetwork,
 ) -> None:
-    from gateway.clients import AnswerLimits
+    from gateway.recommenders.clients import AnswerLimits
 
     ids = [f"i{n}" for n in range(6)]
     network.add(V2_URL, payload=v2_answer(ids, [1.0] * 6))
@@ -372,7 +372,7 @@ async def test_more_items_than_max_items_is_an_error_whatever_the_protocol(
 
 
 def test_the_blocking_client_speaks_kserve_v1(fleet: MockFleet) -> None:
-    from gateway.blocking_http import ThreadSessions
+    from gateway.recommenders.blocking_http import ThreadSessions
 
     url = fleet.url("sml").replace("/test", "/v1/models/sml:predict")
     sessions = ThreadSessions()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.request_id import REQUEST_ID_MAX, new_request_id, valid_request_id
+from gateway.core.request_id import REQUEST_ID_MAX, new_request_id, valid_request_id
 
 
 def test_a_character_is_valid_exactly_when_it_is_visible_ascii() -> None:

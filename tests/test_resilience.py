@@ -14,12 +14,13 @@ import pytest
 import requests
 from aiohttp.client_reqrep import ConnectionKey
 
-from gateway import Settings, create_app
-from gateway.clients import RecommenderClient, Replicas, parse_retry_after
-from gateway.errors import CircuitOpen
-from gateway.fanout import AsyncFanOut
-from gateway.outcome import Deadline, Outcome
-from gateway.resilience import CircuitBreaker, Guard, Hedger, RetryPolicy
+from gateway.config.settings import Settings
+from gateway.core.errors import CircuitOpen
+from gateway.core.outcome import Deadline, Outcome
+from gateway.fanout.strategies import AsyncFanOut
+from gateway.recommenders.clients import RecommenderClient, Replicas, parse_retry_after
+from gateway.resilience.policies import CircuitBreaker, Guard, Hedger, RetryPolicy
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import ScriptedNetwork, Serve, settings_for
 

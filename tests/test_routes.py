@@ -10,8 +10,8 @@ from typing import Any, NoReturn
 import pytest
 import requests
 
-from gateway import create_app
-from gateway.schemas import RecommendationResponse, UnansweredRecommendation
+from gateway.contract.schemas import RecommendationResponse, UnansweredRecommendation
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet, MockFleetProcess
 from mock_recommenders.ranking import rank_items
 from tests.helpers import (

@@ -10,9 +10,9 @@ import pytest
 import requests
 from flask import Response, g, jsonify, request
 
-from gateway import GatewayFlask, create_app
-from gateway.errors import ClientClosedError
-from gateway.exchange import current_exchange
+from gateway.core.errors import ClientClosedError
+from gateway.web.app import GatewayFlask, create_app
+from gateway.web.exchange import current_exchange
 from mock_recommenders import MockFleet
 from tests.helpers import Serve, settings_for
 
@@ -101,7 +101,7 @@ def test_the_runtime_starts_afresh_in_a_forked_process(
     parent_loop = app.runtime.loop
     (parent_client, *_) = app.runtime.clients
     # What a worker forked from a preloading master sees: the same objects, another pid.
-    monkeypatch.setattr("gateway.runtime.os.getpid", lambda: -1)
+    monkeypatch.setattr("gateway.runtime.worker_runtime.os.getpid", lambda: -1)
     with pytest.raises(RuntimeError, match="not started in this process"):
         _ = app.runtime.loop  # the parent's state is not the child's, and nothing starts
 

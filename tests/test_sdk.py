@@ -9,7 +9,6 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway import create_app
 from gateway.sdk import (
     FeedbackEventBody,
     GatewayHTTPError,
@@ -18,6 +17,7 @@ from gateway.sdk import (
     send_feedback,
     send_feedback_async,
 )
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from mock_recommenders.ranking import rank_items
 from tests.helpers import ROOT, Serve, closed_port, settings_for

@@ -9,9 +9,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from gateway import create_app
-from gateway.config import load_settings
-from gateway.security import TokenCheck
+from gateway.config.settings import load_settings
+from gateway.contract.security import TokenCheck
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import Serve, settings_for
 

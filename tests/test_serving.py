@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from gateway.serving import YOUNG_GENERATION_THRESHOLD
+from gateway.serving.asgi_app import YOUNG_GENERATION_THRESHOLD
 from tests.helpers import ROOT
 
 
@@ -14,7 +14,7 @@ def test_a_settled_heap_is_frozen_and_its_young_generation_collected_less_often(
     # In a process of its own: the collector's settings are the whole process's.
     script = (
         "import gc, json\n"
-        "from gateway.serving import settle_heap\n"
+        "from gateway.serving.asgi_app import settle_heap\n"
         "before = gc.get_threshold()\n"
         "settle_heap()\n"
         "print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count()]))\n"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import requests
 
-from gateway import create_app
-from gateway.fanout import STRATEGIES
+from gateway.fanout.strategies import STRATEGIES
+from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from mock_recommenders.ranking import rank_items
 from tests.helpers import Serve, closed_port, settings_for

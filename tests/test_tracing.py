@@ -16,9 +16,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode, format_span_id, format_trace_id
 
-from gateway import GatewayFlask, Settings, create_app
-from gateway.errors import ConfigError
-from gateway.tracing import INSTALL_HINT, NO_TRACING, start_tracing, switched_on
+from gateway.config.settings import Settings
+from gateway.core.errors import ConfigError
+from gateway.observability.tracing import INSTALL_HINT, NO_TRACING, start_tracing, switched_on
+from gateway.web.app import GatewayFlask, create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import ROOT, Serve, settings_for
 
@@ -303,7 +304,7 @@ def test_tracing_on_without_the_packages_stops_start_up_naming_the_extra(
     # As if not installed: an import of any of them fails.
     for name in [n for n in sys.modules if n.startswith("opentelemetry")] + ["opentelemetry"]:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "gateway.otel", raising=False)
+    monkeypatch.delitem(sys.modules, "gateway.observability.otel", raising=False)
 
     with pytest.raises(ConfigError, match="OpenTelemetry packages are not installed") as caught:
         create_app(traced(settings_for(fleet)))
@@ -312,7 +313,7 @@ def test_tracing_on_without_the_packages_stops_start_up_naming_the_extra(
 
 _OFF = """
 import sys, requests
-from gateway import create_app
+from gateway.web.app import create_app
 from mock_recommenders import MockFleet
 from tests.helpers import InProcessServer, settings_for
 

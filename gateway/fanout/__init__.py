@@ -1,0 +1,3 @@
+"""The fan-out: one recommender's guarded call (`call`) and the strategies that run them all
+(`strategies`: async, threads, sequential).
+"""

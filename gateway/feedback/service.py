@@ -1,0 +1,411 @@
+"""Feedback in a worker: experiment arms, impressions written off the loop, events, learning.
+
+One `FeedbackService` per worker process, made after gunicorn forks (`gateway.runtime`), with
+the store the settings name (`gateway.feedback_store`). On the request path it does two
+cheap things on the event loop, and never any I/O there:
+
+- `assign`: the user's pseudonym (`hash_user`), and the experiment arm that decides how the
+  answer is fused (a request that names its `fusion` is outside the experiment, arm null);
+- `record`: what the answer showed, in its stored form (`EncodedImpression`: one encoder
+  call while the answer's items are still in the CPU's caches), appended to a bounded list.
+  When `queue_limit` are waiting, the impression is dropped and counted: never unbounded
+  memory, never a wait.
+
+Its writer thread saves the waiting impressions in one batch every `flush_interval_ms`, deletes
+expired ones now and then, and every `learner.interval_s` runs the learner (stats, update,
+save, publish the weights that `weights: learned` arms fuse with). Events from `POST
+/feedback` are judged by its event thread (`judge`, awaited on the loop: the events of
+concurrent requests judged together, one store transaction per group, `gateway.feedback_judge`);
+`report` (`GET /experiments`) blocks on the store: the web layer runs it with
+`asyncio.to_thread`.
+
+An event can come before the impression it names is written: within this worker the waiting
+impressions are written first; one written by another worker or instance may take a flush
+interval, so an event found unknown is judged once more after two flush intervals before it
+is called unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.config.feedback import ArmSettings, FeedbackSettings
+from gateway.core.fusion import FusedRanking, FusionChoice
+from gateway.feedback.attribution import preference, wilson_interval
+from gateway.feedback.impressions import (
+    EncodedImpression,
+    EventKind,
+    FeedbackEvent,
+    assign_arm,
+    hash_user,
+)
+from gateway.feedback.judge import EventJudge
+from gateway.feedback.learner import WeightLearner
+from gateway.feedback.records import EventResult, FeedbackStoreError, LearnedWeights
+from gateway.feedback.store import FeedbackStore, open_store
+from gateway.observability import metrics
+
+__all__ = ["EVENT_KINDS", "Assignment", "FeedbackService"]
+
+log = logging.getLogger("gateway")
+
+EVENT_KINDS: tuple[EventKind, ...] = ("click", "purchase", "dismiss")
+# Expired impressions are deleted at most this often (the stores already treat them as gone).
+_EXPIRE_EVERY_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """How one request is fused: its user's pseudonym, its arm, the fusion and the weights.
+
+    `fusion` None: the settings' default; `weights` None: the recommenders' configured ones.
+    """
+
+    user_hash: str | None
+    arm: str | None
+    fusion: FusionChoice | None
+    weights: Mapping[str, float] | None
+
+
+class FeedbackService:
+    """A worker's feedback: assignment, the impression writer, events, the learner.
+
+    `weights`: every recommender's configured weight (`Settings.fusion_weights`). Off (no
+    store in `settings`), `assign` passes the request's fusion through and `record` does
+    nothing. `clock` (unix seconds) stamps impressions; `async_sleep` waits before an unknown
+    event is judged again (tests pass fakes).
+    """
+
+    def __init__(
+        self,
+        settings: FeedbackSettings,
+        weights: Mapping[str, float],
+        record_metrics: bool = True,
+        clock: Callable[[], float] = time.time,
+        async_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ):
+        self.settings = settings
+        self.configured = dict(weights)
+        self._metrics = record_metrics
+        self._clock = clock
+        self._async_sleep = async_sleep
+        self._flush_s = settings.flush_interval_ms / 1000
+        self._arms: dict[str, ArmSettings] = {a.name: a for a in settings.experiments.arms}
+        self._shares = [(arm.name, arm.share) for arm in settings.experiments.arms]
+        salt = settings.salt.get_secret_value() if settings.salt is not None else ""
+        self._salt = salt.encode()
+        learnt = {name: w for name, w in self.configured.items() if w > 0}
+        rule = settings.learner
+        self.learner = WeightLearner(
+            list(learnt),
+            learnt,
+            min_evidence=rule.min_evidence,
+            floor=rule.floor,
+            max_weight=rule.max_weight,
+            beta=rule.beta,
+            prior=rule.prior,
+            frozen=rule.frozen,
+            clock=clock,
+        )
+        self._store: FeedbackStore | None = None
+        if settings.store is not None:
+            self._store = open_store(settings.store, settings.retention_s, clock)
+        self._lock = threading.Lock()
+        self._pending: list[EncodedImpression] = []
+        self._dropped = 0
+        # Held while waiting impressions are taken and written, so that an event judged after
+        # it finds every impression recorded before it.
+        self._flushing = threading.Lock()
+        self._learned: LearnedWeights | None = None
+        self._in_use: Mapping[str, float] = dict(self.learner.initial)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Its thread starts with the first event: a worker nobody clicks through has none.
+        self.events = EventJudge(
+            self._judge_together, settings.event_queue_limit, group_limit=settings.max_events
+        )
+
+    @property
+    def enabled(self) -> bool:
+        """Whether feedback is on: a store is configured."""
+        return self._store is not None
+
+    @property
+    def learned(self) -> LearnedWeights | None:
+        """The learnt weights this worker last published; None before the first."""
+        return self._learned
+
+    def weights_in_use(self) -> Mapping[str, float]:
+        """The weights `learned` arms fuse with: learnt when learning, else configured.
+
+        Made when the weights are published, not per request; not to be changed.
+        """
+        return self._in_use
+
+    # --- On the loop ----------------------------------------------------------------------
+
+    def assign(self, user_id: str | None, fusion: FusionChoice | None) -> Assignment:
+        """The user's pseudonym and arm, and how to fuse: cheap, no I/O (on the loop)."""
+        if self._store is None:
+            return Assignment(None, None, fusion, None)
+        user_hash = hash_user(user_id, self._salt) if user_id is not None else None
+        if fusion is not None or user_hash is None or not self._shares:
+            return Assignment(user_hash, None, fusion, None)
+        arm = self._arms[assign_arm(user_hash, self._shares)]
+        weights = self.weights_in_use() if arm.weights == "learned" else arm.weights
+        return Assignment(user_hash, arm.name, arm.fusion, weights)
+
+    def record(self, request_id: str, assignment: Assignment, fused: FusedRanking) -> None:
+        """Keep what the answer showed for the writer; dropped and counted when it is full.
+
+        An answer with no fused items (fusion `none`, or empty lists) shows nothing to
+        click, and is not recorded.
+        """
+        if self._store is None or not fused.items:
+            return
+        if len(self._pending) >= self.settings.queue_limit:
+            with self._lock:
+                self._dropped += 1
+            return
+        # Encoded here, not in the writer thread: the items were just made and are still in
+        # the CPU's caches, where the writer, waking every flush interval, finds them cold.
+        shown = EncodedImpression.of_answer(
+            request_id,
+            assignment.user_hash or "",
+            self._clock(),
+            fused.fusion,
+            assignment.arm,
+            fused.items,
+            fused.teams or (None,) * len(fused.items),
+        )
+        with self._lock:
+            if len(self._pending) < self.settings.queue_limit:
+                self._pending.append(shown)
+                return
+            self._dropped += 1
+
+    # --- Lifetime -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the writer thread (in the worker, after the fork); idempotent."""
+        if self._store is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._run, name="gateway-feedback", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Write what is waiting, stop the writer and close the store (blocks)."""
+        if self._store is None:
+            return
+        self.events.close(timeout_s)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        else:
+            self._flush()
+        self._store.close()
+
+    # --- Off the loop ---------------------------------------------------------------------
+
+    async def judge(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
+        """Judge and count `events` in the store, in order: with other requests' events, by
+        the event thread (the loop never blocks).
+
+        `FeedbackStoreError` when the store failed, `FeedbackStoreBusy` when too many events
+        wait already (`feedback.event_queue_limit`).
+        """
+        self._require_store()
+        results = await self.events.judge(events)
+        unknown = _unknown(results)
+        if unknown:
+            await self._async_sleep(2 * self._flush_s)
+            _merge(results, unknown, await self.events.judge([events[i] for i in unknown]))
+        self._observe(events, results)
+        return results
+
+    def flush(self) -> None:
+        """Write the waiting impressions now (blocks); the writer does it every interval."""
+        self._flush()
+
+    def learn(self) -> LearnedWeights:
+        """One round of the learner: stats, update, save (newest version wins), publish."""
+        store = self._require_store()
+        stats = store.stats()
+        current = store.load_weights()
+        updated = self.learner.update(stats, current)
+        if updated is not current:
+            if store.save_weights(updated):
+                if self._metrics:
+                    metrics.observe_learner_update()
+            else:
+                # Another worker or instance saved this version first: theirs is the one.
+                updated = store.load_weights() or updated
+        self._publish(updated)
+        return updated
+
+    def report(self) -> dict[str, Any]:
+        """The body of `GET /experiments`: counters, credit, pairwise preferences, arms."""
+        self._flush()  # what this worker showed so far is counted
+        stats = self._require_store().stats()
+        in_use = self.weights_in_use()
+        names = list(self.configured) + sorted(set(stats.recommenders) - set(self.configured))
+        recommenders = {}
+        for name in names:
+            counts = stats.recommenders.get(name)
+            recommenders[name] = {
+                "impressions": counts.impressions if counts else 0,
+                "clicks": counts.clicks if counts else 0,
+                "credit": round(stats.credit_share(name), 6),
+                "weight": in_use.get(name, self.configured.get(name)),
+            }
+        pairwise = []
+        for (a, b), pair in sorted(stats.pairwise.items()):
+            share = preference(pair.wins, pair.losses, pair.ties)
+            pairwise.append(
+                {
+                    "a": a,
+                    "b": b,
+                    "wins": pair.wins,
+                    "losses": pair.losses,
+                    "ties": pair.ties,
+                    "preference": round(share.share, 6),
+                    "low": round(share.low, 6),
+                    "high": round(share.high, 6),
+                }
+            )
+        arms = {}
+        for name in list(self._arms) + sorted(set(stats.arms) - set(self._arms)):
+            arm_counts = stats.arms.get(name)
+            shown = arm_counts.impressions if arm_counts else 0
+            clicked = min(arm_counts.clicked_impressions, shown) if arm_counts else 0
+            low, high = wilson_interval(clicked, shown)
+            arm = self._arms.get(name)
+            arms[name] = {
+                "fusion": arm.fusion if arm else None,
+                "impressions": shown,
+                "clicked_impressions": clicked,
+                "clicks": arm_counts.clicks if arm_counts else 0,
+                "ctr": round(clicked / shown, 6) if shown else 0.0,
+                "low": round(low, 6),
+                "high": round(high, 6),
+            }
+        learned = self._learned
+        return {
+            "recommenders": recommenders,
+            "pairwise": pairwise,
+            "arms": arms,
+            "weights": {
+                "in_use": dict(in_use),
+                "learning": self.settings.learner.enabled,
+                "frozen": self.settings.learner.frozen,
+                "evidence": self.learner.evidence(stats),
+                "version": learned.version if learned else 0,
+                "updated_at": learned.updated_at if learned else None,
+                "initial": dict(self.learner.initial),
+            },
+            "events": {kind: stats.events.get(kind, 0) for kind in EVENT_KINDS},
+            "impressions_stored": stats.impressions_stored,
+        }
+
+    def _judge_together(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
+        """One store call for `events`, after this worker's waiting impressions are written."""
+        store = self._require_store()
+        self._flush()
+        return store.record(events)
+
+    def _observe(self, events: Sequence[FeedbackEvent], results: Sequence[EventResult]) -> None:
+        if self._metrics:
+            judged = zip(events, results, strict=True)
+            metrics.observe_feedback([(event.event, result.value) for event, result in judged])
+
+    # --- The writer thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        learner = self.settings.learner
+        now = time.monotonic()
+        next_expire = now + min(_EXPIRE_EVERY_S, self.settings.retention_s)
+        next_learn = now
+        while not self._stop.wait(self._flush_s):
+            self._guarded("writing impressions", "save", self._flush)
+            now = time.monotonic()
+            if now >= next_expire:
+                next_expire = now + min(_EXPIRE_EVERY_S, self.settings.retention_s)
+                self._guarded("expiring impressions", "expire", self._store_expire)
+            if learner.enabled and now >= next_learn:
+                next_learn = now + learner.interval_s
+                self._guarded("learning weights", "learn", self.learn)
+        self._guarded("writing the last impressions", "save", self._flush)
+
+    def _guarded(self, doing: str, operation: str, step: Callable[[], object]) -> None:
+        try:
+            step()
+        except Exception as exc:
+            if isinstance(exc, FeedbackStoreError):
+                log.warning("feedback: %s failed: %s", doing, exc)
+            else:
+                log.exception("feedback: %s failed", doing)
+            if self._metrics:
+                metrics.observe_feedback_store_error(operation)
+
+    def _store_expire(self) -> None:
+        self._require_store().expire()
+
+    def _flush(self) -> None:
+        store = self._require_store()
+        with self._flushing:
+            with self._lock:
+                waiting, self._pending = self._pending, []
+                dropped, self._dropped = self._dropped, 0
+            if self._metrics and dropped:
+                metrics.observe_impressions(dropped=dropped)
+            if not waiting:
+                return
+            try:
+                store.save_impressions(waiting)
+            except FeedbackStoreError:
+                self._requeue(waiting)
+                if self._metrics:
+                    metrics.observe_impressions_waiting(len(self._pending))
+                raise
+            if self._metrics:
+                metrics.observe_impressions(recorded=len(waiting))
+                metrics.observe_impressions_waiting(len(self._pending))
+
+    def _requeue(self, waiting: list[EncodedImpression]) -> None:
+        """Put a batch the store refused back in front, within the limit (the oldest go)."""
+        with self._lock:
+            merged = waiting + self._pending
+            excess = max(0, len(merged) - self.settings.queue_limit)
+            self._pending = merged[excess:]
+            self._dropped += excess
+
+    def _publish(self, learned: LearnedWeights) -> None:
+        changed = self._learned is None or dict(self._learned.weights) != dict(learned.weights)
+        self._learned = learned
+        if self.settings.learner.enabled:
+            # One reference swapped: a request on the loop reads the old or the new, whole.
+            self._in_use = {**self.learner.initial, **learned.weights}
+        if changed and self._metrics:
+            metrics.observe_learned_weights(learned.weights)
+
+    def _require_store(self) -> FeedbackStore:
+        if self._store is None:
+            raise RuntimeError("feedback is off: no store is configured")
+        return self._store
+
+
+def _unknown(results: Sequence[EventResult]) -> list[int]:
+    """Where the events whose request was not found are."""
+    return [i for i, result in enumerate(results) if result is EventResult.UNKNOWN_REQUEST]
+
+
+def _merge(results: list[EventResult], at: list[int], again: Sequence[EventResult]) -> None:
+    """Put the second judgement of the events at `at` in their places."""
+    for i, result in zip(at, again, strict=True):
+        results[i] = result

@@ -1,0 +1,1 @@
+"""Observability: request logs, Prometheus metrics, tracing (no-op spans, OpenTelemetry)."""
