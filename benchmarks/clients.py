@@ -5,20 +5,23 @@ the worker loop (async) or in a pool thread (threads, sequential). This measures
 alone, in one process, against a mock recommender in another that answers at once (so the
 server's time is not the client's), with a 10-item answer as the mocks give it:
 
-- ``aiohttp-session``: the async strategy's client, `gateway.async_http.post` over the worker's
-  one session, 4 calls at a time with `asyncio.gather` (as a request with 4 recommenders), on
+- ``aiohttp-session``: the async strategy's client, `gateway.recommenders.async_http.post` over the
+  worker's one session, 4 calls at a time with `asyncio.gather` (as a request with 4 recommenders),
+  on
   uvloop: CPU of the process per call;
 - ``aiohttp-per-call-session``: the tutorials' client, a new `aiohttp.ClientSession` per call
   (a TCP handshake each), 4 at a time;
 - ``thread-sessions``: the threads and sequential strategies' client,
-  `gateway.blocking_http.ThreadSessions.post`, from one thread, one call after another: CPU
-  of the process (the watchdog thread included) per call;
+  `gateway.recommenders.blocking_http.ThreadSessions.post`, from one thread, one call after another:
+  CPU of the process (the watchdog thread included) per call;
 - ``requests-session``: a plain `requests.Session().post` from one thread, for reference;
 - ``protocol-native``, ``protocol-kserve-v1``, ``protocol-open-inference``: a whole
-  recommender call as the async strategy makes it (`gateway.clients.RecommenderClient.recommend`:
-  the body in the recommender's protocol, the call, the answer parsed within its limits and
+  recommender call as the async strategy makes it
+  (`gateway.recommenders.clients.RecommenderClient.recommend`: the body in the recommender's
+  protocol, the call, the answer parsed within its limits and
   read as a native one), to the same mock over its `/test`, KServe V1 and Open Inference
-  endpoints, 4 at a time on uvloop: what each protocol's mapping costs a call (`gateway.protocols`).
+  endpoints, 4 at a time on uvloop: what each protocol's mapping costs a call
+  (`gateway.core.protocols`).
 
 Each client makes `--calls` calls per run after a warm-up, `--runs` times; the table gives
 the median CPU per call and the range. Results go to ``benchmarks/results/<time>/clients.json``

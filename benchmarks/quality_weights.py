@@ -1,6 +1,6 @@
 """Fitting RRF weights for `benchmarks.quality`: coordinate ascent on mean NDCG@k.
 
-The weights are fitted with the gateway's own RRF (`gateway.fusion`) on validation users,
+The weights are fitted with the gateway's own RRF (`gateway.core.fusion`) on validation users,
 separate from the test users; `benchmarks.quality` then scores a gateway configured with them.
 """
 

@@ -4,8 +4,8 @@
 environment overrides), like ``nginx -t``: before a reload (``kill -HUP``), it says whether the
 master will accept the file. It prints a one-line summary and exits 0 on a valid config;
 otherwise it prints what is wrong, naming each field, and exits 1. With `--probe` it then asks
-each recommender's model server whether it is ready, in its protocol (`gateway.readiness`),
-prints what each answered, and exits 1 if one is not.
+each recommender's model server whether it is ready, in its protocol
+(`gateway.recommenders.readiness`), prints what each answered, and exits 1 if one is not.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The app gunicorn serves: ``gunicorn -c gunicorn.conf.py gateway.asgi:app``.
 
-One event loop per worker serves HTTP and runs the fan-out (`gateway.serving`). The app is built
-from the settings the gunicorn master validated (`gateway.config.pin_settings`), else from the
+One event loop per worker serves HTTP and runs the fan-out (`gateway.serving.asgi_app`). The app is
+built from the settings the gunicorn master validated (`gateway.config.pin_settings`), else from the
 config file and the environment.
 """
 

@@ -6,8 +6,8 @@ given, so one command serves both designs.
 
 `UvicornWorker` is the `uvicorn-worker` package's worker (uvloop, httptools): one event loop
 per worker process serves HTTP, runs Flask in a greenlet portal and fans out, with the
-gateway's HTTP edge (`gateway.edge`: connection cap, header timeout, JSON errors from the HTTP
-layer). Before it serves, the worker raises its open-file limit to the hard limit, and the
+gateway's HTTP edge (`gateway.serving.edge`: connection cap, header timeout, JSON errors from the
+HTTP layer). Before it serves, the worker raises its open-file limit to the hard limit, and the
 connection cap is held below what that limit leaves after the recommender pool.
 
 `ThreadWorker` is gunicorn's `gthread` worker, the design before it: a thread per request,

@@ -147,8 +147,8 @@ def port_is_open(port: int) -> bool:
 class InProcessServer:
     """The gateway as gunicorn's uvicorn worker serves it, in a thread of this process.
 
-    uvicorn with uvloop and the gateway's HTTP edge (`gateway.edge`), the app as ASGI
-    (`gateway.serving`), on a socket bound here to port 0.
+    uvicorn with uvloop and the gateway's HTTP edge (`gateway.serving.edge`), the app as ASGI
+    (`gateway.serving.asgi_app`), on a socket bound here to port 0.
     """
 
     def __init__(self, app: GatewayFlask, loop: str = "uvloop"):
@@ -370,8 +370,8 @@ class _ScriptedAnswer(aiohttp.ClientResponse):
 class ScriptedNetwork:
     """The recommenders' network faked by aioresponses, for unit tests of single functions.
 
-    `session` is the gateway's own aiohttp session (`gateway.async_http.open_session`), whose
-    calls aioresponses answers without a socket: each URL answers what `add` scripted for it,
+    `session` is the gateway's own aiohttp session (`gateway.recommenders.async_http.open_session`),
+    whose calls aioresponses answers without a socket: each URL answers what `add` scripted for it,
     in order; `calls` records what was sent. An unscripted call fails as a refused one would.
     """
 

@@ -160,8 +160,9 @@ def wait(seconds: float, data: bytes) -> Action:
     return act
 
 
-# A body that cannot be read, each its own error (`gateway.bodies`'): `step` answers the first
-# call. How the connection fails before the body is each library's own, tested with its client.
+# A body that cannot be read, each its own error (`gateway.recommenders.bodies`'): `step` answers
+# the first call. How the connection fails before the body is each library's own, tested with its
+# client.
 BODY_FAILURES = pytest.mark.parametrize(
     ("step", "error", "message"),
     [

@@ -1,4 +1,5 @@
-"""Admission that follows capacity (`gateway.admission`), and breakers that blame the right party.
+"""Admission that follows capacity (`gateway.resilience.admission`), and breakers that blame the
+right party.
 
 The limit and the lag meter are driven by hand (lags given, clocks injected); the served tests
 stall the serving loop for real, with a blocking sleep of a known length, and read what the

@@ -1,4 +1,5 @@
-"""The recommenders' client on the worker loop (aiohttp, `gateway.async_http`) on real sockets.
+"""The recommenders' client on the worker loop (aiohttp, `gateway.recommenders.async_http`) on real
+sockets.
 
 A server scripted byte by byte (`tests.scripted`) answers each call as the test says; what the
 gateway makes of it is read where a user meets it: the answer `post` returns, or the error

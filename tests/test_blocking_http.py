@@ -1,4 +1,5 @@
-"""The threads' HTTP client (`gateway.blocking_http`, on requests) against a scripted server.
+"""The threads' HTTP client (`gateway.recommenders.blocking_http`, on requests) against a scripted
+server.
 
 Real sockets on loopback (`tests.scripted`): every kind of answer, each failure, the caps, a
 call's connection dropped when it fails and kept when it does not, and every call held to its
@@ -108,7 +109,8 @@ async def eventually(condition: Callable[[], bool], within_s: float = 5.0) -> bo
 
 
 def chain_of(error: BaseException) -> list[BaseException]:
-    """`error` and what it wraps, as `gateway.clients` walks it: causes, reasons, arguments."""
+    """`error` and what it wraps, as `gateway.recommenders.clients` walks it: causes, reasons,
+    arguments."""
     found: list[BaseException] = []
     current: BaseException | None = error
     while current is not None and len(found) < 10:
@@ -174,7 +176,7 @@ async def test_the_request_sent_is_a_json_post_with_the_gateways_headers(
         b"Host": server.url.split("/")[2].encode(),
         b"User-Agent": b"fusion-gateway/test",
         b"Accept": b"application/json",
-        b"Accept-Encoding": b"gzip, deflate",  # what `gateway.bodies` decompresses
+        b"Accept-Encoding": b"gzip, deflate",  # what `gateway.recommenders.bodies` decompresses
         b"Content-Type": b"application/json",
         b"Content-Length": b"2",
         b"X-Request-ID": b"req-1",

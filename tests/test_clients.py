@@ -1,4 +1,5 @@
-"""Unit tests of `gateway.clients`: what a recommender's answer, or its failure, becomes.
+"""Unit tests of `gateway.recommenders.clients`: what a recommender's answer, or its failure,
+becomes.
 
 The network is faked by aioresponses (`tests.helpers.ScriptedNetwork`), and the libraries'
 failures are made as aiohttp, requests and urllib3 raise them; `tests/test_async_http.py` and
@@ -200,7 +201,8 @@ async def test_body_that_is_not_json_is_a_bad_response(
 
 
 class FailingSessions:
-    """A stand-in for `gateway.blocking_http.ThreadSessions` whose every call raises `error`."""
+    """A stand-in for `gateway.recommenders.blocking_http.ThreadSessions` whose every call raises
+    `error`."""
 
     def __init__(self, error: Exception) -> None:
         self.error = error

@@ -205,7 +205,8 @@ def test_the_old_strategy_name_sync_is_accepted_as_sequential_with_a_warning(
         path = write(tmp_path, MINIMAL)
         clean_environment.setenv("GATEWAY_STRATEGY", "sync")
 
-    # The gateway's logger stops propagating once its JSON log is set up (`gateway.logs`).
+    # The gateway's logger stops propagating once its JSON log is set up
+    # (`gateway.observability.logs`).
     clean_environment.setattr(logging.getLogger("gateway"), "propagate", True)
     with pytest.warns(DeprecationWarning, match="strategy `sync` is deprecated.*`sequential`"):
         settings = load_settings(path)

@@ -1,5 +1,5 @@
-"""Unit tests of `gateway.fanout`: the async strategy over a network faked by aioresponses, the
-blocking ones (over requests) against the mock recommenders on loopback."""
+"""Unit tests of `gateway.fanout.strategies`: the async strategy over a network faked by
+aioresponses, the blocking ones (over requests) against the mock recommenders on loopback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of `gateway.feedback.FeedbackService`: arms, the bounded writer, judging, learning.
+"""Tests of `gateway.feedback.service.FeedbackService`: arms, the bounded writer, judging, learning.
 
 Over a real SQLite file, without HTTP: the endpoints are tests/test_feedback_routes.py's.
 """

@@ -1,4 +1,4 @@
-"""Tests of `gateway.feedback_judge.EventJudge`: group commit of `/feedback` events.
+"""Tests of `gateway.feedback.judge.EventJudge`: group commit of `/feedback` events.
 
 The judging thread is held on a gate while requests pile up, so which events are judged
 together is decided by the test, not by the machine's speed; every wait is bounded by seconds.

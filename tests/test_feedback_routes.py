@@ -131,7 +131,7 @@ def test_a_click_is_accepted_once_per_event_id(url: str) -> None:
 
 
 def test_concurrent_single_events_each_get_their_own_answer(url: str) -> None:
-    """Judged together or not (`gateway.feedback_judge`), each request answers for its event."""
+    """Judged together or not (`gateway.feedback.judge`), each request answers for its event."""
     answer = shown(url)
     bodies = [click(answer, event_id="same") for _ in range(8)]
     bodies += [click(answer, position=n % 6) for n in range(16)]

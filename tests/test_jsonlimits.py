@@ -1,4 +1,4 @@
-"""`gateway.jsonlimits`: JSON from either side, parsed within the gateway's limits."""
+"""`gateway.core.jsonlimits`: JSON from either side, parsed within the gateway's limits."""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Swagger UI's assets. The time is the thread's CPU time, not the
 clock: on a busy machine a callback can wait for a core without costing the loop anything.
 Garbage collection is left out of a callback's time: a full pass walks every object of this
 test process (pytest's, the mocks' client's), which a worker keeps out of the collector's
-reach (`gateway.serving.settle_heap`); it is the process's pause, not the callback's work.
+reach (`gateway.serving.asgi_app.settle_heap`); it is the process's pause, not the callback's work.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests of `gateway.protocols` (the bodies sent and the answers read, as pure functions), of
+"""Tests of `gateway.core.protocols` (the bodies sent and the answers read, as pure functions), of
 the clients speaking them over a network faked by aioresponses, and of their settings."""
 
 from __future__ import annotations

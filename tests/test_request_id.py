@@ -1,4 +1,4 @@
-"""Tests of `gateway.request_id`: which client ids are used as given."""
+"""Tests of `gateway.core.request_id`: which client ids are used as given."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests of `gateway.resilience`: retries within the deadline, and circuit breakers."""
+"""Tests of `gateway.resilience.policies`: retries within the deadline, and circuit breakers."""
 
 from __future__ import annotations
 

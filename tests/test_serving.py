@@ -1,4 +1,5 @@
-"""Tests of `gateway.serving` on its own; requests served through it are tested end to end."""
+"""Tests of `gateway.serving.asgi_app` on its own; requests served through it are tested end to
+end."""
 
 from __future__ import annotations
 

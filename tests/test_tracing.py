@@ -1,4 +1,5 @@
-"""Tests of `gateway.tracing` and `gateway.otel`: the span tree of a request, as exported."""
+"""Tests of `gateway.observability.tracing` and `gateway.observability.otel`: the span tree of a
+request, as exported."""
 
 from __future__ import annotations
 

@@ -39,7 +39,8 @@ class ArmSettings(BaseModel):
 
 
 class ExperimentSettings(BaseModel):
-    """Users split between fusion arms, sticky per user (`gateway.impressions.assign_arm`)."""
+    """Users split between fusion arms, sticky per user
+    (`gateway.feedback.impressions.assign_arm`)."""
 
     model_config = _Strict
 
@@ -59,7 +60,7 @@ class ExperimentSettings(BaseModel):
 
 
 class LearnerSettings(BaseModel):
-    """The online learner of RRF weights from interleaving outcomes (`gateway.learner`)."""
+    """The online learner of RRF weights from interleaving outcomes (`gateway.feedback.learner`)."""
 
     model_config = _Strict
 

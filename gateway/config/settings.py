@@ -242,7 +242,8 @@ class RecommenderSettings(BaseModel):
 
 class ReadinessSettings(BaseModel):
     """What `/readyz` asks: by default only this gateway's own state; with
-    `probe_recommenders`, also each recommender's model server (`gateway.readiness`)."""
+    `probe_recommenders`, also each recommender's model server
+    (`gateway.recommenders.readiness`)."""
 
     model_config = _Strict
 
@@ -254,7 +255,8 @@ class ReadinessSettings(BaseModel):
 
 class PoolSettings(BaseModel):
     """The worker's connections to the recommenders: its aiohttp session's connector
-    (`gateway.async_http`); the threads' requests sessions keep `limit_per_host` each."""
+    (`gateway.recommenders.async_http`); the threads' requests sessions keep `limit_per_host`
+    each."""
 
     model_config = _Strict
 
@@ -318,7 +320,8 @@ class BreakerSettings(BaseModel):
 
 
 class AdmissionSettings(BaseModel):
-    """How many requests a worker admits at once (`gateway.admission`), and how the rest wait.
+    """How many requests a worker admits at once (`gateway.resilience.admission`), and how the rest
+    wait.
 
     Above the limit a request waits in the worker's queue while it can still meet its
     deadline; it is shed (503) when the queue is full or its time is up.
@@ -382,7 +385,8 @@ class AdmissionSettings(BaseModel):
 
 
 class TracingSettings(BaseModel):
-    """OpenTelemetry tracing (`gateway.tracing`); the standard `OTEL_*` variables win over it."""
+    """OpenTelemetry tracing (`gateway.observability.tracing`); the standard `OTEL_*` variables win
+    over it."""
 
     model_config = _Strict
 

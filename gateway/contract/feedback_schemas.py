@@ -3,7 +3,7 @@
 `parse_feedback` turns a body, one event or ``{"events": [...]}``, into `FeedbackEvent`s, or a
 `RequestError` naming the problem (400 not JSON, 413 too many events, 422 a field). The
 response models describe the bodies for the OpenAPI document and the tests; the bodies are
-written by `gateway.feedback_routes` (the receipt) and `gateway.feedback` (the report).
+written by `gateway.web.feedback_routes` (the receipt) and `gateway.feedback.service` (the report).
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Pydantic models of the `/recommendation` request and response, and the request's validation.
 
 `parse_request` turns a frontend's body into a `RecommendationRequest`, or a `RequestError`
-(400 or 422) naming the problem; the strict JSON parsing underneath is `gateway.jsonlimits`'.
+(400 or 422) naming the problem; the strict JSON parsing underneath is `gateway.core.jsonlimits`'.
 The response models describe the bodies for the OpenAPI document and the tests; the bodies
-themselves are written by `gateway.answers`.
+themselves are written by `gateway.contract.answers`.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def parse_request(raw: bytes, max_depth: int) -> RecommendationRequest:
     """Validate the frontend's body; raise `RequestError` (400 or 422) naming the problem.
 
     400 when it is empty, not JSON, or not an object; 422 naming the field when it nests
-    deeper than `max_depth`, holds a number beyond the limits (`gateway.jsonlimits`), brings
+    deeper than `max_depth`, holds a number beyond the limits (`gateway.core.jsonlimits`), brings
     more unknown fields, or more of them, than the recommenders are sent, or breaks the model.
     """
     if not raw.strip():
@@ -175,7 +175,7 @@ _SOURCES_EXAMPLE: dict[str, JsonValue] = {
 }
 
 
-# `gateway.fusion.Provenance` as sent (the docstring is the OpenAPI document's description).
+# `gateway.core.fusion.Provenance` as sent (the docstring is the OpenAPI document's description).
 class FusedSource(BaseModel):
     """Where a fused item was: which recommender, at which rank (from 1), with which score."""
 
@@ -184,7 +184,7 @@ class FusedSource(BaseModel):
     score: float | None
 
 
-# `gateway.fusion.Scored` as sent.
+# `gateway.core.fusion.Scored` as sent.
 class FusedItem(BaseModel):
     """One item of the fused ranking."""
 

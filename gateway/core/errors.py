@@ -13,11 +13,11 @@ Exception tree::
         └── CircuitOpen              not called: its circuit breaker is open
 
 Library errors (the HTTP client's, pydantic's) are translated into these at one boundary each
-(`gateway.clients`; pydantic's through `validation_problems` in `gateway.schemas` and
-`gateway.config`), so nothing else sees them.
+(`gateway.recommenders.clients`; pydantic's through `validation_problems` in
+`gateway.contract.schemas` and `gateway.config`), so nothing else sees them.
 
 How an exception becomes an HTTP response (the one JSON error shape) is the web layer's
-business: `gateway.http_errors`.
+business: `gateway.web.http_errors`.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ class RequestError(GatewayError):
 class RecommenderError(GatewayError):
     """One recommender did not give a usable answer.
 
-    `retryable` says whether the same call may be tried again (see `gateway.resilience`);
+    `retryable` says whether the same call may be tried again (see `gateway.resilience.policies`);
     `retry_after_s` carries the recommender's `Retry-After`, if it sent one.
     """
 

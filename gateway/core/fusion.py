@@ -15,7 +15,7 @@ the item reached in any list, then by id: never by the order in which answers ar
 
 `Fuser`, built once from the settings (weights, default fusion, k), fuses one request's
 outcomes: shadow-mode recommenders (weight 0) left out, coverage computed, the chosen strategy
-applied, and the items written as the response sends them (`gateway.schemas.FusedItem`).
+applied, and the items written as the response sends them (`gateway.contract.schemas.FusedItem`).
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class Ranked:
 class Provenance(NamedTuple):
     """Where a fused item was: which recommender, at which rank (from 1), with which score.
 
-    Sent as `gateway.schemas.FusedSource`. A named tuple: a fused ranking makes one per item
-    and list, and a tuple is made at half the cost of a frozen dataclass.
+    Sent as `gateway.contract.schemas.FusedSource`. A named tuple: a fused ranking makes one per
+    item and list, and a tuple is made at half the cost of a frozen dataclass.
     """
 
     name: str
@@ -75,8 +75,9 @@ class Provenance(NamedTuple):
 class Scored:
     """One item of the fused ranking, with its fused score and its provenance.
 
-    Sent as `gateway.schemas.FusedItem` (`Fuser.fuse` writes it so). `team`: under team-draft
-    interleaving, the list whose turn placed the item (what a click on it credits); never sent.
+    Sent as `gateway.contract.schemas.FusedItem` (`Fuser.fuse` writes it so). `team`: under
+    team-draft interleaving, the list whose turn placed the item (what a click on it credits); never
+    sent.
     """
 
     id: str
@@ -313,7 +314,7 @@ class FusedRanking:
     """One request's fusion: the strategy used, its items as sent, and the coverage.
 
     `teams`: for each item, the team that placed it (`Scored.team`), kept for the impression
-    (`gateway.feedback`) and never sent.
+    (`gateway.feedback.service`) and never sent.
     """
 
     fusion: FusionChoice

@@ -22,8 +22,9 @@ in C, not with Python code per value:
   `max_depth` (fewer cannot nest deeper);
 - unpaired surrogates: looked for only when the text has a surrogate escape at all.
 
-Both sides go through here: `loads` parses a recommender's answer (`gateway.clients`), and
-`loads_request` a frontend's body (`gateway.schemas.parse_request`), where a refusal also names
+Both sides go through here: `loads` parses a recommender's answer (`gateway.recommenders.clients`),
+and `loads_request` a frontend's body (`gateway.contract.schemas.parse_request`), where a refusal
+also names
 the top-level field that broke the limit (`offending_field`), for the 422 to say.
 """
 

@@ -18,7 +18,8 @@ Two drivers make the attempts and take the sleeps (the policy's `async_sleep` or
 slow (`_hedged`), and `call_recommender_blocking` from a pool thread.
 
 Whatever happens, a call never raises for it (but for its own cancellation): it becomes its
-recommender's `Outcome`. The fan-out strategies (`gateway.fanout`) run one call per recommender.
+recommender's `Outcome`. The fan-out strategies (`gateway.fanout.strategies`) run one call per
+recommender.
 """
 
 from __future__ import annotations

@@ -4,22 +4,23 @@ Three strategies share one interface, `FanOut`, and are chosen by name (`strateg
 config) from `STRATEGIES`:
 
 - ``async``: `asyncio.gather` of one call per recommender over the worker's aiohttp session
-  (`gateway.async_http`): all calls in flight at once on the worker loop (the default);
-- ``threads``: one blocking call per recommender over requests (`gateway.blocking_http`: a
-  session per thread), in a `ThreadPoolExecutor` that lives as long as the worker; each call,
+  (`gateway.recommenders.async_http`): all calls in flight at once on the worker loop (the default);
+- ``threads``: one blocking call per recommender over requests
+  (`gateway.recommenders.blocking_http`: a session per thread), in a `ThreadPoolExecutor` that lives
+  as long as the worker; each call,
   and so each thread, held no longer than the call's budget;
 - ``sequential``: one recommender after another, over requests too, in one job of that pool
   per request: the calls wait in turn, the worker loop does not.
 
-`build_guards` makes each recommender's `gateway.resilience.Guard` from the settings, and
+`build_guards` makes each recommender's `gateway.resilience.policies.Guard` from the settings, and
 `build_fan_out` the strategy, each call under its recommender's guard.
 
-Each recommender's call, its retries, hedges and settling, is `gateway.call`'s.
+Each recommender's call, its retries, hedges and settling, is `gateway.fanout.call`'s.
 
 Whatever happens to a call, a fan-out never raises for it: every configured recommender
 yields an `Outcome`, in config order. Every call reads its answer within its recommender's
 `AnswerLimits` (`max_answer_bytes`, `max_items`, `max_json_depth`). Each call, and each of its
-attempts, is a span of the request's trace when tracing is on (`gateway.tracing`).
+attempts, is a span of the request's trace when tracing is on (`gateway.observability.tracing`).
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """The feedback store in Redis, shared by every gateway instance when scaled out.
 
-Same semantics as `gateway.feedback_sqlite.SQLiteStore` (the store contract tests run against
+Same semantics as `gateway.feedback.sqlite_store.SQLiteStore` (the store contract tests run against
 both). Each batch is one Lua script, run with EVALSHA: Redis runs a script atomically, so
 instances judging and counting events at once never interleave their read-modify-writes. The
-script mirrors `gateway.impressions.credit_for` and `gateway.attribution.pair_outcome`.
+script mirrors `gateway.feedback.impressions.credit_for` and
+`gateway.feedback.attribution.pair_outcome`.
 
 Key layout, under `prefix` (default ``fusion-gateway:feedback:``)::
 

@@ -1,7 +1,8 @@
 """Feedback in a worker: experiment arms, impressions written off the loop, events, learning.
 
-One `FeedbackService` per worker process, made after gunicorn forks (`gateway.runtime`), with
-the store the settings name (`gateway.feedback_store`). On the request path it does two
+One `FeedbackService` per worker process, made after gunicorn forks
+(`gateway.runtime.worker_runtime`), with the store the settings name (`gateway.feedback.store`). On
+the request path it does two
 cheap things on the event loop, and never any I/O there:
 
 - `assign`: the user's pseudonym (`hash_user`), and the experiment arm that decides how the
@@ -15,7 +16,7 @@ Its writer thread saves the waiting impressions in one batch every `flush_interv
 expired ones now and then, and every `learner.interval_s` runs the learner (stats, update,
 save, publish the weights that `weights: learned` arms fuse with). Events from `POST
 /feedback` are judged by its event thread (`judge`, awaited on the loop: the events of
-concurrent requests judged together, one store transaction per group, `gateway.feedback_judge`);
+concurrent requests judged together, one store transaction per group, `gateway.feedback.judge`);
 `report` (`GET /experiments`) blocks on the store: the web layer runs it with
 `asyncio.to_thread`.
 

@@ -29,7 +29,7 @@ from gateway.feedback.impressions import FeedbackEvent, StorableImpression
 from gateway.feedback.records import EventResult, FeedbackStats, LearnedWeights
 from gateway.feedback.sqlite_store import SQLiteStore
 
-# `gateway.feedback_redis` (and the redis package, which imports OpenTelemetry when it is
+# `gateway.feedback.redis_store` (and the redis package, which imports OpenTelemetry when it is
 # installed) is imported only when a Redis store is opened: a gateway without one, or with
 # tracing off, loads neither.
 __all__ = ["FeedbackStore", "SQLiteStore", "open_store"]

@@ -10,8 +10,9 @@ that had configured logging gets a writer of its own. `flush` writes everything 
 
 The request line (`gateway.access`, message ``request``) carries `request_id`, `method`,
 `path`, `status`, `latency_ms`, and for `/recommendation` `complete` and `sources`, each
-source's status and attempts, and `trace_id` when the request is traced (`gateway.tracing`).
-The web layer (`gateway.hooks`) passes each of them to `log_request`: this module knows no
+source's status and attempts, and `trace_id` when the request is traced
+(`gateway.observability.tracing`). The web layer (`gateway.web.hooks`) passes each of them to
+`log_request`: this module knows no
 web framework. Errors carry their traceback in `exc_info`, in the log only.
 """
 

@@ -1,11 +1,12 @@
-"""The OpenTelemetry side of `gateway.tracing`: imported only when tracing is switched on.
+"""The OpenTelemetry side of `gateway.observability.tracing`: imported only when tracing is switched
+on.
 
 The OpenTelemetry API is used directly, not the instrumentation packages:
 opentelemetry-instrumentation-flask wraps Flask's WSGI call, which here runs inside a greenlet
-portal under the ASGI app (`gateway.serving`), after admission, with the view's coroutine
+portal under the ASGI app (`gateway.serving.asgi_app`), after admission, with the view's coroutine
 awaited on the loop. The recommenders are called over aiohttp and requests, but their
 instrumentation packages would not know a recommender call from its attempts, a retry from a
-hedge: each attempt is a CLIENT span made around the library's call (`gateway.call`), whose
+hedge: each attempt is a CLIENT span made around the library's call (`gateway.fanout.call`), whose
 `traceparent` goes out in that attempt's headers.
 
 Each worker makes its own `TracerProvider` (never installed as the global one: a test process

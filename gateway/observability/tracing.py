@@ -5,8 +5,8 @@ objects, so the request path imports no OpenTelemetry module and pays a few meth
 It is switched on by the config (`tracing.enabled`) or by the standard
 `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, and off again by
 `OTEL_SDK_DISABLED=true`. Then `start_tracing` (called by each worker's runtime, after the fork)
-imports `gateway.otel`, the OpenTelemetry implementation, and builds the worker's own tracer
-provider, exporting OTLP over HTTP/protobuf in batches; `Tracing.shutdown` flushes it.
+imports `gateway.observability.otel`, the OpenTelemetry implementation, and builds the worker's own
+tracer provider, exporting OTLP over HTTP/protobuf in batches; `Tracing.shutdown` flushes it.
 
 The span tree of a ``POST /recommendation``::
 

@@ -12,13 +12,13 @@ its requests (at the ASGI lifespan's startup, or on the gthread design's loop th
   budget (`asyncio.timeout`), which covers waiting for a connection, connecting, sending and
   reading the whole answer;
 - the answer's body is read as it arrives, still compressed (aiohttp's `auto_decompress` is
-  off), by `gateway.bodies.BodyReader`, within the call's `max_bytes` as sent and as
+  off), by `gateway.recommenders.bodies.BodyReader`, within the call's `max_bytes` as sent and as
   decompressed; a failure part-way through the body is `Truncated`;
 - a call that fails or is cancelled (a timeout, a lost hedge, an answer over its cap) closes
   its connection, which is never reused with an answer half-read.
 
-Everything else fails as aiohttp raises it; `gateway.clients` maps those to the gateway's
-errors with one table.
+Everything else fails as aiohttp raises it; `gateway.recommenders.clients` maps those to the
+gateway's errors with one table.
 """
 
 from __future__ import annotations

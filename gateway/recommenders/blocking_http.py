@@ -1,7 +1,7 @@
 """The recommenders' HTTP client for threads: requests, a session per thread, calls in budget.
 
 `ThreadSessions.post` makes, from the `threads` fan-out's threads, a recommender's call over
-`requests`, and reads its answer as the async client does (`gateway.bodies`):
+`requests`, and reads its answer as the async client does (`gateway.recommenders.bodies`):
 
 - each thread calls through a `requests.Session` of its own, made on its first call (a
   session's state is not thread-safe), with keep-alive connections of its own. No redirect
@@ -21,7 +21,7 @@
 
 Errors: `TimeoutError` (the budget ran out), `bodies.TooLarge` / `Malformed` / `Truncated` (the
 body), `SessionClosed`; any other failure as requests and urllib3 raise it, for
-`gateway.clients` to map with its one table.
+`gateway.recommenders.clients` to map with its one table.
 """
 
 from __future__ import annotations

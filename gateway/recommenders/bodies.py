@@ -1,8 +1,9 @@
 """A recommender's answer, its body read within a cap whichever HTTP library brought it.
 
 Both of the gateway's HTTP clients, aiohttp's session on the worker loop
-(`gateway.async_http`) and requests' sessions in threads (`gateway.blocking_http`), hand the
-bytes of an answer's body, as they arrive and still compressed, to one `BodyReader`, so both
+(`gateway.recommenders.async_http`) and requests' sessions in threads
+(`gateway.recommenders.blocking_http`), hand the bytes of an answer's body, as they arrive and still
+compressed, to one `BodyReader`, so both
 read an answer the same way, with the same limits and the same errors:
 
 - an answer is read up to its `max_bytes`, counted twice: the bytes that arrive and the bytes
@@ -11,8 +12,9 @@ read an answer the same way, with the same limits and the same errors:
   kept or decompressed, and the client drops the connection;
 - gzip and deflate (zlib-wrapped or raw) are decompressed by zlib as the bytes come; any other
   `Content-Encoding` is refused rather than parsed as JSON;
-- the errors, which `gateway.clients` maps to reasons with the libraries' own: `TooLarge`,
-  `Malformed` (a body that does not decompress, a coding not asked for), `Truncated` (the
+- the errors, which `gateway.recommenders.clients` maps to reasons with the libraries' own:
+  `TooLarge`, `Malformed` (a body that does not decompress, a coding not asked for), `Truncated`
+  (the
   connection failed part-way through the body).
 
 The libraries decompress too; the gateway does it here, once for both, because the cap must

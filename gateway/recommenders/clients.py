@@ -1,10 +1,11 @@
 """Recommender clients: over the worker's aiohttp session, or from threads over requests.
 
 This module is the one boundary where the HTTP libraries' exceptions become the gateway's
-`RecommenderError`s (see `gateway.errors`), each carrying the recommender's name and a short
+`RecommenderError`s (see `gateway.core.errors`), each carrying the recommender's name and a short
 reason a frontend can read. One table, `_TRANSLATIONS`, maps each failure of aiohttp, requests,
-urllib3 and http.client (and of `gateway.bodies`, and a call's timeout) to its error, reason and
-whether it may be retried, for both clients. requests and urllib3 wrap one failure in several
+urllib3 and http.client (and of `gateway.recommenders.bodies`, and a call's timeout) to its error,
+reason and whether it may be retried, for both clients. requests and urllib3 wrap one failure in
+several
 layers (a refused connection is a `requests.ConnectionError` around a `MaxRetryError` around a
 `NewConnectionError` around the `ConnectionRefusedError`), so a failure matches an entry when it
 or anything it wraps (`_wrapped`) is of one of the entry's kinds; entries are tried in order.
@@ -12,7 +13,7 @@ or anything it wraps (`_wrapped`) is of one of the entry's kinds; entries are tr
 Both clients read answers the same way (`_Endpoint._prediction`): an error status, with its
 `Retry-After` (`parse_retry_after`), is a `RecommenderUnavailable`; a body is read within the
 same `AnswerLimits`: bytes (as sent and decompressed, enforced while reading,
-`gateway.bodies`), items, and JSON nesting and numbers (`gateway.jsonlimits`).
+`gateway.recommenders.bodies`), items, and JSON nesting and numbers (`gateway.core.jsonlimits`).
 """
 
 from __future__ import annotations
@@ -216,7 +217,7 @@ def _why(failures: Sequence[BaseException]) -> str:
 
 class _Endpoint:
     """One recommender replica: its name, URL, time budget, whether calls may repeat, and the
-    protocol it speaks (`gateway.protocols`)."""
+    protocol it speaks (`gateway.core.protocols`)."""
 
     def __init__(
         self,
@@ -372,7 +373,7 @@ class RecommenderClient(_Endpoint):
 
 
 class BlockingRecommenderClient(_Endpoint):
-    """Calls one recommender from a thread, over requests (`gateway.blocking_http`).
+    """Calls one recommender from a thread, over requests (`gateway.recommenders.blocking_http`).
 
     Used by the `threads` and `sequential` fan-outs; the same answers, limits, errors and
     reasons as `RecommenderClient`, and the call's budget bounds it all: no thread waits past it.

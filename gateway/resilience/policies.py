@@ -2,8 +2,8 @@
 
 Read top to bottom: the retry pieces, `RetryPolicy`, `CircuitBreaker` (and the
 `SwitchedOffBreaker` that stands in when breakers are off), `Hedger`, and `Guard`, which
-bundles one recommender's. Each takes plain values; `gateway.fanout.build_guards` makes them
-from the settings, and `gateway.fanout` runs each call under its guard.
+bundles one recommender's. Each takes plain values; `gateway.fanout.strategies.build_guards` makes
+them from the settings, and `gateway.fanout.strategies` runs each call under its guard.
 
 **Retries** are built from tenacity's pieces. A call is retried when its `RecommenderError`
 says it is `retryable`: the connection failed or dropped, or the recommender answered 502, 503

@@ -1,8 +1,8 @@
 """The worker runtime: one long-lived event loop per process, owning the recommenders' session.
 
 The connections to the recommenders (the worker's one aiohttp `ClientSession`,
-`gateway.async_http`) belong to the loop that made them, so a shared session needs a loop that
-outlives requests. There are two ways to
+`gateway.recommenders.async_http`) belong to the loop that made them, so a shared session needs a
+loop that outlives requests. There are two ways to
 have one:
 
 - **served on it** (`gateway.asgi` under uvicorn): the loop that serves HTTP is the worker's

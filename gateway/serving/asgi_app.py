@@ -6,14 +6,15 @@ HTTP, runs Flask and fans out to the recommenders. For each request, `GatewayASG
 1. refuses at once a body announced larger than `max_body_bytes` (413), and otherwise reads
    it whole, within `http.body_timeout_s` (408) and within the limit however it is sent,
    chunked included (413, without reading on);
-2. runs Flask's WSGI call in a greenlet portal on this loop (`gateway.portal`), so that the
+2. runs Flask's WSGI call in a greenlet portal on this loop (`gateway.runtime.portal`), so that the
    ``async def`` view's coroutine is awaited right here, where the recommender session lives;
 3. sends Flask's response.
 
 Its ASGI lifespan opens the worker's recommender session at startup and closes it at shutdown,
 after uvicorn has let the requests in flight finish. A `/recommendation` is admitted here, once
-its body is in, under the worker's adaptive limit (`gateway.admission`); one above it waits in
-the worker's queue while it can still meet its deadline, and is otherwise answered 503 without
+its body is in, under the worker's adaptive limit (`gateway.resilience.admission`); one above it
+waits in the worker's queue while it can still meet its deadline, and is otherwise answered 503
+without
 entering Flask.
 """
 
@@ -146,7 +147,8 @@ class GatewayASGI:
         """503 before Flask, saying why: the cheapest answer this worker can give.
 
         Shed requests are counted in the metrics one by one, and logged one line a second with
-        their number (`gateway.runtime`): a line each would cost a shed request a third more.
+        their number (`gateway.runtime.worker_runtime`): a line each would cost a shed request a
+        third more.
         """
         received = time.perf_counter()
         request_id = request_id_of(scope["headers"])

@@ -1,6 +1,6 @@
 """The record of one request/response exchange, kept by the web layer in one place.
 
-`gateway.hooks` begins it when a request comes in (`begin_exchange`); the view, the error
+`gateway.web.hooks` begins it when a request comes in (`begin_exchange`); the view, the error
 handlers and the hook that finishes the response read and fill it through `current_exchange`.
 Nothing else travels between modules through Flask's `g`: what a module outside the web layer
 needs of it (the log line, the metrics) is passed to it as arguments.
@@ -25,7 +25,7 @@ class Exchange:
     """What the gateway knows of the request it is serving.
 
     `received_at`: `time.perf_counter()` when it came in; `queued_s`: how long it then waited
-    for admission (`gateway.serving`); `trace_id`: set while it is traced;
+    for admission (`gateway.serving.asgi_app`); `trace_id`: set while it is traced;
     `outcomes`: each recommender's, once fanned out; `admitted`: it holds an admission slot
     (served as WSGI); `shed`: it was answered 503 for want of one.
     """

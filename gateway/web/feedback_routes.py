@@ -1,12 +1,12 @@
 """The feedback endpoints: `POST /feedback` (events on shown items) and `GET /experiments`.
 
-Both read top to bottom: parse (`gateway.feedback_schemas`), hand the blocking store work to a
-thread (the worker's event loop never waits on SQLite or Redis), respond. The events go to the
-worker's event thread, judged with those of concurrent requests (`gateway.feedback_judge`);
+Both read top to bottom: parse (`gateway.contract.feedback_schemas`), hand the blocking store work
+to a thread (the worker's event loop never waits on SQLite or Redis), respond. The events go to the
+worker's event thread, judged with those of concurrent requests (`gateway.feedback.judge`);
 the report is read in a thread of the loop's executor (`asyncio.to_thread`). With feedback off
 (no `feedback.store`) both answer 404 saying so; a store that fails, or that too many events
 already wait for, answers 503, never 500. `/feedback` needs the API token as `/recommendation`
-does; `/experiments` as `/metrics` does (`gateway.hooks`).
+does; `/experiments` as `/metrics` does (`gateway.web.hooks`).
 """
 
 from __future__ import annotations

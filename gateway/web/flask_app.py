@@ -33,7 +33,7 @@ class GatewayFlask(Flask):
     Flask's default `async_to_sync` (asgiref) gives each call a new event loop, which would
     orphan the worker's shared connection pool. Served by `gateway.asgi`, Flask runs in a
     greenlet portal on the serving loop itself, and the view's coroutine is awaited there
-    (`gateway.portal`).
+    (`gateway.runtime.portal`).
     Served as WSGI, the coroutine is handed to the runtime's loop thread, and the request's
     thread waits for it (Flask's "Combining with async/await" pattern, `docs/gevent.rst`).
 

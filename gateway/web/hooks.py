@@ -1,10 +1,10 @@
 """The hooks every request passes through, before and after its view.
 
-Before: its id is taken or made and its record begun (`gateway.exchange`); a protected
+Before: its id is taken or made and its record begun (`gateway.web.exchange`); a protected
 endpoint (`/recommendation` and `/feedback`; `/metrics` and `/experiments` when
 `metrics_require_token`) without a valid API token is answered 401; a `/recommendation` this
 worker has no room for is answered 503 (served as WSGI: under the uvicorn worker
-`gateway.serving` admits or sheds before Flask runs). After: the id is echoed, the request
+`gateway.serving.asgi_app` admits or sheds before Flask runs). After: the id is echoed, the request
 logged and counted.
 """
 
@@ -44,19 +44,19 @@ __all__ = [
     "request_body",
 ]
 
-# Set in the WSGI environ of a request admitted before Flask (`gateway.serving`).
+# Set in the WSGI environ of a request admitted before Flask (`gateway.serving.asgi_app`).
 ADMITTED = "gateway.admitted"
 # When such a request arrived (`time.perf_counter()`), before it waited for a slot: its
 # deadline, its logged latency and its metrics count from then. And how long it waited.
 ARRIVED = "gateway.arrived"
 QUEUED = "gateway.queued"
-# The body as the ASGI app read it (`gateway.serving`): a view takes it from there, not
+# The body as the ASGI app read it (`gateway.serving.asgi_app`): a view takes it from there, not
 # through werkzeug's stream wrappers (`request_body`).
 BODY = "gateway.body"
 
-# The endpoints the hooks treat apart, as their blueprints name them (`gateway.routes`,
-# `gateway.feedback_routes`, `gateway.ops`): the recommendation and the feedback need a token
-# when keys are configured (a frontend sends both), and the recommendation can be shed; the
+# The endpoints the hooks treat apart, as their blueprints name them (`gateway.web.routes`,
+# `gateway.web.feedback_routes`, `gateway.web.ops`): the recommendation and the feedback need a
+# token when keys are configured (a frontend sends both), and the recommendation can be shed; the
 # metrics and the experiments' report (operators read both) need one when
 # `metrics_require_token` says so.
 RECOMMENDATION_ENDPOINT = "gateway.recommendation"

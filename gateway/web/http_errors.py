@@ -2,11 +2,11 @@
 
 Every 4xx and 5xx the gateway sends has the body
 ``{"error": {"status": 422, "message": "..."}, "request_id": "..."}``, and ``"trace_id"``
-when the request is traced (the `gateway.schemas.ErrorDocument` model); `error_body` builds it
-and `register_error_handlers` routes every exception through it. Tracebacks go to the log
+when the request is traced (the `gateway.contract.schemas.ErrorDocument` model); `error_body` builds
+it and `register_error_handlers` routes every exception through it. Tracebacks go to the log
 with the request id, never to the client.
 
-This is the web layer's: the exceptions themselves (`gateway.errors`) know nothing of HTTP
+This is the web layer's: the exceptions themselves (`gateway.core.errors`) know nothing of HTTP
 responses.
 """
 
@@ -34,7 +34,8 @@ def error_body(status: int, message: str, **extra: Any) -> dict[str, Any]:
     exchange = current_exchange()
     if exchange is not None:
         body["request_id"] = exchange.request_id
-        # Set while the request is traced (`gateway.tracing`): the error leads to its trace.
+        # Set while the request is traced (`gateway.observability.tracing`): the error leads to its
+        # trace.
         if exchange.trace_id is not None:
             body["trace_id"] = exchange.trace_id
     return body

@@ -1,7 +1,7 @@
 """The operations endpoints: health, readiness, metrics, and the API's own documentation.
 
 `/healthz` (the process is up), `/readyz` (config loaded, recommender session open),
-`/metrics` (Prometheus), `/openapi.json` (the OpenAPI 3.1 document, `gateway.openapi`) and
+`/metrics` (Prometheus), `/openapi.json` (the OpenAPI 3.1 document, `gateway.contract.openapi`) and
 `/docs` (Swagger UI, its assets served by the gateway itself, so it works offline).
 """
 
@@ -44,7 +44,8 @@ async def readyz() -> Response:
     """Config loaded and the recommender session open: ready to serve.
 
     With `?probe=recommenders` (or `readiness.probe_recommenders`), each recommender's model
-    server is asked too, in its protocol (`gateway.readiness`): 503 naming those not ready.
+    server is asked too, in its protocol (`gateway.recommenders.readiness`): 503 naming those not
+    ready.
     """
     runtime = _app().runtime
     if not runtime.started:

@@ -1,10 +1,11 @@
 """The gateway's endpoint: `POST /recommendation`, read top to bottom.
 
-Parse the frontend's body (`gateway.schemas`), fan it out to every recommender (the runtime's
-strategy, `gateway.fanout`), fuse the answers (`gateway.fusion`) as the user's experiment arm
-says, record what was shown (`gateway.feedback`, written off the loop), and respond with the
-body the response model describes (`gateway.answers`). The hooks around it (request id, token,
-shedding, logging) are `gateway.hooks`'; the operations endpoints `gateway.ops`'.
+Parse the frontend's body (`gateway.contract.schemas`), fan it out to every recommender (the
+runtime's strategy, `gateway.fanout.strategies`), fuse the answers (`gateway.core.fusion`) as the
+user's experiment arm
+says, record what was shown (`gateway.feedback.service`, written off the loop), and respond with the
+body the response model describes (`gateway.contract.answers`). The hooks around it (request id,
+token, shedding, logging) are `gateway.web.hooks`'; the operations endpoints `gateway.web.ops`'.
 """
 
 from __future__ import annotations
