@@ -3,13 +3,13 @@
 ``python -m benchmarks quality`` (``make quality``) scores the recommenders and the fusion
 strategies against the mocks' synthetic truth instead: see `benchmarks.quality`.
 ``python -m benchmarks features`` measures what each feature of the gateway costs, one
-switched off at a time: see `benchmarks.features`; ``python -m benchmarks tracing`` what
-tracing costs, off, at 100% and at 1%: see `benchmarks.tracing`. ``python -m benchmarks
+switched off at a time: see `benchmarks.speed.features`; ``python -m benchmarks tracing`` what
+tracing costs, off, at 100% and at 1%: see `benchmarks.speed.tracing`. ``python -m benchmarks
 scaleout`` (``make scaleout``) runs two gateways behind nginx and stops one mid-load: see
 `benchmarks.scaleout`. ``python -m benchmarks feedback`` measures `/feedback`'s events per
-second per worker on the SQLite store: see `benchmarks.feedback`; ``python -m benchmarks
+second per worker on the SQLite store: see `benchmarks.speed.feedback`; ``python -m benchmarks
 impressions`` what keeping impressions costs a worker, in process: see
-`benchmarks.impressions`. ``python -m benchmarks
+`benchmarks.speed.impressions`. ``python -m benchmarks
 online`` plays simulated users who click, and measures what the gateway learns from them
 (interleaving against A/B, learnt weights): see `benchmarks.online`.
 
@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.harness import TARGETS, Plan, pick, run_benchmark
-from benchmarks.report import figures, table, write_all
+from benchmarks.harness.servers import pick
+from benchmarks.speed.report import figures, table, write_all
+from benchmarks.speed.run import TARGETS, Plan, run_benchmark
 
 __all__ = ["main"]
 
@@ -108,39 +109,39 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark with a progress bar, then print and save the figures."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["quality"]:
-        from benchmarks import quality
+        from benchmarks.quality import run as quality
 
         return quality.main(argv[1:])
     if argv[:1] == ["features"]:
-        from benchmarks import features
+        from benchmarks.speed import features
 
         return features.main(argv[1:])
     if argv[:1] == ["impressions"]:
-        from benchmarks import impressions
+        from benchmarks.speed import impressions
 
         return impressions.main(argv[1:])
     if argv[:1] == ["overload"]:
-        from benchmarks import overload
+        from benchmarks.speed import overload
 
         return overload.main(argv[1:])
     if argv[:1] == ["tracing"]:
-        from benchmarks import tracing
+        from benchmarks.speed import tracing
 
         return tracing.main(argv[1:])
     if argv[:1] == ["feedback"]:
-        from benchmarks import feedback
+        from benchmarks.speed import feedback
 
         return feedback.main(argv[1:])
     if argv[:1] == ["scaleout"]:
-        from benchmarks import scaleout
+        from benchmarks.scaleout import run as scaleout
 
         return scaleout.main(argv[1:])
     if argv[:1] == ["clients"]:
-        from benchmarks import clients
+        from benchmarks.speed import clients
 
         return clients.main(argv[1:])
     if argv[:1] == ["online"]:
-        from benchmarks import online
+        from benchmarks.online import run as online
 
         return online.main(argv[1:])
     from rich.console import Console

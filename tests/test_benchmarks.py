@@ -16,18 +16,18 @@ from typing import Any
 
 import pytest
 
-from benchmarks.features import costs as feature_costs
-from benchmarks.features import paired_costs
-from benchmarks.features import parse_plan as features_plan
-from benchmarks.loadgen import percentile
-from benchmarks.quality import parse_plan
-from benchmarks.quality_report import findings, markdown
-from benchmarks.quality_scoring import comparisons, score, summarise
-from benchmarks.quality_weights import fit_weights
-from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
-from benchmarks.report import derive, figures
-from benchmarks.tracing import costs as tracing_costs
-from benchmarks.tracing import markdown as tracing_markdown
+from benchmarks.harness.loadgen import percentile
+from benchmarks.quality.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
+from benchmarks.quality.report import findings, markdown
+from benchmarks.quality.run import parse_plan
+from benchmarks.quality.scoring import comparisons, score, summarise
+from benchmarks.quality.weights import fit_weights
+from benchmarks.speed.features import costs as feature_costs
+from benchmarks.speed.features import paired_costs
+from benchmarks.speed.features import parse_plan as features_plan
+from benchmarks.speed.report import derive, figures
+from benchmarks.speed.tracing import costs as tracing_costs
+from benchmarks.speed.tracing import markdown as tracing_markdown
 from gateway.core.fusion import make_fusion, ranked_from
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import default_world
@@ -347,7 +347,7 @@ def test_quality_with_the_model_servers_says_how_to_build_them(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     gone = ".venvs/kserve/bin/python missing: run `make model-servers`"
-    monkeypatch.setattr("benchmarks.quality.missing_model_servers", lambda: gone)
+    monkeypatch.setattr("benchmarks.quality.run.missing_model_servers", lambda: gone)
 
     with pytest.raises(SystemExit) as exited:
         parse_plan(["--model-servers"])
@@ -472,7 +472,7 @@ def test_the_features_ab_pairs_each_round_with_its_own_all_on_round() -> None:
 def test_the_impressions_benchmark_prints_both_sides_per_batch(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from benchmarks.impressions import answers, main
+    from benchmarks.speed.impressions import answers, main
 
     shown = answers(3)
     code = main(

@@ -6,7 +6,7 @@ import statistics
 
 import pytest
 
-from benchmarks.ranking_metrics import ndcg_at
+from benchmarks.quality.ranking_metrics import ndcg_at
 from mock_recommenders.clicks import ClickModel
 from mock_recommenders.world import KINDS, World, default_world
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.harness import children, worker_rss_mb
+from benchmarks.harness.servers import children, worker_rss_mb
 from gateway.config.settings import Settings
 from gateway.contract.schemas import MAX_UNKNOWN_FIELDS, MAX_UNKNOWN_FIELDS_BYTES
 from gateway.fanout.strategies import STRATEGIES

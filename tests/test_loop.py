@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 def load(url: str, seconds: float) -> dict[str, Any]:
     """Recommendations from 32 users in another process, and the other endpoints from here."""
     generator = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.loadgen", "--target", "gateway", "--url", url]
+        [sys.executable, "-m", "benchmarks.harness.loadgen", "--target", "gateway", "--url", url]
         + ["--concurrency", "32", "--duration", str(seconds), "--warmup", "0"],
         cwd=ROOT,
         stdout=subprocess.PIPE,

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from benchmarks.ranking_metrics import ndcg_at
+from benchmarks.quality.ranking_metrics import ndcg_at
 from gateway.config.settings import Settings
 from gateway.web.app import create_app
 from mock_recommenders import MockFleet

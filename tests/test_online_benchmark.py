@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.online_play import visits
-from benchmarks.online_stats import (
+from benchmarks.online.play import visits
+from benchmarks.online.stats import (
     ab_test,
     clustered_ratio,
     decided_after,

@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.loadgen import run_burst, run_by_status
-from benchmarks.overload import (
+from benchmarks.harness.loadgen import run_burst, run_by_status
+from benchmarks.harness.rawhttp import RawPool
+from benchmarks.speed.overload import (
     OverloadPlan,
     burst_summary,
     goals,
@@ -30,7 +31,6 @@ from benchmarks.overload import (
     queue_wait,
     shed_by_reason,
 )
-from benchmarks.rawhttp import RawPool
 from gateway.web.app import create_app
 from mock_recommenders import DEFAULT_NAMES, MockFleet
 from tests.helpers import ROOT, Serve, settings_for

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from benchmarks.failover import Exchange, Load, summarize
-from benchmarks.scaleout import ScaleoutPlan, checks, run_scenario
-from benchmarks.scaleout_report import markdown, plot
+from benchmarks.scaleout.failover import Exchange, Load, summarize
+from benchmarks.scaleout.report import markdown, plot
+from benchmarks.scaleout.run import ScaleoutPlan, checks, run_scenario
 from mock_recommenders import MockFleetProcess
 from tests.tools import require_tool
 

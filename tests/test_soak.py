@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from benchmarks.harness import children, worker_rss_mb
+from benchmarks.harness.servers import children, worker_rss_mb
 from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
 from tests.helpers import gunicorn, until_every_worker_served, wait_until
 

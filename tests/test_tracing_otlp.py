@@ -1,6 +1,6 @@
 """End-to-end tracing: a gunicorn-served gateway, 2 workers, exporting OTLP/HTTP to a receiver.
 
-The receiver (`benchmarks.otlpsink`) decodes each export with `opentelemetry-proto`. The
+The receiver (`benchmarks.harness.otlpsink`) decodes each export with `opentelemetry-proto`. The
 exporter batches (every 5 s by default): the spans of the last requests arrive only because
 each worker flushes its provider on the graceful stop that SIGTERM starts.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.otlpsink import OtlpSink
+from benchmarks.harness.otlpsink import OtlpSink
 from mock_recommenders import MockFleet
 from tests.helpers import (
     GUNICORN,

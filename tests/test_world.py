@@ -12,7 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from benchmarks.ranking_metrics import ndcg_at
+from benchmarks.quality.ranking_metrics import ndcg_at
 from mock_recommenders.world import CATALOGUE_SIZE, KINDS, MAX_RESULTS, World, default_world
 
 NAMES = tuple(KINDS)

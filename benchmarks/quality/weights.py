@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from benchmarks.quality_scoring import Lists
-from benchmarks.ranking_metrics import ndcg_at
+from benchmarks.quality.ranking_metrics import ndcg_at
+from benchmarks.quality.scoring import Lists
 from gateway.core.fusion import make_fusion, ranked_from
 
 __all__ = ["fit_weights"]

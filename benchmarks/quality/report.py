@@ -1,6 +1,6 @@
 """The quality benchmark's report (`benchmarks.quality`): a table, findings, markdown, a plot.
 
-Everything here reads the results `benchmarks.quality.run_quality` returns, as saved in
+Everything here reads the results `benchmarks.quality.run.run_quality` returns, as saved in
 `quality.json`; nothing runs or scores.
 """
 

@@ -5,7 +5,7 @@ file, makes `--impressions` answers, then posts clicks on their items for `--dur
 from `--concurrency` connections: one event per request, then batches of `--batch`, `--rounds`
 times each, alternated. Reports the median round's events accepted per second (and every
 round's), and the worker's CPU per event (the store's work included: it runs in the worker's
-threads). The clicks go out through the lean client (`benchmarks.rawhttp`), which leaves the
+threads). The clicks go out through the lean client (`benchmarks.harness.rawhttp`), which leaves the
 worker the CPU that aiohttp's client would take on a machine of two cores.
 """
 
@@ -24,7 +24,8 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from benchmarks.harness import (
+from benchmarks.harness.rawhttp import RawPool
+from benchmarks.harness.servers import (
     GATEWAY_COMMAND,
     booted_workers,
     cpu_seconds,
@@ -32,7 +33,6 @@ from benchmarks.harness import (
     mocks,
     serve_gunicorn,
 )
-from benchmarks.rawhttp import RawPool
 from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["main", "run"]
@@ -61,7 +61,7 @@ async def _post_events(
 ) -> dict[str, float]:
     """Post clicks for `duration_s`: (events accepted, requests, errors, elapsed seconds).
 
-    Through the lean client (`benchmarks.rawhttp`, on uvloop): aiohttp's client would spend
+    Through the lean client (`benchmarks.harness.rawhttp`, on uvloop): aiohttp's client would spend
     more CPU per request than the worker it measures, on the same two cores.
     """
     rng = random.Random(7)

@@ -1,4 +1,4 @@
-"""A closed-loop load generator, run in its own process: ``python -m benchmarks.loadgen``.
+"""A closed-loop load generator, run in its own process: ``python -m benchmarks.harness.loadgen``.
 
 `concurrency` virtual users each send a request, wait for the whole answer, and send the next,
 for `duration` seconds after a warm-up. Two targets:
@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.rawhttp import RawPool
+from benchmarks.harness.rawhttp import RawPool
 
 __all__ = [
     "BurstResult",
@@ -332,7 +332,7 @@ def _body(sequence: int, result_size: int) -> bytes:
 
 
 async def _by_status(args: argparse.Namespace) -> OverloadResult:
-    """The ``closed`` and ``open`` modes, over the lean client (`benchmarks.rawhttp`)."""
+    """The ``closed`` and ``open`` modes, over the lean client (`benchmarks.harness.rawhttp`)."""
     address = urllib.parse.urlsplit(args.url)
     host, port = address.hostname or "127.0.0.1", address.port or 80
     async with RawPool(host, port, args.timeout_s) as pool:
@@ -383,7 +383,9 @@ async def _main(args: argparse.Namespace) -> LoadResult | OverloadResult | Burst
 
 def main(argv: list[str] | None = None) -> int:
     """Run one load level and print its result as JSON."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.loadgen", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.harness.loadgen", description=__doc__
+    )
     parser.add_argument("--target", choices=["gateway", "floor"], required=True)
     parser.add_argument("--url", required=True, help="gateway base URL, or comma-separated mocks")
     parser.add_argument("--concurrency", type=int, default=1)

@@ -2,7 +2,7 @@
 
 Two gateway instances, each a gunicorn of its own (one worker by default: the pair then has one
 worker per core, as one gateway as shipped has on this 2-core machine; more would only contend
-for the same cores), behind nginx (`benchmarks.balancer`), in front of four mocks at 20 ms.
+for the same cores), behind nginx (`benchmarks.harness.balancer`), in front of four mocks at 20 ms.
 Each scenario gets a fresh pair and a fresh nginx:
 
 1. each instance is asked directly for every user's answer: the reference (the mocks are
@@ -19,7 +19,7 @@ retried on the other instance only if it was never sent to the first (a refused 
 so the POSTs in flight on a crashed instance are answered 502. ``kill-retry`` and
 ``term-retry`` add ``non_idempotent``: a POST already sent is retried too (safe here: a
 recommendation is a read). Writes `scaleout.json`, `scaleout.md` and `scaleout.png`
-(`benchmarks.scaleout_report`) to `benchmarks/results/scaleout-<timestamp>/` (`--out`), and
+(`benchmarks.scaleout.report`) to `benchmarks/results/scaleout-<timestamp>/` (`--out`), and
 each scenario's logs (nginx's config, error and access logs, both gunicorns') under `logs/`.
 """
 
@@ -40,7 +40,7 @@ from typing import Any
 
 import uvloop
 
-from benchmarks.balancer import (
+from benchmarks.harness.balancer import (
     DEFAULT_RETRY,
     find_nginx,
     leftover_processes,
@@ -48,8 +48,7 @@ from benchmarks.balancer import (
     serve_nginx,
     wait_ready,
 )
-from benchmarks.failover import cpu_by_group, drive, reference_answers, summarize
-from benchmarks.harness import (
+from benchmarks.harness.servers import (
     GATEWAY_COMMAND,
     ROOT,
     children,
@@ -57,7 +56,8 @@ from benchmarks.harness import (
     mocks,
     run_with_spinner,
 )
-from benchmarks.scaleout_report import markdown, write
+from benchmarks.scaleout.failover import cpu_by_group, drive, reference_answers, summarize
+from benchmarks.scaleout.report import markdown, write
 from mock_recommenders import DEFAULT_NAMES, MockFleetProcess
 from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process

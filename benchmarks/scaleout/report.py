@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from benchmarks.failover import WARMUP_S
+from benchmarks.scaleout.failover import WARMUP_S
 
 __all__ = ["markdown", "plot", "write"]
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import TARGETS
+from benchmarks.speed.run import TARGETS
 
 __all__ = ["derive", "figures", "markdown", "plot", "table", "write_all"]
 

@@ -24,9 +24,9 @@ from typing import Any
 
 import aiohttp
 
-from benchmarks.balancer import UPSTREAM_HEADER
-from benchmarks.harness import children, cpu_seconds
-from benchmarks.loadgen import percentile
+from benchmarks.harness.balancer import UPSTREAM_HEADER
+from benchmarks.harness.loadgen import percentile
+from benchmarks.harness.servers import children, cpu_seconds
 
 __all__ = [
     "Exchange",

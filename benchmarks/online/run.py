@@ -18,7 +18,7 @@ Two experiments, each on a fresh gateway and store:
 - **learning**: half the users interleaved (the learner's evidence: all four, multileaved),
   half in an RRF arm with the learnt weights, the learner on with a short interval. The
   weights over time against weights fitted offline on other users
-  (`benchmarks.quality_weights`), and NDCG@10 of the learnt arm's fused lists, in windows,
+  (`benchmarks.quality.weights`), and NDCG@10 of the learnt arm's fused lists, in windows,
   against the best single recommender on the same users, and beside it the rule the gateway
   shipped before (Hedge over net wins) replayed on the same counters and lists.
 
@@ -27,9 +27,9 @@ click (each user's engagement drawn from Beta(0.5, 4.5); a few percent of impres
 clicked) and come back (visits per user ~Geometric, mean 5); and **alike**, the click model
 alone, every user always engaged and seen once, as the benchmark was first built.
 
-This module runs it; `benchmarks.online_play` holds the simulated users and their HTTP side,
-`benchmarks.online_stats` the statistics, `benchmarks.online_analysis` the figures drawn from
-a run, and `benchmarks.online_report` the findings, markdown and plots.
+This module runs it; `benchmarks.online.play` holds the simulated users and their HTTP side,
+`benchmarks.online.stats` the statistics, `benchmarks.online.analysis` the figures drawn from
+a run, and `benchmarks.online.report` the findings, markdown and plots.
 """
 
 from __future__ import annotations
@@ -45,11 +45,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import GATEWAY_COMMAND, gateway_env, mocks, run_with_spinner, serve_gunicorn
-from benchmarks.online_analysis import analyse_learning, analyse_sensitivity, rank_recommenders
-from benchmarks.online_play import Rounds, learning_arm, play, single_arm, visits
-from benchmarks.online_report import findings, write_all
-from benchmarks.quality_weights import fit_weights
+from benchmarks.harness.servers import (
+    GATEWAY_COMMAND,
+    gateway_env,
+    mocks,
+    run_with_spinner,
+    serve_gunicorn,
+)
+from benchmarks.online.analysis import analyse_learning, analyse_sensitivity, rank_recommenders
+from benchmarks.online.play import Rounds, learning_arm, play, single_arm, visits
+from benchmarks.online.report import findings, write_all
+from benchmarks.quality.weights import fit_weights
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.clicks import ClickModel
 from mock_recommenders.world import DEFAULT_SEED, World, default_world

@@ -24,9 +24,9 @@ over users with a 95% confidence interval; the fusion-versus-best-single differe
 (same users) with their own interval.
 
 This module runs it (the mocks, the gateways, the requests) and holds the command line; the
-rest starts nothing: `benchmarks.ranking_metrics` (the metrics and their statistics),
-`benchmarks.quality_scoring` (the systems and their scores), `benchmarks.quality_weights` (the
-fitting) and `benchmarks.quality_report` (the table, markdown and plot).
+rest starts nothing: `benchmarks.quality.ranking_metrics` (the metrics and their statistics),
+`benchmarks.quality.scoring` (the systems and their scores), `benchmarks.quality.weights` (the
+fitting) and `benchmarks.quality.report` (the table, markdown and plot).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import (
+from benchmarks.harness.servers import (
     GATEWAY_COMMAND,
     gateway_env,
     mocks,
@@ -48,9 +48,9 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
-from benchmarks.quality_report import findings, table, write_all
-from benchmarks.quality_scoring import comparisons, recommender_lists, score, summarise
-from benchmarks.quality_weights import fit_weights
+from benchmarks.quality.report import findings, table, write_all
+from benchmarks.quality.scoring import comparisons, recommender_lists, score, summarise
+from benchmarks.quality.weights import fit_weights
 from gateway.core.fusion import FUSIONS
 from gateway.core.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES

@@ -4,7 +4,7 @@ Variants, each under gunicorn in front of the same mocks, in rotation (`--repeat
 
 - ``tracing off``: the shipped config;
 - ``tracing 100%``: every request traced (9 spans with four recommenders), exported over
-  OTLP/HTTP in the SDK's batches to a receiver this benchmark runs (`benchmarks.otlpsink`,
+  OTLP/HTTP in the SDK's batches to a receiver this benchmark runs (`benchmarks.harness.otlpsink`,
   which decodes and counts them: the receiver's CPU is not the gateway's);
 - ``tracing 1%``: a 1% ratio sampler: the other 99% make non-recording spans and send an
   unsampled traceparent;
@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.features import cost, median_row
-from benchmarks.harness import (
+from benchmarks.harness.otlpsink import OtlpSink
+from benchmarks.harness.servers import (
     GATEWAY_COMMAND,
     GUNICORN,
     booted_workers,
@@ -42,7 +42,7 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
-from benchmarks.otlpsink import OtlpSink
+from benchmarks.speed.features import cost, median_row
 from gateway.core.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES
 

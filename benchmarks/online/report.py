@@ -1,6 +1,6 @@
 """The online benchmark's report (`benchmarks.online`): findings, markdown, two plots, JSON.
 
-Everything here reads the results `benchmarks.online.run_online` returns, as saved in
+Everything here reads the results `benchmarks.online.run.run_online` returns, as saved in
 `online.json`; nothing runs or scores.
 """
 
@@ -11,7 +11,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.online_stats import Z80, Z95
+from benchmarks.online.stats import Z80, Z95
 
 __all__ = ["findings", "markdown", "plot_learning", "plot_sensitivity", "write_all"]
 

@@ -44,7 +44,7 @@ import aiohttp
 import requests
 from yarl import URL
 
-from benchmarks.harness import mocks
+from benchmarks.harness.servers import mocks
 from gateway.config.settings import PoolSettings
 from gateway.core.protocols import KSERVE_V1, NATIVE, OpenInference, WireProtocol
 from gateway.recommenders import async_http

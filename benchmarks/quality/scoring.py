@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
+from benchmarks.quality.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
 from mock_recommenders.world import World
 
 __all__ = [

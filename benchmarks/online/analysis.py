@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from benchmarks.online_stats import (
+from benchmarks.online.stats import (
     Z95,
     ab_test,
     clustered_ratio,
@@ -40,13 +40,13 @@ from benchmarks.online_stats import (
     preference_decided,
     weight_distance,
 )
-from benchmarks.ranking_metrics import mean_ci, ndcg_at, paired_difference
+from benchmarks.quality.ranking_metrics import mean_ci, ndcg_at, paired_difference
 from gateway.core.fusion import make_fusion, ranked_from
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import World
 
 if TYPE_CHECKING:
-    from benchmarks.online_play import Played, Snapshot
+    from benchmarks.online.play import Played, Snapshot
 
 __all__ = ["analyse_learning", "analyse_sensitivity", "fused_ndcg", "rank_recommenders", "tally"]
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import (
+from benchmarks.harness.servers import (
     GATEWAY_COMMAND,
     booted_workers,
     gateway_env,
@@ -42,7 +42,7 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
-from benchmarks.ranking_metrics import mean_ci
+from benchmarks.quality.ranking_metrics import mean_ci
 from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["VARIANTS", "FeaturesPlan", "cost", "main", "median_row", "paired_costs", "run_features"]

@@ -46,7 +46,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.harness import (
+from benchmarks.harness.loadgen import percentile
+from benchmarks.harness.servers import (
     GATEWAY_COMMAND,
     PYTHON,
     ROOT,
@@ -57,7 +58,6 @@ from benchmarks.harness import (
     run_with_spinner,
     serve_gunicorn,
 )
-from benchmarks.loadgen import percentile
 from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["OverloadPlan", "burst_summary", "main", "run_burst", "run_overload"]
@@ -89,7 +89,7 @@ class OverloadPlan:
 def _load(
     url: str, mode: str, load: float, duration_s: float, warmup_s: float, honour: bool = False
 ) -> dict[str, Any]:
-    command = [PYTHON, "-m", "benchmarks.loadgen", "--target", "gateway", "--url", url]
+    command = [PYTHON, "-m", "benchmarks.harness.loadgen", "--target", "gateway", "--url", url]
     command += ["--mode", mode, "--load", str(load), "--duration", str(duration_s)]
     command += ["--warmup", str(warmup_s)] + (["--honour-retry-after"] if honour else [])
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
@@ -361,7 +361,7 @@ def _warm_up(url: str, log: Path, offset: int, workers: int, rounds: int = 20) -
 
 
 def _burst_load(url: str, size: int) -> dict[str, Any]:
-    command = [PYTHON, "-m", "benchmarks.loadgen", "--target", "gateway", "--url", url]
+    command = [PYTHON, "-m", "benchmarks.harness.loadgen", "--target", "gateway", "--url", url]
     command += ["--mode", "burst", "--load", str(size), "--timeout-s", "30"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
     if done.returncode != 0:
