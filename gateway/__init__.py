@@ -4,7 +4,7 @@
 app on the uvicorn worker's event loop); `gateway.wsgi:app` is the same app for WSGI servers.
 
 The package's subpackages are ranked, each importing only its own or lower ranks
-(docs/architecture.md, tests/test_architecture.py). Importing `gateway` loads none of them:
+(docs/architecture.md, tests/project/test_architecture.py). Importing `gateway` loads none of them:
 `create_app` and the names below are loaded on first use (PEP 562), so `import gateway.sdk`
 loads no Flask and `import gateway.config` no store or tracer.
 """

@@ -84,7 +84,7 @@ def settings_for(fleet: Fleet, names: tuple[str, ...] = DEFAULT_NAMES, **fields:
 
     Admission is fixed at `max_in_flight` unless a test gives `admission`: on a busy machine the
     adaptive limit follows the loop's lag down, and would shed requests a test of something
-    else expects served (tests/test_admission.py tests it).
+    else expects served (tests/resilience/test_admission.py tests it).
     """
     fields.setdefault("deadline_ms", 1000)
     fields.setdefault("admission", {"adaptive": False})

@@ -1,5 +1,5 @@
-"""A server scripted byte by byte, for the recommenders' HTTP clients, and the answers and
-failures of their bodies that every client is tested with (`tests/test_blocking_http.py`).
+"""A server scripted byte by byte, for the recommenders' HTTP clients, and the answers and failures
+of their bodies that every client is tested with (`tests/recommenders/test_blocking_http.py`).
 
 Real sockets on loopback: the server reads each request and does what the test scripted for
 it (answer these bytes, close, reset, wait), and counts connections.

@@ -654,6 +654,8 @@ def test_a_burst_above_the_limit_is_served_not_shed(fleet: MockFleet, serve: Ser
     app = create_app(settings_for(fleet, max_in_flight=2, deadline_ms=30_000, admission=admission))
     url = serve(app)
     fleet.set_behaviour(delay_ms=20)
+    # The counters are the process's: what earlier tests in this process counted is left out.
+    before = requests.get(f"{url}/metrics", timeout=30).text
 
     answers = asyncio.run(_post_all(url, 40))
 
@@ -661,16 +663,19 @@ def test_a_burst_above_the_limit_is_served_not_shed(fleet: MockFleet, serve: Ser
     assert all(body["complete"] for _, body, _ in answers)
     assert fleet.peak_in_flight() <= 2 * 4  # two requests at a time, four calls each
     metrics = requests.get(f"{url}/metrics", timeout=30).text
-    assert sample(metrics, "gateway_admission_queue_wait_seconds_count", outcome="admitted") > 0
+    waits = "gateway_admission_queue_wait_seconds_count"
+    assert sample(metrics, waits, outcome="admitted") > sample(before, waits, outcome="admitted")
     assert sample(metrics, "gateway_admission_queue_capacity") == 100
     for reason in ("queue_full", "deadline", "limit"):
-        assert sample(metrics, "gateway_shed_requests_total", reason=reason) == 0
+        shed = "gateway_shed_requests_total"
+        assert sample(metrics, shed, reason=reason) == sample(before, shed, reason=reason)
 
 
 async def test_a_full_queue_sheds_at_once_saying_so(fleet: MockFleet, serve: Serve) -> None:
     admission = {"adaptive": False, "queue_size": 2}
     settings = settings_for(fleet, max_in_flight=1, deadline_ms=20_000, admission=admission)
     url = serve(create_app(settings))
+    before = (await asyncio.to_thread(requests.get, f"{url}/metrics", timeout=30)).text
     await asyncio.to_thread(fleet.set_behaviour, hang=True)
     import aiohttp
 
@@ -697,7 +702,10 @@ async def test_a_full_queue_sheds_at_once_saying_so(fleet: MockFleet, serve: Ser
         assert headers["Retry-After"] == "1"
         assert "2 more wait for a slot (its queue is full)" in body["error"]["message"]
     metrics = await asyncio.to_thread(requests.get, f"{url}/metrics", timeout=30)
-    assert sample(metrics.text, "gateway_shed_requests_total", reason="queue_full") == 3
+    shed_total = "gateway_shed_requests_total"
+    assert sample(metrics.text, shed_total, reason="queue_full") == 3 + sample(
+        before, shed_total, reason="queue_full"
+    )
 
 
 async def test_a_request_that_waits_past_its_share_of_the_deadline_is_shed_saying_so(
@@ -707,6 +715,7 @@ async def test_a_request_that_waits_past_its_share_of_the_deadline_is_shed_sayin
     admission = {"adaptive": False, "queue_size": 10, "queue_wait_share": 0.25}
     settings = settings_for(fleet, max_in_flight=1, deadline_ms=2000, admission=admission)
     url = serve(create_app(settings))
+    before = (await asyncio.to_thread(requests.get, f"{url}/metrics", timeout=30)).text
     await asyncio.to_thread(fleet.set_behaviour, hang=True)
     import aiohttp
 
@@ -730,10 +739,19 @@ async def test_a_request_that_waits_past_its_share_of_the_deadline_is_shed_sayin
     )
     assert held_status == 200  # its calls timed out at the deadline; the answer says which
     metrics = await asyncio.to_thread(requests.get, f"{url}/metrics", timeout=30)
-    assert sample(metrics.text, "gateway_shed_requests_total", reason="deadline") == 1
-    assert sample(metrics.text, "gateway_admission_queue_wait_seconds_count", outcome="shed") == 1
+    counted = {
+        (name, value): sample(metrics.text, name, **{label: value})
+        - sample(before, name, **{label: value})
+        for name, label, value in (
+            ("gateway_shed_requests_total", "reason", "deadline"),
+            ("gateway_admission_queue_wait_seconds_count", "outcome", "shed"),
+            ("gateway_admission_queue_wait_seconds_sum", "outcome", "shed"),
+        )
+    }
+    assert counted[("gateway_shed_requests_total", "deadline")] == 1
+    assert counted[("gateway_admission_queue_wait_seconds_count", "shed")] == 1
     # It waited its 0.5 s share: the histogram's sum holds what the gateway measured.
-    assert sample(metrics.text, "gateway_admission_queue_wait_seconds_sum", outcome="shed") >= 0.49
+    assert counted[("gateway_admission_queue_wait_seconds_sum", "shed")] >= 0.49
 
 
 async def test_a_request_whose_calls_the_queue_left_no_time_for_is_a_503_not_a_502(

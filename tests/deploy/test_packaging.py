@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.tools import require_tool
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def uv() -> str:

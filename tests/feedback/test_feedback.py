@@ -1,6 +1,6 @@
 """Tests of `gateway.feedback.service.FeedbackService`: arms, the bounded writer, judging, learning.
 
-Over a real SQLite file, without HTTP: the endpoints are tests/test_feedback_routes.py's.
+Over a real SQLite file, without HTTP: the endpoints are tests/web/test_feedback_routes.py's.
 """
 
 from __future__ import annotations

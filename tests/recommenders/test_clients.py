@@ -2,8 +2,9 @@
 becomes.
 
 The network is faked by aioresponses (`tests.helpers.ScriptedNetwork`), and the libraries'
-failures are made as aiohttp, requests and urllib3 raise them; `tests/test_async_http.py` and
-`tests/test_blocking_http.py` meet the real ones on real sockets.
+failures are made as aiohttp, requests and urllib3 raise them;
+`tests/recommenders/test_async_http.py` and `tests/recommenders/test_blocking_http.py` meet the real
+ones on real sockets.
 """
 
 from __future__ import annotations

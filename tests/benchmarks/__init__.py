@@ -1,0 +1,1 @@
+"""Tests of `benchmarks/`: each suite end to end, and its parts."""

@@ -1,0 +1,1 @@
+"""Tests of `gateway.config`: the settings, their sources and their checks."""

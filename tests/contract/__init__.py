@@ -1,0 +1,1 @@
+"""Tests of `gateway.contract`: the OpenAPI document, API tokens."""

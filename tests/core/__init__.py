@@ -1,0 +1,1 @@
+"""Tests of `gateway.core`: fusion, JSON limits, request ids, the wire protocols."""

@@ -1,0 +1,1 @@
+"""Deploy tests: the Kubernetes manifests, compose, the observability kit, the packages."""

@@ -1,0 +1,1 @@
+"""Tests of the entry points: `python -m gateway check-config`, the SDK."""

@@ -1,0 +1,1 @@
+"""Tests of `gateway.fanout`: one guarded call, and the strategies."""

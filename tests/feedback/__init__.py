@@ -1,0 +1,1 @@
+"""Tests of `gateway.feedback`: impressions, events, stores, attribution, the learner."""

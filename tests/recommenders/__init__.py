@@ -1,0 +1,1 @@
+"""Tests of `gateway.recommenders`: the HTTP clients and the error table."""

@@ -1,0 +1,1 @@
+"""Tests of `gateway.resilience`: retries, breakers, hedging, admission."""

@@ -1,0 +1,1 @@
+"""Tests of `gateway.runtime`: the worker's loop, and nothing blocking it."""

@@ -1,0 +1,1 @@
+"""Tests of `gateway.serving`: the ASGI app and the HTTP edge."""

@@ -1,0 +1,1 @@
+"""System tests by behaviour: faults, hostile input, gunicorn, overload, reloads, soak."""
