@@ -235,3 +235,11 @@ def test_imports_in_functions_count_too() -> None:
     source = "def later():\n    from gateway.serving import edge\n"
 
     assert "gateway.serving.edge" in imports_in(source, "gateway.web.hooks")
+
+
+def test_the_tests_mirror_the_subpackages() -> None:
+    # Each subpackage's tests in a folder of the same name (mitmproxy checks its tree likewise).
+    tests = ROOT / "tests"
+    for subpackage in RANKS:
+        folder = tests / subpackage.removeprefix("gateway.")
+        assert sorted(folder.glob("test_*.py")), f"no tests of {subpackage} in {folder}"
