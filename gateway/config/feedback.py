@@ -120,6 +120,13 @@ class FeedbackSettings(BaseModel):
         "counted, never waited for.",
     )
     max_events: int = Field(default=1000, ge=1, description="Most events in one /feedback.")
+    report_refresh_ms: float = Field(
+        default=500,
+        ge=0,
+        le=60_000,
+        description="How long a worker answers GET /experiments from one snapshot of the "
+        "store's counters; 0: read them afresh on every GET. A GET never writes.",
+    )
     event_queue_limit: int = Field(
         default=10_000,
         ge=1,

@@ -90,6 +90,7 @@ class FeedbackService:
         record_metrics: bool = True,
         clock: Callable[[], float] = time.time,
         async_sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        monotonic: Callable[[], float] = time.monotonic,
     ):
         self.settings = settings
         self.configured = dict(weights)
@@ -97,6 +98,11 @@ class FeedbackService:
         self._clock = clock
         self._async_sleep = async_sleep
         self._flush_s = settings.flush_interval_ms / 1000
+        # /experiments' last snapshot and when it was read (`monotonic`); one reader at a time.
+        self._monotonic = monotonic
+        self._report_refresh_s = settings.report_refresh_ms / 1000
+        self._snapshot: tuple[float, dict[str, Any]] | None = None
+        self._snapshot_lock = threading.Lock()
         self._arms: dict[str, ArmSettings] = {a.name: a for a in settings.experiments.arms}
         self._shares = [(arm.name, arm.share) for arm in settings.experiments.arms]
         salt = settings.salt.get_secret_value() if settings.salt is not None else ""
@@ -251,8 +257,23 @@ class FeedbackService:
         return updated
 
     def report(self) -> dict[str, Any]:
-        """The body of `GET /experiments`: counters, credit, pairwise preferences, arms."""
-        self._flush()  # what this worker showed so far is counted
+        """The body of `GET /experiments`: counters, credit, pairwise preferences, arms.
+
+        From a snapshot of the store's counters at most `feedback.report_refresh_ms` old: a
+        flood of GETs reads the store once per interval per worker, whatever their number, and
+        a GET writes nothing (the impressions this worker holds are written by its writer,
+        every `flush_interval_ms`), so the report reads while writes fail.
+        """
+        with self._snapshot_lock:
+            snapshot = self._snapshot
+            if snapshot is not None and self._monotonic() - snapshot[0] < self._report_refresh_s:
+                return snapshot[1]
+            read_at = self._monotonic()
+            body = self._fresh_report()
+            self._snapshot = (read_at, body)
+            return body
+
+    def _fresh_report(self) -> dict[str, Any]:
         stats = self._require_store().stats()
         in_use = self.weights_in_use()
         names = list(self.configured) + sorted(set(stats.recommenders) - set(self.configured))

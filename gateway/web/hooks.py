@@ -1,7 +1,7 @@
 """The hooks every request passes through, before and after its view.
 
 Before: its id is taken or made and its record begun (`gateway.web.exchange`); a protected
-endpoint (`/recommendation` and `/feedback`; `/metrics` and `/experiments` when
+endpoint (`/recommendation`, `/feedback` and `/experiments`; `/metrics` when
 `metrics_require_token`) without a valid API token is answered 401; a `/recommendation` this
 worker has no room for is answered 503 (served as WSGI: under the uvicorn worker
 `gateway.serving.asgi_app` admits or sheds before Flask runs). After: the id is echoed, the request
@@ -56,15 +56,15 @@ BODY = "gateway.body"
 
 # The endpoints the hooks treat apart, as their blueprints name them (`gateway.web.routes`,
 # `gateway.web.feedback_routes`, `gateway.web.ops`): the recommendation and the feedback need a
-# token when keys are configured (a frontend sends both), and the recommendation can be shed; the
-# metrics and the experiments' report (operators read both) need one when
-# `metrics_require_token` says so.
+# token when keys are configured (a frontend sends both), and so does the experiments' report
+# (counts, arms and weights are business data); the recommendation can be shed; the metrics
+# need one when `metrics_require_token` says so (Prometheus scrapes without headers).
 RECOMMENDATION_ENDPOINT = "gateway.recommendation"
 FEEDBACK_ENDPOINT = "feedback.receive_feedback"
 METRICS_ENDPOINT = "ops.metrics_endpoint"
 EXPERIMENTS_ENDPOINT = "feedback.experiments"
-_ALWAYS_PROTECTED = frozenset({RECOMMENDATION_ENDPOINT, FEEDBACK_ENDPOINT})
-_OPERATORS = frozenset({METRICS_ENDPOINT, EXPERIMENTS_ENDPOINT})
+_ALWAYS_PROTECTED = frozenset({RECOMMENDATION_ENDPOINT, FEEDBACK_ENDPOINT, EXPERIMENTS_ENDPOINT})
+_OPERATORS = frozenset({METRICS_ENDPOINT})
 
 
 def register_hooks(app: Flask) -> None:

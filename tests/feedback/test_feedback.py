@@ -220,3 +220,28 @@ async def test_the_learner_publishes_weights_and_a_frozen_one_holds_them(tmp_pat
         assert store.load_weights() == learned
     finally:
         store.close()
+
+
+def test_the_report_is_read_again_once_its_refresh_has_passed(tmp_path: Path) -> None:
+    now = [100.0]
+    settings = FeedbackSettings(
+        store=f"sqlite:///{tmp_path / 'f.db'}", salt="s", report_refresh_ms=500
+    )
+    service = FeedbackService(settings, {"a": 1.0, "b": 1.0}, monotonic=lambda: now[0])
+    reads: list[int] = []
+    store = service._require_store()
+    stats = store.stats
+
+    def counted_stats() -> Any:
+        reads.append(1)
+        return stats()
+
+    store.stats = counted_stats  # type: ignore[method-assign]
+    try:
+        first = service.report()
+        now[0] += 0.499
+        assert service.report() is first and len(reads) == 1
+        now[0] += 0.002
+        assert service.report() is not first and len(reads) == 2
+    finally:
+        service.close()

@@ -46,6 +46,7 @@ def feedback_app(
         "store": f"sqlite:///{tmp_path / 'feedback.db'}",
         "salt": SALT,
         "flush_interval_ms": 20,
+        "report_refresh_ms": 0,
         **feedback,
     }
     return create_app(settings_for(fleet, feedback=feedback, **(top or {})))
@@ -74,12 +75,23 @@ def click(answer: dict[str, Any], position: int = 0, **fields: Any) -> dict[str,
     return {"request_id": answer["request_id"], "item_id": item, "event": "click", **fields}
 
 
-def report(url: str, **kwargs: Any) -> dict[str, Any]:
-    response = requests.get(f"{url}/experiments", timeout=30, **kwargs)
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    ExperimentsReport.model_validate(body)  # the documented shape
-    return body
+def report(url: str, impressions: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """GET /experiments, once it counts at least `impressions` stored.
+
+    A GET writes nothing: the impressions the worker holds reach the store by its writer,
+    every `flush_interval_ms`, so a test that counts them waits for them.
+    """
+    found: list[dict[str, Any]] = []
+
+    def counted() -> bool:
+        response = requests.get(f"{url}/experiments", timeout=30, **kwargs)
+        assert response.status_code == 200, response.text
+        found[:] = [response.json()]
+        return int(found[0]["impressions_stored"]) >= impressions
+
+    wait_until(counted, 10, f"/experiments never counted {impressions} impressions")
+    ExperimentsReport.model_validate(found[0])  # the documented shape
+    return found[0]
 
 
 def stored(database: Path, request_id: str) -> Impression:
@@ -205,25 +217,30 @@ def test_a_body_that_is_not_json_is_400(url: str) -> None:
     assert_json_error(response, 400, "not valid JSON")
 
 
-def test_feedback_needs_the_token_and_experiments_as_metrics_do(
+def test_feedback_and_experiments_need_the_token_whatever_the_metrics_do(
     fleet: MockFleet, serve: Serve, tmp_path: Path
 ) -> None:
+    # /experiments shows business data (counts, arms, weights): a token whenever keys are set,
+    # as /feedback; `metrics_require_token` is for /metrics, which Prometheus scrapes.
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    open_report = serve(feedback_app(fleet, tmp_path / "a", {"api_keys": ["k"]}))
-    closed_report = serve(
+    open_metrics = serve(feedback_app(fleet, tmp_path / "a", {"api_keys": ["k"]}))
+    closed_metrics = serve(
         feedback_app(fleet, tmp_path / "b", {"api_keys": ["k"], "metrics_require_token": True})
     )
     event = {"request_id": "r", "item_id": "i", "event": "click"}
     token = {"X-Api-Token": "k"}
 
-    assert_json_error(post(open_report, event), 401, "missing X-Api-Token")
-    assert_json_error(post(open_report, event, headers={"X-Api-Token": "x"}), 401, "invalid")
-    assert_json_error(post(open_report, event, headers=token), 404, "unknown")
-    assert requests.get(f"{open_report}/experiments", timeout=30).status_code == 200
-    guarded = requests.get(f"{closed_report}/experiments", timeout=30)
-    assert_json_error(guarded, 401, "missing X-Api-Token")
-    assert report(closed_report, headers=token)["impressions_stored"] == 0
+    assert_json_error(post(open_metrics, event), 401, "missing X-Api-Token")
+    assert_json_error(post(open_metrics, event, headers={"X-Api-Token": "x"}), 401, "invalid")
+    assert_json_error(post(open_metrics, event, headers=token), 404, "unknown")
+    for url in (open_metrics, closed_metrics):
+        unguarded = requests.get(f"{url}/experiments", timeout=30)
+        assert_json_error(unguarded, 401, "missing X-Api-Token")
+        wrong = requests.get(f"{url}/experiments", headers={"X-Api-Token": "x"}, timeout=30)
+        assert_json_error(wrong, 401, "invalid API token")
+        assert report(url, headers=token)["impressions_stored"] == 0
+    assert requests.get(f"{open_metrics}/metrics", timeout=30).status_code == 200
 
 
 def test_a_store_that_fails_is_503_and_answers_are_still_served(
@@ -396,7 +413,7 @@ def test_arms_split_users_by_share_and_keep_each_user_in_theirs(
     explored = sum(fusion == "interleave" for fusion in first.values())
     assert 12 <= explored <= 50, explored  # a quarter of 120, within 3.5 standard deviations
     assert outside["fusion"] == "concat"
-    counted = report(url)["arms"]
+    counted = report(url, impressions=len(first) + len(again) + 1)["arms"]
     assert set(counted) == {"control", "explore"}
     assert counted["explore"]["fusion"] == "interleave"
     explore_again = sum(fusion == "interleave" for fusion in again.values())
@@ -414,7 +431,7 @@ def test_arm_ctr_counts_impressions_with_a_click(
 
     post(url, {"events": [click(answers[0]), click(answers[0], 1), click(answers[1])]})
 
-    only = report(url)["arms"]["only"]
+    only = report(url, impressions=4)["arms"]["only"]
     assert (only["impressions"], only["clicked_impressions"], only["clicks"]) == (4, 2, 3)
     assert only["ctr"] == 0.5
     assert only["low"] < 0.5 < only["high"]
@@ -597,3 +614,27 @@ def redis_contents(url: str) -> str:
         return "\n".join(parts)
     finally:
         client.close()
+
+
+def test_a_get_of_experiments_writes_nothing(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    # The writer would not write for a minute: what a GET reads is what the store holds.
+    url = serve(feedback_app(fleet, tmp_path, flush_interval_ms=60_000))
+    answer = shown(url)
+
+    assert report(url)["impressions_stored"] == 0  # held by the worker, not written by a GET
+    assert post(url, click(answer)).status_code == 202  # judging writes what is held first
+    assert report(url)["impressions_stored"] == 1
+
+
+def test_experiments_answers_from_a_snapshot_within_its_refresh(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    url = serve(feedback_app(fleet, tmp_path, report_refresh_ms=60_000))
+    answer = shown(url)
+    first = report(url)
+
+    assert post(url, click(answer)).status_code == 202
+    assert report(url) == first  # the same snapshot: the store is read once per refresh
+    assert first["events"]["click"] == 0
