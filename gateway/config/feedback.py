@@ -120,6 +120,21 @@ class FeedbackSettings(BaseModel):
         "counted, never waited for.",
     )
     max_events: int = Field(default=1000, ge=1, description="Most events in one /feedback.")
+    store_timeout_ms: float = Field(
+        default=2000,
+        gt=0,
+        le=60_000,
+        description="Longest one store operation may take (SQLite's busy timeout, Redis' socket "
+        "timeout); then it fails, and nothing of it is counted.",
+    )
+    answer_within_ms: float = Field(
+        default=2000,
+        gt=0,
+        le=60_000,
+        description="Longest a /feedback waits for its events to be taken to the store; then "
+        "they are withdrawn and it is answered 503: nothing of it is counted. Once taken, the "
+        "answer waits for the store (at most store_timeout_ms).",
+    )
     report_refresh_ms: float = Field(
         default=500,
         ge=0,

@@ -14,6 +14,11 @@ exactly as if their transactions had run one after another (a duplicate `event_i
 them is accepted once). When the store fails, every request of the group gets the error and
 nothing of the group is counted.
 
+Every answer is true. A request that waited `patience_s` without its events being taken to the
+store withdraws them (`FeedbackNotTaken`: nothing of them is or will be counted); one whose
+events were taken waits for the store's answer, which the store's own timeout bounds. So a
+request is never told "failed" about events that are counted later.
+
 Bounded: at most `limit` events wait (a request beyond it is refused with
 `FeedbackStoreBusy`, 503, unless nothing waits), and a group holds at most `group_limit`
 events (a larger request is judged alone), so one transaction never holds the store's write
@@ -32,7 +37,12 @@ from typing import NamedTuple
 from gateway.feedback.impressions import FeedbackEvent
 from gateway.feedback.records import EventResult, FeedbackStoreBusy, FeedbackStoreError
 
-__all__ = ["EventJudge"]
+__all__ = ["EventJudge", "FeedbackNotTaken"]
+
+
+class FeedbackNotTaken(FeedbackStoreBusy):
+    """A request's events waited their time and were withdrawn, never judged: none counted."""
+
 
 _Outcome = list[EventResult] | BaseException
 _Settled = tuple["asyncio.Future[list[EventResult]]", _Outcome]
@@ -82,11 +92,15 @@ class EventJudge:
         """Whether `close` was called: new events are refused."""
         return self._closed
 
-    async def judge(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
+    async def judge(
+        self, events: Sequence[FeedbackEvent], patience_s: float | None = None
+    ) -> list[EventResult]:
         """Judge `events` with whatever else waits; their results, in order.
 
-        `FeedbackStoreBusy` when `limit` events already wait; the store's error
-        (`FeedbackStoreError`) when the group's call failed. On the loop: never blocks.
+        `FeedbackStoreBusy` when `limit` events already wait; `FeedbackNotTaken` when they
+        waited `patience_s` without being taken to the store (withdrawn: never counted); the
+        store's error (`FeedbackStoreError`) when the group's call failed. On the loop: never
+        blocks. A cancelled caller withdraws its events too, if they were not taken yet.
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[list[EventResult]] = loop.create_future()
@@ -98,7 +112,8 @@ class EventJudge:
                     f"events waiting to be judged in this worker: {self._waiting_events} "
                     f"(the limit is {self.limit}); retry in a moment"
                 )
-            self._waiting.append(_Waiting(events, future, loop))
+            waiting = _Waiting(events, future, loop)
+            self._waiting.append(waiting)
             self._waiting_events += len(events)
             if self._thread is None:
                 self._thread = threading.Thread(
@@ -107,7 +122,31 @@ class EventJudge:
                 self._thread.start()
             else:
                 self._ready.notify()
-        return await future
+        try:
+            if patience_s is None:
+                return await asyncio.shield(future)
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), patience_s)
+            except TimeoutError:
+                if self._withdraw(waiting):
+                    raise FeedbackNotTaken(
+                        f"the events waited {patience_s * 1000:.0f} ms in this worker without "
+                        "reaching the store, and were withdrawn: none was counted; retry"
+                    ) from None
+                return await future  # taken: the store's answer comes within its timeout
+        except asyncio.CancelledError:
+            self._withdraw(waiting)
+            raise
+
+    def _withdraw(self, waiting: _Waiting) -> bool:
+        """Take `waiting` out of the queue if no group has taken it yet; whether it was."""
+        with self._ready:
+            try:
+                self._waiting.remove(waiting)
+            except ValueError:
+                return False
+            self._waiting_events -= len(waiting.events)
+            return True
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Judge what waits, then stop the thread (blocks); `judge` refuses afterwards."""

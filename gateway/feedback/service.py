@@ -122,7 +122,9 @@ class FeedbackService:
         )
         self._store: FeedbackStore | None = None
         if settings.store is not None:
-            self._store = open_store(settings.store, settings.retention_s, clock)
+            self._store = open_store(
+                settings.store, settings.retention_s, clock, settings.store_timeout_ms / 1000
+            )
         self._lock = threading.Lock()
         self._pending: list[EncodedImpression] = []
         self._dropped = 0
@@ -228,11 +230,16 @@ class FeedbackService:
         wait already (`feedback.event_queue_limit`).
         """
         self._require_store()
-        results = await self.events.judge(events)
+        results = await self.events.judge(events, self.settings.answer_within_ms / 1000)
         unknown = _unknown(results)
         if unknown:
             await self._async_sleep(2 * self._flush_s)
-            _merge(results, unknown, await self.events.judge([events[i] for i in unknown]))
+            again = [events[i] for i in unknown]
+            _merge(
+                results,
+                unknown,
+                await self.events.judge(again, self.settings.answer_within_ms / 1000),
+            )
         self._observe(events, results)
         return results
 

@@ -68,16 +68,20 @@ class FeedbackStore(Protocol):
 
 
 def open_store(
-    url: str, retention_s: float, clock: Callable[[], float] = time.time
+    url: str,
+    retention_s: float,
+    clock: Callable[[], float] = time.time,
+    timeout_s: float = 5.0,
 ) -> FeedbackStore:
     """The store a URL names: ``sqlite:///PATH`` or ``redis://host:port/N``.
 
     ValueError, naming what is wrong, for any other URL (`check_store_url`). `clock` (unix
     seconds) decides which impressions have outlived `retention_s`; tests pass a fake one.
-    Nothing is connected yet: the store connects on first use.
+    `timeout_s` bounds each operation (SQLite's busy timeout, Redis' socket timeout). Nothing
+    is connected yet: the store connects on first use.
     """
     if check_store_url(url) == "sqlite":
-        return SQLiteStore(urlsplit(url).path[1:], retention_s, clock)
+        return SQLiteStore(urlsplit(url).path[1:], retention_s, clock, busy_timeout_s=timeout_s)
     from gateway.feedback.redis_store import RedisStore
 
-    return RedisStore(url, retention_s, clock)
+    return RedisStore(url, retention_s, clock, timeout_s=timeout_s)

@@ -14,17 +14,30 @@ from typing import Any
 from flask import Flask, has_request_context, request
 from werkzeug.exceptions import GatewayTimeout
 
+from gateway.config import Settings
 from gateway.contract.answers import ShedAnswer
 from gateway.contract.security import TokenCheck
 from gateway.core.fusion import Fuser
 from gateway.runtime.portal import await_, in_portal
 from gateway.runtime.worker_runtime import WorkerRuntime
 
-__all__ = ["VIEW_GRACE_S", "GatewayFlask"]
+__all__ = ["VIEW_GRACE_S", "GatewayFlask", "view_limit_s"]
 
 # How long past the deadline a view may run before the waiting thread gives up on it; the
 # view's own deadline normally ends it long before.
 VIEW_GRACE_S = 2.0
+
+
+def view_limit_s(settings: Settings) -> float:
+    """How long a view may run before the gateway gives up on it (504).
+
+    Past what any view waits for on its own, plus `VIEW_GRACE_S`: a `/recommendation` its
+    deadline; a `/feedback` its events' turn (`answer_within_ms`) and one store operation
+    (`store_timeout_ms`), so that it is never cut off once its events may be counted.
+    """
+    feedback = settings.feedback
+    own_ms = max(settings.deadline_ms, feedback.answer_within_ms + feedback.store_timeout_ms)
+    return own_ms / 1000 + VIEW_GRACE_S
 
 
 class GatewayFlask(Flask):
@@ -61,7 +74,7 @@ class GatewayFlask(Flask):
     def async_to_sync(self, func: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Any]:
         """Return a sync function that runs `func` on the worker loop and waits for it."""
         runtime = self.runtime
-        wait_s = runtime.settings.deadline_ms / 1000 + VIEW_GRACE_S
+        wait_s = view_limit_s(runtime.settings)
 
         @functools.wraps(func)
         def run_on_worker_loop(*args: Any, **kwargs: Any) -> Any:

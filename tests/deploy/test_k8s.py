@@ -38,7 +38,8 @@ from gateway.feedback.impressions import FeedbackEvent, Impression, ShownItem
 from gateway.feedback.records import EventResult, LearnedWeights
 from gateway.feedback.store import open_store
 from gateway.web import ops
-from gateway.web.app import VIEW_GRACE_S, create_app
+from gateway.web.app import create_app
+from gateway.web.flask_app import view_limit_s
 from mock_recommenders.__main__ import parse_arguments
 from mock_recommenders.server import KEEPALIVE_TIMEOUT_S, Recommender
 from tests.helpers import ROOT
@@ -369,8 +370,8 @@ def test_each_stage_of_stopping_ends_before_the_next_one_kills_it(rendered: Rend
     container = _container(deployment)
     settings = rendered.settings
     # A worker told to stop answers what comes on its idle connections for drain_s; a request
-    # that came last runs to its deadline, plus the view's grace.
-    worker_s = settings.http.drain_s + settings.deadline_ms / 1000 + VIEW_GRACE_S
+    # that came last runs as long as a view may (its deadline, or a /feedback's store wait).
+    worker_s = settings.http.drain_s + view_limit_s(settings)
     graceful_s = _graceful_timeout_s(_env(rendered, container))
     assert worker_s < graceful_s, "gunicorn would kill a worker still serving"
     # The kubelet sends SIGTERM once the preStop pause is over, and SIGKILL at the grace period.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from gateway.feedback.impressions import FeedbackEvent, Impression, ShownItem
-from gateway.feedback.judge import EventJudge
+from gateway.feedback.judge import EventJudge, FeedbackNotTaken
 from gateway.feedback.records import EventResult, FeedbackStoreBusy, FeedbackStoreError
 from gateway.feedback.sqlite_store import SQLiteStore
 
@@ -227,8 +227,10 @@ async def test_a_cancelled_request_leaves_the_others_their_results(gated: GatedJ
 
     assert await kept == [EventResult.ACCEPTED]
     assert await first == [EventResult.ACCEPTED]
-    # Its events were judged all the same, as a thread's work always was.
-    assert [e.request_id for e in gated.calls[1]] == ["gone-away", "kept"]
+    # Not taken yet when it was cancelled: its events were withdrawn, never judged (its caller
+    # got no answer, so none of it may be counted).
+    assert [e.request_id for e in gated.calls[1]] == ["kept"]
+    assert judge.waiting == 0
     judge.close()
 
 
@@ -255,3 +257,32 @@ async def until_refused(judge: EventJudge) -> None:
         if judge.closed:  # set by close(), in its thread
             await judge.judge([click("late")])
         await asyncio.sleep(0.005)
+
+
+async def test_events_not_taken_within_their_patience_are_withdrawn_never_judged() -> None:
+    gated = GatedJudge(by_item)
+    judge = EventJudge(gated, limit=100, group_limit=100)
+    first = asyncio.ensure_future(judge.judge([click("r1")]))
+    await until(gated.entered.is_set)  # taken: the store has it
+
+    with pytest.raises(FeedbackNotTaken, match="withdrawn: none was counted"):
+        await judge.judge([click("r2"), click("r3")], patience_s=0.05)
+
+    assert judge.waiting == 0
+    gated.gate.set()
+    assert await asyncio.wait_for(first, WAIT_S) == [EventResult.ACCEPTED]
+    judge.close(WAIT_S)
+    assert gated.calls == [[click("r1")]]  # the withdrawn never reached the store
+
+
+async def test_events_taken_before_their_patience_ran_out_wait_for_their_fate() -> None:
+    gated = GatedJudge(by_item)
+    judge = EventJudge(gated, limit=100, group_limit=100)
+    taken = asyncio.ensure_future(judge.judge([click("r1")], patience_s=0.05))
+    await until(gated.entered.is_set)
+    await asyncio.sleep(0.1)  # past its patience, but in the store's hands
+
+    assert not taken.done()
+    gated.gate.set()
+    assert await asyncio.wait_for(taken, WAIT_S) == [EventResult.ACCEPTED]
+    judge.close(WAIT_S)

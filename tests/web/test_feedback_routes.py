@@ -8,9 +8,11 @@ instances on one store (a Redis server, or one SQLite file).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -638,3 +640,61 @@ def test_experiments_answers_from_a_snapshot_within_its_refresh(
     assert post(url, click(answer)).status_code == 202
     assert report(url) == first  # the same snapshot: the store is read once per refresh
     assert first["events"]["click"] == 0
+
+
+# --- Every answer of /feedback is true --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def write_lock(database: Path) -> Iterator[None]:
+    """SQLite's write lock on `database`, held by another connection (as another process would)."""
+    holder = sqlite3.connect(database, isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+
+def test_a_click_the_store_could_not_take_is_a_503_and_never_counted_later(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    url = serve(feedback_app(fleet, tmp_path, store_timeout_ms=300, answer_within_ms=300))
+    answer = shown(url)
+    stored(tmp_path / "feedback.db", answer["request_id"])
+
+    with write_lock(tmp_path / "feedback.db"):
+        refused = post(url, click(answer))
+    assert_json_error(refused, 503, "the feedback store is unavailable", "locked")
+
+    time.sleep(0.5)  # anything still on its way to the store would have landed by now
+    assert report(url)["events"]["click"] == 0  # a 5xx: nothing of it counted, now or later
+    retried = post(url, click(answer))
+    assert retried.json() == {"accepted": 1, "duplicates": 0}
+    assert report(url)["events"]["click"] == 1
+
+
+def test_events_that_wait_past_their_turn_are_withdrawn_not_counted(
+    fleet: MockFleet, serve: Serve, tmp_path: Path
+) -> None:
+    # The store holds a first click in its transaction (the lock is another's) for up to 5 s;
+    # a second click waits behind it for 200 ms, is withdrawn and answered 503.
+    url = serve(feedback_app(fleet, tmp_path, store_timeout_ms=5000, answer_within_ms=200))
+    answers = [shown(url, user=f"u{n}") for n in range(2)]
+    for answer in answers:
+        stored(tmp_path / "feedback.db", answer["request_id"])
+
+    with ThreadPoolExecutor(1) as pool:
+        with write_lock(tmp_path / "feedback.db"):
+            first = pool.submit(post, url, click(answers[0]))
+            time.sleep(0.5)  # taken to the store, waiting for the lock
+            second = post(url, click(answers[1]))
+            assert not first.done()
+        answered = first.result(timeout=30)  # the lock is free: the first is counted
+    assert_json_error(second, 503, "withdrawn", "none was counted")
+    assert second.headers["Retry-After"] == "1"
+    assert answered.json() == {"accepted": 1, "duplicates": 0}
+
+    time.sleep(0.5)
+    assert report(url)["events"]["click"] == 1  # the first only
