@@ -169,6 +169,17 @@ def _translated() -> contextlib.AbstractContextManager[None]:
     return store_errors(sqlite3.Error, "SQLite")
 
 
+# SQLite's words for a connection worth replacing (its result codes are not exposed before
+# Python 3.11's `sqlite_errorname`, and are the same words there).
+_REOPEN_ON = ("readonly", "read-only", "disk i/o", "locked", "unable to open", "not a database")
+
+
+def _heals_by_reopening(exc: sqlite3.Error) -> bool:
+    name = (getattr(exc, "sqlite_errorname", "") or "").lower()
+    text = f"{name} {exc}".lower()
+    return any(words in text for words in _REOPEN_ON)
+
+
 class SQLiteStore:
     """The feedback store in the SQLite file at `path`; see the module docstring.
 
@@ -190,7 +201,8 @@ class SQLiteStore:
         self._clock = clock
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        self._lock = threading.Lock()
+        # Reentrant: a schema made under it may fail, and its connection be dropped under it.
+        self._lock = threading.RLock()
         self._connections: list[sqlite3.Connection] = []
         self._closed = False
         self._schema_ready = False
@@ -264,7 +276,7 @@ class SQLiteStore:
         """Every counter, read in one transaction."""
         cutoff = self._clock() - self.retention_s
         db = self._connection()
-        with _translated():
+        with _translated(), self._healing(db):
             db.execute("BEGIN")
             try:
                 counters = db.execute("SELECT scope, name, field, value FROM counter").fetchall()
@@ -317,7 +329,7 @@ class SQLiteStore:
     def load_weights(self) -> LearnedWeights | None:
         """The learnt weights saved last, or None before any."""
         db = self._connection()
-        with _translated():
+        with _translated(), self._healing(db):
             row = db.execute("SELECT body FROM learned_weights WHERE id = 1").fetchone()
         return None if row is None else LearnedWeights.from_json(row[0])
 
@@ -342,10 +354,35 @@ class SQLiteStore:
             db.close()
 
     @contextlib.contextmanager
+    def _healing(self, db: sqlite3.Connection) -> Iterator[None]:
+        """Drop this thread's connection when it failed in a way the next one may not.
+
+        A connection opened while the file could not be written stays read-only for good, one
+        that met an I/O error may keep meeting it, and one that waited out the busy timeout
+        may hold a stale view: each is closed, and the next use opens a fresh one, so the
+        store recovers by itself once the file is writable (or the lock free) again.
+        """
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if _heals_by_reopening(exc):
+                self._drop(db)
+            raise
+
+    def _drop(self, db: sqlite3.Connection) -> None:
+        with self._lock:
+            if db in self._connections:
+                self._connections.remove(db)
+        if getattr(self._local, "db", None) is db:
+            self._local.db = None
+        with contextlib.suppress(sqlite3.Error):
+            db.close()
+
+    @contextlib.contextmanager
     def _transaction(self, db: sqlite3.Connection | None = None) -> Iterator[sqlite3.Connection]:
         """A write transaction on this thread's connection: committed, or rolled back."""
         db = self._connection() if db is None else db
-        with _translated():
+        with _translated(), self._healing(db):
             db.execute("BEGIN IMMEDIATE")
             try:
                 yield db

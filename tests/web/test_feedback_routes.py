@@ -22,6 +22,7 @@ import requests
 
 from gateway.contract.feedback_schemas import ExperimentsReport, FeedbackReceipt
 from gateway.feedback.impressions import Impression, hash_user
+from gateway.feedback.sqlite_store import SQLiteStore
 from gateway.web.app import GatewayFlask, create_app
 from mock_recommenders import MockFleet, MockFleetProcess
 from tests.helpers import (
@@ -698,3 +699,36 @@ def test_events_that_wait_past_their_turn_are_withdrawn_not_counted(
 
     time.sleep(0.5)
     assert report(url)["events"]["click"] == 1  # the first only
+
+
+def test_a_store_opened_while_its_file_was_read_only_heals_once_it_is_writable(
+    fleet: MockFleet, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the file and its WAL could not be written when the worker first connected: SQLite
+    # then opens the connection read-only, and it stays so.
+    database = tmp_path / "feedback.db"
+    read_only = [True]
+    connect = sqlite3.connect
+
+    def connecting(path: Any, **kwargs: Any) -> sqlite3.Connection:
+        if read_only[0] and Path(path) == database:
+            path, kwargs = f"file:{database}?mode=ro", {**kwargs, "uri": True}
+        made: sqlite3.Connection = connect(path, **kwargs)
+        return made
+
+    made = SQLiteStore(database, retention_s=3600)  # the file, its WAL and its schema exist
+    made.stats()
+    made.close()
+    monkeypatch.setattr("gateway.feedback.sqlite_store.sqlite3.connect", connecting)
+    url = serve(feedback_app(fleet, tmp_path))
+    answer = shown(url)
+
+    refused = post(url, click(answer))
+    assert_json_error(refused, 503, "the feedback store is unavailable", "readonly")
+
+    read_only[0] = False  # writable again: no restart
+    wait_until(
+        lambda: post(url, click(answer)).status_code in (202, 404), 10, "the store never healed"
+    )
+    again = shown(url)  # a new answer, written by a fresh connection
+    assert post(url, click(again)).json() == {"accepted": 1, "duplicates": 0}
