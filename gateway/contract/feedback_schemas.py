@@ -35,6 +35,15 @@ _Forbid = ConfigDict(extra="forbid", strict=True)
 _Model = TypeVar("_Model", bound=BaseModel)
 
 
+def implicit_event_id(event: FeedbackEventBody) -> str:
+    """The identity of an event sent without `event_id`: its kind and item, within its request.
+
+    A client that retries a click it got no answer for, or a 5xx, counts it once without
+    naming it; a user who clicks the same item of the same answer twice counts one click.
+    """
+    return f"implicit:{event.event}:{event.item_id}"
+
+
 class FeedbackEventBody(BaseModel):
     """A user's event on an item of a `/recommendation` answer."""
 
@@ -62,12 +71,14 @@ class FeedbackEventBody(BaseModel):
         min_length=1,
         max_length=128,
         description="Makes a retry count once: an id already accepted for this request is a "
-        "duplicate.",
+        "duplicate. Without it, the event is known by its request, item and kind: a second "
+        "`click` on the same item of the same answer is a duplicate.",
     )
 
     def to_event(self) -> FeedbackEvent:
-        """As the feedback store takes it."""
-        return FeedbackEvent(self.request_id, self.item_id, self.event, self.event_id)
+        """As the feedback store takes it: with its own `event_id`, else one made of what it is."""
+        event_id = self.event_id if self.event_id is not None else implicit_event_id(self)
+        return FeedbackEvent(self.request_id, self.item_id, self.event, event_id)
 
 
 class FeedbackBatch(BaseModel):
