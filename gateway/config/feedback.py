@@ -135,6 +135,14 @@ class FeedbackSettings(BaseModel):
         "they are withdrawn and it is answered 503: nothing of it is counted. Once taken, the "
         "answer waits for the store (at most store_timeout_ms).",
     )
+    stop_within_ms: float = Field(
+        default=1500,
+        ge=0,
+        le=60_000,
+        description="On a graceful stop, how long a worker keeps trying to write the "
+        "impressions it holds while the store fails; what is still unwritten then is logged "
+        "and counted as dropped.",
+    )
     report_refresh_ms: float = Field(
         default=500,
         ge=0,

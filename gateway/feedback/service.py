@@ -217,7 +217,7 @@ class FeedbackService:
         if self._thread is not None:
             self._thread.join(timeout_s)
         else:
-            self._flush()
+            self._last_flush()
         self._store.close()
 
     # --- Off the loop ---------------------------------------------------------------------
@@ -369,7 +369,43 @@ class FeedbackService:
             if learner.enabled and now >= next_learn:
                 next_learn = now + learner.interval_s
                 self._guarded("learning weights", "learn", self.learn)
-        self._guarded("writing the last impressions", "save", self._flush)
+        self._last_flush()
+
+    def _last_flush(self) -> None:
+        """Write what is held before the worker stops: tried again while the store fails, for
+        `stop_within_ms`; what could not be written is said (a log line) and counted."""
+        give_up = time.monotonic() + self.settings.stop_within_ms / 1000
+        while True:
+            try:
+                self._flush()
+                return
+            except FeedbackStoreError as exc:
+                failure: Exception = exc
+            except Exception as exc:  # the gateway's own bug: still say what is lost
+                log.exception("feedback: writing the last impressions failed")
+                failure = exc
+            if self._metrics:
+                metrics.observe_feedback_store_error("save")
+            left = give_up - time.monotonic()
+            if left <= 0 or not isinstance(failure, FeedbackStoreError):
+                break
+            time.sleep(min(_STOP_RETRY_S, left))
+        with self._lock:
+            lost = len(self._pending) + self._dropped
+            self._pending, self._dropped = [], 0
+        if not lost:
+            return
+        log.error(
+            "feedback: %d impressions could not be written before the worker stopped "
+            "(the store kept failing for %.1f s: %s); they are dropped, and clicks on them "
+            "will be answered 404",
+            lost,
+            self.settings.stop_within_ms / 1000,
+            failure,
+        )
+        if self._metrics:
+            metrics.observe_impressions(dropped=lost)
+            metrics.flush()
 
     def _guarded(self, doing: str, operation: str, step: Callable[[], object]) -> None:
         try:
@@ -427,6 +463,10 @@ class FeedbackService:
         if self._store is None:
             raise RuntimeError("feedback is off: no store is configured")
         return self._store
+
+
+# How often a stopping worker tries the store again for its last impressions.
+_STOP_RETRY_S = 0.2
 
 
 def _unknown(results: Sequence[EventResult]) -> list[int]:

@@ -372,6 +372,8 @@ def test_each_stage_of_stopping_ends_before_the_next_one_kills_it(rendered: Rend
     # A worker told to stop answers what comes on its idle connections for drain_s; a request
     # that came last runs as long as a view may (its deadline, or a /feedback's store wait).
     worker_s = settings.http.drain_s + view_limit_s(settings)
+    if settings.feedback.enabled:  # then it writes its last impressions, retried a while
+        worker_s += settings.feedback.stop_within_ms / 1000
     graceful_s = _graceful_timeout_s(_env(rendered, container))
     assert worker_s < graceful_s, "gunicorn would kill a worker still serving"
     # The kubelet sends SIGTERM once the preStop pause is over, and SIGKILL at the grace period.

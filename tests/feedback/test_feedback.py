@@ -6,7 +6,11 @@ Over a real SQLite file, without HTTP: the endpoints are tests/web/test_feedback
 from __future__ import annotations
 
 import collections
+import contextlib
+import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -245,3 +249,58 @@ def test_the_report_is_read_again_once_its_refresh_has_passed(tmp_path: Path) ->
         assert service.report() is not first and len(reads) == 2
     finally:
         service.close()
+
+
+@contextlib.contextmanager
+def write_lock(database: Path) -> Iterator[None]:
+    """SQLite's write lock on `database`, held by another connection."""
+    holder = sqlite3.connect(database, isolation_level=None, timeout=10)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        yield
+        holder.execute("ROLLBACK")
+    finally:
+        holder.close()
+
+
+def held_service(tmp_path: Path, **fields: Any) -> FeedbackService:
+    """A service holding 3 impressions unwritten (its writer not started), its store made."""
+    service = FeedbackService(feedback_settings(tmp_path, store_timeout_ms=100, **fields), WEIGHTS)
+    service.report()  # the file and its schema exist
+    for n in range(3):
+        service.record(f"r{n}", service.assign("u1", None), ranking("i1", "i2"))
+    return service
+
+
+def test_a_graceful_stop_writes_what_is_held_once_the_store_frees(tmp_path: Path) -> None:
+    service = held_service(tmp_path, stop_within_ms=5000)
+    with ThreadPoolExecutor(1) as pool:
+        with write_lock(tmp_path / "feedback.db"):
+            closing = pool.submit(service.close)
+            time.sleep(0.5)  # the first tries meet the lock
+            assert not closing.done()
+        closing.result(timeout=30)  # the lock is free: the next try writes them
+
+    store = SQLiteStore(tmp_path / "feedback.db", retention_s=3600)
+    try:
+        assert store.stats().impressions_stored == 3
+    finally:
+        store.close()
+
+
+def test_a_graceful_stop_says_how_many_it_could_not_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    service = held_service(tmp_path, stop_within_ms=300)
+    dropped = "gateway_feedback_impressions_total"
+    before = sample(metrics.render().decode(), dropped, outcome="dropped")
+
+    with write_lock(tmp_path / "feedback.db"):
+        started = time.monotonic()
+        service.close()
+        took = time.monotonic() - started
+
+    assert took < 10  # bounded: its 0.3 s of tries and the store's timeouts, not forever
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("3 impressions could not be written before the worker stopped" in m for m in said)
+    assert sample(metrics.render().decode(), dropped, outcome="dropped") == before + 3
