@@ -200,7 +200,10 @@ def _feedback(settings: Settings) -> dict[str, Any]:
                 "(a batch: none accepted, each refusal in `rejected`)"
             ),
             "500": _error("A gateway bug; the traceback is in its log under the request id"),
-            "503": _error("The feedback store failed; nothing was counted"),
+            "503": _error(
+                "Nothing was counted, now or later: the store failed, or is busy (the events "
+                "waited too long and were withdrawn, or too many wait); retry"
+            ),
         },
     }
     if settings.api_keys:
@@ -214,11 +217,11 @@ def _experiments(settings: Settings) -> dict[str, Any]:
         "operationId": "experiments",
         "responses": {
             "200": _json("ExperimentsReport", "Every counter, over all that share the store"),
-            "401": _error(f"`metrics_require_token` is set and {TOKEN_HEADER} is wrong"),
+            "401": _error(f"API keys are configured and {TOKEN_HEADER} is missing or wrong"),
             "404": _error(_FEEDBACK_OFF),
             "503": _error("The feedback store failed"),
         },
     }
-    if settings.api_keys and settings.metrics_require_token:
+    if settings.api_keys:
         operation["security"] = [{"apiToken": []}]
     return operation

@@ -46,9 +46,16 @@ def test_the_spec_is_openapi_3_1_from_the_models(gateway_url: str) -> None:
 def test_the_spec_says_when_a_token_is_needed(fleet: MockFleet, serve: Serve) -> None:
     url = serve(create_app(settings_for(fleet, api_keys=["k"])))
 
-    operation = spec_of(url)["paths"]["/recommendation"]["post"]
+    paths = spec_of(url)["paths"]
 
-    assert operation["security"] == [{"apiToken": []}]
+    # /experiments too: what it shows is business data, whatever `metrics_require_token` says.
+    for path, method in (
+        ("/recommendation", "post"),
+        ("/feedback", "post"),
+        ("/experiments", "get"),
+    ):
+        assert paths[path][method]["security"] == [{"apiToken": []}], path
+    assert "security" not in paths["/metrics"]["get"]
 
 
 def test_swagger_ui_is_served_without_a_cdn(gateway_url: str) -> None:
