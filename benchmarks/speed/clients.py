@@ -36,7 +36,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,23 +67,15 @@ def _loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _on_loop(calls: int, url: str, per_call_session: bool) -> float:
-    """CPU seconds of `calls` calls, `AT_ONCE` at a time, on a fresh loop."""
+def _timed_on_loop(
+    calls: int, make: Callable[[aiohttp.ClientSession], Callable[[], Awaitable[None]]]
+) -> float:
+    """CPU seconds of `calls` calls of `make(session)`, `AT_ONCE` at a time, on a fresh loop,
+    after a warm-up; `session` is the gateway's own, made for the run."""
 
     async def run() -> float:
-        target = URL(url)
         session = async_http.open_session(PoolSettings(), "fusion-gateway/bench")
-
-        async def one() -> None:
-            if per_call_session:
-                async with (
-                    aiohttp.ClientSession() as own,
-                    own.post(target, data=BODY, headers=HEADERS) as answer,
-                ):
-                    await answer.read()
-            else:
-                await async_http.post(session, target, BODY, HEADERS, MAX_BYTES)
-
+        one = make(session)
         try:
             for _ in range(20):  # warm-up: connections made, caches filled
                 await asyncio.gather(*(one() for _ in range(AT_ONCE)))
@@ -101,6 +93,26 @@ def _on_loop(calls: int, url: str, per_call_session: bool) -> float:
         loop.close()
 
 
+def _on_loop(calls: int, url: str, per_call_session: bool) -> float:
+    """CPU seconds of `calls` calls, `AT_ONCE` at a time, on a fresh loop."""
+    target = URL(url)
+
+    def make(session: aiohttp.ClientSession) -> Callable[[], Awaitable[None]]:
+        async def one() -> None:
+            if per_call_session:
+                async with (
+                    aiohttp.ClientSession() as own,
+                    own.post(target, data=BODY, headers=HEADERS) as answer,
+                ):
+                    await answer.read()
+            else:
+                await async_http.post(session, target, BODY, HEADERS, MAX_BYTES)
+
+        return one
+
+    return _timed_on_loop(calls, make)
+
+
 def _protocol_calls(calls: int, url: str, protocol: WireProtocol) -> float:
     """CPU seconds of `calls` whole recommender calls in `protocol`, `AT_ONCE` at a time."""
     base, model = url.removesuffix("/test"), "sml"  # the mock serves every protocol
@@ -111,29 +123,16 @@ def _protocol_calls(calls: int, url: str, protocol: WireProtocol) -> float:
     }[protocol.name]
     headers = {"X-Request-ID": "bench-request-id"}
 
-    async def run() -> float:
-        session = async_http.open_session(PoolSettings(), "fusion-gateway/bench")
+    def make(session: aiohttp.ClientSession) -> Callable[[], Awaitable[None]]:
         client = RecommenderClient(model, endpoint, session, 5.0, protocol=protocol)
 
         async def one() -> None:
             answer = await client.recommend(BODY, headers)
             assert len(answer["items"]) == 10
 
-        try:
-            for _ in range(20):
-                await asyncio.gather(*(one() for _ in range(AT_ONCE)))
-            started = time.process_time()
-            for _ in range(calls // AT_ONCE):
-                await asyncio.gather(*(one() for _ in range(AT_ONCE)))
-            return time.process_time() - started
-        finally:
-            await session.close()
+        return one
 
-    loop = _loop()
-    try:
-        return loop.run_until_complete(run())
-    finally:
-        loop.close()
+    return _timed_on_loop(calls, make)
 
 
 def _in_a_thread(calls: int, url: str, plain: bool) -> float:
