@@ -9,9 +9,10 @@ scaleout`` (``make scaleout``) runs two gateways behind nginx and stops one mid-
 `benchmarks.scaleout`. ``python -m benchmarks feedback`` measures `/feedback`'s events per
 second per worker on the SQLite store: see `benchmarks.speed.feedback`; ``python -m benchmarks
 impressions`` what keeping impressions costs a worker, in process: see
-`benchmarks.speed.impressions`. ``python -m benchmarks
-online`` plays simulated users who click, and measures what the gateway learns from them
-(interleaving against A/B, learnt weights): see `benchmarks.online`.
+`benchmarks.speed.impressions`; ``python -m benchmarks storage`` the bytes an impression
+takes in each store, and that retention bounds them: see `benchmarks.storage`.
+``python -m benchmarks online`` plays simulated users who click, and measures what the gateway
+learns from them (interleaving against A/B, learnt weights): see `benchmarks.online`.
 
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
@@ -56,7 +57,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
         "what one recommender call costs each HTTP client: python -m benchmarks clients --help; "
         "goodput under overload: python -m benchmarks overload --help; "
         "two gateways behind nginx, one stopped: python -m benchmarks scaleout --help; "
-        "learning from simulated clicks: python -m benchmarks online --help",
+        "learning from simulated clicks: python -m benchmarks online --help; "
+        "bytes per impression in each store: python -m benchmarks storage --help",
     )
     parser.add_argument("--levels", type=_ints, help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
@@ -116,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.speed import features
 
         return features.main(argv[1:])
+    if argv[:1] == ["storage"]:
+        from benchmarks.storage import run as storage
+
+        return storage.main(argv[1:])
     if argv[:1] == ["impressions"]:
         from benchmarks.speed import impressions
 

@@ -11,7 +11,9 @@ process takes it in between, redis-server exits at once, and a new port is tried
 from __future__ import annotations
 
 import contextlib
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -23,7 +25,7 @@ from mock_recommenders.loopback import loopback_socket, port_of
 from mock_recommenders.process import stop_process
 from tests.tools import require_tool
 
-__all__ = ["RedisServer"]
+__all__ = ["DroppingProxy", "RedisServer"]
 
 _ATTEMPTS = 5
 _START_TIMEOUT_S = 10.0
@@ -67,6 +69,24 @@ class RedisServer:
         if self._process is not None:
             stop_process(self._process)
             self._process = None
+
+    def restart(self) -> None:
+        """Stop the server and start a new one on the same port, empty (no persistence)."""
+        assert self._process is not None, "the server is not running"
+        stop_process(self._process)
+        program = require_tool("redis-server")
+        command = [program, "--bind", "127.0.0.1", "--port", str(self.port)]
+        command += ["--save", "", "--appendonly", "no", "--dir", str(self.directory)]
+        command += ["--logfile", str(self.directory / "redis.log"), "--daemonize", "no"]
+        self._process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        if not self._wait_for_ping():
+            raise RuntimeError(f"redis-server did not restart on port {self.port}")
+
+    @property
+    def pid(self) -> int:
+        """The server's process id."""
+        assert self._process is not None, "the server is not running"
+        return self._process.pid
 
     @classmethod
     @contextlib.contextmanager
@@ -128,3 +148,72 @@ class RedisServer:
             return False
         finally:
             client.close()
+
+
+class DroppingProxy:
+    """`with DroppingProxy(port, b"EVALSHA", lose="request") as proxy:` a TCP proxy on a
+    loopback port to the server at `port` that drops the first connection carrying `marker`.
+
+    `lose="request"` closes that connection instead of passing the request on (the command
+    never ran); `lose="reply"` passes it on and closes the connection instead of passing the
+    answer back (the command ran, its caller never heard). Every other byte is passed on as
+    it comes. `proxy.dropped` tells whether it has dropped one yet.
+    """
+
+    def __init__(self, port: int, marker: bytes, lose: str):
+        if lose not in ("request", "reply"):
+            raise ValueError(f"lose is 'request' or 'reply', not {lose!r}")
+        self.upstream, self.marker, self.lose = port, marker, lose
+        self.dropped = False
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = port_of(self._listener)
+        self._sockets: list[socket.socket] = []
+
+    def url(self, database: int = 0) -> str:
+        """The URL of database `database` through this proxy."""
+        return f"redis://127.0.0.1:{self.port}/{database}"
+
+    def __enter__(self) -> DroppingProxy:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _address = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            with self._lock:
+                self._sockets += [client, server]
+            pair: dict[str, bool] = {"armed": False}
+            for ends in ((client, server, pair, True), (server, client, pair, False)):
+                threading.Thread(target=self._pump, args=ends, daemon=True).start()
+
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, pair: dict[str, bool], upward: bool
+    ) -> None:
+        try:
+            while data := source.recv(65536):
+                if upward and self.marker in data:
+                    with self._lock:
+                        first, self.dropped = not self.dropped, True
+                    if first and self.lose == "request":
+                        break
+                    pair["armed"] = pair["armed"] or first
+                elif not upward and pair["armed"]:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()

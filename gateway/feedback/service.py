@@ -186,9 +186,7 @@ class FeedbackService:
         # the CPU's caches, where the writer, waking every flush interval, finds them cold.
         shown = EncodedImpression.of_answer(
             request_id,
-            assignment.user_hash or "",
             self._clock(),
-            fused.fusion,
             assignment.arm,
             fused.items,
             fused.teams or (None,) * len(fused.items),

@@ -6,11 +6,13 @@ transaction (the write lock taken up front, so two processes never both read and
 write), in WAL mode (readers never wait for the writer) with a busy timeout (a writer waits
 for another process's transaction instead of failing).
 
-Schema (`PRAGMA user_version` 2)::
+Schema (`PRAGMA user_version` 3)::
 
     impression(rowid, request_id UNIQUE, at, body, team_clicks, positives)
-        body: Impression JSON (a salted user hash, never a raw user id);
-        team_clicks: {team: credited clicks} so far; positives: positive events so far
+        body: the impression's record (`gateway.feedback.impressions`: compact JSON, no user);
+        team_clicks: {team: credited clicks} so far, NULL before any; positives: positive
+        events so far
+    stored(bucket, count)                      impressions saved, by time bucket (ms)
     seen_event(request_id, event_id)           event ids accepted, for duplicates
     counter(scope, name, field, value)         ("recommender", name, impressions|clicks|credit),
                                                ("arm", arm, impressions|clicked_impressions|
@@ -18,15 +20,20 @@ Schema (`PRAGMA user_version` 2)::
     pair(a, b, wins, losses, ties)             a < b, from a's side
     learned_weights(id = 1, version, body)     LearnedWeights JSON, highest version kept
 
-Version 2 keeps impressions in a rowid table, in the order written, with `request_id` in an
-index of its own: a batch appends its rows to the table's last pages and puts only the short
-keys at random places. Version 1 keyed the table by the (random) request id, so every insert
-rewrote a page of full rows, and a batch's commit wrote as many pages to the WAL as it had
-impressions. A version 1 file is converted when the store first opens it.
+Impressions are kept in a rowid table, in the order written, with `request_id` in an index of
+its own: a batch appends its rows to the table's last pages and puts only the short keys at
+random places (version 1 keyed the table by the random request id, so every insert rewrote a
+page of full rows). Version 3 added `stored`: counting the live impressions is a sum over at
+most a thousand buckets (a thousandth of the retention each) instead of a scan of a week's
+rows. A file of an older version is converted when the store first opens it; version 2's
+records, in the older impression form, are read as they are.
 
 An impression is live while `now - at < retention_s` by the injected clock; `expire` deletes
-the others, and until then `record` already treats them as unknown. Counters are cumulative:
-expiring an impression does not take back what its events counted.
+the others, a slice at a time (each slice its own transaction, so writers wait for one slice,
+not for a backlog), and until then `record` already treats them as unknown. The stored count
+counts a bucket until its last moment has outlived the retention, so it may count an impression
+up to a thousandth of the retention longer. Counters are cumulative: expiring an impression
+does not take back what its events counted.
 """
 
 from __future__ import annotations
@@ -62,16 +69,20 @@ from gateway.feedback.records import (
 
 __all__ = ["SQLiteStore"]
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA_SQL = """
 CREATE TABLE IF NOT EXISTS impression (
     request_id TEXT NOT NULL UNIQUE,
     at REAL NOT NULL,
     body TEXT NOT NULL,
-    team_clicks TEXT NOT NULL DEFAULT '{}',
+    team_clicks TEXT,
     positives INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS impression_at ON impression (at);
+CREATE TABLE IF NOT EXISTS stored (
+    bucket INTEGER PRIMARY KEY,
+    count INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS seen_event (
     request_id TEXT NOT NULL,
     event_id TEXT NOT NULL,
@@ -121,6 +132,24 @@ def _rows(*names: str) -> str:
     columns = ", ".join(f"json_extract(value, '$[{i}]') AS {name}" for i, name in enumerate(names))
     return f"SELECT {columns} FROM json_each(?)"
 
+
+# The live impressions' count, by bucket: a bucket is the milliseconds of its start.
+_COUNT = (
+    "INSERT INTO stored (bucket, count) " + _rows("b", "c") + " WHERE true "
+    "ON CONFLICT (bucket) DO UPDATE SET count = count + excluded.count"
+)
+# Version 2 to 3: the buckets of the impressions already stored.
+_COUNT_STORED = (
+    "INSERT INTO stored (bucket, count) SELECT CAST(at * 1000 AS INTEGER) / ? * ?, COUNT(*) "
+    "FROM impression WHERE true GROUP BY 1 "
+    "ON CONFLICT (bucket) DO UPDATE SET count = count + excluded.count"
+)
+# How many impressions one `expire` transaction deletes.
+_EXPIRE_SLICE = 5000
+_EXPIRE_IDS = "SELECT request_id FROM impression WHERE at <= ? ORDER BY at, rowid LIMIT ?"
+_EXPIRE_ROWS = "SELECT rowid FROM impression WHERE at <= ? ORDER BY at, rowid LIMIT ?"
+# A thousand buckets over the retention: the count is that exact, and that cheap.
+_BUCKETS = 1000
 
 _INSERT = "INSERT OR IGNORE INTO impression (request_id, at, body) VALUES (?, ?, ?)"
 _INSERT_ALL = "INSERT OR IGNORE INTO impression (request_id, at, body) " + _rows("r", "t", "b")
@@ -198,6 +227,8 @@ class SQLiteStore:
             raise ValueError(f"retention_s must be positive, got {retention_s}")
         self.path = Path(path)
         self.retention_s = retention_s
+        # A bucket of the stored count is a thousandth of the retention, in whole ms.
+        self._bucket_ms = max(1, round(retention_s * 1000 / _BUCKETS))
         self._clock = clock
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
@@ -241,6 +272,8 @@ class SQLiteStore:
                 _ADD,
                 [(scope, name, "impressions", count) for (scope, name), count in added.items()],
             )
+            buckets = collections.Counter(self._bucket(imp.at) for imp in batch)
+            _write(db, _COUNT, list(buckets.items()))
 
     def record(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
         """Judge and count a batch of events in one transaction, in order; one result each.
@@ -282,7 +315,8 @@ class SQLiteStore:
                 counters = db.execute("SELECT scope, name, field, value FROM counter").fetchall()
                 pairs = db.execute("SELECT a, b, wins, losses, ties FROM pair").fetchall()
                 (stored,) = db.execute(
-                    "SELECT COUNT(*) FROM impression WHERE at > ?", (cutoff,)
+                    "SELECT COALESCE(SUM(count), 0) FROM stored WHERE bucket > ?",
+                    (self._bucket(cutoff) - self._bucket_ms,),
                 ).fetchone()
             finally:
                 db.execute("COMMIT")
@@ -316,15 +350,31 @@ class SQLiteStore:
         )
 
     def expire(self) -> int:
-        """Delete the impressions older than the retention; how many were deleted."""
+        """Delete the impressions older than the retention; how many were deleted.
+
+        A slice at a time, each in its own transaction: another process's writes wait for
+        one slice, however many impressions a long pause left behind.
+        """
         cutoff = self._clock() - self.retention_s
-        with self._transaction() as db:
-            db.execute(
-                "DELETE FROM seen_event WHERE request_id IN "
-                "(SELECT request_id FROM impression WHERE at <= ?)",
-                (cutoff,),
-            )
-            return db.execute("DELETE FROM impression WHERE at <= ?", (cutoff,)).rowcount
+        deleted = 0
+        while True:
+            with self._transaction() as db:
+                db.execute(
+                    f"DELETE FROM seen_event WHERE request_id IN ({_EXPIRE_IDS})",
+                    (cutoff, _EXPIRE_SLICE),
+                )
+                rows = db.execute(
+                    f"DELETE FROM impression WHERE rowid IN ({_EXPIRE_ROWS})",
+                    (cutoff, _EXPIRE_SLICE),
+                ).rowcount
+                if rows < _EXPIRE_SLICE:
+                    db.execute(
+                        "DELETE FROM stored WHERE bucket <= ?",
+                        (self._bucket(cutoff) - self._bucket_ms,),
+                    )
+            deleted += rows
+            if rows < _EXPIRE_SLICE:
+                return deleted
 
     def load_weights(self) -> LearnedWeights | None:
         """The learnt weights saved last, or None before any."""
@@ -352,6 +402,10 @@ class SQLiteStore:
             connections, self._connections = self._connections, []
         for db in connections:
             db.close()
+
+    def _bucket(self, at: float) -> int:
+        """The start, in ms, of the stored count's bucket that holds time `at`."""
+        return int(at * 1000) // self._bucket_ms * self._bucket_ms
 
     @contextlib.contextmanager
     def _healing(self, db: sqlite3.Connection) -> Iterator[None]:
@@ -426,7 +480,7 @@ class SQLiteStore:
             self._local.db = db
             if not self._schema_ready:
                 with self._transaction(db) as schema:
-                    _make_schema(schema)
+                    _make_schema(schema, self._bucket_ms)
                 self._schema_ready = True
         return db
 
@@ -436,10 +490,12 @@ class _Live:
 
     __slots__ = ("changed", "positives", "shown", "team_clicks")
 
-    def __init__(self, request_id: str, body: str, team_clicks: str, positives: int):
+    def __init__(self, request_id: str, body: str, team_clicks: str | None, positives: int):
         try:
             self.shown = ShownItems.from_json(body)
-            self.team_clicks: dict[str, int] = pydantic_core.from_json(team_clicks)
+            self.team_clicks: dict[str, int] = (
+                {} if team_clicks is None else pydantic_core.from_json(team_clicks)
+            )
         except ValueError as exc:  # not what this gateway wrote: the store is not to be trusted
             raise _unreadable(request_id, exc) from exc
         self.positives = positives
@@ -526,7 +582,7 @@ def _judge(
     return EventResult.ACCEPTED
 
 
-def _make_schema(db: sqlite3.Connection) -> None:
+def _make_schema(db: sqlite3.Connection, bucket_ms: int) -> None:
     """The tables, made or brought to `_SCHEMA_VERSION`, in the caller's write transaction."""
     (version,) = db.execute("PRAGMA user_version").fetchone()
     if version == 1:
@@ -537,4 +593,6 @@ def _make_schema(db: sqlite3.Connection) -> None:
     if version == 1:
         for statement in _AFTER_SCHEMA_FROM_1:
             db.execute(statement)
+    if version in (1, 2):
+        db.execute(_COUNT_STORED, (bucket_ms, bucket_ms))
     db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")

@@ -611,8 +611,8 @@ def _store_round_trip(url: str, port: int) -> None:
     parts = urllib.parse.urlsplit(url)
     store = open_store(parts._replace(netloc=f"127.0.0.1:{port}").geturl(), retention_s=3600)
     try:
-        shown = (ShownItem("i1", 0, None, (("sml", 1),)),)
-        store.save_impressions([Impression("r1", "u" * 32, time.time(), "rrf", "learned", shown)])
+        shown = (ShownItem("i1", 1, None, ("sml",)),)
+        store.save_impressions([Impression("r1", time.time(), "learned", shown)])
         click = FeedbackEvent("r1", "i1", "click", "e1")
         assert store.record([click, click]) == [EventResult.ACCEPTED, EventResult.DUPLICATE]
         assert store.stats().events == {"click": 1}

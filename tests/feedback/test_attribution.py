@@ -18,7 +18,7 @@ from gateway.feedback.impressions import ShownItem, credit_for
 # A hand-worked team-draft example: three teams, three impressions of six items each.
 TEAMS = ("als", "pop", "trd")
 ITEMS = tuple(
-    ShownItem(f"i{n}", n, team, ((team, (n + 1) // 2),))
+    ShownItem(f"i{n}", n, team, (team,))
     for n, team in enumerate(("als", "trd", "pop", "trd", "als", "pop"), start=1)
 )
 # Clicks in arrival order, as (impression, item).

@@ -1,4 +1,4 @@
-"""Tests of gateway/feedback/impressions.py: the JSON form, user hashing, arms, the credit rule."""
+"""Tests of gateway/feedback/impressions.py: the record, user hashing, arms, the credit rule."""
 
 from __future__ import annotations
 
@@ -23,62 +23,37 @@ from gateway.feedback.impressions import (
 
 INTERLEAVED = Impression(
     request_id="req-1",
-    user_hash=hash_user("user-7", "salt"),
     at=1_700_000_000.123456,
-    fusion="interleave",
     arm="treatment",
     items=(
-        ShownItem("i1", 1, "als", (("als", 1), ("pop", 3))),
-        ShownItem("i2", 2, "trd", (("trd", 1),)),
-        ShownItem("i3", 3, "als", (("als", 2),)),
+        ShownItem("i1", 1, "als", ("als", "pop")),
+        ShownItem("i2", 2, "trd", ("trd",)),
+        ShownItem("i3", 3, "als", ("als",)),
     ),
 )
 FUSED = Impression(
     request_id="req-2",
-    user_hash=hash_user("user-8", "salt"),
     at=1_700_000_001.0,
-    fusion="rrf",
     arm=None,
-    items=(ShownItem("i9", 1, None, (("als", 2), ("ncf", 1), ("pop", 4))),),
+    items=(ShownItem("i9", 1, None, ("als", "ncf", "pop")), ShownItem("i8", 2, None, ())),
+)
+# An answer from more recommenders than a bit mask in a double holds.
+WIDE = Impression(
+    request_id="req-3",
+    at=1_700_000_002.0,
+    arm=None,
+    items=(
+        ShownItem("i1", 1, None, tuple(f"r{n:02}" for n in range(60))),
+        ShownItem("i2", 2, "r59", ("r58", "r59")),
+    ),
 )
 
 
-@pytest.mark.parametrize("impression", [INTERLEAVED, FUSED])
-def test_an_impression_survives_its_json_form(impression: Impression) -> None:
-    assert Impression.from_json(impression.to_json()) == impression
-
-
-def test_the_json_form_is_compact() -> None:
-    text = INTERLEAVED.to_json()
-
-    assert " " not in text
-    assert text.startswith('{"r":"req-1","u":"')
-    assert '"i":[["i1",1,"als",[["als",1],["pop",3]]]' in text
-
-
-@pytest.mark.parametrize(
-    ("text", "field"),
-    [
-        ("[]", "JSON object"),
-        ('{"r":"x","u":"h","t":"soon","f":"rrf","a":null,"i":[]}', "'t'"),
-        ('{"r":"x","u":"h","t":1,"f":"rrf","a":null,"i":{}}', "'i'"),
-        ('{"r":1,"u":"h","t":1,"f":"rrf","a":null,"i":[]}', "'r'"),
-        ('{"r":"x","u":"h","t":1,"f":"rrf","a":3,"i":[]}', "'a'"),
-        ('{"r":"x","u":"h","t":1,"f":"rrf","a":null,"i":[["i",true,null,[]]]}', "position"),
-        ('{"r":"x","u":"h","t":1,"f":"rrf","a":null,"i":[["i",1,null,[["a"]]]]}', "sources"),
-    ],
-)
-def test_a_malformed_impression_is_refused_naming_the_field(text: str, field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        Impression.from_json(text)
-
-
-@pytest.mark.parametrize("impression", [INTERLEAVED, FUSED])
-def test_shown_items_read_what_an_event_needs_as_the_impression_has_it(
-    impression: Impression,
-) -> None:
+@pytest.mark.parametrize("impression", [INTERLEAVED, FUSED, WIDE])
+def test_the_record_keeps_every_item_its_place_team_and_sources(impression: Impression) -> None:
     shown = ShownItems.from_json(impression.to_json())
 
+    assert shown.items() == impression.items
     assert shown.arm == impression.arm
     assert shown.teams() == impression.teams()
     for item in impression.items:
@@ -86,10 +61,54 @@ def test_shown_items_read_what_an_event_needs_as_the_impression_has_it(
     assert shown.item("never-shown") is None
 
 
+def test_the_record_names_each_recommender_once_and_keeps_no_request_time_or_user() -> None:
+    text = INTERLEAVED.to_json()
+
+    # Sources as bit masks over the names (i1: als and pop, 0b011), teams as their indexes.
+    assert text == '[2,"treatment",["als","pop","trd"],[["i1",3,0],["i2",4,2],["i3",1,0]]]'
+    assert FUSED.to_json() == '[2,null,["als","ncf","pop"],[["i9",7],["i8",0]]]'
+    assert WIDE.to_json().endswith(
+        '[["i1",[' + ",".join(map(str, range(60))) + ']],["i2",[58,59],59]]]'
+    )
+
+
+VERSION_1 = (
+    '{"r":"req-1","u":"5f2a","t":1700000000.5,"f":"interleave","a":"treatment",'
+    '"i":[["i1",1,"als",[["als",1],["pop",3]]],["i2",2,"trd",[["trd",1]]],'
+    '["i3",3,null,[["als",2],["als",4]]]]}'
+)
+
+
+def test_a_record_of_the_first_form_is_still_read() -> None:
+    shown = ShownItems.from_json(VERSION_1)
+
+    assert shown.arm == "treatment"
+    assert shown.teams() == ("als", "trd")
+    assert shown.items() == (
+        ShownItem("i1", 1, "als", ("als", "pop")),
+        ShownItem("i2", 2, "trd", ("trd",)),
+        ShownItem("i3", 3, None, ("als",)),
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "field"),
     [
-        ("[]", "JSON object"),
+        ("[]", "impression record is"),
+        ("[3,null,[],[]]", "impression record is"),
+        ('"text"', "impression record is"),
+        ("[2,3,[],[]]", "'arm'"),
+        ("[2,null,{},[]]", "names"),
+        ('[2,null,["a",1],[]]', "names"),
+        ('[2,null,["a"],{}]', "items"),
+        ('[2,null,["a"],[["i1"]]]', "items"),
+        ('[2,null,["a"],[["i1",2]]]', "sources"),
+        ('[2,null,["a"],[["i1",-1]]]', "sources"),
+        ('[2,null,["a"],[["i1","a"]]]', "sources"),
+        ('[2,null,["a"],[["i1",[1]]]]', "sources"),
+        ('[2,null,["a"],[["i1",1,1]]]', "team"),
+        ('[2,null,["a"],[["i1",1,true]]]', "team"),
+        ('[2,null,["a"],[[7,1]]]', "item ids"),
         ('{"a":null,"i":{}}', "'i'"),
         ('{"a":null,"i":[["i1",1,null]]}', "'i'"),
         ('{"a":3,"i":[]}', "'a'"),
@@ -98,10 +117,10 @@ def test_shown_items_read_what_an_event_needs_as_the_impression_has_it(
         ('{"a":null,"i":[["i1",1,7,[]]]}', "team"),
     ],
 )
-def test_shown_items_refuse_a_malformed_impression_naming_the_field(text: str, field: str) -> None:
+def test_a_malformed_record_is_refused_naming_the_field(text: str, field: str) -> None:
     with pytest.raises(ValueError, match=field):
         shown = ShownItems.from_json(text)
-        shown.item("i1")
+        shown.items()
         shown.teams()
 
 
@@ -204,26 +223,42 @@ def test_an_answer_encoded_in_one_pass_is_the_impression_it_showed() -> None:
     ]
     encoded = EncodedImpression.of_answer(
         "req-3",
-        "u" * USER_HASH_LENGTH,
         1_700_000_002.25,
-        "interleave",
         "arm-a",
         items,
         ("als", "trd", "pop"),
     )
 
-    assert Impression.from_json(encoded.to_json()) == Impression(
-        request_id="req-3",
-        user_hash="u" * USER_HASH_LENGTH,
-        at=1_700_000_002.25,
-        fusion="interleave",
-        arm="arm-a",
-        items=(
-            ShownItem("i1", 1, "als", (("als", 1),)),
-            ShownItem("i2", 2, "trd", (("trd", 1), ("pop", 3))),
-            ShownItem("i3", 3, "pop", ()),
-        ),
+    assert ShownItems.from_json(encoded.to_json()).items() == (
+        ShownItem("i1", 1, "als", ("als",)),
+        ShownItem("i2", 2, "trd", ("pop", "trd")),
+        ShownItem("i3", 3, "pop", ()),
     )
     assert encoded.recommenders() == ("als", "pop", "trd")
     assert (encoded.request_id, encoded.at, encoded.arm) == ("req-3", 1_700_000_002.25, "arm-a")
-    assert '"i":[["i1",1,"als",[["als",1]]]' in encoded.to_json()
+    assert (
+        encoded.to_json()
+        == Impression(
+            "req-3",
+            1_700_000_002.25,
+            "arm-a",
+            (
+                ShownItem("i1", 1, "als", ("als",)),
+                ShownItem("i2", 2, "trd", ("pop", "trd")),
+                ShownItem("i3", 3, "pop", ()),
+            ),
+        ).to_json()
+    )
+
+
+def test_an_answer_from_more_recommenders_than_a_mask_holds_lists_their_indexes() -> None:
+    names = [f"r{n:02}" for n in range(60)]
+    items = [
+        {"id": "i1", "sources": [{"name": name, "rank": 1} for name in names]},
+        {"id": "i2", "sources": [{"name": "r59", "rank": 2}, {"name": "r58", "rank": 1}]},
+    ]
+
+    encoded = EncodedImpression.of_answer("req-3", 1_700_000_002.0, None, items, (None, "r59"))
+
+    assert encoded.to_json() == WIDE.to_json()
+    assert encoded.recommenders() == tuple(names)

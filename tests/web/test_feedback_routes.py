@@ -21,7 +21,7 @@ import redis
 import requests
 
 from gateway.contract.feedback_schemas import ExperimentsReport, FeedbackReceipt
-from gateway.feedback.impressions import Impression, hash_user
+from gateway.feedback.impressions import ShownItems, hash_user
 from gateway.feedback.sqlite_store import SQLiteStore
 from gateway.web.app import GatewayFlask, create_app
 from mock_recommenders import MockFleet, MockFleetProcess
@@ -97,9 +97,9 @@ def report(url: str, impressions: int = 0, **kwargs: Any) -> dict[str, Any]:
     return found[0]
 
 
-def stored(database: Path, request_id: str) -> Impression:
-    """The impression the gateway wrote for `request_id`, read from its SQLite file."""
-    found: list[Impression] = []
+def stored(database: Path, request_id: str) -> ShownItems:
+    """The record the gateway wrote for `request_id`, read from its SQLite file."""
+    found: list[ShownItems] = []
 
     def written() -> bool:
         try:
@@ -112,7 +112,7 @@ def stored(database: Path, request_id: str) -> Impression:
         except sqlite3.OperationalError:  # no file or no table yet
             return False
         if row is not None:
-            found.append(Impression.from_json(row[0]))
+            found.append(ShownItems.from_json(row[0]))
         return bool(found)
 
     wait_until(written, 10, f"impression {request_id} never written")
@@ -333,9 +333,9 @@ def test_clicks_credit_the_interleaving_team_or_the_sources_and_compare_teams_pa
     interleaved = shown(url, fusion="interleave", resultSize=8)
     fused = shown(url, user="u2", fusion="rrf")
     impression = stored(tmp_path / "feedback.db", interleaved["request_id"])
-    team_of = {shown_item.item_id: str(shown_item.team) for shown_item in impression.items}
+    team_of = {shown_item.item_id: str(shown_item.team) for shown_item in impression.items()}
     assert [team_of[item["id"]] for item in interleaved["fused"]] == [
-        shown_item.team for shown_item in impression.items
+        shown_item.team for shown_item in impression.items()
     ]
     winner = team_of[interleaved["fused"][0]["id"]]
     runner_up = next(team for team in team_of.values() if team != winner)
@@ -448,7 +448,7 @@ def learning_stream(url: str, database: Path, favourite: str, answers: int) -> N
     for n in range(answers):
         answer = shown(url, user=f"user-{n}", fusion="interleave")
         impression = stored(database, answer["request_id"])
-        item = next(i.item_id for i in impression.items if i.team == favourite)
+        item = next(i.item_id for i in impression.items() if i.team == favourite)
         assert post(url, click(answer) | {"item_id": item}).status_code == 202
 
 
@@ -518,7 +518,7 @@ def test_impressions_expire_after_the_retention(
     assert report(url)["impressions_stored"] == 0
 
 
-def test_the_store_keeps_a_pseudonym_never_the_user_id(
+def test_the_store_keeps_no_user_neither_the_id_nor_its_pseudonym(
     fleet: MockFleet, serve: Serve, tmp_path: Path
 ) -> None:
     url = serve(feedback_app(fleet, tmp_path))
@@ -526,9 +526,10 @@ def test_the_store_keeps_a_pseudonym_never_the_user_id(
 
     impression = stored(tmp_path / "feedback.db", answer["request_id"])
 
-    assert impression.user_hash == hash_user("alice@example.com", SALT)
+    assert [item.item_id for item in impression.items()] == [i["id"] for i in answer["fused"]]
     contents = b"".join(path.read_bytes() for path in tmp_path.glob("feedback.db*"))
     assert b"alice@example.com" not in contents
+    assert hash_user("alice@example.com", SALT).encode() not in contents
 
 
 def test_feedback_is_counted_in_the_metrics(url: str) -> None:
@@ -599,8 +600,9 @@ def test_two_instances_on_one_store_count_as_one(
 
     if shared_store.startswith("redis"):
         contents = redis_contents(shared_store)
-        assert hash_user("user-1", SALT) in contents
-        assert "user-1" not in contents.replace(hash_user("user-1", SALT), "")
+        assert "imp:" + answers[1]["request_id"] in contents
+        assert hash_user("user-1", SALT) not in contents
+        assert "user-1" not in contents
 
 
 def redis_contents(url: str) -> str:
