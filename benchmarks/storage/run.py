@@ -64,7 +64,7 @@ def answers(count: int, seed: int, long_ids: bool) -> Iterator[tuple[list[dict[s
     """`count` answers of ten items in `Fuser.fuse`'s form, each with one item to click."""
     draw = random.Random(seed)
     for _ in range(count):
-        items = []
+        items: list[dict[str, Any]] = []
         for _position in range(10):
             names = draw.sample(RECOMMENDERS, draw.choice([1, 1, 2, 2, 3, 4]))
             sources = [
@@ -74,7 +74,7 @@ def answers(count: int, seed: int, long_ids: bool) -> Iterator[tuple[list[dict[s
             long_id = str(uuid.UUID(int=draw.getrandbits(128)))
             item_id = long_id if long_ids else f"i{draw.randrange(1000)}"
             items.append({"id": item_id, "score": draw.random(), "sources": sources})
-        yield items, draw.choice(items)["id"]
+        yield items, str(draw.choice(items)["id"])
 
 
 def feed(
@@ -161,9 +161,9 @@ def measure_bytes(folder: Path, count: int, redis_url: str | None) -> dict[str, 
     for long_ids in (False, True):
         ids = "uuid" if long_ids else "short"
         path = folder / f"bytes-{ids}.db"
-        store = SQLiteStore(path, 7 * DAY_S)
-        feed(store, count, time.time, 7, long_ids)
-        store.close()
+        sqlite_store = SQLiteStore(path, 7 * DAY_S)
+        feed(sqlite_store, count, time.time, 7, long_ids)
+        sqlite_store.close()
         used = sqlite_used(path)
         sample = EncodedImpression.of_answer(
             "0" * 32, 0.0, None, next(answers(1, 7, long_ids))[0], (None,) * 10
