@@ -2,7 +2,7 @@
 level measured in a load generator of its own, the CPU and memory of the processes watched.
 
 The suites (`benchmarks.speed`, `benchmarks.quality`, `benchmarks.online`,
-`benchmarks.scaleout`) start what they measure with these.
+`benchmarks.scaleout`, `benchmarks.soak`) start what they measure with these.
 """
 
 from __future__ import annotations
