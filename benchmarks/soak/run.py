@@ -3,8 +3,8 @@
 It starts the four mock recommenders (20 ms each) and the gateway under gunicorn
 (`--workers` 2, settings as shipped) with feedback on: the SQLite store in a scratch folder,
 or with ``--store redis`` a redis-server of its own (`benchmarks.harness.redisserver`). Then
-`--users` (4) closed-loop users, for `--minutes` (30): each POSTs /recommendation (a user id
-of 5,000, 10 items), clicks one item of ``fused`` in 30% of the 200s (POST /feedback), and
+`--users` (4) closed-loop users, for `--minutes` (30): each POSTs /recommendation (one of
+5,000 user ids, 10 items), clicks one item of ``fused`` in 30% of the 200s (POST /feedback), and
 GETs /experiments after 1% of its requests. Every `--sample-s` (30) seconds, and once before
 the load, a sample: the resident memory (RSS) of each worker by pid, what every request was
 answered so far by status (a request that got no answer is counted by its error's name), and

@@ -16,7 +16,15 @@ from typing import Any
 
 import pytest
 
-from benchmarks.soak.report import FLAT_MB, checks, fitted_growth, thin, worker_memory
+from benchmarks.soak.report import (
+    FLAT_MB,
+    FLAT_PER_S,
+    allowed_growth,
+    checks,
+    fitted_growth,
+    thin,
+    worker_memory,
+)
 from tests.helpers import ROOT
 from tests.tools import require_tool
 
@@ -45,10 +53,11 @@ def test_fitted_growth_is_the_least_squares_line_over_the_span() -> None:
 
 
 def test_a_worker_that_grows_only_in_the_first_half_is_flat_after_warm_up() -> None:
-    # "1" warms up from 60 to 70 MB, then wanders within a megabyte; "2" grows steadily.
+    # Half an hour sampled every 5 minutes: "1" warms up from 60 to 70 MB, then wanders within
+    # a megabyte; "2" grows steadily, 3 MB in the second half.
     warm = [60, 65, 70, 70.5, 69.8, 70.6, 70.2]
     leaky = [60, 61, 62, 63, 64, 65, 66]
-    samples = [sample(10.0 * i, {"1": warm[i], "2": leaky[i]}) for i in range(len(warm))]
+    samples = [sample(300.0 * i, {"1": warm[i], "2": leaky[i]}) for i in range(len(warm))]
 
     first, second = worker_memory(samples)
 
@@ -56,10 +65,11 @@ def test_a_worker_that_grows_only_in_the_first_half_is_flat_after_warm_up() -> N
     assert (first["start_mb"], first["half_mb"], first["half_t_s"], first["end_mb"]) == (
         60,
         70.5,
-        30.0,
+        900.0,
         70.2,
     )
     assert first["first_half_growth_mb"] > 9
+    assert first["allowed_growth_mb"] == FLAT_MB  # a 15-minute half, 3% of 70.5 MB above it
     assert abs(first["second_half_growth_mb"]) < FLAT_MB
     assert first["second_half_range_mb"] == [69.8, 70.6]
     assert second["verdict"] == "still growing"
@@ -73,13 +83,28 @@ def test_a_worker_that_grows_only_in_the_first_half_is_flat_after_warm_up() -> N
 
 
 def test_growth_under_2_mb_but_over_3_percent_is_still_growing() -> None:
-    small = [20, 20, 20, 20.5, 21.0, 21.5]  # +1.5 MB of 20: 7.5%
-    samples = [sample(10.0 * i, {"7": small[i]}) for i in range(len(small))]
+    small = [20, 20, 20, 20, 20.5, 21.0, 21.5]  # +1.5 MB of 20 in 15 minutes: 7.5%
+    samples = [sample(300.0 * i, {"7": small[i]}) for i in range(len(small))]
 
     (worker,) = worker_memory(samples)
 
     assert worker["second_half_growth_mb"] < FLAT_MB
+    assert worker["allowed_growth_mb"] == pytest.approx(0.6)
     assert worker["verdict"] == "still growing"
+
+
+def test_what_a_worker_may_grow_is_scaled_to_the_length_of_the_half() -> None:
+    # +0.9 MB in the second half: flat over 15 minutes, a leak over one.
+    rss = [63.0, 67.0, 69.0, 69.3, 69.6, 69.9]
+
+    for spacing, verdict in ((300.0, "flat after warm-up"), (20.0, "still growing")):
+        samples = [sample(spacing * i, {"1": mb}) for i, mb in enumerate(rss)]
+        (worker,) = worker_memory(samples)
+        assert worker["second_half_growth_mb"] == pytest.approx(0.9)
+        assert worker["verdict"] == verdict
+    assert allowed_growth(70.0, FLAT_PER_S) == FLAT_MB
+    assert allowed_growth(70.0, 60.0) == pytest.approx(FLAT_MB / 15)
+    assert allowed_growth(50.0, FLAT_PER_S) == pytest.approx(1.5)
 
 
 def test_a_worker_missing_from_part_of_the_run_gets_no_verdict_of_flat() -> None:
