@@ -15,6 +15,9 @@ run before this suite grew a worker from 68 to 74 MB in its first 15 minutes, th
 within 0.4 MB). The samples of a flat worker wander (that run's other worker: 63.3, 65.3,
 64.5 MB) and the fitted line keeps the trend, not the wander; 2 MB in 15 minutes, at that
 run's 60 requests per second per worker, is a leak of about 40 bytes per request.
+
+A worker's verdict means something only if it worked: the checks want each worker to have
+used at least `MIN_CPU_SHARE` (a quarter) of an even share of the workers' CPU time.
 """
 
 from __future__ import annotations
@@ -28,19 +31,22 @@ __all__ = [
     "FLAT_MB",
     "FLAT_PER_S",
     "FLAT_SHARE",
+    "MIN_CPU_SHARE",
     "allowed_growth",
     "checks",
     "clock",
     "fitted_growth",
     "markdown",
     "thin",
-    "worker_memory",
+    "worker_summary",
     "write",
 ]
 
 FLAT_MB = 2.0
 FLAT_SHARE = 0.03
 FLAT_PER_S = 900.0
+# A worker that did less than a quarter of an even share of the work was hardly soaked.
+MIN_CPU_SHARE = 0.25
 TABLE_ROWS = 14
 FLAT = "flat after warm-up"
 GROWING = "still growing"
@@ -65,11 +71,13 @@ def allowed_growth(half_mb: float, half_s: float) -> float:
     return min(FLAT_MB, FLAT_SHARE * half_mb) * half_s / FLAT_PER_S
 
 
-def worker_memory(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def worker_summary(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per worker pid: its RSS at the start, at half-time and at the end, its growth in each
-    half, and the verdict."""
+    half and the verdict; the CPU time it used in the run, and its share of the workers'."""
     first_t, end_t = samples[0]["t_s"], samples[-1]["t_s"]
     pids = list(dict.fromkeys(pid for sample in samples for pid in sample["rss_mb"]))
+    cpu = {pid: [s["cpu_s"][pid] for s in samples if pid in s["cpu_s"]] for pid in pids}
+    used = {pid: seconds[-1] - seconds[0] if seconds else 0.0 for pid, seconds in cpu.items()}
     rows = []
     for pid in pids:
         series = [(s["t_s"], s["rss_mb"][pid]) for s in samples if pid in s["rss_mb"]]
@@ -100,6 +108,10 @@ def worker_memory(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     max(mb for _, mb in series[middle:]),
                 ],
                 "verdict": verdict,
+                "cpu_s": round(used[pid], 2),
+                "cpu_share": round(used[pid] / sum(used.values()), 3)
+                if any(used.values())
+                else 0.0,
             }
         )
     return rows
@@ -125,6 +137,14 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
             f"{_mb(growth)} MB{share}: {worker['verdict']}",
             f"under {worker['allowed_growth_mb']:.2f} MB",
             worker["verdict"] == FLAT,
+        )
+    least = MIN_CPU_SHARE / max(1, len(results["workers"]))
+    for worker in results["workers"]:
+        row(
+            f"worker {worker['pid']}: its share of the workers' CPU in the run",
+            f"{worker['cpu_share']:.0%} ({worker['cpu_s']:.1f} s)",
+            f"at least {least:.0%}",
+            worker["cpu_share"] >= least,
         )
     last = results["samples"][-1]
     feedback = last["feedback"]
@@ -153,7 +173,7 @@ def thin(samples: list[dict[str, Any]], rows: int = TABLE_ROWS) -> list[dict[str
 
 
 def _mb(value: float | None) -> str:
-    return "-" if value is None else f"{value:+.1f}"
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def clock(seconds: float) -> str:
@@ -207,8 +227,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"the half's length (`allowed`), else **{GROWING}**.",
         "",
         "| worker pid | RSS at start MB | at half-time | at the end | growth, first half "
-        "| growth, second half | allowed | second half, min-max | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| growth, second half | allowed | second half, min-max | verdict | CPU s (share) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in workers:
         low, high = w["second_half_range_mb"]
@@ -216,7 +236,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {w['pid']} | {w['start_mb']:.1f} | {w['half_mb']:.1f} ({clock(w['half_t_s'])}) "
             f"| {w['end_mb']:.1f} | {_mb(w['first_half_growth_mb'])} "
             f"| {_mb(w['second_half_growth_mb'])} | {w['allowed_growth_mb']:.2f} "
-            f"| {low:.1f}-{high:.1f} | **{w['verdict']}** |"
+            f"| {low:.1f}-{high:.1f} | **{w['verdict']}** "
+            f"| {w['cpu_s']:.1f} ({w['cpu_share']:.0%}) |"
         )
     lines += [""]
     lines += [f"Worker {w['pid']}: {w['verdict']}." for w in workers]

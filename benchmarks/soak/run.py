@@ -4,19 +4,23 @@ It starts the four mock recommenders (20 ms each) and the gateway under gunicorn
 (`--workers` 2, settings as shipped) with feedback on: the SQLite store in a scratch folder,
 or with ``--store redis`` a redis-server of its own (`benchmarks.harness.redisserver`). Then
 `--users` (4) closed-loop users, for `--minutes` (30): each POSTs /recommendation (one of
-5,000 user ids, 10 items), clicks one item of ``fused`` in 30% of the 200s (POST /feedback), and
-GETs /experiments after 1% of its requests. Every `--sample-s` (30) seconds, and once before
-the load, a sample: the resident memory (RSS) of each worker by pid, what every request was
-answered so far by status (a request that got no answer is counted by its error's name), and
-the feedback store's size (the SQLite files, ``-wal`` and ``-shm`` included; Redis's
-``used_memory``).
+5,000 user ids, 10 items), clicks one item of ``fused`` in 30% of the 200s (POST /feedback),
+and GETs /experiments after 1% of its requests. Each user has its connection closed after
+every 100th recommendation and opens another: kept for the whole run, the connections are
+spread over the workers once, as the kernel pleases (3 and 1 in one try; in another, one
+worker's memory never moved, as if it served nothing), and an idle worker's memory says
+nothing. Every `--sample-s` (30) seconds, and once before the load, a sample: each worker's
+resident memory (RSS) and CPU time by pid, what every request was answered so far by status
+(a request that got no answer is counted by its error's name), and the feedback store's size
+(the SQLite files, ``-wal`` and ``-shm`` included; Redis's ``used_memory``).
 
 Writes `soak.json` (every sample) and `soak.md` (the samples thinned to about 14 rows, and per
 worker the RSS growth in the first and the second half of the run, with its verdict:
 `benchmarks.soak.report`) to `docs/benchmarks/soak/` (`--out`), and prints the report. The
 store, the gunicorn, mock and redis logs go to a temporary folder removed at the end, or to
-`--work`. Exits 1 when a check is not met: a worker still growing in the second half, a
-/feedback answer other than 202, a request that got no answer.
+`--work`. Exits 1 when a check is not met: a worker still growing in the second half, or
+doing less than its part of the work, a /feedback answer other than 202, a request that got
+no answer.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from benchmarks.harness.servers import (
     ROOT,
     booted_workers,
     children,
+    cpu_seconds,
     gateway_env,
     mocks,
     rss_mb,
@@ -51,7 +56,7 @@ from benchmarks.harness.servers import (
     serve_gunicorn,
     source_commit,
 )
-from benchmarks.soak.report import checks, clock, markdown, worker_memory, write
+from benchmarks.soak.report import checks, clock, markdown, worker_summary, write
 from mock_recommenders import DEFAULT_NAMES
 
 __all__ = ["STORES", "SoakPlan", "main", "parse_plan", "run_soak"]
@@ -80,6 +85,7 @@ class SoakPlan:
     experiments_share: float = 0.01
     user_ids: int = 5000
     result_size: int = 10
+    reconnect_every: int = 100
 
 
 Counts = dict[str, Counter[str]]
@@ -131,12 +137,18 @@ async def _user(
 ) -> None:
     """One closed-loop user until `stop_at`: recommendation, maybe a click, maybe /experiments."""
     rng = random.Random(number)
+    sent = 0
     while time.monotonic() < stop_at:
         user_id = f"soak-{rng.randrange(plan.user_ids)}"
         request = {"user_id": user_id, "resultSize": plan.result_size}
+        sent += 1
+        # The gateway closes the connection after answering; the next request opens another,
+        # on whichever worker accepts it.
+        close = {"Connection": "close"} if sent % plan.reconnect_every == 0 else None
         asked = "recommendations"  # the request in flight, for the count of one that fails
         try:
-            async with session.post(f"{url}/recommendation", json=request) as answer:
+            post = session.post(f"{url}/recommendation", json=request, headers=close)
+            async with post as answer:
                 body = await answer.json(content_type=None) if answer.status == 200 else None
                 await answer.read()
             counts[asked][str(answer.status)] += 1
@@ -162,10 +174,12 @@ async def _user(
 
 def _sample(started: float, master: int, counts: Counts, store: Store) -> dict[str, Any]:
     size, files = store.size()
-    rss = {str(pid): rss_mb(pid) for pid in children(master)}
+    workers = children(master)
+    rss = {str(pid): rss_mb(pid) for pid in workers}
     return {
         "t_s": round(time.monotonic() - started, 1),
         "rss_mb": {pid: mb for pid, mb in rss.items() if mb is not None},
+        "cpu_s": {str(pid): round(cpu_seconds([pid]), 2) for pid in workers},
         **{endpoint: dict(sorted(counts[endpoint].items())) for endpoint in ENDPOINTS},
         "store_bytes": size,
         "store_files": files,
@@ -228,7 +242,7 @@ def run_soak(
         ),
         "samples": samples,
     }
-    results["workers"] = worker_memory(samples)
+    results["workers"] = worker_summary(samples)
     results["checks"] = checks(results)
     return results
 

@@ -23,7 +23,7 @@ from benchmarks.soak.report import (
     checks,
     fitted_growth,
     thin,
-    worker_memory,
+    worker_summary,
 )
 from tests.helpers import ROOT
 from tests.tools import require_tool
@@ -31,10 +31,13 @@ from tests.tools import require_tool
 VERDICTS = {"flat after warm-up", "still growing", "too few samples"}
 
 
-def sample(t_s: float, rss: dict[str, float], **counts: dict[str, int]) -> dict[str, Any]:
+def sample(
+    t_s: float, rss: dict[str, float], cpu: dict[str, float] | None = None, **counts: dict[str, int]
+) -> dict[str, Any]:
     return {
         "t_s": t_s,
         "rss_mb": rss,
+        "cpu_s": {pid: t_s / 10 for pid in rss} if cpu is None else cpu,
         "recommendations": counts.get("recommendations", {"200": 10}),
         "feedback": counts.get("feedback", {"202": 3}),
         "experiments": counts.get("experiments", {}),
@@ -59,7 +62,7 @@ def test_a_worker_that_grows_only_in_the_first_half_is_flat_after_warm_up() -> N
     leaky = [60, 61, 62, 63, 64, 65, 66]
     samples = [sample(300.0 * i, {"1": warm[i], "2": leaky[i]}) for i in range(len(warm))]
 
-    first, second = worker_memory(samples)
+    first, second = worker_summary(samples)
 
     assert (first["pid"], first["verdict"]) == ("1", "flat after warm-up")
     assert (first["start_mb"], first["half_mb"], first["half_t_s"], first["end_mb"]) == (
@@ -74,11 +77,31 @@ def test_a_worker_that_grows_only_in_the_first_half_is_flat_after_warm_up() -> N
     assert first["second_half_range_mb"] == [69.8, 70.6]
     assert second["verdict"] == "still growing"
     assert second["second_half_growth_mb"] == pytest.approx(3.0)
+    assert (first["cpu_s"], first["cpu_share"]) == (180.0, 0.5)
     assert [c["met"] for c in checks({"workers": [first, second], "samples": samples})] == [
-        True,
-        False,
-        True,
-        True,
+        True,  # 1 flat
+        False,  # 2 still growing
+        True,  # 1's share of the CPU
+        True,  # 2's
+        True,  # every /feedback 202
+        True,  # every request answered
+    ]
+
+
+def test_a_worker_that_did_little_of_the_work_fails_its_check() -> None:
+    cpu = [{"1": 0.0, "2": 0.0}, {"1": 10.0, "2": 1.5}, {"1": 20.0, "2": 2.0}]
+    samples = [sample(10.0 * i, {"1": 60, "2": 60}, cpu[i]) for i in range(3)]
+
+    busy, idle = worker_summary(samples)
+
+    assert (busy["cpu_s"], idle["cpu_s"]) == (20.0, 2.0)
+    assert idle["cpu_share"] == pytest.approx(2 / 22, abs=1e-3)
+    shares = [
+        c for c in checks({"workers": [busy, idle], "samples": samples}) if "CPU" in c["figure"]
+    ]
+    assert [(c["met"], c["goal"]) for c in shares] == [
+        (True, "at least 12%"),
+        (False, "at least 12%"),
     ]
 
 
@@ -86,7 +109,7 @@ def test_growth_under_2_mb_but_over_3_percent_is_still_growing() -> None:
     small = [20, 20, 20, 20, 20.5, 21.0, 21.5]  # +1.5 MB of 20 in 15 minutes: 7.5%
     samples = [sample(300.0 * i, {"7": small[i]}) for i in range(len(small))]
 
-    (worker,) = worker_memory(samples)
+    (worker,) = worker_summary(samples)
 
     assert worker["second_half_growth_mb"] < FLAT_MB
     assert worker["allowed_growth_mb"] == pytest.approx(0.6)
@@ -99,7 +122,7 @@ def test_what_a_worker_may_grow_is_scaled_to_the_length_of_the_half() -> None:
 
     for spacing, verdict in ((300.0, "flat after warm-up"), (20.0, "still growing")):
         samples = [sample(spacing * i, {"1": mb}) for i, mb in enumerate(rss)]
-        (worker,) = worker_memory(samples)
+        (worker,) = worker_summary(samples)
         assert worker["second_half_growth_mb"] == pytest.approx(0.9)
         assert worker["verdict"] == verdict
     assert allowed_growth(70.0, FLAT_PER_S) == FLAT_MB
@@ -111,7 +134,7 @@ def test_a_worker_missing_from_part_of_the_run_gets_no_verdict_of_flat() -> None
     samples = [sample(0, {"1": 60}), sample(10, {"1": 60}), sample(20, {"1": 60, "9": 50})]
     samples.append(sample(30, {"1": 60, "9": 50}))
 
-    steady, replacement = worker_memory(samples)
+    steady, replacement = worker_summary(samples)
 
     assert steady["verdict"] == "flat after warm-up"
     assert replacement["verdict"] == "not there the whole run (replaced?)"
@@ -125,7 +148,8 @@ def test_the_checks_count_feedback_not_202_and_requests_that_got_no_answer() -> 
         feedback={"202": 30, "503": 1},
         experiments={"200": 1},
     )
-    results = {"workers": worker_memory([sample(0, {"1": 60}), last]), "samples": [last]}
+    results = {"workers": worker_summary([sample(0, {"1": 60}), last]), "samples": [last]}
+    assert results["workers"][0]["cpu_share"] == 1.0
 
     found = {c["figure"]: c for c in checks(results)}
 
@@ -169,6 +193,7 @@ def assert_counted_and_written(
     assert len(pids) == 2  # --workers 2: each by its pid, not summed
     for s in samples:
         assert set(s["rss_mb"]) == pids and all(mb > 0 for mb in s["rss_mb"].values())
+        assert set(s["cpu_s"]) == pids
         assert s["store_bytes"] == sum(s["store_files"].values())
     last = samples[-1]
     assert last["recommendations"].get("200", 0) > 0
@@ -181,6 +206,7 @@ def assert_counted_and_written(
             assert sum(after[endpoint].values()) >= sum(before[endpoint].values())
     for worker in results["workers"]:
         assert worker["verdict"] in VERDICTS
+    assert sum(w["cpu_share"] for w in results["workers"]) == pytest.approx(1.0, abs=0.01)
     report = (out / "soak.md").read_text()
     for worker in results["workers"]:
         assert f"Worker {worker['pid']}: {worker['verdict']}." in report
