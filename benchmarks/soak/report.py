@@ -200,9 +200,10 @@ def markdown(results: dict[str, Any]) -> str:
         f"{plan['users']} closed-loop users POST /recommendation (of {plan['user_ids']:,} user "
         f"ids, {plan['result_size']} items), click one fused item of {plan['click_share']:.0%} "
         f"of the 200s (POST /feedback) and GET /experiments after {plan['experiments_share']:.0%} "
-        f"of their requests. Every {plan['sample_s']:g} s, and once before the load: each "
-        f"worker's RSS (by pid), the answers so far by status, the store's size "
-        f"({results['store_bytes_is']}).",
+        f"of their requests, each user's connection closed after every "
+        f"{plan['reconnect_every']}th recommendation. Every {plan['sample_s']:g} s, and once "
+        f"before the load: each worker's RSS and CPU time (by pid), the answers so far by "
+        f"status, the store's size ({results['store_bytes_is']}).",
         "",
         "Answered in all (requests that got no answer are counted by their error's name):",
         "",
