@@ -13,6 +13,8 @@ impressions`` what keeping impressions costs a worker, in process: see
 takes in each store, and that retention bounds them: see `benchmarks.storage`.
 ``python -m benchmarks online`` plays simulated users who click, and measures what the gateway
 learns from them (interleaving against A/B, learnt weights): see `benchmarks.online`.
+``python -m benchmarks soak`` runs the gateway with feedback on under steady load for half an
+hour and samples its workers' memory and the feedback store: see `benchmarks.soak`.
 
 Starts the mock recommenders, then the gateway under gunicorn once per strategy (and the
 per-call-session reference), drives each with a closed-loop load generator in its own process
@@ -58,7 +60,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[Plan, Path]:
         "goodput under overload: python -m benchmarks overload --help; "
         "two gateways behind nginx, one stopped: python -m benchmarks scaleout --help; "
         "learning from simulated clicks: python -m benchmarks online --help; "
-        "bytes per impression in each store: python -m benchmarks storage --help",
+        "bytes per impression in each store: python -m benchmarks storage --help; "
+        "memory over half an hour with feedback on: python -m benchmarks soak --help",
     )
     parser.add_argument("--levels", type=_ints, help="concurrency levels (default 1,8,32,64)")
     parser.add_argument("--duration", type=float, help="seconds measured per level (default 10)")
@@ -150,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.online import run as online
 
         return online.main(argv[1:])
+    if argv[:1] == ["soak"]:
+        from benchmarks.soak import run as soak
+
+        return soak.main(argv[1:])
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -2,7 +2,7 @@
 level measured in a load generator of its own, the CPU and memory of the processes watched.
 
 The suites (`benchmarks.speed`, `benchmarks.quality`, `benchmarks.online`,
-`benchmarks.scaleout`) start what they measure with these.
+`benchmarks.scaleout`, `benchmarks.soak`) start what they measure with these.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ __all__ = [
     "measure_level",
     "mocks",
     "pick",
+    "rss_mb",
     "run_with_spinner",
     "serve_gunicorn",
     "source_commit",
@@ -115,15 +116,19 @@ def gateway_env(recommenders: list[dict[str, Any]], **settings: object) -> dict[
 GATEWAY_COMMAND = [GUNICORN, "-c", "gunicorn.conf.py", "gateway.asgi:app"]
 
 
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of process `pid` in MB (Linux /proc); None once it has exited."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return None
+
+
 def worker_rss_mb(master_pid: int) -> list[float]:
     """Resident memory of each child (worker) of a gunicorn master, in MB (Linux /proc)."""
-    sizes = []
-    for child in children(master_pid):
-        with contextlib.suppress(OSError):
-            for line in Path(f"/proc/{child}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    sizes.append(round(int(line.split()[1]) / 1024, 1))
-    return sizes
+    sizes = (rss_mb(child) for child in children(master_pid))
+    return [size for size in sizes if size is not None]
 
 
 def cpu_seconds(pids: list[int]) -> float:

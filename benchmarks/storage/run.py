@@ -30,9 +30,7 @@ import contextlib
 import json
 import os
 import random
-import shutil
 import sqlite3
-import subprocess
 import tempfile
 import time
 import uuid
@@ -42,13 +40,12 @@ from typing import Any
 
 import redis
 
+from benchmarks.harness.redisserver import serve_redis
 from benchmarks.harness.servers import source_commit
 from gateway.feedback.impressions import EncodedImpression, FeedbackEvent
 from gateway.feedback.redis_store import RedisStore
 from gateway.feedback.sqlite_store import SQLiteStore
 from gateway.feedback.store import FeedbackStore
-from mock_recommenders.loopback import loopback_socket, port_of
-from mock_recommenders.process import stop_process
 
 __all__ = ["main", "measure_bytes", "retention_redis", "retention_sqlite"]
 
@@ -114,35 +111,6 @@ def sqlite_used(path: Path) -> dict[str, Any]:
             parts = {}
     files = sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
     return {"used": (pages - free) * page_size, "file": files, "parts": parts}
-
-
-@contextlib.contextmanager
-def redis_server(folder: Path) -> Iterator[str]:
-    """A redis-server on a free loopback port, no persistence; its URL. Stopped at the end."""
-    program = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/sbin:/sbin")
-    if program is None:
-        raise RuntimeError("redis-server is not installed: `make tools` installs it")
-    with loopback_socket() as sock:
-        port = port_of(sock)
-    command = [program, "--bind", "127.0.0.1", "--port", str(port), "--save", ""]
-    command += ["--appendonly", "no", "--dir", str(folder), "--logfile", str(folder / "r.log")]
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
-    try:
-        client = redis.Redis.from_url(url)
-        give_up = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > give_up:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.02)
-        client.close()
-        yield url
-    finally:
-        stop_process(process)
 
 
 def redis_memory(url: str) -> tuple[int, int]:
@@ -346,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         with contextlib.ExitStack() as stack:
-            url = None if args.no_redis else stack.enter_context(redis_server(folder))
+            url = None if args.no_redis else stack.enter_context(serve_redis(folder))
             found: dict[str, Any] = {
                 "commit": source_commit(),
                 "impressions": args.impressions,
