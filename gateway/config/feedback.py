@@ -104,8 +104,9 @@ class FeedbackSettings(BaseModel):
     )
     salt: SecretStr | None = Field(
         default=None,
-        description="Key of the users' pseudonyms (HMAC): the raw user id is never stored. "
-        "Required with a store; keep it secret, and the same on every instance.",
+        description="Key of the users' pseudonyms (HMAC), which pick their arm; neither the "
+        "pseudonym nor the raw user id is stored. Required with a store; keep it secret, and "
+        "the same on every instance.",
     )
     retention_s: float = Field(
         default=7 * 86400, gt=0, description="How long an impression can be clicked."
