@@ -57,7 +57,7 @@ from benchmarks.online.play import Rounds, learning_arm, play, single_arm, visit
 from benchmarks.online.report import findings, write_all
 from benchmarks.quality.weights import fit_weights
 from mock_recommenders import DEFAULT_NAMES
-from mock_recommenders.clicks import ClickModel
+from mock_recommenders.clicks import PositionBasedModel
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
 __all__ = ["OnlinePlan", "main", "parse_plan", "run_online"]
@@ -162,7 +162,7 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     world = default_world(plan.world_seed)
-    model = ClickModel(
+    model = PositionBasedModel(
         world, eta=plan.eta, threshold=plan.threshold, slope=plan.slope, activity=plan.activity
     )
 
