@@ -1,7 +1,7 @@
 """The online benchmark's two plots: interleaving against A/B over a run, and learning.
 
-Each reads the results `benchmarks.online.run.run_online` returns and writes one PNG; matplotlib
-is imported only when a plot is drawn.
+Each reads one click model's results, as `benchmarks.online.report.by_click_model` gives them,
+and writes one PNG titled with the click model; matplotlib is imported only when a plot is drawn.
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ from typing import Any
 __all__ = ["plot_learning", "plot_sensitivity"]
 
 
-def plot_sensitivity(results: dict[str, Any], out: Path) -> Path:
-    """The first run's interleaving preference and A/B difference, with 95% bands, over time."""
+def plot_sensitivity(results: dict[str, Any], path: Path, title: str) -> Path:
+    """The first run's interleaving preference and A/B difference, with 95% bands, over time.
+
+    `results`: one click model's (`benchmarks.online.report.by_click_model`); `title` says which.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,15 +59,18 @@ def plot_sensitivity(results: dict[str, Any], out: Path) -> Path:
         if n is not None:
             axis.axvline(n, color="k", ls="--", lw=1, label=f"95% sure from {n:,}")
             axis.legend(loc="upper right")
+    figure.suptitle(title)
     figure.tight_layout()
-    path = out / "online-sensitivity.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
 
 
-def plot_learning(results: dict[str, Any], out: Path) -> Path:
-    """The learnt weights against the fitted ones, and the learnt arm's NDCG in windows."""
+def plot_learning(results: dict[str, Any], path: Path, title: str) -> Path:
+    """The learnt weights against the fitted ones, and the learnt arm's NDCG in windows.
+
+    `results`: one click model's (`benchmarks.online.report.by_click_model`); `title` says which.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,8 +117,8 @@ def plot_learning(results: dict[str, Any], out: Path) -> Path:
         ylabel=f"paired difference in NDCG@{results['plan']['k']}",
     )
     right.legend(loc="lower right", fontsize="small")
+    figure.suptitle(title)
     figure.tight_layout()
-    path = out / "online-learning.png"
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
