@@ -379,6 +379,9 @@ def _side_by_side(models: dict[str, dict[str, Any]]) -> list[str]:
             ],
         )
     )
+    rows.append(
+        ("time played", [_duration(v["seconds"]) if "seconds" in v else "-" for v in views])
+    )
     names = " | ".join(_title(name) for name in models)
     return [
         "## The click models side by side",
@@ -419,6 +422,11 @@ def _last_weights(results: dict[str, Any]) -> str:
     return ", ".join(f"{n} {w:.2f}" for n, w in weights[-1]["normalised"].items())
 
 
+def _duration(seconds: int) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
 def _title(name: str) -> str:
     return TITLES.get(name, name)
 
@@ -441,7 +449,8 @@ def _model_markdown(results: dict[str, Any]) -> list[str]:
     lines = [
         f"## Click model: {_title(name)}",
         "",
-        f"An engaged user's clicks: {_clicks(plan, name)}.",
+        f"An engaged user's clicks: {_clicks(plan, name)}."
+        + (f" Played in {_duration(results['seconds'])}." if "seconds" in results else ""),
         "",
         f"### Interleaving against A/B: {best} against {runner_up}",
         "",

@@ -215,7 +215,9 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
             # With several models, the progress line says whose users are playing.
             label = f"{name}: " if len(models) > 1 else ""
             progress = functools.partial(_labelled, advance, label)
-            results["click_models"][name] = _play_model(plan, stage, model, logs / name, progress)
+            began = time.monotonic()
+            played = _play_model(plan, stage, model, logs / name, progress)
+            results["click_models"][name] = {**played, "seconds": round(time.monotonic() - began)}
     results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return results
 
