@@ -207,6 +207,8 @@ def markdown(results: dict[str, Any]) -> str:
     k = plan["k"]
     learner = ", ".join(f"`{key}` {value}" for key, value in plan["learner"].items())
     choice = next(iter(models)) if len(models) == 1 else "both"
+    if "cascade" in models and plan.get("continue_after_click"):
+        choice += f" --continue-after-click {plan['continue_after_click']:g}"
     clicks = "; ".join(f"**{_title(name)}**: {_clicks(plan, name)}" for name in models)
     lines = [
         "# Online benchmark: learning from clicks",
