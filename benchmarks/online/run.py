@@ -34,7 +34,8 @@ users, arms and interleavings, and the results and report hold every figure per 
 
 This module runs it; `benchmarks.online.play` holds the simulated users and their HTTP side,
 `benchmarks.online.stats` the statistics, `benchmarks.online.analysis` the figures drawn from
-a run, and `benchmarks.online.report` the findings, markdown and plots.
+a run, `benchmarks.online.summary` the runs over seeds, `benchmarks.online.report` the
+findings and markdown, and `benchmarks.online.plots` the plots.
 """
 
 from __future__ import annotations
