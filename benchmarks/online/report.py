@@ -1,22 +1,38 @@
-"""The online benchmark's report (`benchmarks.online`): findings, markdown, two plots, JSON.
+"""The online benchmark's report (`benchmarks.online`): the findings, `online.md`, `online.json`.
 
 Everything here reads the results `benchmarks.online.run.run_online` returns, as saved in
-`online.json`; nothing runs or scores.
+`online.json`; nothing runs or scores. The plots are drawn by `benchmarks.online.plots`.
+Every figure is a click model's: `by_click_model` gives each model's results with what the
+models share (the plan, the recommenders, the offline fit), and the report has a section per
+model, with a table of the models side by side when there are several.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
-from benchmarks.online.stats import Z80, Z95
+from benchmarks.online.plots import plot_learning, plot_sensitivity
+from benchmarks.online.summary import TARGET_RATIO, sensitivity_summary
 
-__all__ = ["findings", "markdown", "plot_learning", "plot_sensitivity", "write_all"]
+__all__ = ["by_click_model", "findings", "markdown", "write_all"]
 
-# The issue's target: interleaving decides with at most a fifth of A/B's impressions.
-TARGET_RATIO = 5.0
+TITLES = {"pbm": "pbm, position-based", "cascade": "cascade"}
+
+
+def by_click_model(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each click model's results, with what all share and its name as ``click_model``.
+
+    Results saved before there was a choice of click model are the position-based model's.
+    """
+    if "click_models" not in results:
+        return {"pbm": {**results, "click_model": "pbm"}}
+    shared = {key: value for key, value in results.items() if key != "click_models"}
+    return {
+        name: {**shared, **own, "click_model": name}
+        for name, own in results["click_models"].items()
+    }
 
 
 def _n(value: int | None) -> str:
@@ -31,121 +47,46 @@ def _diff(paired: dict[str, Any]) -> str:
     return f"{paired['difference']:+.3f} ± {paired['ci95']:.3f}"
 
 
-def _ratios(ratios: list[float | None]) -> dict[str, Any]:
-    decided = [ratio for ratio in ratios if ratio is not None]
-    return {
-        "ratios": ratios,
-        "median_ratio": statistics.median(decided) if decided else None,
-        "low": min(decided, default=None),
-        "high": max(decided, default=None),
-        "met": sum(ratio >= TARGET_RATIO for ratio in decided),
-    }
-
-
-def _median(values: list[int | None]) -> float | None:
-    known = [value for value in values if value is not None]
-    return statistics.median(known) if known else None
-
-
-def _censored_ratio(run: dict[str, Any]) -> dict[str, Any]:
-    """A/B / interleaving by first passage, or a bound when one method never stayed sure.
-
-    A method still unsure at the end of the run needed more than all its impressions: when
-    it is A/B, the ratio is at least the run's A/B impressions over interleaving's count;
-    when it is interleaving, at most A/B's count over the run's interleaved impressions.
-    """
-    n_i, n_ab = run["n_interleave"]["stayed"], run["n_ab"]["stayed"]
-    last = run["series"][-1]
-    if n_i and n_ab is not None:
-        return {"ratio": round(n_ab / n_i, 2), "bound": None}
-    if n_i:
-        return {"ratio": round(last["ab"]["impressions"] / n_i, 2), "bound": "at least"}
-    if n_ab is not None and last["interleave"]["impressions"]:
-        return {"ratio": round(n_ab / last["interleave"]["impressions"], 2), "bound": "at most"}
-    return {"ratio": None, "bound": None}
-
-
-def _pooled_power(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """80%-power impressions from the runs' mean effect and mean variance per impression.
-
-    Each run's final effect is noisy, and a power calculation divides by its square; the
-    runs' users are independent, so their mean effect and mean per-impression variance
-    (se² times impressions) give a steadier figure than any one run's.
-    """
-    needs: dict[str, Any] = {}
-    for method, key, null in (("interleave", "preference", 0.5), ("ab", "difference", 0.0)):
-        rows = [run["series"][-1][method] for run in runs if run["series"]]
-        rows = [row for row in rows if "se" in row]
-        if not rows:
-            return {"interleave": None, "ab": None, "ratio": None}
-        effect = statistics.mean(row[key] - null for row in rows)
-        variance = statistics.mean(row["se"] ** 2 * row["impressions"] for row in rows)
-        needs[method] = round(variance * ((Z95 + Z80) / effect) ** 2) if effect else None
-    interleave, ab = needs["interleave"], needs["ab"]
-    needs["ratio"] = round(ab / interleave, 2) if interleave and ab else None
-    return needs
-
-
-def sensitivity_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """Over the runs: the ratios, the counts' medians, how often the target was met."""
-    runs = results["sensitivity"]
-    bounded = [_censored_ratio(run) for run in runs]
-    known = [(row["ratio"], row["bound"]) for row in bounded if row["ratio"] is not None]
-    median = statistics.median(r for r, _ in known) if known else None
-    return {
-        "runs": len(runs),
-        "first_passage": {
-            **_ratios([run["ratio"] for run in runs]),
-            "with_bounds": bounded,
-            "median": median,
-            # A bound on the wrong side of the median: the true ratio there may cross it.
-            "median_is_bound": median is not None
-            and any(
-                (bound == "at least" and r <= median) or (bound == "at most" and r >= median)
-                for r, bound in known
-            ),
-            "met": sum(r >= TARGET_RATIO and bound != "at most" for r, bound in known),
-            "short": sum(r < TARGET_RATIO and bound != "at least" for r, bound in known),
-            "interleave_median": _median([run["n_interleave"]["stayed"] for run in runs]),
-            "ab_median": _median([run["n_ab"]["stayed"] for run in runs]),
-            "undecided": {
-                method: sum(run[f"n_{method}"]["stayed"] is None for run in runs)
-                for method in ("interleave", "ab")
-            },
-        },
-        "power_calculation": {
-            **_ratios([run["needs"].get("ratio") for run in runs]),
-            "interleave_median": _median([run["needs"].get("interleave") for run in runs]),
-            "ab_median": _median([run["needs"].get("ab") for run in runs]),
-            "pooled": _pooled_power(runs),
-        },
-        "power_per_impression": _ratios([run["needs_per_impression"].get("ratio") for run in runs]),
-        "gateway_first_passage": _ratios([run["gateway"]["ratio"] for run in runs]),
-    }
-
-
 def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.1f}x"
 
 
 def _world(plan: dict[str, Any]) -> str:
-    clicks = (
-        f"examined with probability 1/rank^{plan['eta']:g}, clicked when examined with "
-        f"sigmoid({plan['slope']:g}·(z - {plan['threshold']:g})) of the user's standardised "
-        "true utility z"
-    )
     if plan["activity"] is None:
-        return f"every user always engaged and seen once ({plan['world']}): {clicks}"
+        return f"every user always engaged and seen once ({plan['world']})"
     a, b = plan["activity"]
     return (
         f"users differ ({plan['world']}): each engaged with an impression with a probability "
         f"drawn from Beta({a:g}, {b:g}), else clicking nothing; visits per user geometric, "
-        f"mean {plan['visits_per_user']:g}; an engaged user's clicks: {clicks}"
+        f"mean {plan['visits_per_user']:g}"
+    )
+
+
+def _clicks(plan: dict[str, Any], name: str) -> str:
+    """How an engaged user of click model `name` clicks."""
+    attraction = (
+        f"sigmoid({plan['slope']:g}·(z - {plan['threshold']:g})) of the user's standardised "
+        "true utility z"
+    )
+    if name == "cascade":
+        going_on = plan.get("continue_after_click", 0.0)
+        after = (
+            "stopping at the first click"
+            if going_on == 0
+            else f"going on after a click with probability {going_on:g}"
+        )
+        return (
+            f"read from the top down, each item clicked with {attraction}, {after}, else on to "
+            "the next, to the end of the list"
+        )
+    return (
+        f"each item examined with probability 1/rank^{plan['eta']:g}, whatever is above it, "
+        f"and clicked when examined with {attraction}"
     )
 
 
 def findings(results: dict[str, Any]) -> list[str]:
-    """The figures, one line each."""
+    """The figures, one line each: what the click models share, then each model's own."""
     best, runner_up = results["best"], results["runner_up"]
     k = results["plan"]["k"]
     lines = [
@@ -154,6 +95,19 @@ def findings(results: dict[str, Any]) -> list[str]:
         f"users): {best} {_pm(results['recommenders'][0])}; runner-up {runner_up} "
         f"{_pm(results['recommenders'][1])}",
     ]
+    models = by_click_model(results)
+    for name, view in models.items():
+        mark = f"[{name}] " if len(models) > 1 else ""
+        lines += [mark + line for line in _model_findings(view)]
+    return lines
+
+
+def _model_findings(results: dict[str, Any]) -> list[str]:
+    """One click model's figures, one line each."""
+    best, runner_up = results["best"], results["runner_up"]
+    k = results["plan"]["k"]
+    name = results["click_model"]
+    lines = [f"clicks ({_title(name)}): {_clicks(results['plan'], name)}"]
     for run in results["sensitivity"]:
         n_i, n_ab, needs = run["n_interleave"], run["n_ab"], run["needs"]
         last = run["series"][-1]
@@ -248,16 +202,21 @@ def _round(value: float | None) -> int | None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    """The report as markdown, for `online.md`."""
-    plan, best, runner_up = results["plan"], results["best"], results["runner_up"]
+    """The report as markdown, for `online.md`: a section per click model."""
+    plan, models = results["plan"], by_click_model(results)
     k = plan["k"]
     learner = ", ".join(f"`{key}` {value}" for key, value in plan["learner"].items())
+    choice = next(iter(models)) if len(models) == 1 else "both"
+    if "cascade" in models and plan.get("continue_after_click"):
+        choice += f" --continue-after-click {plan['continue_after_click']:g}"
+    clicks = "; ".join(f"**{_title(name)}**: {_clicks(plan, name)}" for name in models)
     lines = [
         "# Online benchmark: learning from clicks",
         "",
-        f"`python -m benchmarks online --world {plan['world']}`, {results['started']} to "
-        f"{results['finished']}. Simulated users click on what the gateway shows them: "
-        f"{_world(plan)}. Every count below is the gateway's own, from `GET /experiments`. "
+        f"`python -m benchmarks online --world {plan['world']} --click-model {choice}`, "
+        f"{results['started']} to {results['finished']}. Simulated users click on what the "
+        f"gateway shows them: {_world(plan)}. An engaged user clicks by the click model: "
+        f"{clicks}. Every count below is the gateway's own, from `GET /experiments`. "
         f"Learner: {learner}.",
         "",
         f"## Recommenders (NDCG@{k} on {plan['validation_users']} validation users)",
@@ -266,7 +225,140 @@ def markdown(results: dict[str, Any]) -> str:
         "|---|---:|",
         *(f"| {row['name']} | {_pm(row)} |" for row in results["recommenders"]),
         "",
-        f"## Interleaving against A/B: {best} against {runner_up}",
+    ]
+    if len(models) > 1:
+        lines += _side_by_side(models)
+    for view in models.values():
+        lines += _model_markdown(view)
+    return "\n".join(lines)
+
+
+def _side_by_side(models: dict[str, dict[str, Any]]) -> list[str]:
+    """The headline figures, a column per click model (each model's section has the rest)."""
+    views = list(models.values())
+    best, runner_up, k = views[0]["best"], views[0]["runner_up"], views[0]["plan"]["k"]
+    rows: list[tuple[str, list[str]]] = [
+        (f"CTR of the A/B arms, {best} vs {runner_up} (over seeds)", [_ctrs(v) for v in views]),
+        (f"interleaving: preference for {best} (over seeds)", [_preferences(v) for v in views]),
+        ("clicks per clicked impression", [_clicks_per_clicked(v) for v in views]),
+    ]
+    summaries = [sensitivity_summary(view) for view in views]
+    rows += [
+        (
+            "first passage, median impressions: interleaving, A/B",
+            [
+                f"{_n(_round(s['first_passage']['interleave_median']))}, "
+                f"{_n(_round(s['first_passage']['ab_median']))}"
+                for s in summaries
+            ],
+        ),
+        (
+            "80% power, seeds pooled: interleaving, A/B, ratio",
+            [
+                f"{_count(p['interleave'])}, {_count(p['ab'])}, {_x(p['ratio'])}"
+                for p in (s["power_calculation"]["pooled"] for s in summaries)
+            ],
+        ),
+        ("learnt weights at the end (largest 1)", [_last_weights(v) for v in views]),
+    ]
+    for system, label in (
+        ("served: rrf, learnt weights as they were", "served, learnt weights as they were"),
+        ("rrf, the last learnt weights", "the last learnt weights"),
+    ):
+        rows.append(
+            (
+                f"NDCG@{k} - {best}'s, {label}",
+                [
+                    _diff(v["learning"]["offline"][system]["vs_best"])
+                    if system in v["learning"]["offline"]
+                    else "-"
+                    for v in views
+                ],
+            )
+        )
+    rows.append(
+        (
+            f"NDCG@{k} - {best}'s, the learnt arm's last window",
+            [
+                _diff(v["learning"]["windows"][-1]["vs_best"]) if v["learning"]["windows"] else "-"
+                for v in views
+            ],
+        )
+    )
+    rows.append(
+        ("time played", [_duration(v["seconds"]) if "seconds" in v else "-" for v in views])
+    )
+    names = " | ".join(_title(name) for name in models)
+    return [
+        "## The click models side by side",
+        "",
+        "The same users, arms and interleavings under each click model; only the clicks differ. "
+        "Each model's section below has every figure.",
+        "",
+        f"| | {names} |",
+        "|---|" + "---:|" * len(models),
+        *(f"| {label} | {' | '.join(cells)} |" for label, cells in rows),
+        "",
+    ]
+
+
+def _ctrs(results: dict[str, Any]) -> str:
+    ends = [run["series"][-1]["ab"] for run in results["sensitivity"] if run["series"]]
+    ends = [ab for ab in ends if "ctr_a" in ab]
+    if not ends:
+        return "-"
+    return f"{_span([ab['ctr_a'] for ab in ends])} vs {_span([ab['ctr_b'] for ab in ends])}"
+
+
+def _preferences(results: dict[str, Any]) -> str:
+    ends = [run["series"][-1]["interleave"] for run in results["sensitivity"] if run["series"]]
+    return _span([pair["preference"] for pair in ends if "preference" in pair])
+
+
+def _clicks_per_clicked(results: dict[str, Any]) -> str:
+    arms = [arm for run in results["sensitivity"] for arm in run["sent"]["arms"].values()]
+    clicked = sum(arm["clicked_impressions"] for arm in arms)
+    return f"{sum(arm['clicks'] for arm in arms) / clicked:.2f}" if clicked else "-"
+
+
+def _last_weights(results: dict[str, Any]) -> str:
+    weights = results["learning"]["weights"]
+    if not weights or not weights[-1]["normalised"]:
+        return "-"
+    return ", ".join(f"{n} {w:.2f}" for n, w in weights[-1]["normalised"].items())
+
+
+def _duration(seconds: int) -> str:
+    minutes, seconds = divmod(seconds, 60)
+    return f"{minutes} min {seconds} s" if minutes else f"{seconds} s"
+
+
+def _title(name: str) -> str:
+    return TITLES.get(name, name)
+
+
+def _count(value: int | None) -> str:
+    return "-" if value is None else f"{value:,}"
+
+
+def _span(values: list[float]) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return f"{low:.3f}" if low == high else f"{low:.3f}-{high:.3f}"
+
+
+def _model_markdown(results: dict[str, Any]) -> list[str]:
+    """One click model's section of the report."""
+    plan, best, runner_up = results["plan"], results["best"], results["runner_up"]
+    k, name = plan["k"], results["click_model"]
+    lines = [
+        f"## Click model: {_title(name)}",
+        "",
+        f"An engaged user's clicks: {_clicks(plan, name)}."
+        + (f" Played in {_duration(results['seconds'])}." if "seconds" in results else ""),
+        "",
+        f"### Interleaving against A/B: {best} against {runner_up}",
         "",
         f"A fifth of the impressions in an arm that interleaves {best} and {runner_up} alone "
         f"(team-draft), two fifths each in an A/B arm showing one of them. Impressions until "
@@ -299,12 +391,12 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_x(run['needs_per_impression'].get('ratio'))} | {preference} | {ctr} | "
             f"{run['users']['interleave']:,}, {run['users']['ab']:,} |"
         )
-    lines += ["", "\n".join(f"- {line}" for line in findings(results)), ""]
-    lines += ["![interleaving against A/B](online-sensitivity.png)", ""]
+    lines += ["", "\n".join(f"- {line}" for line in _model_findings(results)), ""]
+    lines += [f"![interleaving against A/B, {name}](online-sensitivity-{name}.png)", ""]
     lines += _attribution(results["sensitivity"][0]["final"]) if results["sensitivity"] else []
     learning = results["learning"]
     lines += [
-        "## Learnt weights",
+        "### Learnt weights",
         "",
         "| after impressions | comparisons | "
         + " | ".join(results["fitted_weights"])
@@ -318,7 +410,7 @@ def markdown(results: dict[str, Any]) -> str:
     cells = " | ".join(f"{w:g}" for w in results["fitted_weights"].values())
     lines += [f"| offline-fitted | | {cells} | 0 |", ""]
     lines += [
-        f"## NDCG@{k} of the learnt arm over the run",
+        f"### NDCG@{k} of the learnt arm over the run",
         "",
         f"| impressions | learnt arm | {best} | learnt arm - {best} | Hedge, replayed "
         f"| Hedge - {best} |",
@@ -337,15 +429,15 @@ def markdown(results: dict[str, Any]) -> str:
             for system, row in learning["offline"].items()
         ),
         "",
-        "![learnt weights and NDCG over the run](online-learning.png)",
+        f"![learnt weights and NDCG over the run, {name}](online-learning-{name}.png)",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def _attribution(final: dict[str, Any]) -> list[str]:
     lines = [
-        "## Attribution (the first run's /experiments at its end)",
+        "### Attribution (the first run's /experiments at its end)",
         "",
         "| recommender | impressions | clicks | share of credit |",
         "|---|---:|---:|---:|",
@@ -377,122 +469,21 @@ def _attribution(final: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def plot_sensitivity(results: dict[str, Any], out: Path) -> Path:
-    """The first run's interleaving preference and A/B difference, with 95% bands, over time."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run = results["sensitivity"][0]
-    series = [row for row in run["series"] if row["interleave"].get("low") is not None]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    best, runner_up = results["best"], results["runner_up"]
-    x = [row["interleave"]["impressions"] for row in series]
-    left.plot(x, [row["interleave"]["preference"] for row in series], color="C0")
-    left.fill_between(
-        x,
-        [row["interleave"]["low"] for row in series],
-        [row["interleave"]["high"] for row in series],
-        color="C0",
-        alpha=0.25,
-    )
-    left.axhline(0.5, color="grey", lw=1)
-    left.set(
-        title=f"Interleaving: {best} preferred over {runner_up}",
-        xlabel="interleaved impressions",
-        ylabel="share of decided comparisons won",
-    )
-    shown = [row for row in run["series"] if "difference" in row["ab"]]
-    x = [row["ab"]["impressions"] for row in shown]
-    diff = [row["ab"]["difference"] for row in shown]
-    half = [row["ab"]["ci95"] for row in shown]
-    right.plot(x, diff, color="C1")
-    low = [d - h for d, h in zip(diff, half, strict=True)]
-    high = [d + h for d, h in zip(diff, half, strict=True)]
-    right.fill_between(x, low, high, color="C1", alpha=0.25)
-    right.axhline(0.0, color="grey", lw=1)
-    right.set(
-        title=f"A/B: CTR({best}) - CTR({runner_up})",
-        xlabel="A/B impressions (both arms)",
-        ylabel="difference in share clicked",
-    )
-    for axis, n in ((left, run["n_interleave"]["stayed"]), (right, run["n_ab"]["stayed"])):
-        if n is not None:
-            axis.axvline(n, color="k", ls="--", lw=1, label=f"95% sure from {n:,}")
-            axis.legend(loc="upper right")
-    figure.tight_layout()
-    path = out / "online-sensitivity.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
-def plot_learning(results: dict[str, Any], out: Path) -> Path:
-    """The learnt weights against the fitted ones, and the learnt arm's NDCG in windows."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    learning, best = results["learning"], results["best"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    x = [row["after"] for row in learning["weights"]]
-    for n, (name, target) in enumerate(results["fitted_weights"].items()):
-        left.plot(
-            x,
-            [row["normalised"].get(name, 0.0) for row in learning["weights"]],
-            color=f"C{n}",
-            label=name,
-        )
-        left.axhline(target, color=f"C{n}", ls=":", lw=1.5)
-    left.set(
-        title="Learnt weights (largest = 1); dotted: fitted offline",
-        xlabel="impressions (all arms)",
-        ylabel="weight",
-    )
-    left.legend(loc="center right")
-    windows = learning["windows"]
-    middle = [(row["from"] + row["to"]) / 2 for row in windows]
-    # Paired differences: the users' own spread, which dwarfs the effect, cancels out.
-    for key, style, colour, label in (
-        ("vs_best", "o-", "C0", "learnt arm (RRF, learnt weights)"),
-        ("hedge_vs_best", "^:", "C2", "Hedge (the rule before), replayed on the same lists"),
-    ):
-        right.errorbar(
-            middle, [row[key]["difference"] for row in windows],
-            yerr=[row[key]["ci95"] for row in windows],
-            fmt=style, color=colour, capsize=3, label=label,
-        )  # fmt: skip
-    right.axhline(0.0, color="C3", ls="--", lw=1, label=f"{best} alone")
-    offline = learning["offline"]
-    for system, style in (("rrf, equal weights", ":"), ("rrf, offline-fitted weights", "-.")):
-        if system in offline:
-            difference = offline[system]["vs_best"]["difference"]
-            right.axhline(difference, color="grey", ls=style, lw=1, label=system)
-    right.set(
-        title=f"NDCG@{results['plan']['k']} of the learnt arm - {best}'s, same users",
-        xlabel="impressions (all arms)",
-        ylabel=f"paired difference in NDCG@{results['plan']['k']}",
-    )
-    right.legend(loc="lower right", fontsize="small")
-    figure.tight_layout()
-    path = out / "online-learning.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
-
-
 def write_all(results: dict[str, Any], out: Path) -> list[Path]:
-    """`online.json`, `online.md` and the two plots, into `out`."""
-    results["summary"] = sensitivity_summary(results)
+    """`online.json`, `online.md` and two plots per click model, into `out`."""
+    models = by_click_model(results)
+    for name, view in models.items():
+        own = results["click_models"][name] if "click_models" in results else results
+        own["summary"] = sensitivity_summary(view)
     data = out / "online.json"
     data.write_text(json.dumps(results, indent=1) + "\n")
     report = out / "online.md"
     report.write_text(markdown(results))
     written = [data, report]
-    if results["sensitivity"]:
-        written.append(plot_sensitivity(results, out))
-    if results["learning"]["weights"]:
-        written.append(plot_learning(results, out))
+    for name, view in models.items():
+        title = f"click model: {_title(name)}"
+        if view["sensitivity"]:
+            written.append(plot_sensitivity(view, out / f"online-sensitivity-{name}.png", title))
+        if view["learning"]["weights"]:
+            written.append(plot_learning(view, out / f"online-learning-{name}.png", title))
     return written

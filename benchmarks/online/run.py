@@ -3,8 +3,8 @@
 It starts the mock recommenders and the gateway under gunicorn with feedback on (a SQLite
 store in a temporary folder), then plays simulated users, one impression each: ask the
 gateway for a recommendation, let the user click on the fused list as the click model says
-(`mock_recommenders.clicks`: position-biased, driven by the user's true utility), and POST
-the clicks to ``/feedback``. After every round of users it reads ``GET /experiments``: every
+(`mock_recommenders.clicks`, driven by the user's true utility), and POST the clicks to
+``/feedback``. After every round of users it reads ``GET /experiments``: every
 attribution figure reported is the gateway's own.
 
 Two experiments, each on a fresh gateway and store:
@@ -27,9 +27,15 @@ click (each user's engagement drawn from Beta(0.5, 4.5); a few percent of impres
 clicked) and come back (visits per user ~Geometric, mean 5); and **alike**, the click model
 alone, every user always engaged and seen once, as the benchmark was first built.
 
+Two click models (`--click-model`): **pbm**, position-based (the default: rank r examined with
+probability 1/r, whatever is above it), and **cascade** (the user reads down the list and stops
+at the first click). `both` plays both experiments under each, on fresh gateways, with the same
+users, arms and interleavings, and the results and report hold every figure per click model.
+
 This module runs it; `benchmarks.online.play` holds the simulated users and their HTTP side,
 `benchmarks.online.stats` the statistics, `benchmarks.online.analysis` the figures drawn from
-a run, and `benchmarks.online.report` the findings, markdown and plots.
+a run, `benchmarks.online.summary` the runs over seeds, `benchmarks.online.report` the
+findings and markdown, and `benchmarks.online.plots` the plots.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import tempfile
 import time
@@ -57,13 +64,14 @@ from benchmarks.online.play import Rounds, learning_arm, play, single_arm, visit
 from benchmarks.online.report import findings, write_all
 from benchmarks.quality.weights import fit_weights
 from mock_recommenders import DEFAULT_NAMES
-from mock_recommenders.clicks import ClickModel
+from mock_recommenders.clicks import CLICK_MODELS, ClickModel
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
 __all__ = ["OnlinePlan", "main", "parse_plan", "run_online"]
 
 
 WORLDS = ("heavy-tailed", "alike")
+BOTH = "both"
 
 
 @dataclass
@@ -86,7 +94,12 @@ class OnlinePlan:
     world_seed: int = DEFAULT_SEED
     validation_users: int = 500
     """Users the recommenders are ranked and the offline weights fitted on (not played)."""
+    click_models: list[str] = field(default_factory=lambda: ["pbm"])
+    """The click models played (`mock_recommenders.clicks.CLICK_MODELS`), each on its gateways."""
     eta: float = 1.0
+    """The position-based model's bias: rank r examined with probability 1/r^eta."""
+    continue_after_click: float = 0.0
+    """The cascade's chance of reading on after a click (0: it stops at the first)."""
     threshold: float = 2.5
     slope: float = 2.0
     activity: tuple[float, float] | None = (0.5, 4.5)
@@ -156,15 +169,27 @@ def _validation_lists(world: World, users: list[str], k: int) -> list[tuple[Any,
     ]
 
 
+def _click_model_of(plan: OnlinePlan, name: str, world: World) -> ClickModel:
+    """The plan's click model called `name`: the users' attraction and engagement, its setting."""
+    settings: dict[str, Any] = {
+        "threshold": plan.threshold,
+        "slope": plan.slope,
+        "activity": plan.activity,
+    }
+    if name == "pbm":
+        settings["eta"] = plan.eta
+    elif name == "cascade":
+        settings["continue_after_click"] = plan.continue_after_click
+    return ClickModel.named(name, world, **settings)
+
+
 def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> dict[str, Any]:
-    """Simulate `plan`, writing logs under `out`; return the results."""
+    """Simulate `plan`, writing logs under `out`; return the results, per click model."""
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     world = default_world(plan.world_seed)
-    model = ClickModel(
-        world, eta=plan.eta, threshold=plan.threshold, slope=plan.slope, activity=plan.activity
-    )
+    models = {name: _click_model_of(plan, name, world) for name in plan.click_models}
 
     advance("ranking the recommenders and fitting weights on validation users")
     validation = _validation_lists(
@@ -181,71 +206,107 @@ def run_online(plan: OnlinePlan, out: Path, advance: Callable[[str], None]) -> d
         "best": best,
         "runner_up": runner_up,
         "fitted_weights": fitted,
-        "sensitivity": [],
+        "click_models": {},
     }
-    learning_off = {**plan.learner, "enabled": "false"}
-    rounds = Rounds(plan.round_size, plan.concurrency, plan.k)
     with mocks(
         list(DEFAULT_NAMES), logs / "mocks.log", "--world-seed", str(plan.world_seed)
     ) as fleet:
-        urls = [fleet.url(name) for name in DEFAULT_NAMES]
-        pair = (best, runner_up)
-        arms = [
-            {
-                "name": "interleave",
-                "fusion": "interleave",
-                "share": 1,
-                # Weight 0: the other two are left out, so the two compared have the list.
-                "weights": {name: 1.0 if name in pair else 0.0 for name in DEFAULT_NAMES},
-            },
-            *(
-                {
-                    "name": f"ab-{shown}",
-                    "fusion": "rrf",
-                    # A/B needs more impressions than interleaving: it gets more users.
-                    "share": 2,
-                    "weights": {name: 1.0 if name == shown else 0.0 for name in DEFAULT_NAMES},
-                }
-                for shown in pair
-            ),
-        ]
-        for seed in plan.seeds:
-            schedule = visits(
-                f"s{seed}-u", plan.sensitivity_impressions, plan.visits_per_user, seed
-            )
-            with _gateway(urls, arms, learning_off, logs / f"gateway-seed-{seed}.log") as url:
-                played, snapshots = asyncio.run(
-                    play(
-                        url, schedule, model, single_arm, rounds, advance,
-                        f"sensitivity, seed {seed}",
-                    )
-                )  # fmt: skip
-            run = analyse_sensitivity(played, snapshots, best, runner_up, plan.k)
-            results["sensitivity"].append({"seed": seed, **run})
+        stage = _Stage([fleet.url(name) for name in DEFAULT_NAMES], world, best, runner_up, fitted)
+        for name, model in models.items():
+            # With several models, the progress line says whose users are playing.
+            label = f"{name}: " if len(models) > 1 else ""
+            progress = functools.partial(_labelled, advance, label)
+            began = time.monotonic()
+            played = _play_model(plan, stage, model, logs / name, progress)
+            results["click_models"][name] = {**played, "seconds": round(time.monotonic() - began)}
+    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return results
 
-        arms = [
-            {"name": "interleave", "fusion": "interleave", "share": 1},
-            {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
-        ]
-        learning_on = {**plan.learner, "enabled": "true"}
-        # Each user once: the NDCG intervals below take impressions as independent.
-        schedule = visits("learn-u", plan.learning_impressions, 1, 0)
-        with _gateway(urls, arms, learning_on, logs / "gateway-learning.log") as url:
+
+def _labelled(advance: Callable[[str], None], label: str, text: str) -> None:
+    advance(label + text)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What every click model is played against: the mocks, their world, the pair compared."""
+
+    urls: list[str]
+    world: World
+    best: str
+    runner_up: str
+    fitted: dict[str, float]
+    """Weights fitted offline on the validation users: the learnt ones' reference."""
+
+
+def _play_model(
+    plan: OnlinePlan,
+    stage: _Stage,
+    model: ClickModel,
+    logs: Path,
+    advance: Callable[[str], None],
+) -> dict[str, Any]:
+    """Both experiments, each on fresh gateways, with users who click by `model`; analysed."""
+    logs.mkdir(parents=True, exist_ok=True)
+    urls, best, runner_up = stage.urls, stage.best, stage.runner_up
+    pair = (best, runner_up)
+    rounds = Rounds(plan.round_size, plan.concurrency, plan.k)
+    arms = [
+        {
+            "name": "interleave",
+            "fusion": "interleave",
+            "share": 1,
+            # Weight 0: the other two are left out, so the two compared have the list.
+            "weights": {name: 1.0 if name in pair else 0.0 for name in DEFAULT_NAMES},
+        },
+        *(
+            {
+                "name": f"ab-{shown}",
+                "fusion": "rrf",
+                # A/B needs more impressions than interleaving: it gets more users.
+                "share": 2,
+                "weights": {name: 1.0 if name == shown else 0.0 for name in DEFAULT_NAMES},
+            }
+            for shown in pair
+        ),
+    ]
+    learning_off = {**plan.learner, "enabled": "false"}
+    sensitivity = []
+    for seed in plan.seeds:
+        # The same users, arms and interleavings under every click model: only clicks differ.
+        schedule = visits(f"s{seed}-u", plan.sensitivity_impressions, plan.visits_per_user, seed)
+        with _gateway(urls, arms, learning_off, logs / f"gateway-seed-{seed}.log") as url:
             played, snapshots = asyncio.run(
-                play(url, schedule, model, learning_arm, rounds, advance, "learning")
-            )
-    results["learning"] = analyse_learning(
+                play(
+                    url, schedule, model, single_arm, rounds, advance,
+                    f"sensitivity, seed {seed}",
+                )
+            )  # fmt: skip
+        run = analyse_sensitivity(played, snapshots, best, runner_up, plan.k)
+        sensitivity.append({"seed": seed, **run})
+
+    arms = [
+        {"name": "interleave", "fusion": "interleave", "share": 1},
+        {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
+    ]
+    learning_on = {**plan.learner, "enabled": "true"}
+    # Each user once: the NDCG intervals below take impressions as independent.
+    schedule = visits("learn-u", plan.learning_impressions, 1, 0)
+    with _gateway(urls, arms, learning_on, logs / "gateway-learning.log") as url:
+        played, snapshots = asyncio.run(
+            play(url, schedule, model, learning_arm, rounds, advance, "learning")
+        )
+    learning = analyse_learning(
         played,
         snapshots,
-        world,
+        stage.world,
         best,
-        fitted,
+        stage.fitted,
         plan.k,
         plan.windows,
         min_evidence=int(plan.learner["min_evidence"]),
     )
-    results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    return results
+    return {"sensitivity": sensitivity, "learning": learning}
 
 
 # The command line
@@ -263,6 +324,19 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         default=WORLDS[0],
         help="heavy-tailed: users differ in engagement and come back (the default); "
         "alike: every user always engaged and seen once, as first built",
+    )
+    parser.add_argument(
+        "--click-model",
+        choices=[*CLICK_MODELS, BOTH],
+        default="pbm",
+        help="how users click: pbm, position-based (the default); cascade, down the list to the "
+        "first click; both: every experiment under each (twice the time)",
+    )
+    parser.add_argument(
+        "--continue-after-click",
+        type=float,
+        default=OnlinePlan.continue_after_click,
+        help="the cascade's chance of reading on after a click (0: it stops at the first)",
     )
     parser.add_argument(
         "--impressions",
@@ -298,6 +372,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     plan = OnlinePlan() if args.world == "heavy-tailed" else OnlinePlan.alike()
     plan.seeds, plan.world_seed = seeds, args.world_seed
+    plan.click_models = list(CLICK_MODELS) if args.click_model == BOTH else [args.click_model]
+    plan.continue_after_click = args.continue_after_click
     plan.learning_impressions, plan.concurrency = args.learning_impressions, args.concurrency
     if args.impressions is not None:
         plan.sensitivity_impressions = args.impressions
@@ -312,6 +388,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         plan.sensitivity_impressions, plan.seeds = 240, seeds[:1]
         plan.learning_impressions, plan.validation_users, plan.windows = 240, 100, 2
         plan.learner["min_evidence"] = "20"
+    if not 0 <= plan.continue_after_click <= 1:
+        parser.error(f"--continue-after-click: a probability, got {plan.continue_after_click}")
     if not seeds or plan.sensitivity_impressions < plan.round_size or plan.learning_impressions < 2:
         parser.error(
             f"need a seed, --impressions >= {plan.round_size} and --learning-impressions >= 2"
@@ -327,6 +405,6 @@ def main(argv: list[str] | None = None) -> int:
     results, console = run_with_spinner(lambda advance: run_online(plan, out, advance))
     written = write_all(results, out)
     for line in findings(results):
-        console.print(f"  {line}")
+        console.print(f"  {line}", markup=False)
     console.print(f"\nwritten: {', '.join(str(p) for p in written)}")
     return 0

@@ -1,4 +1,7 @@
-"""The online benchmark: its statistics by hand, and a quick run end to end against the gateway."""
+"""The online benchmark: its statistics by hand, and a quick run end to end against the gateway.
+
+The quick run plays both click models (position-based and cascade) and checks each one's figures.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from typing import Any
 import pytest
 
 from benchmarks.online.play import visits
+from benchmarks.online.report import by_click_model
+from benchmarks.online.run import parse_plan
 from benchmarks.online.stats import (
     ab_test,
     clustered_ratio,
@@ -128,20 +133,70 @@ def test_the_replayed_hedge_rule_runs_to_its_bounds_as_evidence_grows() -> None:
     assert grown == {"asc": 5.0, "psn": 0.1, "trd": pytest.approx(math.exp(-0.5), abs=1e-4)}
 
 
+def test_the_click_model_is_chosen_on_the_command_line() -> None:
+    plan, _ = parse_plan([])
+    assert plan.click_models == ["pbm"] and plan.continue_after_click == 0.0
+    plan, _ = parse_plan(["--click-model", "both", "--continue-after-click", "0.3"])
+    assert plan.click_models == ["pbm", "cascade"] and plan.continue_after_click == 0.3
+    assert parse_plan(["--click-model", "cascade"])[0].click_models == ["cascade"]
+    with pytest.raises(SystemExit):
+        parse_plan(["--click-model", "dbn"])
+    with pytest.raises(SystemExit):
+        parse_plan(["--continue-after-click", "2"])
+
+
+def test_results_saved_before_click_models_read_as_the_position_based_models() -> None:
+    saved = {"plan": {"k": 10}, "best": "asc", "sensitivity": [], "learning": {}}
+    assert by_click_model(saved) == {"pbm": {**saved, "click_model": "pbm"}}
+    now = {"plan": {"k": 10}, "click_models": {"cascade": {"sensitivity": [1]}}}
+    assert by_click_model(now) == {
+        "cascade": {"plan": {"k": 10}, "sensitivity": [1], "click_model": "cascade"}
+    }
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
+    """Both click models, one after the other (about 30 s unloaded; far less than the timeout)."""
     out = tmp_path / "online"
-    command = [sys.executable, "-m", "benchmarks", "online", "--quick", "--out", str(out)]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=110)
+    command = [sys.executable, "-m", "benchmarks", "online", "--quick", "--click-model", "both"]
+    done = subprocess.run(
+        [*command, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=290
+    )
 
     assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("online.json", "online.md", "online-sensitivity.png", "online-learning.png"):
+    assert "[cascade] seed 1: asc > psn" in done.stdout
+    for name in ("online.json", "online.md"):
         assert (out / name).stat().st_size > 0
+    for model in ("pbm", "cascade"):
+        for plot in ("sensitivity", "learning"):
+            assert (out / f"online-{plot}-{model}.png").stat().st_size > 0
     results = json.loads((out / "online.json").read_text())
-    plan = results["plan"]
+    assert list(results["click_models"]) == ["pbm", "cascade"]
     assert results["best"] == "asc" and results["runner_up"] == "psn"
+    report = (out / "online.md").read_text()
+    assert "## The click models side by side" in report
+    for view in by_click_model(results).values():
+        _check_one_click_model(view, report)
 
+    cascade = by_click_model(results)["cascade"]
+    # A cascade user stops at the first click: one click at most per impression, so an
+    # interleaved impression is never a tie.
+    (run,) = cascade["sensitivity"]
+    for arm in run["sent"]["arms"].values():
+        assert arm["clicks"] == arm["clicked_impressions"]
+    assert run["series"][-1]["interleave"]["ties"] == 0
+    # The same users, arms and interleavings as the position-based run: only clicks differ.
+    (other,) = results["click_models"]["pbm"]["sensitivity"]
+    assert run["users"] == other["users"]
+    assert {arm: row["impressions"] for arm, row in run["sent"]["arms"].items()} == {
+        arm: row["impressions"] for arm, row in other["sent"]["arms"].items()
+    }
+
+
+def _check_one_click_model(results: dict[str, Any], report: str) -> None:
+    """One click model's figures: the gateway counted what was sent, the report shows them."""
+    plan, model = results["plan"], results["click_model"]
     (run,) = results["sensitivity"]
     final = run["final"]
     # What the simulation sent is what the gateway counted: per arm, and in total.
@@ -191,7 +246,8 @@ def test_a_quick_run_reports_what_the_gateway_counted(tmp_path: Path) -> None:
         sum(row["impressions"] for row in windows)
         == learning["sent"]["arms"]["learned"]["impressions"]
     )
-    report = (out / "online.md").read_text()
-    for heading in ("## Interleaving against A/B", "## Learnt weights", "## NDCG@10 of the learnt"):
-        assert heading in report
-    assert all("hedge_vs_best" in row for row in windows) and "Hedge, replayed" in report
+    section = report.split(f"## Click model: {model}")[1].split("## Click model:")[0]
+    for heading in ("### Interleaving against A/B", "### Learnt weights", "### NDCG@10 of the"):
+        assert heading in section
+    assert all("hedge_vs_best" in row for row in windows) and "Hedge, replayed" in section
+    assert f"online-sensitivity-{model}.png" in section and "summary" in results
