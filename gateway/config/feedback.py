@@ -36,6 +36,27 @@ class ArmSettings(BaseModel):
         "of 0 leaves that recommender out of this arm's fusion (`{c: 0, d: 0}` with "
         "`interleave`: team-draft between the others alone).",
     )
+    explore: bool = Field(
+        default=False,
+        description="An exploration arm (interleaving, for the learner's evidence): its share "
+        "falls from `share` as the learner's pairwise preferences narrow, in proportion to the "
+        "widest 95% interval among them, down to `min_share`.",
+    )
+    min_share: float = Field(
+        default=0.0,
+        ge=0,
+        description="The share an exploring arm falls to at most (0: exploration may stop "
+        "almost entirely once every preference is known).",
+    )
+
+    @model_validator(mode="after")
+    def _min_share_below_share(self) -> ArmSettings:
+        if self.min_share > self.share:
+            raise ValueError(
+                f"arm {self.name}: min_share ({self.min_share}) must not exceed share "
+                f"({self.share})"
+            )
+        return self
 
 
 class ExperimentSettings(BaseModel):
@@ -84,6 +105,12 @@ class LearnerSettings(BaseModel):
         description="Even pseudo-comparisons that shrink a thin record's margin towards 0.",
     )
     interval_s: float = Field(default=30.0, gt=0, description="How often each worker learns.")
+    start_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
+        default=None,
+        description="Where learning starts, by recommender (the prior: weights fitted offline, "
+        "as `python -m benchmarks quality --write-weights` writes them); `prior` says how many "
+        "comparisons they are worth. Null: the recommenders' configured weights.",
+    )
 
     @model_validator(mode="after")
     def _floor_below_max(self) -> LearnerSettings:

@@ -559,6 +559,12 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _arms_name_recommenders(self) -> Settings:
         known = {recommender.name for recommender in self.recommenders}
+        start = self.feedback.learner.start_weights
+        if start is not None and not start.keys() <= known:
+            raise ValueError(
+                f"feedback.learner.start_weights name unknown recommenders "
+                f"{sorted(start.keys() - known)}; known: {sorted(known)}"
+            )
         for index, arm in enumerate(self.feedback.experiments.arms):
             if isinstance(arm.weights, dict) and not arm.weights.keys() <= known:
                 unknown = sorted(arm.weights.keys() - known)

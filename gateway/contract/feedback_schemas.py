@@ -8,7 +8,7 @@ written by `gateway.web.feedback_routes` (the receipt) and `gateway.feedback.ser
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, Literal, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -127,6 +127,8 @@ class ArmReport(BaseModel):
     """One experiment arm: its answers, and how many of them drew a positive event."""
 
     fusion: str | None = Field(description="Its fusion; null for an arm no longer configured.")
+    explore: bool = Field(description="An exploration arm: its share falls as evidence comes.")
+    share_now: float = Field(description="Its share of the users now (the arms' sum to 1).")
     impressions: int
     clicked_impressions: int
     clicks: int
@@ -144,7 +146,42 @@ class WeightsReport(BaseModel):
     evidence: int = Field(description="Pairwise comparisons between learnt recommenders so far.")
     version: int = Field(description="Version of the learnt weights in use; 0 before any move.")
     updated_at: float | None = Field(description="When they were learnt (unix seconds).")
-    initial: dict[str, float] = Field(description="The configured weights learning starts from.")
+    initial: dict[str, float] = Field(description="The weights learning starts from (the prior).")
+    prior: PriorReport
+
+
+class PriorReport(BaseModel):
+    """Where learning starts, and how much evidence it takes to move from there."""
+
+    from_: Literal["start_weights", "recommenders"] = Field(
+        alias="from",
+        description="`start_weights`: `feedback.learner.start_weights`; `recommenders`: "
+        "their configured weights.",
+    )
+    strength: float = Field(
+        description="`feedback.learner.prior`: the even pseudo-comparisons the start is worth."
+    )
+
+
+class ServedReport(BaseModel):
+    """Every arm's answers together: what users were served, and how many drew a click."""
+
+    impressions: int
+    clicked_impressions: int
+    ctr: float = Field(description="clicked_impressions / impressions, over every arm.")
+    low: float = Field(description="95% Wilson interval of `ctr`, low end.")
+    high: float = Field(description="95% Wilson interval of `ctr`, high end.")
+
+
+class ExplorationReport(BaseModel):
+    """What interleaving for evidence costs now, and why."""
+
+    share_now: float = Field(description="The exploring arms' share of the users now.")
+    uncertainty: float = Field(
+        description="The widest 95% half-width among the learnt recommenders' pairwise "
+        "preferences (0.5: a pair not yet compared); exploring arms get `share` times "
+        "uncertainty / 0.5, at least `min_share`."
+    )
 
 
 class ExperimentsReport(BaseModel):
@@ -153,6 +190,8 @@ class ExperimentsReport(BaseModel):
     recommenders: dict[str, RecommenderFeedback]
     pairwise: list[PairwisePreference]
     arms: dict[str, ArmReport]
+    served: ServedReport
+    exploration: ExplorationReport
     weights: WeightsReport
     events: dict[str, int] = Field(description="Accepted events by kind.")
     impressions_stored: int = Field(description="Impressions not yet expired.")

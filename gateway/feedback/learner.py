@@ -54,6 +54,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from gateway.feedback.attribution import preference
 from gateway.feedback.records import FeedbackStats, LearnedWeights
 
 __all__ = ["WeightLearner"]
@@ -117,6 +118,21 @@ class WeightLearner:
                 decided[a] += counts.wins + counts.losses
                 decided[b] += counts.wins + counts.losses
         return {name: net[name] / (decided[name] + self.prior) for name in self.names}
+
+    def uncertainty(self, stats: FeedbackStats) -> float:
+        """The widest half-width of a 95% interval among the pairwise preferences between
+        learnt recommenders: 0.5 before a pair has a decided comparison, falling about as
+        1/sqrt(decided) as evidence comes (Wilson, `gateway.feedback.attribution`).
+
+        Exploration is spent in proportion to it: what the least-known pair still leaves open.
+        """
+        widest = 0.0
+        for x, a in enumerate(self.names):
+            for b in self.names[x + 1 :]:
+                pair = stats.pairwise.get((a, b) if a < b else (b, a))
+                share = preference(*(pair or (0, 0, 0)))
+                widest = max(widest, (share.high - share.low) / 2)
+        return widest
 
     def weights_for(self, stats: FeedbackStats) -> dict[str, float]:
         """The weights the rule gives for these counters, ignoring `min_evidence` and `frozen`."""

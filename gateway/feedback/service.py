@@ -104,14 +104,20 @@ class FeedbackService:
         self._snapshot: tuple[float, dict[str, Any]] | None = None
         self._snapshot_lock = threading.Lock()
         self._arms: dict[str, ArmSettings] = {a.name: a for a in settings.experiments.arms}
+        # The arms' shares now: an exploring arm's falls as the learner's evidence narrows
+        # (`_explore`); one list swapped whole, read on the loop.
         self._shares = [(arm.name, arm.share) for arm in settings.experiments.arms]
+        self._uncertainty = 0.5
         salt = settings.salt.get_secret_value() if settings.salt is not None else ""
         self._salt = salt.encode()
         learnt = {name: w for name, w in self.configured.items() if w > 0}
         rule = settings.learner
+        # The prior: where learning starts, the configured weights unless `start_weights`
+        # say otherwise (a recommender configured at 0, a shadow, stays out of learning).
+        start = {name: (rule.start_weights or {}).get(name, w) for name, w in learnt.items()}
         self.learner = WeightLearner(
             list(learnt),
-            learnt,
+            start,
             min_evidence=rule.min_evidence,
             floor=rule.floor,
             max_weight=rule.max_weight,
@@ -246,9 +252,11 @@ class FeedbackService:
         self._flush()
 
     def learn(self) -> LearnedWeights:
-        """One round of the learner: stats, update, save (newest version wins), publish."""
+        """One round of the learner: stats, update, save (newest version wins), publish, and
+        the exploring arms' shares from what the evidence still leaves open."""
         store = self._require_store()
         stats = store.stats()
+        self._explore(self.learner.uncertainty(stats))
         current = store.load_weights()
         updated = self.learner.update(stats, current)
         if updated is not current:
@@ -307,14 +315,20 @@ class FeedbackService:
                 }
             )
         arms = {}
+        shares = self.shares()
+        served = [0, 0]
         for name in list(self._arms) + sorted(set(stats.arms) - set(self._arms)):
             arm_counts = stats.arms.get(name)
             shown = arm_counts.impressions if arm_counts else 0
             clicked = min(arm_counts.clicked_impressions, shown) if arm_counts else 0
             low, high = wilson_interval(clicked, shown)
             arm = self._arms.get(name)
+            served[0] += shown
+            served[1] += clicked
             arms[name] = {
                 "fusion": arm.fusion if arm else None,
+                "explore": arm.explore if arm else False,
+                "share_now": round(shares.get(name, 0.0), 6),
                 "impressions": shown,
                 "clicked_impressions": clicked,
                 "clicks": arm_counts.clicks if arm_counts else 0,
@@ -323,10 +337,24 @@ class FeedbackService:
                 "high": round(high, 6),
             }
         learned = self._learned
+        served_low, served_high = wilson_interval(served[1], served[0])
         return {
             "recommenders": recommenders,
             "pairwise": pairwise,
             "arms": arms,
+            "served": {
+                "impressions": served[0],
+                "clicked_impressions": served[1],
+                "ctr": round(served[1] / served[0], 6) if served[0] else 0.0,
+                "low": round(served_low, 6),
+                "high": round(served_high, 6),
+            },
+            "exploration": {
+                "share_now": round(
+                    sum(shares.get(n, 0.0) for n, arm in self._arms.items() if arm.explore), 6
+                ),
+                "uncertainty": round(self.learner.uncertainty(stats), 6),
+            },
             "weights": {
                 "in_use": dict(in_use),
                 "learning": self.settings.learner.enabled,
@@ -335,6 +363,12 @@ class FeedbackService:
                 "version": learned.version if learned else 0,
                 "updated_at": learned.updated_at if learned else None,
                 "initial": dict(self.learner.initial),
+                "prior": {
+                    "from": "start_weights"
+                    if self.settings.learner.start_weights is not None
+                    else "recommenders",
+                    "strength": self.settings.learner.prior,
+                },
             },
             "events": {kind: stats.events.get(kind, 0) for kind in EVENT_KINDS},
             "impressions_stored": stats.impressions_stored,
@@ -447,6 +481,21 @@ class FeedbackService:
             excess = max(0, len(merged) - self.settings.queue_limit)
             self._pending = merged[excess:]
             self._dropped += excess
+
+    def _explore(self, uncertainty: float) -> None:
+        """Each exploring arm's share: `share` scaled by the widest preference interval's
+        half-width over its most (0.5, nothing known), never below `min_share`."""
+        self._uncertainty = uncertainty
+        scale = min(1.0, uncertainty / 0.5)
+        self._shares = [
+            (arm.name, max(arm.min_share, arm.share * scale) if arm.explore else arm.share)
+            for arm in self.settings.experiments.arms
+        ]
+
+    def shares(self) -> dict[str, float]:
+        """The arms' shares now, normalised to sum to 1."""
+        total = sum(share for _name, share in self._shares)
+        return {name: share / total if total else 0.0 for name, share in self._shares}
 
     def _publish(self, learned: LearnedWeights) -> None:
         changed = self._learned is None or dict(self._learned.weights) != dict(learned.weights)

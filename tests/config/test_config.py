@@ -291,6 +291,19 @@ ARMS = MINIMAL + "feedback:\n  store: sqlite:///f.db\n  salt: s\n  experiments:\
             "(x): weights leave no recommender with a weight above 0 to fuse",
         ),
         (ARMS + "      - {name: x, fusion: rrf, share: 1, weights: best}\n", "weights"),
+        (
+            ARMS + "      - {name: x, fusion: interleave, share: 0.2, explore: true, "
+            "min_share: 0.5}\n",
+            "arm x: min_share (0.5) must not exceed share (0.2)",
+        ),
+        (
+            MINIMAL + "feedback:\n  learner:\n    start_weights: {a: 1, zz: 2}\n",
+            "feedback.learner.start_weights name unknown recommenders ['zz']",
+        ),
+        (
+            MINIMAL + "feedback:\n  learner:\n    start_weights: {a: 0}\n",
+            "feedback.learner.start_weights.a",
+        ),
     ],
 )
 def test_a_bad_feedback_block_is_refused_naming_the_field(

@@ -304,3 +304,81 @@ def test_a_graceful_stop_says_how_many_it_could_not_write(
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert any("3 impressions could not be written before the worker stopped" in m for m in said)
     assert sample(metrics.render().decode(), dropped, outcome="dropped") == before + 3
+
+
+async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_with_evidence(
+    tmp_path: Path,
+) -> None:
+    arms = [
+        {"name": "explore", "fusion": "interleave", "share": 1, "explore": True, "min_share": 0.05},
+        {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
+    ]
+    learner = {"min_evidence": 10_000, "start_weights": {"asc": 2.5, "sml": 0.5}}
+    service = FeedbackService(
+        feedback_settings(tmp_path, experiments={"arms": arms}, learner=learner), WEIGHTS
+    )
+    try:
+        before = service.shares()
+        start = dict(service.weights_in_use())
+        report_before = service.report()
+        # sml and asc and trd each shown on 40 interleaved answers, sml clicked on each: every
+        # pair is decided 40 times or tied.
+        teams = ("sml", "asc", "trd")
+        for n in range(40):
+            items = [{"id": f"i{k}", "score": 1.0, "sources": []} for k in range(3)]
+            answer = FusedRanking("interleave", items, 1.0, teams)
+            service.record(f"r{n}", service.assign("u1", "interleave"), answer)
+        service.flush()
+        await service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(40)])
+        service.learn()
+        after = service.shares()
+        users = collections.Counter(service.assign(f"user-{n}", None).arm for n in range(4000))
+        report = service._fresh_report()
+    finally:
+        service.close()
+
+    # The prior: where learning starts, before any evidence (trd keeps its configured 1.0).
+    assert start == {"sml": 0.5, "asc": 2.5, "trd": 1.0}
+    assert report_before["weights"]["prior"] == {"from": "start_weights", "strength": 50.0}
+    assert before == {"explore": 0.5, "learned": 0.5}
+    assert report_before["exploration"] == {"share_now": 0.5, "uncertainty": 0.5}
+    # sml vs asc and sml vs trd are decided 40 of 40; asc vs trd only tied, never decided:
+    # the widest interval stays the undecided pair's, so exploration holds there.
+    assert after == before
+    assert report["served"]["impressions"] == 0  # nobody was in an arm: fusion was named
+    assert users["explore"] + users["learned"] == 4000
+
+
+async def test_an_exploring_arm_falls_towards_its_min_share_as_every_pair_is_decided(
+    tmp_path: Path,
+) -> None:
+    arms = [
+        {"name": "explore", "fusion": "interleave", "share": 1, "explore": True, "min_share": 0.05},
+        {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
+    ]
+    weights = {"sml": 1.0, "asc": 1.0}
+    service = FeedbackService(feedback_settings(tmp_path, experiments={"arms": arms}), weights)
+    try:
+        for n in range(100):
+            items = [{"id": f"i{k}", "score": 1.0, "sources": []} for k in range(2)]
+            answer = FusedRanking("interleave", items, 1.0, ("sml", "asc"))
+            service.record(f"r{n}", service.assign("u1", "interleave"), answer)
+        service.flush()
+        # sml wins 75 of 100 decided comparisons.
+        clicks = [FeedbackEvent(f"r{n}", "i0" if n < 75 else "i1", "click") for n in range(100)]
+        await service.judge(clicks)
+        service.learn()
+        shares = service.shares()
+        users = collections.Counter(service.assign(f"user-{n}", None).arm for n in range(4000))
+        report = service._fresh_report()
+    finally:
+        service.close()
+
+    widest = 1.96 * (0.75 * 0.25 / 100) ** 0.5  # about Wilson's half-width, 0.085
+    assert report["exploration"]["uncertainty"] == pytest.approx(widest, rel=0.05)
+    explore = max(0.05, widest / 0.5)
+    assert shares["explore"] == pytest.approx(explore / (explore + 1), rel=0.05)
+    assert report["arms"]["explore"]["share_now"] == pytest.approx(shares["explore"], abs=1e-6)
+    assert report["exploration"]["share_now"] == pytest.approx(shares["explore"], abs=1e-6)
+    # The users follow the shares now (sticky to a point of their hash, not to an arm).
+    assert users["explore"] / 4000 == pytest.approx(shares["explore"], abs=0.03)

@@ -174,3 +174,19 @@ def test_pairs_with_a_recommender_not_learnt_are_ignored() -> None:
 def test_bad_settings_are_refused(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         learner(**overrides)
+
+
+def test_the_uncertainty_is_the_widest_preference_interval_and_narrows_with_evidence() -> None:
+    rule = learner()
+    nothing = rule.uncertainty(stats({}))
+    some = rule.uncertainty(stats({("als", "pop"): (30, 10, 5), ("als", "trd"): (20, 20, 0)}))
+    much = rule.uncertainty(
+        stats({pair: (300, 100, 0) for pair in [("als", "pop"), ("als", "trd"), ("pop", "trd")]})
+    )
+
+    # A pair never compared leaves the whole range open.
+    assert nothing == 0.5
+    assert some == 0.5  # pop and trd not yet compared
+    # Wilson's 95% half-width for 300 of 400: about 1.96 * sqrt(0.75 * 0.25 / 400).
+    assert much == pytest.approx(1.96 * math.sqrt(0.75 * 0.25 / 400), rel=0.02)
+    assert learner(names=("als",), initial={"als": 1.0}).uncertainty(stats({})) == 0.0
