@@ -34,11 +34,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from benchmarks.harness.servers import (
     GATEWAY_COMMAND,
@@ -80,6 +83,8 @@ class QualityPlan:
     """The gateway's `fusion_window`: fuse from this many items per recommender (None: k)."""
     model_servers: bool = False
     """Also the ALS model: `als` (KServe, V1) fused, `als-v2` (MLServer, V2) as a shadow."""
+    write_weights: str | None = None
+    """Where to write the fitted weights as `feedback.learner.start_weights` (YAML)."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +294,13 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
         f"`{ALS_SHADOW}` on MLServer over the Open Inference Protocol, weight 0 (scored, not "
         "fused); needs `make model-servers`",
     )
+    parser.add_argument(
+        "--write-weights",
+        type=Path,
+        metavar="FILE",
+        help="also write the fitted weights in the config's form, as where the gateway's "
+        "learner starts (feedback.learner.start_weights)",
+    )
     parser.add_argument("--quick", action="store_true", help="200 users, 100 to fit on")
     parser.add_argument(
         "--out", type=Path, help="output folder (default benchmarks/results/quality-<timestamp>)"
@@ -316,8 +328,47 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
             parser.error(str(exc))
     if "rrf" not in plan.fusions and plan.validation_users:
         plan.fusions.insert(0, "rrf")  # the fitted weights are compared with plain RRF
+    if args.write_weights is not None and not plan.validation_users:
+        parser.error("--write-weights needs validation users to fit the weights on")
+    plan.write_weights = None if args.write_weights is None else str(args.write_weights)
     out = args.out or Path("benchmarks/results") / time.strftime("quality-%Y%m%d-%H%M%S")
     return plan, out
+
+
+# The learner's default bounds: the weights are scaled (RRF depends on their ratios alone) so
+# that the smallest above 0 is at least the floor, within the maximum; 0 (left out when
+# fitted) is not a weight learning can start from, and starts at the floor.
+_START_FLOOR, _START_MAX = 0.1, 5.0
+
+
+def write_start_weights(path: Path, results: dict[str, Any]) -> Path:
+    """The fitted weights as `feedback.learner.start_weights`, in YAML with how they were made."""
+    fitted = results["fitted_weights"]
+    positive = [float(w) for w in fitted.values() if w > 0]
+    scale = 1.0
+    if positive:
+        scale = min(max(1.0, _START_FLOOR / min(positive)), _START_MAX / max(positive))
+    start = {
+        name: round(max(_START_FLOOR, float(weight) * scale), 4) for name, weight in fitted.items()
+    }
+    scored = {row["system"]: row["ndcg"] for row in results["systems"]}
+    best = max((n for n in fitted if n in scored), key=lambda n: scored[n], default=None)
+    lines = [
+        "# RRF weights fitted offline by `python -m benchmarks quality` on "
+        f"{results['validation_users_used']} validation users,",
+        f"# seed {results['plan']['world_seed']}: where the gateway's learner starts. "
+        "Merge into the config, or set",
+        f"# GATEWAY_FEEDBACK__LEARNER__START_WEIGHTS='{json.dumps(start)}'.",
+    ]
+    if best is not None and "rrf, fitted weights" in scored:
+        lines.append(
+            f"# On the test users: NDCG@{results['plan']['k']} "
+            f"{scored['rrf, fitted weights']:.3f} with these, {scored[best]:.3f} for {best} alone."
+        )
+    body = {"feedback": {"learner": {"start_weights": start}}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n" + yaml.safe_dump(body, sort_keys=False))
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -326,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     results, console = run_with_spinner(lambda advance: run_quality(plan, out, advance))
     written = write_all(results, out)
+    if plan.write_weights is not None and results.get("fitted_weights"):
+        written.append(write_start_weights(Path(plan.write_weights), results))
     console.print(table(results))
     for line in findings(results):
         console.print(f"  {line}")

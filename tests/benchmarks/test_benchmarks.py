@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from benchmarks.harness.loadgen import percentile
 from benchmarks.quality.ranking_metrics import mean_ci, ndcg_at, paired_difference, recall_at
@@ -28,6 +29,7 @@ from benchmarks.speed.features import parse_plan as features_plan
 from benchmarks.speed.report import derive, figures
 from benchmarks.speed.tracing import costs as tracing_costs
 from benchmarks.speed.tracing import markdown as tracing_markdown
+from gateway.config.settings import DEFAULT_CONFIG_PATH, load_settings
 from gateway.core.fusion import make_fusion, ranked_from
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.world import default_world
@@ -279,6 +281,7 @@ def test_quality_run_scores_every_system_and_writes_table_json_and_plot(tmp_path
     out = tmp_path / "quality"
     command = [sys.executable, "-m", "benchmarks", "quality", "--users", "60"]
     command += ["--validation-users", "30", "--out", str(out)]
+    command += ["--write-weights", str(tmp_path / "start.yaml")]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=230)
 
     assert done.returncode == 0, done.stderr[-3000:]
@@ -303,6 +306,20 @@ def test_quality_run_scores_every_system_and_writes_table_json_and_plot(tmp_path
     # concat of equal-length lists in config order is the first recommender's list.
     assert systems["concat"]["ndcg"] == systems["sml"]["ndcg"]
     assert set(results["fitted_weights"]) == set(DEFAULT_NAMES)
+    # The fitted weights, written where the learner starts, load into the shipped config, in
+    # the same ratios (scaled so the smallest is at least the learner's floor).
+    written = yaml.safe_load((tmp_path / "start.yaml").read_text())
+    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+    config.setdefault("feedback", {}).setdefault("learner", {}).update(
+        written["feedback"]["learner"]
+    )
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    start = load_settings(tmp_path / "config.yaml").feedback.learner.start_weights
+    fitted = {n: w for n, w in results["fitted_weights"].items() if w > 0}
+    assert start is not None and set(start) == set(DEFAULT_NAMES)
+    top = max(fitted, key=lambda n: fitted[n])
+    for name, weight in fitted.items():
+        assert start[name] / start[top] == pytest.approx(weight / fitted[top], abs=0.01)
     assert set(results["comparisons"]["fusions"]) == {
         "concat", "rrf", "weighted", "combmnz", "interleave", "rrf, fitted weights"
     }  # fmt: skip
