@@ -354,6 +354,74 @@ def _counters_before(snapshots: Sequence[Snapshot], index: int) -> list[dict[str
     return list(known[-1]["experiments"].get("pairwise", [])) if known else []
 
 
+# The first impressions, where a warm start must already hold its own.
+_FIRST = 1000
+
+
+def _served(played: Sequence[Played], world: World, best: str, k: int) -> dict[str, Any]:
+    """What every arm served (exploring and learnt) against `best`'s own list for the same
+    users, over the run and its first `_FIRST` impressions; and the learnt arm alone there.
+
+    `pairs` keeps each impression's (served, best) NDCG, in order, for `pooled`.
+    """
+    shown = sorted(played, key=lambda one: one.index)
+    if not shown:
+        return {}
+    truth = {one.user: world.truth(one.user) for one in shown}
+    served = [ndcg_at(one.fused, truth[one.user], k) for one in shown]
+    single = [ndcg_at(one.lists[best], truth[one.user], k) for one in shown]
+    first = sum(1 for one in shown if one.index < _FIRST)
+    learnt = [i for i, one in enumerate(shown) if one.arm == "learned" and one.index < _FIRST]
+    explored = sum(1 for one in shown if one.arm == "interleave")
+    found: dict[str, Any] = {
+        "impressions": len(shown),
+        "interleaved_share": round(explored / len(shown), 4),
+        "all": _summary(served, single),
+        "pairs": [served, single],
+    }
+    if first > 1:
+        found[f"first_{_FIRST}"] = _summary(served[:first], single[:first])
+    if len(learnt) > 1:
+        found[f"learnt_arm_first_{_FIRST}"] = _summary(
+            [served[i] for i in learnt], [single[i] for i in learnt]
+        )
+    return found
+
+
+def pooled(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Every run's served impressions together (other users per seed): the run and its first
+    `_FIRST`, each impression paired with `best`'s list; the runs lose their `pairs`."""
+    served: list[float] = []
+    single: list[float] = []
+    first_served: list[float] = []
+    first_single: list[float] = []
+    for run in runs:
+        pairs = run.get("served", {}).pop("pairs", [[], []])
+        served += pairs[0]
+        single += pairs[1]
+        cut = min(_FIRST, len(pairs[0]))
+        first_served += pairs[0][:cut]
+        first_single += pairs[1][:cut]
+    if len(served) < 2:
+        return {"runs": len(runs)}
+    return {
+        "runs": len(runs),
+        "all": _summary(served, single),
+        f"first_{_FIRST}": _summary(first_served, first_single),
+        "per_run": [
+            {
+                "all": run["served"]["all"]["vs_best"],
+                "interleaved_share": run["served"]["interleaved_share"],
+                "last_weights": run["offline"]
+                .get("rrf, the last learnt weights", {})
+                .get("vs_best"),
+            }
+            for run in runs
+            if run.get("served")
+        ],
+    }
+
+
 def _windows(
     learned: Sequence[Played],
     fused: Sequence[float],
@@ -440,6 +508,7 @@ def analyse_learning(
 
     sent = tally(played)
     return {
+        "served": _served(played, world, best, k),
         "weights": weights,
         "windows": _windows(learned, fused, single, windows, replayed),
         "hedge_weights": hedge_weights(final.get("pairwise", []), names),

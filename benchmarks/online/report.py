@@ -170,6 +170,7 @@ def _model_findings(results: dict[str, Any]) -> list[str]:
             f"{system} on the learnt arm's impressions: {_pm(row)}, vs {best} "
             f"{_diff(row['vs_best'])}"
         )
+    lines += _served_lines(learning, results.get("learning_pooled"), best)
     agree = all(run["agree"] for run in results["sensitivity"]) and learning["agree"]
     lines.append(
         "the gateway's /experiments counted exactly the impressions and clicks sent, per arm"
@@ -432,6 +433,38 @@ def _model_markdown(results: dict[str, Any]) -> list[str]:
         f"![learnt weights and NDCG over the run, {name}](online-learning-{name}.png)",
         "",
     ]
+    served = _served_lines(learning, results.get("learning_pooled"), best)
+    if served:
+        lines += [f"### What was served, every arm, against {best}", ""]
+        lines += [f"- {line}" for line in served] + [""]
+    return lines
+
+
+def _served_lines(learning: dict[str, Any], pooled: dict[str, Any] | None, best: str) -> list[str]:
+    """Every arm's answers (exploring and learnt) against `best`'s list: one run, and pooled."""
+    served = learning.get("served") or {}
+    if "all" not in served:
+        return []
+    lines = [
+        f"served, every arm ({served['interleaved_share']:.0%} interleaved), NDCG@10 vs "
+        f"{best}: {_diff(served['all']['vs_best'])} over {served['impressions']:,} impressions"
+        + (
+            f"; the first 1,000: {_diff(served['first_1000']['vs_best'])}"
+            if "first_1000" in served
+            else ""
+        )
+        + (
+            f"; the learnt arm in them: {_diff(served['learnt_arm_first_1000']['vs_best'])}"
+            if "learnt_arm_first_1000" in served
+            else ""
+        )
+    ]
+    if pooled and pooled.get("runs", 0) > 1 and "all" in pooled:
+        lines.append(
+            f"served over {pooled['runs']} learning runs (other users each), vs {best}: "
+            f"{_diff(pooled['all']['vs_best'])}; their first 1,000 impressions: "
+            f"{_diff(pooled['first_1000']['vs_best'])}"
+        )
     return lines
 
 

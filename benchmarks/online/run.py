@@ -59,7 +59,12 @@ from benchmarks.harness.servers import (
     run_with_spinner,
     serve_gunicorn,
 )
-from benchmarks.online.analysis import analyse_learning, analyse_sensitivity, rank_recommenders
+from benchmarks.online.analysis import (
+    analyse_learning,
+    analyse_sensitivity,
+    pooled,
+    rank_recommenders,
+)
 from benchmarks.online.play import Rounds, learning_arm, play, single_arm, visits
 from benchmarks.online.report import findings, write_all
 from benchmarks.quality.weights import fit_weights
@@ -106,6 +111,16 @@ class OnlinePlan:
     """Beta(a, b) of each user's engagement (`ClickModel.activity`); None: always engaged."""
     visits_per_user: float = 5.0
     """Mean impressions per user (geometric); 1: each user seen once."""
+    warm_start: str = "fitted"
+    """Where the learner starts: `fitted`, the offline-fitted weights as `start_weights`
+    (`python -m benchmarks quality --write-weights`); `none`, the configured (equal) ones."""
+    explore: str = "adaptive"
+    """The interleaved arm's share: `adaptive`, falling with the preferences' intervals
+    (`explore: true`) from half to `min_explore`; `fixed`, half the users throughout."""
+    min_explore: float = 0.05
+    """The adaptive interleaved arm's share at least (of its starting half)."""
+    learning_seeds: list[int] = field(default_factory=lambda: [1])
+    """One learning run per seed: other users, so other clicks."""
     learner: dict[str, str] = field(
         default_factory=lambda: {
             # The gateway's defaults, but for min_evidence: equal weights for the first
@@ -285,28 +300,44 @@ def _play_model(
         run = analyse_sensitivity(played, snapshots, best, runner_up, plan.k)
         sensitivity.append({"seed": seed, **run})
 
-    arms = [
-        {"name": "interleave", "fusion": "interleave", "share": 1},
-        {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
-    ]
+    explore: dict[str, Any] = {"name": "interleave", "fusion": "interleave", "share": 1}
+    if plan.explore == "adaptive":
+        explore |= {"explore": True, "min_share": plan.min_explore}
+    arms = [explore, {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"}]
     learning_on = {**plan.learner, "enabled": "true"}
-    # Each user once: the NDCG intervals below take impressions as independent.
-    schedule = visits("learn-u", plan.learning_impressions, 1, 0)
-    with _gateway(urls, arms, learning_on, logs / "gateway-learning.log") as url:
-        played, snapshots = asyncio.run(
-            play(url, schedule, model, learning_arm, rounds, advance, "learning")
+    if plan.warm_start == "fitted":
+        learning_on["start_weights"] = json.dumps(start_weights(stage.fitted))
+    runs = []
+    for seed in plan.learning_seeds:
+        # Each user once: the NDCG intervals below take impressions as independent.
+        prefix = "learn-u" if seed == 1 else f"learn-s{seed}-u"
+        schedule = visits(prefix, plan.learning_impressions, 1, 0)
+        log = logs / ("gateway-learning.log" if seed == 1 else f"gateway-learning-{seed}.log")
+        with _gateway(urls, arms, learning_on, log) as url:
+            played, snapshots = asyncio.run(
+                play(url, schedule, model, learning_arm, rounds, advance, f"learning, seed {seed}")
+            )
+        runs.append(
+            analyse_learning(
+                played,
+                snapshots,
+                stage.world,
+                best,
+                stage.fitted,
+                plan.k,
+                plan.windows,
+                min_evidence=int(plan.learner["min_evidence"]),
+            )
         )
-    learning = analyse_learning(
-        played,
-        snapshots,
-        stage.world,
-        best,
-        stage.fitted,
-        plan.k,
-        plan.windows,
-        min_evidence=int(plan.learner["min_evidence"]),
-    )
-    return {"sensitivity": sensitivity, "learning": learning}
+    # The first seed's run in full (as before), and what every seed served, pooled.
+    return {"sensitivity": sensitivity, "learning": runs[0], "learning_pooled": pooled(runs)}
+
+
+def start_weights(fitted: dict[str, float]) -> dict[str, float]:
+    """The offline-fitted weights as the learner's start, as `benchmarks.quality` writes them."""
+    positive = [w for w in fitted.values() if w > 0]
+    scale = min(max(1.0, 0.1 / min(positive)), 5.0 / max(positive)) if positive else 1.0
+    return {name: round(max(0.1, w * scale), 4) for name, w in fitted.items()}
 
 
 # The command line
@@ -352,6 +383,23 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         default=OnlinePlan.learning_impressions,
         help=f"impressions in the learning run ({OnlinePlan.learning_impressions})",
     )
+    parser.add_argument(
+        "--warm-start",
+        choices=["fitted", "none"],
+        default=OnlinePlan.warm_start,
+        help="where learning starts: fitted, the offline-fitted weights (the default); none, "
+        "equal weights",
+    )
+    parser.add_argument(
+        "--explore",
+        choices=["adaptive", "fixed"],
+        default=OnlinePlan.explore,
+        help="the interleaved arm's share: adaptive, falling as the preferences narrow (the "
+        "default); fixed, half the users",
+    )
+    parser.add_argument(
+        "--learning-seeds", default="1", help="one learning run per seed, comma-separated (1)"
+    )
     parser.add_argument("--concurrency", type=int, default=OnlinePlan.concurrency)
     parser.add_argument("--world-seed", type=int, default=DEFAULT_SEED, help="the world's seed")
     parser.add_argument(
@@ -372,6 +420,11 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         parser.error(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     plan = OnlinePlan() if args.world == "heavy-tailed" else OnlinePlan.alike()
     plan.seeds, plan.world_seed = seeds, args.world_seed
+    try:
+        plan.learning_seeds = [int(part) for part in args.learning_seeds.split(",") if part]
+    except ValueError:
+        parser.error(f"--learning-seeds: expected integers, got {args.learning_seeds!r}")
+    plan.warm_start, plan.explore = args.warm_start, args.explore
     plan.click_models = list(CLICK_MODELS) if args.click_model == BOTH else [args.click_model]
     plan.continue_after_click = args.continue_after_click
     plan.learning_impressions, plan.concurrency = args.learning_impressions, args.concurrency

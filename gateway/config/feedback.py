@@ -39,8 +39,8 @@ class ArmSettings(BaseModel):
     explore: bool = Field(
         default=False,
         description="An exploration arm (interleaving, for the learner's evidence): its share "
-        "falls from `share` as the learner's pairwise preferences narrow, in proportion to the "
-        "widest 95% interval among them, down to `min_share`.",
+        "falls from `share` as the learner's preferences narrow, as the square of the widest "
+        "95% half-width among them over 0.5 (about 1/evidence), down to `min_share`.",
     )
     min_share: float = Field(
         default=0.0,

@@ -178,9 +178,9 @@ class ExplorationReport(BaseModel):
 
     share_now: float = Field(description="The exploring arms' share of the users now.")
     uncertainty: float = Field(
-        description="The widest 95% half-width among the learnt recommenders' pairwise "
-        "preferences (0.5: a pair not yet compared); exploring arms get `share` times "
-        "uncertainty / 0.5, at least `min_share`."
+        description="The widest 95% half-width among the learnt recommenders' shares of their "
+        "decided comparisons (0.5: one not yet compared); exploring arms get `share` times "
+        "(uncertainty / 0.5)², at least `min_share`."
     )
 
 

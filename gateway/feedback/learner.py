@@ -120,18 +120,29 @@ class WeightLearner:
         return {name: net[name] / (decided[name] + self.prior) for name in self.names}
 
     def uncertainty(self, stats: FeedbackStats) -> float:
-        """The widest half-width of a 95% interval among the pairwise preferences between
-        learnt recommenders: 0.5 before a pair has a decided comparison, falling about as
-        1/sqrt(decided) as evidence comes (Wilson, `gateway.feedback.attribution`).
+        """How much the evidence still leaves open: the widest half-width of a 95% interval
+        (Wilson, `gateway.feedback.attribution`) around a learnt recommender's share of its
+        decided comparisons with the others, as its margin counts them. 0.5 before it has one;
+        then about 1/sqrt(decided): every clicked multileaved answer decides some for each.
 
-        Exploration is spent in proportion to it: what the least-known pair still leaves open.
+        Per recommender, not per pair: the weights follow each one's margin over all the
+        others, and two weak recommenders that rarely beat each other decide little of the
+        fused list. 0 with fewer than two learnt recommenders (nothing to compare).
         """
+        if len(self.names) < 2:
+            return 0.0
+        wins = dict.fromkeys(self.names, 0)
+        decided = dict.fromkeys(self.names, 0)
+        for (a, b), counts in stats.pairwise.items():
+            if a in wins and b in wins:
+                wins[a] += counts.wins
+                wins[b] += counts.losses
+                decided[a] += counts.wins + counts.losses
+                decided[b] += counts.wins + counts.losses
         widest = 0.0
-        for x, a in enumerate(self.names):
-            for b in self.names[x + 1 :]:
-                pair = stats.pairwise.get((a, b) if a < b else (b, a))
-                share = preference(*(pair or (0, 0, 0)))
-                widest = max(widest, (share.high - share.low) / 2)
+        for name in self.names:
+            share = preference(wins[name], decided[name] - wins[name], 0)
+            widest = max(widest, (share.high - share.low) / 2)
         return widest
 
     def weights_for(self, stats: FeedbackStats) -> dict[str, float]:

@@ -483,10 +483,16 @@ class FeedbackService:
             self._dropped += excess
 
     def _explore(self, uncertainty: float) -> None:
-        """Each exploring arm's share: `share` scaled by the widest preference interval's
-        half-width over its most (0.5, nothing known), never below `min_share`."""
+        """Each exploring arm's share: `share` times (uncertainty / 0.5)², never below
+        `min_share`.
+
+        Squared: exploration falls as the variance of what is learnt does, about as
+        1/evidence, the schedule of decaying ε-greedy (ε_t ∝ 1/t: Auer, Cesa-Bianchi &
+        Fischer, "Finite-time analysis of the multiarmed bandit problem", 2002), where the
+        half-width alone (1/sqrt) would keep exploring four times as long for each halving.
+        """
         self._uncertainty = uncertainty
-        scale = min(1.0, uncertainty / 0.5)
+        scale = min(1.0, uncertainty / 0.5) ** 2
         self._shares = [
             (arm.name, max(arm.min_share, arm.share * scale) if arm.explore else arm.share)
             for arm in self.settings.experiments.arms

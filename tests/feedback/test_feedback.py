@@ -18,6 +18,7 @@ import pytest
 
 from gateway.config.feedback import FeedbackSettings
 from gateway.core.fusion import FusedRanking
+from gateway.feedback.attribution import wilson_interval
 from gateway.feedback.impressions import FeedbackEvent, hash_user
 from gateway.feedback.records import EventResult
 from gateway.feedback.service import FeedbackService
@@ -342,18 +343,22 @@ async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_
     assert report_before["weights"]["prior"] == {"from": "start_weights", "strength": 50.0}
     assert before == {"explore": 0.5, "learned": 0.5}
     assert report_before["exploration"] == {"share_now": 0.5, "uncertainty": 0.5}
-    # sml vs asc and sml vs trd are decided 40 of 40; asc vs trd only tied, never decided:
-    # the widest interval stays the undecided pair's, so exploration holds there.
-    assert after == before
+    # sml won its 80 comparisons, asc and trd lost their 40 (and tied each other): asc's and
+    # trd's 0 of 40 are the widest intervals, and exploration falls to its least.
+    low, high = wilson_interval(0, 40)
+    assert report["exploration"]["uncertainty"] == pytest.approx((high - low) / 2, abs=1e-6)
+    assert ((high - low) / 2 / 0.5) ** 2 < 0.05
+    assert after == {"explore": pytest.approx(0.05 / 1.05), "learned": pytest.approx(1 / 1.05)}
     assert report["served"]["impressions"] == 0  # nobody was in an arm: fusion was named
-    assert users["explore"] + users["learned"] == 4000
+    assert users["explore"] / 4000 == pytest.approx(0.05 / 1.05, abs=0.02)
 
 
-async def test_an_exploring_arm_falls_towards_its_min_share_as_every_pair_is_decided(
+async def test_an_exploring_arms_share_falls_as_the_square_of_the_widest_interval(
     tmp_path: Path,
 ) -> None:
     arms = [
-        {"name": "explore", "fusion": "interleave", "share": 1, "explore": True, "min_share": 0.05},
+        {"name": "explore", "fusion": "interleave", "share": 1, "explore": True}
+        | {"min_share": 0.001},
         {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"},
     ]
     weights = {"sml": 1.0, "asc": 1.0}
@@ -374,10 +379,11 @@ async def test_an_exploring_arm_falls_towards_its_min_share_as_every_pair_is_dec
     finally:
         service.close()
 
-    widest = 1.96 * (0.75 * 0.25 / 100) ** 0.5  # about Wilson's half-width, 0.085
-    assert report["exploration"]["uncertainty"] == pytest.approx(widest, rel=0.05)
-    explore = max(0.05, widest / 0.5)
-    assert shares["explore"] == pytest.approx(explore / (explore + 1), rel=0.05)
+    low, high = wilson_interval(75, 100)  # sml's 75 of 100; asc's 25 of 100, as wide
+    widest = (high - low) / 2  # about 0.085
+    assert report["exploration"]["uncertainty"] == pytest.approx(widest, abs=1e-6)
+    explore = (widest / 0.5) ** 2  # about 0.03: the variance's fall, not the width's
+    assert shares["explore"] == pytest.approx(explore / (explore + 1), rel=0.01)
     assert report["arms"]["explore"]["share_now"] == pytest.approx(shares["explore"], abs=1e-6)
     assert report["exploration"]["share_now"] == pytest.approx(shares["explore"], abs=1e-6)
     # The users follow the shares now (sticky to a point of their hash, not to an arm).

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.feedback.attribution import PairCounts
+from gateway.feedback.attribution import PairCounts, wilson_interval
 from gateway.feedback.learner import WeightLearner
 from gateway.feedback.records import FeedbackStats, LearnedWeights
 
@@ -176,17 +176,20 @@ def test_bad_settings_are_refused(overrides: dict[str, object], message: str) ->
         learner(**overrides)
 
 
-def test_the_uncertainty_is_the_widest_preference_interval_and_narrows_with_evidence() -> None:
+def test_the_uncertainty_is_the_widest_interval_of_a_recommenders_share_of_its_comparisons() -> (
+    None
+):
     rule = learner()
-    nothing = rule.uncertainty(stats({}))
-    some = rule.uncertainty(stats({("als", "pop"): (30, 10, 5), ("als", "trd"): (20, 20, 0)}))
+    half = rule.uncertainty(stats({("als", "pop"): (30, 10, 5)}))
     much = rule.uncertainty(
         stats({pair: (300, 100, 0) for pair in [("als", "pop"), ("als", "trd"), ("pop", "trd")]})
     )
 
-    # A pair never compared leaves the whole range open.
-    assert nothing == 0.5
-    assert some == 0.5  # pop and trd not yet compared
-    # Wilson's 95% half-width for 300 of 400: about 1.96 * sqrt(0.75 * 0.25 / 400).
-    assert much == pytest.approx(1.96 * math.sqrt(0.75 * 0.25 / 400), rel=0.02)
+    # A recommender with no decided comparison leaves the whole range open.
+    assert rule.uncertainty(stats({})) == 0.5
+    assert half == 0.5  # trd never compared
+    # pop won 100 of its 400 against als and 300 of 400 against trd: 400 of 800, the widest.
+    low, high = wilson_interval(400, 800)
+    assert much == pytest.approx((high - low) / 2)
+    assert much == pytest.approx(1.96 * math.sqrt(0.25 / 800), rel=0.01)
     assert learner(names=("als",), initial={"als": 1.0}).uncertainty(stats({})) == 0.0
