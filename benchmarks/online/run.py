@@ -67,7 +67,7 @@ from benchmarks.online.analysis import (
 )
 from benchmarks.online.play import Rounds, learning_arm, play, single_arm, visits
 from benchmarks.online.report import findings, write_all
-from benchmarks.quality.weights import fit_weights
+from benchmarks.quality.weights import as_start_weights, fit_weights
 from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.clicks import CLICK_MODELS, ClickModel
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
@@ -306,7 +306,7 @@ def _play_model(
     arms = [explore, {"name": "learned", "fusion": "rrf", "share": 1, "weights": "learned"}]
     learning_on = {**plan.learner, "enabled": "true"}
     if plan.warm_start == "fitted":
-        learning_on["start_weights"] = json.dumps(start_weights(stage.fitted))
+        learning_on["start_weights"] = json.dumps(as_start_weights(stage.fitted))
     runs = []
     for seed in plan.learning_seeds:
         # Each user once: the NDCG intervals below take impressions as independent.
@@ -331,13 +331,6 @@ def _play_model(
         )
     # The first seed's run in full (as before), and what every seed served, pooled.
     return {"sensitivity": sensitivity, "learning": runs[0], "learning_pooled": pooled(runs)}
-
-
-def start_weights(fitted: dict[str, float]) -> dict[str, float]:
-    """The offline-fitted weights as the learner's start, as `benchmarks.quality` writes them."""
-    positive = [w for w in fitted.values() if w > 0]
-    scale = min(max(1.0, 0.1 / min(positive)), 5.0 / max(positive)) if positive else 1.0
-    return {name: round(max(0.1, w * scale), 4) for name, w in fitted.items()}
 
 
 # The command line

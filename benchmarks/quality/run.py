@@ -53,7 +53,7 @@ from benchmarks.harness.servers import (
 )
 from benchmarks.quality.report import findings, table, write_all
 from benchmarks.quality.scoring import comparisons, recommender_lists, score, summarise
-from benchmarks.quality.weights import fit_weights
+from benchmarks.quality.weights import as_start_weights, fit_weights
 from gateway.core.fusion import FUSIONS
 from gateway.core.request_id import REQUEST_ID_HEADER
 from mock_recommenders import DEFAULT_NAMES
@@ -335,22 +335,10 @@ def parse_plan(argv: list[str] | None = None) -> tuple[QualityPlan, Path]:
     return plan, out
 
 
-# The learner's default bounds: the weights are scaled (RRF depends on their ratios alone) so
-# that the smallest above 0 is at least the floor, within the maximum; 0 (left out when
-# fitted) is not a weight learning can start from, and starts at the floor.
-_START_FLOOR, _START_MAX = 0.1, 5.0
-
-
 def write_start_weights(path: Path, results: dict[str, Any]) -> Path:
     """The fitted weights as `feedback.learner.start_weights`, in YAML with how they were made."""
     fitted = results["fitted_weights"]
-    positive = [float(w) for w in fitted.values() if w > 0]
-    scale = 1.0
-    if positive:
-        scale = min(max(1.0, _START_FLOOR / min(positive)), _START_MAX / max(positive))
-    start = {
-        name: round(max(_START_FLOOR, float(weight) * scale), 4) for name, weight in fitted.items()
-    }
+    start = as_start_weights(fitted)
     scored = {row["system"]: row["ndcg"] for row in results["systems"]}
     best = max((n for n in fitted if n in scored), key=lambda n: scored[n], default=None)
     lines = [

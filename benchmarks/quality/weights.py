@@ -12,7 +12,7 @@ from benchmarks.quality.ranking_metrics import ndcg_at
 from benchmarks.quality.scoring import Lists
 from gateway.core.fusion import make_fusion, ranked_from
 
-__all__ = ["fit_weights"]
+__all__ = ["as_start_weights", "fit_weights"]
 
 # The values tried for each weight in turn while fitting; 0 drops a recommender.
 _WEIGHT_STEPS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
@@ -63,3 +63,17 @@ def fit_weights(
             break
     top = max(weights.values())
     return {name: round(weight / top, 4) for name, weight in weights.items()}
+
+
+def as_start_weights(
+    fitted: dict[str, float], floor: float = 0.1, most: float = 5.0
+) -> dict[str, float]:
+    """`fitted` as where the gateway's learner starts (`feedback.learner.start_weights`).
+
+    Scaled (RRF depends on their ratios alone) so that the smallest above 0 is at least the
+    learner's `floor`, within its `most` (its default bounds); a 0, left out when fitted, is
+    not a weight learning can start from, and starts at the floor.
+    """
+    positive = [w for w in fitted.values() if w > 0]
+    scale = min(max(1.0, floor / min(positive)), most / max(positive)) if positive else 1.0
+    return {name: round(max(floor, w * scale), 4) for name, w in fitted.items()}

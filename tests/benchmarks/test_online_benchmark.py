@@ -27,6 +27,7 @@ from benchmarks.online.stats import (
     preference_decided,
     weight_distance,
 )
+from benchmarks.quality.weights import as_start_weights
 from tests.helpers import ROOT
 
 
@@ -145,6 +146,21 @@ def test_the_click_model_is_chosen_on_the_command_line() -> None:
         parse_plan(["--continue-after-click", "2"])
 
 
+def test_warm_start_exploration_and_learning_seeds_are_chosen_on_the_command_line() -> None:
+    plan, _ = parse_plan([])
+    assert (plan.warm_start, plan.explore, plan.learning_seeds) == ("fitted", "adaptive", [1])
+    plan, _ = parse_plan(["--warm-start", "none", "--explore", "fixed", "--learning-seeds", "2,3"])
+    assert (plan.warm_start, plan.explore, plan.learning_seeds) == ("none", "fixed", [2, 3])
+    with pytest.raises(SystemExit):
+        parse_plan(["--learning-seeds", "a"])
+
+
+def test_the_start_weights_keep_the_fitted_ratios_within_the_learners_bounds() -> None:
+    start = as_start_weights({"sml": 0.0625, "asc": 1.0, "trd": 0.0, "psn": 0.25})
+
+    assert start == {"sml": 0.1, "asc": 1.6, "trd": 0.1, "psn": 0.4}
+
+
 def test_results_saved_before_click_models_read_as_the_position_based_models() -> None:
     saved = {"plan": {"k": 10}, "best": "asc", "sensitivity": [], "learning": {}}
     assert by_click_model(saved) == {"pbm": {**saved, "click_model": "pbm"}}
@@ -251,3 +267,16 @@ def _check_one_click_model(results: dict[str, Any], report: str) -> None:
         assert heading in section
     assert all("hedge_vs_best" in row for row in windows) and "Hedge, replayed" in section
     assert f"online-sensitivity-{model}.png" in section and "summary" in results
+    # What every arm served, against the best single recommender's list for the same users;
+    # the learnt arm started from the offline-fitted weights, and explored less as it learnt.
+    served = learning["served"]
+    assert served["impressions"] == learning["sent"]["impressions"]
+    assert "pairs" not in served  # pooled, then dropped from the JSON
+    assert 0 < served["interleaved_share"] < 0.5
+    assert "### What was served, every arm" in section
+    fitted = results["fitted_weights"]
+    start = learning["final"]["weights"]["initial"]
+    top = max(fitted, key=lambda name: fitted[name])
+    assert max(start, key=lambda name: start[name]) == top
+    assert learning["final"]["weights"]["prior"]["from"] == "start_weights"
+    assert results["learning_pooled"]["runs"] == 1
