@@ -77,6 +77,7 @@ class WeightLearner:
         prior: float,
         frozen: bool = False,
         clock: Callable[[], float] = time.time,
+        informed: bool = False,
     ):
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"names must be distinct and non-empty, got {list(names)}")
@@ -97,6 +98,9 @@ class WeightLearner:
         self.beta = beta
         self.prior = prior
         self.frozen = frozen
+        # The start is an informed prior (weights fitted offline): worth `prior` comparisons
+        # of evidence to exploration as well as to the weights.
+        self.informed = informed
         self._clock = clock
 
     def evidence(self, stats: FeedbackStats) -> int:
@@ -127,12 +131,15 @@ class WeightLearner:
 
         Per recommender, not per pair: the weights follow each one's margin over all the
         others, and two weak recommenders that rarely beat each other decide little of the
-        fused list. 0 with fewer than two learnt recommenders (nothing to compare).
+        fused list. 0 with fewer than two learnt recommenders (nothing to compare). An
+        `informed` start counts as `prior` even comparisons more (a Beta prior's pseudo-counts):
+        what was fitted offline is known before the first click.
         """
         if len(self.names) < 2:
             return 0.0
-        wins = dict.fromkeys(self.names, 0)
-        decided = dict.fromkeys(self.names, 0)
+        pseudo = round(self.prior) if self.informed else 0
+        wins = dict.fromkeys(self.names, pseudo // 2)
+        decided = dict.fromkeys(self.names, pseudo - pseudo % 2)
         for (a, b), counts in stats.pairwise.items():
             if a in wins and b in wins:
                 wins[a] += counts.wins

@@ -48,7 +48,12 @@ from gateway.feedback.impressions import (
 )
 from gateway.feedback.judge import EventJudge
 from gateway.feedback.learner import WeightLearner
-from gateway.feedback.records import EventResult, FeedbackStoreError, LearnedWeights
+from gateway.feedback.records import (
+    EventResult,
+    FeedbackStats,
+    FeedbackStoreError,
+    LearnedWeights,
+)
 from gateway.feedback.store import FeedbackStore, open_store
 from gateway.observability import metrics
 
@@ -125,7 +130,10 @@ class FeedbackService:
             prior=rule.prior,
             frozen=rule.frozen,
             clock=clock,
+            informed=rule.start_weights is not None,
         )
+        # Until the first round of the learner reads the counters: what the start alone knows.
+        self._explore(self.learner.uncertainty(FeedbackStats()))
         self._store: FeedbackStore | None = None
         if settings.store is not None:
             self._store = open_store(

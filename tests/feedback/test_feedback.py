@@ -341,11 +341,19 @@ async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_
     # The prior: where learning starts, before any evidence (trd keeps its configured 1.0).
     assert start == {"sml": 0.5, "asc": 2.5, "trd": 1.0}
     assert report_before["weights"]["prior"] == {"from": "start_weights", "strength": 50.0}
-    assert before == {"explore": 0.5, "learned": 0.5}
-    assert report_before["exploration"] == {"share_now": 0.5, "uncertainty": 0.5}
+    # Informed (start_weights), the start is worth `prior` (50) even comparisons to exploration
+    # too: its uncertainty is Wilson's for 25 of 50, and exploration starts below half.
+    low, high = wilson_interval(25, 50)
+    start_share = ((high - low) / 2 / 0.5) ** 2
+    assert report_before["exploration"]["uncertainty"] == pytest.approx((high - low) / 2, abs=1e-6)
+    assert before == {
+        "explore": pytest.approx(start_share / (1 + start_share)),
+        "learned": pytest.approx(1 / (1 + start_share)),
+    }
     # sml won its 80 comparisons, asc and trd lost their 40 (and tied each other): asc's and
-    # trd's 0 of 40 are the widest intervals, and exploration falls to its least.
-    low, high = wilson_interval(0, 40)
+    # trd's 25 of 90 (with the prior's) are the widest intervals, and exploration falls to its
+    # least.
+    low, high = wilson_interval(25, 90)
     assert report["exploration"]["uncertainty"] == pytest.approx((high - low) / 2, abs=1e-6)
     assert ((high - low) / 2 / 0.5) ** 2 < 0.05
     assert after == {"explore": pytest.approx(0.05 / 1.05), "learned": pytest.approx(1 / 1.05)}

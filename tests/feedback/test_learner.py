@@ -193,3 +193,15 @@ def test_the_uncertainty_is_the_widest_interval_of_a_recommenders_share_of_its_c
     assert much == pytest.approx((high - low) / 2)
     assert much == pytest.approx(1.96 * math.sqrt(0.25 / 800), rel=0.01)
     assert learner(names=("als",), initial={"als": 1.0}).uncertainty(stats({})) == 0.0
+
+
+def test_an_informed_start_is_worth_its_prior_in_comparisons_to_exploration_too() -> None:
+    informed = learner(informed=True, prior=50.0)
+
+    low, high = wilson_interval(25, 50)
+    assert informed.uncertainty(stats({})) == pytest.approx((high - low) / 2)
+    # pop: 10 of 40 decided, with the prior's 25 of 50: 35 of 90; trd 35 of 70, wider.
+    low, high = wilson_interval(35, 90)
+    found = informed.uncertainty(stats({("als", "pop"): (30, 10, 5), ("als", "trd"): (10, 10, 0)}))
+    assert found >= (high - low) / 2 - 1e-9
+    assert found < 0.5
