@@ -153,10 +153,11 @@ class WeightsReport(BaseModel):
 class PriorReport(BaseModel):
     """Where learning starts, and how much evidence it takes to move from there."""
 
-    from_: Literal["start_weights", "recommenders"] = Field(
+    from_: Literal["start_weights", "recommenders", "none"] = Field(
         alias="from",
-        description="`start_weights`: `feedback.learner.start_weights`; `recommenders`: "
-        "their configured weights.",
+        description="`start_weights`: `feedback.learner.start_weights`; `recommenders`: their "
+        "configured weights, which differ; `none`: equal ones, no prior (the leader so far is "
+        "served alone until `min_evidence`).",
     )
     strength: float = Field(
         description="`feedback.learner.prior`: the even pseudo-comparisons the start is worth."

@@ -152,6 +152,35 @@ class WeightLearner:
             widest = max(widest, (share.high - share.low) / 2)
         return widest
 
+    def leader(self, stats: FeedbackStats) -> str:
+        """The recommender the evidence so far favours: the highest low end of a 95% interval
+        around its share of decided comparisons (so a lucky few wins do not make a leader);
+        with nothing decided, the highest starting weight, the first on a tie."""
+        wins = dict.fromkeys(self.names, 0)
+        decided = dict.fromkeys(self.names, 0)
+        for (a, b), counts in stats.pairwise.items():
+            if a in wins and b in wins:
+                wins[a] += counts.wins
+                wins[b] += counts.losses
+                decided[a] += counts.wins + counts.losses
+                decided[b] += counts.wins + counts.losses
+        if not any(decided.values()):
+            return max(self.names, key=lambda name: self.initial[name])
+        return max(self.names, key=lambda n: preference(wins[n], decided[n] - wins[n], 0).low)
+
+    def before_evidence(self, stats: FeedbackStats) -> dict[str, float]:
+        """What to fuse with before `min_evidence`: an informed start as it is (clipped to the
+        bounds); with no prior, the leader at `max_weight` and the others at `floor`, its
+        list nearly alone: the safest answer while the evidence is thin, where equal weights
+        mix in the weak recommenders' picks."""
+        if self.informed:
+            return {
+                n: round(min(self.max_weight, max(self.floor, w)), _DECIMALS)
+                for n, w in self.initial.items()
+            }
+        leader = self.leader(stats)
+        return {n: self.max_weight if n == leader else self.floor for n in self.names}
+
     def weights_for(self, stats: FeedbackStats) -> dict[str, float]:
         """The weights the rule gives for these counters, ignoring `min_evidence` and `frozen`."""
         margins = self.margins(stats)
@@ -164,20 +193,23 @@ class WeightLearner:
         return weights
 
     def update(self, stats: FeedbackStats, current: LearnedWeights | None) -> LearnedWeights:
-        """The weights to use now: `current` when frozen, short of evidence or unchanged.
+        """The weights to use now: `current` when frozen or unchanged.
 
-        With no `current`, the starting point is the initial weights (clipped to the bounds),
-        version 0. A change bumps the version, which the stores use to keep the newest.
+        With no `current`, the start is `before_evidence` with no evidence, version 0. Short
+        of `min_evidence`, `before_evidence` (an uninformed start follows the leader); then
+        the rule. A change bumps the version, which the stores use to keep the newest.
         """
         evidence = self.evidence(stats)
         if current is None:
-            start = {
-                n: round(min(self.max_weight, max(self.floor, w)), _DECIMALS)
-                for n, w in self.initial.items()
-            }
+            start = self.before_evidence(FeedbackStats())
             current = LearnedWeights(start, evidence=0, updated_at=self._clock(), version=0)
-        if self.frozen or evidence < self.min_evidence:
+        if self.frozen:
             return current
+        if evidence < self.min_evidence:
+            weights = self.before_evidence(stats)
+            if weights == dict(current.weights):
+                return current
+            return LearnedWeights(weights, evidence, self._clock(), current.version + 1)
         weights = self.weights_for(stats)
         if weights == dict(current.weights) and evidence == current.evidence:
             return current

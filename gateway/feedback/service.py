@@ -130,7 +130,9 @@ class FeedbackService:
             prior=rule.prior,
             frozen=rule.frozen,
             clock=clock,
-            informed=rule.start_weights is not None,
+            # A prior is given by start_weights, or by configured weights that differ: equal
+            # ones say nothing of which recommender is better.
+            informed=rule.start_weights is not None or len(set(learnt.values())) > 1,
         )
         # Until the first round of the learner reads the counters: what the start alone knows.
         self._explore(self.learner.uncertainty(FeedbackStats()))
@@ -146,7 +148,7 @@ class FeedbackService:
         # it finds every impression recorded before it.
         self._flushing = threading.Lock()
         self._learned: LearnedWeights | None = None
-        self._in_use: Mapping[str, float] = dict(self.learner.initial)
+        self._in_use: Mapping[str, float] = self.learner.before_evidence(FeedbackStats())
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Its thread starts with the first event: a worker nobody clicks through has none.
@@ -372,15 +374,20 @@ class FeedbackService:
                 "updated_at": learned.updated_at if learned else None,
                 "initial": dict(self.learner.initial),
                 "prior": {
-                    "from": "start_weights"
-                    if self.settings.learner.start_weights is not None
-                    else "recommenders",
+                    "from": self._prior_from(),
                     "strength": self.settings.learner.prior,
                 },
             },
             "events": {kind: stats.events.get(kind, 0) for kind in EVENT_KINDS},
             "impressions_stored": stats.impressions_stored,
         }
+
+    def _prior_from(self) -> str:
+        """Where learning starts: `start_weights`, the configured weights when they differ,
+        or `none` (equal ones: the leader is served alone until `min_evidence`)."""
+        if self.settings.learner.start_weights is not None:
+            return "start_weights"
+        return "recommenders" if self.learner.informed else "none"
 
     def _judge_together(self, events: Sequence[FeedbackEvent]) -> list[EventResult]:
         """One store call for `events`, after this worker's waiting impressions are written."""

@@ -24,6 +24,8 @@ def learner(**overrides: object) -> WeightLearner:
         "beta": 4.0,
         "prior": 50.0,
         "clock": lambda: NOW,
+        # Started from a prior (the rule's tests); `informed=False` tests the leader-first start.
+        "informed": True,
     }
     settings.update(overrides)
     return WeightLearner(**settings)  # type: ignore[arg-type]
@@ -179,7 +181,7 @@ def test_bad_settings_are_refused(overrides: dict[str, object], message: str) ->
 def test_the_uncertainty_is_the_widest_interval_of_a_recommenders_share_of_its_comparisons() -> (
     None
 ):
-    rule = learner()
+    rule = learner(informed=False)
     half = rule.uncertainty(stats({("als", "pop"): (30, 10, 5)}))
     much = rule.uncertainty(
         stats({pair: (300, 100, 0) for pair in [("als", "pop"), ("als", "trd"), ("pop", "trd")]})
@@ -205,3 +207,22 @@ def test_an_informed_start_is_worth_its_prior_in_comparisons_to_exploration_too(
     found = informed.uncertainty(stats({("als", "pop"): (30, 10, 5), ("als", "trd"): (10, 10, 0)}))
     assert found >= (high - low) / 2 - 1e-9
     assert found < 0.5
+
+
+def test_with_no_prior_the_leader_is_served_until_the_minimum_evidence() -> None:
+    cold = learner(informed=False, min_evidence=100, initial={"als": 1.0, "pop": 1.0, "trd": 1.0})
+    start = cold.update(stats({}), None)
+    # pop wins 30 of 40 against als; trd wins 3 of 3 against als: a higher share, but so few
+    # that its interval's low end stays below pop's.
+    early = cold.update(stats({("als", "pop"): (10, 30, 0), ("als", "trd"): (0, 3, 0)}), start)
+    same = cold.update(stats({("als", "pop"): (10, 31, 0), ("als", "trd"): (0, 3, 0)}), early)
+    enough = cold.update(stats({("als", "pop"): (20, 80, 0)}), early)
+
+    # Nothing known: the first of the equal starting weights leads, alone at the maximum.
+    assert start.weights == {"als": 3.0, "pop": 0.2, "trd": 0.2} and start.version == 0
+    assert cold.leader(stats({("als", "pop"): (10, 30, 0), ("als", "trd"): (0, 3, 0)})) == "pop"
+    assert early.weights == {"als": 0.2, "pop": 3.0, "trd": 0.2} and early.version == 1
+    assert same is early  # the same leader: no new version
+    # From the minimum evidence on, the rule, from the configured start.
+    assert enough.weights == cold.weights_for(stats({("als", "pop"): (20, 80, 0)}))
+    assert enough.version == 2

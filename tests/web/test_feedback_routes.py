@@ -368,7 +368,7 @@ def test_clicks_credit_the_interleaving_team_or_the_sources_and_compare_teams_pa
         counted = experiments["recommenders"][name]
         assert counted["credit"] == pytest.approx(credit[name] / 4)
         assert counted["impressions"] == 1 + (name in in_rrf)
-        assert counted["weight"] == 1.0
+        assert counted["weight"] == experiments["weights"]["in_use"][name]
     assert experiments["recommenders"][winner]["clicks"] == 2 + (winner in sources)
     # Pairwise, on the one interleaved answer: winner 2 clicks, runner-up 1, the others 0.
     clicks = dict.fromkeys(NAMES, 0) | {winner: 2, runner_up: 1}
@@ -501,7 +501,10 @@ def test_a_frozen_learner_holds_the_weights(fleet: MockFleet, serve: Serve, tmp_
 
     weights = report(url)["weights"]
     assert weights["frozen"] and weights["evidence"] == 24
-    assert weights["in_use"] == dict.fromkeys(NAMES, 1.0)
+    # Held where it started: with equal configured weights (no prior) the first recommender
+    # alone, the others at the floor.
+    start = {name: LEARNER["floor"] for name in NAMES} | {NAMES[0]: LEARNER["max_weight"]}
+    assert weights["in_use"] == start
     assert weights["version"] == 0
 
 
