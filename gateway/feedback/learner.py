@@ -25,7 +25,11 @@ Why this rule:
 - A recommender that only ties keeps its configured weight, and no renormalisation is needed
   (RRF cares only about the weights' ratios). The floor keeps a losing recommender in the
   answers so it can still win comparisons back; `max_weight` bounds how far one can dominate.
-- Nothing moves before `min_evidence` comparisons between learnt recommenders, and `frozen`
+- The start is a prior: `initial` (`feedback.learner.start_weights`, or configured weights
+  that differ), worth `prior` comparisons, to the exploration's `uncertainty` too when
+  `informed`. With no prior (equal weights), `before_evidence` serves the `leader` so far
+  nearly alone, not an equal mix that the weak recommenders drag down.
+- The rule moves nothing before `min_evidence` comparisons between learnt recommenders; `frozen`
   keeps the current weights whatever the evidence: an operator's brake.
 
 It replaced Hedge over cumulative net wins (``w_i = initial_i · exp(rate · net_i)``), which
