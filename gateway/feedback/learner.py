@@ -27,8 +27,8 @@ Why this rule:
   answers so it can still win comparisons back; `max_weight` bounds how far one can dominate.
 - The start is a prior: `initial` (`feedback.learner.start_weights`, or configured weights
   that differ), worth `prior` comparisons, to the exploration's `uncertainty` too when
-  `informed`. With no prior (equal weights), `before_evidence` serves the `leader` so far
-  nearly alone, not an equal mix that the weak recommenders drag down.
+  `informed`. With no prior (equal weights), `before_evidence` serves a `leader` nearly alone
+  once the evidence shows one better than the others (its interval above one half).
 - The rule moves nothing before `min_evidence` comparisons between learnt recommenders; `frozen`
   keeps the current weights whatever the evidence: an operator's brake.
 
@@ -156,10 +156,12 @@ class WeightLearner:
             widest = max(widest, (share.high - share.low) / 2)
         return widest
 
-    def leader(self, stats: FeedbackStats) -> str:
-        """The recommender the evidence so far favours: the highest low end of a 95% interval
-        around its share of decided comparisons (so a lucky few wins do not make a leader);
-        with nothing decided, the highest starting weight, the first on a tie."""
+    def leader(self, stats: FeedbackStats) -> str | None:
+        """The recommender the evidence so far shows better than the others, or None: the one
+        whose share of its decided comparisons has a 95% interval above one half (the highest
+        low end, if several). Lucky first wins do not make a leader: in the online benchmark,
+        following the highest share from a handful of comparisons served the worst
+        recommender alone for most of a run."""
         wins = dict.fromkeys(self.names, 0)
         decided = dict.fromkeys(self.names, 0)
         for (a, b), counts in stats.pairwise.items():
@@ -168,21 +170,21 @@ class WeightLearner:
                 wins[b] += counts.losses
                 decided[a] += counts.wins + counts.losses
                 decided[b] += counts.wins + counts.losses
-        if not any(decided.values()):
-            return max(self.names, key=lambda name: self.initial[name])
-        return max(self.names, key=lambda n: preference(wins[n], decided[n] - wins[n], 0).low)
+        lows = {n: preference(wins[n], decided[n] - wins[n], 0).low for n in self.names}
+        best = max(self.names, key=lambda name: lows[name])
+        return best if lows[best] > 0.5 else None
 
     def before_evidence(self, stats: FeedbackStats) -> dict[str, float]:
-        """What to fuse with before `min_evidence`: an informed start as it is (clipped to the
-        bounds); with no prior, the leader at `max_weight` and the others at `floor`, its
-        list nearly alone: the safest answer while the evidence is thin, where equal weights
-        mix in the weak recommenders' picks."""
-        if self.informed:
-            return {
-                n: round(min(self.max_weight, max(self.floor, w)), _DECIMALS)
-                for n, w in self.initial.items()
-            }
-        leader = self.leader(stats)
+        """What to fuse with before `min_evidence`: the start (clipped to the bounds); with no
+        prior, once the evidence shows a `leader`, that leader at `max_weight` and the others
+        at `floor`, its list nearly alone."""
+        start = {
+            n: round(min(self.max_weight, max(self.floor, w)), _DECIMALS)
+            for n, w in self.initial.items()
+        }
+        leader = None if self.informed else self.leader(stats)
+        if leader is None:
+            return start
         return {n: self.max_weight if n == leader else self.floor for n in self.names}
 
     def weights_for(self, stats: FeedbackStats) -> dict[str, float]:

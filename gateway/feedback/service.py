@@ -384,7 +384,8 @@ class FeedbackService:
 
     def _prior_from(self) -> str:
         """Where learning starts: `start_weights`, the configured weights when they differ,
-        or `none` (equal ones: the leader is served alone until `min_evidence`)."""
+        or `none` (equal ones: a leader the evidence shows is served alone until
+        `min_evidence`)."""
         if self.settings.learner.start_weights is not None:
             return "start_weights"
         return "recommenders" if self.learner.informed else "none"

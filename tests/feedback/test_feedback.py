@@ -95,7 +95,7 @@ def test_users_split_by_share_stick_to_their_arm_and_explicit_fusions_stay_out(
     assert service.assign(None, None).arm is None
 
 
-def test_learned_arms_start_from_a_prior_or_with_none_from_the_leader_alone(
+def test_learned_arms_start_from_a_prior_or_from_the_configured_weights(
     tmp_path: Path,
 ) -> None:
     arms = [{"name": "only", "fusion": "rrf", "share": 1, "weights": "learned"}]
@@ -103,10 +103,10 @@ def test_learned_arms_start_from_a_prior_or_with_none_from_the_leader_alone(
     equal = FeedbackService(settings, WEIGHTS)
     configured = FeedbackService(settings, {**WEIGHTS, "asc": 2.0})
     try:
-        # Equal weights say nothing: the first leads alone (the others at the floor) until
-        # the evidence names a leader and then reaches min_evidence. Shadow recommenders
-        # (weight 0) are not learnt: they stay out of the fusion.
-        assert equal.assign("u1", None).weights == {"sml": 5.0, "asc": 0.1, "trd": 0.1}
+        # Equal weights say nothing: they hold until the evidence shows a leader (then served
+        # alone until min_evidence). Shadow recommenders (weight 0) are not learnt: they stay
+        # out of the fusion.
+        assert equal.assign("u1", None).weights == {"sml": 1.0, "asc": 1.0, "trd": 1.0}
         # Weights that differ are a prior: learning starts from them.
         assert configured.assign("u1", None).weights == {"sml": 1.0, "asc": 2.0, "trd": 1.0}
     finally:

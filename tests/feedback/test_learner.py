@@ -209,20 +209,26 @@ def test_an_informed_start_is_worth_its_prior_in_comparisons_to_exploration_too(
     assert found < 0.5
 
 
-def test_with_no_prior_the_leader_is_served_until_the_minimum_evidence() -> None:
+def test_with_no_prior_a_leader_the_evidence_shows_is_served_until_the_minimum_evidence() -> None:
     cold = learner(informed=False, min_evidence=100, initial={"als": 1.0, "pop": 1.0, "trd": 1.0})
     start = cold.update(stats({}), None)
-    # pop wins 30 of 40 against als; trd wins 3 of 3 against als: a higher share, but so few
-    # that its interval's low end stays below pop's.
-    early = cold.update(stats({("als", "pop"): (10, 30, 0), ("als", "trd"): (0, 3, 0)}), start)
+    lucky = {("als", "trd"): (0, 3, 0)}  # trd 3 of 3: a high share, a wide interval
+    thin = cold.update(stats(lucky), start)
+    # pop wins 30 of 40 against als: a share whose interval lies above one half.
+    shown = {("als", "pop"): (10, 30, 0), ("als", "trd"): (0, 3, 0)}
+    early = cold.update(stats(shown), start)
     same = cold.update(stats({("als", "pop"): (10, 31, 0), ("als", "trd"): (0, 3, 0)}), early)
     enough = cold.update(stats({("als", "pop"): (20, 80, 0)}), early)
 
-    # Nothing known: the first of the equal starting weights leads, alone at the maximum.
-    assert start.weights == {"als": 3.0, "pop": 0.2, "trd": 0.2} and start.version == 0
-    assert cold.leader(stats({("als", "pop"): (10, 30, 0), ("als", "trd"): (0, 3, 0)})) == "pop"
+    # Nothing known, or a lucky few wins: the start, equal.
+    assert start.weights == {"als": 1.0, "pop": 1.0, "trd": 1.0} and start.version == 0
+    assert cold.leader(stats(lucky)) is None and thin is start
+    # A leader shown: alone at the maximum, the others at the floor.
+    assert cold.leader(stats(shown)) == "pop"
     assert early.weights == {"als": 0.2, "pop": 3.0, "trd": 0.2} and early.version == 1
     assert same is early  # the same leader: no new version
     # From the minimum evidence on, the rule, from the configured start.
     assert enough.weights == cold.weights_for(stats({("als", "pop"): (20, 80, 0)}))
     assert enough.version == 2
+    # An informed start holds before the minimum evidence, whatever leads.
+    assert learner(min_evidence=100).update(stats(shown), None).weights == start.weights

@@ -501,10 +501,7 @@ def test_a_frozen_learner_holds_the_weights(fleet: MockFleet, serve: Serve, tmp_
 
     weights = report(url)["weights"]
     assert weights["frozen"] and weights["evidence"] == 24
-    # Held where it started: with equal configured weights (no prior) the first recommender
-    # alone, the others at the floor.
-    start = {name: LEARNER["floor"] for name in NAMES} | {NAMES[0]: LEARNER["max_weight"]}
-    assert weights["in_use"] == start
+    assert weights["in_use"] == dict.fromkeys(NAMES, 1.0)
     assert weights["version"] == 0
 
 
