@@ -105,6 +105,14 @@ class LearnerSettings(BaseModel):
         description="Even pseudo-comparisons that shrink a thin record's margin towards 0.",
     )
     interval_s: float = Field(default=30.0, gt=0, description="How often each worker learns.")
+    cold_start: Literal["equal", "leader"] = Field(
+        default="equal",
+        description="With no prior (no start_weights, equal configured weights): `equal` "
+        "weights until min_evidence, or `leader`: once a recommender's share of its decided "
+        "comparisons has a 95% interval above one half, it alone (max_weight, the others at "
+        "floor). Measured in the online benchmark, `leader` served worse than `equal`: early "
+        "clicks there favour a recommender whose lists rank the truth worse.",
+    )
     start_weights: dict[str, Annotated[float, Field(gt=0)]] | None = Field(
         default=None,
         description="Where learning starts, by recommender (the prior: weights fitted offline, "

@@ -156,8 +156,8 @@ class PriorReport(BaseModel):
     from_: Literal["start_weights", "recommenders", "none"] = Field(
         alias="from",
         description="`start_weights`: `feedback.learner.start_weights`; `recommenders`: their "
-        "configured weights, which differ; `none`: equal ones, no prior (a leader the evidence "
-        "shows is served alone until `min_evidence`).",
+        "configured weights, which differ; `none`: equal ones, no prior "
+        "(`feedback.learner.cold_start` says what is served until `min_evidence`).",
     )
     strength: float = Field(
         description="`feedback.learner.prior`: the even pseudo-comparisons the start is worth."

@@ -27,8 +27,9 @@ Why this rule:
   answers so it can still win comparisons back; `max_weight` bounds how far one can dominate.
 - The start is a prior: `initial` (`feedback.learner.start_weights`, or configured weights
   that differ), worth `prior` comparisons, to the exploration's `uncertainty` too when
-  `informed`. With no prior (equal weights), `before_evidence` serves a `leader` nearly alone
-  once the evidence shows one better than the others (its interval above one half).
+  `informed`. With no prior (equal weights) and `leader_first` (`cold_start: leader`),
+  `before_evidence` serves a `leader` nearly alone once the evidence shows one better than
+  the others (its interval above one half); by default the equal start holds.
 - The rule moves nothing before `min_evidence` comparisons between learnt recommenders; `frozen`
   keeps the current weights whatever the evidence: an operator's brake.
 
@@ -82,6 +83,7 @@ class WeightLearner:
         frozen: bool = False,
         clock: Callable[[], float] = time.time,
         informed: bool = False,
+        leader_first: bool = False,
     ):
         if len(set(names)) != len(names) or not names:
             raise ValueError(f"names must be distinct and non-empty, got {list(names)}")
@@ -105,6 +107,8 @@ class WeightLearner:
         # The start is an informed prior (weights fitted offline): worth `prior` comparisons
         # of evidence to exploration as well as to the weights.
         self.informed = informed
+        # With no prior: serve a leader the evidence shows alone until min_evidence.
+        self.leader_first = leader_first
         self._clock = clock
 
     def evidence(self, stats: FeedbackStats) -> int:
@@ -176,13 +180,13 @@ class WeightLearner:
 
     def before_evidence(self, stats: FeedbackStats) -> dict[str, float]:
         """What to fuse with before `min_evidence`: the start (clipped to the bounds); with no
-        prior, once the evidence shows a `leader`, that leader at `max_weight` and the others
-        at `floor`, its list nearly alone."""
+        prior and `leader_first`, once the evidence shows a `leader`, that leader at
+        `max_weight` and the others at `floor`, its list nearly alone."""
         start = {
             n: round(min(self.max_weight, max(self.floor, w)), _DECIMALS)
             for n, w in self.initial.items()
         }
-        leader = None if self.informed else self.leader(stats)
+        leader = self.leader(stats) if self.leader_first and not self.informed else None
         if leader is None:
             return start
         return {n: self.max_weight if n == leader else self.floor for n in self.names}

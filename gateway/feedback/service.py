@@ -133,6 +133,7 @@ class FeedbackService:
             # A prior is given by start_weights, or by configured weights that differ: equal
             # ones say nothing of which recommender is better.
             informed=rule.start_weights is not None or len(set(learnt.values())) > 1,
+            leader_first=rule.cold_start == "leader",
         )
         # Until the first round of the learner reads the counters: what the start alone knows.
         self._explore(self.learner.uncertainty(FeedbackStats()))
@@ -384,8 +385,7 @@ class FeedbackService:
 
     def _prior_from(self) -> str:
         """Where learning starts: `start_weights`, the configured weights when they differ,
-        or `none` (equal ones: a leader the evidence shows is served alone until
-        `min_evidence`)."""
+        or `none` (equal ones; `cold_start` says what is served until `min_evidence`)."""
         if self.settings.learner.start_weights is not None:
             return "start_weights"
         return "recommenders" if self.learner.informed else "none"

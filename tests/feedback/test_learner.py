@@ -209,8 +209,13 @@ def test_an_informed_start_is_worth_its_prior_in_comparisons_to_exploration_too(
     assert found < 0.5
 
 
-def test_with_no_prior_a_leader_the_evidence_shows_is_served_until_the_minimum_evidence() -> None:
-    cold = learner(informed=False, min_evidence=100, initial={"als": 1.0, "pop": 1.0, "trd": 1.0})
+def test_with_no_prior_and_leader_first_a_leader_the_evidence_shows_is_served() -> None:
+    cold = learner(
+        informed=False,
+        leader_first=True,
+        min_evidence=100,
+        initial={"als": 1.0, "pop": 1.0, "trd": 1.0},
+    )
     start = cold.update(stats({}), None)
     lucky = {("als", "trd"): (0, 3, 0)}  # trd 3 of 3: a high share, a wide interval
     thin = cold.update(stats(lucky), start)
@@ -230,5 +235,8 @@ def test_with_no_prior_a_leader_the_evidence_shows_is_served_until_the_minimum_e
     # From the minimum evidence on, the rule, from the configured start.
     assert enough.weights == cold.weights_for(stats({("als", "pop"): (20, 80, 0)}))
     assert enough.version == 2
-    # An informed start holds before the minimum evidence, whatever leads.
+    # An informed start holds before the minimum evidence, whatever leads; so does an equal
+    # one by default (`cold_start: equal`).
     assert learner(min_evidence=100).update(stats(shown), None).weights == start.weights
+    equal = learner(informed=False, min_evidence=100)
+    assert equal.update(stats(shown), None).weights == start.weights
