@@ -121,15 +121,10 @@ class WeightLearner:
 
     def margins(self, stats: FeedbackStats) -> dict[str, float]:
         """Each learnt recommender's margin: (wins - losses) / (wins + losses + prior)."""
-        net = dict.fromkeys(self.names, 0)
-        decided = dict.fromkeys(self.names, 0)
-        for (a, b), counts in stats.pairwise.items():
-            if a in net and b in net:
-                net[a] += counts.wins - counts.losses
-                net[b] += counts.losses - counts.wins
-                decided[a] += counts.wins + counts.losses
-                decided[b] += counts.wins + counts.losses
-        return {name: net[name] / (decided[name] + self.prior) for name in self.names}
+        return {
+            name: (2 * wins - decided) / (decided + self.prior)
+            for name, (wins, decided) in self._records(stats).items()
+        }
 
     def uncertainty(self, stats: FeedbackStats) -> float:
         """How much the evidence still leaves open: the widest half-width of a 95% interval
@@ -145,18 +140,10 @@ class WeightLearner:
         """
         if len(self.names) < 2:
             return 0.0
-        pseudo = round(self.prior) if self.informed else 0
-        wins = dict.fromkeys(self.names, pseudo // 2)
-        decided = dict.fromkeys(self.names, pseudo - pseudo % 2)
-        for (a, b), counts in stats.pairwise.items():
-            if a in wins and b in wins:
-                wins[a] += counts.wins
-                wins[b] += counts.losses
-                decided[a] += counts.wins + counts.losses
-                decided[b] += counts.wins + counts.losses
+        pseudo = round(self.prior) // 2 if self.informed else 0
         widest = 0.0
-        for name in self.names:
-            share = preference(wins[name], decided[name] - wins[name], 0)
+        for wins, decided in self._records(stats).values():
+            share = preference(wins + pseudo, decided - wins + pseudo, 0)
             widest = max(widest, (share.high - share.low) / 2)
         return widest
 
@@ -166,15 +153,8 @@ class WeightLearner:
         low end, if several). Lucky first wins do not make a leader: in the online benchmark,
         following the highest share from a handful of comparisons served the worst
         recommender alone for most of a run."""
-        wins = dict.fromkeys(self.names, 0)
-        decided = dict.fromkeys(self.names, 0)
-        for (a, b), counts in stats.pairwise.items():
-            if a in wins and b in wins:
-                wins[a] += counts.wins
-                wins[b] += counts.losses
-                decided[a] += counts.wins + counts.losses
-                decided[b] += counts.wins + counts.losses
-        lows = {n: preference(wins[n], decided[n] - wins[n], 0).low for n in self.names}
+        records = self._records(stats)
+        lows = {n: preference(w, d - w, 0).low for n, (w, d) in records.items()}
         best = max(self.names, key=lambda name: lows[name])
         return best if lows[best] > 0.5 else None
 
@@ -190,6 +170,18 @@ class WeightLearner:
         if leader is None:
             return start
         return {n: self.max_weight if n == leader else self.floor for n in self.names}
+
+    def _records(self, stats: FeedbackStats) -> dict[str, tuple[int, int]]:
+        """Each learnt recommender's wins and decided comparisons against the others."""
+        wins = dict.fromkeys(self.names, 0)
+        decided = dict.fromkeys(self.names, 0)
+        for (a, b), counts in stats.pairwise.items():
+            if a in wins and b in wins:
+                wins[a] += counts.wins
+                wins[b] += counts.losses
+                decided[a] += counts.wins + counts.losses
+                decided[b] += counts.wins + counts.losses
+        return {name: (wins[name], decided[name]) for name in self.names}
 
     def weights_for(self, stats: FeedbackStats) -> dict[str, float]:
         """The weights the rule gives for these counters, ignoring `min_evidence` and `frozen`."""
