@@ -112,7 +112,6 @@ class FeedbackService:
         # The arms' shares now: an exploring arm's falls as the learner's evidence narrows
         # (`_explore`); one list swapped whole, read on the loop.
         self._shares = [(arm.name, arm.share) for arm in settings.experiments.arms]
-        self._uncertainty = 0.5
         salt = settings.salt.get_secret_value() if settings.salt is not None else ""
         self._salt = salt.encode()
         learnt = {name: w for name, w in self.configured.items() if w > 0}
@@ -327,39 +326,27 @@ class FeedbackService:
             )
         arms = {}
         shares = self.shares()
-        served = [0, 0]
         for name in list(self._arms) + sorted(set(stats.arms) - set(self._arms)):
             arm_counts = stats.arms.get(name)
             shown = arm_counts.impressions if arm_counts else 0
             clicked = min(arm_counts.clicked_impressions, shown) if arm_counts else 0
-            low, high = wilson_interval(clicked, shown)
             arm = self._arms.get(name)
-            served[0] += shown
-            served[1] += clicked
             arms[name] = {
                 "fusion": arm.fusion if arm else None,
                 "explore": arm.explore if arm else False,
                 "share_now": round(shares.get(name, 0.0), 6),
-                "impressions": shown,
-                "clicked_impressions": clicked,
                 "clicks": arm_counts.clicks if arm_counts else 0,
-                "ctr": round(clicked / shown, 6) if shown else 0.0,
-                "low": round(low, 6),
-                "high": round(high, 6),
+                **_click_rate(clicked, shown),
             }
         learned = self._learned
-        served_low, served_high = wilson_interval(served[1], served[0])
         return {
             "recommenders": recommenders,
             "pairwise": pairwise,
             "arms": arms,
-            "served": {
-                "impressions": served[0],
-                "clicked_impressions": served[1],
-                "ctr": round(served[1] / served[0], 6) if served[0] else 0.0,
-                "low": round(served_low, 6),
-                "high": round(served_high, 6),
-            },
+            "served": _click_rate(
+                sum(row["clicked_impressions"] for row in arms.values()),
+                sum(row["impressions"] for row in arms.values()),
+            ),
             "exploration": {
                 "share_now": round(
                     sum(shares.get(n, 0.0) for n, arm in self._arms.items() if arm.explore), 6
@@ -507,7 +494,6 @@ class FeedbackService:
         Fischer, "Finite-time analysis of the multiarmed bandit problem", 2002), where the
         half-width alone (1/sqrt) would keep exploring four times as long for each halving.
         """
-        self._uncertainty = uncertainty
         scale = min(1.0, uncertainty / 0.5) ** 2
         self._shares = [
             (arm.name, max(arm.min_share, arm.share * scale) if arm.explore else arm.share)
@@ -532,6 +518,18 @@ class FeedbackService:
         if self._store is None:
             raise RuntimeError("feedback is off: no store is configured")
         return self._store
+
+
+def _click_rate(clicked: int, shown: int) -> dict[str, Any]:
+    """Impressions, those clicked, the CTR and its 95% Wilson interval, as /experiments has them."""
+    low, high = wilson_interval(clicked, shown)
+    return {
+        "impressions": shown,
+        "clicked_impressions": clicked,
+        "ctr": round(clicked / shown, 6) if shown else 0.0,
+        "low": round(low, 6),
+        "high": round(high, 6),
+    }
 
 
 # How often a stopping worker tries the store again for its last impressions.
