@@ -90,19 +90,25 @@ class LearnerSettings(BaseModel):
         default=False, description="Keep the weights in use whatever the evidence says."
     )
     min_evidence: int = Field(
-        default=100, ge=0, description="Pairwise comparisons needed before a weight moves."
+        default=100,
+        ge=0,
+        description="Pairwise comparisons needed before the weights leave an equal start; a "
+        "prior (start_weights, or configured weights that differ) moves from the first, "
+        "`prior` its brake.",
     )
     floor: float = Field(default=0.1, gt=0, description="No weight goes below this.")
     max_weight: float = Field(default=5.0, gt=0, description="No weight goes above this.")
     beta: float = Field(
         default=4.0,
         ge=0,
-        description="A weight is initial · e^(beta · margin): within e^±beta of the initial one.",
+        description="A weight is initial · e^(beta · (margin - the start's margin)): within "
+        "e^±2·beta of the initial one.",
     )
     prior: float = Field(
         default=50.0,
         gt=0,
-        description="Even pseudo-comparisons that shrink a thin record's margin towards 0.",
+        description="Pseudo-comparisons at the start's margin (0 for an equal start) that "
+        "shrink a thin record's margin towards it: the prior's strength.",
     )
     interval_s: float = Field(default=30.0, gt=0, description="How often each worker learns.")
     cold_start: Literal["equal", "leader"] = Field(

@@ -92,8 +92,9 @@ def pairwise_delta(
     return delta
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval for a proportion: (0, 1) with no trials.
+def wilson_interval(successes: float, trials: float, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval for a proportion: (0, 1) with no trials. Counts may be
+    fractional: effective sample sizes, a prior's pseudo-counts.
 
     Wilson rather than the normal approximation: it stays inside [0, 1] and keeps its coverage
     at the small counts and extreme rates a click-through rate starts from.

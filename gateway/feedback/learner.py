@@ -4,8 +4,13 @@ The rule: each recommender's mean pairwise margin, shrunk towards 0 by a prior, 
 weight on a log scale::
 
     W_i, L_i = Σ_j wins(i, j), Σ_j losses(i, j)       over the other learnt recommenders j
-    m_i      = (W_i - L_i) / (W_i + L_i + prior)        in (-1, 1); ties do not count
-    w_i      = initial_i · exp(beta · m_i),             clipped to [floor, max_weight]
+    m_i      = (W_i - L_i + prior · p_i) / (W_i + L_i + prior)   in (-1, 1); ties do not count
+    w_i      = initial_i · exp(beta · (m_i - p_i)),     clipped to [floor, max_weight]
+
+where p_i is the margin the start stands for: 0 for an equal start, and for a prior
+(`start_weights`, or configured weights that differ) ln(initial_i / g) / beta, g the
+geometric mean of the initial weights (clipped to (-1, 1)). At no evidence w_i = initial_i;
+as evidence grows, w_i → g · exp(beta · true margin_i), whatever the start was.
 
 Why this rule:
 
@@ -25,13 +30,22 @@ Why this rule:
 - A recommender that only ties keeps its configured weight, and no renormalisation is needed
   (RRF cares only about the weights' ratios). The floor keeps a losing recommender in the
   answers so it can still win comparisons back; `max_weight` bounds how far one can dominate.
-- The start is a prior: `initial` (`feedback.learner.start_weights`, or configured weights
-  that differ), worth `prior` comparisons, to the exploration's `uncertainty` too when
-  `informed`. With no prior (equal weights) and `leader_first` (`cold_start: leader`),
-  `before_evidence` serves a `leader` nearly alone once the evidence shows one better than
-  the others (its interval above one half); by default the equal start holds.
-- The rule moves nothing before `min_evidence` comparisons between learnt recommenders; `frozen`
-  keeps the current weights whatever the evidence: an operator's brake.
+- The start is a prior, in the margins' own terms: `initial` (`feedback.learner.start_weights`,
+  or configured weights that differ) says what margin each recommender is believed to have,
+  worth `prior` comparisons. The evidence moves the weights from the first comparison, and
+  a wrong prior is outvoted: the weights converge to what the evidence says, not to the
+  prior's ratios times it (the rule before this one, ``initial · exp(beta · m)``, kept a
+  wrong start's order for ever). The prior counts to the exploration's `uncertainty` too.
+- With no prior (equal weights) the rule moves nothing before `min_evidence` comparisons
+  between learnt recommenders; with `leader_first` (`cold_start: leader`), `before_evidence`
+  serves a `leader` nearly alone once the evidence shows one better than the others (its
+  interval above one half); by default the equal start holds. `frozen` keeps the current
+  weights whatever the evidence: an operator's brake.
+- Intervals count clicked answers, not comparisons: one click on a multileaved answer decides
+  k - 1 comparisons for the clicked team at once (k learnt recommenders), which are not
+  independent. Counting each would make every interval about sqrt(k - 1) too narrow, and
+  exploration stop early; the counts are divided by k - 1 (a design effect, conservative for
+  a team that mostly loses).
 
 It replaced Hedge over cumulative net wins (``w_i = initial_i · exp(rate · net_i)``), which
 has no resting point: net wins grow with the evidence, so every recommender that wins more
@@ -59,7 +73,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from gateway.feedback.attribution import preference
+from gateway.feedback.attribution import wilson_interval
 from gateway.feedback.records import FeedbackStats, LearnedWeights
 
 __all__ = ["WeightLearner"]
@@ -105,8 +119,12 @@ class WeightLearner:
         self.prior = prior
         self.frozen = frozen
         # The start is an informed prior (weights fitted offline): worth `prior` comparisons
-        # of evidence to exploration as well as to the weights.
+        # of evidence to exploration as well as to the weights, and the weights move from it
+        # from the first comparison.
         self.informed = informed
+        self.start_margins = self._start_margins() if informed else dict.fromkeys(self.names, 0.0)
+        # Comparisons one clicked answer decides for its winner: the intervals' unit.
+        self._per_answer = max(1, len(self.names) - 1)
         # With no prior: serve a leader the evidence shows alone until min_evidence.
         self.leader_first = leader_first
         self._clock = clock
@@ -120,31 +138,49 @@ class WeightLearner:
         )
 
     def margins(self, stats: FeedbackStats) -> dict[str, float]:
-        """Each learnt recommender's margin: (wins - losses) / (wins + losses + prior)."""
+        """Each learnt recommender's margin: (wins - losses + prior · start) / (decided + prior),
+        the start's margin worth `prior` comparisons (0 for an equal start)."""
         return {
-            name: (2 * wins - decided) / (decided + self.prior)
+            name: (2 * wins - decided + self.prior * self.start_margins[name])
+            / (decided + self.prior)
             for name, (wins, decided) in self._records(stats).items()
+        }
+
+    def _start_margins(self) -> dict[str, float]:
+        """The margins the initial weights stand for under the rule: ln(initial / g) / beta,
+        g their geometric mean, clipped to (-1, 1); all 0 when beta is 0 (nothing moves)."""
+        if self.beta == 0:
+            return dict.fromkeys(self.names, 0.0)
+        centre = sum(math.log(w) for w in self.initial.values()) / len(self.initial)
+        return {
+            name: max(-0.999, min(0.999, (math.log(w) - centre) / self.beta))
+            for name, w in self.initial.items()
         }
 
     def uncertainty(self, stats: FeedbackStats) -> float:
         """How much the evidence still leaves open: the widest half-width of a 95% interval
         (Wilson, `gateway.feedback.attribution`) around a learnt recommender's share of its
-        decided comparisons with the others, as its margin counts them. 0.5 before it has one;
-        then about 1/sqrt(decided): every clicked multileaved answer decides some for each.
+        decided comparisons with the others, as its margin counts them, in clicked answers
+        (comparisons / (k - 1), see the module docstring). 0.5 before it has one; then about
+        1/sqrt(answers that decided some for it).
 
         Per recommender, not per pair: the weights follow each one's margin over all the
         others, and two weak recommenders that rarely beat each other decide little of the
         fused list. 0 with fewer than two learnt recommenders (nothing to compare). An
-        `informed` start counts as `prior` even comparisons more (a Beta prior's pseudo-counts):
-        what was fitted offline is known before the first click.
+        `informed` start counts as `prior` comparisons more, at the share its start margin
+        stands for (a Beta prior's pseudo-counts): what was fitted offline is known before
+        the first click.
         """
         if len(self.names) < 2:
             return 0.0
-        pseudo = round(self.prior) // 2 if self.informed else 0
         widest = 0.0
-        for wins, decided in self._records(stats).values():
-            share = preference(wins + pseudo, decided - wins + pseudo, 0)
-            widest = max(widest, (share.high - share.low) / 2)
+        for name, (wins, decided) in self._answers(stats).items():
+            if self.informed:
+                prior = self.prior / self._per_answer
+                wins += prior * (1 + self.start_margins[name]) / 2
+                decided += prior
+            low, high = wilson_interval(wins, decided)
+            widest = max(widest, (high - low) / 2)
         return widest
 
     def leader(self, stats: FeedbackStats) -> str | None:
@@ -153,8 +189,8 @@ class WeightLearner:
         low end, if several). Lucky first wins do not make a leader: in the online benchmark,
         following the highest share from a handful of comparisons served the worst
         recommender alone for most of a run."""
-        records = self._records(stats)
-        lows = {n: preference(w, d - w, 0).low for n, (w, d) in records.items()}
+        answers = self._answers(stats)
+        lows = {n: wilson_interval(w, d)[0] for n, (w, d) in answers.items()}
         best = max(self.names, key=lambda name: lows[name])
         return best if lows[best] > 0.5 else None
 
@@ -183,6 +219,13 @@ class WeightLearner:
                 decided[b] += counts.wins + counts.losses
         return {name: (wins[name], decided[name]) for name in self.names}
 
+    def _answers(self, stats: FeedbackStats) -> dict[str, tuple[float, float]]:
+        """`_records` in clicked answers: wins and decided divided by k - 1."""
+        return {
+            name: (wins / self._per_answer, decided / self._per_answer)
+            for name, (wins, decided) in self._records(stats).items()
+        }
+
     def weights_for(self, stats: FeedbackStats) -> dict[str, float]:
         """The weights the rule gives for these counters, ignoring `min_evidence` and `frozen`."""
         margins = self.margins(stats)
@@ -190,16 +233,18 @@ class WeightLearner:
         weights = {}
         for name in self.names:
             # Clipped in log space: exp() of a large beta could overflow.
-            exponent = math.log(self.initial[name]) + self.beta * margins[name]
+            moved = margins[name] - self.start_margins[name]
+            exponent = math.log(self.initial[name]) + self.beta * moved
             weights[name] = round(math.exp(min(top, max(bottom, exponent))), _DECIMALS)
         return weights
 
     def update(self, stats: FeedbackStats, current: LearnedWeights | None) -> LearnedWeights:
         """The weights to use now: `current` when frozen or unchanged.
 
-        With no `current`, the start is `before_evidence` with no evidence, version 0. Short
-        of `min_evidence`, `before_evidence` (an uninformed start follows the leader); then
-        the rule. A change bumps the version, which the stores use to keep the newest.
+        With no `current`, the start is `before_evidence` with no evidence, version 0. An
+        uninformed start short of `min_evidence` keeps `before_evidence` (which may follow the
+        leader); an informed one, and any after, the rule: its prior is its brake. A change
+        bumps the version, which the stores use to keep the newest.
         """
         evidence = self.evidence(stats)
         if current is None:
@@ -207,7 +252,7 @@ class WeightLearner:
             current = LearnedWeights(start, evidence=0, updated_at=self._clock(), version=0)
         if self.frozen:
             return current
-        if evidence < self.min_evidence:
+        if evidence < self.min_evidence and not self.informed:
             weights = self.before_evidence(stats)
             if weights == dict(current.weights):
                 return current

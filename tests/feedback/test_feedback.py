@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -329,15 +330,15 @@ async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_
         before = service.shares()
         start = dict(service.weights_in_use())
         report_before = service.report()
-        # sml and asc and trd each shown on 40 interleaved answers, sml clicked on each: every
-        # pair is decided 40 times or tied.
+        # sml and asc and trd each shown on 80 interleaved answers, sml clicked on each: every
+        # pair is decided 80 times or tied.
         teams = ("sml", "asc", "trd")
-        for n in range(40):
+        for n in range(80):
             items = [{"id": f"i{k}", "score": 1.0, "sources": []} for k in range(3)]
             answer = FusedRanking("interleave", items, 1.0, teams)
             service.record(f"r{n}", service.assign("u1", "interleave"), answer)
         service.flush()
-        await service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(40)])
+        await service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(80)])
         service.learn()
         after = service.shares()
         users = collections.Counter(service.assign(f"user-{n}", None).arm for n in range(4000))
@@ -348,19 +349,23 @@ async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_
     # The prior: where learning starts, before any evidence (trd keeps its configured 1.0).
     assert start == {"sml": 0.5, "asc": 2.5, "trd": 1.0}
     assert report_before["weights"]["prior"] == {"from": "start_weights", "strength": 50.0}
-    # Informed (start_weights), the start is worth `prior` (50) even comparisons to exploration
-    # too: its uncertainty is Wilson's for 25 of 50, and exploration starts below half.
-    low, high = wilson_interval(25, 50)
+    # Informed (start_weights), the start is worth `prior` (50) comparisons to exploration too,
+    # 25 clicked answers (one click decides k - 1 = 2 comparisons for its team), each
+    # recommender at the share its start stands for: (1 + ln(w / g) / beta) / 2, g the weights'
+    # geometric mean. trd's, nearest one half, is the widest; exploration starts below half.
+    centre = math.log(0.5 * 2.5 * 1.0) / 3
+    share = {name: (1 + (math.log(w) - centre) / 4) / 2 for name, w in start.items()}
+    low, high = wilson_interval(25 * share["trd"], 25)
     start_share = ((high - low) / 2 / 0.5) ** 2
     assert report_before["exploration"]["uncertainty"] == pytest.approx((high - low) / 2, abs=1e-6)
     assert before == {
         "explore": pytest.approx(start_share / (1 + start_share)),
         "learned": pytest.approx(1 / (1 + start_share)),
     }
-    # sml won its 80 comparisons, asc and trd lost their 40 (and tied each other): asc's and
-    # trd's 25 of 90 (with the prior's) are the widest intervals, and exploration falls to its
-    # least.
-    low, high = wilson_interval(25, 90)
+    # sml won its 160 comparisons (80 answers), asc and trd lost their 80 (40 answers; they
+    # tied each other): asc's, 25 answers at its start's share of 65, is the widest, and
+    # exploration falls to its least.
+    low, high = wilson_interval(25 * share["asc"], 65)
     assert report["exploration"]["uncertainty"] == pytest.approx((high - low) / 2, abs=1e-6)
     assert ((high - low) / 2 / 0.5) ** 2 < 0.05
     assert after == {"explore": pytest.approx(0.05 / 1.05), "learned": pytest.approx(1 / 1.05)}

@@ -60,15 +60,53 @@ def test_the_recommender_that_keeps_winning_gains_weight() -> None:
 
 
 def test_the_weights_follow_the_documented_rule() -> None:
-    """Margins +2/8 and -2/8 (3 wins, 1 loss, prior 4) at beta 4, from 1.0 and 2.0: e and 2/e."""
-    margin = learner(
-        names=("a", "b"), initial={"b": 2.0}, min_evidence=0, floor=0.01, max_weight=5, prior=4
-    )
+    """From an equal start, margins +2/8 and -2/8 (3 wins, 1 loss, prior 4) at beta 4: e and 1/e.
+    From 1.0 and 2.0, the start's margins -+ln(2)/8 count `prior` comparisons: the weights move
+    by the evidence against the share the start stands for."""
+    equal = learner(names=("a", "b"), initial={}, floor=0.01, max_weight=5, prior=4)
+    informed = learner(names=("a", "b"), initial={"b": 2.0}, floor=0.01, max_weight=5, prior=4)
+    seen = stats({("a", "b"): (3, 1, 5)})
 
-    weights = margin.weights_for(stats({("a", "b"): (3, 1, 5)}))
+    assert equal.margins(seen) == {"a": 0.25, "b": -0.25}
+    assert equal.weights_for(seen) == {
+        "a": pytest.approx(math.e, abs=1e-6),
+        "b": pytest.approx(1 / math.e, abs=1e-6),
+    }
+    start = math.log(2) / 2 / 4  # ln(2 / sqrt 2) / beta
+    assert informed.start_margins == {"a": pytest.approx(-start), "b": pytest.approx(start)}
+    assert informed.margins(seen)["a"] == pytest.approx((6 - 4 - 4 * start) / 8)
+    moved = (6 - 4 * (1 - start)) / 8  # a: 3 wins of 4 against the start's share (1 - start) / 2
+    assert informed.weights_for(seen) == {
+        "a": pytest.approx(math.exp(4 * moved), abs=1e-6),
+        "b": pytest.approx(2 * math.exp(-4 * moved), abs=1e-6),
+    }
+    assert informed.weights_for(stats({})) == {"a": 1.0, "b": 2.0}
 
-    assert weights == {"a": pytest.approx(math.e, abs=1e-6), "b": pytest.approx(2 / math.e)}
-    assert margin.margins(stats({("a", "b"): (3, 1, 5)})) == {"a": 0.25, "b": -0.25}
+
+def test_a_wrong_prior_is_outvoted_by_the_evidence() -> None:
+    """Started upside down, the weights converge to where the evidence puts them from an equal
+    start (same ratios), and their order follows the evidence long before."""
+    upside_down = learner(initial={"als": 0.2, "pop": 1.0, "trd": 3.0}, floor=0.01, max_weight=100)
+    equal = learner(informed=False, min_evidence=0, floor=0.01, max_weight=100)
+
+    def ratios(weights: dict[str, float]) -> list[float]:
+        return [weights[name] / weights["pop"] for name in NAMES]
+
+    def seen(scale: int) -> FeedbackStats:
+        return stats(
+            {
+                ("als", "trd"): (6 * scale, 2 * scale, 3 * scale),
+                ("als", "pop"): (4 * scale, 3 * scale, 5 * scale),
+                ("pop", "trd"): (35 * scale // 10, 3 * scale, 4 * scale),
+            }
+        )
+
+    thin, some, much = (upside_down.weights_for(seen(n)) for n in (1, 100, 10_000))
+
+    assert thin["trd"] > thin["pop"] > thin["als"]  # 20 comparisons against a prior of 50
+    assert some["als"] > some["pop"] > some["trd"]  # 2,000: the evidence's order
+    target = ratios(equal.weights_for(seen(10_000)))
+    assert ratios(much) == pytest.approx(target, rel=0.01)
 
 
 def test_the_weights_settle_as_the_evidence_grows() -> None:
@@ -97,8 +135,8 @@ def test_the_weights_settle_as_the_evidence_grows() -> None:
     assert once["als"] > once["pop"] > once["trd"]
 
 
-def test_nothing_moves_before_the_minimum_evidence() -> None:
-    margin = learner(min_evidence=30)
+def test_nothing_moves_before_the_minimum_evidence_from_an_equal_start() -> None:
+    margin = learner(min_evidence=30, informed=False)
     start = margin.update(stats({}), None)
 
     thin = margin.update(stats({("als", "trd"): (20, 0, 9)}), start)
@@ -108,6 +146,16 @@ def test_nothing_moves_before_the_minimum_evidence() -> None:
     assert thin is start
     assert enough.version == 1 and enough.evidence == 30
     assert enough.weights["als"] > 1.0 > enough.weights["trd"]
+
+
+def test_a_prior_moves_from_the_first_comparison_its_strength_its_brake() -> None:
+    seen = stats({("als", "trd"): (5, 0, 0)})
+
+    weak, strong = (learner(min_evidence=30, prior=p).update(seen, None) for p in (5.0, 500.0))
+
+    assert weak.version == strong.version == 1 and weak.evidence == 5
+    assert weak.weights["als"] > strong.weights["als"] > 1.0
+    assert strong.weights["als"] == pytest.approx(math.exp(4 * 5 / 505), abs=1e-6)
 
 
 def test_the_floor_and_the_maximum_bound_every_weight() -> None:
@@ -178,7 +226,7 @@ def test_bad_settings_are_refused(overrides: dict[str, object], message: str) ->
         learner(**overrides)
 
 
-def test_the_uncertainty_is_the_widest_interval_of_a_recommenders_share_of_its_comparisons() -> (
+def test_the_uncertainty_is_the_widest_interval_of_a_recommenders_share_in_clicked_answers() -> (
     None
 ):
     rule = learner(informed=False)
@@ -190,23 +238,35 @@ def test_the_uncertainty_is_the_widest_interval_of_a_recommenders_share_of_its_c
     # A recommender with no decided comparison leaves the whole range open.
     assert rule.uncertainty(stats({})) == 0.5
     assert half == 0.5  # trd never compared
-    # pop won 100 of its 400 against als and 300 of 400 against trd: 400 of 800, the widest.
-    low, high = wilson_interval(400, 800)
+    # pop won 100 of its 400 against als and 300 of 400 against trd: 400 of 800 comparisons,
+    # the widest; one click decides two (k - 1) for its team: 200 of 400 clicked answers.
+    low, high = wilson_interval(200, 400)
     assert much == pytest.approx((high - low) / 2)
-    assert much == pytest.approx(1.96 * math.sqrt(0.25 / 800), rel=0.01)
+    assert much == pytest.approx(1.96 * math.sqrt(0.25 / 400), rel=0.01)
     assert learner(names=("als",), initial={"als": 1.0}).uncertainty(stats({})) == 0.0
 
 
 def test_an_informed_start_is_worth_its_prior_in_comparisons_to_exploration_too() -> None:
     informed = learner(informed=True, prior=50.0)
 
-    low, high = wilson_interval(25, 50)
+    # 50 comparisons are 25 clicked answers (k - 1 = 2), at the start's share, one half.
+    low, high = wilson_interval(12.5, 25)
     assert informed.uncertainty(stats({})) == pytest.approx((high - low) / 2)
-    # pop: 10 of 40 decided, with the prior's 25 of 50: 35 of 90; trd 35 of 70, wider.
-    low, high = wilson_interval(35, 90)
+    # pop: 10 of 40 decided, with the prior's 25 of 50: 35 of 90 comparisons, 17.5 of 45
+    # answers; trd 35 of 70, wider.
+    low, high = wilson_interval(17.5, 45)
     found = informed.uncertainty(stats({("als", "pop"): (30, 10, 5), ("als", "trd"): (10, 10, 0)}))
     assert found >= (high - low) / 2 - 1e-9
     assert found < 0.5
+    # A start that believes in a recommender is as sure of it: the pseudo-counts sit at the
+    # share its margin stands for.
+    leaning = learner(informed=True, initial={"als": 3.0, "pop": 1.0, "trd": 1.0}, prior=50.0)
+    halves = []
+    for margin in leaning.start_margins.values():
+        low, high = wilson_interval(25 * (1 + margin) / 2, 25)
+        halves.append((high - low) / 2)
+    assert leaning.uncertainty(stats({})) == pytest.approx(max(halves))
+    assert leaning.uncertainty(stats({})) < informed.uncertainty(stats({}))
 
 
 def test_with_no_prior_and_leader_first_a_leader_the_evidence_shows_is_served() -> None:
@@ -219,7 +279,7 @@ def test_with_no_prior_and_leader_first_a_leader_the_evidence_shows_is_served() 
     start = cold.update(stats({}), None)
     lucky = {("als", "trd"): (0, 3, 0)}  # trd 3 of 3: a high share, a wide interval
     thin = cold.update(stats(lucky), start)
-    # pop wins 30 of 40 against als: a share whose interval lies above one half.
+    # pop wins 30 of 40 against als (15 of 20 clicked answers): an interval above one half.
     shown = {("als", "pop"): (10, 30, 0), ("als", "trd"): (0, 3, 0)}
     early = cold.update(stats(shown), start)
     same = cold.update(stats({("als", "pop"): (10, 31, 0), ("als", "trd"): (0, 3, 0)}), early)
@@ -235,8 +295,9 @@ def test_with_no_prior_and_leader_first_a_leader_the_evidence_shows_is_served() 
     # From the minimum evidence on, the rule, from the configured start.
     assert enough.weights == cold.weights_for(stats({("als", "pop"): (20, 80, 0)}))
     assert enough.version == 2
-    # An informed start holds before the minimum evidence, whatever leads; so does an equal
-    # one by default (`cold_start: equal`).
-    assert learner(min_evidence=100).update(stats(shown), None).weights == start.weights
+    # An informed start moves by the rule, whatever leads; an equal one holds by default
+    # (`cold_start: equal`).
+    informed = learner(min_evidence=100)
+    assert informed.update(stats(shown), None).weights == informed.weights_for(stats(shown))
     equal = learner(informed=False, min_evidence=100)
     assert equal.update(stats(shown), None).weights == start.weights
