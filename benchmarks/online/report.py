@@ -202,6 +202,14 @@ def _round(value: float | None) -> int | None:
     return None if value is None else round(value)
 
 
+_STARTS = {
+    "fitted": "the offline-fitted weights (`start_weights`)",
+    "reversed": "the offline-fitted weights upside down, a wrong prior (`start_weights`: the "
+    "best fitted recommender's weight given to the worst, and so on)",
+    "none": "equal weights (no prior)",
+}
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The report as markdown, for `online.md`: a section per click model."""
     plan, models = results["plan"], by_click_model(results)
@@ -211,6 +219,8 @@ def markdown(results: dict[str, Any]) -> str:
     if "cascade" in models and plan.get("continue_after_click"):
         choice += f" --continue-after-click {plan['continue_after_click']:g}"
     clicks = "; ".join(f"**{_title(name)}**: {_clicks(plan, name)}" for name in models)
+    start = plan.get("warm_start", "fitted")
+    choice += f" --warm-start {start} --explore {plan.get('explore', 'adaptive')}"
     lines = [
         "# Online benchmark: learning from clicks",
         "",
@@ -218,7 +228,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['started']} to {results['finished']}. Simulated users click on what the "
         f"gateway shows them: {_world(plan)}. An engaged user clicks by the click model: "
         f"{clicks}. Every count below is the gateway's own, from `GET /experiments`. "
-        f"Learner: {learner}.",
+        f"Learner: {learner}; it starts from {_STARTS.get(start, start)}.",
         "",
         f"## Recommenders (NDCG@{k} on {plan['validation_users']} validation users)",
         "",

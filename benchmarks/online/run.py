@@ -72,7 +72,7 @@ from mock_recommenders import DEFAULT_NAMES
 from mock_recommenders.clicks import CLICK_MODELS, ClickModel
 from mock_recommenders.world import DEFAULT_SEED, World, default_world
 
-__all__ = ["OnlinePlan", "main", "parse_plan", "run_online"]
+__all__ = ["OnlinePlan", "main", "parse_plan", "run_online", "upside_down"]
 
 
 WORLDS = ("heavy-tailed", "alike")
@@ -113,7 +113,8 @@ class OnlinePlan:
     """Mean impressions per user (geometric); 1: each user seen once."""
     warm_start: str = "fitted"
     """Where the learner starts: `fitted`, the offline-fitted weights as `start_weights`
-    (`python -m benchmarks quality --write-weights`); `none`, the configured (equal) ones."""
+    (`python -m benchmarks quality --write-weights`); `reversed`, a wrong prior (`upside_down`);
+    `none`, the configured (equal) ones."""
     explore: str = "adaptive"
     """The interleaved arm's share: `adaptive`, falling with the preferences' intervals
     (`explore: true`) from half to `min_explore`; `fixed`, half the users throughout."""
@@ -182,6 +183,14 @@ def _validation_lists(world: World, users: list[str], k: int) -> list[tuple[Any,
         )
         for user in users
     ]
+
+
+def upside_down(weights: dict[str, float]) -> dict[str, float]:
+    """`weights` in reverse order of the recommenders: the largest given to the one with the
+    smallest, and so on (ties keep their order): a prior as wrong as the fit is right."""
+    ranked = sorted(weights, key=lambda name: (weights[name], name))
+    values = sorted(weights.values(), reverse=True)
+    return dict(zip(ranked, values, strict=True))
 
 
 def _click_model_of(plan: OnlinePlan, name: str, world: World) -> ClickModel:
@@ -307,6 +316,8 @@ def _play_model(
     learning_on = {**plan.learner, "enabled": "true"}
     if plan.warm_start == "fitted":
         learning_on["start_weights"] = json.dumps(as_start_weights(stage.fitted))
+    elif plan.warm_start == "reversed":
+        learning_on["start_weights"] = json.dumps(as_start_weights(upside_down(stage.fitted)))
     runs = []
     for seed in plan.learning_seeds:
         # Each user once: the NDCG intervals below take impressions as independent.
@@ -378,10 +389,10 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
     )
     parser.add_argument(
         "--warm-start",
-        choices=["fitted", "none"],
+        choices=["fitted", "reversed", "none"],
         default=OnlinePlan.warm_start,
-        help="where learning starts: fitted, the offline-fitted weights (the default); none, "
-        "equal weights",
+        help="where learning starts: fitted, the offline-fitted weights (the default); "
+        "reversed, the same upside down (a wrong prior); none, equal weights",
     )
     parser.add_argument(
         "--explore",

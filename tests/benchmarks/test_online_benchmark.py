@@ -16,7 +16,7 @@ import pytest
 
 from benchmarks.online.play import visits
 from benchmarks.online.report import by_click_model
-from benchmarks.online.run import parse_plan
+from benchmarks.online.run import parse_plan, upside_down
 from benchmarks.online.stats import (
     ab_test,
     clustered_ratio,
@@ -151,6 +151,14 @@ def test_warm_start_exploration_and_learning_seeds_are_chosen_on_the_command_lin
     assert (plan.warm_start, plan.explore, plan.learning_seeds) == ("fitted", "adaptive", [1])
     plan, _ = parse_plan(["--warm-start", "none", "--explore", "fixed", "--learning-seeds", "2,3"])
     assert (plan.warm_start, plan.explore, plan.learning_seeds) == ("none", "fixed", [2, 3])
+    plan, _ = parse_plan(["--warm-start", "reversed"])
+    assert plan.warm_start == "reversed"
+
+
+def test_a_wrong_prior_is_the_fitted_weights_upside_down() -> None:
+    fitted = {"sml": 0.5, "asc": 1.0, "trd": 0.0, "psn": 0.5}
+
+    assert upside_down(fitted) == {"trd": 1.0, "psn": 0.5, "sml": 0.5, "asc": 0.0}
     with pytest.raises(SystemExit):
         parse_plan(["--learning-seeds", "a"])
 
