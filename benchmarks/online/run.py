@@ -132,6 +132,7 @@ class OnlinePlan:
             "max_weight": "5.0",
             "beta": "4.0",
             "prior": "50",
+            "start_strength": "1000",
             "interval_s": "0.5",
         }
     )
@@ -411,7 +412,8 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a feedback.learner setting: min_evidence, floor, max_weight, beta, prior, interval_s",
+        help="a feedback.learner setting: min_evidence, floor, max_weight, beta, prior, "
+        "start_strength, interval_s",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few hundred users")
     parser.add_argument(

@@ -110,6 +110,13 @@ class LearnerSettings(BaseModel):
         description="Pseudo-comparisons at the start's margin (0 for an equal start) that "
         "shrink a thin record's margin towards it: the prior's strength.",
     )
+    start_strength: float = Field(
+        default=1000.0,
+        gt=0,
+        description="Comparisons a prior (start_weights, or configured weights that differ) "
+        "is worth while the evidence agrees with its order; once a pair's comparisons show the "
+        "opposite order, 95% sure, it is worth `prior` only.",
+    )
     interval_s: float = Field(default=30.0, gt=0, description="How often each worker learns.")
     cold_start: Literal["equal", "leader"] = Field(
         default="equal",

@@ -150,6 +150,13 @@ class WeightsReport(BaseModel):
     prior: PriorReport
 
 
+class Agreement(BaseModel):
+    """Comparisons won by the recommender the start weighs more (`agree`) or less (`disagree`)."""
+
+    agree: int = Field(ge=0)
+    disagree: int = Field(ge=0)
+
+
 class PriorReport(BaseModel):
     """Where learning starts, and how much evidence it takes to move from there."""
 
@@ -160,7 +167,15 @@ class PriorReport(BaseModel):
         "(`feedback.learner.cold_start` says what is served until `min_evidence`).",
     )
     strength: float = Field(
-        description="`feedback.learner.prior`: the even pseudo-comparisons the start is worth."
+        description="The comparisons the start is worth now: `feedback.learner.start_strength` "
+        "for a prior the evidence has not contradicted, else `feedback.learner.prior`."
+    )
+    agreement: Agreement = Field(
+        description="The decided comparisons that agree and disagree with the start's order."
+    )
+    contradicted: bool = Field(
+        description="More of them disagree than agree, 95% sure: the start is then worth "
+        "`feedback.learner.prior` only, and the evidence leads."
     )
 
 

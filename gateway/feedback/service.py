@@ -127,6 +127,7 @@ class FeedbackService:
             max_weight=rule.max_weight,
             beta=rule.beta,
             prior=rule.prior,
+            start_strength=rule.start_strength,
             frozen=rule.frozen,
             clock=clock,
             # A prior is given by start_weights, or by configured weights that differ: equal
@@ -361,13 +362,20 @@ class FeedbackService:
                 "version": learned.version if learned else 0,
                 "updated_at": learned.updated_at if learned else None,
                 "initial": dict(self.learner.initial),
-                "prior": {
-                    "from": self._prior_from(),
-                    "strength": self.settings.learner.prior,
-                },
+                "prior": self._prior_report(stats),
             },
             "events": {kind: stats.events.get(kind, 0) for kind in EVENT_KINDS},
             "impressions_stored": stats.impressions_stored,
+        }
+
+    def _prior_report(self, stats: FeedbackStats) -> dict[str, object]:
+        """Where learning starts, what it is worth now, and the evidence against it if any."""
+        agree, disagree = self.learner.agreement(stats)
+        return {
+            "from": self._prior_from(),
+            "strength": self.learner.strength(stats),
+            "agreement": {"agree": agree, "disagree": disagree},
+            "contradicted": self.learner.contradicted(stats),
         }
 
     def _prior_from(self) -> str:

@@ -315,7 +315,7 @@ def test_a_graceful_stop_says_how_many_it_could_not_write(
     assert sample(metrics.render().decode(), dropped, outcome="dropped") == before + 3
 
 
-async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_with_evidence(
+async def test_learning_starts_from_the_start_weights_and_explores_again_when_evidence_contradicts(
     tmp_path: Path,
 ) -> None:
     arms = [
@@ -330,15 +330,15 @@ async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_
         before = service.shares()
         start = dict(service.weights_in_use())
         report_before = service.report()
-        # sml and asc and trd each shown on 80 interleaved answers, sml clicked on each: every
-        # pair is decided 80 times or tied.
+        # sml and asc and trd each shown on 20 interleaved answers, sml clicked on each: every
+        # pair is decided 20 times or tied.
         teams = ("sml", "asc", "trd")
-        for n in range(80):
+        for n in range(20):
             items = [{"id": f"i{k}", "score": 1.0, "sources": []} for k in range(3)]
             answer = FusedRanking("interleave", items, 1.0, teams)
             service.record(f"r{n}", service.assign("u1", "interleave"), answer)
         service.flush()
-        await service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(80)])
+        await service.judge([FeedbackEvent(f"r{n}", "i0", "click") for n in range(20)])
         service.learn()
         after = service.shares()
         users = collections.Counter(service.assign(f"user-{n}", None).arm for n in range(4000))
@@ -348,29 +348,45 @@ async def test_learning_starts_from_the_start_weights_and_exploring_arms_shrink_
 
     # The prior: where learning starts, before any evidence (trd keeps its configured 1.0).
     assert start == {"sml": 0.5, "asc": 2.5, "trd": 1.0}
-    assert report_before["weights"]["prior"] == {"from": "start_weights", "strength": 50.0}
-    # Informed (start_weights), the start is worth `prior` (50) comparisons to exploration too,
-    # 25 clicked answers (one click decides k - 1 = 2 comparisons for its team), each
-    # recommender at the share its start stands for: (1 + ln(w / g) / beta) / 2, g the weights'
-    # geometric mean. trd's, nearest one half, is the widest; exploration starts below half.
+    assert report_before["weights"]["prior"] == {
+        "from": "start_weights",
+        "strength": 1000.0,
+        "agreement": {"agree": 0, "disagree": 0},
+        "contradicted": False,
+    }
+    # Informed (start_weights), the start is worth `start_strength` (1,000) comparisons to
+    # exploration too, 500 clicked answers (one click decides k - 1 = 2 comparisons for its
+    # team), each recommender at the share its start stands for: (1 + ln(w / g) / beta) / 2, g
+    # the weights' geometric mean. trd's, nearest one half, is the widest; exploration starts
+    # at its least.
     centre = math.log(0.5 * 2.5 * 1.0) / 3
     share = {name: (1 + (math.log(w) - centre) / 4) / 2 for name, w in start.items()}
-    low, high = wilson_interval(25 * share["trd"], 25)
-    start_share = ((high - low) / 2 / 0.5) ** 2
+    low, high = wilson_interval(500 * share["trd"], 500)
     assert report_before["exploration"]["uncertainty"] == pytest.approx((high - low) / 2, abs=1e-6)
-    assert before == {
-        "explore": pytest.approx(start_share / (1 + start_share)),
-        "learned": pytest.approx(1 / (1 + start_share)),
+    assert before == {"explore": pytest.approx(0.05 / 1.05), "learned": pytest.approx(1 / 1.05)}
+    # sml, which the start ranks below asc and trd, won its 40 comparisons (20 answers): the
+    # evidence contradicts the start, which is now worth `prior` (50) comparisons only. asc
+    # and trd lost their 20 (10 answers; they tied each other): asc's, 25 answers at its
+    # start's share of 35, is the widest interval, and exploration rises from its least.
+    prior = report["weights"]["prior"]
+    # sml's wins over asc and trd (2.5 and 1.0 to its 0.5) disagree with the start's order;
+    # asc's and trd's ties say nothing.
+    assert prior == {
+        "from": "start_weights",
+        "strength": 50.0,
+        "agreement": {"agree": 0, "disagree": 40},
+        "contradicted": True,
     }
-    # sml won its 160 comparisons (80 answers), asc and trd lost their 80 (40 answers; they
-    # tied each other): asc's, 25 answers at its start's share of 65, is the widest, and
-    # exploration falls to its least.
-    low, high = wilson_interval(25 * share["asc"], 65)
+    low, high = wilson_interval(25 * share["asc"], 35)
     assert report["exploration"]["uncertainty"] == pytest.approx((high - low) / 2, abs=1e-6)
-    assert ((high - low) / 2 / 0.5) ** 2 < 0.05
-    assert after == {"explore": pytest.approx(0.05 / 1.05), "learned": pytest.approx(1 / 1.05)}
+    wider = ((high - low) / 2 / 0.5) ** 2
+    assert wider > 0.05
+    assert after == {
+        "explore": pytest.approx(wider / (1 + wider)),
+        "learned": pytest.approx(1 / (1 + wider)),
+    }
+    assert users["explore"] / 4000 == pytest.approx(wider / (1 + wider), abs=0.02)
     assert report["served"]["impressions"] == 0  # nobody was in an arm: fusion was named
-    assert users["explore"] / 4000 == pytest.approx(0.05 / 1.05, abs=0.02)
 
 
 async def test_an_exploring_arms_share_falls_as_the_square_of_the_widest_interval(

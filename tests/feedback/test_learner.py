@@ -219,11 +219,50 @@ def test_pairs_with_a_recommender_not_learnt_are_ignored() -> None:
         ({"beta": -0.1}, "beta"),
         ({"prior": 0.0}, "prior"),
         ({"prior": math.inf}, "prior"),
+        ({"start_strength": 0.0}, "start_strength"),
     ],
 )
 def test_bad_settings_are_refused(overrides: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         learner(**overrides)
+
+
+def test_a_strong_prior_holds_until_the_evidence_contradicts_its_order() -> None:
+    """Worth `start_strength` while the comparisons its order decides agree with it (or are too
+    few to say); once more disagree than agree, 95% sure, worth `prior` only."""
+    strong = learner(
+        initial={"als": 3.0, "pop": 1.0, "trd": 0.5},
+        start_strength=1000.0,
+        prior=50.0,
+        floor=0.01,
+        max_weight=100.0,
+    )
+    agreeing = stats({("als", "pop"): (10, 5, 3), ("pop", "trd"): (8, 2, 0)})
+    # 18 of 30 against: 9 of 15 clicked answers (k - 1 = 2), not sure.
+    unsure = stats({("als", "pop"): (4, 10, 3), ("als", "trd"): (8, 8, 0)})
+    # trd beats pop and als: 60 of 80 against, 30 of 40 answers.
+    contrary = stats({("als", "trd"): (10, 30, 0), ("pop", "trd"): (10, 30, 3)})
+
+    assert strong.agreement(agreeing) == (18, 7)
+    assert not strong.contradicted(agreeing) and strong.strength(agreeing) == 1000.0
+    assert strong.agreement(unsure) == (12, 18) and not strong.contradicted(unsure)
+    assert strong.agreement(contrary) == (20, 60) and strong.contradicted(contrary)
+    assert strong.strength(contrary) == 50.0
+    # Contradicted, the evidence leads: the margins shrink towards the start by 50, not 1,000.
+    margins = strong.margins(contrary)
+    start = strong.start_margins["trd"]
+    assert margins["trd"] == pytest.approx((60 - 20 + 50 * start) / (80 + 50))
+    assert strong.weights_for(contrary)["trd"] > strong.weights_for(contrary)["pop"]
+    held = strong.weights_for(unsure)
+    assert held["als"] > held["pop"] > held["trd"]  # 30 comparisons against 1,000
+    # Pairs the start weighs equally say nothing of its order.
+    level = learner(initial={"als": 3.0, "pop": 1.0, "trd": 1.0}, start_strength=1000.0)
+    assert level.agreement(stats({("pop", "trd"): (0, 40, 0)})) == (0, 0)
+    # With no start_strength, or an equal start, the start is worth `prior` whatever happens.
+    assert learner(initial={"als": 3.0}).strength(agreeing) == 50.0
+    equal = learner(informed=False, start_strength=1000.0)
+    assert equal.strength(agreeing) == 50.0 and not equal.contradicted(contrary)
+    assert equal.agreement(contrary) == (0, 0)
 
 
 def test_the_uncertainty_is_the_widest_interval_of_a_recommenders_share_in_clicked_answers() -> (
