@@ -133,6 +133,7 @@ class OnlinePlan:
             "beta": "4.0",
             "prior": "50",
             "start_strength": "1000",
+            "cold_start": "equal",
             "interval_s": "0.5",
         }
     )
@@ -413,7 +414,7 @@ def parse_plan(argv: list[str] | None = None) -> tuple[OnlinePlan, Path]:
         default=[],
         metavar="KEY=VALUE",
         help="a feedback.learner setting: min_evidence, floor, max_weight, beta, prior, "
-        "start_strength, interval_s",
+        "start_strength, cold_start, interval_s",
     )
     parser.add_argument("--quick", action="store_true", help="a smoke run: a few hundred users")
     parser.add_argument(
