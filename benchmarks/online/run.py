@@ -133,7 +133,7 @@ class OnlinePlan:
             "beta": "4.0",
             "prior": "50",
             "start_strength": "1000",
-            "cold_start": "equal",
+            "cold_start": "leader",
             "interval_s": "0.5",
         }
     )

@@ -334,8 +334,8 @@ def test_with_no_prior_and_leader_first_a_leader_the_evidence_shows_is_served() 
     # From the minimum evidence on, the rule, from the configured start.
     assert enough.weights == cold.weights_for(stats({("als", "pop"): (20, 80, 0)}))
     assert enough.version == 2
-    # An informed start moves by the rule, whatever leads; an equal one holds by default
-    # (`cold_start: equal`).
+    # An informed start moves by the rule, whatever leads; an equal one holds without
+    # leader_first (`cold_start: equal`).
     informed = learner(min_evidence=100)
     assert informed.update(stats(shown), None).weights == informed.weights_for(stats(shown))
     equal = learner(informed=False, min_evidence=100)
