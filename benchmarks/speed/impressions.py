@@ -22,15 +22,13 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
+from benchmarks.harness.answers import RECOMMENDERS, fused_item
 from gateway.config.feedback import FeedbackSettings
 from gateway.core.fusion import FusedRanking
 from gateway.feedback.service import FeedbackService
 
 __all__ = ["answers", "main", "measure"]
-
-RECOMMENDERS = ("sml", "asc", "trd", "psn")
 
 
 def answers(count: int, seed: int = 7) -> list[FusedRanking]:
@@ -38,16 +36,7 @@ def answers(count: int, seed: int = 7) -> list[FusedRanking]:
     draw = random.Random(seed)
     made = []
     for _ in range(count):
-        items: list[dict[str, Any]] = []
-        for _position in range(10):
-            names = draw.sample(RECOMMENDERS, draw.choice([1, 1, 2, 2, 3, 4]))
-            sources = [
-                {"name": name, "rank": draw.randrange(1, 40), "score": draw.random()}
-                for name in names
-            ]
-            items.append(
-                {"id": f"i{draw.randrange(1000)}", "score": draw.random(), "sources": sources}
-            )
+        items = [fused_item(draw, lambda d: f"i{d.randrange(1000)}") for _position in range(10)]
         made.append(FusedRanking("rrf", items, 1.0, (None,) * len(items)))
     return made
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import redis
 
+from benchmarks.harness.answers import fused_item
 from benchmarks.harness.redisserver import serve_redis
 from benchmarks.harness.servers import source_commit
 from gateway.feedback.impressions import EncodedImpression, FeedbackEvent
@@ -49,7 +50,6 @@ from gateway.feedback.store import FeedbackStore
 
 __all__ = ["main", "measure_bytes", "retention_redis", "retention_sqlite"]
 
-RECOMMENDERS = ("sml", "asc", "trd", "psn")
 FLUSH = 20
 CLICKED = 0.3
 RATES = (10, 100, 1000)
@@ -59,18 +59,15 @@ DAY_S = 86_400
 
 def answers(count: int, seed: int, long_ids: bool) -> Iterator[tuple[list[dict[str, Any]], str]]:
     """`count` answers of ten items in `Fuser.fuse`'s form, each with one item to click."""
+
+    def item_id(draw: random.Random) -> str:
+        # The UUID is drawn either way, so both forms hold the same answers.
+        long_id = str(uuid.UUID(int=draw.getrandbits(128)))
+        return long_id if long_ids else f"i{draw.randrange(1000)}"
+
     draw = random.Random(seed)
     for _ in range(count):
-        items: list[dict[str, Any]] = []
-        for _position in range(10):
-            names = draw.sample(RECOMMENDERS, draw.choice([1, 1, 2, 2, 3, 4]))
-            sources = [
-                {"name": name, "rank": draw.randrange(1, 40), "score": draw.random()}
-                for name in names
-            ]
-            long_id = str(uuid.UUID(int=draw.getrandbits(128)))
-            item_id = long_id if long_ids else f"i{draw.randrange(1000)}"
-            items.append({"id": item_id, "score": draw.random(), "sources": sources})
+        items = [fused_item(draw, item_id) for _position in range(10)]
         yield items, str(draw.choice(items)["id"])
 
 

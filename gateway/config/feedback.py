@@ -114,8 +114,8 @@ class LearnerSettings(BaseModel):
         default=1000.0,
         gt=0,
         description="Comparisons a prior (start_weights, or configured weights that differ) "
-        "is worth while the evidence agrees with its order; once a pair's comparisons show the "
-        "opposite order, 95% sure, it is worth `prior` only.",
+        "is worth while the evidence agrees with its order; once more of the comparisons its "
+        "order decides disagree with it than agree, 95% sure, it is worth `prior` only.",
     )
     interval_s: float = Field(default=30.0, gt=0, description="How often each worker learns.")
     cold_start: Literal["equal", "leader"] = Field(

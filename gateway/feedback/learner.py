@@ -1,15 +1,16 @@
 """The online learner: interleaving outcomes turned into RRF weights per recommender.
 
-The rule: each recommender's mean pairwise margin, shrunk towards 0 by a prior, sets its
-weight on a log scale::
+The rule: each recommender's mean pairwise margin, shrunk towards the start by a prior, sets
+its weight on a log scale::
 
     W_i, L_i = Σ_j wins(i, j), Σ_j losses(i, j)       over the other learnt recommenders j
-    m_i      = (W_i - L_i + prior · p_i) / (W_i + L_i + prior)   in (-1, 1); ties do not count
+    m_i      = (W_i - L_i + n · p_i) / (W_i + L_i + n)   in (-1, 1); ties do not count
     w_i      = initial_i · exp(beta · (m_i - p_i)),     clipped to [floor, max_weight]
 
 where p_i is the margin the start stands for: 0 for an equal start, and for a prior
 (`start_weights`, or configured weights that differ) ln(initial_i / g) / beta, g the
-geometric mean of the initial weights (clipped to (-1, 1)). At no evidence w_i = initial_i;
+geometric mean of the initial weights (clipped to (-1, 1)); n is `strength`, what the start
+is worth in comparisons (below). At no evidence w_i = initial_i;
 as evidence grows, w_i → g · exp(beta · true margin_i), whatever the start was.
 
 Why this rule:
@@ -132,11 +133,12 @@ class WeightLearner:
         self.beta = beta
         self.prior = prior
         self.frozen = frozen
-        # The start is an informed prior (weights fitted offline): worth `prior` comparisons
-        # of evidence to exploration as well as to the weights, and the weights move from it
-        # from the first comparison.
+        # The start is an informed prior (weights fitted offline): worth `start_strength`
+        # comparisons of evidence to exploration as well as to the weights, and the weights
+        # move from it from the first comparison.
         self.informed = informed
-        # What an informed start is worth while the evidence agrees with its order.
+        # What the start is worth while the evidence agrees with its order: `prior` for an
+        # equal one.
         self.start_strength = start_strength if informed and start_strength else prior
         self.start_margins = self._start_margins() if informed else dict.fromkeys(self.names, 0.0)
         # Comparisons one clicked answer decides for its winner: the intervals' unit.
@@ -167,8 +169,10 @@ class WeightLearner:
         a win of the recommender the start weighs more, or of the one it weighs less. Pairs
         the start weighs equally say nothing of it; (0, 0) for an equal start."""
         agree = disagree = 0
+        if not self.informed:
+            return agree, disagree
         for (a, b), counts in stats.pairwise.items():
-            if a not in self.initial or b not in self.initial or not self.informed:
+            if a not in self.initial or b not in self.initial:
                 continue
             if self.initial[a] > self.initial[b]:
                 agree, disagree = agree + counts.wins, disagree + counts.losses
@@ -182,17 +186,13 @@ class WeightLearner:
         decides up to k - 1 together). All of them, not pair by pair: a pair's own record is
         thin for long, and a test on it fired and lapsed again in the online benchmark."""
         agree, disagree = self.agreement(stats)
-        if not disagree:
-            return False
         low, _ = wilson_interval(disagree / self._per_answer, (agree + disagree) / self._per_answer)
         return low > 0.5
 
     def strength(self, stats: FeedbackStats) -> float:
         """The comparisons the start is worth now: `start_strength` for an informed start the
         evidence has not contradicted; else `prior`, a thin record's shrinkage."""
-        if self.start_strength == self.prior or self.contradicted(stats):
-            return self.prior
-        return self.start_strength
+        return self.prior if self.contradicted(stats) else self.start_strength
 
     def _start_margins(self) -> dict[str, float]:
         """The margins the initial weights stand for under the rule: ln(initial / g) / beta,
